@@ -1,0 +1,1 @@
+"""Deployable engines: ONNX export and inference backends (ONNX Runtime, PyTorch, TensorRT)."""

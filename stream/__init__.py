@@ -1,0 +1,1 @@
+"""Streaming pipeline: capture workers -> ZeroMQ -> inference worker -> display, under a launcher."""
