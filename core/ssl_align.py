@@ -1,0 +1,123 @@
+"""SSL-Align (Senocak et al., "Sound Source Localization is All about Cross-Modal Alignment", ICCV 2023).
+
+Model only: encoders, the localization similarity s_L, the alignment similarity s_A and the heatmap.
+The contrastive loss lives in :mod:`avloc.core.losses`, training in :mod:`avloc.train`.
+
+Both encoders are ResNet18s trained from scratch (torchvision's BasicBlock and module names, so
+torchvision weights would load); ``width`` scales the channels (64 = the paper, 512-d embeddings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock
+
+
+@dataclass(frozen=True)
+class SSLAlignConfig:
+    width: int = 64  # ResNet18 base width; embeddings have 8 * width channels
+    sl_threshold: float = 0.65  # epsilon of the soft positive mask W = sigmoid((S - eps) / t)
+    sl_temperature: float = 0.03
+    visual_layer4_stride: int = 1  # 1 = the paper: 14x14 map at 224 px
+
+    @property
+    def embed_dim(self) -> int:
+        return 8 * self.width
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet18 without the classifier: returns the layer4 feature map."""
+
+    def __init__(self, in_channels: int, width: int, layer4_stride: int = 2) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self._planes = width
+        self.layer1 = self._make_layer(width, stride=1)
+        self.layer2 = self._make_layer(2 * width, stride=2)
+        self.layer3 = self._make_layer(4 * width, stride=2)
+        self.layer4 = self._make_layer(8 * width, stride=layer4_stride)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self._planes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._planes, planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        layers = [BasicBlock(self._planes, planes, stride, downsample), BasicBlock(planes, planes)]
+        self._planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class SSLAlign(nn.Module):
+    def __init__(self, config: SSLAlignConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SSLAlignConfig()
+        dim = self.config.embed_dim
+        self.visual = ResNet18Trunk(3, self.config.width, self.config.visual_layer4_stride)
+        self.audio = ResNet18Trunk(1, self.config.width, layer4_stride=2)
+        # Separate projection heads for s_A so alignment does not smooth out the localization space.
+        self.visual_proj = nn.Linear(dim, dim)
+        self.audio_proj = nn.Linear(dim, dim)
+
+    # --- encoders -------------------------------------------------------------------------------
+    def encode_image(self, image: Tensor) -> Tensor:
+        """[B,3,H,W] normalized image -> [B,D,h,w] visual feature map (not normalized)."""
+        return self.visual(image)
+
+    def encode_audio(self, spec: Tensor) -> Tensor:
+        """[B,1,F,T] spectrogram -> [B,D] audio embedding (adaptive max pool, not normalized)."""
+        return torch.amax(self.audio(spec), dim=(2, 3))
+
+    # --- similarities ---------------------------------------------------------------------------
+    @staticmethod
+    def cosine_maps(vmap: Tensor, audio: Tensor) -> Tensor:
+        """All pairs: S[n,k,h,w] = cos(v_n(h,w), a_k)."""
+        return torch.einsum("nchw,kc->nkhw", F.normalize(vmap, dim=1), F.normalize(audio, dim=1))
+
+    @staticmethod
+    def cosine_map(vmap: Tensor, audio: Tensor) -> Tensor:
+        """Own pairs: S[n,h,w] = cos(v_n(h,w), a_n)."""
+        return torch.einsum("nchw,nc->nhw", F.normalize(vmap, dim=1), F.normalize(audio, dim=1))
+
+    def localization_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:
+        """s_L[n,k] = sum(W*S) / sum(W), W = sigmoid((S - eps) / t): a soft-thresholded masked mean."""
+        s = self.cosine_maps(vmap, audio)
+        w = torch.sigmoid((s - self.config.sl_threshold) / self.config.sl_temperature)
+        return (w * s).flatten(2).sum(-1) / w.flatten(2).sum(-1).clamp_min(1e-6)
+
+    def project_image(self, vmap: Tensor) -> Tensor:
+        return F.normalize(self.visual_proj(torch.amax(vmap, dim=(2, 3))), dim=1)
+
+    def project_audio(self, audio: Tensor) -> Tensor:
+        return F.normalize(self.audio_proj(audio), dim=1)
+
+    def alignment_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:
+        """s_A[n,k] = cos(proj(maxpool(v_n)), proj(a_k))."""
+        return self.project_image(vmap) @ self.project_audio(audio).t()
+
+    # --- inference ------------------------------------------------------------------------------
+    def heatmap(self, image: Tensor, spec: Tensor) -> Tensor:
+        """Cosine map of each image with its own audio, upsampled (bilinear) to the image size: [B,H,W]."""
+        s = self.cosine_map(self.encode_image(image), self.encode_audio(spec))
+        return F.interpolate(s.unsqueeze(1), size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+    def forward(self, image: Tensor, spec: Tensor) -> Tensor:
+        return self.heatmap(image, spec)
