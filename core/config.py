@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
 from avloc.core.errors import UserError
 
 T = TypeVar("T")
@@ -116,6 +115,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):

@@ -99,9 +99,11 @@ class SSLAlign(nn.Module):
 
     def localization_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:
         """s_L[n,k] = sum(W*S) / sum(W), W = sigmoid((S - eps) / t): a soft-thresholded masked mean."""
-        s = self.cosine_maps(vmap, audio)
-        w = torch.sigmoid((s - self.config.sl_threshold) / self.config.sl_temperature)
-        return (w * s).flatten(2).sum(-1) / w.flatten(2).sum(-1).clamp_min(1e-6)
+        s = self.cosine_maps(vmap, audio).flatten(2)
+        # sum(W*S)/sum(W) == sum(softmax(log W) * S): exact, and stable when every W underflows
+        # (a clamp on sum(W) would instead pull s_L of dissimilar pairs to 0).
+        log_w = F.logsigmoid((s - self.config.sl_threshold) / self.config.sl_temperature)
+        return (torch.softmax(log_w, dim=-1) * s).sum(-1)
 
     def project_image(self, vmap: Tensor) -> Tensor:
         return F.normalize(self.visual_proj(torch.amax(vmap, dim=(2, 3))), dim=1)

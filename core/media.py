@@ -1,0 +1,286 @@
+"""Images (OpenCV) and video containers (PyAV): frames as RGB uint8, audio tracks as 16 kHz mono float32.
+
+Every failure on a user's file is a ``DataError`` naming the file and the problem (missing, truncated,
+not decodable, no audio track), so a dataset scan can list them one per line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+from avloc.core.errors import DataError
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float  # seconds (container duration, else the video stream's)
+    fps: float  # average frame rate (0.0 when unknown)
+    width: int
+    height: int
+    has_audio: bool
+    audio_rate: int  # 0 without an audio track
+    audio_channels: int  # 0 without an audio track
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """H x W x 3 uint8 RGB (grey and alpha images are converted); DataError if missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "image file not found")
+    # imdecode from bytes: also handles non-ASCII paths, and never prints to stderr on failure like imread.
+    raw = np.fromfile(str(path), dtype=np.uint8)
+    bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    if bgr is None:
+        raise DataError(path, f"unreadable image ({raw.size} bytes, not a decodable image or truncated)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _open(path: Path):  # -> av.container.InputContainer
+    import av
+
+    if not path.is_file():
+        raise DataError(path, "video file not found")
+    try:
+        return av.open(str(path), mode="r")
+    except av.FFmpegError as err:
+        raise DataError(path, f"unreadable video container ({_ffmpeg_message(err)})") from None
+
+
+def _ffmpeg_message(err: Exception) -> str:
+    text = getattr(err, "strerror", None) or str(err)
+    return " ".join(str(text).split()) or err.__class__.__name__
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Container metadata without decoding."""
+    path = Path(path)
+    with _open(path) as container:
+        video = container.streams.video[0] if container.streams.video else None
+        audio = container.streams.audio[0] if container.streams.audio else None
+        if video is None:
+            raise DataError(path, "no video stream")
+        if container.duration is not None:
+            duration = float(container.duration) / 1_000_000  # AV_TIME_BASE
+        elif video.duration is not None and video.time_base is not None:
+            duration = float(video.duration * video.time_base)
+        else:
+            duration = 0.0
+        rate = video.average_rate or video.guessed_rate
+        return VideoInfo(
+            duration=duration,
+            fps=float(rate) if rate else 0.0,
+            width=int(video.codec_context.width),
+            height=int(video.codec_context.height),
+            has_audio=audio is not None,
+            audio_rate=int(audio.codec_context.sample_rate) if audio is not None else 0,
+            audio_channels=int(audio.codec_context.channels) if audio is not None else 0,
+        )
+
+
+def _frame_seconds(frame, stream) -> float | None:
+    if frame.pts is None:
+        return None
+    time_base = frame.time_base or stream.time_base
+    return float(frame.pts * time_base)
+
+
+def iter_video(path: str | Path) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield ``(pts_seconds, rgb uint8 frame)`` in decode order; timestamps come from the stream (VFR-aware).
+
+    Frames without a pts get the previous timestamp plus one nominal frame period.
+    """
+    import av
+
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise DataError(path, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        period = 1.0 / float(rate) if rate else 0.0
+        last: float | None = None
+        count = 0
+        try:
+            for frame in container.decode(stream):
+                t = _frame_seconds(frame, stream)
+                if t is None:
+                    t = 0.0 if last is None else last + period
+                last = t
+                count += 1
+                yield t, frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as err:
+            problem = f"video decoding failed after {count} frames ({_ffmpeg_message(err)})"
+            raise DataError(path, problem) from None
+        if count == 0:
+            raise DataError(path, "no decodable video frames (empty or truncated)")
+        _check_complete(path, "video", (last or 0.0) + period, _container_seconds(container, stream))
+
+
+def read_video_frame(path: str | Path, t_seconds: float) -> np.ndarray:
+    """The RGB frame whose timestamp is nearest ``t_seconds`` (seek to the keyframe before, then decode)."""
+    import av
+
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise DataError(path, "no video stream")
+        stream = container.streams.video[0]
+        best: tuple[float, object] | None = None
+        reached = False  # decoded up to t (else the stream ended first)
+        try:
+            if stream.time_base is not None and t_seconds > 0:
+                target = int(Fraction(t_seconds).limit_denominator(1_000_000) / stream.time_base)
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                ft = _frame_seconds(frame, stream)
+                ft = 0.0 if ft is None else ft
+                if best is None or abs(ft - t_seconds) < abs(best[0] - t_seconds):
+                    best = (ft, frame)
+                if ft >= t_seconds:  # frames only get later from here
+                    reached = True
+                    break
+        except av.FFmpegError as err:
+            if best is None:
+                problem = f"video decoding failed near t={t_seconds:.3f}s ({_ffmpeg_message(err)})"
+                raise DataError(path, problem) from None
+        if best is None:
+            raise DataError(path, f"no decodable video frame near t={t_seconds:.3f}s (empty or truncated)")
+        if not reached:  # ran out of frames before t: fine at the very end, not in a cut-short file
+            rate = stream.average_rate or stream.guessed_rate
+            period = 1.0 / float(rate) if rate else 0.0
+            expected = _container_seconds(container, stream)
+            if expected is not None and t_seconds < expected:
+                _check_complete(path, "video", best[0] + period, expected)
+        return best[1].to_ndarray(format="rgb24")  # type: ignore[attr-defined]
+
+
+def read_video_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio track as mono float32 in [-1, 1] at ``sample_rate``.
+
+    FFmpeg (``av.AudioResampler``) only converts the sample format; channels are averaged and the rate changed
+    exactly as :func:`avloc.core.audio.load_audio` does for wav files, so a clip gives the same samples
+    whichever container it comes in (FFmpeg's own stereo->mono downmix is -3 dB per channel, not a mean).
+    """
+    import av
+    from avloc.core.audio import resample
+
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise DataError(path, "no audio track")
+        stream = container.streams.audio[0]
+        source_rate = int(stream.codec_context.sample_rate or 0)
+        to_float = av.AudioResampler(format="fltp")  # keep layout and rate: planar float [C, n]
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                source_rate = frame.sample_rate or source_rate
+                frame.pts = None  # gaps in pts are not resampled over; samples are taken as they come
+                chunks.extend(out.to_ndarray().mean(axis=0) for out in to_float.resample(frame))
+            chunks.extend(out.to_ndarray().mean(axis=0) for out in to_float.resample(None))
+        except av.FFmpegError as err:
+            raise DataError(path, f"audio decoding failed ({_ffmpeg_message(err)})") from None
+        expected = _container_seconds(container, stream)
+    total = sum(c.size for c in chunks)
+    if total == 0 or source_rate <= 0:
+        raise DataError(path, "audio track holds no decodable samples (empty or truncated)")
+    _check_complete(path, "audio", total / source_rate, expected)
+    wave = resample(np.concatenate(chunks).astype(np.float32, copy=False), source_rate, sample_rate)
+    return np.clip(wave, -1.0, 1.0)
+
+
+def _container_seconds(container, stream) -> float | None:
+    """The duration the file claims (stream's, else container's), to detect truncated files."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(container.duration) / 1_000_000
+    return None
+
+
+def _check_complete(path: Path, what: str, decoded_seconds: float, expected_seconds: float | None) -> None:
+    # Matroska/WebM cut short still open and decode up to the cut without an FFmpeg error: compare with the
+    # duration in the header (slack for codec priming/padding and the last frame's length).
+    if expected_seconds is None:
+        return
+    if decoded_seconds < expected_seconds - (0.25 + 0.02 * expected_seconds):
+        raise DataError(
+            path,
+            f"truncated: {what} decodes to {decoded_seconds:.2f} s, the file claims {expected_seconds:.2f} s",
+        )
+
+
+_CODECS = {  # suffix -> (container format, video codec, audio codec)
+    ".mp4": ("mp4", "libx264", "aac"),
+    ".mkv": ("matroska", "libx264", "aac"),
+    ".webm": ("webm", "libvpx-vp9", "libopus"),
+}
+
+
+def write_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+    timestamps: Sequence[float] | None = None,
+) -> Path:
+    """Encode RGB uint8 frames (+ optional mono float32 audio) to mp4/mkv (H.264/AAC) or webm (VP9/Opus).
+
+    ``timestamps`` (seconds, increasing) gives a variable frame rate; otherwise frame i is at i / fps.
+    Written to a temporary name and renamed, so a failed write leaves nothing behind.
+    """
+    import av
+
+    path = Path(path)
+    if path.suffix.lower() not in _CODECS:
+        raise DataError(path, f"unsupported video extension; expected one of {', '.join(_CODECS)}")
+    container_format, video_codec, audio_codec = _CODECS[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    rate = Fraction(fps).limit_denominator(1001)
+    try:
+        with av.open(str(tmp), mode="w", format=container_format) as container:
+            video = None
+            audio_stream = None
+            if audio is not None:
+                audio_stream = container.add_stream(audio_codec, rate=sample_rate)
+                audio_stream.layout = "mono"
+            for i, rgb in enumerate(frames):
+                if video is None:
+                    video = container.add_stream(video_codec, rate=rate)
+                    video.height, video.width = (int(rgb.shape[0]) // 2 * 2, int(rgb.shape[1]) // 2 * 2)
+                    video.pix_fmt = "yuv420p"
+                    video.time_base = Fraction(1, 1000) if timestamps is not None else 1 / rate
+                    video.codec_context.time_base = video.time_base
+                frame = av.VideoFrame.from_ndarray(
+                    np.ascontiguousarray(rgb[: video.height, : video.width]), format="rgb24"
+                )
+                frame.pts = round(timestamps[i] * 1000) if timestamps is not None else i
+                frame.time_base = video.time_base
+                container.mux(video.encode(frame))
+            if video is None:
+                raise DataError(path, "no frames to write")
+            container.mux(video.encode(None))
+            if audio_stream is not None:
+                samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+                step = audio_stream.codec_context.frame_size or 1024
+                for start in range(0, samples.shape[1], step):
+                    chunk = av.AudioFrame.from_ndarray(
+                        np.ascontiguousarray(samples[:, start : start + step]), format="fltp", layout="mono"
+                    )
+                    chunk.sample_rate = sample_rate
+                    chunk.pts = start
+                    chunk.time_base = Fraction(1, sample_rate)
+                    container.mux(audio_stream.encode(chunk))
+                container.mux(audio_stream.encode(None))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,254 @@
+"""One engine interface over inference backends, the engine manifest and frame preprocessing.
+
+An engine directory (written by ``avloc export``) holds two graphs with the same shape for every method:
+
+- *audio*: spectrogram ``[B,1,F,T]`` -> audio embedding ``[B,D]`` (computed once per audio window),
+- *visual*: normalized image ``[B,3,H,W]`` + audio embedding ``[B,D]`` -> heatmap ``[B,h,w]`` at feature
+  resolution (the consumer upsamples) and a confidence ``[B]``,
+
+plus ``manifest.json`` (preprocessing, shapes, meaning, versions, checksums) and ``model.pt`` for the torch
+backend. Backends (ONNX Runtime, PyTorch, TensorRT) live in their own modules and are imported only when
+chosen; :func:`register_backend` adds more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from avloc.core.errors import UserError
+
+ENGINE_FORMAT = "avloc-engine"
+ENGINE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_REQUIRED_KEYS = ("method", "frontend", "image", "graphs", "outputs", "embed_dim")
+
+# name -> "module:attribute" (imported lazily so an absent optional dependency only breaks its own backend)
+# or a factory registered at run time. A factory is called as factory(engine_dir, manifest, device=...,
+# threads=..., **options) and returns an Engine.
+_BACKENDS: dict[str, str | Callable[..., Engine]] = {
+    "onnxruntime": "avloc.engines.onnxruntime_backend:OnnxRuntimeEngine",
+    "torch": "avloc.engines.torch_backend:TorchEngine",
+    "tensorrt": "avloc.engines.tensorrt_backend:TensorRTEngine",
+}
+
+
+def register_backend(name: str, factory: str | Callable[..., Engine]) -> None:
+    """Add (or replace) a backend: a callable or a lazy ``"module:attribute"`` reference."""
+    _BACKENDS[name] = factory
+
+
+def known_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    """Read and sanity-check ``ENGINE_DIR/manifest.json``; any problem is a one-line UserError."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise UserError(f"{engine_dir}: engine directory not found (create one with `avloc export`)")
+    path = engine_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(
+            f"{path}: manifest not found; is {engine_dir} an engine directory from `avloc export`?"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt manifest, not valid JSON ({err.__class__.__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
+        raise UserError(f"{path}: not an avloc engine manifest (expected format={ENGINE_FORMAT!r})")
+    if manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise UserError(
+            f"{path}: engine format_version {manifest.get('format_version')!r}, this avloc reads "
+            f"{ENGINE_FORMAT_VERSION}; re-export the engine"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise UserError(f"{path}: corrupt manifest, missing key(s) {', '.join(missing)}")
+    return manifest
+
+
+def graph_file(engine_dir: str | Path, manifest: dict[str, Any], graph: str, variant: str = "fp32") -> Path:
+    """Path of a graph file ("audio"/"visual", variant "fp32" or e.g. "int8"), its checksum verified."""
+    entry = manifest["graphs"].get(graph)
+    if not isinstance(entry, dict):
+        raise UserError(f"{Path(engine_dir) / MANIFEST_NAME}: no graph {graph!r} in the manifest")
+    if variant != "fp32":
+        variants = entry.get("variants", {})
+        if variant not in variants:
+            raise UserError(
+                f"{Path(engine_dir) / MANIFEST_NAME}: graph {graph!r} has no {variant!r} variant "
+                f"(available: fp32{''.join(', ' + v for v in variants)}); export with --{variant}"
+            )
+        entry = variants[variant]
+    return verified_file(engine_dir, entry["file"], entry.get("sha256"))
+
+
+def verified_file(engine_dir: str | Path, name: str, sha256: str | None) -> Path:
+    path = Path(engine_dir) / name
+    if not path.is_file():
+        raise UserError(f"{path}: engine file listed in the manifest is missing")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise UserError(
+            f"{path}: corrupt engine file (sha256 differs from the manifest); re-export the engine"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+class Engine(ABC):
+    """A loaded engine: ``embed_audio`` once per audio window, ``localize`` per frame (batched)."""
+
+    backend: str = "?"
+
+    def __init__(self, engine_dir: str | Path, manifest: dict[str, Any], device: str = "cpu") -> None:
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.device = device
+        self.spec_shape: tuple[int, ...] = tuple(manifest["graphs"]["audio"]["inputs"][0]["shape"][1:])
+        self.image_shape: tuple[int, ...] = tuple(manifest["graphs"]["visual"]["inputs"][0]["shape"][1:])
+        self.embed_dim = int(manifest["embed_dim"])
+
+    @abstractmethod
+    def embed_audio(self, spec: np.ndarray) -> np.ndarray:
+        """``[B,1,F,T]`` float32 spectrogram -> ``[B,D]`` float32 audio embedding."""
+
+    @abstractmethod
+    def localize(self, image: np.ndarray, audio_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[B,3,H,W]`` image + ``[B,D]`` embedding -> (heatmap ``[B,h,w]``, confidence ``[B]``)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends free everything on garbage collection
+        """Release sessions / device memory. Safe to call twice."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.engine_dir)!r}, device={self.device!r})"
+
+    # Cheap checks so a wrong shape is one clear line instead of a backend stack trace.
+    def _check_spec(self, spec: Any) -> None:
+        if tuple(spec.shape[1:]) != self.spec_shape or len(spec.shape) != 4:
+            expected = ", ".join(map(str, self.spec_shape))
+            raise UserError(f"embed_audio: spectrogram shape {tuple(spec.shape)}, expected [B, {expected}]")
+
+    def _check_visual(self, image: Any, audio_emb: Any) -> None:
+        if len(image.shape) != 4 or tuple(image.shape[1:]) != self.image_shape:
+            expected = ", ".join(map(str, self.image_shape))
+            raise UserError(f"localize: image shape {tuple(image.shape)}, expected [B, {expected}]")
+        if tuple(audio_emb.shape) != (image.shape[0], self.embed_dim):
+            raise UserError(
+                f"localize: audio embedding shape {tuple(audio_emb.shape)}, "
+                f"expected ({image.shape[0]}, {self.embed_dim})"
+            )
+
+
+def _resolve_backend(name: str) -> Callable[..., Engine]:
+    target = _BACKENDS.get(name)
+    if target is None:
+        raise UserError(f"unknown engine backend {name!r}; known backends: {', '.join(known_backends())}")
+    if callable(target):
+        return target
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def load_engine(
+    engine_dir: str | Path,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    threads: int | None = None,
+    **options: Any,
+) -> Engine:
+    """Open an engine directory with a backend.
+
+    ``threads``: intra-op threads for CPU backends (default: all cores). ``options`` go to the backend
+    (e.g. ``precision="int8"`` for ONNX Runtime, ``mode="cuda_graphs"`` / ``fp16=True`` for torch,
+    ``fp16``/``max_batch`` for TensorRT).
+    """
+    factory = _resolve_backend(backend)
+    manifest = read_manifest(engine_dir)
+    if threads is not None and threads < 1:
+        raise UserError(f"threads={threads}: expected a positive number of threads")
+    return factory(engine_dir, manifest, device=device, threads=threads, **options)
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+def _image_params(manifest: dict[str, Any]) -> tuple[int, int, np.ndarray, np.ndarray]:
+    image = manifest["image"]
+    size = image["size"]
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    std = np.asarray(image["std"], np.float32)
+    # x/255 then (x - mean)/std folded into one multiply-add per channel.
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    bias = (np.asarray(image["mean"], np.float32) / std).astype(np.float32)
+    return height, width, scale, bias
+
+
+def preprocess_frame(
+    bgr_uint8: np.ndarray, manifest: dict[str, Any], out: np.ndarray | None = None
+) -> np.ndarray:
+    """OpenCV BGR ``HxWx3`` uint8 frame -> ``[3,H,W]`` float32 RGB normalized as the manifest says.
+
+    Resized to the manifest size without keeping the aspect ratio (as the models were trained): INTER_AREA
+    when shrinking (no aliasing), INTER_LINEAR when enlarging.
+    """
+    if bgr_uint8.ndim != 3 or bgr_uint8.shape[2] != 3 or bgr_uint8.dtype != np.uint8:
+        raise UserError(
+            f"preprocess_frame: expected an HxWx3 uint8 BGR frame, got {bgr_uint8.shape} {bgr_uint8.dtype}"
+        )
+    height, width, scale, bias = _image_params(manifest)
+    h, w = bgr_uint8.shape[:2]
+    if (h, w) != (height, width):
+        shrinking = h * w > height * width
+        bgr_uint8 = cv2.resize(
+            bgr_uint8, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        )
+    rgb = cv2.cvtColor(bgr_uint8, cv2.COLOR_BGR2RGB)
+    if out is None:
+        out = np.empty((3, height, width), np.float32)
+    # HWC -> CHW while scaling: one pass per channel, no intermediate float HWC copy.
+    for c in range(3):
+        np.multiply(rgb[:, :, c], scale[c], out=out[c], casting="unsafe")
+        out[c] -= bias[c]
+    return out
+
+
+def preprocess_frames(frames: Sequence[np.ndarray], manifest: dict[str, Any]) -> np.ndarray:
+    """A batch of BGR uint8 frames (any sizes) -> ``[B,3,H,W]`` float32."""
+    height, width, _, _ = _image_params(manifest)
+    batch = np.empty((len(frames), 3, height, width), np.float32)
+    for i, frame in enumerate(frames):
+        preprocess_frame(frame, manifest, out=batch[i])
+    return batch
+
+
+def as_float32(array: Any) -> np.ndarray:
+    """C-contiguous float32 view/copy (backends want contiguous inputs)."""
+    return np.ascontiguousarray(array, dtype=np.float32)

@@ -1,0 +1,277 @@
+"""``avloc bench engine``: time the audio and visual engines alone, per backend and batch size.
+
+Each backend spec is ``name[:option+option]``, e.g. ``onnxruntime``, ``onnxruntime:int8``,
+``onnxruntime:spin``, ``torch``, ``torch:channels_last``, ``torch:cuda_graphs+fp16``, ``torch:compile``,
+``tensorrt:fp16``. Eager torch on the same device is always measured in the same run and is the baseline of
+the ``speedup_vs_eager_torch`` ratios. Times are wall-clock per call, NumPy in -> NumPy out (so on a GPU
+they include the host<->device copies a streaming worker pays), warm-up calls excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from avloc.core.errors import UserError
+from avloc.engines.base import load_engine, read_manifest
+
+log = logging.getLogger(__name__)
+BASELINE = "torch"  # eager PyTorch, what the papers' inference scripts run
+
+_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "onnxruntime": {"int8": {"precision": "int8"}, "spin": {"spinning": True}},
+    "torch": {
+        "cuda_graphs": {"mode": "cuda_graphs"},
+        "compile": {"mode": "compile"},
+        "fp16": {"fp16": True},
+        "channels_last": {"channels_last": True},
+        "eager": {"mode": "eager"},
+    },
+    "tensorrt": {"fp16": {"fp16": True}, "fp32": {"fp16": False}},
+}
+
+
+def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"torch:cuda_graphs+fp16"`` -> ("torch", {"mode": "cuda_graphs", "fp16": True})."""
+    name, _, opts = spec.strip().partition(":")
+    if name not in _OPTIONS:
+        raise UserError(
+            f"--backends: unknown backend {name!r} in {spec!r}; known: {', '.join(sorted(_OPTIONS))}"
+        )
+    options: dict[str, Any] = {}
+    for opt in filter(None, opts.split("+")):
+        if opt not in _OPTIONS[name]:
+            raise UserError(
+                f"--backends: unknown option {opt!r} for {name}; known: {', '.join(sorted(_OPTIONS[name]))}"
+            )
+        options.update(_OPTIONS[name][opt])
+    return name, options
+
+
+def _percentiles(ms: np.ndarray) -> dict[str, float]:
+    return {
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+    }
+
+
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> np.ndarray:
+    """Milliseconds of ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = np.empty(iters)
+    for i in range(iters):
+        start = time.perf_counter()
+        fn()
+        times[i] = (time.perf_counter() - start) * 1e3
+    return times
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("avloc", "torch", "onnxruntime", "onnx", "tensorrt", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def bench_engine(
+    engine_dir: str | Path,
+    backends: list[str],
+    batch_sizes: list[int],
+    *,
+    threads: int | None = None,
+    iters: int = 50,
+    warmup: int = 5,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    manifest = read_manifest(engine_dir)
+    specs = list(dict.fromkeys(backends))
+    if BASELINE not in specs:  # the baseline is always measured in the same run
+        specs.append(BASELINE)
+    rng = np.random.default_rng(0)
+    results: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    for spec in specs:
+        name, options = parse_backend_spec(spec)
+        try:
+            engine = load_engine(engine_dir, name, device=device, threads=threads, **options)
+        except UserError as err:
+            if spec == BASELINE:
+                raise
+            log.warning("skipping %s: %s", spec, err)
+            errors[spec] = str(err)
+            continue
+        with engine:
+            for batch in batch_sizes:
+                spec_in = rng.standard_normal((batch, *engine.spec_shape), dtype=np.float32)
+                image = rng.standard_normal((batch, *engine.image_shape), dtype=np.float32)
+                emb = np.asarray(engine.embed_audio(spec_in), np.float32)
+                calls = {
+                    "audio": lambda e=engine, s=spec_in: e.embed_audio(s),
+                    "visual": lambda e=engine, i=image, a=emb: e.localize(i, a),
+                }
+                for graph, call in calls.items():
+                    stats = _percentiles(time_calls(call, iters, warmup))
+                    results.append(
+                        {
+                            "backend": spec,
+                            "graph": graph,
+                            "batch": batch,
+                            **stats,
+                            "per_item_ms": stats["median_ms"] / batch,
+                            "throughput_per_s": 1e3 * batch / stats["median_ms"],
+                        }
+                    )
+                    log.info(
+                        "%-28s %-6s batch %2d: median %.2f ms (%.2f ms/item)",
+                        spec,
+                        graph,
+                        batch,
+                        stats["median_ms"],
+                        stats["median_ms"] / batch,
+                    )
+    baseline = {(r["graph"], r["batch"]): r["median_ms"] for r in results if r["backend"] == BASELINE}
+    for r in results:
+        r["speedup_vs_eager_torch"] = baseline[(r["graph"], r["batch"])] / r["median_ms"]
+    import torch
+
+    return {
+        "engine": str(engine_dir),
+        "method": manifest["method"],
+        "image_size": manifest["image"]["size"],
+        "spectrogram_shape": list(manifest["graphs"]["audio"]["inputs"][0]["shape"][1:]),
+        "heatmap_shape": manifest["outputs"]["heatmap"].get("feature_size"),
+        "device": {"kind": device, "name": device_name(device), "cpu_count": os.cpu_count()},
+        "threads": threads if threads is not None else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "iters": iters,
+        "warmup": warmup,
+        "batch_sizes": batch_sizes,
+        "baseline": f"{BASELINE} (eager PyTorch, same device, same run)",
+        "timing": "wall clock per call, numpy in -> numpy out, warm-up excluded",
+        "results": results,
+        "errors": errors,
+        "versions": _versions(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, graph in zip(axes, ("audio", "visual")):
+        for backend in dict.fromkeys(r["backend"] for r in report["results"]):
+            rows = [r for r in report["results"] if r["backend"] == backend and r["graph"] == graph]
+            ax.plot([r["batch"] for r in rows], [r["per_item_ms"] for r in rows], marker="o", label=backend)
+        ax.set_title(f"{graph} engine")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("median ms per item")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{report['method']} {report['image_size']} px on {report['device']['name']} "
+        f"({report['threads']} threads)",
+        fontsize=9,
+    )
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
+    parser.add_argument(
+        "--backends",
+        default="onnxruntime,torch",
+        help="comma-separated backend specs, name[:opt+opt] (default %(default)s)",
+    )
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4], help="e.g. 1,2,4 (default)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--iters", type=int, default=50, help="timed calls per point (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench.json"), help="JSON report; a PNG is written next to it"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.iters < 1 or args.warmup < 0:
+        raise UserError(f"--iters {args.iters} / --warmup {args.warmup}: expected iters >= 1 and warmup >= 0")
+    backends = [b for b in args.backends.split(",") if b.strip()]
+    for spec in backends:
+        parse_backend_spec(spec)  # fail fast, before minutes of timing
+    report = bench_engine(
+        args.engine,
+        backends,
+        args.batch_sizes,
+        threads=args.threads,
+        iters=args.iters,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
+    png = out.with_suffix(".png")
+    plot(report, png)
+    header = ("backend", "graph", "batch", "median", "p99", "ms/item", "vs eager")
+    print("{:28s} {:6s} {:>5s} {:>8s} {:>8s} {:>8s} {:>8s}".format(*header))
+    for r in report["results"]:
+        print(
+            f"{r['backend']:28s} {r['graph']:6s} {r['batch']:5d} {r['median_ms']:8.2f} {r['p99_ms']:8.2f} "
+            f"{r['per_item_ms']:8.2f} {r['speedup_vs_eager_torch']:7.2f}x"
+        )
+    for spec, err in report["errors"].items():
+        print(f"{spec}: skipped ({err})")
+    print(f"wrote {out} and {png}")
+    return 0

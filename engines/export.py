@@ -1,0 +1,432 @@
+"""``avloc export``: checkpoint -> engine directory (audio.onnx, visual.onnx, manifest.json, model.pt).
+
+Export is dispatched by the checkpoint's ``method``: a builder turns the loaded model into the two
+export-friendly modules (:class:`EngineGraphs`) that both ONNX export and the torch backend run, so the
+torch backend computes exactly what the ONNX graphs compute. ACL registers its own builder with
+:func:`register_graph_builder`; everything else (export, checks, manifest, backends) is shared.
+
+The directory is written as ``ENGINE_DIR.tmp`` and renamed at the end, after ``onnx.checker`` and an
+ONNX Runtime vs PyTorch parity run, so a failed export never leaves a half-written engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avloc.core.checkpoint import LoadedModel, load_model, save_checkpoint
+from avloc.core.errors import UserError
+from avloc.engines.base import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+TOP_FRACTION = 0.25  # SLAVC confidence: mean of the top 25 % of the heatmap
+PARITY_FAIL = 1e-3  # export refuses graphs this far from PyTorch (fp32); the tests hold them to 1e-4
+AUDIO_FILE, VISUAL_FILE, MODEL_FILE = "audio.onnx", "visual.onnx", "model.pt"
+
+
+# ---------------------------------------------------------------------------------------------- graphs
+
+
+@dataclass
+class EngineGraphs:
+    """The two modules of an engine and what their outputs mean (goes into the manifest)."""
+
+    audio: nn.Module  # spectrogram [B,1,F,T] -> embedding [B,D]
+    visual: nn.Module  # image [B,3,H,W], embedding [B,D] -> heatmap [B,h,w], confidence [B]
+    embed_dim: int
+    feature_size: tuple[int, int]  # (h, w) of the heatmap
+    heatmap: dict[str, Any] = field(default_factory=dict)  # range, meaning
+    confidence: dict[str, Any] = field(default_factory=dict)
+
+
+def top_fraction_k(feature_size: tuple[int, int], fraction: float = TOP_FRACTION) -> int:
+    return max(1, math.ceil(fraction * feature_size[0] * feature_size[1]))
+
+
+class SSLAlignAudioGraph(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, spectrogram: Tensor) -> Tensor:
+        return self.model.encode_audio(spectrogram)
+
+
+class SSLAlignVisualGraph(nn.Module):
+    """Cosine map of each image with its audio embedding, and the mean of its top-k cells."""
+
+    def __init__(self, model: nn.Module, top_k: int) -> None:
+        super().__init__()
+        self.model = model
+        self.top_k = top_k  # a constant in the graph: the feature size is fixed by the image size
+
+    def forward(self, image: Tensor, audio_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        heatmap = self.model.cosine_map(self.model.encode_image(image), audio_embedding)
+        top = torch.topk(heatmap.flatten(1), self.top_k, dim=1).values
+        return heatmap, top.mean(dim=1)
+
+
+def ssl_align_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
+    model = loaded.model.eval()
+    with torch.inference_mode():
+        vmap = model.encode_image(torch.zeros(1, 3, image_size, image_size))
+    feature_size = (int(vmap.shape[2]), int(vmap.shape[3]))
+    k = top_fraction_k(feature_size)
+    return EngineGraphs(
+        audio=SSLAlignAudioGraph(model).eval(),
+        visual=SSLAlignVisualGraph(model, k).eval(),
+        embed_dim=int(vmap.shape[1]),
+        feature_size=feature_size,
+        heatmap={
+            "range": [-1.0, 1.0],
+            "meaning": "cosine similarity of each visual feature cell with the audio embedding (s_L map); "
+            "higher = more likely the sound source; upsample bilinearly to the frame",
+        },
+        confidence={
+            "range": [-1.0, 1.0],
+            "top_k": k,
+            "meaning": f"mean of the top {int(TOP_FRACTION * 100)} % ({k} of "
+            f"{feature_size[0] * feature_size[1]}) heatmap cells "
+            "(SLAVC-style confidence that a visible object makes the sound)",
+        },
+    )
+
+
+_GRAPH_BUILDERS: dict[str, Callable[[LoadedModel, int], EngineGraphs]] = {"ssl_align": ssl_align_graphs}
+
+
+def register_graph_builder(method: str, builder: Callable[[LoadedModel, int], EngineGraphs]) -> None:
+    """Let a method (e.g. ACL) export through the same engine interface."""
+    _GRAPH_BUILDERS[method] = builder
+
+
+def build_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
+    builder = _GRAPH_BUILDERS.get(loaded.method)
+    if builder is None:
+        known = ", ".join(sorted(_GRAPH_BUILDERS))
+        raise UserError(f"method {loaded.method!r} has no engine exporter; exportable methods: {known}")
+    return builder(loaded, image_size)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _versions(opset: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    import avloc
+
+    return {
+        "avloc": avloc.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": opset,
+    }
+
+
+def _export_onnx(
+    module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str], opset: int
+) -> None:
+    import onnx
+
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the one that needs no onnxscript; its deprecation notice is noise here.
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    model.producer_name = "avloc"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+
+
+def _parity(
+    graphs: EngineGraphs, audio_path: Path, visual_path: Path, spec_shape: tuple[int, ...], image_size: int
+) -> dict[str, float]:
+    """Max |ORT - torch| of every output at batch 1 and 3 (exercises the dynamic batch axis)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    audio = ort.InferenceSession(str(audio_path), options, providers=["CPUExecutionProvider"])
+    visual = ort.InferenceSession(str(visual_path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    worst = {"audio_embedding": 0.0, "heatmap": 0.0, "confidence": 0.0}
+    for batch in (1, 3):
+        spec = rng.standard_normal((batch, *spec_shape), dtype=np.float32)
+        image = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
+        with torch.inference_mode():
+            emb_t = graphs.audio(torch.from_numpy(spec))
+            heat_t, conf_t = graphs.visual(torch.from_numpy(image), emb_t)
+        emb = audio.run(None, {"spectrogram": spec})[0]
+        heat, conf = visual.run(None, {"image": image, "audio_embedding": emb_t.numpy()})
+        for name, a, b in (
+            ("audio_embedding", emb, emb_t),
+            ("heatmap", heat, heat_t),
+            ("confidence", conf, conf_t),
+        ):
+            if a.shape != tuple(b.shape):
+                raise UserError(
+                    f"export parity: {name} shape {a.shape} from ONNX Runtime, {tuple(b.shape)} from torch"
+                )
+            worst[name] = max(worst[name], float(np.abs(a - b.numpy()).max()))
+    return worst
+
+
+def _io_spec(spec_shape: tuple[int, ...], image_size: int, graphs: EngineGraphs) -> dict[str, Any]:
+    d = graphs.embed_dim
+    h, w = graphs.feature_size
+    embedding = {
+        "name": "audio_embedding",
+        "shape": ["batch", d],
+        "dtype": "float32",
+        "meaning": "audio embedding (not normalized); compute once per audio window and reuse",
+    }
+    return {
+        "audio": {
+            "file": AUDIO_FILE,
+            "inputs": [
+                {
+                    "name": "spectrogram",
+                    "shape": ["batch", *spec_shape],
+                    "dtype": "float32",
+                    "meaning": "one front-end window (see frontend): avloc.core.audio.FrontEnd output",
+                }
+            ],
+            "outputs": [embedding],
+        },
+        "visual": {
+            "file": VISUAL_FILE,
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": ["batch", 3, image_size, image_size],
+                    "dtype": "float32",
+                    "meaning": "RGB image normalized as in `image` (avloc.engines.base.preprocess_frame)",
+                },
+                {**embedding, "meaning": "output of the audio graph"},
+            ],
+            "outputs": [
+                {
+                    "name": "heatmap",
+                    "shape": ["batch", h, w],
+                    "dtype": "float32",
+                    "meaning": graphs.heatmap["meaning"],
+                },
+                {
+                    "name": "confidence",
+                    "shape": ["batch"],
+                    "dtype": "float32",
+                    "meaning": graphs.confidence["meaning"],
+                },
+            ],
+        },
+    }
+
+
+def export_engine(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    image_size: int | None = None,
+    int8: bool = False,
+    calibration: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Export ``checkpoint`` to the engine directory ``out_dir`` (see module doc); returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir}: already exists; pass --force to replace it")
+    if image_size is not None and image_size < 32:
+        raise UserError(f"--image-size {image_size}: expected at least 32 pixels")
+    loaded = load_model(checkpoint, device="cpu")
+    size = int(image_size or loaded.image.size)
+    spec_shape = tuple(loaded.frontend.output_shape())
+    graphs = build_graphs(loaded, size)
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write_engine(loaded, graphs, tmp, checkpoint, opset, size, spec_shape, int8, calibration)
+        with open(tmp / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=2)
+        if out_dir.exists():  # --force: swap in the new directory, then drop the old one
+            old = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_engine(
+    loaded: LoadedModel,
+    graphs: EngineGraphs,
+    tmp: Path,
+    checkpoint: str | Path,
+    opset: int,
+    size: int,
+    spec_shape: tuple[int, ...],
+    int8: bool,
+    calibration: str | Path | None,
+) -> dict[str, Any]:
+    spec = torch.zeros(1, *spec_shape)
+    image = torch.zeros(1, 3, size, size)
+    _export_onnx(graphs.audio, (spec,), tmp / AUDIO_FILE, ["spectrogram"], ["audio_embedding"], opset)
+    with torch.inference_mode():
+        emb = graphs.audio(spec)
+    _export_onnx(
+        graphs.visual,
+        (image, emb),
+        tmp / VISUAL_FILE,
+        ["image", "audio_embedding"],
+        ["heatmap", "confidence"],
+        opset,
+    )
+    parity = _parity(graphs, tmp / AUDIO_FILE, tmp / VISUAL_FILE, spec_shape, size)
+    log.info("ONNX Runtime vs torch max abs diff: %s", ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
+    if max(parity.values()) > PARITY_FAIL:
+        raise UserError(
+            f"export parity check failed: ONNX Runtime differs from PyTorch by {parity} (> {PARITY_FAIL})"
+        )
+
+    # A slim copy of the checkpoint (weights + preprocessing, no optimizer state) for the torch backend.
+    save_checkpoint(
+        tmp / MODEL_FILE,
+        loaded.model,
+        method=loaded.method,
+        model_config=loaded.model_config,
+        frontend=loaded.frontend,
+        image=loaded.image,
+        extra={"source_checkpoint": str(checkpoint)},
+    )
+
+    io_spec = _io_spec(spec_shape, size, graphs)
+    for entry in io_spec.values():
+        entry["sha256"] = sha256_file(tmp / entry["file"])
+    h, w = graphs.feature_size
+    manifest: dict[str, Any] = {
+        "format": ENGINE_FORMAT,
+        "format_version": ENGINE_FORMAT_VERSION,
+        "method": loaded.method,
+        "model_config": loaded.model_config,
+        "frontend": loaded.frontend.to_dict(),
+        "image": {
+            "size": size,
+            "mean": list(loaded.image.mean),
+            "std": list(loaded.image.std),
+            "color": "RGB",
+            "layout": "NCHW",
+            "normalization": "x / 255, then (x - mean) / std per channel",
+            "resize": "to size x size, aspect not kept (cv2 INTER_AREA shrinking, INTER_LINEAR enlarging)",
+            "trained_size": loaded.image.size,
+        },
+        "embed_dim": graphs.embed_dim,
+        "graphs": io_spec,
+        "outputs": {
+            "audio_embedding": {"shape": ["batch", graphs.embed_dim]},
+            "heatmap": {
+                **graphs.heatmap,
+                "shape": ["batch", h, w],
+                "feature_size": [h, w],
+                "feature_stride": size / h,
+                "upsample": "bilinear, align_corners=False, to the frame",
+            },
+            "confidence": graphs.confidence,
+        },
+        "heatmap_range": graphs.heatmap["range"],
+        "feature_stride": size / h,
+        "torch_checkpoint": {"file": MODEL_FILE, "sha256": sha256_file(tmp / MODEL_FILE)},
+        "parity_max_abs_diff": parity,
+        "versions": _versions(opset),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    if int8:
+        from avloc.engines.quantize import quantize_visual
+
+        manifest["graphs"]["visual"]["variants"] = {
+            "int8": quantize_visual(tmp, manifest, graphs, calibration)
+        }
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint (e.g. RUN/best.pt)")
+    parser.add_argument("--out", required=True, type=Path, help="engine directory to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square input size in pixels (default: the checkpoint's training size); smaller is faster",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write visual.int8.onnx (ONNX Runtime static int8, calibrated on --calibration)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="with --int8: dataset root (frames/, audio/) or folder of images used for calibration",
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = export_engine(
+        args.checkpoint,
+        args.out,
+        opset=args.opset,
+        image_size=args.image_size,
+        int8=args.int8,
+        calibration=args.calibration,
+        force=args.force,
+    )
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    parity = ", ".join(f"{k} {v:.1e}" for k, v in manifest["parity_max_abs_diff"].items())
+    print(
+        f"engine written to {out} (method {manifest['method']}, image {manifest['image']['size']} px, "
+        f"heatmap {manifest['outputs']['heatmap']['feature_size']}; ORT-vs-torch max abs diff: {parity})"
+    )
+    return 0

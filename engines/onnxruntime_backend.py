@@ -1,0 +1,93 @@
+"""ONNX Runtime backend: the default, CPU first (CUDA execution provider when asked for and available).
+
+Thread policy for a streaming worker: ``intra_op_num_threads`` = ``threads`` (default: all cores),
+``inter_op_num_threads`` = 1 with sequential execution (these graphs are chains of convolutions; parallel
+branches buy nothing), full graph optimization, and intra-op spinning off by default so idle pool threads
+do not burn the cores the capture and display processes need (see docs/engines.md for the measurement).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from avloc.core.errors import UserError
+from avloc.engines.base import Engine, as_float32, graph_file
+
+
+def session_options(threads: int | None, spinning: bool = False) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
+    return options
+
+
+def _providers(device: str) -> list[Any]:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise UserError(
+                f"device {device!r}: this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise UserError(f"device {device!r}: expected cpu, cuda or cuda:N")
+
+
+class OnnxRuntimeEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        manifest: dict[str, Any],
+        device: str = "cpu",
+        threads: int | None = None,
+        precision: str = "fp32",
+        spinning: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(engine_dir, manifest, device)
+        self.threads = int(threads or os.cpu_count() or 1)
+        self.precision = precision
+        options = session_options(self.threads, spinning)
+        providers = _providers(device)
+        self._sessions: dict[str, Any] = {}
+        for graph, variant in (("audio", "fp32"), ("visual", precision)):
+            path = graph_file(engine_dir, manifest, graph, variant)
+            try:
+                self._sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as err:  # noqa: BLE001 - ORT raises its own types for unreadable/invalid models
+                raise UserError(
+                    f"{path}: ONNX Runtime cannot load this graph ({str(err).splitlines()[0][:200]})"
+                ) from None
+        audio = self._sessions["audio"]
+        self._audio_in = audio.get_inputs()[0].name
+        self._visual_in = [i.name for i in self._sessions["visual"].get_inputs()]
+
+    def embed_audio(self, spec: np.ndarray) -> np.ndarray:
+        self._check_spec(spec)
+        return self._sessions["audio"].run(None, {self._audio_in: as_float32(spec)})[0]
+
+    def localize(self, image: np.ndarray, audio_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._check_visual(image, audio_emb)
+        feeds = dict(zip(self._visual_in, (as_float32(image), as_float32(audio_emb))))
+        heatmap, confidence = self._sessions["visual"].run(None, feeds)
+        return heatmap, confidence
+
+    def close(self) -> None:
+        self._sessions.clear()

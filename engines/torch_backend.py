@@ -1,0 +1,177 @@
+"""PyTorch backend: runs ``model.pt`` of an engine directory through the same graph modules as the export.
+
+- CPU: eager under ``torch.inference_mode`` (optionally channels_last), ``mode="compile"`` also works.
+- CUDA: ``mode="eager"``, ``"cuda_graphs"`` (one graph captured per batch size, static input/output
+  buffers, warm-up on a side stream, graphs share one memory pool) or ``"compile"`` (torch.compile,
+  ``reduce-overhead``); ``fp16=True`` runs under autocast (outputs are returned as float32).
+
+Calls never synchronize the device themselves. NumPy in -> NumPy out (the device-to-host copy of the
+result is the only wait); torch tensors already on the device in -> device tensors out, no wait at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avloc.core.checkpoint import load_model
+from avloc.core.errors import UserError
+from avloc.engines.base import Engine, verified_file
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+MODES = ("eager", "cuda_graphs", "compile")
+
+
+class CudaGraphRunner:
+    """Replays ``module`` through CUDA graphs, captured lazily once per input batch size.
+
+    Outputs are the graph's static buffers: they are overwritten by the next call with the same batch
+    size, so callers copy (``.clone()`` / ``.cpu()``) what they keep.
+    """
+
+    def __init__(
+        self, module: nn.Module, device: torch.device, autocast: Callable[[], Any], warmup: int = 3
+    ) -> None:
+        self.module = module
+        self.device = device
+        self.autocast = autocast
+        self.warmup = warmup
+        self.pool = torch.cuda.graph_pool_handle()  # one pool for all batch sizes
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]] = {}
+
+    def _capture(
+        self, inputs: Sequence[Tensor]
+    ) -> tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]:
+        static_inputs = [x.detach().clone() for x in inputs]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        # Warm-up on a side stream (cuDNN autotuning, lazy allocations) before capture, as the CUDA docs do.
+        with torch.cuda.stream(side), torch.inference_mode(), self.autocast():
+            for _ in range(self.warmup):
+                self.module(*static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), self.autocast(), torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.module(*static_inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        log.debug("captured a CUDA graph for batch %d", inputs[0].shape[0])
+        return graph, static_inputs, outputs
+
+    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        batch = int(inputs[0].shape[0])
+        entry = self.graphs.get(batch)
+        if entry is None:
+            entry = self.graphs[batch] = self._capture(inputs)
+        graph, static_inputs, outputs = entry
+        for buffer, x in zip(static_inputs, inputs):
+            buffer.copy_(x, non_blocking=True)
+        graph.replay()
+        return outputs
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        manifest: dict[str, Any],
+        device: str = "cpu",
+        threads: int | None = None,
+        mode: str = "eager",
+        fp16: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        from avloc.engines.export import build_graphs
+
+        super().__init__(engine_dir, manifest, device)
+        if mode not in MODES:
+            raise UserError(f"torch backend mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.torch_device = torch.device(device)
+        is_cuda = self.torch_device.type == "cuda"
+        if is_cuda and not torch.cuda.is_available():
+            raise UserError(
+                f"device {device!r}: CUDA is not available in this torch build/machine; use --device cpu"
+            )
+        if mode == "cuda_graphs" and not is_cuda:
+            raise UserError("torch backend mode 'cuda_graphs' needs --device cuda")
+        if fp16 and not is_cuda:
+            raise UserError("torch backend fp16 needs --device cuda (CPU runs float32)")
+        if threads is not None:
+            torch.set_num_threads(int(threads))  # process-wide: an engine worker owns its process
+        self.threads = torch.get_num_threads()
+        self.mode, self.fp16, self.channels_last = mode, fp16, channels_last
+
+        entry = manifest.get("torch_checkpoint") or {"file": "model.pt"}
+        path = verified_file(engine_dir, entry["file"], entry.get("sha256"))
+        loaded = load_model(path, device="cpu")
+        if loaded.method != manifest["method"]:
+            raise UserError(f"{path}: method {loaded.method!r} but the manifest says {manifest['method']!r}")
+        graphs = build_graphs(loaded, int(self.image_shape[-1]))
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._audio = graphs.audio.to(self.torch_device, memory_format=memory_format).eval()
+        self._visual = graphs.visual.to(self.torch_device, memory_format=memory_format).eval()
+        self._run_audio: Callable[..., Any] = self._audio
+        self._run_visual: Callable[..., Any] = self._visual
+        if mode == "compile":
+            compile_mode = "reduce-overhead" if is_cuda else "default"
+            self._run_audio = torch.compile(self._audio, mode=compile_mode, dynamic=False)
+            self._run_visual = torch.compile(self._visual, mode=compile_mode, dynamic=False)
+        elif mode == "cuda_graphs":
+            self._run_audio = CudaGraphRunner(self._audio, self.torch_device, self._autocast)
+            self._run_visual = CudaGraphRunner(self._visual, self.torch_device, self._autocast)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.fp16:
+            return contextlib.nullcontext()
+        # No weight-cast cache: cached casts would be freed/reused behind a captured CUDA graph's back.
+        return torch.autocast("cuda", dtype=torch.float16, cache_enabled=False)
+
+    def _to_device(self, x: Any) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
+        t = t.to(self.torch_device, dtype=torch.float32, non_blocking=True)
+        if self.channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def _call(self, fn: Callable[..., Any], inputs: Sequence[Any]) -> tuple[Tensor, ...]:
+        tensors = [self._to_device(x) for x in inputs]
+        if self.mode == "cuda_graphs":
+            return fn(*tensors)  # the runner enters inference_mode/autocast itself
+        with torch.inference_mode(), self._autocast():
+            out = fn(*tensors)
+        return out if isinstance(out, tuple) else (out,)
+
+    def _finish(self, outputs: tuple[Tensor, ...], as_numpy: bool) -> list[Any]:
+        if as_numpy:
+            return [o.float().cpu().numpy() for o in outputs]
+        # Device tensors: clone out of CUDA-graph static buffers so the next call cannot overwrite them.
+        return [o.float().clone() if self.mode == "cuda_graphs" else o.float() for o in outputs]
+
+    def embed_audio(self, spec: np.ndarray | Tensor) -> Any:
+        self._check_spec(spec)
+        return self._finish(self._call(self._run_audio, [spec]), isinstance(spec, np.ndarray))[0]
+
+    def localize(self, image: np.ndarray | Tensor, audio_emb: np.ndarray | Tensor) -> tuple[Any, Any]:
+        self._check_visual(image, audio_emb)
+        heatmap, confidence = self._finish(
+            self._call(self._run_visual, [image, audio_emb]), isinstance(image, np.ndarray)
+        )
+        return heatmap, confidence
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); a no-op on CPU."""
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+
+    def close(self) -> None:
+        self._run_audio = self._run_visual = None  # type: ignore[assignment]
+        self._audio = self._visual = None  # type: ignore[assignment]
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()

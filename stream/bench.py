@@ -1,0 +1,371 @@
+"""``avloc bench pipeline``: per-stage latency of the streaming pipeline against an eager baseline, one run.
+
+1. The real pipeline (launcher + replay worker(s) looping the video at real time + inference worker +
+   headless display writing the latency log) runs for ``--duration`` seconds after a warm-up. From each
+   heatmap's timestamps: capture→send, transport, queue wait, audio embedding, preprocess, visual engine,
+   publish, publish→display, and end to end (capture → heatmap at the display) p50/p90/p99/max; heatmap
+   fps, drops, and CPU use of every process (psutil).
+2. Then, with the pipeline stopped, the BASELINE: what the papers' inference scripts do — one process,
+   eager PyTorch, frame by frame: decode a frame, compute the spectrogram of the audio window ending at
+   it, run the full model (both encoders) — on the same video for the same duration.
+The speed-up (heatmap fps and latency) is a ratio of the two. Writes ``--out bench.json`` and a PNG of
+latency histograms next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avloc.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# stage name -> (start timestamp, end timestamp) in a latency-log record's "ts"
+STAGES: dict[str, tuple[str, str]] = {
+    "capture_to_send": ("capture", "send"),
+    "transport": ("send", "received"),
+    "queue_wait": ("received", "infer_start"),
+    "audio_and_preprocess": ("infer_start", "visual_start"),
+    "visual_engine": ("visual_start", "infer_end"),
+    "publish": ("infer_end", "publish"),
+    "publish_to_display": ("publish", "display"),
+    "e2e": ("capture", "display"),
+}
+
+
+def percentiles(values_s: list[float] | np.ndarray) -> dict[str, float]:
+    """p50/p90/p99/max/mean in milliseconds (NaN when empty)."""
+    arr = np.asarray(values_s, dtype=np.float64) * 1000.0
+    if arr.size == 0:
+        return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"n": int(arr.size), "p50": round(float(p50), 3), "p90": round(float(p90), 3),
+            "p99": round(float(p99), 3), "max": round(float(arr.max()), 3), "mean": round(float(arr.mean()), 3)}
+
+
+def read_latency_log(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if not Path(path).is_file():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a killed display
+    return records
+
+
+def stage_samples(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Seconds per stage for every heatmap that was computed (suppressed ones only count as e2e-less)."""
+    out: dict[str, list[float]] = {name: [] for name in STAGES}
+    out["audio_embedding"] = []
+    for rec in records:
+        if rec.get("notice"):
+            continue
+        ts = rec.get("ts", {})
+        for name, (a, b) in STAGES.items():
+            if a in ts and b in ts:
+                out[name].append(ts[b] - ts[a])
+        if rec.get("audio_ms") is not None:
+            out["audio_embedding"].append(float(rec["audio_ms"]) / 1000.0)
+    return out
+
+
+def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    computed = [r for r in records if not r.get("notice")]
+    display_ts = sorted(r["ts"]["display"] for r in computed if "display" in r.get("ts", {}))
+    span = display_ts[-1] - display_ts[0] if len(display_ts) > 1 else 0.0
+    samples = stage_samples(records)
+    streams = sorted({r.get("stream") for r in records})
+    embeds = [x for x in samples["audio_embedding"] if x > 0]
+    return {
+        "heatmaps": len(computed),
+        "suppressed": len(records) - len(computed),
+        "streams": streams,
+        "heatmap_fps": round((len(display_ts) - 1) / span, 2) if span > 0 else 0.0,
+        "heatmap_fps_per_stream": round((len(display_ts) - 1) / span / max(1, len(streams)), 2) if span > 0 else 0.0,
+        "e2e_ms": percentiles(samples["e2e"]),
+        "stages_ms": {name: percentiles(v) for name, v in samples.items() if name != "e2e"},
+        "audio_embedding_computed_ms": percentiles(embeds),
+        "drops": max((int(r.get("drops") or 0) for r in records), default=0),
+        "frames_seen": len({(r.get("stream"), r.get("seq")) for r in records}),
+    }
+
+
+def summarize_latency_log(path: Path) -> dict[str, Any]:
+    return summarize_records(read_latency_log(path))
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def bench_pipeline(video: Path, engine: Path, backend: str, *, streams: int, duration_s: float, warmup_s: float,
+                   run_dir: Path, threads: int | None = None, record: Path | None = None) -> dict[str, Any]:
+    """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``."""
+    import psutil
+
+    from avloc.stream import launcher as L
+
+    config = L.load_stream_config()
+    endpoints = L.Endpoints.auto(streams)
+    latency_log = run_dir / "latency.jsonl"
+    latency_log.unlink(missing_ok=True)
+    specs = [
+        *L.replay_specs(video, engine, endpoints, config, speed="1.0", loop=True),
+        L.inference_spec(engine, backend, endpoints, config, threads=threads),
+        L.display_spec(endpoints, config, headless=True, record=record, latency_log=latency_log),
+    ]
+    launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats)
+    window: tuple[float, float] | None = None
+    cpu: dict[str, float] = {}
+    system_cpu = math.nan
+    reason = "error"
+    try:
+        launcher.start()
+        deadline = time.monotonic() + config.startup_grace_s
+        while not latency_log.is_file() or latency_log.stat().st_size == 0:
+            launcher.poll()
+            if time.monotonic() > deadline or launcher.finished():
+                raise UserError(f"bench: no heatmap within {config.startup_grace_s:.0f} s; see logs in {run_dir}")
+            time.sleep(0.05)
+        _wait(launcher, warmup_s)
+        pids = launcher.pids()
+        pids["launcher"] = os.getpid()
+        cpu0, t0 = _cpu_seconds(pids), time.monotonic()
+        psutil.cpu_percent(None)
+        _wait(launcher, duration_s)
+        cpu1, t1 = _cpu_seconds(pids), time.monotonic()
+        system_cpu = psutil.cpu_percent(None)
+        cpu = {n: round(100.0 * (cpu1[n] - cpu0[n]) / (t1 - t0), 1) for n in cpu1 if n in cpu0}
+        window = (t0, t1)
+        reason = "done"
+    finally:
+        summary = launcher.shutdown(reason)
+    records = [r for r in read_latency_log(latency_log)
+               if window is not None and window[0] <= r.get("ts", {}).get("display", -1.0) <= window[1]]
+    result = summarize_records(records)
+    result.update({
+        "backend": backend,
+        "streams": streams,
+        "measured_s": round(window[1] - window[0], 3) if window else 0.0,
+        "cpu_percent": cpu,
+        "cpu_percent_total_processes": round(sum(cpu.values()), 1),
+        "system_cpu_percent": system_cpu,
+        "restarts": {n: p["restarts"] for n, p in summary["processes"].items()},
+        "inference_stats": summary["processes"].get("inference", {}).get("stats", {}),
+        "run_dir": str(run_dir),
+    })
+    result["_records"] = records
+    return result
+
+
+def _wait(launcher: Any, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        launcher.poll()
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int | None = None) -> dict[str, Any]:
+    """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``."""
+    import torch
+    import torch.nn.functional as F
+
+    from avloc.core.audio import FrontEnd, crop_window
+    from avloc.core.checkpoint import load_model
+    from avloc.core.media import iter_video, read_video_audio
+    from avloc.engines.base import read_manifest
+
+    manifest = read_manifest(engine)
+    ckpt = engine / manifest.get("torch_checkpoint", {}).get("file", "model.pt")
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load_model(ckpt, device="cpu")
+    model, frontend_cfg = loaded.model, loaded.frontend
+    frontend = FrontEnd(frontend_cfg).eval()
+    size = int(manifest["image"]["size"])
+    mean = torch.tensor(loaded.image.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.image.std).view(1, 3, 1, 1)
+    try:
+        wave = read_video_audio(video, frontend_cfg.sample_rate)
+    except UserError:
+        wave = np.zeros(frontend_cfg.num_samples, np.float32)
+    rate = frontend_cfg.sample_rate
+    per_frame: list[float] = []
+    stage: dict[str, list[float]] = {"decode": [], "spectrogram": [], "model": []}
+    start = time.monotonic()
+    frames = 0
+    with torch.inference_mode():
+        while time.monotonic() - start < duration_s:
+            it = iter_video(video)
+            t_decode = time.monotonic()
+            for pts, rgb in it:
+                t_frame = time.monotonic()
+                stage["decode"].append(t_frame - t_decode)
+                end = int(round(pts * rate))
+                window = crop_window(wave, frontend_cfg.num_samples, start=max(0, end - frontend_cfg.num_samples),
+                                     pad=frontend_cfg.pad_mode)
+                spec = frontend(torch.from_numpy(window)[None])
+                t_spec = time.monotonic()
+                image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
+                image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+                heat = model.heatmap((image - mean) / std, spec)
+                float(heat.max())  # the result is used (no lazy work left behind)
+                t_done = time.monotonic()
+                stage["spectrogram"].append(t_spec - t_frame)
+                stage["model"].append(t_done - t_spec)
+                per_frame.append(t_done - t_decode)
+                frames += 1
+                t_decode = time.monotonic()
+                if t_decode - start >= duration_s:
+                    break
+            it.close()
+    elapsed = time.monotonic() - start
+    return {
+        "what": "single process, eager PyTorch, frame by frame: decode, spectrogram, full model (both encoders)",
+        "frames": frames,
+        "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
+        "per_frame_ms": percentiles(per_frame),
+        "stages_ms": {k: percentiles(v) for k, v in stage.items()},
+        "torch_threads": torch.get_num_threads(),
+        "_per_frame": per_frame,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def plot_histograms(pipeline: dict[str, Any], baseline: dict[str, Any] | None, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = stage_samples(pipeline.get("_records", []))
+    names = [n for n in ("e2e", "capture_to_send", "transport", "queue_wait", "audio_and_preprocess",
+                         "visual_engine", "publish", "publish_to_display") if samples.get(n)]
+    panels = len(names) + (1 if baseline else 0)
+    cols = 3
+    rows = max(1, math.ceil(panels / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ms = np.asarray(samples[name]) * 1000
+        ax.hist(ms, bins=40, color="tab:blue")
+        ax.set_title(f"{name}: p50 {np.median(ms):.1f} ms, p99 {np.percentile(ms, 99):.1f}")
+        ax.set_xlabel("ms")
+    if baseline:
+        ax = axes.flat[len(names)]
+        ms = np.asarray(baseline["_per_frame"]) * 1000
+        ax.hist(ms, bins=40, color="tab:red")
+        ax.set_title(f"baseline per frame: p50 {np.median(ms):.1f} ms")
+        ax.set_xlabel("ms")
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "cpu_model": platform.processor() or platform.machine(),
+            "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--video", required=True, type=Path, help="video to replay (looped at real time)")
+    parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--streams", type=int, default=1, help="camera streams replayed at once")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (each part)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds ignored after the first heatmap")
+    parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the eager baseline")
+    parser.add_argument("--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from avloc.core.media import probe_video
+
+    if args.streams < 1 or args.duration <= 0:
+        raise UserError(f"--streams {args.streams} / --duration {args.duration}: expected >= 1 and > 0")
+    info = probe_video(args.video)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = out.with_name(out.stem + "_run")
+    machine = machine_info()
+    pipeline = bench_pipeline(args.video, args.engine, args.backend, streams=args.streams,
+                              duration_s=args.duration, warmup_s=args.warmup, run_dir=run_dir, threads=args.threads)
+    baseline = None if args.no_baseline else bench_baseline(args.video, args.engine, duration_s=args.duration,
+                                                            threads=args.threads)
+    png = plot_histograms(pipeline, baseline, out.with_suffix(".png"))
+    result: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": "avloc bench pipeline " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in (("video", args.video), ("engine", args.engine),
+                                                        ("backend", args.backend), ("streams", args.streams),
+                                                        ("duration", args.duration), ("out", args.out))),
+        "machine": machine,
+        "video": {"path": str(args.video), "width": info.width, "height": info.height, "fps": info.fps,
+                  "has_audio": info.has_audio},
+        "pipeline": {k: v for k, v in pipeline.items() if not k.startswith("_")},
+        "baseline": {k: v for k, v in baseline.items() if not k.startswith("_")} if baseline else None,
+        "histograms_png": str(png),
+    }
+    if baseline and baseline["fps"] > 0:
+        e2e = pipeline["e2e_ms"]["p50"]
+        result["speedup"] = {
+            "heatmap_fps_ratio": round(pipeline["heatmap_fps"] / baseline["fps"], 2),
+            "latency_p50_ratio": round(baseline["per_frame_ms"]["p50"] / e2e, 2) if e2e and e2e > 0 else None,
+        }
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_bench(args)
+    p = result["pipeline"]
+    print(f"pipeline ({p['backend']}, {p['streams']} stream(s)): {p['heatmap_fps']:.1f} heatmaps/s, "
+          f"e2e p50 {p['e2e_ms']['p50']:.1f} ms p99 {p['e2e_ms']['p99']:.1f} ms max {p['e2e_ms']['max']:.1f} ms, "
+          f"drops {p['drops']}, CPU {p['cpu_percent']}")
+    if result.get("baseline"):
+        b = result["baseline"]
+        print(f"baseline (eager torch, frame by frame): {b['fps']:.1f} fps, per frame p50 {b['per_frame_ms']['p50']:.1f} ms")
+        print(f"speed-up: {result['speedup']}")
+    print(f"wrote {args.out} and {result['histograms_png']}")
+    return 0

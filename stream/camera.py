@@ -1,0 +1,269 @@
+"""Camera capture worker: any OpenCV source → latest frame → ``frame`` messages on a PUB socket.
+
+A grab thread reads the source as fast as it delivers and keeps only the newest frame, so the OpenCV
+(driver) buffer is always drained and the publisher never sends a stale frame: if publishing (or a
+subscriber) is slower than the camera, intermediate frames are overwritten, never queued. A source that
+fails to open or stops delivering is released and reopened with exponential back-off, so unplugging a
+USB camera or a dropped RTSP connection heals by itself.
+
+Run as a process: ``python -m avloc.stream.camera --source 0 --endpoint tcp://127.0.0.1:5550``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import zmq
+from avloc.stream import protocol
+from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+
+log = logging.getLogger(__name__)
+
+# A source that keeps failing to deliver this many reads in a row is considered lost and reopened.
+MAX_CONSECUTIVE_READ_FAILURES = 5
+
+
+def parse_source(source: str | int) -> str | int:
+    """``"0"`` → device index 0; anything else (file path, rtsp://, http://, a GStreamer pipeline) as is."""
+    if isinstance(source, int):
+        return source
+    return int(source) if source.strip().isdigit() else source
+
+
+def _is_file(source: str | int) -> bool:
+    return isinstance(source, str) and "://" not in source and Path(source).suffix != ""
+
+
+@dataclass
+class GrabbedFrame:
+    index: int          # grab counter since the worker started (across reopens)
+    capture_ts: float   # protocol.now() right after the frame was grabbed
+    image: np.ndarray   # HxWx3 uint8 BGR, owned by this object (a fresh array per grab)
+
+
+class LatestFrameGrabber:
+    """Background thread that owns the ``cv2.VideoCapture`` and keeps only the newest frame.
+
+    ``pace_fps``: a video *file* is read at its own frame rate (like a camera would deliver it) instead of
+    as fast as it decodes; ``None`` → the file's fps for files, no pacing for devices and streams.
+    """
+
+    def __init__(
+        self,
+        source: str | int,
+        *,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 10.0,
+        pace_fps: float | None = None,
+        open_capture: Callable[[str | int], Any] = cv2.VideoCapture,
+    ) -> None:
+        self.source = parse_source(source)
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.pace_fps = pace_fps
+        self._open_capture = open_capture
+        self._cond = threading.Condition()
+        self._latest: GrabbedFrame | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="grab", daemon=True)
+        self.grabbed = 0
+        self.overwritten = 0     # grabbed frames nobody took before the next one arrived
+        self.open_attempts = 0
+        self.open_failures = 0
+        self.reopens = 0
+        self.open_times: list[float] = []   # when each open attempt happened (for the back-off schedule)
+        self._taken_index = -1
+
+    def start(self) -> LatestFrameGrabber:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def latest(self, newer_than: int = -1, timeout_s: float = 1.0) -> GrabbedFrame | None:
+        """The newest frame with ``index > newer_than``; waits up to ``timeout_s`` for one."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._latest is None or self._latest.index <= newer_than:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(remaining)
+            self._taken_index = self._latest.index
+            return self._latest
+
+    def _open(self) -> Any | None:
+        self.open_attempts += 1
+        self.open_times.append(time.monotonic())
+        try:
+            cap = self._open_capture(self.source)
+        except Exception as err:  # a custom opener or a backend may raise instead of returning closed
+            log.debug("opening %r raised %s", self.source, err)
+            cap = None
+        if cap is None or not cap.isOpened():
+            if cap is not None:
+                cap.release()
+            self.open_failures += 1
+            return None
+        if isinstance(self.source, int):
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # ask the driver for a shallow queue too, where supported
+        return cap
+
+    def _run(self) -> None:
+        backoff = self.backoff_initial_s
+        ever_opened = False
+        while not self._stop.is_set():
+            cap = self._open()
+            if cap is None:
+                log.warning("cannot open source %r; retrying in %.1f s", self.source, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max_s)
+                continue
+            if ever_opened:
+                self.reopens += 1
+            ever_opened = True
+            log.info("opened source %r (%dx%d @ %.1f fps)", self.source,
+                     int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                     cap.get(cv2.CAP_PROP_FPS))
+            delivered = self._read_until_lost(cap)
+            cap.release()
+            if delivered:
+                backoff = self.backoff_initial_s  # it worked for a while: start the back-off afresh
+            if not self._stop.is_set():
+                log.warning("source %r stopped delivering frames; reopening in %.1f s", self.source, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _read_until_lost(self, cap: Any) -> int:
+        pace = self.pace_fps
+        if pace is None and _is_file(self.source):
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            pace = fps if 0 < fps < 1000 else 30.0
+        period = 1.0 / pace if pace else 0.0
+        next_due = time.monotonic()
+        failures = delivered = 0
+        while not self._stop.is_set():
+            if period:
+                delay = next_due - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                next_due = max(next_due + period, time.monotonic() - period)
+            ok = cap.grab()
+            capture_ts = protocol.now()
+            ok, image = cap.retrieve() if ok else (False, None)
+            if not ok or image is None:
+                failures += 1
+                if failures >= MAX_CONSECUTIVE_READ_FAILURES or _is_file(self.source):
+                    return delivered  # lost device, or end of a file (which then starts over)
+                self._stop.wait(0.01)
+                continue
+            failures = 0
+            delivered += 1
+            if image.ndim == 2:
+                image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+            with self._cond:
+                if self._latest is not None and self._latest.index > self._taken_index:
+                    self.overwritten += 1
+                self._latest = GrabbedFrame(self.grabbed, capture_ts, image)
+                self.grabbed += 1
+                self._cond.notify_all()
+        return delivered
+
+    def stats(self) -> dict[str, int]:
+        return {"grabbed": self.grabbed, "overwritten": self.overwritten, "open_attempts": self.open_attempts,
+                "open_failures": self.open_failures, "reopens": self.reopens}
+
+
+def run_camera(
+    source: str | int,
+    endpoint: str = protocol.DEFAULT_ENDPOINTS["frames"],
+    stream_id: str = "cam0",
+    *,
+    fps_limit: float | None = None,
+    heartbeat_endpoint: str | None = None,
+    stop: threading.Event | None = None,
+    backoff_initial_s: float = 0.5,
+    backoff_max_s: float = 10.0,
+    max_frames: int | None = None,
+    ctx: zmq.Context | None = None,
+) -> dict[str, int]:
+    """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters."""
+    stop = stop or threading.Event()
+    ctx = ctx or zmq.Context.instance()
+    sock = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True)
+    heartbeat = Heartbeat(ctx, heartbeat_endpoint, role="camera", stream=stream_id)
+    grabber = LatestFrameGrabber(source, backoff_initial_s=backoff_initial_s,
+                                 backoff_max_s=backoff_max_s).start()
+    min_period = 1.0 / fps_limit if fps_limit else 0.0
+    published = dropped = 0
+    last_index = -1
+    last_publish = -float("inf")
+    try:
+        while not stop.is_set() and (max_frames is None or published < max_frames):
+            heartbeat.maybe_send({**grabber.stats(), "published": published, "dropped": dropped})
+            if min_period:
+                wait = last_publish + min_period - protocol.now()
+                if wait > 0:
+                    stop.wait(wait)
+                    continue
+            frame = grabber.latest(newer_than=last_index, timeout_s=0.2)
+            if frame is None:
+                continue
+            last_index = frame.index
+            last_publish = protocol.now()
+            height, width = frame.image.shape[:2]
+            ok = protocol.send(
+                sock, "frame", stream=stream_id, seq=published,
+                ts={"capture": frame.capture_ts, "send": protocol.now()},
+                arrays={"frame": frame.image},
+                meta={"width": width, "height": height, "source": str(source), "grab_index": frame.index},
+            )
+            published += 1
+            dropped += not ok
+    finally:
+        grabber.stop()
+        stats = {**grabber.stats(), "published": published, "dropped": dropped}
+        heartbeat.maybe_send(stats, force=True)
+        heartbeat.close()
+        sock.close()
+    log.info("camera %s stopped: %s", stream_id, stats)
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.camera",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="0", help="device index, video file, or rtsp:// / http:// URL")
+    parser.add_argument("--endpoint", "--frames", default=protocol.DEFAULT_ENDPOINTS["frames"],
+                        help="PUB endpoint to bind")
+    parser.add_argument("--fps-limit", type=float, default=None, help="publish at most this many frames/s")
+    parser.add_argument("--backoff-max", type=float, default=10.0, help="longest wait between reopens (s)")
+    add_common_arguments(parser, role="camera")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(f"camera:{args.stream_id}", args.log_file, args.verbose)
+    stop = install_stop_handlers()
+    run_camera(args.source, args.endpoint, args.stream_id, fps_limit=args.fps_limit,
+               heartbeat_endpoint=args.heartbeat, stop=stop, backoff_max_s=args.backoff_max)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

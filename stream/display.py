@@ -1,0 +1,422 @@
+"""Display client: frames + heatmaps in, an overlay on screen or in a recorded video, and a latency log.
+
+Subscribes to the capture workers' frames and the inference worker's heatmaps, matches them by stream and
+sequence number and draws the heatmap over the frame it was computed on (colormap JET or INFERNO,
+adjustable alpha), with a HUD: heatmap fps, end-to-end latency p50 and drops, and a "no audio" notice.
+
+- window mode (``cv2.imshow``): ``q``/Esc quits, ``+``/``-`` change alpha, ``c`` toggles the colormap;
+- ``--headless``: no window; ``--record out.mp4`` encodes the overlaid frames with PyAV (libx264), timed by
+  the frames' own timestamps, and muxes the original audio back (``--audio-source VIDEO``);
+  ``--snapshot-every N`` saves every N-th recorded frame as PNG;
+- ``--latency-log FILE``: one JSON line per heatmap with every timestamp of its way through the pipeline
+  plus ``display`` (when this process had it drawn), read by ``avloc bench pipeline`` and ``avloc demo``.
+
+Run as a process: ``python -m avloc.stream.display --frames EP --heatmaps EP [--headless --record out.mp4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import zmq
+from avloc.stream import protocol
+from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+
+log = logging.getLogger(__name__)
+
+COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO}
+FRAME_BUFFER = 90  # frames kept per stream while their heatmaps are computed (~3 s at 30 fps)
+RECORD_WAIT_S = 0.6  # a recorded frame waits this long for its heatmap before the latest one is used
+TIME_BASE = Fraction(1, 1000)  # recorded video pts in milliseconds
+
+
+def heatmap_to_unit(arr: np.ndarray) -> np.ndarray:
+    """Wire heatmap (float16 in [0, 1] or uint8 = round(255 v)) -> float32 in [0, 1]."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return np.clip(arr.astype(np.float32), 0.0, 1.0)
+
+
+def overlay(bgr: np.ndarray, unit_heatmap: np.ndarray, alpha: float, colormap: int,
+            peak: tuple[float, float] | None = None) -> np.ndarray:
+    """Blend a colour-mapped heatmap (stretched to its own min..max so the hot spot shows) over the frame."""
+    h, w = bgr.shape[:2]
+    lo, hi = float(unit_heatmap.min()), float(unit_heatmap.max())
+    stretched = (unit_heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(unit_heatmap)
+    resized = cv2.resize(stretched, (w, h), interpolation=cv2.INTER_LINEAR)
+    colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
+    out = cv2.addWeighted(bgr, 1.0 - alpha, colored, alpha, 0.0)
+    if peak is not None:
+        center = (int(peak[0] * w), int(peak[1] * h))
+        cv2.circle(out, center, max(4, w // 60), (255, 255, 255), 2, cv2.LINE_AA)
+    return out
+
+
+def draw_hud(image: np.ndarray, lines: list[str], notice: str | None = None) -> None:
+    """White text on a dark box (OpenCV's glyph advance depends on thickness, so no outlined text)."""
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.5
+    if lines:
+        width = max(cv2.getTextSize(t, font, scale, 1)[0][0] for t in lines) + 16
+        box = image[4 : 10 + 20 * len(lines), 4 : 4 + width]
+        box[:] = (box * 0.4).astype(np.uint8)
+        for i, text in enumerate(lines):
+            cv2.putText(image, text, (12, 22 + 20 * i), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if notice:
+        h, w = image.shape[:2]
+        text = notice.replace("_", " ").upper()
+        (tw, th), _ = cv2.getTextSize(text, font, 0.9, 2)
+        x, y = (w - tw) // 2, h - 20
+        region = image[max(0, y - th - 8) : y + 8, max(0, x - 8) : x + tw + 8]
+        region[:] = (region * 0.4).astype(np.uint8)
+        cv2.putText(image, text, (x, y), font, 0.9, (60, 60, 255), 2, cv2.LINE_AA)
+
+
+class Recorder:
+    """H.264 mp4 writer (PyAV) timed by media timestamps; audio muxed back from the source at close."""
+
+    def __init__(self, path: Path, audio_source: Path | None = None, fps: float = 30.0) -> None:
+        import av
+
+        self.path = path
+        self.audio_source = audio_source
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._video_tmp = path.with_name(f".{path.stem}.video.tmp{path.suffix}")
+        self._container = av.open(str(self._video_tmp), mode="w")
+        self._fps = fps
+        self._stream: Any = None
+        self._last_pts = -1
+        self._offset = 0.0  # added after a --loop wrap so time keeps going forward
+        self._last_t: float | None = None
+        self.frames = 0
+
+    def write(self, bgr: np.ndarray, t_seconds: float) -> None:
+        import av
+
+        if self._stream is None:
+            h, w = bgr.shape[:2]
+            self._stream = self._container.add_stream("libx264", rate=round(self._fps))
+            self._stream.width, self._stream.height = w - w % 2, h - h % 2
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.time_base = TIME_BASE
+            self._stream.codec_context.time_base = TIME_BASE
+            self._stream.options = {"preset": "veryfast", "crf": "23"}
+        if self._last_t is not None and t_seconds + self._offset < self._last_t:
+            self._offset = self._last_t + 1.0 / self._fps - t_seconds  # the replay looped
+        t = t_seconds + self._offset
+        pts = int(round(t / TIME_BASE))
+        if pts <= self._last_pts:
+            return  # duplicate timestamp: keep the stream strictly increasing
+        self._last_t, self._last_pts = t, pts
+        h, w = self._stream.height, self._stream.width
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(bgr[:h, :w]), format="bgr24")
+        frame.pts, frame.time_base = pts, TIME_BASE
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> Path | None:
+        """Finish the file; returns its path (None when nothing was recorded)."""
+        if self._stream is not None:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+        self._container.close()
+        if self.frames == 0:
+            self._video_tmp.unlink(missing_ok=True)
+            return None
+        if self.audio_source is not None:
+            try:
+                _mux_audio(self._video_tmp, self.audio_source, self.path, self._last_t or 0.0)
+                self._video_tmp.unlink(missing_ok=True)
+                return self.path
+            except Exception as err:  # noqa: BLE001 - keep the video even if the audio cannot be added
+                log.warning("could not mux audio from %s (%s); writing video only", self.audio_source, err)
+        os.replace(self._video_tmp, self.path)
+        return self.path
+
+
+def _mux_audio(video_path: Path, audio_source: Path, out_path: Path, duration_s: float) -> None:
+    """Copy the recorded video and re-encode the source's first audio track (AAC) into ``out_path``."""
+    import av
+
+    tmp = out_path.with_name(f".{out_path.stem}.mux.tmp{out_path.suffix}")
+    try:
+        with av.open(str(video_path)) as vin, av.open(str(audio_source)) as ain, \
+                av.open(str(tmp), mode="w") as out:
+            if not ain.streams.audio:
+                raise ValueError("no audio track")
+            vstream = out.add_stream_from_template(vin.streams.video[0])
+            src_audio = ain.streams.audio[0]
+            rate = int(src_audio.codec_context.sample_rate or 48000)
+            layout = "stereo" if (src_audio.codec_context.channels or 1) >= 2 else "mono"
+            astream = out.add_stream("aac", rate=rate, layout=layout)
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+            for packet in vin.demux(vin.streams.video[0]):
+                if packet.dts is None:
+                    continue
+                packet.stream = vstream
+                out.mux(packet)
+            limit = int(round(duration_s * rate)) + rate // 10
+            written = 0
+            for frame in ain.decode(src_audio):
+                frame.pts = None
+                for chunk in resampler.resample(frame):
+                    if written >= limit:
+                        break
+                    written += chunk.samples
+                    for packet in astream.encode(chunk):
+                        out.mux(packet)
+            for packet in astream.encode(None):
+                out.mux(packet)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class HeatmapView:
+    seq: int
+    unit: np.ndarray | None  # [h, w] float32 in [0, 1]; None when suppressed
+    peak: tuple[float, float] | None
+    notice: str | None
+    confidence: float
+
+
+class Display:
+    """Matching, drawing, recording and the latency log; sockets live in :meth:`run`."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.alpha = float(args.alpha)
+        self.colormap_name = args.colormap
+        self.frames: dict[str, deque[tuple[protocol.Message, float]]] = {}
+        self.heatmaps: dict[str, HeatmapView] = {}
+        self.latencies: deque[float] = deque(maxlen=200)
+        self.heatmap_times: deque[float] = deque(maxlen=240)
+        self.drops = 0
+        self.frame_gaps = 0
+        self._last_frame_seq: dict[str, int] = {}
+        self.record_stream: str | None = args.record_stream
+        self.recorder = Recorder(Path(args.record), Path(args.audio_source) if args.audio_source else None,
+                                 fps=args.fps) if args.record else None
+        self.recorded_upto = -1
+        self.snapshots = 0
+        self.rejects = protocol.RejectCounter("display", logger=log)
+        self._log_file = open(args.latency_log, "a", encoding="utf-8") if args.latency_log else None  # noqa: SIM115
+        self.heatmaps_received = 0
+
+    # --- state --------------------------------------------------------------------------------------
+    def on_frame(self, msg: protocol.Message) -> None:
+        if msg.kind != "frame" or "frame" not in msg.arrays:
+            return  # control messages on the frames socket are for the inference worker / launcher
+        buf = self.frames.setdefault(msg.stream, deque(maxlen=FRAME_BUFFER))
+        if buf and msg.seq < buf[-1][0].seq:  # a restarted or looping source: sequence starts over
+            self._flush_record(msg.stream, everything=True)
+            buf.clear()
+            self.recorded_upto = -1
+        last = self._last_frame_seq.get(msg.stream)
+        if last is not None and msg.seq > last + 1:
+            self.frame_gaps += msg.seq - last - 1
+        self._last_frame_seq[msg.stream] = msg.seq
+        buf.append((msg, protocol.now()))
+        if self.record_stream is None:
+            self.record_stream = msg.stream
+
+    def on_heatmap(self, msg: protocol.Message) -> HeatmapView | None:
+        if msg.kind != "heatmap":
+            return None
+        arr = msg.arrays.get("heatmap")
+        peak = msg.meta.get("peak")
+        view = HeatmapView(
+            seq=msg.seq,
+            unit=heatmap_to_unit(arr) if arr is not None and arr.ndim == 2 and arr.size else None,
+            peak=tuple(peak) if isinstance(peak, list) and len(peak) == 2 else None,  # type: ignore[arg-type]
+            notice=msg.meta.get("notice"),
+            confidence=float(msg.meta.get("confidence") or 0.0),
+        )
+        self.heatmaps[msg.stream] = view
+        self.drops = int(msg.meta.get("drops") or 0)
+        self.heatmaps_received += 1
+        t = protocol.now()
+        self.heatmap_times.append(t)
+        if "capture" in msg.ts:
+            self.latencies.append(t - msg.ts["capture"])
+        return view
+
+    def log_latency(self, msg: protocol.Message, display_ts: float) -> None:
+        if self._log_file is None:
+            return
+        record = {
+            "stream": msg.stream, "seq": msg.seq, "ts": {**msg.ts, "display": display_ts},
+            **{k: msg.meta.get(k) for k in ("peak", "confidence", "notice", "pts", "audio_ms", "batch", "drops")},
+        }
+        self._log_file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def hud_lines(self) -> list[str]:
+        t = protocol.now()
+        recent = [x for x in self.heatmap_times if t - x <= 2.0]
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        p50 = float(np.median(self.latencies)) * 1000 if self.latencies else float("nan")
+        return [f"heatmaps {fps:4.1f} fps", f"e2e p50 {p50:5.1f} ms",
+                f"drops {self.drops + self.frame_gaps}", f"alpha {self.alpha:.2f} ({self.colormap_name})"]
+
+    def compose(self, stream: str, frame_msg: protocol.Message, view: HeatmapView | None) -> np.ndarray:
+        bgr = np.array(frame_msg.arrays["frame"])  # writable copy of the received buffer
+        notice = None
+        if view is not None and view.unit is not None:
+            bgr = overlay(bgr, view.unit, self.alpha, COLORMAPS[self.colormap_name], view.peak)
+        elif view is not None:
+            notice = view.notice
+        draw_hud(bgr, [stream, *self.hud_lines()], notice)
+        return bgr
+
+    def _frame_time(self, msg: protocol.Message) -> float:
+        pts = msg.meta.get("pts")
+        return float(pts) if isinstance(pts, int | float) else float(msg.ts.get("capture", 0.0))
+
+    def _flush_record(self, stream: str, everything: bool = False) -> None:
+        """Record buffered frames whose heatmap arrived (or that waited long enough), in order."""
+        if self.recorder is None or stream != self.record_stream:
+            return
+        view = self.heatmaps.get(stream)
+        t = protocol.now()
+        for msg, received in self.frames.get(stream, ()):
+            if msg.seq <= self.recorded_upto:
+                continue
+            ready = view is not None and view.seq >= msg.seq
+            if not (ready or everything or t - received > RECORD_WAIT_S):
+                break
+            bgr = self.compose(stream, msg, view)
+            self.recorder.write(bgr, self._frame_time(msg))
+            self.recorded_upto = msg.seq
+            if self.args.snapshot_every and self.recorder.frames % self.args.snapshot_every == 0:
+                self._snapshot(bgr, msg.seq)
+
+    def _snapshot(self, bgr: np.ndarray, seq: int) -> None:
+        folder = Path(self.args.snapshot_dir or Path(self.args.record).with_suffix("")) if self.args.record \
+            else Path(self.args.snapshot_dir or "snapshots")
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"frame_{seq:06d}.png"), bgr)
+        self.snapshots += 1
+
+    def _frame_for(self, stream: str, seq: int) -> protocol.Message | None:
+        for msg, _ in reversed(self.frames.get(stream, ())):
+            if msg.seq == seq:
+                return msg
+            if msg.seq < seq:
+                break
+        return None
+
+    # --- loop ---------------------------------------------------------------------------------------
+    def run(self, stop: Any) -> None:
+        args = self.args
+        ctx = zmq.Context.instance()
+        heartbeat = Heartbeat(ctx, args.heartbeat, role="display", stream="display")
+        frames = protocol.make_socket(ctx, zmq.SUB, args.frames, bind=False, hwm=32)
+        heatmaps = protocol.make_socket(ctx, zmq.SUB, args.heatmaps, bind=False, hwm=64)
+        poller = zmq.Poller()
+        poller.register(frames, zmq.POLLIN)
+        poller.register(heatmaps, zmq.POLLIN)
+        window = None if args.headless else "avloc"
+        if window:
+            cv2.namedWindow(window, cv2.WINDOW_NORMAL)
+        try:
+            while not stop.is_set():
+                heartbeat.maybe_send(self.stats())
+                events = dict(poller.poll(10))
+                if frames in events:
+                    for msg in protocol.drain_latest(frames, rejects=self.rejects):
+                        self.on_frame(msg)
+                shown: list[tuple[str, np.ndarray]] = []
+                if heatmaps in events:
+                    for msg in protocol.drain_latest(heatmaps, rejects=self.rejects):
+                        view = self.on_heatmap(msg)
+                        if view is None:
+                            continue
+                        if window:
+                            frame_msg = self._frame_for(msg.stream, msg.seq)
+                            if frame_msg is not None:
+                                shown.append((msg.stream, self.compose(msg.stream, frame_msg, view)))
+                        self.log_latency(msg, protocol.now())
+                for stream in list(self.frames):
+                    self._flush_record(stream)
+                if window:
+                    for stream, image in shown[-len(self.frames) or None:]:
+                        cv2.imshow(window if len(self.frames) == 1 else f"{window} {stream}", image)
+                    key = cv2.waitKey(1) & 0xFF
+                    if key in (ord("q"), 27):
+                        log.info("quit key pressed")
+                        break
+                    self._on_key(key)
+        finally:
+            for stream in list(self.frames):
+                self._flush_record(stream, everything=True)
+            if self.recorder is not None:
+                path = self.recorder.close()
+                log.info("recorded %d frames to %s", self.recorder.frames, path)
+            if self._log_file is not None:
+                self._log_file.close()
+            heartbeat.maybe_send(self.stats(), force=True)
+            frames.close(0)
+            heatmaps.close(0)
+            heartbeat.close()
+            if window:
+                cv2.destroyAllWindows()
+
+    def _on_key(self, key: int) -> None:
+        if key in (ord("+"), ord("=")):
+            self.alpha = min(1.0, self.alpha + 0.05)
+        elif key in (ord("-"), ord("_")):
+            self.alpha = max(0.0, self.alpha - 0.05)
+        elif key == ord("c"):
+            names = list(COLORMAPS)
+            self.colormap_name = names[(names.index(self.colormap_name) + 1) % len(names)]
+
+    def stats(self) -> dict[str, Any]:
+        return {"heatmaps": self.heatmaps_received, "recorded": self.recorder.frames if self.recorder else 0,
+                "drops": self.drops, "frame_gaps": self.frame_gaps, "rejects": self.rejects.as_dict(),
+                "snapshots": self.snapshots}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", action="append", default=None, metavar="ENDPOINT",
+                        help="frame publisher(s) to show (repeatable)")
+    parser.add_argument("--heatmaps", default=protocol.DEFAULT_ENDPOINTS["heatmaps"], metavar="ENDPOINT")
+    parser.add_argument("--headless", action="store_true", help="no window (record and/or log only)")
+    parser.add_argument("--record", default=None, metavar="OUT.mp4", help="write the overlaid video here")
+    parser.add_argument("--record-stream", default=None, help="stream to record (default: the first seen)")
+    parser.add_argument("--audio-source", default=None, metavar="VIDEO",
+                        help="mux this file's audio track into the recording (replay)")
+    parser.add_argument("--fps", type=float, default=30.0, help="nominal frame rate of the recording")
+    parser.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (0..1; +/- keys)")
+    parser.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS))
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                        help="save every N-th recorded frame as PNG")
+    parser.add_argument("--snapshot-dir", default=None, help="folder for PNG snapshots (default: next to --record)")
+    parser.add_argument("--latency-log", default=None, metavar="FILE.jsonl",
+                        help="append one JSON line of timestamps per heatmap")
+    add_common_arguments(parser, role="display")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.display", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.frames = args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]]
+    setup_logging("display", args.log_file, args.verbose)
+    stop = install_stop_handlers()
+    Display(args).run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,487 @@
+"""Launcher: starts the pipeline's processes, watches their heartbeats, restarts crashed ones, stops them all.
+
+Every worker is its own OS process, ``python -m avloc.stream.<worker> ...`` (sockets are created inside the
+worker, never inherited). The launcher binds the heartbeat SUB socket every worker connects to and
+supervises:
+
+- a worker that exits with an error or stops sending heartbeats (after a start-up grace period for imports
+  and engine loading) is killed (SIGKILL) and restarted with back-off; for the inference worker, the gap
+  between its last heatmap before the crash and the first after the restart is logged and put in the
+  summary;
+- a finite source (a replayed file) that ends — its ``end`` control message or its clean exit — stops the
+  pipeline: sources first, then the inference worker, then the display (which finishes its recording);
+- Ctrl-C / SIGTERM stop everything the same way. Children run in their own session (the launcher
+  orchestrates the order) and get ``PR_SET_PDEATHSIG`` = SIGTERM, so they also stop if the launcher itself
+  is SIGKILLed: no orphans.
+
+One log file per process (``RUN_DIR/<name>.log``, plus ``<name>.out`` for anything written to stdout/stderr)
+and ``RUN_DIR/summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from avloc.core.config import from_dict, load_yaml
+from avloc.core.errors import UserError
+from avloc.stream import protocol
+
+log = logging.getLogger(__name__)
+
+CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "stream.yaml"
+_PR_SET_PDEATHSIG = 1
+# Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
+STOP_ORDER = ("source", "inference", "display")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Defaults of the streaming pipeline (configs/stream.yaml)."""
+
+    frames_endpoint: str = protocol.DEFAULT_ENDPOINTS["frames"]
+    audio_endpoint: str = protocol.DEFAULT_ENDPOINTS["audio"]
+    heatmaps_endpoint: str = protocol.DEFAULT_ENDPOINTS["heatmaps"]
+    heartbeats_endpoint: str = protocol.DEFAULT_ENDPOINTS["heartbeats"]
+    heartbeat_timeout_s: float = 5.0
+    startup_grace_s: float = 60.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    max_restarts: int = 5
+    drain_s: float = 1.5  # after a source ends: time for the last frames to reach the display
+    stop_timeout_s: float = 10.0
+    display_stop_timeout_s: float = 60.0  # finishing a recording (encoder flush + audio mux)
+    audio_hop_s: float = 0.1
+    inference_threads: int = 0  # 0: the engine backend's default
+    heatmap_dtype: str = "float16"
+    max_audio_age_s: float = 1.5
+    alpha: float = 0.45
+    colormap: str = "jet"
+
+
+def load_stream_config(path: Path | None = None) -> StreamConfig:
+    path = path or CONFIG_PATH
+    if not path.is_file():
+        return StreamConfig()
+    return from_dict(StreamConfig, load_yaml(path), str(path))
+
+
+def free_tcp_endpoint() -> str:
+    """A loopback TCP endpoint on a port the OS just reported free (for tests and parallel runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@dataclass
+class ProcessSpec:
+    """How to start one worker: ``python -m MODULE ARGS``; ``role`` decides stop order and end handling."""
+
+    name: str
+    module: str
+    args: list[str]
+    role: str = "source"  # "source" | "inference" | "display"
+    finite: bool = False  # a clean exit means "the input ended" (replay), not a crash
+    restart: bool = True
+    after: tuple[str, ...] = ()  # start once these processes report ready (e.g. the engine is loaded)
+
+
+@dataclass
+class Child:
+    spec: ProcessSpec
+    popen: subprocess.Popen | None = None
+    started: float = 0.0
+    last_heartbeat: float | None = None
+    last_stats: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    exit_code: int | None = None
+    done: bool = False  # finished for good (ended or gave up); not restarted
+    restart_at: float | None = None
+    ready: bool = False  # sent a heartbeat that is not "loading"
+
+
+def _libc_prctl() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.prctl
+    except OSError:  # not Linux: rely on the session + explicit shutdown only
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _child_preexec(parent_pid: int) -> Any:
+    def setup() -> None:
+        # Runs in the forked child before exec: die (gracefully) when the launcher dies, even by SIGKILL.
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the launcher died between fork and prctl
+            os._exit(1)
+
+    return setup
+
+
+class Launcher:
+    """Start, supervise and stop a set of worker processes."""
+
+    def __init__(
+        self,
+        specs: list[ProcessSpec],
+        run_dir: Path,
+        *,
+        config: StreamConfig | None = None,
+        heartbeat_endpoint: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"process names must be unique: {names}")
+        self.config = config or StreamConfig()
+        self.children = {s.name: Child(s) for s in specs}
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_endpoint = heartbeat_endpoint or self.config.heartbeats_endpoint
+        self.verbose = verbose
+        self.events: list[dict[str, Any]] = []
+        self.gaps: list[dict[str, Any]] = []
+        self._pending_gap: dict[str, float | None] = {}
+        self._ended_sources: set[str] = set()
+        self.started_at = time.time()
+        self.stop_reason = ""
+        self.stop_event = threading.Event()
+        self._ctx: zmq.Context | None = None
+        self._sub: zmq.Socket | None = None
+
+    # --- processes ----------------------------------------------------------------------------------
+    def _start(self, child: Child) -> None:
+        spec = child.spec
+        cmd = [sys.executable, "-m", spec.module, *spec.args, "--heartbeat", self.heartbeat_endpoint,
+               "--log-file", str(self.run_dir / f"{spec.name}.log")]
+        if self.verbose:
+            cmd.append("--verbose")
+        out = open(self.run_dir / f"{spec.name}.out", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            child.popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_child_preexec(os.getpid()), close_fds=True,
+            )
+        finally:
+            out.close()
+        child.started = time.monotonic()
+        child.ready = False
+        child.last_heartbeat = None
+        child.exit_code = None
+        child.restart_at = None
+        log.info("started %s (pid %d): %s", spec.name, child.popen.pid, " ".join(cmd[2:]))
+        self._event("start", spec.name, pid=child.popen.pid)
+
+    def _event(self, kind: str, name: str, **info: Any) -> None:
+        self.events.append({"t": round(time.time() - self.started_at, 3), "event": kind, "process": name, **info})
+
+    def pids(self) -> dict[str, int]:
+        return {n: c.popen.pid for n, c in self.children.items() if c.popen is not None and c.popen.poll() is None}
+
+    def start(self) -> None:
+        self._ctx = zmq.Context()
+        self._sub = protocol.make_socket(self._ctx, zmq.SUB, self.heartbeat_endpoint, bind=True, hwm=1000)
+        self._start_time = time.monotonic()
+        # Consumers first so the first frames find their subscribers connected; processes with ``after``
+        # (the sources) wait until those are ready, so a replay never plays into an engine still loading.
+        for role in ("display", "inference", "source"):
+            for child in self.children.values():
+                if child.spec.role == role and not child.spec.after:
+                    self._start(child)
+
+    def _start_waiting(self) -> None:
+        for child in self.children.values():
+            if child.popen is not None or child.done:
+                continue
+            deps = [self.children[n] for n in child.spec.after if n in self.children]
+            if all(d.ready or d.done for d in deps):
+                self._start(child)
+            elif time.monotonic() - self._start_time > self.config.startup_grace_s:
+                log.warning("%s: %s not ready after %.0f s; starting anyway", child.spec.name,
+                            [d.spec.name for d in deps if not d.ready], self.config.startup_grace_s)
+                self._start(child)
+
+    # --- supervision --------------------------------------------------------------------------------
+    def _read_heartbeats(self) -> None:
+        assert self._sub is not None
+        by_pid = {c.popen.pid: c for c in self.children.values() if c.popen is not None}
+        while True:
+            try:
+                msg = protocol.recv(self._sub, timeout_ms=0)
+            except protocol.ProtocolError as err:
+                log.warning("heartbeat socket: rejected message (%s)", err)
+                continue
+            if msg is None:
+                return
+            child = by_pid.get(msg.meta.get("pid"))  # type: ignore[arg-type]
+            if child is None:
+                continue
+            child.last_heartbeat = time.monotonic()
+            if msg.kind == "heartbeat":
+                stats = msg.meta.get("stats")
+                child.last_stats = stats if isinstance(stats, dict) else {}
+                if child.last_stats.get("state") != "loading" and not child.ready:
+                    child.ready = True
+                    log.info("%s ready (pid %d)", child.spec.name, child.popen.pid)  # type: ignore[union-attr]
+                self._check_gap(child)
+            elif msg.kind == "control" and msg.meta.get("command") == protocol.CONTROL_END:
+                if child.spec.finite and child.spec.name not in self._ended_sources:
+                    log.info("%s: input ended", child.spec.name)
+                    self._ended_sources.add(child.spec.name)
+                    self._event("end", child.spec.name)
+
+    def _check_gap(self, child: Child) -> None:
+        name = child.spec.name
+        if name not in self._pending_gap:
+            return
+        first = child.last_stats.get("first_publish")
+        if isinstance(first, int | float):
+            last = self._pending_gap.pop(name)
+            gap = float(first) - last if last is not None else None
+            log.warning("%s: heatmaps resumed%s", name, f" after a {gap:.2f} s gap" if gap is not None else "")
+            entry = {"process": name, "gap_s": round(gap, 3) if gap is not None else None,
+                     "resumed_t": round(time.time() - self.started_at, 3)}
+            self.gaps.append(entry)
+            self._event("resumed", name, gap_s=entry["gap_s"])
+
+    def _on_exit(self, child: Child, code: int, why: str) -> None:
+        spec = child.spec
+        child.exit_code = code
+        if spec.finite and (code == 0 or spec.name in self._ended_sources):
+            child.done = True
+            self._ended_sources.add(spec.name)
+            log.info("%s finished (exit %d)", spec.name, code)
+            self._event("finished", spec.name, exit_code=code)
+            return
+        log.error("%s %s (exit code %s)", spec.name, why, code)
+        self._event("crash", spec.name, exit_code=code, why=why)
+        if spec.role == "inference":
+            last = child.last_stats.get("last_publish")
+            self._pending_gap[spec.name] = float(last) if isinstance(last, int | float) else None
+        if not spec.restart or child.restarts >= self.config.max_restarts:
+            child.done = True
+            log.error("%s: not restarting (%d restarts so far)", spec.name, child.restarts)
+            return
+        backoff = min(self.config.restart_backoff_s * 2 ** child.restarts, self.config.restart_backoff_max_s)
+        child.restart_at = time.monotonic() + backoff
+        log.info("%s: restarting in %.1f s", spec.name, backoff)
+
+    def poll(self) -> None:
+        """One supervision step: heartbeats, exits, silent workers, due restarts."""
+        self._read_heartbeats()
+        self._start_waiting()
+        t = time.monotonic()
+        for child in self.children.values():
+            if child.done or child.popen is None:
+                continue
+            if child.restart_at is not None:
+                if t >= child.restart_at:
+                    child.restarts += 1
+                    self._event("restart", child.spec.name, restarts=child.restarts)
+                    self._start(child)
+                continue
+            code = child.popen.poll()
+            if code is not None:
+                self._on_exit(child, code, "exited" if code >= 0 else f"killed by signal {-code}")
+                continue
+            silent_since = child.last_heartbeat if child.last_heartbeat is not None else None
+            if silent_since is None:
+                hung = t - child.started > self.config.startup_grace_s
+            else:
+                hung = t - silent_since > self.config.heartbeat_timeout_s
+            if hung:
+                log.error("%s: no heartbeat for too long; killing it", child.spec.name)
+                child.popen.kill()
+                child.popen.wait()
+                self._on_exit(child, child.popen.returncode, "stopped sending heartbeats")
+
+    def finished(self) -> bool:
+        """True when every finite source has ended (and there is at least one), or nothing is left alive."""
+        finite = [c for c in self.children.values() if c.spec.finite]
+        if finite and all(c.spec.name in self._ended_sources for c in finite):
+            return True
+        return all(c.done for c in self.children.values())
+
+    def supervise(self, timeout_s: float | None = None) -> str:
+        """Run until the sources end, ``stop_event`` is set (signal) or ``timeout_s`` passes; returns why."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self.stop_event.is_set():
+                return "stopped"
+            if self.finished():
+                crashed = [c.spec.name for c in self.children.values() if c.done and not c.spec.finite]
+                return "failed: " + ", ".join(crashed) if crashed and not self._ended_sources else "ended"
+            if deadline is not None and time.monotonic() >= deadline:
+                return "timeout"
+            self.poll()
+            time.sleep(0.05)
+
+    # --- shutdown -----------------------------------------------------------------------------------
+    def shutdown(self, reason: str) -> dict[str, Any]:
+        """Stop every process in order (SIGTERM, then SIGKILL after a timeout) and write the summary."""
+        self.stop_reason = reason
+        if reason == "ended":
+            # Let the last frames travel through inference to the display before stopping them.
+            end = time.monotonic() + self.config.drain_s
+            while time.monotonic() < end:
+                self._read_heartbeats()
+                time.sleep(0.05)
+        for role in STOP_ORDER:
+            group = [c for c in self.children.values() if c.spec.role == role]
+            timeout = self.config.display_stop_timeout_s if role == "display" else self.config.stop_timeout_s
+            for child in group:
+                if child.popen is not None and child.popen.poll() is None:
+                    child.popen.send_signal(signal.SIGTERM)
+            for child in group:
+                self._wait_or_kill(child, timeout)
+            self._read_heartbeats()
+        if self._sub is not None:
+            self._sub.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        summary = self.summary()
+        path = self.run_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+        log.info("pipeline stopped (%s); summary in %s", reason, path)
+        return summary
+
+    def _wait_or_kill(self, child: Child, timeout: float) -> None:
+        if child.popen is None:
+            return
+        try:
+            child.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", child.spec.name, timeout)
+            child.popen.kill()
+            child.popen.wait()
+        if child.exit_code is None or child.popen.returncode is not None:
+            child.exit_code = child.popen.returncode
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "reason": self.stop_reason,
+            "run_dir": str(self.run_dir),
+            "wall_s": round(time.time() - self.started_at, 3),
+            "processes": {
+                name: {"module": c.spec.module, "restarts": c.restarts, "exit_code": c.exit_code,
+                       "stats": c.last_stats, "log": str(self.run_dir / f"{name}.log")}
+                for name, c in self.children.items()
+            },
+            "heatmap_gaps": self.gaps,
+            "events": self.events,
+        }
+
+    def run(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """start + supervise + shutdown, with SIGINT/SIGTERM stopping the pipeline cleanly."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: self.stop_event.set())
+        reason = "error"
+        try:
+            self.start()
+            reason = self.supervise(timeout_s)
+        finally:
+            summary = self.shutdown(reason)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return summary
+
+
+def check_endpoint(value: str, what: str) -> str:
+    if not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise UserError(f"{what} endpoint {value!r}: expected tcp://HOST:PORT or ipc:///path")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+
+
+@dataclass
+class Endpoints:
+    """Where each stream lives; ``auto()`` picks free loopback ports so runs (and tests) never collide."""
+
+    frames: list[str]
+    audio: list[str]
+    heatmaps: str
+    heartbeats: str
+
+    @classmethod
+    def defaults(cls, config: StreamConfig, streams: int = 1) -> Endpoints:
+        if streams == 1:
+            return cls([config.frames_endpoint], [config.audio_endpoint], config.heatmaps_endpoint,
+                       config.heartbeats_endpoint)
+        auto = cls.auto(streams)
+        return cls(auto.frames, auto.audio, config.heatmaps_endpoint, config.heartbeats_endpoint)
+
+    @classmethod
+    def auto(cls, streams: int = 1) -> Endpoints:
+        return cls([free_tcp_endpoint() for _ in range(streams)], [free_tcp_endpoint() for _ in range(streams)],
+                   free_tcp_endpoint(), free_tcp_endpoint())
+
+
+def inference_spec(engine: Path, backend: str, endpoints: Endpoints, config: StreamConfig,
+                   threads: int | None = None, extra: list[str] | None = None) -> ProcessSpec:
+    args = ["--engine", str(engine), "--backend", backend, "--heatmaps", endpoints.heatmaps,
+            "--heatmap-dtype", config.heatmap_dtype, "--max-audio-age", str(config.max_audio_age_s)]
+    for ep in endpoints.frames:
+        args += ["--frames", ep]
+    for ep in endpoints.audio:
+        args += ["--audio", ep]
+    threads = threads or config.inference_threads or None
+    if threads:
+        args += ["--threads", str(threads)]
+    return ProcessSpec("inference", "avloc.stream.inference", args + list(extra or []), role="inference")
+
+
+def display_spec(endpoints: Endpoints, config: StreamConfig, *, headless: bool, record: Path | None = None,
+                 audio_source: Path | None = None, latency_log: Path | None = None, snapshot_every: int = 0,
+                 fps: float = 30.0, alpha: float | None = None, colormap: str | None = None) -> ProcessSpec:
+    args = ["--heatmaps", endpoints.heatmaps, "--alpha", str(config.alpha if alpha is None else alpha),
+            "--colormap", colormap or config.colormap, "--fps", str(fps)]
+    for ep in endpoints.frames:
+        args += ["--frames", ep]
+    if headless:
+        args.append("--headless")
+    if record is not None:
+        args += ["--record", str(record)]
+    if audio_source is not None:
+        args += ["--audio-source", str(audio_source)]
+    if latency_log is not None:
+        args += ["--latency-log", str(latency_log)]
+    if snapshot_every:
+        args += ["--snapshot-every", str(snapshot_every)]
+    return ProcessSpec("display", "avloc.stream.display", args, role="display")
+
+
+def replay_specs(video: Path, engine: Path, endpoints: Endpoints, config: StreamConfig, *, speed: str = "1.0",
+                 loop: bool = False) -> list[ProcessSpec]:
+    """One replay worker per stream (several streams replay the same file under different ids)."""
+    specs = []
+    for i, (frames_ep, audio_ep) in enumerate(zip(endpoints.frames, endpoints.audio)):
+        args = [str(video), "--frames", frames_ep, "--audio", audio_ep, "--stream-id", f"cam{i}",
+                "--speed", str(speed), "--hop", str(config.audio_hop_s), "--frontend", str(engine),
+                "--wait-subscribers", "1", "--wait-timeout", "10"]
+        if loop:
+            args.append("--loop")
+        specs.append(ProcessSpec(f"replay{i}" if len(endpoints.frames) > 1 else "replay", "avloc.stream.replay",
+                                 args, role="source", finite=not loop, after=("inference", "display")))
+    return specs

@@ -1,0 +1,358 @@
+"""The one wire protocol between avloc processes (see docs/protocol.md).
+
+A message is a ZeroMQ multipart ``[header_json_utf8, payload_0, payload_1, ...]``. The header is a small JSON
+object (version, kind, stream id, sequence number, monotonic timestamps, one ``{"name","dtype","shape"}``
+entry per payload frame, free ``meta``); each payload is the raw little-endian buffer of one numpy array,
+sent zero-copy and rebuilt with ``np.frombuffer``. Nothing is ever unpickled: every received message is
+validated against the header before any array is built, and anything malformed raises ``ProtocolError``
+with a short ``reason`` that callers count in a ``RejectCounter`` (a bad message never kills a process).
+
+This module imports only zmq, numpy and the standard library, so a third party can vendor it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+PROTOCOL_VERSION = 1
+KINDS = ("frame", "audio", "heatmap", "heartbeat", "control")
+# Little-endian on the wire on any host; plain numeric dtypes only (no object/void: nothing to unpickle).
+ALLOWED_DTYPES = frozenset(
+    {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
+     "float64"}
+)
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAYS = 16
+MAX_NDIM = 8
+MAX_STREAM_ID_CHARS = 128
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+DEFAULT_HWM = 4  # real-time streams: a few messages of slack, then drop rather than queue stale data
+
+# Default endpoints (loopback only). Publishers bind, consumers connect; every one is configurable and
+# ipc:// endpoints work too. See docs/protocol.md for who publishes what.
+DEFAULT_ENDPOINTS = {
+    "frames": "tcp://127.0.0.1:5550",      # PUB by the camera / replay worker: kind "frame" (+ "control")
+    "audio": "tcp://127.0.0.1:5551",       # PUB by the microphone / replay worker: kind "audio"
+    "heatmaps": "tcp://127.0.0.1:5552",    # PUB by the inference worker: kind "heatmap"
+    "heartbeats": "tcp://127.0.0.1:5553",  # SUB bound by the launcher; workers connect a PUB to it
+}
+
+# Control commands carried in meta["command"] of kind "control".
+CONTROL_END = "end"          # a finite source (replay) reached its end
+CONTROL_NOTICE = "notice"    # meta["notice"], e.g. "no_audio"
+NOTICE_NO_AUDIO = "no_audio"
+
+log = logging.getLogger(__name__)
+
+
+class ProtocolError(ValueError):
+    """A received message broke the protocol. ``reason`` is a short stable key used for counting."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass
+class Message:
+    """A validated message. Arrays are read-only views on the received buffers (zero-copy)."""
+
+    kind: str
+    stream: str
+    seq: int
+    ts: dict[str, float]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0  # total payload bytes on the wire, header included
+
+
+def now() -> float:
+    """The host-wide clock every timestamp uses (CLOCK_MONOTONIC, shared by all processes on a host)."""
+    return time.monotonic()
+
+
+def _finite_json(value: str) -> Any:
+    raise ValueError(f"non-finite number {value} in header")
+
+
+def encode(
+    kind: str,
+    *,
+    stream: str,
+    seq: int,
+    ts: dict[str, float],
+    arrays: dict[str, np.ndarray] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> list[Any]:
+    """Build the multipart frames of one message: header bytes followed by one buffer per array."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
+    descriptors = []
+    buffers: list[Any] = []
+    for name, array in (arrays or {}).items():
+        array = np.asarray(array)
+        if array.dtype.name not in ALLOWED_DTYPES:
+            raise ValueError(f"array {name!r} has dtype {array.dtype}; allowed: {sorted(ALLOWED_DTYPES)}")
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        shape = list(array.shape)
+        # A C-contiguous array is sent from its own memory; anything else is copied once here.
+        descriptors.append({"name": name, "dtype": array.dtype.name, "shape": shape})
+        buffers.append(np.ascontiguousarray(array))
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": kind,
+        "stream": str(stream),
+        "seq": int(seq),
+        "ts": {str(k): float(v) for k, v in ts.items()},
+        "arrays": descriptors,
+        "meta": meta or {},
+    }
+    encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(encoded) > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {len(encoded)} bytes; at most {MAX_HEADER_BYTES} (keep meta small)")
+    return [encoded, *buffers]
+
+
+def send(
+    socket: zmq.Socket,
+    kind: str,
+    *,
+    stream: str,
+    seq: int,
+    ts: dict[str, float],
+    arrays: dict[str, np.ndarray] | None = None,
+    meta: dict[str, Any] | None = None,
+    copy: bool = False,
+    block: bool = False,
+) -> bool:
+    """Send one message; returns False when it was dropped because the peer's queue is full.
+
+    ``copy=False`` hands the array memory to libzmq without copying (pyzmq still copies buffers below its
+    ``copy_threshold``, where that is cheaper). The caller must not modify an array until it is sent; the
+    workers always publish a fresh array per message. PUB sockets never block; PUSH sockets block only
+    when ``block`` is set (and then up to the socket's SNDTIMEO).
+    """
+    frames = encode(kind, stream=stream, seq=seq, ts=ts, arrays=arrays, meta=meta)
+    try:
+        socket.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=copy)
+    except zmq.Again:
+        return False
+    return True
+
+
+def _check_header(header: Any) -> None:
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", "header is not a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("bad_version", f"version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    if header.get("kind") not in KINDS:
+        raise ProtocolError("bad_kind", f"kind {header.get('kind')!r}")
+    stream = header.get("stream")
+    if not isinstance(stream, str) or len(stream) > MAX_STREAM_ID_CHARS:
+        raise ProtocolError("bad_header", "stream must be a string of at most 128 characters")
+    seq = header.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ProtocolError("bad_header", f"seq {seq!r} is not a non-negative integer")
+    ts = header.get("ts")
+    if not isinstance(ts, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in ts.values()
+    ):
+        raise ProtocolError("bad_header", "ts must map names to finite numbers")
+    if not isinstance(header.get("meta", {}), dict):
+        raise ProtocolError("bad_header", "meta must be an object")
+    arrays = header.get("arrays")
+    if not isinstance(arrays, list):
+        raise ProtocolError("bad_header", "arrays must be a list")
+    if len(arrays) > MAX_ARRAYS:
+        raise ProtocolError("too_many_frames", f"{len(arrays)} arrays, at most {MAX_ARRAYS}")
+
+
+def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+    if not isinstance(entry, dict):
+        raise ProtocolError("bad_array", "array descriptor is not an object")
+    name, dtype_name, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("bad_array", "array name must be a non-empty string")
+    if dtype_name not in ALLOWED_DTYPES:
+        raise ProtocolError("bad_dtype", f"array {name!r}: dtype {dtype_name!r} not allowed")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r}")
+    return name, np.dtype(dtype_name).newbyteorder("<"), tuple(shape)
+
+
+def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Validate and rebuild a message from received frames (bytes, memoryviews or zmq.Frame)."""
+    if not frames:
+        raise ProtocolError("empty", "no frames")
+    if len(frames) > MAX_ARRAYS + 1:
+        raise ProtocolError("too_many_frames", f"{len(frames)} frames, at most {MAX_ARRAYS + 1}")
+    views = [memoryview(f.buffer if isinstance(f, zmq.Frame) else f) for f in frames]
+    total = sum(v.nbytes for v in views)
+    if total > max_message_bytes:
+        raise ProtocolError("too_large", f"{total} bytes, at most {max_message_bytes}")
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"{views[0].nbytes} bytes, at most {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(views[0]).decode("utf-8"), parse_constant=_finite_json)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad_json", str(err)[:120]) from None
+    _check_header(header)
+    specs = [_array_spec(entry) for entry in header["arrays"]]
+    if len(specs) != len(views) - 1:
+        raise ProtocolError("frame_count", f"header has {len(specs)} arrays, message has {len(views) - 1}")
+    arrays: dict[str, np.ndarray] = {}
+    for (name, dtype, shape), view in zip(specs, views[1:]):
+        if name in arrays:
+            raise ProtocolError("bad_array", f"duplicate array name {name!r}")
+        expected = math.prod(shape) * dtype.itemsize
+        if expected != view.nbytes:
+            raise ProtocolError(
+                "size_mismatch", f"{name!r}: {shape} {dtype.name} = {expected} bytes, got {view.nbytes}"
+            )
+        # frombuffer keeps the zmq frame alive through the view (zero-copy); callers must not write to it.
+        arrays[name] = np.frombuffer(view, dtype=dtype).reshape(shape)
+    return Message(
+        kind=header["kind"],
+        stream=header["stream"],
+        seq=header["seq"],
+        ts={k: float(v) for k, v in header["ts"].items()},
+        arrays=arrays,
+        meta=header.get("meta", {}),
+        nbytes=total,
+    )
+
+
+def recv(
+    socket: zmq.Socket,
+    *,
+    timeout_ms: int,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    rejects: RejectCounter | None = None,
+) -> Message | None:
+    """Receive and validate one message; None when nothing arrived within ``timeout_ms``.
+
+    A malformed message raises ``ProtocolError``, or, when ``rejects`` is given, is counted there and
+    None is returned, so a receive loop keeps serving. The whole multipart message is always consumed.
+    """
+    if not socket.poll(timeout_ms, zmq.POLLIN):
+        return None
+    frames = socket.recv_multipart(copy=False)
+    try:
+        return decode(frames, max_message_bytes=max_message_bytes)
+    except ProtocolError as err:
+        if rejects is None:
+            raise
+        rejects.reject(err)
+        return None
+
+
+def drain_latest(
+    socket: zmq.Socket, *, rejects: RejectCounter | None = None, max_messages: int = 1000
+) -> list[Message]:
+    """Every message already queued on ``socket`` (non-blocking), oldest first; for 'newest wins' loops."""
+    out: list[Message] = []
+    while len(out) < max_messages:
+        try:
+            frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            break
+        try:
+            out.append(decode(frames))
+        except ProtocolError as err:
+            if rejects is None:
+                raise
+            rejects.reject(err)
+    return out
+
+
+class RejectCounter:
+    """Counts rejected messages by reason and logs at most one line per ``interval_s`` per counter."""
+
+    def __init__(self, name: str, interval_s: float = 1.0, logger: logging.Logger | None = None) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.counts: Counter[str] = Counter()
+        self._logger = logger or log
+        self._last_log = -math.inf
+        self._since_log = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def reject(self, err: ProtocolError) -> None:
+        self.counts[err.reason] += 1
+        self._since_log += 1
+        t = time.monotonic()
+        if t - self._last_log >= self.interval_s:
+            self._logger.warning(
+                "%s: rejected %d message(s) since last report (latest: %s); totals %s",
+                self.name, self._since_log, err, dict(self.counts),
+            )
+            self._last_log = t
+            self._since_log = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+_SOCKET_NAMES = {zmq.PUB: "PUB", zmq.SUB: "SUB", zmq.PUSH: "PUSH", zmq.PULL: "PULL"}
+
+
+def make_socket(
+    ctx: zmq.Context,
+    socket_type: int,
+    endpoint: str | list[str],
+    *,
+    bind: bool,
+    hwm: int = DEFAULT_HWM,
+    linger: int = 0,
+    send_timeout_ms: int = 1000,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> zmq.Socket:
+    """A socket with explicit high-water marks, linger and timeouts (nothing can block forever).
+
+    SUB sockets subscribe to everything (streams are filtered on the header, not on topic prefixes).
+    Receiving sockets also get ZMQ_MAXMSGSIZE, so libzmq drops a peer sending an oversized frame before
+    allocating it; ``recv``/``decode`` check the total size of a message again and count it.
+    """
+    if socket_type not in _SOCKET_NAMES:
+        raise ValueError(f"socket type {socket_type} not supported; use PUB, SUB, PUSH or PULL")
+    sock = ctx.socket(socket_type)
+    sock.setsockopt(zmq.LINGER, linger)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    if socket_type in (zmq.SUB, zmq.PULL):
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if socket_type == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    if socket_type == zmq.PUB:
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for peers that are not connected yet
+    endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+    try:
+        for ep in endpoints:
+            if bind:
+                sock.bind(ep)
+            else:
+                sock.connect(ep)
+    except zmq.ZMQError as err:
+        sock.close(0)
+        raise OSError(f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} "
+                      f"socket to {endpoints}: {err}") from err
+    return sock

@@ -1,0 +1,424 @@
+"""Replay capture worker: a video file → ``frame`` and ``audio`` messages, as a camera and microphone would.
+
+PyAV demuxes the file (mp4/mkv/webm/..., variable frame rate, any audio sample rate, mono or stereo). The
+video and the audio track are read through two independent demuxers of the same file, so the audio can
+always be decoded up to the current frame's time whatever the file's interleaving, with bounded memory.
+
+Timing: media time m (seconds from the container's start) maps to the host's monotonic clock as
+``t = t0 + (m - m0) / speed`` where ``t0`` is the clock when replay starts and ``m0`` the first frame's time.
+At ``--speed 1.0`` (or any number) each frame is published at its own time ``t`` with ``ts.capture = t``;
+audio windows come from the file's own track through the shared ``StreamingFrontEnd`` every hop, each
+published at (and stamped ``ts.window_end`` with) the time of its last sample, so a window always goes out
+before the frames that follow it. The audio before the file's start is taken as silence, so windows exist
+from the first hop on (causal: a window never contains samples after its end time).
+
+At ``--speed max`` nothing waits for the clock: the sockets use ``XPUB_NODROP``, so when a subscriber's
+queue (high-water mark) is full the replay waits instead of dropping or queueing: it runs as fast as the
+slowest subscriber, with nothing unbounded anywhere. Timestamps are then the actual publish times.
+
+A file without an audio track still plays: every frame carries ``meta.has_audio = false`` and
+``meta.notice = "no_audio"``, and a ``control`` notice is repeated every 2 s. When the file ends (and
+``--loop`` is off) an ``end`` control message goes to the frame subscribers and the launcher, then the
+worker exits 0. A truncated or corrupt file logs an error and ends the same way (``meta.error`` says why).
+
+Run as a process: ``python -m avloc.stream.replay VIDEO --frames EP --audio EP --speed 1.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+import zmq
+from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
+from avloc.core.errors import DataError, UserError
+from avloc.stream import protocol
+from avloc.stream.worker import (
+    Heartbeat,
+    RateLimitedLog,
+    add_common_arguments,
+    install_stop_handlers,
+    load_frontend,
+    make_publisher,
+    setup_logging,
+    wait_for_subscribers,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOP_SECONDS = 0.1
+NOTICE_EVERY_S = 2.0
+START_LEAD_S = 0.05  # first frame goes out this long after start, so it is never already late
+
+
+def parse_speed(value: str | float | None) -> float | None:
+    """``"max"`` → None (as fast as subscribers take it); else a positive factor (1.0 = real time)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "max"):
+        return None
+    try:
+        speed = float(value)
+    except ValueError:
+        raise UserError(f"--speed {value!r}: expected a positive number or 'max'") from None
+    if not math.isfinite(speed) or speed <= 0:
+        raise UserError(f"--speed {value!r}: expected a positive number or 'max'")
+    return speed
+
+
+def _open(path: Path) -> Any:
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError) as err:
+        raise DataError(path, f"cannot open as a video ({err})") from None
+
+
+class _AudioTrack:
+    """The file's audio, decoded lazily, mono at the front-end rate; sample k is media time k / rate.
+
+    ``take(n)`` returns samples [pos, n): audio before the track's first packet is silence, and past its
+    end (or after a decoding error) zeros, so the clock mapping never slips.
+    """
+
+    def __init__(self, path: Path, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.pos = 0
+        self.error: str | None = None
+        self._container = _open(path)
+        stream = self._container.streams.audio[0]
+        self._frames = self._container.decode(stream)
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        self._pending: deque[np.ndarray] = deque()
+        self._decoded = 0  # samples (media coordinates) decoded so far
+        self._started = False
+        self.finished = False
+
+    def _decode_more(self) -> None:
+        try:
+            frame = next(self._frames)
+        except StopIteration:
+            self._finish(None)
+            return
+        except av.error.FFmpegError as err:
+            self._finish(f"audio decoding failed: {err}")
+            return
+        if not self._started:
+            self._started = True
+            start = frame.time or 0.0
+            lead = round(start * self.sample_rate)
+            if lead > 0:
+                self._push(np.zeros(lead, np.float32))
+            elif lead < 0:
+                self._decoded = lead  # drop the samples before media time 0 as they arrive
+        for out in self._resampler.resample(frame):
+            self._push(out.to_ndarray()[0])
+
+    def _push(self, samples: np.ndarray) -> None:
+        if self._decoded < 0:
+            skip = min(-self._decoded, len(samples))
+            samples = samples[skip:]
+            self._decoded += skip
+        if len(samples):
+            self._pending.append(samples.astype(np.float32, copy=False))
+            self._decoded += len(samples)
+
+    def _finish(self, error: str | None) -> None:
+        if error:
+            self.error = error
+            log.error("%s; the rest of the audio is silence", error)
+        try:
+            for out in self._resampler.resample(None):
+                self._push(out.to_ndarray()[0])
+        except (av.error.FFmpegError, ValueError):
+            pass
+        self.finished = True
+        self.close()
+
+    def take(self, until: int) -> np.ndarray:
+        while self._decoded < until and not self.finished:
+            self._decode_more()
+        want = max(0, until - self.pos)
+        parts = []
+        got = 0
+        while got < want and self._pending:
+            chunk = self._pending.popleft()
+            if got + len(chunk) > want:
+                self._pending.appendleft(chunk[want - got :])
+                chunk = chunk[: want - got]
+            parts.append(chunk)
+            got += len(chunk)
+        if got < want:
+            parts.append(np.zeros(want - got, np.float32))
+        self.pos = max(self.pos, until)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+def _iter_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
+    """(media seconds, BGR frame) of the first video stream; raises av.error.FFmpegError on corrupt data."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 30)
+        last = None
+        for frame in container.decode(stream):
+            t = frame.time
+            if t is None:  # no timestamp: continue from the previous frame
+                t = 0.0 if last is None else last + 1.0 / rate
+            last = t
+            yield t, frame.to_ndarray(format="bgr24")
+    finally:
+        container.close()
+
+
+class ReplaySource:
+    """Publishes one file's frames and audio windows on two PUB (XPUB) sockets; see the module docstring."""
+
+    def __init__(
+        self,
+        video: str | Path,
+        frames_endpoint: str,
+        audio_endpoint: str,
+        stream_id: str = "cam0",
+        *,
+        speed: float | None = 1.0,
+        loop: bool = False,
+        frontend: FrontEndConfig | None = None,
+        hop_seconds: float = DEFAULT_HOP_SECONDS,
+        heartbeat_endpoint: str | None = None,
+        stop: threading.Event | None = None,
+        wait_subscribers: int = 1,
+        wait_timeout_s: float = 5.0,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.path = Path(video)
+        if not self.path.is_file():
+            raise DataError(self.path, "no such video file")
+        self.has_audio = False
+        self.stream_id = stream_id
+        self.speed = speed
+        self.loop = loop
+        self.config = frontend or FrontEndConfig()
+        self.hop = max(1, round(hop_seconds * self.config.sample_rate))
+        self.stop = stop or threading.Event()
+        self.wait_subscribers = wait_subscribers
+        self.wait_timeout_s = wait_timeout_s
+        self._ctx = ctx or zmq.Context.instance()
+        self._frames_endpoint = frames_endpoint
+        self._audio_endpoint = audio_endpoint
+        self._heartbeat_endpoint = heartbeat_endpoint
+        self._warn = RateLimitedLog(log, 5.0)
+        self.stats = {"frames": 0, "windows": 0, "loops": 0, "dropped": 0, "late_frames": 0}
+
+    def _send(self, sock: zmq.Socket, kind: str, **fields: Any) -> bool:
+        """Publish; at --speed max wait while the subscriber queue is full (until stopped)."""
+        while True:
+            if protocol.send(sock, kind, stream=self.stream_id, **fields):
+                return True
+            if self.speed is not None:
+                self.stats["dropped"] += 1
+                return False
+            if self.stop.wait(0.002):
+                return False
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def run(self, max_frames: int | None = None) -> dict[str, Any]:
+        frames_sock = make_publisher(self._ctx, self._frames_endpoint, nodrop=self.speed is None)
+        audio_sock = make_publisher(self._ctx, self._audio_endpoint, nodrop=self.speed is None)
+        heartbeat = Heartbeat(self._ctx, self._heartbeat_endpoint, role="replay", stream=self.stream_id)
+        error: str | None = None
+        try:
+            self._probe()
+            wait_for_subscribers([frames_sock, audio_sock] if self.has_audio else [frames_sock],
+                                 self.wait_subscribers, self.wait_timeout_s, self.stop)
+            error = self._play(frames_sock, audio_sock, heartbeat, max_frames)
+        except DataError as err:
+            error = str(err)
+            log.error("%s", error)
+        finally:
+            ended = not self.stop.is_set()
+            if ended:
+                meta = {"command": protocol.CONTROL_END, "error": error, **self.stats}
+                protocol.send(frames_sock, "control", stream=self.stream_id, seq=self.stats["frames"],
+                              ts={"send": protocol.now()}, meta=meta)
+                heartbeat.control(protocol.CONTROL_END, error=error, stats=dict(self.stats))
+            heartbeat.maybe_send(dict(self.stats), force=True)
+            heartbeat.close()
+            frames_sock.close(linger=500 if ended else 0)  # let the "end" message out
+            audio_sock.close()
+        log.info("replay %s finished (error: %s): %s", self.path.name, error, self.stats)
+        return {**self.stats, "error": error}
+
+    def _probe(self) -> None:
+        container = _open(self.path)
+        try:
+            if not container.streams.video:
+                raise DataError(self.path, "has no video stream")
+            self.has_audio = bool(container.streams.audio)
+        finally:
+            container.close()
+        if not self.has_audio:
+            log.warning("%s has no audio track: frames only, with a 'no_audio' notice", self.path)
+
+    def _clock(self, media_t: float) -> float:
+        return self._t0 + (media_t - self._m0) / self.speed if self.speed else protocol.now()
+
+    def _wait_until(self, t: float) -> bool:
+        """Sleep until clock time t (no-op at --speed max); False when stopped meanwhile."""
+        if self.speed is None:
+            return not self.stop.is_set()
+        delay = t - protocol.now()
+        if delay > 0:
+            return not self.stop.wait(delay)
+        return not self.stop.is_set()
+
+    def _play(self, frames_sock: zmq.Socket, audio_sock: zmq.Socket, heartbeat: Heartbeat,
+              max_frames: int | None) -> str | None:
+        sr = self.config.sample_rate
+        frontend = StreamingFrontEnd(self.config, self.hop)
+        # Silence before the file: the first window ends one hop into it (prefill of num_samples - hop).
+        prefill = self.config.num_samples - self.hop
+        frontend.push(np.zeros(prefill, np.float32))
+        frontend.frontend.compute(np.zeros(self.config.num_samples, np.float32))  # warm up before the clock
+        pending: deque[tuple[int, np.ndarray]] = deque()  # (global end sample, spec) not yet published
+        loop_offset = 0.0   # media seconds played in previous loops
+        self._t0 = protocol.now() + START_LEAD_S
+        self._m0: float | None = None
+        last_notice = -math.inf
+        while True:
+            track = _AudioTrack(self.path, sr) if self.has_audio else None
+            last_t = None
+            frame_step = 1.0 / 30
+            try:
+                for t, image in _iter_frames(self.path):
+                    if self.stop.is_set() or (max_frames is not None and self.stats["frames"] >= max_frames):
+                        return None
+                    if last_t is not None and t > last_t:
+                        frame_step = t - last_t
+                    last_t = t
+                    media = loop_offset + t
+                    if self._m0 is None:
+                        self._m0 = media
+                    if track is not None:  # audio up to this frame -> windows ending at or before it
+                        block = track.take(math.floor(t * sr))
+                        for end, spec in frontend.push(block):
+                            pending.append((end - prefill, spec))
+                        while pending and pending[0][0] <= round(media * sr):
+                            end, spec = pending.popleft()
+                            self._publish_window(audio_sock, end, spec)
+                    elif protocol.now() - last_notice >= NOTICE_EVERY_S:
+                        last_notice = protocol.now()
+                        notice = {"command": protocol.CONTROL_NOTICE, "notice": protocol.NOTICE_NO_AUDIO}
+                        protocol.send(frames_sock, "control", stream=self.stream_id, seq=self.stats["frames"],
+                                      ts={"send": last_notice}, meta=notice)
+                    if not self._publish_frame(frames_sock, media, t, image):
+                        return None
+                    heartbeat.maybe_send(dict(self.stats))
+            except av.error.FFmpegError as err:
+                error = f"{self.path}: video decoding failed after {self.stats['frames']} frames ({err})"
+                log.error("%s", error)
+                return error
+            finally:
+                if track is not None:
+                    track.close()
+            if last_t is None:
+                return f"{self.path}: no decodable video frames"
+            if not self.loop:
+                return track.error if track is not None else None
+            # Next loop continues the clock and the audio exactly one frame after this loop's last frame.
+            loop_duration = last_t + frame_step
+            if track is not None:
+                tail = track.take(round(loop_duration * sr))
+                for end, spec in frontend.push(tail):
+                    pending.append((end - prefill, spec))
+            loop_offset += loop_duration
+            self.stats["loops"] += 1
+            log.info("replay %s: loop %d", self.path.name, self.stats["loops"])
+
+    def _publish_window(self, sock: zmq.Socket, end: int, spec: np.ndarray) -> None:
+        t = self._clock(end / self.config.sample_rate)
+        if not self._wait_until(t):
+            return
+        ts = {"window_end": t if self.speed else protocol.now()}
+        ts["send"] = protocol.now()
+        if self._send(sock, "audio", seq=self.stats["windows"], ts=ts, arrays={"spec": spec},
+                      meta={"end_sample": end, "sample_rate": self.config.sample_rate,
+                            "frontend": self.config.to_dict(), "hop_samples": self.hop}):
+            self.stats["windows"] += 1
+
+    def _publish_frame(self, sock: zmq.Socket, media: float, pts: float, image: np.ndarray) -> bool:
+        t = self._clock(media)
+        if not self._wait_until(t):
+            return False
+        now = protocol.now()
+        if self.speed and now - t > 0.1:
+            self.stats["late_frames"] += 1
+            self._warn("late", logging.WARNING, "frames late (decoding slower than %.2fx)", self.speed)
+        meta: dict[str, Any] = {"width": image.shape[1], "height": image.shape[0], "source": str(self.path),
+                                "pts": round(pts, 6), "has_audio": self.has_audio}
+        if not self.has_audio:
+            meta["notice"] = protocol.NOTICE_NO_AUDIO
+        ok = self._send(sock, "frame", seq=self.stats["frames"],
+                        ts={"capture": t if self.speed else now, "send": protocol.now()},
+                        arrays={"frame": image}, meta=meta)
+        self.stats["frames"] += 1
+        return ok or self.speed is not None
+
+
+def run_replay(video: str | Path, frames_endpoint: str = protocol.DEFAULT_ENDPOINTS["frames"],
+               audio_endpoint: str = protocol.DEFAULT_ENDPOINTS["audio"], stream_id: str = "cam0",
+               **options: Any) -> dict[str, Any]:
+    """Replay ``video`` until it ends (or ``stop``); returns counters and ``error`` (None when clean)."""
+    max_frames = options.pop("max_frames", None)
+    return ReplaySource(video, frames_endpoint, audio_endpoint, stream_id, **options).run(max_frames)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.replay",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("video", help="video file (mp4, mkv, webm, ...)")
+    parser.add_argument("--frames", default=protocol.DEFAULT_ENDPOINTS["frames"], help="frames endpoint")
+    parser.add_argument("--audio", default=protocol.DEFAULT_ENDPOINTS["audio"], help="audio endpoint")
+    parser.add_argument("--speed", default="1.0", help="playback speed factor, or 'max'")
+    parser.add_argument("--loop", action="store_true", help="start over at the end (never sends 'end')")
+    parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS, help="seconds between windows")
+    parser.add_argument("--frontend", default=None, metavar="JSON|FILE|ENGINE_DIR",
+                        help="audio front-end config (default: linear 3 s, as SSL-Align)")
+    parser.add_argument("--wait-subscribers", type=int, default=1,
+                        help="wait for this many subscribers per socket before starting (0: don't)")
+    parser.add_argument("--wait-timeout", type=float, default=5.0, help="longest wait for subscribers (s)")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    add_common_arguments(parser, role="replay")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(f"replay:{args.stream_id}", args.log_file, args.verbose)
+    torch.set_num_threads(1)  # one window per hop is cheap; leave the cores to the inference worker
+    stop = install_stop_handlers()
+    try:
+        run_replay(args.video, args.frames, args.audio, args.stream_id, speed=parse_speed(args.speed),
+                   loop=args.loop, frontend=load_frontend(args.frontend), hop_seconds=args.hop,
+                   heartbeat_endpoint=args.heartbeat, stop=stop, wait_subscribers=args.wait_subscribers,
+                   wait_timeout_s=args.wait_timeout, max_frames=args.max_frames)
+    except UserError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

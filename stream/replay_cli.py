@@ -1,0 +1,149 @@
+"""``avloc replay VIDEO --engine ENGINE_DIR``: a video file through the real multi-process pipeline.
+
+replay worker (PyAV: paced frames + audio windows from the file's own track) -> inference worker ->
+display (window, or ``--headless`` with ``--record out.mp4``), all started and supervised by the launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from avloc.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def default_run_dir(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def parse_speed(value: str) -> str:
+    if value == "max":
+        return value
+    try:
+        speed = float(value)
+    except ValueError:
+        speed = -1.0
+    if not speed > 0:
+        raise argparse.ArgumentTypeError(f"--speed {value!r}: expected a positive number or 'max'")
+    return str(speed)
+
+
+def add_display_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``avloc replay`` and ``avloc run``."""
+    parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
+    parser.add_argument("--headless", action="store_true", help="no window (use with --record)")
+    parser.add_argument("--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video")
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG")
+    parser.add_argument("--alpha", type=float, default=None, help="heatmap opacity 0..1")
+    parser.add_argument("--colormap", choices=("jet", "inferno"), default=None)
+    parser.add_argument("--run-dir", type=Path, default=None, help="logs + latency log + summary (default runs/...)")
+    parser.add_argument("--auto-ports", action="store_true",
+                        help="use free loopback ports instead of the default endpoints (parallel runs)")
+    parser.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--config", type=Path, default=None, help="stream config (default configs/stream.yaml)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("video", type=Path, help="mp4/mkv/webm file (audio track optional)")
+    add_display_arguments(parser)
+    parser.add_argument("--speed", type=parse_speed, default="1.0", help="1.0 = real time, 'max' = unpaced")
+    parser.add_argument("--loop", action="store_true", help="start over at the end (stop with Ctrl-C)")
+
+
+def check_display(args: argparse.Namespace) -> None:
+    if not args.headless and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        raise UserError("no display available (DISPLAY is not set): pass --headless, e.g. with --record out.mp4")
+    if args.record is not None and args.record.suffix.lower() not in (".mp4", ".mkv", ".mov"):
+        raise UserError(f"--record {args.record}: expected an .mp4, .mkv or .mov file name")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha {args.alpha}: expected a value between 0 and 1")
+
+
+def run_replay(
+    video: Path,
+    engine: Path,
+    *,
+    backend: str = "onnxruntime",
+    run_dir: Path | None = None,
+    record: Path | None = None,
+    headless: bool = True,
+    speed: str = "1.0",
+    loop: bool = False,
+    streams: int = 1,
+    threads: int | None = None,
+    auto_ports: bool = True,
+    snapshot_every: int = 0,
+    alpha: float | None = None,
+    colormap: str | None = None,
+    timeout_s: float | None = None,
+    config_path: Path | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Replay ``video`` through the pipeline; returns the launcher summary plus the latency report."""
+    from avloc.core.media import probe_video
+    from avloc.engines.base import read_manifest
+    from avloc.stream import launcher as L
+    from avloc.stream.bench import summarize_latency_log
+
+    info = probe_video(video)  # DataError with the file name if missing / unreadable
+    read_manifest(engine)  # UserError if not an engine directory
+    config = L.load_stream_config(config_path)
+    run_dir = Path(run_dir or default_run_dir("replay"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    endpoints = L.Endpoints.auto(streams) if auto_ports else L.Endpoints.defaults(config, streams)
+    latency_log = run_dir / "latency.jsonl"
+    latency_log.unlink(missing_ok=True)
+    specs = [
+        *L.replay_specs(video, engine, endpoints, config, speed=speed, loop=loop),
+        L.inference_spec(engine, backend, endpoints, config, threads=threads),
+        L.display_spec(endpoints, config, headless=headless, record=record,
+                       audio_source=video if (info.has_audio and not loop) else None,
+                       latency_log=latency_log, snapshot_every=snapshot_every, fps=info.fps or 30.0,
+                       alpha=alpha, colormap=colormap),
+    ]
+    launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats, verbose=verbose)
+    summary = launcher.run(timeout_s=timeout_s)
+    summary["latency"] = summarize_latency_log(latency_log)
+    summary["latency_log"] = str(latency_log)
+    summary["record"] = str(record) if record is not None and record.is_file() else None
+    summary["video"] = {"path": str(video), "fps": info.fps, "width": info.width, "height": info.height,
+                        "has_audio": info.has_audio, "duration": info.duration}
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    lat = summary.get("latency") or {}
+    e2e = lat.get("e2e_ms") or {}
+    print(f"pipeline {summary['reason']}: {lat.get('heatmaps', 0)} heatmaps at {lat.get('heatmap_fps', 0):.1f} fps, "
+          f"e2e p50 {e2e.get('p50', float('nan')):.1f} ms, p99 {e2e.get('p99', float('nan')):.1f} ms, "
+          f"suppressed {lat.get('suppressed', 0)}")
+    for gap in summary.get("heatmap_gaps", []):
+        print(f"  {gap['process']} restarted: heatmaps resumed after a {gap['gap_s']} s gap")
+    for name, proc in summary["processes"].items():
+        if proc["restarts"]:
+            print(f"  {name}: {proc['restarts']} restart(s)")
+    if summary.get("record"):
+        print(f"recording: {summary['record']}")
+    print(f"logs, latency log and summary: {summary['run_dir']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    check_display(args)
+    if not args.video.is_file():
+        raise UserError(f"{args.video}: video file not found")
+    summary = run_replay(
+        args.video, args.engine, backend=args.backend, run_dir=args.run_dir, record=args.record,
+        headless=args.headless, speed=args.speed, loop=args.loop, threads=args.threads,
+        auto_ports=args.auto_ports, snapshot_every=args.snapshot_every, alpha=args.alpha, colormap=args.colormap,
+        timeout_s=args.timeout, config_path=args.config, verbose=getattr(args, "verbose", False),
+    )
+    print_summary(summary)
+    return 0 if summary["reason"] in ("ended", "stopped", "timeout") else 1

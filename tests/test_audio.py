@@ -1,0 +1,214 @@
+"""The audio front-end: scipy and kaldi parity, streaming = offline, loading and resampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.signal
+import soundfile
+import torch
+import torchaudio
+from avloc.core.audio import (
+    FrontEnd,
+    FrontEndConfig,
+    StreamingFrontEnd,
+    crop_window,
+    load_audio,
+    resample,
+)
+from avloc.core.errors import DataError, UserError
+
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+
+
+def scipy_reference(wave: np.ndarray) -> np.ndarray:
+    """The SSL-Align/LVS dataloader's spectrogram, verbatim (float64 as soundfile returns)."""
+    _, _, spec = scipy.signal.spectrogram(wave.astype(np.float64), 16000, nperseg=512, noverlap=353)
+    return np.log(spec + 1e-7) / 12.0
+
+
+def real_recording() -> np.ndarray | None:
+    sounds = sorted(p for p in STAMPS.glob("animals/**/*.ogg") if "_desc" not in p.name)
+    return load_audio(sounds[0]) if sounds else None
+
+
+@pytest.mark.parametrize("amplitude", [1.0, 0.05, 1e-4])
+def test_linear_matches_scipy_on_random_audio(amplitude: float) -> None:
+    rng = np.random.default_rng(int(amplitude * 1000))
+    # A DC offset makes scipy's per-segment mean removal (detrend="constant") matter.
+    wave = (amplitude * (rng.uniform(-1, 1, 48000) + 0.3)).astype(np.float32)
+    out = FrontEnd(FrontEndConfig()).compute(wave)
+    ref = scipy_reference(wave)
+    assert out.shape == (1, 257, 299) == FrontEndConfig().output_shape()
+    assert np.abs(out[0] - ref).max() < 1e-4
+
+
+def test_linear_matches_scipy_on_real_audio() -> None:
+    wave = real_recording()
+    if wave is None:
+        pytest.skip("tuxpaint-stamps-default not installed")
+    window = crop_window(wave, 48000)
+    out = FrontEnd(FrontEndConfig()).compute(window)
+    assert np.abs(out[0] - scipy_reference(window)).max() < 1e-4
+
+
+def test_linear_batch_and_longer_input() -> None:
+    rng = np.random.default_rng(1)
+    waves = rng.uniform(-1, 1, (3, 48000 + 159 * 4)).astype(np.float32)
+    out = FrontEnd(FrontEndConfig()).compute(waves)
+    assert out.shape == (3, 1, 257, 303)
+    for b in range(3):
+        assert np.abs(out[b, 0] - scipy_reference(waves[b])).max() < 1e-4
+
+
+def test_fbank_matches_kaldi_and_shape() -> None:
+    import torchaudio.compliance.kaldi as kaldi
+
+    config = FrontEndConfig(kind="fbank", window_seconds=10.0)
+    assert config.output_shape() == (1, 998, 128)
+    rng = np.random.default_rng(2)
+    waves = rng.uniform(-0.5, 0.5, (2, config.num_samples)).astype(np.float32)
+    out = FrontEnd(config)(torch.from_numpy(waves))
+    assert out.shape == (2, 1, 998, 128)
+    for b in range(2):
+        direct = kaldi.fbank(
+            torch.from_numpy(waves[b : b + 1]) * 2**15,
+            num_mel_bins=128, frame_length=25, frame_shift=10, sample_frequency=16000,
+        )
+        torch.testing.assert_close(out[b, 0], (direct - 15.41663) / (2 * 6.55582))
+
+
+def test_mel_peaks_at_tone_frequency() -> None:
+    config = FrontEndConfig(kind="mel", window_seconds=1.0, n_mels=64)
+    t = np.arange(config.num_samples) / 16000
+    wave = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    out = FrontEnd(config).compute(wave)
+    assert out.shape == config.output_shape() == (1, 64, 101)
+    fbanks = torchaudio.functional.melscale_fbanks(257, 0.0, 8000.0, 64, 16000)  # [freq, mel]
+    expected_bin = int(fbanks[round(1000 / 16000 * 512)].argmax())  # the filter weighting 1 kHz most
+    assert int(np.median(out[0].argmax(axis=0))) == expected_bin
+    # log(x + 1e-6) floor: digital silence maps to log(1e-6).
+    silent = FrontEnd(config).compute(np.zeros(config.num_samples, np.float32))
+    np.testing.assert_allclose(silent, np.log(1e-6), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config,hop",
+    [
+        (FrontEndConfig(kind="linear", window_seconds=1.0), 159 * 10),
+        (FrontEndConfig(kind="mel", window_seconds=0.5), 800),
+        (FrontEndConfig(kind="fbank", window_seconds=1.0), 1600),
+    ],
+)
+def test_streaming_equals_offline(config: FrontEndConfig, hop: int) -> None:
+    rng = np.random.default_rng(3)
+    total = config.num_samples + 7 * hop + 123
+    wave = rng.uniform(-1, 1, total).astype(np.float32)
+    streaming = StreamingFrontEnd(config, hop_samples=hop)
+    results: list[tuple[int, np.ndarray]] = []
+    pos = 0
+    while pos < total:  # random block sizes: tiny, around the hop, and larger than the window
+        size = int(rng.choice([1, 37, hop - 1, hop + 5, config.num_samples + 11]))
+        results += streaming.push(wave[pos : pos + size])
+        pos += size
+    ends = [end for end, _ in results]
+    assert ends == list(range(config.num_samples, total + 1, hop))
+    offline = FrontEnd(config)
+    for end, spec in results:
+        assert spec.shape == config.output_shape()
+        expected = offline.compute(wave[end - config.num_samples : end])
+        np.testing.assert_array_equal(spec, expected)
+    if config.kind == "linear":
+        # Windows starting on the 159-sample frame grid are exactly columns of the whole-clip spectrogram.
+        whole = offline.compute(wave)[0]
+        frames = config.output_shape()[2]
+        for end, spec in results:
+            first = (end - config.num_samples) // 159
+            np.testing.assert_allclose(spec[0], whole[:, first : first + frames], atol=1e-6)
+
+
+def test_streaming_stereo_blocks_and_reset() -> None:
+    config = FrontEndConfig(kind="mel", window_seconds=0.25)
+    stereo = np.random.default_rng(4).uniform(-1, 1, (config.num_samples, 2)).astype(np.float32)
+    streaming = StreamingFrontEnd(config, hop_samples=1000)
+    (end, spec), = streaming.push(stereo)
+    assert end == config.num_samples
+    np.testing.assert_array_equal(spec, FrontEnd(config).compute(stereo.mean(axis=1)))
+    streaming.reset()
+    assert streaming.push(stereo[:100]) == []
+
+
+def test_crop_window_tiles_pads_and_centres() -> None:
+    wave = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(crop_window(wave, 12), [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+    np.testing.assert_array_equal(crop_window(wave, 7, pad="zero"), [0, 1, 2, 3, 4, 0, 0])
+    long = np.arange(100, dtype=np.float32)
+    np.testing.assert_array_equal(crop_window(long, 10), np.arange(10))
+    np.testing.assert_array_equal(crop_window(long, 10, center=50), np.arange(45, 55))
+    np.testing.assert_array_equal(crop_window(long, 10, start=95), np.arange(90, 100))  # clamped
+    np.testing.assert_array_equal(crop_window(long, 10, center=2), np.arange(10))
+
+
+@pytest.mark.parametrize("fmt", ["wav", "ogg", "flac"])
+def test_load_audio_resamples_stereo_to_16k_mono(tmp_path: Path, fmt: str) -> None:
+    sr, seconds = 44100, 0.5
+    t = np.arange(int(sr * seconds)) / sr
+    left = 0.6 * np.sin(2 * np.pi * 440 * t)
+    right = 0.2 * np.sin(2 * np.pi * 440 * t)
+    path = tmp_path / f"tone.{fmt}"
+    soundfile.write(path, np.stack([left, right], axis=1), sr)
+    wave = load_audio(path)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(len(wave) - round(len(t) * 16000 / sr)) <= 1
+    spectrum = np.abs(np.fft.rfft(wave))
+    assert abs(np.argmax(spectrum) * 16000 / len(wave) - 440) < 4
+    # Channels are averaged: the mean of 0.6 and 0.2 amplitude sines is a 0.4 sine (lossy codecs: loosely).
+    peak = np.abs(wave[len(wave) // 4 : -len(wave) // 4]).max()
+    assert abs(peak - 0.4) < (0.01 if fmt != "ogg" else 0.05)
+
+
+def test_resample_identity_and_length() -> None:
+    wave = np.random.default_rng(5).uniform(-1, 1, 4410).astype(np.float32)
+    assert resample(wave, 16000, 16000) is not None
+    np.testing.assert_array_equal(resample(wave, 16000, 16000), wave)
+    assert resample(wave, 44100, 16000).shape == (1600,)
+
+
+def test_load_audio_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="missing.wav: audio file not found"):
+        load_audio(tmp_path / "missing.wav")
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio at all" * 10)
+    with pytest.raises(DataError, match="junk.wav: unreadable audio"):
+        load_audio(junk)
+    full = tmp_path / "full.wav"
+    soundfile.write(full, np.zeros(16000, np.float32), 16000, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[:12000])
+    with pytest.raises(DataError, match="cut.wav: truncated"):
+        load_audio(cut)
+
+
+def test_config_round_trip_and_validation() -> None:
+    config = FrontEndConfig(kind="mel", window_seconds=2.0, n_mels=80)
+    assert FrontEndConfig.from_dict(config.to_dict()) == config
+    assert config.num_samples == 32000
+    with pytest.raises(UserError, match="kind"):
+        FrontEndConfig.from_dict({"kind": "cqt"})
+    with pytest.raises(UserError, match="unknown key"):
+        FrontEndConfig.from_dict({"hop": 3})
+    with pytest.raises(UserError, match="16000"):
+        FrontEndConfig(kind="linear", sample_rate=22050)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,seconds", [("linear", 3.0), ("mel", 1.0), ("fbank", 2.0)])
+def test_frontend_on_cuda_matches_cpu(kind: str, seconds: float) -> None:
+    config = FrontEndConfig(kind=kind, window_seconds=seconds)
+    rng = np.random.default_rng(6)
+    waves = torch.from_numpy(rng.uniform(-1, 1, (2, config.num_samples)).astype(np.float32))
+    frontend = FrontEnd(config)
+    expected = frontend(waves)
+    torch.testing.assert_close(frontend.cuda()(waves.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,206 @@
+"""Camera worker driven by a small video file: newest-frame semantics, publishing from a real process,
+heartbeats, and reopening a source that fails and then appears, with exponential back-off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+import pytest
+import zmq
+from avloc.stream import protocol
+from avloc.stream.camera import LatestFrameGrabber
+
+FPS = 30
+FRAMES = 90
+STEP = 2  # frame i is a flat grey image of value STEP * i, so a received frame tells its own index
+
+
+def _grey_video(path: Path, frames: int = FRAMES, fps: int = FPS, size: tuple[int, int] = (64, 48)) -> Path:
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
+    stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    for i in range(frames):
+        image = np.full((size[1], size[0], 3), STEP * i, np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def _index_of(image: np.ndarray) -> float:
+    return float(image.mean()) / STEP
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture()
+def video(tmp_path):
+    return _grey_video(tmp_path / "grey.mp4")
+
+
+@pytest.fixture()
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def _start_worker(args: list[str], log_file: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "avloc.stream.camera", *args, "--log-file", str(log_file)],
+                            env=env)
+
+
+def _stop_worker(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+    assert psutil.Process().children(recursive=True) == []  # no orphans left behind
+    return proc.returncode
+
+
+def test_grabber_keeps_only_the_newest_frame(video):
+    grabber = LatestFrameGrabber(str(video)).start()  # a file is paced at its own fps, like a camera
+    try:
+        first = grabber.latest(timeout_s=10)
+        assert first is not None
+        time.sleep(1.0)  # nobody takes frames for a second: they must be overwritten, not queued
+        newest = grabber.latest(newer_than=first.index, timeout_s=5)
+        assert newest is not None
+        assert newest.index - first.index >= 15  # ~30 frames passed; a FIFO would hand out index + 1
+        assert grabber.overwritten >= 10
+        assert abs(_index_of(newest.image) - newest.index % FRAMES) < 1.0  # the pixels are that frame's
+        assert newest.capture_ts > first.capture_ts
+        assert newest.image.shape == (48, 64, 3) and newest.image.dtype == np.uint8
+    finally:
+        grabber.stop()
+    assert not grabber._thread.is_alive()
+
+
+def test_grabber_reopens_with_exponential_backoff():
+    class FlakySource:
+        """Fails to open 4 times, then delivers 3 frames and is 'unplugged' (reads fail) forever."""
+
+        opens = 0
+
+        def __init__(self, source):
+            FlakySource.opens += 1
+            self.ok = FlakySource.opens > 4
+            self.left = 3
+
+        def isOpened(self):  # noqa: N802 (OpenCV's name)
+            return self.ok
+
+        def release(self):
+            pass
+
+        def set(self, *_):
+            return True
+
+        def get(self, *_):
+            return 0.0
+
+        def grab(self):
+            self.left -= 1
+            return self.left >= 0
+
+        def retrieve(self):
+            return True, np.zeros((4, 4, 3), np.uint8)
+
+    grabber = LatestFrameGrabber(0, backoff_initial_s=0.05, backoff_max_s=0.4, open_capture=FlakySource)
+    grabber.start()
+    try:
+        assert grabber.latest(timeout_s=10) is not None
+        deadline = time.monotonic() + 10
+        while grabber.reopens < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        grabber.stop()
+    assert grabber.open_failures >= 4 and grabber.reopens >= 1 and grabber.grabbed >= 3
+    gaps = np.diff(grabber.open_times[:5])
+    # waits of 0.05, 0.1, 0.2, 0.4 s: each about twice the previous one
+    assert np.all(gaps[1:] > 1.5 * gaps[:-1]), gaps
+    assert gaps[0] >= 0.04 and gaps[-1] < 1.5
+
+
+def test_camera_worker_publishes_latest_frames_and_heartbeats(video, tmp_path, ctx):
+    frames_ep, heartbeat_ep = _free_endpoint(), _free_endpoint()
+    heartbeats = protocol.make_socket(ctx, zmq.SUB, heartbeat_ep, bind=True, hwm=100)
+    sub = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=100)
+    proc = _start_worker(["--source", str(video), "--endpoint", frames_ep, "--fps-limit", "5",
+                          "--stream-id", "camX", "--heartbeat", heartbeat_ep], tmp_path / "camera.log")
+    try:
+        received = []
+        deadline = time.monotonic() + 60
+        while len(received) < 10 and time.monotonic() < deadline:
+            msg = protocol.recv(sub, timeout_ms=500)
+            if msg is not None:
+                received.append((msg, protocol.now()))
+        assert len(received) == 10, (tmp_path / "camera.log").read_text()
+        hb = None
+        while hb is None or hb.kind != "heartbeat":
+            hb = protocol.recv(heartbeats, timeout_ms=5000)
+            assert hb is not None, "no heartbeat"
+    finally:
+        code = _stop_worker(proc)
+    assert code == 0
+    assert hb.meta["role"] == "camera" and hb.meta["pid"] == proc.pid and hb.meta["stats"]["grabbed"] > 0
+    msgs = [m for m, _ in received]
+    assert all(m.kind == "frame" and m.stream == "camX" for m in msgs)
+    assert [m.seq for m in msgs] == list(range(msgs[0].seq, msgs[0].seq + 10))
+    grab = np.array([m.meta["grab_index"] for m in msgs])
+    # 30 fps source published at <= 5 fps: every message is a fresh frame, ~6 grabs apart, never a stale one
+    assert np.all(np.diff(grab) >= 3), grab
+    for m in msgs:
+        assert abs(_index_of(m.arrays["frame"]) - m.meta["grab_index"] % FRAMES) < 1.0
+        assert m.arrays["frame"].shape == (48, 64, 3)
+        assert m.ts["capture"] <= m.ts["send"]
+    capture = np.array([m.ts["capture"] for m in msgs])
+    rate = (len(capture) - 1) / (capture[-1] - capture[0])
+    assert 2.5 < rate < 5.5, rate
+    # capture timestamps are on this host's monotonic clock: received shortly after capture
+    assert all(0 <= arrival - m.ts["capture"] < 2.0 for m, arrival in received)
+
+
+def test_camera_worker_waits_for_a_missing_source_then_streams(video, tmp_path, ctx):
+    late = tmp_path / "late.mp4"
+    frames_ep = _free_endpoint()
+    sub = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=100)
+    proc = _start_worker(["--source", str(late), "--endpoint", frames_ep, "--backoff-max", "0.5"],
+                         tmp_path / "camera.log")
+    try:
+        assert protocol.recv(sub, timeout_ms=3000) is None  # nothing to publish yet, and no crash
+        assert proc.poll() is None
+        shutil.copy(video, tmp_path / "tmp.mp4")
+        os.replace(tmp_path / "tmp.mp4", late)  # the 'device' appears
+        msg = None
+        deadline = time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            msg = protocol.recv(sub, timeout_ms=500)
+        assert msg is not None and msg.kind == "frame"
+    finally:
+        code = _stop_worker(proc)
+    assert code == 0
+    log_text = (tmp_path / "camera.log").read_text()
+    assert "cannot open source" in log_text and "opened source" in log_text

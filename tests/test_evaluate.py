@@ -1,0 +1,141 @@
+"""avloc eval end to end on a tiny synthetic set, strict checkpoint loading, the audio-swap count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from avloc.core.audio import FrontEndConfig
+from avloc.core.checkpoint import ImageConfig, save_checkpoint
+from avloc.core.errors import UserError
+from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+from avloc.train import evaluate
+
+IMAGE = ImageConfig(size=64)
+MODEL_CONFIG = {"width": 8}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avloc.core.synth import make_synth
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    make_synth(root, seed=3, n_train=4, n_val=2, n_test=6, distractors=1, silent_frac=0.3, image_size=64,
+               clip_seconds=1.0, unheard_frac=0.2, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = SSLAlign(SSLAlignConfig(**MODEL_CONFIG))
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    return save_checkpoint(path, model, method="ssl_align", model_config=MODEL_CONFIG,
+                           frontend=FrontEndConfig(window_seconds=1.0), image=IMAGE)
+
+
+def test_eval_end_to_end(synth_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    from avloc.cli import main as cli_main
+
+    out, grid = tmp_path / "metrics.json", tmp_path / "grid.png"
+    rc = cli_main(["eval", "--checkpoint", str(checkpoint), "--data", str(synth_root), "--audio-swap",
+                   "--batch-size", "4", "--out", str(out), "--grid", str(grid), "--device", "cpu"])
+    assert rc == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 6 and metrics["n_silent"] >= 1 and metrics["image_size"] == 64
+    for mode in ("median", "adaptive"):
+        for key in ("ciou_ap50", "ciou_mean", "auc", "ext_ap", "ext_max_f1"):
+            assert 0.0 <= metrics[f"{mode}/{key}"] <= 1.0, (mode, key)
+    for feats in ("map", "proj"):
+        for direction in ("a2i", "i2a"):
+            recalls = [metrics[f"{feats}/{direction}_r{k}"] for k in (1, 5, 10)]
+            assert all(0.0 <= r <= 1.0 for r in recalls) and recalls == sorted(recalls)
+    assert metrics["heard/n"] + metrics["unheard/n"] == 6
+    assert 0.0 <= metrics["heard/adaptive/ciou_ap50"] <= 1.0
+    # every test scene has a sounding object + a distractor with a recording -> 2 pairs per scene
+    assert metrics["audio_swap_n_scenes"] == 6 and metrics["audio_swap_n_pairs"] == 12
+    assert 0.0 <= metrics["audio_swap_acc"] <= 1.0
+    assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"
+    examples = sorted((tmp_path / "metrics_audio_swap").glob("*.png"))
+    assert 1 <= len(examples) <= 4
+
+
+def test_eval_rejects_checkpoint_with_extra_key(synth_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["state_dict"]["visual_proj.extra"] = torch.zeros(3)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(UserError, match="unexpected 1 key"):
+        evaluate.evaluate_checkpoint(bad, synth_root, audio_swap=False, device="cpu")
+    del payload["state_dict"]["visual_proj.extra"]
+    del payload["state_dict"]["audio_proj.bias"]
+    torch.save(payload, bad)
+    with pytest.raises(UserError, match="missing 1 key"):
+        evaluate.evaluate_checkpoint(bad, synth_root, audio_swap=False, device="cpu")
+
+
+def test_peak_inside() -> None:
+    hm = np.zeros((10, 20), np.float32)
+    hm[2, 15] = 1.0  # pixel centre (15.5/20, 2.5/10) = (0.775, 0.25)
+    assert evaluate.peak_inside(hm, np.array([0.7, 0.2, 0.8, 0.3]))
+    assert not evaluate.peak_inside(hm, np.array([0.0, 0.0, 0.7, 1.0]))
+    assert not evaluate.peak_inside(hm, np.array([0.7, 0.3, 1.0, 1.0]))
+
+
+def test_audio_swap_counts_hand_case(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two scenes, 5 pairs; heatmap peaks placed by hand: 3 inside the heard object's box."""
+    import soundfile as sf
+    from avloc.core.datasets import SceneObject
+
+    for name in ("a", "b", "c"):
+        sf.write(tmp_path / f"{name}.wav", np.full(1600, 0.1, np.float32), 16000)
+    left, right, top = np.array([0, 0, 0.5, 1.0]), np.array([0.5, 0, 1.0, 1.0]), np.array([0, 0, 1.0, 0.3])
+    scenes = {
+        "s1": [SceneObject("dog", left, True, "a.wav"), SceneObject("cow", right, False, "b.wav")],
+        "s2": [SceneObject("dog", left, True, "a.wav"), SceneObject("cow", right, False, "b.wav"),
+               SceneObject("bee", top, False, "c.wav")],
+    }
+    # peaks (row, col) on a 10x10 map, per scene and object heard
+    peaks = {"s1": [(5, 2), (5, 8)], "s2": [(5, 8), (5, 7), (8, 5)]}  # s1 both right; s2 only the cow right
+    order = iter(["s1", "s2"])
+
+    def fake_heatmaps(model: object, image: torch.Tensor, specs: torch.Tensor) -> np.ndarray:
+        sid = next(order)
+        assert specs.shape[0] == len(scenes[sid])
+        maps = np.zeros((len(peaks[sid]), 10, 10), np.float32)
+        for k, (r, c) in enumerate(peaks[sid]):
+            maps[k, r, c] = 1.0
+        return maps
+
+    monkeypatch.setattr(evaluate, "swap_heatmaps", fake_heatmaps)
+    fake = SimpleNamespace(
+        dataset=SimpleNamespace(root=tmp_path, image=lambda sid: np.zeros((10, 10, 3), np.uint8)),
+        loaded=SimpleNamespace(frontend=FrontEndConfig(window_seconds=0.1)),
+        model=None,
+        device=torch.device("cpu"),
+        image_tensor=lambda img: torch.zeros(3, 10, 10),
+        spectrograms=lambda waves: torch.zeros(len(waves), 1, 4, 4),
+    )
+    res = evaluate.audio_swap(fake, scenes, examples_dir=tmp_path / "ex", n_examples=1)  # type: ignore[arg-type]
+    assert res["audio_swap_n_pairs"] == 5 and res["audio_swap_n_scenes"] == 2
+    assert res["audio_swap_acc"] == pytest.approx(3 / 5)
+    assert res["audio_swap_scene_acc"] == pytest.approx(1 / 2)
+    assert [p.name for p in (tmp_path / "ex").iterdir()] == ["s1.png"]
+
+
+def test_swap_scenes_needs_two_recordings() -> None:
+    from avloc.core.datasets import Annotation, SceneObject
+
+    box = np.array([0, 0, 1, 1], np.float32)
+    anns = {
+        "two": Annotation("two", "dog", box[None], (SceneObject("dog", box, True, "a.wav"),
+                                                   SceneObject("cow", box, False, "b.wav"))),
+        "one": Annotation("one", "dog", box[None], (SceneObject("dog", box, True, "a.wav"),
+                                                   SceneObject("cow", box, False, None))),
+        "none": Annotation("none", "dog", box[None]),
+    }
+    assert list(evaluate.swap_scenes(anns, ["two", "one", "none"])) == ["two"]

@@ -1,0 +1,168 @@
+"""`avloc export`: ONNX graphs + manifest + model.pt, parity with PyTorch, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from avloc.core.audio import FrontEndConfig
+from avloc.core.checkpoint import ImageConfig, save_checkpoint
+from avloc.core.errors import UserError
+from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+from avloc.engines import export as export_mod
+from avloc.engines.base import read_manifest, sha256_file
+
+from avloc.cli import main as cli_main
+
+IMAGE_SIZE = 64
+FRONTEND = FrontEndConfig(kind="linear", window_seconds=1.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SSLAlign(SSLAlignConfig(width=8))
+    # Non-trivial BatchNorm statistics so a graph exported in training mode would not match.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(
+        path,
+        model,
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FRONTEND,
+        image=ImageConfig(size=IMAGE_SIZE),
+    )
+    return path, model.eval()
+
+
+@pytest.fixture(scope="module")
+def engine_dir(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "engine"
+    assert cli_main(["export", "--checkpoint", str(checkpoint[0]), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_writes_graphs_manifest_and_model(engine_dir):
+    import onnx
+
+    assert sorted(p.name for p in engine_dir.iterdir()) == [
+        "audio.onnx",
+        "manifest.json",
+        "model.pt",
+        "visual.onnx",
+    ]
+    assert not engine_dir.with_name("engine.tmp").exists()
+    for name in ("audio.onnx", "visual.onnx"):
+        model = onnx.load(engine_dir / name)
+        onnx.checker.check_model(model, full_check=True)
+        for value in list(model.graph.input) + list(model.graph.output):
+            assert value.type.tensor_type.shape.dim[0].dim_param == "batch", (name, value.name)
+    assert any(n.op_type == "TopK" for n in onnx.load(engine_dir / "visual.onnx").graph.node)
+
+
+def test_manifest_contents(engine_dir):
+    manifest = read_manifest(engine_dir)
+    assert manifest["method"] == "ssl_align"
+    assert FrontEndConfig.from_dict(manifest["frontend"]) == FRONTEND
+    assert manifest["image"]["size"] == IMAGE_SIZE
+    assert manifest["image"]["mean"] == list(ImageConfig().mean) and manifest["image"]["std"] == list(
+        ImageConfig().std
+    )
+    audio, visual = manifest["graphs"]["audio"], manifest["graphs"]["visual"]
+    assert audio["inputs"][0]["shape"] == ["batch", *FRONTEND.output_shape()]
+    assert audio["outputs"][0]["shape"] == ["batch", 64] and manifest["embed_dim"] == 64
+    assert [i["name"] for i in visual["inputs"]] == ["image", "audio_embedding"]
+    assert [o["name"] for o in visual["outputs"]] == ["heatmap", "confidence"]
+    # stride-1 layer4: 64 px / 16 = 4x4 cells; top 25 % of 16 cells = 4
+    assert manifest["outputs"]["heatmap"]["feature_size"] == [4, 4]
+    assert manifest["feature_stride"] == 16
+    assert manifest["outputs"]["confidence"]["top_k"] == 4
+    assert manifest["heatmap_range"] == [-1.0, 1.0]
+    for entry in (audio, visual, manifest["torch_checkpoint"]):
+        assert entry["sha256"] == sha256_file(engine_dir / entry["file"])
+    assert set(manifest["versions"]) >= {"avloc", "torch", "onnx", "onnxruntime", "opset"}
+    assert manifest["versions"]["opset"] == 17
+    assert max(manifest["parity_max_abs_diff"].values()) <= 1e-4
+    # Round trip: JSON only, nothing that needs avloc.train.
+    assert json.loads(json.dumps(manifest)) == manifest
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_matches_pytorch(engine_dir, checkpoint, batch):
+    import onnxruntime as ort
+
+    model = checkpoint[1]
+    rng = np.random.default_rng(batch)
+    spec = rng.standard_normal((batch, *FRONTEND.output_shape()), dtype=np.float32)
+    image = rng.standard_normal((batch, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    audio = ort.InferenceSession(str(engine_dir / "audio.onnx"), providers=["CPUExecutionProvider"])
+    visual = ort.InferenceSession(str(engine_dir / "visual.onnx"), providers=["CPUExecutionProvider"])
+    emb = audio.run(None, {"spectrogram": spec})[0]
+    heat, conf = visual.run(None, {"image": image, "audio_embedding": emb})
+    with torch.inference_mode():
+        emb_t = model.encode_audio(torch.from_numpy(spec))
+        heat_t = model.cosine_map(model.encode_image(torch.from_numpy(image)), torch.from_numpy(emb))
+    assert emb.shape == (batch, 64) and heat.shape == (batch, 4, 4) and conf.shape == (batch,)
+    assert np.abs(emb - emb_t.numpy()).max() <= 1e-4 * max(1.0, float(np.abs(emb).max()))
+    assert np.abs(heat - heat_t.numpy()).max() <= 1e-4
+    # Confidence = mean of the top 4 of 16 cells, computed independently.
+    expected = np.sort(heat_t.numpy().reshape(batch, -1), axis=1)[:, -4:].mean(axis=1)
+    assert np.abs(conf - expected).max() <= 1e-5
+    # Upsampled cosine map = the model's own heatmap (the consumer's job, same definition).
+    with torch.inference_mode():
+        full = model.heatmap(torch.from_numpy(image), torch.from_numpy(spec)).numpy()
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(heat)[:, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )[:, 0].numpy()
+    assert np.abs(up - full).max() <= 1e-4
+
+
+def test_image_size_override(checkpoint, tmp_path):
+    out = export_mod.export_engine(checkpoint[0], tmp_path / "e96", image_size=96)
+    manifest = read_manifest(out)
+    assert manifest["image"]["size"] == 96 and manifest["image"]["trained_size"] == IMAGE_SIZE
+    assert manifest["outputs"]["heatmap"]["feature_size"] == [6, 6]
+    assert manifest["outputs"]["confidence"]["top_k"] == 9  # ceil(0.25 * 36)
+
+
+def test_existing_dir_needs_force_and_failure_leaves_nothing(checkpoint, engine_dir, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="--force"):
+        export_mod.export_engine(checkpoint[0], engine_dir)
+
+    def broken_parity(*args, **kwargs):
+        return {"audio_embedding": 0.0, "heatmap": 0.5, "confidence": 0.0}
+
+    monkeypatch.setattr(export_mod, "_parity", broken_parity)
+    out = tmp_path / "engine"
+    with pytest.raises(UserError, match="parity"):
+        export_mod.export_engine(checkpoint[0], out)
+    assert list(tmp_path.iterdir()) == []  # neither engine nor engine.tmp
+
+
+def test_force_replaces_atomically(checkpoint, tmp_path):
+    out = export_mod.export_engine(checkpoint[0], tmp_path / "engine")
+    (out / "stale.txt").write_text("old")
+    export_mod.export_engine(checkpoint[0], out, force=True)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("avloc: error:") and "nope.pt" in err and "\n" not in err
+
+
+def test_unknown_method_lists_exporters(checkpoint):
+    from avloc.core.checkpoint import load_model
+
+    loaded = load_model(checkpoint[0])
+    loaded.method = "acl_future"
+    with pytest.raises(UserError, match="ssl_align"):
+        export_mod.build_graphs(loaded, IMAGE_SIZE)

@@ -1,0 +1,200 @@
+"""Launcher: restarts of crashed / silent workers, kill -9 of the inference worker, Ctrl-C, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
+
+DUMMY_WORKER = textwrap.dedent('''
+    """A worker that beats, then (by --mode) keeps going, crashes, or hangs without heartbeats."""
+    import argparse, os, time
+    import zmq
+    from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="ok")
+    p.add_argument("--after", type=float, default=0.5)
+    add_common_arguments(p, role="dummy")
+    a = p.parse_args()
+    setup_logging("dummy", a.log_file)
+    stop = install_stop_handlers()
+    hb = Heartbeat(zmq.Context.instance(), a.heartbeat, role="dummy", stream=a.stream_id, interval_s=0.1)
+    start = time.monotonic()
+    while not stop.is_set():
+        elapsed = time.monotonic() - start
+        if a.mode == "crash" and elapsed > a.after:
+            os._exit(3)
+        if a.mode == "end" and elapsed > a.after:
+            hb.control("end")
+            break
+        if not (a.mode == "hang" and elapsed > a.after):
+            hb.maybe_send({"elapsed": elapsed})
+        time.sleep(0.02)
+    hb.close()
+''')
+
+
+@pytest.fixture()
+def dummy_module(tmp_path, monkeypatch) -> str:
+    (tmp_path / "avloc_dummy_worker.py").write_text(DUMMY_WORKER)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return "avloc_dummy_worker"
+
+
+def _assert_no_orphans(parent: psutil.Process | None = None) -> None:
+    parent = parent or psutil.Process()
+    _, alive = psutil.wait_procs(parent.children(recursive=True), timeout=15)
+    assert not alive, f"orphan processes: {[p.cmdline() for p in alive]}"
+
+
+FAST = StreamConfig(heartbeat_timeout_s=1.0, startup_grace_s=20.0, restart_backoff_s=0.1, restart_backoff_max_s=0.2,
+                    max_restarts=2, drain_s=0.1, stop_timeout_s=5.0, display_stop_timeout_s=5.0)
+
+
+def test_restarts_crashed_and_silent_workers_then_gives_up(dummy_module, tmp_path):
+    specs = [
+        ProcessSpec("steady", dummy_module, ["--mode", "ok"], role="display"),
+        ProcessSpec("crasher", dummy_module, ["--mode", "crash", "--after", "0.3"], role="inference"),
+        ProcessSpec("hanger", dummy_module, ["--mode", "hang", "--after", "0.3"], role="source"),
+    ]
+    launcher = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint())
+    summary = launcher.run(timeout_s=40)
+    procs = summary["processes"]
+    assert procs["crasher"]["restarts"] == FAST.max_restarts and procs["crasher"]["exit_code"] == 3
+    assert procs["hanger"]["restarts"] == FAST.max_restarts  # killed for silence, restarted, then given up
+    assert procs["steady"]["restarts"] == 0 and procs["steady"]["exit_code"] == 0  # stopped by SIGTERM cleanly
+    whys = {e["why"] for e in summary["events"] if e["event"] == "crash"}
+    assert "stopped sending heartbeats" in whys and "exited" in whys
+    assert summary["reason"] == "timeout"
+    for name in ("steady", "crasher", "hanger"):
+        assert (tmp_path / "run" / f"{name}.log").is_file()  # one log per process
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"].keys() == procs.keys()
+    _assert_no_orphans()
+
+
+def test_finite_source_end_stops_everything(dummy_module, tmp_path):
+    specs = [
+        ProcessSpec("display", dummy_module, [], role="display"),
+        ProcessSpec("inference", dummy_module, [], role="inference"),
+        ProcessSpec("replay", dummy_module, ["--mode", "end", "--after", "1.0"], role="source", finite=True,
+                    after=("inference", "display")),
+    ]
+    started = time.monotonic()
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
+    assert summary["reason"] == "ended" and time.monotonic() - started < 30
+    assert all(p["restarts"] == 0 and p["exit_code"] == 0 for p in summary["processes"].values())
+    order = [e["process"] for e in summary["events"] if e["event"] == "start"]
+    assert order[-1] == "replay"  # the source waited for its consumers
+    _assert_no_orphans()
+
+
+def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
+    script = textwrap.dedent(f'''
+        from pathlib import Path
+        from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
+        specs = [ProcessSpec(f"w{{i}}", {dummy_module!r}, []) for i in range(3)]
+        Launcher(specs, Path({str(tmp_path / "run")!r}), config=StreamConfig(),
+                 heartbeat_endpoint=free_tcp_endpoint()).run()
+    ''')
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+    proc = psutil.Process(launcher.pid)
+    deadline = time.monotonic() + 30
+    while len(proc.children()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = proc.children()
+    assert len(children) == 3
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, "workers outlived a SIGKILLed launcher"
+
+
+# ---------------------------------------------------------------------------------------------- real pipeline
+
+
+@pytest.fixture(scope="module")
+def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
+    from avloc.core.audio import FrontEndConfig
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+    from avloc.core.synth import write_synth_video
+    from avloc.engines.export import export_engine
+
+    root = tmp_path_factory.mktemp("pipeline")
+    save_checkpoint(root / "ckpt.pt", SSLAlign(SSLAlignConfig(width=8)), method="ssl_align",
+                    model_config={"width": 8}, frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+                    image=ImageConfig(size=64))
+    engine = export_engine(root / "ckpt.pt", root / "engine")
+    write_synth_video(root / "clip.mp4", seconds=2.0, fps=15, size=(160, 120), seed=3)
+    return engine, root / "clip.mp4"
+
+
+def _inference_pid(launcher: psutil.Process) -> int | None:
+    for child in launcher.children():
+        try:
+            if "avloc.stream.inference" in child.cmdline():
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def _heatmaps(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp_path):
+    engine, video = engine_and_video
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "avloc.cli", "replay", str(video), "--engine", str(engine), "--headless",
+           "--loop", "--auto-ports", "--threads", "1", "--run-dir", str(run_dir)]
+    launcher = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = psutil.Process(launcher.pid)
+    latency_log = run_dir / "latency.jsonl"
+    try:
+        deadline = time.monotonic() + 90
+        while len([r for r in _heatmaps(latency_log) if not r.get("notice")]) < 5:
+            assert time.monotonic() < deadline, "no heatmaps from the pipeline"
+            assert launcher.poll() is None
+            time.sleep(0.2)
+        victim = _inference_pid(proc)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        # heatmaps resume from a new inference worker
+        while True:
+            after = [r for r in _heatmaps(latency_log) if not r.get("notice") and r["ts"]["display"] > killed_at]
+            if len(after) >= 5:
+                break
+            assert time.monotonic() - killed_at < 60, "heatmaps did not resume after kill -9"
+            time.sleep(0.2)
+        resumed_s = after[0]["ts"]["display"] - killed_at
+        new_pid = _inference_pid(proc)
+        assert new_pid is not None and new_pid != victim
+    finally:
+        workers = proc.children(recursive=True)
+        launcher.send_signal(signal.SIGINT)  # Ctrl-C
+        code = launcher.wait(timeout=60)
+    assert code == 0
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"orphan processes: {alive}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reason"] == "stopped"
+    assert summary["processes"]["inference"]["restarts"] == 1
+    gap = summary["heatmap_gaps"][0]["gap_s"]
+    assert gap is not None and 0 < gap < 60 and resumed_s < 60
+    assert all(p["exit_code"] == 0 for n, p in summary["processes"].items() if n != "inference")
+    _assert_no_orphans(psutil.Process())

