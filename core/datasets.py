@@ -48,7 +48,7 @@ class SceneObject:
 class Annotation:
     file: str
     cls: str
-    boxes: np.ndarray  # [N, 4] float32, normalized x1, y1, x2, y2 (as written; metrics clip to 0..1)
+    boxes: np.ndarray  # [N, 4] float64 as in the json (int(v*224) then matches the references), normalized x1y1x2y2
     objects: tuple[SceneObject, ...] = field(default=())
 
 
@@ -152,7 +152,7 @@ def load_vggss_json(path: str | Path) -> dict[str, Annotation]:
         out[file_id] = Annotation(
             file=file_id,
             cls=cls,
-            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
             objects=objects,
         )
     return out
@@ -166,7 +166,7 @@ def _scene_object(value: Any, path: Path, where: str) -> SceneObject:
     audio = value.get("audio")
     if not isinstance(sounding, bool) or not (audio is None or isinstance(audio, str)):
         raise DataError(path, f"{where}: 'sounding' must be true/false and 'audio' a path string")
-    box = np.asarray(_box(value.get("bbox"), path, f"{where} bbox"), dtype=np.float32)
+    box = np.asarray(_box(value.get("bbox"), path, f"{where} bbox"), dtype=np.float64)
     return SceneObject(cls=value["class"], bbox=box, sounding=sounding, audio=audio)
 
 
@@ -255,7 +255,7 @@ def load_flickr_xml(path: str | Path) -> list[np.ndarray]:
             groups.append(boxes)
     if not groups:
         raise DataError(path, "no <bbox> elements (expected xmin/ymin/xmax/ymax per annotator)")
-    return [np.asarray(g, dtype=np.float32).reshape(-1, 4) for g in groups]
+    return [np.asarray(g, dtype=np.float64).reshape(-1, 4) for g in groups]
 
 
 def _flickr_box(elem: ET.Element, path: Path, group: int) -> list[float]:

@@ -165,8 +165,24 @@ class _AudioTrack:
             self._container = None
 
 
+class TruncatedError(Exception):
+    """The video stream ends well before the duration its header claims."""
+
+
+def _claimed_seconds(container: Any, stream: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(container.duration) / 1_000_000
+    return None
+
+
 def _iter_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
-    """(media seconds, BGR frame) of the first video stream; raises av.error.FFmpegError on corrupt data."""
+    """(media seconds, BGR frame) of the first video stream.
+
+    Raises av.error.FFmpegError on corrupt data and TruncatedError when a file cut short (Matroska/WebM
+    decode up to the cut without any FFmpeg error) ends before the duration in its header.
+    """
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -178,6 +194,10 @@ def _iter_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
                 t = 0.0 if last is None else last + 1.0 / rate
             last = t
             yield t, frame.to_ndarray(format="bgr24")
+        claimed = _claimed_seconds(container, stream)
+        decoded = 0.0 if last is None else last + 1.0 / rate
+        if claimed is not None and decoded < claimed - (0.25 + 0.02 * claimed):
+            raise TruncatedError(f"video decodes to {decoded:.2f} s, the file claims {claimed:.2f} s")
     finally:
         container.close()
 
@@ -326,8 +346,8 @@ class ReplaySource:
                     if not self._publish_frame(frames_sock, media, t, image):
                         return None
                     heartbeat.maybe_send(dict(self.stats))
-            except av.error.FFmpegError as err:
-                error = f"{self.path}: video decoding failed after {self.stats['frames']} frames ({err})"
+            except (av.error.FFmpegError, TruncatedError) as err:
+                error = f"{self.path}: truncated or corrupt after {self.stats['frames']} frames ({err})"
                 log.error("%s", error)
                 return error
             finally:

@@ -78,7 +78,7 @@ def test_vggss_json_boxes_and_objects(tmp_path: Path) -> None:
     annotations = load_vggss_json(path)
     assert set(annotations) == {"x", "y"}
     y = annotations["y"]
-    assert y.cls == "cat" and y.boxes.shape == (2, 4) and y.boxes.dtype == np.float32
+    assert y.cls == "cat" and y.boxes.shape == (2, 4) and y.boxes.dtype == np.float64
     np.testing.assert_allclose(y.boxes[1], [0.2, 0.3, 0.4, 0.5])
     assert y.objects == ()
     x = annotations["x"]

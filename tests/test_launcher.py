@@ -69,7 +69,15 @@ def test_restarts_crashed_and_silent_workers_then_gives_up(dummy_module, tmp_pat
         ProcessSpec("hanger", dummy_module, ["--mode", "hang", "--after", "0.3"], role="source"),
     ]
     launcher = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint())
-    summary = launcher.run(timeout_s=40)
+    launcher.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (launcher.children["crasher"].done and launcher.children["hanger"].done):
+            assert time.monotonic() < deadline, "workers were not given up on"
+            launcher.poll()
+            time.sleep(0.05)
+    finally:
+        summary = launcher.shutdown("timeout")
     procs = summary["processes"]
     assert procs["crasher"]["restarts"] == FAST.max_restarts and procs["crasher"]["exit_code"] == 3
     assert procs["hanger"]["restarts"] == FAST.max_restarts  # killed for silence, restarted, then given up

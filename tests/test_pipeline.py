@@ -1,0 +1,142 @@
+"""End to end with real processes and sockets on loopback: replay -> inference -> display (headless record)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+import pytest
+
+from avloc.core.media import iter_video, probe_video
+from avloc.stream.bench import read_latency_log
+from avloc.stream.replay_cli import run_replay
+
+ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_end", "publish", "display")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    from avloc.core.audio import FrontEndConfig
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+    from avloc.core.synth import write_synth_video
+    from avloc.engines.export import export_engine
+
+    root = tmp_path_factory.mktemp("pipeline")
+    save_checkpoint(root / "ckpt.pt", SSLAlign(SSLAlignConfig(width=8)), method="ssl_align",
+                    model_config={"width": 8}, frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+                    image=ImageConfig(size=64))
+    engine = export_engine(root / "ckpt.pt", root / "engine")
+    video = root / "clip.mp4"
+    write_synth_video(video, seconds=2.0, fps=15, size=(160, 120), seed=5)
+    return {"engine": engine, "video": video, "root": root}
+
+
+def _remux(src: Path, dst: Path, audio: bool) -> Path:
+    """Copy ``src``'s streams (video only when ``audio`` is False) into another container."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        streams = [inp.streams.video[0]] + ([inp.streams.audio[0]] if audio else [])
+        mapping = {s.index: out.add_stream_from_template(s) for s in streams}
+        for packet in inp.demux(streams):
+            if packet.dts is None:
+                continue
+            packet.stream = mapping[packet.stream.index]
+            out.mux(packet)
+    return dst
+
+
+def _no_orphans() -> None:
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=15)
+    assert not alive, f"orphan processes: {alive}"
+
+
+def test_replay_two_streams_end_to_end(assets, tmp_path):
+    record = tmp_path / "out.mp4"
+    summary = run_replay(assets["video"], assets["engine"], run_dir=tmp_path / "run", record=record,
+                         headless=True, streams=2, threads=1, snapshot_every=10)
+    assert summary["reason"] == "ended"
+    records = read_latency_log(Path(summary["latency_log"]))
+    frames_in_file = sum(1 for _ in iter_video(assets["video"]))
+    for stream in ("cam0", "cam1"):
+        mine = [r for r in records if r["stream"] == stream]
+        computed = [r for r in mine if not r["notice"]]
+        # real time with two streams on a shared CPU: most frames get a heatmap, the rest are counted drops
+        assert len(computed) >= 0.5 * frames_in_file, (stream, len(computed), frames_in_file)
+        for r in computed:
+            stamps = [r["ts"][k] for k in ORDER]
+            assert stamps == sorted(stamps), r["ts"]  # every stage in order on the one monotonic clock
+            x, y = r["peak"]
+            assert 0 <= x <= 1 and 0 <= y <= 1
+    assert summary["latency"]["e2e_ms"]["p50"] < 1000
+    # the recording: overlaid frames of the first stream at the file's timing, with the file's audio
+    info = probe_video(record)
+    assert info.has_audio and (info.width, info.height) == (160, 120)
+    assert abs(info.duration - 2.0) < 0.5
+    recorded = sum(1 for _ in iter_video(record))
+    assert recorded >= 0.8 * frames_in_file
+    assert len(list((tmp_path / "out").glob("*.png"))) >= 1  # snapshots next to the recording
+    for name in ("replay0", "replay1", "inference", "display"):
+        assert (tmp_path / "run" / f"{name}.log").is_file()
+        assert summary["processes"][name]["restarts"] == 0
+    _no_orphans()
+
+
+def test_audioless_file_plays_with_no_audio_notice(assets, tmp_path):
+    silent = _remux(assets["video"], tmp_path / "silent.mkv", audio=False)
+    assert not probe_video(silent).has_audio
+    record = tmp_path / "silent_out.mp4"
+    summary = run_replay(silent, assets["engine"], run_dir=tmp_path / "run", record=record, headless=True,
+                         threads=1)
+    assert summary["reason"] == "ended"
+    records = read_latency_log(Path(summary["latency_log"]))
+    assert len(records) >= 10
+    assert all(r["notice"] == "no_audio" and r["peak"] is None for r in records)
+    assert summary["processes"]["inference"]["stats"]["suppressed"] == len(records)
+    # the "NO AUDIO" banner is burnt into the recorded frames (red text, bottom centre)
+    _, frame = next(iter_video(record))
+    banner = frame[-40:, 40:-40].astype(int)
+    assert ((banner[..., 0] > 200) & (banner[..., 1] < 120)).sum() > 20
+    assert not probe_video(record).has_audio
+    _no_orphans()
+
+
+def test_truncated_files(assets, tmp_path):
+    # An mp4 cut short loses its index: a one-line user error before anything starts.
+    data = assets["video"].read_bytes()
+    cut_mp4 = tmp_path / "cut.mp4"
+    cut_mp4.write_bytes(data[: len(data) // 2])
+    done = subprocess.run([sys.executable, "-m", "avloc.cli", "replay", str(cut_mp4), "--engine",
+                           str(assets["engine"]), "--headless", "--auto-ports"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("avloc: error:") and str(cut_mp4) in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    # A Matroska file cut short still plays up to the cut; the pipeline ends cleanly.
+    mkv = _remux(assets["video"], tmp_path / "full.mkv", audio=True)
+    raw = mkv.read_bytes()
+    cut_mkv = tmp_path / "cut.mkv"
+    cut_mkv.write_bytes(raw[: int(len(raw) * 0.6)])
+    summary = run_replay(cut_mkv, assets["engine"], run_dir=tmp_path / "run", headless=True, threads=1)
+    assert summary["reason"] == "ended"
+    records = read_latency_log(Path(summary["latency_log"]))
+    frames_in_file = sum(1 for _ in iter_video(assets["video"]))
+    assert 0 < len(records) < frames_in_file
+    assert all(p["restarts"] == 0 for p in summary["processes"].values())
+    _no_orphans()
+
+
+def test_latency_log_survives_a_cut_line(tmp_path):
+    path = tmp_path / "lat.jsonl"
+    good = {"stream": "cam0", "seq": 1, "ts": {k: float(i) for i, k in enumerate(ORDER)}, "notice": None}
+    path.write_text(json.dumps(good) + "\n" + '{"stream": "cam0", "se')
+    from avloc.stream.bench import summarize_latency_log
+
+    summary = summarize_latency_log(path)
+    assert summary["heatmaps"] == 1
+    assert summary["e2e_ms"]["p50"] == pytest.approx(7000.0)
+    assert summary["stages_ms"]["transport"]["p50"] == pytest.approx(1000.0)
+    assert np.isnan(summarize_latency_log(tmp_path / "missing.jsonl")["e2e_ms"]["p50"])
