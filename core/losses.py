@@ -43,13 +43,15 @@ class LossConfig:
     def __post_init__(self) -> None:
         unknown = [v for v in self.positives if v not in VIEWS]
         if unknown or not self.positives:
-            raise UserError(f"config loss.positives={list(self.positives)}: expected a non-empty subset of {list(VIEWS)}")
+            raise UserError(
+                f"config loss.positives={list(self.positives)}: expected a non-empty subset of {list(VIEWS)}"
+            )
         if "orig" not in self.positives:
             raise UserError(f"config loss.positives={list(self.positives)}: must contain 'orig'")
         if len(set(self.positives)) != len(self.positives):
             raise UserError(f"config loss.positives={list(self.positives)}: views repeated")
         if not (self.use_sl or self.use_sa):
-            raise UserError("config loss: use_sl and use_sa are both false; at least one similarity is needed")
+            raise UserError("config loss: use_sl and use_sa are both false; at least one is needed")
         if self.tau <= 0:
             raise UserError(f"config loss.tau={self.tau}: expected > 0")
 
@@ -60,7 +62,9 @@ def view_pairs(config: LossConfig) -> list[tuple[str, str]]:
     return list(itertools.product(ordered, ordered))
 
 
-def info_nce(logits: Tensor, offset: int = 0, symmetric: bool = False, column_logits: Tensor | None = None) -> Tensor:
+def info_nce(
+    logits: Tensor, offset: int = 0, symmetric: bool = False, column_logits: Tensor | None = None
+) -> Tensor:
     """Cross-entropy over rows of ``logits`` [N, K] with the positive of row i at column offset + i.
 
     ``symmetric`` adds the column-anchored term; ``column_logits`` [M, N_all] gives it when the rows
@@ -71,7 +75,8 @@ def info_nce(logits: Tensor, offset: int = 0, symmetric: bool = False, column_lo
     loss = F.cross_entropy(logits.float(), targets)
     if symmetric:
         cols = logits.t() if column_logits is None else column_logits
-        loss = loss + F.cross_entropy(cols.float(), torch.arange(cols.shape[0], device=logits.device) + offset)
+        col_targets = torch.arange(cols.shape[0], device=logits.device) + offset
+        loss = loss + F.cross_entropy(cols.float(), col_targets)
     return loss
 
 

@@ -187,7 +187,7 @@ def _group(images: dict[str, np.ndarray], digests: dict[str, str]) -> dict[str, 
 
 
 def _max_side(params: scenes.SceneParams, videos: int) -> int:
-    largest = params.image_size * params.sounding_scale[1]
+    largest = params.image_size * params.max_longer_side
     if videos:
         largest = max(largest, min(params.video_size) * 0.5)
     return int(max(64, round(largest)))

@@ -206,7 +206,7 @@ def make_synth(
 
 def _sprite_size(params: scenes.SceneParams, videos: int) -> int:
     """Draw shapes at about the largest size they are shown at (scenes, or clips if any), never upsampled much."""
-    largest = max(params.image_size * params.sounding_scale[1], min(params.video_size) * 0.5 if videos else 0)
+    largest = max(params.image_size * params.max_longer_side, min(params.video_size) * 0.5 if videos else 0)
     return int(min(max(64, round(largest)), 512))
 
 

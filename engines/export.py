@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import io
 import json
 import logging
@@ -109,6 +110,8 @@ def ssl_align_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
 
 
 _GRAPH_BUILDERS: dict[str, Callable[[LoadedModel, int], EngineGraphs]] = {"ssl_align": ssl_align_graphs}
+# Methods whose builder lives in its own module, imported (and so registered) on first use.
+_BUILDER_MODULES = {"acl": "avloc.engines.acl_export"}
 
 
 def register_graph_builder(method: str, builder: Callable[[LoadedModel, int], EngineGraphs]) -> None:
@@ -117,9 +120,11 @@ def register_graph_builder(method: str, builder: Callable[[LoadedModel, int], En
 
 
 def build_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
+    if loaded.method not in _GRAPH_BUILDERS and loaded.method in _BUILDER_MODULES:
+        importlib.import_module(_BUILDER_MODULES[loaded.method])
     builder = _GRAPH_BUILDERS.get(loaded.method)
     if builder is None:
-        known = ", ".join(sorted(_GRAPH_BUILDERS))
+        known = ", ".join(sorted(set(_GRAPH_BUILDERS) | set(_BUILDER_MODULES)))
         raise UserError(f"method {loaded.method!r} has no engine exporter; exportable methods: {known}")
     return builder(loaded, image_size)
 
@@ -267,6 +272,8 @@ def export_engine(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir}: already exists; pass --force to replace it")
+    if int8 and calibration is None:
+        raise UserError("--int8 needs --calibration DATASET_ROOT (real frames + audio to calibrate on)")
     if image_size is not None and image_size < 32:
         raise UserError(f"--image-size {image_size}: expected at least 32 pixels")
     loaded = load_model(checkpoint, device="cpu")
@@ -336,6 +343,7 @@ def _write_engine(
         image=loaded.image,
         extra={"source_checkpoint": str(checkpoint)},
     )
+    os.chmod(tmp / MODEL_FILE, 0o644)  # mkstemp made it owner-only; engines are shared read-only artefacts
 
     io_spec = _io_spec(spec_shape, size, graphs)
     for entry in io_spec.values():
@@ -380,9 +388,10 @@ def _write_engine(
     if int8:
         from avloc.engines.quantize import quantize_visual
 
-        manifest["graphs"]["visual"]["variants"] = {
-            "int8": quantize_visual(tmp, manifest, graphs, calibration)
-        }
+        entry = quantize_visual(tmp, manifest, graphs, calibration)
+        # A rejected variant is recorded (with its numbers) but not selectable.
+        key = "int8_rejected" if entry.get("rejected") else "variants"
+        manifest["graphs"]["visual"][key] = entry if entry.get("rejected") else {"int8": entry}
     return manifest
 
 
@@ -408,7 +417,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration",
         type=Path,
         default=None,
-        help="with --int8: dataset root (frames/, audio/) or folder of images used for calibration",
+        help="with --int8: dataset root (split lists, frames/, audio/) whose frames and sounds calibrate it",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 

@@ -105,6 +105,9 @@ class _TrtGraph:
             trt.bool: torch.bool,
             trt.int8: torch.int8,
         }
+        unsupported = [n for n in names if self.engine.get_tensor_dtype(n) not in dtypes]
+        if unsupported:
+            raise UserError(f"{source}: I/O tensor(s) {unsupported} have a dtype avloc does not bind")
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
 
     def __call__(self, inputs: list[Any], stream: Any) -> list[Any]:

@@ -42,7 +42,10 @@ class CudaGraphRunner:
         self.device = device
         self.autocast = autocast
         self.warmup = warmup
-        self.pool = torch.cuda.graph_pool_handle()  # one pool for all batch sizes
+        # One pool for all batch sizes. Safe because every replay runs on the caller's stream and its outputs
+        # are copied/cloned before the next replay: a later replay may reuse another graph's freed memory,
+        # never memory whose contents are still to be read.
+        self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]] = {}
 
     def _capture(

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,14 @@ def percentiles(values_s: list[float] | np.ndarray) -> dict[str, float]:
     if arr.size == 0:
         return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {"n": int(arr.size), "p50": round(float(p50), 3), "p90": round(float(p90), 3),
-            "p99": round(float(p99), 3), "max": round(float(arr.max()), 3), "mean": round(float(arr.mean()), 3)}
+    return {
+        "n": int(arr.size),
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(arr.max()), 3),
+        "mean": round(float(arr.mean()), 3),
+    }
 
 
 def read_latency_log(path: Path) -> list[dict[str, Any]]:
@@ -95,7 +100,9 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
         "suppressed": len(records) - len(computed),
         "streams": streams,
         "heatmap_fps": round((len(display_ts) - 1) / span, 2) if span > 0 else 0.0,
-        "heatmap_fps_per_stream": round((len(display_ts) - 1) / span / max(1, len(streams)), 2) if span > 0 else 0.0,
+        "heatmap_fps_per_stream": round((len(display_ts) - 1) / span / max(1, len(streams)), 2)
+        if span > 0
+        else 0.0,
         "e2e_ms": percentiles(samples["e2e"]),
         "stages_ms": {name: percentiles(v) for name, v in samples.items() if name != "e2e"},
         "audio_embedding_computed_ms": percentiles(embeds),
@@ -124,11 +131,21 @@ def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def bench_pipeline(video: Path, engine: Path, backend: str, *, streams: int, duration_s: float, warmup_s: float,
-                   run_dir: Path, threads: int | None = None, record: Path | None = None) -> dict[str, Any]:
+def bench_pipeline(
+    video: Path,
+    engine: Path,
+    backend: str,
+    *,
+    streams: int,
+    duration_s: float,
+    warmup_s: float,
+    run_dir: Path,
+    threads: int | None = None,
+    extra_inference_args: list[str] | None = None,
+    record: Path | None = None,
+) -> dict[str, Any]:
     """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``."""
     import psutil
-
     from avloc.stream import launcher as L
 
     config = L.load_stream_config()
@@ -137,7 +154,7 @@ def bench_pipeline(video: Path, engine: Path, backend: str, *, streams: int, dur
     latency_log.unlink(missing_ok=True)
     specs = [
         *L.replay_specs(video, engine, endpoints, config, speed="1.0", loop=True),
-        L.inference_spec(engine, backend, endpoints, config, threads=threads),
+        L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args),
         L.display_spec(endpoints, config, headless=True, record=record, latency_log=latency_log),
     ]
     launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats)
@@ -151,7 +168,9 @@ def bench_pipeline(video: Path, engine: Path, backend: str, *, streams: int, dur
         while not latency_log.is_file() or latency_log.stat().st_size == 0:
             launcher.poll()
             if time.monotonic() > deadline or launcher.finished():
-                raise UserError(f"bench: no heatmap within {config.startup_grace_s:.0f} s; see logs in {run_dir}")
+                raise UserError(
+                    f"bench: no heatmap within {config.startup_grace_s:.0f} s; see logs in {run_dir}"
+                )
             time.sleep(0.05)
         _wait(launcher, warmup_s)
         pids = launcher.pids()
@@ -166,20 +185,25 @@ def bench_pipeline(video: Path, engine: Path, backend: str, *, streams: int, dur
         reason = "done"
     finally:
         summary = launcher.shutdown(reason)
-    records = [r for r in read_latency_log(latency_log)
-               if window is not None and window[0] <= r.get("ts", {}).get("display", -1.0) <= window[1]]
+    records = [
+        r
+        for r in read_latency_log(latency_log)
+        if window is not None and window[0] <= r.get("ts", {}).get("display", -1.0) <= window[1]
+    ]
     result = summarize_records(records)
-    result.update({
-        "backend": backend,
-        "streams": streams,
-        "measured_s": round(window[1] - window[0], 3) if window else 0.0,
-        "cpu_percent": cpu,
-        "cpu_percent_total_processes": round(sum(cpu.values()), 1),
-        "system_cpu_percent": system_cpu,
-        "restarts": {n: p["restarts"] for n, p in summary["processes"].items()},
-        "inference_stats": summary["processes"].get("inference", {}).get("stats", {}),
-        "run_dir": str(run_dir),
-    })
+    result.update(
+        {
+            "backend": backend,
+            "streams": streams,
+            "measured_s": round(window[1] - window[0], 3) if window else 0.0,
+            "cpu_percent": cpu,
+            "cpu_percent_total_processes": round(sum(cpu.values()), 1),
+            "system_cpu_percent": system_cpu,
+            "restarts": {n: p["restarts"] for n, p in summary["processes"].items()},
+            "inference_stats": summary["processes"].get("inference", {}).get("stats", {}),
+            "run_dir": str(run_dir),
+        }
+    )
     result["_records"] = records
     return result
 
@@ -194,11 +218,12 @@ def _wait(launcher: Any, seconds: float) -> None:
 # ---------------------------------------------------------------------------------------------- baseline
 
 
-def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int | None = None) -> dict[str, Any]:
+def bench_baseline(
+    video: Path, engine: Path, *, duration_s: float, threads: int | None = None
+) -> dict[str, Any]:
     """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``."""
     import torch
     import torch.nn.functional as F
-
     from avloc.core.audio import FrontEnd, crop_window
     from avloc.core.checkpoint import load_model
     from avloc.core.media import iter_video, read_video_audio
@@ -231,8 +256,12 @@ def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int
                 t_frame = time.monotonic()
                 stage["decode"].append(t_frame - t_decode)
                 end = int(round(pts * rate))
-                window = crop_window(wave, frontend_cfg.num_samples, start=max(0, end - frontend_cfg.num_samples),
-                                     pad=frontend_cfg.pad_mode)
+                window = crop_window(
+                    wave,
+                    frontend_cfg.num_samples,
+                    start=max(0, end - frontend_cfg.num_samples),
+                    pad=frontend_cfg.pad_mode,
+                )
                 spec = frontend(torch.from_numpy(window)[None])
                 t_spec = time.monotonic()
                 image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
@@ -250,7 +279,7 @@ def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int
             it.close()
     elapsed = time.monotonic() - start
     return {
-        "what": "single process, eager PyTorch, frame by frame: decode, spectrogram, full model (both encoders)",
+        "what": "one process, eager PyTorch, frame by frame: decode, spectrogram, full model (both encoders)",
         "frames": frames,
         "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
         "per_frame_ms": percentiles(per_frame),
@@ -270,8 +299,20 @@ def plot_histograms(pipeline: dict[str, Any], baseline: dict[str, Any] | None, p
     import matplotlib.pyplot as plt
 
     samples = stage_samples(pipeline.get("_records", []))
-    names = [n for n in ("e2e", "capture_to_send", "transport", "queue_wait", "audio_and_preprocess",
-                         "visual_engine", "publish", "publish_to_display") if samples.get(n)]
+    names = [
+        n
+        for n in (
+            "e2e",
+            "capture_to_send",
+            "transport",
+            "queue_wait",
+            "audio_and_preprocess",
+            "visual_engine",
+            "publish",
+            "publish_to_display",
+        )
+        if samples.get(n)
+    ]
     panels = len(names) + (1 if baseline else 0)
     cols = 3
     rows = max(1, math.ceil(panels / cols))
@@ -300,12 +341,18 @@ def plot_histograms(pipeline: dict[str, Any], baseline: dict[str, Any] | None, p
 def machine_info() -> dict[str, Any]:
     import psutil
 
-    return {"cpus": os.cpu_count(), "cpu_model": platform.processor() or platform.machine(),
-            "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": platform.processor() or platform.machine(),
+        "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from avloc.stream.replay_cli import add_engine_arguments
+
     parser.add_argument("--video", required=True, type=Path, help="video to replay (looped at real time)")
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
@@ -313,12 +360,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (each part)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds ignored after the first heatmap")
     parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
+    add_engine_arguments(parser)
     parser.add_argument("--no-baseline", action="store_true", help="skip the eager baseline")
-    parser.add_argument("--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)"
+    )
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from avloc.core.media import probe_video
+    from avloc.stream.replay_cli import inference_args
 
     if args.streams < 1 or args.duration <= 0:
         raise UserError(f"--streams {args.streams} / --duration {args.duration}: expected >= 1 and > 0")
@@ -327,20 +378,45 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     run_dir = out.with_name(out.stem + "_run")
     machine = machine_info()
-    pipeline = bench_pipeline(args.video, args.engine, args.backend, streams=args.streams,
-                              duration_s=args.duration, warmup_s=args.warmup, run_dir=run_dir, threads=args.threads)
-    baseline = None if args.no_baseline else bench_baseline(args.video, args.engine, duration_s=args.duration,
-                                                            threads=args.threads)
+    pipeline = bench_pipeline(
+        args.video,
+        args.engine,
+        args.backend,
+        streams=args.streams,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        run_dir=run_dir,
+        threads=args.threads,
+        extra_inference_args=inference_args(args),
+    )
+    baseline = (
+        None
+        if args.no_baseline
+        else bench_baseline(args.video, args.engine, duration_s=args.duration, threads=args.threads)
+    )
     png = plot_histograms(pipeline, baseline, out.with_suffix(".png"))
     result: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": "avloc bench pipeline " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in (("video", args.video), ("engine", args.engine),
-                                                        ("backend", args.backend), ("streams", args.streams),
-                                                        ("duration", args.duration), ("out", args.out))),
+        "command": "avloc bench pipeline "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in (
+                ("video", args.video),
+                ("engine", args.engine),
+                ("backend", args.backend),
+                ("streams", args.streams),
+                ("duration", args.duration),
+                ("out", args.out),
+            )
+        ),
         "machine": machine,
-        "video": {"path": str(args.video), "width": info.width, "height": info.height, "fps": info.fps,
-                  "has_audio": info.has_audio},
+        "video": {
+            "path": str(args.video),
+            "width": info.width,
+            "height": info.height,
+            "fps": info.fps,
+            "has_audio": info.has_audio,
+        },
         "pipeline": {k: v for k, v in pipeline.items() if not k.startswith("_")},
         "baseline": {k: v for k, v in baseline.items() if not k.startswith("_")} if baseline else None,
         "histograms_png": str(png),
@@ -360,12 +436,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     result = run_bench(args)
     p = result["pipeline"]
-    print(f"pipeline ({p['backend']}, {p['streams']} stream(s)): {p['heatmap_fps']:.1f} heatmaps/s, "
-          f"e2e p50 {p['e2e_ms']['p50']:.1f} ms p99 {p['e2e_ms']['p99']:.1f} ms max {p['e2e_ms']['max']:.1f} ms, "
-          f"drops {p['drops']}, CPU {p['cpu_percent']}")
+    print(
+        f"pipeline ({p['backend']}, {p['streams']} stream(s)): {p['heatmap_fps']:.1f} heatmaps/s, "
+        f"e2e p50 {p['e2e_ms']['p50']:.1f} ms p99 {p['e2e_ms']['p99']:.1f} ms "
+        f"max {p['e2e_ms']['max']:.1f} ms, "
+        f"drops {p['drops']}, CPU {p['cpu_percent']}"
+    )
     if result.get("baseline"):
         b = result["baseline"]
-        print(f"baseline (eager torch, frame by frame): {b['fps']:.1f} fps, per frame p50 {b['per_frame_ms']['p50']:.1f} ms")
+        print(
+            f"baseline (eager torch, frame by frame): {b['fps']:.1f} fps, "
+            f"per frame p50 {b['per_frame_ms']['p50']:.1f} ms"
+        )
         print(f"speed-up: {result['speedup']}")
     print(f"wrote {args.out} and {result['histograms_png']}")
     return 0

@@ -25,8 +25,10 @@ def main(args: argparse.Namespace) -> int:
     print("microphones (use the index or a part of the name with `avloc run --mic ...`):")
     for mic in devices["microphones"]:
         star = "*" if mic["default"] else " "
-        print(f"  {mic['index']:>3}{star} {mic['name']}  [{mic['hostapi']}], {mic['channels']} ch, "
-              f"{mic['default_samplerate']:.0f} Hz")
+        print(
+            f"  {mic['index']:>3}{star} {mic['name']}  [{mic['hostapi']}], {mic['channels']} ch, "
+            f"{mic['default_samplerate']:.0f} Hz"
+        )
     if not devices["microphones"]:
-        print("  (none found; on a machine without a sound card see docs/protocol.md / tests for an ALSA file device)")
+        print("  (none found)")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO}
 FRAME_BUFFER = 90  # frames kept per stream while their heatmaps are computed (~3 s at 30 fps)
+STALE_HEATMAP_S = 0.5  # window mode: show plain frames when no heatmap came for this long
 RECORD_WAIT_S = 0.6  # a recorded frame waits this long for its heatmap before the latest one is used
 TIME_BASE = Fraction(1, 1000)  # recorded video pts in milliseconds
 
@@ -47,8 +49,13 @@ def heatmap_to_unit(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
 
 
-def overlay(bgr: np.ndarray, unit_heatmap: np.ndarray, alpha: float, colormap: int,
-            peak: tuple[float, float] | None = None) -> np.ndarray:
+def overlay(
+    bgr: np.ndarray,
+    unit_heatmap: np.ndarray,
+    alpha: float,
+    colormap: int,
+    peak: tuple[float, float] | None = None,
+) -> np.ndarray:
     """Blend a colour-mapped heatmap (stretched to its own min..max so the hot spot shows) over the frame."""
     h, w = bgr.shape[:2]
     lo, hi = float(unit_heatmap.min()), float(unit_heatmap.max())
@@ -150,8 +157,11 @@ def _mux_audio(video_path: Path, audio_source: Path, out_path: Path, duration_s:
 
     tmp = out_path.with_name(f".{out_path.stem}.mux.tmp{out_path.suffix}")
     try:
-        with av.open(str(video_path)) as vin, av.open(str(audio_source)) as ain, \
-                av.open(str(tmp), mode="w") as out:
+        with (
+            av.open(str(video_path)) as vin,
+            av.open(str(audio_source)) as ain,
+            av.open(str(tmp), mode="w") as out,
+        ):
             if not ain.streams.audio:
                 raise ValueError("no audio track")
             vstream = out.add_stream_from_template(vin.streams.video[0])
@@ -206,13 +216,18 @@ class Display:
         self.frame_gaps = 0
         self._last_frame_seq: dict[str, int] = {}
         self.record_stream: str | None = args.record_stream
-        self.recorder = Recorder(Path(args.record), Path(args.audio_source) if args.audio_source else None,
-                                 fps=args.fps) if args.record else None
+        self.recorder = (
+            Recorder(Path(args.record), Path(args.audio_source) if args.audio_source else None, fps=args.fps)
+            if args.record
+            else None
+        )
         self.recorded_upto = -1
         self.snapshots = 0
         self.rejects = protocol.RejectCounter("display", logger=log)
         self._log_file = open(args.latency_log, "a", encoding="utf-8") if args.latency_log else None  # noqa: SIM115
         self.heatmaps_received = 0
+        self._last_shown: dict[str, float] = {}
+        self._shown_frame: dict[str, protocol.Message] = {}
 
     # --- state --------------------------------------------------------------------------------------
     def on_frame(self, msg: protocol.Message) -> None:
@@ -256,18 +271,31 @@ class Display:
         if self._log_file is None:
             return
         record = {
-            "stream": msg.stream, "seq": msg.seq, "ts": {**msg.ts, "display": display_ts},
-            **{k: msg.meta.get(k) for k in ("peak", "confidence", "notice", "pts", "audio_ms", "batch", "drops")},
+            "stream": msg.stream,
+            "seq": msg.seq,
+            "ts": {**msg.ts, "display": display_ts},
+            **{
+                k: msg.meta.get(k)
+                for k in ("peak", "confidence", "notice", "pts", "audio_ms", "batch", "drops")
+            },
         }
         self._log_file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def hud_lines(self) -> list[str]:
         t = protocol.now()
         recent = [x for x in self.heatmap_times if t - x <= 2.0]
-        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+        fps = (
+            (len(recent) - 1) / (recent[-1] - recent[0])
+            if len(recent) > 1 and recent[-1] > recent[0]
+            else 0.0
+        )
         p50 = float(np.median(self.latencies)) * 1000 if self.latencies else float("nan")
-        return [f"heatmaps {fps:4.1f} fps", f"e2e p50 {p50:5.1f} ms",
-                f"drops {self.drops + self.frame_gaps}", f"alpha {self.alpha:.2f} ({self.colormap_name})"]
+        return [
+            f"heatmaps {fps:4.1f} fps",
+            f"e2e p50 {p50:5.1f} ms",
+            f"drops {self.drops + self.frame_gaps}",
+            f"alpha {self.alpha:.2f} ({self.colormap_name})",
+        ]
 
     def compose(self, stream: str, frame_msg: protocol.Message, view: HeatmapView | None) -> np.ndarray:
         bgr = np.array(frame_msg.arrays["frame"])  # writable copy of the received buffer
@@ -302,8 +330,11 @@ class Display:
                 self._snapshot(bgr, msg.seq)
 
     def _snapshot(self, bgr: np.ndarray, seq: int) -> None:
-        folder = Path(self.args.snapshot_dir or Path(self.args.record).with_suffix("")) if self.args.record \
+        folder = (
+            Path(self.args.snapshot_dir or Path(self.args.record).with_suffix(""))
+            if self.args.record
             else Path(self.args.snapshot_dir or "snapshots")
+        )
         folder.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / f"frame_{seq:06d}.png"), bgr)
         self.snapshots += 1
@@ -336,22 +367,16 @@ class Display:
                 if frames in events:
                     for msg in protocol.drain_latest(frames, rejects=self.rejects):
                         self.on_frame(msg)
-                shown: list[tuple[str, np.ndarray]] = []
+                newest: dict[str, protocol.Message] = {}
                 if heatmaps in events:
                     for msg in protocol.drain_latest(heatmaps, rejects=self.rejects):
-                        view = self.on_heatmap(msg)
-                        if view is None:
-                            continue
-                        if window:
-                            frame_msg = self._frame_for(msg.stream, msg.seq)
-                            if frame_msg is not None:
-                                shown.append((msg.stream, self.compose(msg.stream, frame_msg, view)))
-                        self.log_latency(msg, protocol.now())
+                        if self.on_heatmap(msg) is not None:
+                            newest[msg.stream] = msg
+                            self.log_latency(msg, protocol.now())
                 for stream in list(self.frames):
                     self._flush_record(stream)
                 if window:
-                    for stream, image in shown[-len(self.frames) or None:]:
-                        cv2.imshow(window if len(self.frames) == 1 else f"{window} {stream}", image)
+                    self._show(window, newest)
                     key = cv2.waitKey(1) & 0xFF
                     if key in (ord("q"), 27):
                         log.info("quit key pressed")
@@ -372,6 +397,29 @@ class Display:
             if window:
                 cv2.destroyAllWindows()
 
+    def _show(self, window: str, newest: dict[str, protocol.Message]) -> None:
+        """Show each stream's newest heatmap on the frame it was computed from; without heatmaps for a
+        while (inference restarting, still loading) show the newest frame, so the window never freezes."""
+        t = protocol.now()
+        for stream, frames in self.frames.items():
+            if not frames:
+                continue
+            frame_msg: protocol.Message | None = None
+            view = self.heatmaps.get(stream)
+            if stream in newest:
+                frame_msg = self._frame_for(stream, newest[stream].seq)
+            elif t - self._last_shown.get(stream, -math.inf) > STALE_HEATMAP_S and frames[-1][
+                0
+            ] is not self._shown_frame.get(stream):
+                frame_msg, view = frames[-1][0], None
+            if frame_msg is None:
+                continue
+            title = window if len(self.frames) == 1 else f"{window} {stream}"
+            cv2.imshow(title, self.compose(stream, frame_msg, view))
+            self._shown_frame[stream] = frame_msg
+            if stream in newest:
+                self._last_shown[stream] = t
+
     def _on_key(self, key: int) -> None:
         if key in (ord("+"), ord("=")):
             self.alpha = min(1.0, self.alpha + 0.05)
@@ -382,33 +430,56 @@ class Display:
             self.colormap_name = names[(names.index(self.colormap_name) + 1) % len(names)]
 
     def stats(self) -> dict[str, Any]:
-        return {"heatmaps": self.heatmaps_received, "recorded": self.recorder.frames if self.recorder else 0,
-                "drops": self.drops, "frame_gaps": self.frame_gaps, "rejects": self.rejects.as_dict(),
-                "snapshots": self.snapshots}
+        return {
+            "heatmaps": self.heatmaps_received,
+            "recorded": self.recorder.frames if self.recorder else 0,
+            "drops": self.drops,
+            "frame_gaps": self.frame_gaps,
+            "rejects": self.rejects.as_dict(),
+            "snapshots": self.snapshots,
+        }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", action="append", default=None, metavar="ENDPOINT",
-                        help="frame publisher(s) to show (repeatable)")
+    parser.add_argument(
+        "--frames",
+        action="append",
+        default=None,
+        metavar="ENDPOINT",
+        help="frame publisher(s) to show (repeatable)",
+    )
     parser.add_argument("--heatmaps", default=protocol.DEFAULT_ENDPOINTS["heatmaps"], metavar="ENDPOINT")
     parser.add_argument("--headless", action="store_true", help="no window (record and/or log only)")
     parser.add_argument("--record", default=None, metavar="OUT.mp4", help="write the overlaid video here")
     parser.add_argument("--record-stream", default=None, help="stream to record (default: the first seen)")
-    parser.add_argument("--audio-source", default=None, metavar="VIDEO",
-                        help="mux this file's audio track into the recording (replay)")
+    parser.add_argument(
+        "--audio-source",
+        default=None,
+        metavar="VIDEO",
+        help="mux this file's audio track into the recording (replay)",
+    )
     parser.add_argument("--fps", type=float, default=30.0, help="nominal frame rate of the recording")
     parser.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (0..1; +/- keys)")
     parser.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS))
-    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N",
-                        help="save every N-th recorded frame as PNG")
-    parser.add_argument("--snapshot-dir", default=None, help="folder for PNG snapshots (default: next to --record)")
-    parser.add_argument("--latency-log", default=None, metavar="FILE.jsonl",
-                        help="append one JSON line of timestamps per heatmap")
+    parser.add_argument(
+        "--snapshot-every", type=int, default=0, metavar="N", help="save every N-th recorded frame as PNG"
+    )
+    parser.add_argument(
+        "--snapshot-dir", default=None, help="folder for PNG snapshots (default: next to --record)"
+    )
+    parser.add_argument(
+        "--latency-log",
+        default=None,
+        metavar="FILE.jsonl",
+        help="append one JSON line of timestamps per heatmap",
+    )
     add_common_arguments(parser, role="display")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m avloc.stream.display", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m avloc.stream.display", description=__doc__.split("\n")[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.frames = args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]]

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import zmq
+from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.worker import (
     Heartbeat,
@@ -117,12 +119,20 @@ def encode_heatmap(heatmap: np.ndarray, lo: float, hi: float, dtype: str) -> np.
     return unit.astype(np.float16)
 
 
-def peak_of(heatmap: np.ndarray) -> tuple[float, float]:
-    """Normalized (x, y) of the centre of the hottest cell."""
+def peak_of(heatmap: np.ndarray, upsample: int = 8) -> tuple[float, float]:
+    """Normalized (x, y) of the hottest point of the heatmap upsampled bilinearly (as a display shows it).
+
+    The map is coarse (e.g. 14x14), so the argmax is taken on a ``upsample``-times larger bilinear resize
+    (half-pixel centres, like ``F.interpolate(align_corners=False)``) for a sub-cell peak.
+    """
     h, w = heatmap.shape
-    index = int(np.argmax(heatmap))
-    y, x = divmod(index, w)
-    return (x + 0.5) / w, (y + 0.5) / h
+    if upsample > 1:
+        heatmap = cv2.resize(
+            heatmap.astype(np.float32), (w * upsample, h * upsample), interpolation=cv2.INTER_LINEAR
+        )
+    hh, ww = heatmap.shape
+    y, x = divmod(int(np.argmax(heatmap)), ww)
+    return (x + 0.5) / ww, (y + 0.5) / hh
 
 
 class InferenceWorker:
@@ -171,12 +181,16 @@ class InferenceWorker:
                 self._on_control(msg)
                 continue
             if msg.kind != "frame" or "frame" not in msg.arrays:
-                self.frame_rejects.reject(protocol.ProtocolError("unexpected", f"{msg.kind} on frames socket"))
+                self.frame_rejects.reject(
+                    protocol.ProtocolError("unexpected", f"{msg.kind} on frames socket")
+                )
                 continue
             frame = msg.arrays["frame"]
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or "capture" not in msg.ts:
                 self.frame_rejects.reject(
-                    protocol.ProtocolError("bad_frame", f"frame {frame.dtype} {frame.shape}, ts {sorted(msg.ts)}")
+                    protocol.ProtocolError(
+                        "bad_frame", f"frame {frame.dtype} {frame.shape}, ts {sorted(msg.ts)}"
+                    )
                 )
                 continue
             self.stats.frames += 1
@@ -210,7 +224,9 @@ class InferenceWorker:
             expected = tuple(self.manifest_spec_shape() or spec.shape)
             if spec.dtype != np.float32 or spec.shape != expected:
                 self.audio_rejects.reject(
-                    protocol.ProtocolError("bad_spec", f"spec {spec.dtype} {spec.shape}, expected float32 {expected}")
+                    protocol.ProtocolError(
+                        "bad_spec", f"spec {spec.dtype} {spec.shape}, expected float32 {expected}"
+                    )
                 )
                 continue
             self.stats.audio += 1
@@ -286,8 +302,9 @@ class InferenceWorker:
             ready.append((item, emb, window, spent))
         if not ready:
             return len(batch)
-        images = np.stack([self._preprocess(np.asarray(item.message.arrays["frame"]), self.manifest)
-                           for item, *_ in ready]).astype(np.float32, copy=False)
+        images = np.stack(
+            [self._preprocess(np.asarray(item.message.arrays["frame"]), self.manifest) for item, *_ in ready]
+        ).astype(np.float32, copy=False)
         embs = np.stack([emb for _, emb, _, _ in ready]).astype(np.float32, copy=False)
         visual_start = protocol.now()
         heatmaps, confidence = self.engine.localize(images, embs)
@@ -296,9 +313,20 @@ class InferenceWorker:
         heatmaps = np.asarray(heatmaps)
         confidence = np.asarray(confidence).reshape(-1)
         for i, (item, _emb, window, spent) in enumerate(ready):
-            self._publish(pub, item, heatmaps[i], float(confidence[i]), window, {
-                "infer_start": infer_start, "visual_start": visual_start, "infer_end": infer_end,
-            }, spent, len(ready))
+            self._publish(
+                pub,
+                item,
+                heatmaps[i],
+                float(confidence[i]),
+                window,
+                {
+                    "infer_start": infer_start,
+                    "visual_start": visual_start,
+                    "infer_end": infer_end,
+                },
+                spent,
+                len(ready),
+            )
         return len(batch)
 
     def _base_ts(self, item: PendingFrame) -> dict[str, float]:
@@ -339,15 +367,27 @@ class InferenceWorker:
         msg = item.message
         self.stats.suppressed += 1
         ts = {**self._base_ts(item), "infer_start": infer_start, "infer_end": infer_start}
-        meta = {"peak": None, "confidence": 0.0, "frame_seq": msg.seq, "audio_end": None,
-                "notice": protocol.NOTICE_NO_AUDIO, "drops": self.stats.drops}
+        meta = {
+            "peak": None,
+            "confidence": 0.0,
+            "frame_seq": msg.seq,
+            "audio_end": None,
+            "notice": protocol.NOTICE_NO_AUDIO,
+            "drops": self.stats.drops,
+        }
         if "pts" in msg.meta:
             meta["pts"] = msg.meta["pts"]
         self._ratelog("no_audio", logging.INFO, "stream %s: no audio window, heatmap suppressed", msg.stream)
         self._send(pub, msg, ts, {}, meta)
 
-    def _send(self, pub: zmq.Socket, msg: protocol.Message, ts: dict[str, float],
-              arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    def _send(
+        self,
+        pub: zmq.Socket,
+        msg: protocol.Message,
+        ts: dict[str, float],
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+    ) -> None:
         ts["publish"] = protocol.now()
         protocol.send(pub, "heatmap", stream=msg.stream, seq=msg.seq, ts=ts, arrays=arrays, meta=meta)
         self.stats.processed += 1
@@ -383,15 +423,22 @@ class InferenceWorker:
         ctx = zmq.Context.instance()
         heartbeat = Heartbeat(ctx, self.heartbeat_endpoint, role="inference", stream="inference")
         frames = protocol.make_socket(ctx, zmq.SUB, self.frame_endpoints, bind=False, hwm=8)
-        audio = protocol.make_socket(ctx, zmq.SUB, self.audio_endpoints, bind=False, hwm=64) \
-            if self.audio_endpoints else None
+        audio = (
+            protocol.make_socket(ctx, zmq.SUB, self.audio_endpoints, bind=False, hwm=64)
+            if self.audio_endpoints
+            else None
+        )
         pub = protocol.make_socket(ctx, zmq.PUB, self.heatmap_endpoint, bind=True, hwm=16)
         poller = zmq.Poller()
         poller.register(frames, zmq.POLLIN)
         if audio is not None:
             poller.register(audio, zmq.POLLIN)
-        log.info("serving: frames %s, audio %s -> heatmaps %s", self.frame_endpoints, self.audio_endpoints,
-                 self.heatmap_endpoint)
+        log.info(
+            "serving: frames %s, audio %s -> heatmaps %s",
+            self.frame_endpoints,
+            self.audio_endpoints,
+            self.heatmap_endpoint,
+        )
         try:
             while not stop.is_set():
                 heartbeat.maybe_send(self.heartbeat_stats())
@@ -418,17 +465,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="engine intra-op threads (default: backend's)")
-    parser.add_argument("--frames", action="append", default=None, metavar="ENDPOINT",
-                        help="frame publisher to subscribe to (repeat for several cameras)")
-    parser.add_argument("--audio", action="append", default=None, metavar="ENDPOINT",
-                        help="audio-window publisher to subscribe to (repeatable)")
-    parser.add_argument("--heatmaps", default=protocol.DEFAULT_ENDPOINTS["heatmaps"], metavar="ENDPOINT",
-                        help="endpoint to bind the heatmap publisher to")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="engine intra-op threads (default: backend's)"
+    )
+    parser.add_argument(
+        "--frames",
+        action="append",
+        default=None,
+        metavar="ENDPOINT",
+        help="frame publisher to subscribe to (repeat for several cameras)",
+    )
+    parser.add_argument(
+        "--audio",
+        action="append",
+        default=None,
+        metavar="ENDPOINT",
+        help="audio-window publisher to subscribe to (repeatable)",
+    )
+    parser.add_argument(
+        "--heatmaps",
+        default=protocol.DEFAULT_ENDPOINTS["heatmaps"],
+        metavar="ENDPOINT",
+        help="endpoint to bind the heatmap publisher to",
+    )
     parser.add_argument("--heatmap-dtype", default="float16", choices=("float16", "uint8"))
-    parser.add_argument("--max-audio-age", type=float, default=1.5,
-                        help="seconds after which the newest audio window is too old to pair (mic lost)")
+    parser.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option, e.g. precision=int8 (onnxruntime), mode=cuda_graphs or fp16=true (torch)",
+    )
+    parser.add_argument(
+        "--max-audio-age",
+        type=float,
+        default=1.5,
+        help="seconds after which the newest audio window is too old to pair (mic lost)",
+    )
     add_common_arguments(parser, role="inference")
+
+
+def parse_engine_options(items: list[str]) -> dict[str, Any]:
+    """``["precision=int8", "fp16=true", "max_batch=4"]`` -> typed keyword arguments for ``load_engine``."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--engine-option {item!r}: expected KEY=VALUE, e.g. precision=int8")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    continue
+        options[key.strip().replace("-", "_")] = value
+    return options
 
 
 def _load_with_heartbeats(args: argparse.Namespace) -> Any:
@@ -446,14 +541,22 @@ def _load_with_heartbeats(args: argparse.Namespace) -> Any:
     try:
         from avloc.engines.base import load_engine
 
-        return load_engine(args.engine, backend=args.backend, device=args.device, threads=args.threads)
+        return load_engine(
+            args.engine,
+            backend=args.backend,
+            device=args.device,
+            threads=args.threads,
+            **parse_engine_options(args.engine_option),
+        )
     finally:
         loaded.set()
         thread.join(timeout=2.0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m avloc.stream.inference", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m avloc.stream.inference", description=__doc__.split("\n")[0]
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("inference", args.log_file, args.verbose)

@@ -162,21 +162,35 @@ class Launcher:
         self.started_at = time.time()
         self.stop_reason = ""
         self.stop_event = threading.Event()
+        self.quit_requested = False
         self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
 
     # --- processes ----------------------------------------------------------------------------------
     def _start(self, child: Child) -> None:
         spec = child.spec
-        cmd = [sys.executable, "-m", spec.module, *spec.args, "--heartbeat", self.heartbeat_endpoint,
-               "--log-file", str(self.run_dir / f"{spec.name}.log")]
+        cmd = [
+            sys.executable,
+            "-m",
+            spec.module,
+            *spec.args,
+            "--heartbeat",
+            self.heartbeat_endpoint,
+            "--log-file",
+            str(self.run_dir / f"{spec.name}.log"),
+        ]
         if self.verbose:
             cmd.append("--verbose")
         out = open(self.run_dir / f"{spec.name}.out", "ab")  # noqa: SIM115 - handed to the child
         try:
             child.popen = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_child_preexec(os.getpid()), close_fds=True,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_preexec(os.getpid()),
+                close_fds=True,
             )
         finally:
             out.close()
@@ -189,10 +203,14 @@ class Launcher:
         self._event("start", spec.name, pid=child.popen.pid)
 
     def _event(self, kind: str, name: str, **info: Any) -> None:
-        self.events.append({"t": round(time.time() - self.started_at, 3), "event": kind, "process": name, **info})
+        self.events.append(
+            {"t": round(time.time() - self.started_at, 3), "event": kind, "process": name, **info}
+        )
 
     def pids(self) -> dict[str, int]:
-        return {n: c.popen.pid for n, c in self.children.items() if c.popen is not None and c.popen.poll() is None}
+        return {
+            n: c.popen.pid for n, c in self.children.items() if c.popen is not None and c.popen.poll() is None
+        }
 
     def start(self) -> None:
         self._ctx = zmq.Context()
@@ -213,8 +231,12 @@ class Launcher:
             if all(d.ready or d.done for d in deps):
                 self._start(child)
             elif time.monotonic() - self._start_time > self.config.startup_grace_s:
-                log.warning("%s: %s not ready after %.0f s; starting anyway", child.spec.name,
-                            [d.spec.name for d in deps if not d.ready], self.config.startup_grace_s)
+                log.warning(
+                    "%s: %s not ready after %.0f s; starting anyway",
+                    child.spec.name,
+                    [d.spec.name for d in deps if not d.ready],
+                    self.config.startup_grace_s,
+                )
                 self._start(child)
 
     # --- supervision --------------------------------------------------------------------------------
@@ -254,9 +276,14 @@ class Launcher:
         if isinstance(first, int | float):
             last = self._pending_gap.pop(name)
             gap = float(first) - last if last is not None else None
-            log.warning("%s: heatmaps resumed%s", name, f" after a {gap:.2f} s gap" if gap is not None else "")
-            entry = {"process": name, "gap_s": round(gap, 3) if gap is not None else None,
-                     "resumed_t": round(time.time() - self.started_at, 3)}
+            log.warning(
+                "%s: heatmaps resumed%s", name, f" after a {gap:.2f} s gap" if gap is not None else ""
+            )
+            entry = {
+                "process": name,
+                "gap_s": round(gap, 3) if gap is not None else None,
+                "resumed_t": round(time.time() - self.started_at, 3),
+            }
             self.gaps.append(entry)
             self._event("resumed", name, gap_s=entry["gap_s"])
 
@@ -269,6 +296,12 @@ class Launcher:
             log.info("%s finished (exit %d)", spec.name, code)
             self._event("finished", spec.name, exit_code=code)
             return
+        if spec.role == "display" and code == 0 and not self.stop_event.is_set():
+            child.done = True  # the user closed the window ("q"): stop the whole pipeline
+            log.info("display closed by the user; stopping")
+            self._event("quit", spec.name)
+            self.quit_requested = True
+            return
         log.error("%s %s (exit code %s)", spec.name, why, code)
         self._event("crash", spec.name, exit_code=code, why=why)
         if spec.role == "inference":
@@ -278,7 +311,7 @@ class Launcher:
             child.done = True
             log.error("%s: not restarting (%d restarts so far)", spec.name, child.restarts)
             return
-        backoff = min(self.config.restart_backoff_s * 2 ** child.restarts, self.config.restart_backoff_max_s)
+        backoff = min(self.config.restart_backoff_s * 2**child.restarts, self.config.restart_backoff_max_s)
         child.restart_at = time.monotonic() + backoff
         log.info("%s: restarting in %.1f s", spec.name, backoff)
 
@@ -324,6 +357,8 @@ class Launcher:
         while True:
             if self.stop_event.is_set():
                 return "stopped"
+            if self.quit_requested:
+                return "quit"
             if self.finished():
                 crashed = [c.spec.name for c in self.children.values() if c.done and not c.spec.finite]
                 return "failed: " + ", ".join(crashed) if crashed and not self._ended_sources else "ended"
@@ -381,8 +416,13 @@ class Launcher:
             "run_dir": str(self.run_dir),
             "wall_s": round(time.time() - self.started_at, 3),
             "processes": {
-                name: {"module": c.spec.module, "restarts": c.restarts, "exit_code": c.exit_code,
-                       "stats": c.last_stats, "log": str(self.run_dir / f"{name}.log")}
+                name: {
+                    "module": c.spec.module,
+                    "restarts": c.restarts,
+                    "exit_code": c.exit_code,
+                    "stats": c.last_stats,
+                    "log": str(self.run_dir / f"{name}.log"),
+                }
                 for name, c in self.children.items()
             },
             "heatmap_gaps": self.gaps,
@@ -427,21 +467,45 @@ class Endpoints:
     @classmethod
     def defaults(cls, config: StreamConfig, streams: int = 1) -> Endpoints:
         if streams == 1:
-            return cls([config.frames_endpoint], [config.audio_endpoint], config.heatmaps_endpoint,
-                       config.heartbeats_endpoint)
+            return cls(
+                [config.frames_endpoint],
+                [config.audio_endpoint],
+                config.heatmaps_endpoint,
+                config.heartbeats_endpoint,
+            )
         auto = cls.auto(streams)
         return cls(auto.frames, auto.audio, config.heatmaps_endpoint, config.heartbeats_endpoint)
 
     @classmethod
     def auto(cls, streams: int = 1) -> Endpoints:
-        return cls([free_tcp_endpoint() for _ in range(streams)], [free_tcp_endpoint() for _ in range(streams)],
-                   free_tcp_endpoint(), free_tcp_endpoint())
+        return cls(
+            [free_tcp_endpoint() for _ in range(streams)],
+            [free_tcp_endpoint() for _ in range(streams)],
+            free_tcp_endpoint(),
+            free_tcp_endpoint(),
+        )
 
 
-def inference_spec(engine: Path, backend: str, endpoints: Endpoints, config: StreamConfig,
-                   threads: int | None = None, extra: list[str] | None = None) -> ProcessSpec:
-    args = ["--engine", str(engine), "--backend", backend, "--heatmaps", endpoints.heatmaps,
-            "--heatmap-dtype", config.heatmap_dtype, "--max-audio-age", str(config.max_audio_age_s)]
+def inference_spec(
+    engine: Path,
+    backend: str,
+    endpoints: Endpoints,
+    config: StreamConfig,
+    threads: int | None = None,
+    extra: list[str] | None = None,
+) -> ProcessSpec:
+    args = [
+        "--engine",
+        str(engine),
+        "--backend",
+        backend,
+        "--heatmaps",
+        endpoints.heatmaps,
+        "--heatmap-dtype",
+        config.heatmap_dtype,
+        "--max-audio-age",
+        str(config.max_audio_age_s),
+    ]
     for ep in endpoints.frames:
         args += ["--frames", ep]
     for ep in endpoints.audio:
@@ -452,11 +516,29 @@ def inference_spec(engine: Path, backend: str, endpoints: Endpoints, config: Str
     return ProcessSpec("inference", "avloc.stream.inference", args + list(extra or []), role="inference")
 
 
-def display_spec(endpoints: Endpoints, config: StreamConfig, *, headless: bool, record: Path | None = None,
-                 audio_source: Path | None = None, latency_log: Path | None = None, snapshot_every: int = 0,
-                 fps: float = 30.0, alpha: float | None = None, colormap: str | None = None) -> ProcessSpec:
-    args = ["--heatmaps", endpoints.heatmaps, "--alpha", str(config.alpha if alpha is None else alpha),
-            "--colormap", colormap or config.colormap, "--fps", str(fps)]
+def display_spec(
+    endpoints: Endpoints,
+    config: StreamConfig,
+    *,
+    headless: bool,
+    record: Path | None = None,
+    audio_source: Path | None = None,
+    latency_log: Path | None = None,
+    snapshot_every: int = 0,
+    fps: float = 30.0,
+    alpha: float | None = None,
+    colormap: str | None = None,
+) -> ProcessSpec:
+    args = [
+        "--heatmaps",
+        endpoints.heatmaps,
+        "--alpha",
+        str(config.alpha if alpha is None else alpha),
+        "--colormap",
+        colormap or config.colormap,
+        "--fps",
+        str(fps),
+    ]
     for ep in endpoints.frames:
         args += ["--frames", ep]
     if headless:
@@ -472,16 +554,47 @@ def display_spec(endpoints: Endpoints, config: StreamConfig, *, headless: bool, 
     return ProcessSpec("display", "avloc.stream.display", args, role="display")
 
 
-def replay_specs(video: Path, engine: Path, endpoints: Endpoints, config: StreamConfig, *, speed: str = "1.0",
-                 loop: bool = False) -> list[ProcessSpec]:
+def replay_specs(
+    video: Path,
+    engine: Path,
+    endpoints: Endpoints,
+    config: StreamConfig,
+    *,
+    speed: str = "1.0",
+    loop: bool = False,
+) -> list[ProcessSpec]:
     """One replay worker per stream (several streams replay the same file under different ids)."""
     specs = []
     for i, (frames_ep, audio_ep) in enumerate(zip(endpoints.frames, endpoints.audio)):
-        args = [str(video), "--frames", frames_ep, "--audio", audio_ep, "--stream-id", f"cam{i}",
-                "--speed", str(speed), "--hop", str(config.audio_hop_s), "--frontend", str(engine),
-                "--wait-subscribers", "1", "--wait-timeout", "10"]
+        args = [
+            str(video),
+            "--frames",
+            frames_ep,
+            "--audio",
+            audio_ep,
+            "--stream-id",
+            f"cam{i}",
+            "--speed",
+            str(speed),
+            "--hop",
+            str(config.audio_hop_s),
+            "--frontend",
+            str(engine),
+            "--wait-subscribers",
+            "1",
+            "--wait-timeout",
+            "10",
+        ]
         if loop:
             args.append("--loop")
-        specs.append(ProcessSpec(f"replay{i}" if len(endpoints.frames) > 1 else "replay", "avloc.stream.replay",
-                                 args, role="source", finite=not loop, after=("inference", "display")))
+        specs.append(
+            ProcessSpec(
+                f"replay{i}" if len(endpoints.frames) > 1 else "replay",
+                "avloc.stream.replay",
+                args,
+                role="source",
+                finite=not loop,
+                after=("inference", "display"),
+            )
+        )
     return specs

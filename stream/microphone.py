@@ -327,7 +327,7 @@ def run_microphone(
     device_index = resolve_input_device(device)
     sock = make_publisher(ctx, endpoint)
     heartbeat = Heartbeat(ctx, heartbeat_endpoint, role="microphone", stream=stream_id)
-    wait_for_subscribers([sock], wait_subscribers, 10.0, stop)
+    wait_for_subscribers([sock], wait_subscribers, 10.0, stop, heartbeat)
     warn = RateLimitedLog(log, 5.0)
     published = dropped_sends = reopens = 0
     capture: MicrophoneCapture | None = None
@@ -466,12 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"microphone:{args.stream_id}", args.log_file, args.verbose)
     torch.set_num_threads(1)  # one window per hop is cheap; leave the cores to the inference worker
     stop = install_stop_handlers()
-    config = load_frontend(args.frontend)
     started = time.monotonic()
-    stats = run_microphone(args.device, args.endpoint, args.stream_id, frontend=config, hop_seconds=args.hop,
-                           heartbeat_endpoint=args.heartbeat, stop=stop, ring_seconds=args.ring_seconds,
-                           max_lag_s=None if args.max_lag < 0 else args.max_lag, max_windows=args.max_windows,
-                           wait_subscribers=args.wait_subscribers)
+    try:
+        config = load_frontend(args.frontend)
+        stats = run_microphone(
+            args.device, args.endpoint, args.stream_id, frontend=config, hop_seconds=args.hop,
+            heartbeat_endpoint=args.heartbeat, stop=stop, ring_seconds=args.ring_seconds,
+            max_lag_s=None if args.max_lag < 0 else args.max_lag, max_windows=args.max_windows,
+            wait_subscribers=args.wait_subscribers,
+        )
+    except UserError as err:  # a device that does not exist: one line, no restart loop
+        log.error("%s", err)
+        return 2
     log.info("ran %.1f s: %s", time.monotonic() - started, stats)
     return 0
 

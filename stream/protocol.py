@@ -195,13 +195,18 @@ def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     return name, np.dtype(dtype_name).newbyteorder("<"), tuple(shape)
 
 
+def _byte_view(frame: Any) -> memoryview:
+    view = memoryview(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
+
+
 def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Validate and rebuild a message from received frames (bytes, memoryviews or zmq.Frame)."""
     if not frames:
         raise ProtocolError("empty", "no frames")
     if len(frames) > MAX_ARRAYS + 1:
         raise ProtocolError("too_many_frames", f"{len(frames)} frames, at most {MAX_ARRAYS + 1}")
-    views = [memoryview(f.buffer if isinstance(f, zmq.Frame) else f) for f in frames]
+    views = [_byte_view(f) for f in frames]
     total = sum(v.nbytes for v in views)
     if total > max_message_bytes:
         raise ProtocolError("too_large", f"{total} bytes, at most {max_message_bytes}")
@@ -239,8 +244,8 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
 
 def recv(
     socket: zmq.Socket,
-    *,
     timeout_ms: int,
+    *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     rejects: RejectCounter | None = None,
 ) -> Message | None:

@@ -30,6 +30,7 @@ import argparse
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,9 @@ class _AudioTrack:
         self.finished = False
 
     def _decode_more(self) -> None:
+        if self._container is None:  # closed: nothing more will come
+            self.finished = True
+            return
         try:
             frame = next(self._frames)
         except StopIteration:
@@ -219,7 +223,7 @@ class ReplaySource:
         heartbeat_endpoint: str | None = None,
         stop: threading.Event | None = None,
         wait_subscribers: int = 1,
-        wait_timeout_s: float = 5.0,
+        wait_timeout_s: float = 30.0,
         ctx: zmq.Context | None = None,
     ) -> None:
         self.path = Path(video)
@@ -260,19 +264,20 @@ class ReplaySource:
         heartbeat = Heartbeat(self._ctx, self._heartbeat_endpoint, role="replay", stream=self.stream_id)
         error: str | None = None
         try:
-            self._probe()
+            try:
+                self._probe()
+            except DataError as err:
+                error = str(err)
+                log.error("%s", error)
+            # also when the file is unreadable, so that subscribers do get the 'end' (with the error)
             wait_for_subscribers([frames_sock, audio_sock] if self.has_audio else [frames_sock],
-                                 self.wait_subscribers, self.wait_timeout_s, self.stop)
-            error = self._play(frames_sock, audio_sock, heartbeat, max_frames)
-        except DataError as err:
-            error = str(err)
-            log.error("%s", error)
+                                 self.wait_subscribers, self.wait_timeout_s, self.stop, heartbeat)
+            if error is None:
+                error = self._play(frames_sock, audio_sock, heartbeat, max_frames)
         finally:
             ended = not self.stop.is_set()
             if ended:
-                meta = {"command": protocol.CONTROL_END, "error": error, **self.stats}
-                protocol.send(frames_sock, "control", stream=self.stream_id, seq=self.stats["frames"],
-                              ts={"send": protocol.now()}, meta=meta)
+                self._send_end(frames_sock, error)
                 heartbeat.control(protocol.CONTROL_END, error=error, stats=dict(self.stats))
             heartbeat.maybe_send(dict(self.stats), force=True)
             heartbeat.close()
@@ -280,6 +285,18 @@ class ReplaySource:
             audio_sock.close()
         log.info("replay %s finished (error: %s): %s", self.path.name, error, self.stats)
         return {**self.stats, "error": error}
+
+    def _send_end(self, sock: zmq.Socket, error: str | None) -> None:
+        """The 'end' must not be dropped behind a full subscriber queue: wait for room (at most 2 s)."""
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        meta = {"command": protocol.CONTROL_END, "error": error, **self.stats}
+        deadline = protocol.now() + 2.0
+        while not protocol.send(sock, "control", stream=self.stream_id, seq=self.stats["frames"],
+                                ts={"send": protocol.now()}, meta=meta):
+            if protocol.now() > deadline:
+                log.warning("a subscriber is not reading: the 'end' message could not be sent")
+                return
+            time.sleep(0.005)
 
     def _probe(self) -> None:
         container = _open(self.path)
@@ -346,6 +363,15 @@ class ReplaySource:
                     if not self._publish_frame(frames_sock, media, t, image):
                         return None
                     heartbeat.maybe_send(dict(self.stats))
+                if last_t is None:
+                    return f"{self.path}: no decodable video frames"
+                if not self.loop:
+                    return track.error if track is not None else None
+                # The next loop continues the clock and the audio one frame after this loop's last frame.
+                loop_duration = last_t + frame_step
+                if track is not None:
+                    for end, spec in frontend.push(track.take(round(loop_duration * sr))):
+                        pending.append((end - prefill, spec))
             except (av.error.FFmpegError, TruncatedError) as err:
                 error = f"{self.path}: truncated or corrupt after {self.stats['frames']} frames ({err})"
                 log.error("%s", error)
@@ -353,16 +379,6 @@ class ReplaySource:
             finally:
                 if track is not None:
                     track.close()
-            if last_t is None:
-                return f"{self.path}: no decodable video frames"
-            if not self.loop:
-                return track.error if track is not None else None
-            # Next loop continues the clock and the audio exactly one frame after this loop's last frame.
-            loop_duration = last_t + frame_step
-            if track is not None:
-                tail = track.take(round(loop_duration * sr))
-                for end, spec in frontend.push(tail):
-                    pending.append((end - prefill, spec))
             loop_offset += loop_duration
             self.stats["loops"] += 1
             log.info("replay %s: loop %d", self.path.name, self.stats["loops"])
@@ -418,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="audio front-end config (default: linear 3 s, as SSL-Align)")
     parser.add_argument("--wait-subscribers", type=int, default=1,
                         help="wait for this many subscribers per socket before starting (0: don't)")
-    parser.add_argument("--wait-timeout", type=float, default=5.0, help="longest wait for subscribers (s)")
+    parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     add_common_arguments(parser, role="replay")
     return parser

@@ -34,21 +34,53 @@ def parse_speed(value: str) -> str:
     return str(speed)
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --engine-option, passed on to the inference worker."""
+    parser.add_argument("--device", default="cpu", help="inference device (cpu, cuda, cuda:1)")
+    parser.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine backend option, e.g. precision=int8 (onnxruntime) or mode=cuda_graphs (torch)",
+    )
+
+
+def inference_args(args: argparse.Namespace) -> list[str]:
+    """Extra command-line arguments of the inference worker from --device / --engine-option."""
+    out = ["--device", getattr(args, "device", "cpu")]
+    for option in getattr(args, "engine_option", []) or []:
+        out += ["--engine-option", option]
+    return out
+
+
 def add_display_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``avloc replay`` and ``avloc run``."""
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
+    add_engine_arguments(parser)
     parser.add_argument("--headless", action="store_true", help="no window (use with --record)")
-    parser.add_argument("--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video")
-    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG")
+    parser.add_argument(
+        "--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video"
+    )
+    parser.add_argument(
+        "--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG"
+    )
     parser.add_argument("--alpha", type=float, default=None, help="heatmap opacity 0..1")
     parser.add_argument("--colormap", choices=("jet", "inferno"), default=None)
-    parser.add_argument("--run-dir", type=Path, default=None, help="logs + latency log + summary (default runs/...)")
-    parser.add_argument("--auto-ports", action="store_true",
-                        help="use free loopback ports instead of the default endpoints (parallel runs)")
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="logs + latency log + summary (default runs/...)"
+    )
+    parser.add_argument(
+        "--auto-ports",
+        action="store_true",
+        help="use free loopback ports instead of the default endpoints (parallel runs)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    parser.add_argument("--config", type=Path, default=None, help="stream config (default configs/stream.yaml)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="stream config (default configs/stream.yaml)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_display(args: argparse.Namespace) -> None:
     if not args.headless and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        raise UserError("no display available (DISPLAY is not set): pass --headless, e.g. with --record out.mp4")
+        raise UserError(
+            "no display available (DISPLAY is not set): pass --headless, e.g. with --record out.mp4"
+        )
     if args.record is not None and args.record.suffix.lower() not in (".mp4", ".mkv", ".mov"):
         raise UserError(f"--record {args.record}: expected an .mp4, .mkv or .mov file name")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
@@ -79,6 +113,7 @@ def run_replay(
     loop: bool = False,
     streams: int = 1,
     threads: int | None = None,
+    extra_inference_args: list[str] | None = None,
     auto_ports: bool = True,
     snapshot_every: int = 0,
     alpha: float | None = None,
@@ -103,28 +138,47 @@ def run_replay(
     latency_log.unlink(missing_ok=True)
     specs = [
         *L.replay_specs(video, engine, endpoints, config, speed=speed, loop=loop),
-        L.inference_spec(engine, backend, endpoints, config, threads=threads),
-        L.display_spec(endpoints, config, headless=headless, record=record,
-                       audio_source=video if (info.has_audio and not loop) else None,
-                       latency_log=latency_log, snapshot_every=snapshot_every, fps=info.fps or 30.0,
-                       alpha=alpha, colormap=colormap),
+        L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args),
+        L.display_spec(
+            endpoints,
+            config,
+            headless=headless,
+            record=record,
+            audio_source=video if (info.has_audio and not loop) else None,
+            latency_log=latency_log,
+            snapshot_every=snapshot_every,
+            fps=info.fps or 30.0,
+            alpha=alpha,
+            colormap=colormap,
+        ),
     ]
-    launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats, verbose=verbose)
+    launcher = L.Launcher(
+        specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats, verbose=verbose
+    )
     summary = launcher.run(timeout_s=timeout_s)
     summary["latency"] = summarize_latency_log(latency_log)
     summary["latency_log"] = str(latency_log)
     summary["record"] = str(record) if record is not None and record.is_file() else None
-    summary["video"] = {"path": str(video), "fps": info.fps, "width": info.width, "height": info.height,
-                        "has_audio": info.has_audio, "duration": info.duration}
+    summary["video"] = {
+        "path": str(video),
+        "fps": info.fps,
+        "width": info.width,
+        "height": info.height,
+        "has_audio": info.has_audio,
+        "duration": info.duration,
+    }
     return summary
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     lat = summary.get("latency") or {}
     e2e = lat.get("e2e_ms") or {}
-    print(f"pipeline {summary['reason']}: {lat.get('heatmaps', 0)} heatmaps at {lat.get('heatmap_fps', 0):.1f} fps, "
-          f"e2e p50 {e2e.get('p50', float('nan')):.1f} ms, p99 {e2e.get('p99', float('nan')):.1f} ms, "
-          f"suppressed {lat.get('suppressed', 0)}")
+    print(
+        f"pipeline {summary['reason']}: {lat.get('heatmaps', 0)} heatmaps "
+        f"at {lat.get('heatmap_fps', 0):.1f} fps, "
+        f"e2e p50 {e2e.get('p50', float('nan')):.1f} ms, p99 {e2e.get('p99', float('nan')):.1f} ms, "
+        f"suppressed {lat.get('suppressed', 0)}"
+    )
     for gap in summary.get("heatmap_gaps", []):
         print(f"  {gap['process']} restarted: heatmaps resumed after a {gap['gap_s']} s gap")
     for name, proc in summary["processes"].items():
@@ -140,10 +194,23 @@ def main(args: argparse.Namespace) -> int:
     if not args.video.is_file():
         raise UserError(f"{args.video}: video file not found")
     summary = run_replay(
-        args.video, args.engine, backend=args.backend, run_dir=args.run_dir, record=args.record,
-        headless=args.headless, speed=args.speed, loop=args.loop, threads=args.threads,
-        auto_ports=args.auto_ports, snapshot_every=args.snapshot_every, alpha=args.alpha, colormap=args.colormap,
-        timeout_s=args.timeout, config_path=args.config, verbose=getattr(args, "verbose", False),
+        args.video,
+        args.engine,
+        backend=args.backend,
+        run_dir=args.run_dir,
+        record=args.record,
+        headless=args.headless,
+        speed=args.speed,
+        loop=args.loop,
+        threads=args.threads,
+        extra_inference_args=inference_args(args),
+        auto_ports=args.auto_ports,
+        snapshot_every=args.snapshot_every,
+        alpha=args.alpha,
+        colormap=args.colormap,
+        timeout_s=args.timeout,
+        config_path=args.config,
+        verbose=getattr(args, "verbose", False),
     )
     print_summary(summary)
-    return 0 if summary["reason"] in ("ended", "stopped", "timeout") else 1
+    return 0 if summary["reason"] in ("ended", "stopped", "timeout", "quit") else 1

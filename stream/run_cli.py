@@ -12,21 +12,52 @@ from pathlib import Path
 from typing import Any
 
 from avloc.core.errors import UserError
-from avloc.stream.replay_cli import add_display_arguments, check_display, default_run_dir, print_summary
+from avloc.stream.replay_cli import (
+    add_display_arguments,
+    check_display,
+    default_run_dir,
+    inference_args,
+    print_summary,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--camera", action="append", default=None, metavar="SOURCE",
-                        help="OpenCV source: device index, file or rtsp:// URL (repeat for several streams)")
-    parser.add_argument("--mic", default="default",
-                        help="microphone: index, name part, 'default', or 'none' (heatmaps suppressed)")
-    parser.add_argument("--fps-limit", type=float, default=None, help="publish at most this many frames/s per camera")
+    parser.add_argument(
+        "--camera",
+        action="append",
+        default=None,
+        metavar="SOURCE",
+        help="OpenCV source: device index, file or rtsp:// URL (repeat for several streams)",
+    )
+    parser.add_argument(
+        "--mic",
+        default="default",
+        help="microphone: index, name part, 'default', or 'none' (heatmaps suppressed)",
+    )
+    parser.add_argument(
+        "--fps-limit", type=float, default=None, help="publish at most this many frames/s per camera"
+    )
     add_display_arguments(parser)
 
 
-def live_specs(cameras: list[str], mic: str, engine: Path, backend: str, endpoints: Any, config: Any, *,
-               threads: int | None, headless: bool, record: Path | None, latency_log: Path, snapshot_every: int,
-               fps_limit: float | None, alpha: float | None, colormap: str | None) -> list[Any]:
+def live_specs(
+    cameras: list[str],
+    mic: str,
+    engine: Path,
+    backend: str,
+    endpoints: Any,
+    config: Any,
+    *,
+    threads: int | None,
+    extra_inference_args: list[str],
+    headless: bool,
+    record: Path | None,
+    latency_log: Path,
+    snapshot_every: int,
+    fps_limit: float | None,
+    alpha: float | None,
+    colormap: str | None,
+) -> list[Any]:
     from avloc.stream import launcher as L
 
     specs = []
@@ -36,15 +67,43 @@ def live_specs(cameras: list[str], mic: str, engine: Path, backend: str, endpoin
             args += ["--fps-limit", str(fps_limit)]
         specs.append(L.ProcessSpec(f"camera{i}", "avloc.stream.camera", args, role="source"))
     if mic != "none":
-        specs.append(L.ProcessSpec("microphone", "avloc.stream.microphone",
-                                   ["--device", mic, "--endpoint", endpoints.audio[0], "--frontend", str(engine),
-                                    "--hop", str(config.audio_hop_s), "--stream-id", "mic0"], role="source"))
+        specs.append(
+            L.ProcessSpec(
+                "microphone",
+                "avloc.stream.microphone",
+                [
+                    "--device",
+                    mic,
+                    "--endpoint",
+                    endpoints.audio[0],
+                    "--frontend",
+                    str(engine),
+                    "--hop",
+                    str(config.audio_hop_s),
+                    "--stream-id",
+                    "mic0",
+                ],
+                role="source",
+            )
+        )
         endpoints.audio = endpoints.audio[:1]
     else:
         endpoints.audio = []
-    specs.append(L.inference_spec(engine, backend, endpoints, config, threads=threads))
-    specs.append(L.display_spec(endpoints, config, headless=headless, record=record, latency_log=latency_log,
-                                snapshot_every=snapshot_every, alpha=alpha, colormap=colormap))
+    specs.append(
+        L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args)
+    )
+    specs.append(
+        L.display_spec(
+            endpoints,
+            config,
+            headless=headless,
+            record=record,
+            latency_log=latency_log,
+            snapshot_every=snapshot_every,
+            alpha=alpha,
+            colormap=colormap,
+        )
+    )
     return specs
 
 
@@ -58,17 +117,39 @@ def main(args: argparse.Namespace) -> int:
     if len(set(cameras)) != len(cameras):
         raise UserError(f"--camera {cameras}: each camera source may be given once")
     config = L.load_stream_config(args.config)
-    endpoints = L.Endpoints.auto(len(cameras)) if args.auto_ports else L.Endpoints.defaults(config, len(cameras))
+    endpoints = (
+        L.Endpoints.auto(len(cameras)) if args.auto_ports else L.Endpoints.defaults(config, len(cameras))
+    )
     run_dir = Path(args.run_dir or default_run_dir("run"))
     run_dir.mkdir(parents=True, exist_ok=True)
     latency_log = run_dir / "latency.jsonl"
-    specs = live_specs(cameras, args.mic, args.engine, args.backend, endpoints, config, threads=args.threads,
-                       headless=args.headless, record=args.record, latency_log=latency_log,
-                       snapshot_every=args.snapshot_every, fps_limit=args.fps_limit, alpha=args.alpha,
-                       colormap=args.colormap)
-    launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats,
-                          verbose=getattr(args, "verbose", False))
-    print(f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}")
+    specs = live_specs(
+        cameras,
+        args.mic,
+        args.engine,
+        args.backend,
+        endpoints,
+        config,
+        threads=args.threads,
+        extra_inference_args=inference_args(args),
+        headless=args.headless,
+        record=args.record,
+        latency_log=latency_log,
+        snapshot_every=args.snapshot_every,
+        fps_limit=args.fps_limit,
+        alpha=args.alpha,
+        colormap=args.colormap,
+    )
+    launcher = L.Launcher(
+        specs,
+        run_dir,
+        config=config,
+        heartbeat_endpoint=endpoints.heartbeats,
+        verbose=getattr(args, "verbose", False),
+    )
+    print(
+        f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}"
+    )
     summary = launcher.run(timeout_s=args.timeout)
     from avloc.stream.bench import summarize_latency_log
 

@@ -204,10 +204,13 @@ def _new_subscribers(sock: zmq.Socket) -> int:
         joined += {b"\x01": 1, b"\x00": -1}.get(note[:1], 0)
 
 
-def wait_for_subscribers(sockets: list[zmq.Socket], count: int, timeout_s: float,
-                         stop: threading.Event | None = None) -> list[int]:
+def wait_for_subscribers(
+    sockets: list[zmq.Socket], count: int, timeout_s: float, stop: threading.Event | None = None,
+    heartbeat: Heartbeat | None = None,
+) -> list[int]:
     """Wait (bounded) until each XPUB has ``count`` subscribers, so the first messages are not lost to
-    ZeroMQ's slow-joiner effect; returns the subscriber counts seen (a timeout only logs a warning)."""
+    ZeroMQ's slow-joiner effect; returns the subscriber counts seen (a timeout only logs a warning).
+    Heartbeats keep going meanwhile, so the launcher does not take the waiting worker for a hung one."""
     counts = [0] * len(sockets)
     if count <= 0:
         return counts
@@ -224,4 +227,6 @@ def wait_for_subscribers(sockets: list[zmq.Socket], count: int, timeout_s: float
         for i, sock in enumerate(sockets):
             if sock in ready:
                 counts[i] += _new_subscribers(sock)
+        if heartbeat is not None:
+            heartbeat.maybe_send({"waiting_for_subscribers": counts})
     return counts

@@ -151,6 +151,11 @@ def test_camera_worker_publishes_latest_frames_and_heartbeats(video, tmp_path, c
     proc = _start_worker(["--source", str(video), "--endpoint", frames_ep, "--fps-limit", "5",
                           "--stream-id", "camX", "--heartbeat", heartbeat_ep], tmp_path / "camera.log")
     try:
+        assert protocol.recv(sub, timeout_ms=30000) is not None  # worker is up
+        # garbage from a raw TCP peer on the worker's port (not even a ZMTP handshake) must not disturb it
+        host, port = frames_ep.removeprefix("tcp://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall(np.random.default_rng(0).integers(0, 256, 65536, dtype=np.uint8).tobytes())
         received = []
         deadline = time.monotonic() + 60
         while len(received) < 10 and time.monotonic() < deadline:

@@ -166,3 +166,81 @@ def test_unknown_method_lists_exporters(checkpoint):
     loaded.method = "acl_future"
     with pytest.raises(UserError, match="ssl_align"):
         export_mod.build_graphs(loaded, IMAGE_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------- int8
+
+
+def test_agreement_metrics_hand_computed():
+    from avloc.engines.quantize import _agreement
+
+    base = np.zeros((2, 4, 4), np.float32)
+    base[0, 1, 1] = base[1, 3, 3] = 1.0
+    same = _agreement(base, base * 0.5 + 0.1)  # affine change: correlation 1, same peaks
+    assert same["mean_correlation"] == pytest.approx(1.0) and same["peak_same_cell"] == 1.0
+    moved = base.copy()
+    moved[0, 1, 1], moved[0, 1, 2] = 0.0, 1.0  # one cell right: within one cell
+    moved[1, 3, 3], moved[1, 0, 0] = 0.0, 1.0  # three cells away
+    out = _agreement(base, moved)
+    assert out["peak_same_cell"] == 0.0 and out["peak_within_one_cell"] == 0.5
+    assert out["max_abs_diff"] == 1.0 and out["mean_correlation"] < 0.0
+
+
+def _tiny_dataset(root, n=12):
+    import cv2
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    (root / "frames").mkdir(parents=True)
+    (root / "audio").mkdir()
+    ids = [f"clip{i:02d}" for i in range(n)]
+    for i, id in enumerate(ids):
+        image = np.full((48, 48, 3), 40, np.uint8)
+        cv2.circle(image, (8 + 3 * i, 24), 8, (255, 200 - 10 * i, 30), -1)  # a blob moving across
+        cv2.imwrite(str(root / "frames" / f"{id}.jpg"), image)
+        t = np.arange(16000) / 16000
+        sf.write(
+            root / "audio" / f"{id}.wav",
+            0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.01 * rng.standard_normal(16000),
+            16000,
+            subtype="PCM_16",
+        )
+    (root / "val.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_int8_export_records_agreement_and_loads(checkpoint, tmp_path, monkeypatch):
+    from avloc.engines import quantize
+    from avloc.engines.base import load_engine
+
+    with pytest.raises(UserError, match="--calibration"):
+        export_mod.export_engine(checkpoint[0], tmp_path / "nocal", int8=True)
+    data = _tiny_dataset(tmp_path / "data")
+    monkeypatch.setattr(quantize, "MIN_CORRELATION", 0.0)  # keep it whatever a random model gives
+    monkeypatch.setattr(quantize, "MIN_PEAK_AGREEMENT", 0.0)
+    out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
+    entry = read_manifest(out)["graphs"]["visual"]["variants"]["int8"]
+    assert entry["sha256"] == sha256_file(out / "visual.int8.onnx")
+    assert entry["calibration_samples"] == 6 and entry["held_out_samples"] == 6
+    assert -1.0 <= entry["agreement_vs_fp32"]["mean_correlation"] <= 1.0
+    assert not list(out.glob("*.tmp.onnx")) and not list(out.glob("augmented*"))
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    emb = rng.standard_normal((2, 64), dtype=np.float32)
+    with load_engine(out, precision="int8", threads=1) as int8, load_engine(out, threads=1) as fp32:
+        heat8, conf8 = int8.localize(image, emb)
+        heat32, _ = fp32.localize(image, emb)
+    assert heat8.shape == heat32.shape and conf8.shape == (2,)
+    assert np.abs(heat8 - heat32).max() < 0.5  # quantized, yet the same map
+
+
+def test_int8_rejected_when_agreement_is_low(checkpoint, tmp_path, monkeypatch):
+    from avloc.engines import quantize
+
+    data = _tiny_dataset(tmp_path / "data")
+    monkeypatch.setattr(quantize, "MIN_CORRELATION", 1.01)  # unreachable
+    out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
+    manifest = read_manifest(out)
+    assert "variants" not in manifest["graphs"]["visual"]
+    assert manifest["graphs"]["visual"]["int8_rejected"]["rejected"] is True
+    assert not (out / "visual.int8.onnx").exists()

@@ -12,7 +12,6 @@ import numpy as np
 import psutil
 import pytest
 import zmq
-
 from avloc.stream import protocol
 from avloc.stream.inference import AudioTrack, AudioWindow, InferenceWorker, encode_heatmap, peak_of
 from avloc.stream.launcher import free_tcp_endpoint
@@ -72,8 +71,9 @@ def pub_sub():
 
 
 def _worker(engine: FakeEngine) -> InferenceWorker:
-    return InferenceWorker(engine, frame_endpoints=[], audio_endpoints=[], heatmap_endpoint="inproc://x",
-                           heartbeat_endpoint=None)
+    return InferenceWorker(
+        engine, frame_endpoints=[], audio_endpoints=[], heatmap_endpoint="inproc://x", heartbeat_endpoint=None
+    )
 
 
 def _received(sub: zmq.Socket) -> list[protocol.Message]:
@@ -107,7 +107,8 @@ def test_embedding_computed_once_per_window_and_paired_causally(pub_sub):
     assert [m.meta["audio_end"] for m in heatmaps] == [10.0, 10.0, 10.0, 10.1, 10.1]
     msg = heatmaps[0]
     assert msg.arrays["heatmap"].dtype == np.float16 and msg.arrays["heatmap"].shape == (8, 8)
-    assert msg.meta["peak"] == [pytest.approx(5.5 / 8), pytest.approx(2.5 / 8)]  # brightest 4x4 block
+    x, y = msg.meta["peak"]
+    assert 5 / 8 <= x <= 6 / 8 and 2 / 8 <= y <= 3 / 8  # inside the cell of the brightest 4x4 block
     ts = msg.ts
     assert ts["capture"] <= ts["received"] and ts["infer_start"] <= ts["visual_start"] <= ts["infer_end"]
     assert ts["infer_end"] <= ts["publish"]
@@ -119,8 +120,10 @@ def test_streams_are_batched_and_old_frames_dropped(pub_sub):
     worker = _worker(engine)
     worker.take_audio([_audio_msg("mic0", 0, 1.0, 0.5)], received=1.0)  # one mic serves both cameras
     # cam0 delivers three frames before the worker gets to them: only the newest is processed.
-    worker.take_frames([_frame_msg("cam0", s, 1.1 + s * 0.01) for s in range(3)]
-                       + [_frame_msg("cam1", 7, 1.12)], received=1.13)
+    worker.take_frames(
+        [_frame_msg("cam0", s, 1.1 + s * 0.01) for s in range(3)] + [_frame_msg("cam1", 7, 1.12)],
+        received=1.13,
+    )
     assert worker.stats.drops == 2
     worker.process_pending(pub)
     assert engine.localize_batches == [2]
@@ -165,7 +168,14 @@ def test_heatmap_encoding_and_peak():
     heat = np.array([[-1.0, 0.0], [0.5, 1.0]], np.float32)
     assert np.allclose(encode_heatmap(heat, -1, 1, "float16").astype(np.float32), [[0, 0.5], [0.75, 1.0]])
     assert encode_heatmap(heat, -1, 1, "uint8").tolist() == [[0, 128], [191, 255]]
-    assert peak_of(heat) == (0.75, 0.75)
+    assert peak_of(heat, upsample=1) == (0.75, 0.75)
+    # upsampled: the bilinear maximum stays in the hottest cell, and a peak between two cells lands between
+    x, y = peak_of(heat)
+    assert x > 0.5 and y > 0.5
+    twin = np.zeros((3, 4), np.float32)
+    twin[1, 1:3] = 1.0
+    x, y = peak_of(twin)  # a plateau over cells 1..2: anywhere between their centres, on the middle row
+    assert 1.5 / 4 - 1e-6 <= x <= 2.5 / 4 and y == pytest.approx(0.5, abs=1 / 24)
 
 
 # ---------------------------------------------------------------------------------------------- real process
@@ -179,15 +189,21 @@ def tiny_engine(tmp_path_factory) -> Path:
     from avloc.engines.export import export_engine
 
     root = tmp_path_factory.mktemp("engine")
-    save_checkpoint(root / "ckpt.pt", SSLAlign(SSLAlignConfig(width=8)), method="ssl_align",
-                    model_config={"width": 8}, frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-                    image=ImageConfig(size=64))
+    save_checkpoint(
+        root / "ckpt.pt",
+        SSLAlign(SSLAlignConfig(width=8)),
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+        image=ImageConfig(size=64),
+    )
     return export_engine(root / "ckpt.pt", root / "engine")
 
 
 def _fuzz_messages(rng: np.random.Generator) -> list[list[bytes]]:
-    good_header = protocol.encode("frame", stream="cam0", seq=1, ts={"capture": 1.0},
-                                  arrays={"frame": np.zeros((2, 2, 3), np.uint8)})[0]
+    good_header = protocol.encode(
+        "frame", stream="cam0", seq=1, ts={"capture": 1.0}, arrays={"frame": np.zeros((2, 2, 3), np.uint8)}
+    )[0]
     return [
         [b"\xff\xfe not json"],
         [b'{"v": 99, "kind": "frame"}'],
@@ -196,10 +212,16 @@ def _fuzz_messages(rng: np.random.Generator) -> list[list[bytes]]:
         [good_header],  # payload missing
         [b"[1, 2, 3]"],
         [rng.bytes(64), rng.bytes(300)],
-        protocol.encode("frame", stream="cam0", seq=2, ts={"capture": 1.0},
-                        arrays={"frame": np.zeros((4, 4), np.uint8)}),  # valid message, wrong frame layout
-        protocol.encode("audio", stream="cam0", seq=3, ts={"window_end": 1.0},
-                        arrays={"spec": np.zeros((1, 3, 3), np.float32)}),  # wrong spectrogram shape
+        protocol.encode(
+            "frame", stream="cam0", seq=2, ts={"capture": 1.0}, arrays={"frame": np.zeros((4, 4), np.uint8)}
+        ),  # valid message, wrong frame layout
+        protocol.encode(
+            "audio",
+            stream="cam0",
+            seq=3,
+            ts={"window_end": 1.0},
+            arrays={"spec": np.zeros((1, 3, 3), np.float32)},
+        ),  # wrong spectrogram shape
     ]
 
 
@@ -217,9 +239,25 @@ def test_worker_process_serves_through_fuzzing(tiny_engine, tmp_path):
     heat = protocol.make_socket(ctx, zmq.SUB, heat_ep, bind=False, hwm=100)
     beats = protocol.make_socket(ctx, zmq.SUB, hb_ep, bind=True, hwm=100)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avloc.stream.inference", "--engine", str(tiny_engine), "--frames", frames_ep,
-         "--audio", audio_ep, "--heatmaps", heat_ep, "--heartbeat", hb_ep, "--threads", "1",
-         "--log-file", str(tmp_path / "inference.log")],
+        [
+            sys.executable,
+            "-m",
+            "avloc.stream.inference",
+            "--engine",
+            str(tiny_engine),
+            "--frames",
+            frames_ep,
+            "--audio",
+            audio_ep,
+            "--heatmaps",
+            heat_ep,
+            "--heartbeat",
+            hb_ep,
+            "--threads",
+            "1",
+            "--log-file",
+            str(tmp_path / "inference.log"),
+        ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     rng = np.random.default_rng(0)
@@ -233,9 +271,12 @@ def test_worker_process_serves_through_fuzzing(tiny_engine, tmp_path):
         phase_fuzzed = False
         while time.monotonic() < deadline:
             t = protocol.now()
-            protocol.send(audio, "audio", stream="cam0", seq=seq, ts={"window_end": t - 0.01}, arrays={"spec": spec})
-            protocol.send(frames, "frame", stream="cam0", seq=seq, ts={"capture": t, "send": t},
-                          arrays={"frame": image})
+            protocol.send(
+                audio, "audio", stream="cam0", seq=seq, ts={"window_end": t - 0.01}, arrays={"spec": spec}
+            )
+            protocol.send(
+                frames, "frame", stream="cam0", seq=seq, ts={"capture": t, "send": t}, arrays={"frame": image}
+            )
             seq += 1
             if len(got) >= 3 and not phase_fuzzed:
                 for parts in _fuzz_messages(rng):  # the same garbage on both sockets
@@ -259,7 +300,9 @@ def test_worker_process_serves_through_fuzzing(tiny_engine, tmp_path):
         computed = [m for m in got if "heatmap" in m.arrays]
         import json
 
-        feature = json.loads((tiny_engine / "manifest.json").read_text())["outputs"]["heatmap"]["feature_size"]
+        feature = json.loads((tiny_engine / "manifest.json").read_text())["outputs"]["heatmap"][
+            "feature_size"
+        ]
         assert computed and list(computed[-1].arrays["heatmap"].shape) == feature
     finally:
         proc.terminate()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
 
 DUMMY_WORKER = textwrap.dedent('''
@@ -58,8 +57,16 @@ def _assert_no_orphans(parent: psutil.Process | None = None) -> None:
     assert not alive, f"orphan processes: {[p.cmdline() for p in alive]}"
 
 
-FAST = StreamConfig(heartbeat_timeout_s=1.0, startup_grace_s=20.0, restart_backoff_s=0.1, restart_backoff_max_s=0.2,
-                    max_restarts=2, drain_s=0.1, stop_timeout_s=5.0, display_stop_timeout_s=5.0)
+FAST = StreamConfig(
+    heartbeat_timeout_s=1.0,
+    startup_grace_s=20.0,
+    restart_backoff_s=0.1,
+    restart_backoff_max_s=0.2,
+    max_restarts=2,
+    drain_s=0.1,
+    stop_timeout_s=5.0,
+    display_stop_timeout_s=5.0,
+)
 
 
 def test_restarts_crashed_and_silent_workers_then_gives_up(dummy_module, tmp_path):
@@ -81,7 +88,9 @@ def test_restarts_crashed_and_silent_workers_then_gives_up(dummy_module, tmp_pat
     procs = summary["processes"]
     assert procs["crasher"]["restarts"] == FAST.max_restarts and procs["crasher"]["exit_code"] == 3
     assert procs["hanger"]["restarts"] == FAST.max_restarts  # killed for silence, restarted, then given up
-    assert procs["steady"]["restarts"] == 0 and procs["steady"]["exit_code"] == 0  # stopped by SIGTERM cleanly
+    assert (
+        procs["steady"]["restarts"] == 0 and procs["steady"]["exit_code"] == 0
+    )  # stopped by SIGTERM cleanly
     whys = {e["why"] for e in summary["events"] if e["event"] == "crash"}
     assert "stopped sending heartbeats" in whys and "exited" in whys
     assert summary["reason"] == "timeout"
@@ -95,11 +104,19 @@ def test_finite_source_end_stops_everything(dummy_module, tmp_path):
     specs = [
         ProcessSpec("display", dummy_module, [], role="display"),
         ProcessSpec("inference", dummy_module, [], role="inference"),
-        ProcessSpec("replay", dummy_module, ["--mode", "end", "--after", "1.0"], role="source", finite=True,
-                    after=("inference", "display")),
+        ProcessSpec(
+            "replay",
+            dummy_module,
+            ["--mode", "end", "--after", "1.0"],
+            role="source",
+            finite=True,
+            after=("inference", "display"),
+        ),
     ]
     started = time.monotonic()
-    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(
+        timeout_s=40
+    )
     assert summary["reason"] == "ended" and time.monotonic() - started < 30
     assert all(p["restarts"] == 0 and p["exit_code"] == 0 for p in summary["processes"].values())
     order = [e["process"] for e in summary["events"] if e["event"] == "start"]
@@ -108,13 +125,13 @@ def test_finite_source_end_stops_everything(dummy_module, tmp_path):
 
 
 def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
-    script = textwrap.dedent(f'''
+    script = textwrap.dedent(f"""
         from pathlib import Path
         from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
         specs = [ProcessSpec(f"w{{i}}", {dummy_module!r}, []) for i in range(3)]
         Launcher(specs, Path({str(tmp_path / "run")!r}), config=StreamConfig(),
                  heartbeat_endpoint=free_tcp_endpoint()).run()
-    ''')
+    """)
     launcher = subprocess.Popen([sys.executable, "-c", script])
     proc = psutil.Process(launcher.pid)
     deadline = time.monotonic() + 30
@@ -140,9 +157,14 @@ def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
     from avloc.engines.export import export_engine
 
     root = tmp_path_factory.mktemp("pipeline")
-    save_checkpoint(root / "ckpt.pt", SSLAlign(SSLAlignConfig(width=8)), method="ssl_align",
-                    model_config={"width": 8}, frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-                    image=ImageConfig(size=64))
+    save_checkpoint(
+        root / "ckpt.pt",
+        SSLAlign(SSLAlignConfig(width=8)),
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+        image=ImageConfig(size=64),
+    )
     engine = export_engine(root / "ckpt.pt", root / "engine")
     write_synth_video(root / "clip.mp4", seconds=2.0, fps=15, size=(160, 120), seed=3)
     return engine, root / "clip.mp4"
@@ -167,8 +189,22 @@ def _heatmaps(path: Path) -> list[dict]:
 def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp_path):
     engine, video = engine_and_video
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "avloc.cli", "replay", str(video), "--engine", str(engine), "--headless",
-           "--loop", "--auto-ports", "--threads", "1", "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avloc.cli",
+        "replay",
+        str(video),
+        "--engine",
+        str(engine),
+        "--headless",
+        "--loop",
+        "--auto-ports",
+        "--threads",
+        "1",
+        "--run-dir",
+        str(run_dir),
+    ]
     launcher = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     proc = psutil.Process(launcher.pid)
     latency_log = run_dir / "latency.jsonl"
@@ -184,7 +220,9 @@ def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp
         killed_at = time.monotonic()
         # heatmaps resume from a new inference worker
         while True:
-            after = [r for r in _heatmaps(latency_log) if not r.get("notice") and r["ts"]["display"] > killed_at]
+            after = [
+                r for r in _heatmaps(latency_log) if not r.get("notice") and r["ts"]["display"] > killed_at
+            ]
             if len(after) >= 5:
                 break
             assert time.monotonic() - killed_at < 60, "heatmaps did not resume after kill -9"

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from avloc.core.config import from_dict, load_config
 from avloc.core.errors import UserError
 from avloc.core.losses import LossConfig, SSLAlignLoss, info_nce, view_pairs
@@ -83,7 +82,7 @@ def test_alignment_similarity_matches_numpy():
         model.audio_proj.bias.copy_(torch.tensor(ba))
     vmap = rng.normal(size=(2, 8, 3, 3))
     audio = rng.normal(size=(3, 8))
-    got = model.alignment_similarity(torch.tensor(vmap, dtype=torch.float32), torch.tensor(audio, dtype=torch.float32))
+    got = model.alignment_similarity(torch.tensor(vmap).float(), torch.tensor(audio).float())
     pv = _np_normalize(vmap.max(axis=(2, 3)) @ wv.T + bv, 1)  # max-pooled visual map -> Linear
     pa = _np_normalize(audio @ wa.T + ba, 1)
     np.testing.assert_allclose(got.detach().numpy(), pv @ pa.T, rtol=1e-4, atol=1e-5)
@@ -105,7 +104,8 @@ def test_full_loss_matches_numpy_sum_over_pairs():
     for v in views:
         for a in views:
             expected += _np_ce_rows(_np_sl(vmaps[v], audios[a]) / tau)
-            pv = _np_normalize(vmaps[v].max(axis=(2, 3)) @ w["visual_proj.weight"].T + w["visual_proj.bias"], 1)
+            pooled = vmaps[v].max(axis=(2, 3))
+            pv = _np_normalize(pooled @ w["visual_proj.weight"].T + w["visual_proj.bias"], 1)
             pa = _np_normalize(audios[a] @ w["audio_proj.weight"].T + w["audio_proj.bias"], 1)
             expected += _np_ce_rows(pv @ pa.T / tau)
     assert len(parts) == 18

@@ -4,6 +4,7 @@ compared with the offline front-end on the same samples."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -200,3 +201,28 @@ def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
         assert _peak_bin(spec) == _peak_bin(ref)
         np.testing.assert_allclose(spec, ref, atol=1e-3)
         assert np.isfinite(msg.ts["window_end"]) and msg.ts["window_end"] <= msg.ts["send"]
+
+
+def test_devices_are_listed_and_selected_by_name(tmp_path):
+    (tmp_path / ".asoundrc").write_text('pcm.!default { type null }\npcm.quietmic { type null }\n')
+    code = (
+        "import json\n"
+        "from avloc.core.errors import UserError\n"
+        "from avloc.stream.microphone import list_devices, resolve_input_device\n"
+        "devices = list_devices()\n"
+        "try:\n"
+        "    resolve_input_device('no such mic')\n"
+        "    missing = None\n"
+        "except UserError as err:\n"
+        "    missing = str(err)\n"
+        "print(json.dumps({**devices, 'quiet': resolve_input_device('QUIETMIC'), 'missing': missing}))\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    names = {m["name"]: m for m in result["microphones"]}
+    assert "quietmic" in names and names["default"]["default"] is True
+    assert result["quiet"] == names["quietmic"]["index"]
+    assert "no such mic" in result["missing"] and "avloc devices" in result["missing"]
+    assert isinstance(result["cameras"], list)

@@ -117,3 +117,32 @@ def test_yamnet_embeddings_are_semantic() -> None:
     assert nn[0, 0] == 1  # the dog bark's nearest sound is the other animal, not the machine or the music
     # a batch gives the same embeddings as one clip at a time
     np.testing.assert_allclose(embedder(waves[:1]), feats[:1], atol=1e-5)
+
+
+def test_index_build_cli_with_self_encoders(tmp_path: Path) -> None:
+    import torch
+    from avloc.core.audio import FrontEndConfig
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+    from avloc.core.synth import make_synth
+
+    from avloc.cli import main as cli_main
+
+    data = make_synth(tmp_path / "data", seed=0, n_train=6, n_val=0, n_test=0, distractors=1, silent_frac=0.0,
+                      image_size=48, clip_seconds=0.5, workers=1)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "best.pt", SSLAlign(SSLAlignConfig(width=4)), method="ssl_align",
+                           model_config={"width": 4}, frontend=FrontEndConfig(window_seconds=0.5),
+                           image=ImageConfig(size=48))
+    out = tmp_path / "nn.npz"
+    encoders = ["--image-encoder", "self", "--audio-encoder", "self", "--checkpoint", str(ckpt)]
+    assert cli_main(["index", "build", "--data", str(data), *encoders, "--k", "50", "--out", str(out)]) == 0
+    index = load_index(out)
+    assert len(index.ids) == 6 and index.image_nn.shape == index.audio_nn.shape == (6, 5)
+    assert index.meta["image_encoder"] == "self" and index.meta["k"] == 5
+    for table in (index.image_nn, index.audio_nn):
+        assert all(sorted(row) == sorted(set(range(6)) - {i}) for i, row in enumerate(table.tolist()))
+    # 'self' without a checkpoint is a one-line user error, nothing written
+    assert cli_main(["index", "build", "--data", str(data), "--image-encoder", "self",
+                     "--out", str(tmp_path / "x.npz")]) == 2
+    assert not (tmp_path / "x.npz").exists()

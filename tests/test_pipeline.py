@@ -1,4 +1,4 @@
-"""End to end with real processes and sockets on loopback: replay -> inference -> display (headless record)."""
+"""End to end with real processes and loopback sockets: replay -> inference -> display (headless record)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import av
 import numpy as np
 import psutil
 import pytest
-
 from avloc.core.media import iter_video, probe_video
 from avloc.stream.bench import read_latency_log
 from avloc.stream.replay_cli import run_replay
@@ -28,9 +27,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     from avloc.engines.export import export_engine
 
     root = tmp_path_factory.mktemp("pipeline")
-    save_checkpoint(root / "ckpt.pt", SSLAlign(SSLAlignConfig(width=8)), method="ssl_align",
-                    model_config={"width": 8}, frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-                    image=ImageConfig(size=64))
+    save_checkpoint(
+        root / "ckpt.pt",
+        SSLAlign(SSLAlignConfig(width=8)),
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+        image=ImageConfig(size=64),
+    )
     engine = export_engine(root / "ckpt.pt", root / "engine")
     video = root / "clip.mp4"
     write_synth_video(video, seconds=2.0, fps=15, size=(160, 120), seed=5)
@@ -57,8 +61,16 @@ def _no_orphans() -> None:
 
 def test_replay_two_streams_end_to_end(assets, tmp_path):
     record = tmp_path / "out.mp4"
-    summary = run_replay(assets["video"], assets["engine"], run_dir=tmp_path / "run", record=record,
-                         headless=True, streams=2, threads=1, snapshot_every=10)
+    summary = run_replay(
+        assets["video"],
+        assets["engine"],
+        run_dir=tmp_path / "run",
+        record=record,
+        headless=True,
+        streams=2,
+        threads=1,
+        snapshot_every=10,
+    )
     assert summary["reason"] == "ended"
     records = read_latency_log(Path(summary["latency_log"]))
     frames_in_file = sum(1 for _ in iter_video(assets["video"]))
@@ -90,8 +102,9 @@ def test_audioless_file_plays_with_no_audio_notice(assets, tmp_path):
     silent = _remux(assets["video"], tmp_path / "silent.mkv", audio=False)
     assert not probe_video(silent).has_audio
     record = tmp_path / "silent_out.mp4"
-    summary = run_replay(silent, assets["engine"], run_dir=tmp_path / "run", record=record, headless=True,
-                         threads=1)
+    summary = run_replay(
+        silent, assets["engine"], run_dir=tmp_path / "run", record=record, headless=True, threads=1
+    )
     assert summary["reason"] == "ended"
     records = read_latency_log(Path(summary["latency_log"]))
     assert len(records) >= 10
@@ -110,8 +123,21 @@ def test_truncated_files(assets, tmp_path):
     data = assets["video"].read_bytes()
     cut_mp4 = tmp_path / "cut.mp4"
     cut_mp4.write_bytes(data[: len(data) // 2])
-    done = subprocess.run([sys.executable, "-m", "avloc.cli", "replay", str(cut_mp4), "--engine",
-                           str(assets["engine"]), "--headless", "--auto-ports"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avloc.cli",
+            "replay",
+            str(cut_mp4),
+            "--engine",
+            str(assets["engine"]),
+            "--headless",
+            "--auto-ports",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("avloc: error:") and str(cut_mp4) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
@@ -140,3 +166,46 @@ def test_latency_log_survives_a_cut_line(tmp_path):
     assert summary["e2e_ms"]["p50"] == pytest.approx(7000.0)
     assert summary["stages_ms"]["transport"]["p50"] == pytest.approx(1000.0)
     assert np.isnan(summarize_latency_log(tmp_path / "missing.jsonl")["e2e_ms"]["p50"])
+
+
+def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monkeypatch, tmp_path):
+    import argparse
+
+    import cv2
+
+    from avloc.stream import display as D
+    from avloc.stream import protocol
+
+    args = argparse.Namespace(
+        alpha=0.5, colormap="jet", record=None, audio_source=None, fps=30.0, record_stream=None,
+        latency_log=str(tmp_path / "lat.jsonl"), snapshot_every=0, snapshot_dir=None,
+    )
+    shown: list[np.ndarray] = []
+    monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
+    disp = D.Display(args)
+    clock = [100.0]
+    monkeypatch.setattr(protocol, "now", lambda: clock[0])
+    for seq in range(3):
+        frame = np.full((40, 60, 3), 10 * seq, np.uint8)
+        disp.on_frame(protocol.Message("frame", "cam0", seq, {"capture": 99.0}, {"frame": frame}, {}))
+    heat = np.zeros((4, 6), np.float16)
+    heat[3, 5] = 1.0  # hottest at the bottom-right
+    msg = protocol.Message("heatmap", "cam0", 1, {"capture": 99.0, "publish": 99.9}, {"heatmap": heat},
+                           {"peak": [0.9, 0.9], "confidence": 0.3, "notice": None})
+    disp.on_heatmap(msg)
+    disp._show("avloc", {"cam0": msg})
+    assert len(shown) == 1
+    image = shown[0].astype(int)
+    # overlay of frame seq 1 (grey 10): JET red at the hot corner, blue at the cold one, HUD top-left
+    assert image[36, 56, 2] > image[36, 56, 0] and image[20, 30, 0] > image[20, 30, 2]
+    disp._show("avloc", {})  # nothing new, heatmap fresh: nothing redrawn
+    assert len(shown) == 1
+    clock[0] += 1.0  # no heatmap for a second: the newest plain frame is shown
+    disp._show("avloc", {})
+    assert len(shown) == 2 and shown[1][35, 30].tolist() == [20, 20, 20]
+    disp._show("avloc", {})
+    assert len(shown) == 2  # the same frame is not shown twice
+    disp.log_latency(msg, 100.0)
+    disp._log_file.close()
+    logged = json.loads((tmp_path / "lat.jsonl").read_text())
+    assert logged["ts"]["display"] == 100.0 and logged["peak"] == [0.9, 0.9]

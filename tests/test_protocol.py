@@ -262,3 +262,11 @@ def test_doc_subscriber_example_receives_heatmaps(ctx, tmp_path):
             assert "latency=12.3ms" in line and "conf=0.500" in line
             max_value = float(re.search(r"max=([\d.]+)", line).group(1))
             assert 0.0 < max_value <= 1.0
+
+
+def test_decode_accepts_the_frames_encode_builds():
+    """Loopback without a socket: what encode() hands to libzmq decodes to the same message."""
+    arrays = {"spec": np.linspace(-1, 1, 24, dtype=np.float32).reshape(1, 4, 6), "eye": np.eye(3, dtype=bool)}
+    msg = protocol.decode(protocol.encode("audio", stream="m", seq=5, ts={"window_end": 2.0}, arrays=arrays))
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(msg.arrays[name], value)

@@ -37,7 +37,8 @@ def _make_video(path: Path, seconds: float, *, audio_rate: int | None = 44100, c
     audio = None
     if audio_rate:
         audio_codec = "libopus" if path.suffix == ".webm" else "aac"
-        audio = container.add_stream(audio_codec, rate=audio_rate, layout="stereo" if channels == 2 else "mono")
+        layout = "stereo" if channels == 2 else "mono"
+        audio = container.add_stream(audio_codec, rate=audio_rate, layout=layout)
     n = round(seconds * FPS)
     for i in range(n):
         image = np.full((size[1], size[0], 3), (STEP * i) % 256, np.uint8)
@@ -49,8 +50,8 @@ def _make_video(path: Path, seconds: float, *, audio_rate: int | None = 44100, c
         tone = (0.4 * np.sin(2 * np.pi * np.cumsum(freq) / audio_rate)).astype(np.float32)
         planes = np.repeat(tone[None], channels, axis=0)
         for start in range(0, planes.shape[1], 960):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start : start + 960]), format="fltp",
-                                               layout="stereo" if channels == 2 else "mono")
+            chunk = np.ascontiguousarray(planes[:, start : start + 960])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
             frame.sample_rate, frame.pts = audio_rate, start
             for packet in audio.encode(frame):
                 container.mux(packet)
@@ -107,9 +108,9 @@ class _Collector:
 
 def _start(video: Path, frames_ep: str, audio_ep: str, log_file: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "avloc.stream.replay", str(video), "--frames", frames_ep,
-                             "--audio", audio_ep, "--log-file", str(log_file), "--wait-timeout", "30", *extra],
-                            env=env)
+    command = [sys.executable, "-m", "avloc.stream.replay", str(video), "--frames", frames_ep,
+               "--audio", audio_ep, "--log-file", str(log_file), "--wait-timeout", "30", *extra]
+    return subprocess.Popen(command, env=env)
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float = 30) -> int:
@@ -152,7 +153,7 @@ def test_replay_paces_frames_and_publishes_causal_windows(tmp_path, ctx):
     for i, m in enumerate(frames):
         assert abs(float(m.arrays["frame"].mean()) / STEP - i) < 1.0  # frames in order, BGR uint8
         assert m.arrays["frame"].shape == (48, 64, 3) and m.meta["has_audio"] is True
-    # paced by the file's timestamps at speed 1.0: capture times follow pts exactly, and real time follows them
+    # paced by the file's timestamps at speed 1.0: capture times follow pts exactly, real time follows them
     np.testing.assert_allclose(np.diff(capture), np.diff(pts), atol=1e-6)
     arrival = np.array([a for _, a in collector.frames])
     assert np.all(arrival >= capture - 0.005)
@@ -245,8 +246,46 @@ def test_loop_continues_clock_and_audio(tmp_path):
     frames = [m for m, _ in collector.frames]
     assert len(frames) == 75
     capture = np.array([m.ts["capture"] for m in frames])
-    # one continuous clock over the loops: every step is 1/30 s of media at 4x speed
-    np.testing.assert_allclose(np.diff(capture), 1 / FPS / 4, atol=1e-6)
+    # one continuous clock over the loops: every step is 1/30 s of media at 4x speed (Matroska: ms timestamps)
+    np.testing.assert_allclose(np.diff(capture), 1 / FPS / 4, atol=0.001 / 4 + 1e-6)
     assert [round(m.arrays["frame"].mean() / STEP) for m in frames[28:33]] == [28, 29, 0, 1, 2]
     ends = np.array([m.meta["end_sample"] for m in collector.audio])
     assert len(ends) >= 20 and np.all(np.diff(ends) == 1600)  # audio windows run on across the loop
+
+
+def test_variable_frame_rate_is_paced_by_timestamps(tmp_path):
+    from fractions import Fraction
+
+    pts_ms = [0, 33, 50, 120, 130, 200, 400, 410, 500, 700]
+    path = tmp_path / "vfr.mkv"
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=30)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    stream.codec_context.time_base = Fraction(1, 1000)
+    for i, pts in enumerate(pts_ms):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), STEP * i, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = pts, Fraction(1, 1000)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+
+    ctx = zmq.Context()
+    frames_ep, audio_ep = _free_endpoint(), _free_endpoint()
+    collector = _Collector(ctx, frames_ep, audio_ep)
+    source = ReplaySource(path, frames_ep, audio_ep, speed=2.0, wait_timeout_s=20)
+    worker = threading.Thread(target=source.run)
+    worker.start()
+    try:
+        end = collector.run(timeout_s=60)
+    finally:
+        worker.join(30)
+        ctx.destroy(linger=0)
+    assert end is not None and end.meta["error"] is None
+    frames = [m for m, _ in collector.frames]
+    assert [m.meta["pts"] for m in frames] == pytest.approx([p / 1000 for p in pts_ms])
+    capture = np.array([m.ts["capture"] for m in frames])
+    np.testing.assert_allclose(np.diff(capture), np.diff(pts_ms) / 1000 / 2.0, atol=1e-6)
+    arrival = np.array([a for _, a in collector.frames])
+    assert np.all(np.abs(arrival - capture) < 0.1)  # published at those times, not just stamped with them

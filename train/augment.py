@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
-from torchvision.transforms import v2
-
 from avloc.core.audio import crop_window
 from avloc.core.checkpoint import ImageConfig
+from torch import Tensor
+from torchvision.transforms import v2
 
 CACHE_SCALE = 1.1  # Resize(int(size * 1.1)) before RandomCrop(size), as the EZ-VSL/SSL-Align loaders
 
@@ -46,7 +45,9 @@ class ImageViews:
     def __init__(self, image: ImageConfig) -> None:
         size = image.size
         self.size = size
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(image.mean, image.std)])
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(image.mean, image.std)]
+        )
         self.plain = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()])
         blur_kernel = 2 * (size // 20) + 1  # ~10% of the side, odd
         self.augment = v2.Compose(
@@ -79,7 +80,9 @@ def center_window(wave: np.ndarray, num_samples: int, pad: str = "tile") -> np.n
     return crop_window(wave, num_samples, center=wave.shape[-1] // 2, pad=pad)
 
 
-def shifted_window(wave: np.ndarray, num_samples: int, rng: np.random.Generator, pad: str = "tile") -> np.ndarray:
+def shifted_window(
+    wave: np.ndarray, num_samples: int, rng: np.random.Generator, pad: str = "tile"
+) -> np.ndarray:
     """Time-shift augmentation: a random window inside the clip, or a circular shift of a short clip."""
     n = wave.shape[-1]
     if n > num_samples:

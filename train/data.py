@@ -24,14 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
-from tqdm import tqdm
-
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig
 from avloc.core.datasets import AVDataset
 from avloc.core.errors import DataError, UserError
-from avloc.train.augment import ImageViews, cache_size, center_window, shifted_window
+from avloc.train.augment import ImageViews, center_window, shifted_window
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ CACHE_VERSION = 1
 
 @dataclass
 class DecodedSplit:
-    """One split decoded: ``frames[i]`` uint8 [S, S, 3]; clip i is ``audio[offsets[i]:offsets[i+1]]`` PCM16."""
+    """A decoded split: ``frames[i]`` uint8 [S, S, 3]; clip i = ``audio[offsets[i]:offsets[i+1]]`` (PCM16)."""
 
     ids: list[str]
     frames: np.ndarray
@@ -114,8 +113,8 @@ def load_split(
         np.save(tmp / "frames.npy", frames)
         np.save(tmp / "audio.npy", np.concatenate(waves))
         np.save(tmp / "offsets.npy", _offsets(waves))
-        meta = {"version": CACHE_VERSION, "stamp": stamp, "ids": source.ids, "root": str(root), "split": split,
-                "frame_size": frame_size, "sample_rate": frontend.sample_rate}
+        meta = {"version": CACHE_VERSION, "stamp": stamp, "ids": source.ids, "root": str(root),
+                "split": split, "frame_size": frame_size, "sample_rate": frontend.sample_rate}
         (tmp / "meta.json").write_text(json.dumps(meta))
         if folder.exists():  # stale entry with the same key
             shutil.rmtree(folder)
@@ -156,11 +155,11 @@ def load_nn_index(path: Path, ids: list[str], k: int) -> tuple[np.ndarray, np.nd
     Rows are matched by id, so the index may list the train ids in any order; k' = min(k, stored k).
     """
     if not path.is_file():
-        raise UserError(f"{path}: NN index not found (build it with `avloc index build`, or set train.nn_index=self)")
+        raise UserError(f"{path}: NN index not found (`avloc index build` makes one; or train.nn_index=self)")
     with np.load(path, allow_pickle=False) as z:
         missing_keys = [key for key in ("ids", "image_nn", "audio_nn") if key not in z.files]
         if missing_keys:
-            raise DataError(path, f"missing array(s) {', '.join(missing_keys)}; expected ids, image_nn, audio_nn")
+            raise DataError(path, f"missing array(s) {', '.join(missing_keys)}; need ids, image_nn, audio_nn")
         index_ids = [str(s) for s in z["ids"]]
         image_nn, audio_nn = z["image_nn"], z["audio_nn"]
     position = {sid: i for i, sid in enumerate(index_ids)}
@@ -175,7 +174,7 @@ def load_nn_index(path: Path, ids: list[str], k: int) -> tuple[np.ndarray, np.nd
     for table in (image_nn, audio_nn):
         table = to_ours[np.asarray(table)[rows]]
         if (table < 0).any():
-            raise DataError(path, "neighbours point outside the train split; rebuild the index for this dataset")
+            raise DataError(path, "neighbours point outside the train split; rebuild the index for this data")
         out.append(table[:, : min(k, table.shape[1])].copy())
     return out[0], out[1]
 
@@ -241,7 +240,8 @@ class TrainViews(Dataset):
                 j_img = int(image_nn[index, rng.integers(0, image_nn.shape[1])])
                 j_aud = int(audio_nn[index, rng.integers(0, audio_nn.shape[1])])
                 out["image_nn"] = self.image_views.original(self.split.frame(j_img))
-                out["wave_nn"] = torch.from_numpy(center_window(self.split.wave(j_aud), self.num_samples, self.pad))
+                nn_wave = center_window(self.split.wave(j_aud), self.num_samples, self.pad)
+                out["wave_nn"] = torch.from_numpy(nn_wave)
         return out
 
 
@@ -274,7 +274,8 @@ class EpochSampler(Sampler):
         self.epoch = 0
         if self.batches_per_epoch() == 0:
             raise UserError(
-                f"train split has {n} samples: fewer than one batch (train.batch_size={batch_size} x {world} process(es))"
+                f"train split has {n} samples: fewer than one batch "
+                f"(train.batch_size={batch_size} x {world} process(es))"
             )
 
     def batches_per_epoch(self) -> int:

@@ -20,11 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 from avloc.core.audio import FrontEnd, FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, build_model, read_checkpoint, save_checkpoint
 from avloc.core.config import from_dict, to_dict
@@ -33,6 +30,9 @@ from avloc.core.losses import Gather, LossConfig, SSLAlignLoss
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.train.augment import cache_size
 from avloc.train.data import EpochSampler, EvalViews, TrainViews, load_nn_index, load_split, resolve_cache_dir
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ class TrainStep(nn.Module):
         self.views = tuple(loss.positives)
         self.amp = amp
 
-    def forward(self, batch: dict[str, Tensor], gather: Gather | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, batch: dict[str, Tensor], gather: Gather | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         vmaps, audios = {}, {}
         device_type = batch["image_orig"].device.type
         for view in self.views:
@@ -132,11 +134,28 @@ class TrainStep(nn.Module):
         return self.loss(self.model, vmaps, audios, gather)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    torch.distributed.nn's all_gather backward hands the incoming gradients to all_to_all (gloo) as
+    they are; a strided gradient (einsum backward produces transposed ones) is then sent as raw memory
+    in the wrong element order. Measured: wrong audio gradients on CPU/gloo without this.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001 - autograd signature
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        return grad.contiguous()
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """All ranks' rows (gradients flow back to their owners); offset of this rank's rows."""
     import torch.distributed.nn.functional as dist_fn
 
-    parts = dist_fn.all_gather(x)
+    parts = [_ContiguousGrad.apply(p) for p in dist_fn.all_gather(x)]
     return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
 
 
@@ -157,11 +176,10 @@ def compute_heatmaps(
         spec = frontend(batch["wave"].to(device))
         vmap, a = model.encode_image(image), model.encode_audio(spec)
         s = model.cosine_map(vmap, a)
-        up = torch.nn.functional.interpolate(s.unsqueeze(1), size=image.shape[-2:], mode="bilinear",
-                                             align_corners=False)[:, 0]
+        up = F.interpolate(s.unsqueeze(1), size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         for i, m in zip(batch["index"].tolist(), up.cpu().numpy()):
             maps[i] = m
-        vis.append(torch.nn.functional.normalize(torch.nn.functional.normalize(vmap, dim=1).mean((2, 3)), dim=1).cpu())
+        vis.append(F.normalize(F.normalize(vmap, dim=1).mean((2, 3)), dim=1).cpu())
         aud.append(torch.nn.functional.normalize(a, dim=1).cpu())
         order.append(batch["index"])
     idx = torch.cat(order).argsort()
@@ -234,6 +252,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # created here (torchrun): destroyed at the end of train()
 
     @property
     def main(self) -> bool:
@@ -245,13 +264,14 @@ def _init_distributed() -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    return _Dist(dist.get_rank(), dist.get_world_size(), local)
+    return _Dist(dist.get_rank(), dist.get_world_size(), local, owned)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -362,7 +382,8 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
                     "data": str(data.resolve()), "torch": torch.__version__, "amp": amp}
         _write_text_atomic(out / "run.json", json.dumps(run_info, indent=2))
         if resume and metrics_path.is_file():  # drop records of epochs that will be redone
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
+            lines = metrics_path.read_text().splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln)["epoch"] < start_epoch]
             _write_text_atomic(metrics_path, "".join(ln + "\n" for ln in kept))
         elif not resume:
             metrics_path.unlink(missing_ok=True)
@@ -372,7 +393,8 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
 
     def save(path: Path, epoch_done: int, extra: dict[str, Any]) -> None:
         save_checkpoint(path, model, method=METHOD, model_config=to_dict(cfg.model), frontend=cfg.frontend,
-                        image=cfg.image, extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra})
+                        image=cfg.image,
+                        extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra})
 
     steps_per_epoch = sampler.batches_per_epoch()
     max_steps = t.max_steps or math.inf
@@ -423,7 +445,8 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
                 score = _score(val)
                 if best is None or score > best:
                     best, best_epoch = score, epoch
-                    save(best_path, epoch + 1, {"val": {k: v for k, v in val.items() if isinstance(v, (int, float, str))}})
+                    scalars = {k: v for k, v in val.items() if isinstance(v, (int, float, str))}
+                    save(best_path, epoch + 1, {"val": scalars})
             elif val_loader is None:
                 save(best_path, epoch + 1, {})
                 best_epoch = epoch
@@ -440,15 +463,17 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     writer.add_scalar(k if "/" in k else f"epoch/{k}", v, epoch + 1)
-            log.info("epoch %d: loss %.4f, %.1f samples/s%s", epoch + 1, record.get("train/loss", float("nan")),
+            log.info("epoch %d: loss %.4f, %.1f samples/s%s", epoch + 1, record.get("train/loss", math.nan),
                      record["samples_per_s"],
                      f", val ciou_ap50 {record['val/ciou_ap50']:.3f}" if "val/ciou_ap50" in record else "")
         if ddp.world > 1:
             dist.barrier()
     if writer is not None:
         writer.close()
+    if ddp.owns_group:
+        dist.destroy_process_group()
     if ddp.main and not best_path.is_file():
-        raise UserError(f"{out}: no epoch was trained (train.epochs={t.epochs} already reached); nothing to select")
+        raise UserError(f"{out}: train.epochs={t.epochs} already reached, no epoch trained")
     return best_path
 
 

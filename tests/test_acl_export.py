@@ -1,0 +1,108 @@
+"""ACL engines on the tiny random architecture: ONNX Runtime parity for both graphs, the manifest, the torch
+backend, and a short replay through the real streaming pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from avloc.core.acl import build_acl_model
+from avloc.core.audio import FrontEnd, FrontEndConfig
+from avloc.core.checkpoint import ImageConfig, load_model, save_checkpoint
+from avloc.core.config import from_dict, load_config
+from avloc.engines.acl_export import export_acl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acl_engine(tmp_path_factory) -> tuple[Path, Path]:
+    config = load_config(ROOT / "configs" / "acl_tiny.yaml")
+    torch.manual_seed(0)
+    model = build_acl_model(config["model"])
+    root = tmp_path_factory.mktemp("acl")
+    checkpoint = save_checkpoint(
+        root / "acl.pt",
+        model,
+        method="acl",
+        model_config=config["model"],
+        frontend=FrontEndConfig.from_dict(config["frontend"]),
+        image=from_dict(ImageConfig, config["image"], "image"),
+    )
+    return checkpoint, export_acl(checkpoint, root / "engine")
+
+
+def test_manifest_describes_the_acl_engine(acl_engine) -> None:
+    _, engine = acl_engine
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["method"] == "acl"
+    assert manifest["frontend"]["kind"] == "fbank" and manifest["frontend"]["window_seconds"] == 1.0
+    assert manifest["graphs"]["audio"]["inputs"][0]["shape"] == ["batch", 1, 98, 128]
+    assert manifest["graphs"]["visual"]["inputs"][0]["shape"] == ["batch", 3, 48, 48]
+    assert manifest["image"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert manifest["embed_dim"] == 16
+    assert manifest["outputs"]["heatmap"]["feature_size"] == [32, 32]
+    assert manifest["heatmap_range"] == [0.0, 1.0]
+    assert max(manifest["parity_max_abs_diff"].values()) <= 1e-4
+
+
+def test_onnx_runtime_matches_pytorch_for_both_graphs(acl_engine) -> None:
+    import onnxruntime as ort
+
+    checkpoint, engine = acl_engine
+    model = load_model(checkpoint).model
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    audio = ort.InferenceSession(str(engine / "audio.onnx"), options, providers=["CPUExecutionProvider"])
+    visual = ort.InferenceSession(str(engine / "visual.onnx"), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    frontend = FrontEnd(FrontEndConfig(kind="fbank", window_seconds=1.0))
+    for batch in (1, 2):
+        wave = torch.from_numpy(rng.uniform(-0.5, 0.5, (batch, 16000)).astype(np.float32))
+        spec = frontend(wave)  # fbank on the host, as the engine expects
+        image = rng.standard_normal((batch, 3, 48, 48), dtype=np.float32)
+        with torch.no_grad():
+            emb_t = model.encode_audio(spec)  # the unfrozen model: folding / constants change nothing
+            heat_t = model.heatmap_from_embedding(torch.from_numpy(image), emb_t)
+        (emb,) = audio.run(None, {"spectrogram": spec.numpy()})
+        heat, conf = visual.run(None, {"image": image, "audio_embedding": emb})
+        assert emb.shape == (batch, 16) and heat.shape == (batch, 32, 32) and conf.shape == (batch,)
+        np.testing.assert_allclose(emb, emb_t.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(heat, heat_t.numpy(), atol=1e-4, rtol=0)
+        top = np.sort(heat.reshape(batch, -1), axis=1)[:, -256:].mean(axis=1)  # top 25 % of 32x32
+        np.testing.assert_allclose(conf, top, atol=1e-5, rtol=0)
+
+
+def test_torch_backend_serves_the_same_engine(acl_engine) -> None:
+    from avloc.engines.base import load_engine
+
+    _, engine = acl_engine
+    rng = np.random.default_rng(2)
+    spec = rng.standard_normal((2, 1, 98, 128), dtype=np.float32)
+    image = rng.standard_normal((2, 3, 48, 48), dtype=np.float32)
+    results = []
+    for backend in ("onnxruntime", "torch"):
+        with load_engine(engine, backend=backend, threads=1) as eng:
+            emb = eng.embed_audio(spec)
+            results.append((emb, *eng.localize(image, emb)))
+    for a, b in zip(results[0], results[1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_replay_a_short_clip_through_the_pipeline(acl_engine, tmp_path) -> None:
+    from avloc.core.synth import write_synth_video
+    from avloc.stream.replay_cli import run_replay
+
+    _, engine = acl_engine
+    video = tmp_path / "clip.mp4"
+    write_synth_video(video, seconds=2.0, fps=10, size=(96, 72), seed=5)
+    summary = run_replay(video, engine, run_dir=tmp_path / "run", speed="max", threads=1, timeout_s=90)
+    lines = (tmp_path / "run" / "latency.jsonl").read_text().splitlines()
+    heatmaps = [json.loads(line) for line in lines if line.strip()]
+    served = [h for h in heatmaps if not h.get("notice")]
+    assert served, f"no heatmaps from the ACL engine (summary: {summary.get('reason')})"
+    assert summary["reason"] in ("finished", "source ended", "end", "stopped")
