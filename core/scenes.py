@@ -79,7 +79,7 @@ class SceneParams:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """One sample to render. ``sounding`` is None for a silent scene, whose audio is ``heard`` (off-screen)."""
+    """A sample to render; ``sounding`` is None for a silent scene, whose audio is ``heard`` (off-screen)."""
 
     id: str
     split: str
@@ -96,6 +96,7 @@ class PlacedObject:
     sounding: bool
     alpha: np.ndarray  # H x W float32, the object's own opacity after placement (before occlusion)
     box: tuple[float, float, float, float]  # normalized tight box of alpha > 0.5, clipped to the image
+    depth: int = 0  # drawing order: objects of larger depth are drawn over it
 
 
 @dataclass
@@ -169,7 +170,9 @@ def resize_premultiplied(rgba: np.ndarray, width: int, height: int) -> np.ndarra
     return np.clip(cv2.resize(pre, (max(width, 1), max(height, 1)), interpolation=interp), 0, 1)
 
 
-def prepare_sprite(rgba: np.ndarray, longer_side: float, rng: np.random.Generator, jitter: bool = True) -> np.ndarray:
+def prepare_sprite(
+    rgba: np.ndarray, longer_side: float, rng: np.random.Generator, jitter: bool = True
+) -> np.ndarray:
     """Random flip and colour jitter, scaled so its longer side is ``longer_side`` pixels; premultiplied."""
     if rng.random() < 0.5:
         rgba = rgba[:, ::-1]
@@ -186,7 +189,7 @@ def prepare_sprite(rgba: np.ndarray, longer_side: float, rng: np.random.Generato
 
 
 def paste(canvas: np.ndarray, premult: np.ndarray, x0: int, y0: int) -> np.ndarray:
-    """Alpha-composite a premultiplied sprite onto ``canvas`` in place; returns its H x W alpha on the canvas."""
+    """Alpha-composite a premultiplied sprite onto ``canvas`` in place; returns its H x W alpha there."""
     height, width = canvas.shape[:2]
     alpha_full = np.zeros((height, width), np.float32)
     h, w = premult.shape[:2]
@@ -216,7 +219,9 @@ def mask_box(alpha: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int, 
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def normalize_box(box: tuple[int, int, int, int], height: int, width: int) -> tuple[float, float, float, float]:
+def normalize_box(
+    box: tuple[int, int, int, int], height: int, width: int
+) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = box
     return (round(x1 / width, 6), round(y1 / height, 6), round(x2 / width, 6), round(y2 / height, 6))
 
@@ -239,11 +244,20 @@ def add_clutter(canvas: np.ndarray, sprites: list[np.ndarray], rng: np.random.Ge
         premult = cv2.copyMakeBorder(premult, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0, 0))
         premult = cv2.GaussianBlur(premult, (0, 0), sigma) * rng.uniform(0.35, 0.7)
         h, w = premult.shape[:2]
-        paste(canvas, premult, int(rng.integers(-w // 2, width - w // 2)), int(rng.integers(-h // 2, height - h // 2)))
+        paste(
+            canvas,
+            premult,
+            int(rng.integers(-w // 2, width - w // 2)),
+            int(rng.integers(-h // 2, height - h // 2)),
+        )
 
 
 def layout_objects(
-    sprites: list[np.ndarray], scales: list[tuple[float, float]], height: int, width: int, rng: np.random.Generator,
+    sprites: list[np.ndarray],
+    scales: list[tuple[float, float]],
+    height: int,
+    width: int,
+    rng: np.random.Generator,
     max_longer_side: float = 0.95,
 ) -> list[tuple[np.ndarray, int, int, tuple[int, int, int, int]]]:
     """Scale and place sprites (first = sounding) with pairwise box IoU <= MAX_BOX_IOU.
@@ -259,10 +273,11 @@ def layout_objects(
     for rgba, (lo, hi) in zip(sprites, scales, strict=True):
         aspect = min(rgba.shape[:2]) / max(rgba.shape[:2])
         longer = min(rng.uniform(lo, hi) * math.sqrt(height * width / aspect), max_longer_side * side)
+        premult = prepare_sprite(rgba, longer, rng)
         for attempt in range(200):
             if attempt and attempt % 25 == 0:
                 longer *= 0.85
-            premult = prepare_sprite(rgba, longer, rng) if attempt % 25 == 0 else premult
+                premult = prepare_sprite(rgba, longer, rng)
             h, w = premult.shape[:2]
             x0 = int(rng.integers(-w // 10, max(width - w + w // 10, -w // 10 + 1)))
             y0 = int(rng.integers(-h // 10, max(height - h + h // 10, -h // 10 + 1)))
@@ -273,7 +288,9 @@ def layout_objects(
                 placed.append((premult, x0, y0, box))
                 break
         else:
-            raise RuntimeError("could not place the scene's objects without overlap")  # not reached in practice
+            raise RuntimeError(
+                "could not place the scene's objects without overlap"
+            )  # not reached in practice
     return placed
 
 
@@ -300,10 +317,14 @@ def compose_scene(
         raise UserError(f"--distractors {distractors}: only {len(pool)} other categories are available")
     others = [str(c) for c in rng.choice(pool, size=n_other, replace=False)] if n_other else []
     categories = ([sounding] if sounding is not None else []) + others
-    add_clutter(canvas, library.clutter(rng, set(categories) | banned | ({sounding} if sounding else set())), rng)
+    add_clutter(
+        canvas, library.clutter(rng, set(categories) | banned | ({sounding} if sounding else set())), rng
+    )
     sprites = [library.sprite(c, rng) for c in categories]
-    scales = [params.sounding_scale if (sounding is not None and i == 0) else params.distractor_scale
-              for i in range(len(categories))]
+    scales = [
+        params.sounding_scale if (sounding is not None and i == 0) else params.distractor_scale
+        for i in range(len(categories))
+    ]
     placed = layout_objects(sprites, scales, height, width, rng, params.max_longer_side)
     order = [int(i) for i in rng.permutation(len(placed))]
     if sounding is not None:
@@ -317,11 +338,12 @@ def compose_scene(
             order.remove(0)
             order.append(0)
     objects: list[PlacedObject | None] = [None] * len(placed)
-    for i in order:
+    for depth, i in enumerate(order):
         premult, x0, y0, box = placed[i]
         alpha = paste(canvas, premult, x0, y0)
-        objects[i] = PlacedObject(categories[i], sounding is not None and i == 0, alpha,
-                                  normalize_box(box, height, width))
+        objects[i] = PlacedObject(
+            categories[i], sounding is not None and i == 0, alpha, normalize_box(box, height, width), depth
+        )
     image = np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
     return Scene(image, [o for o in objects if o is not None])
 
@@ -365,8 +387,9 @@ def video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def write_video(path: Path, frames: Iterator[np.ndarray], audio: np.ndarray, fps: int,
-                sample_rate: int = SAMPLE_RATE) -> None:
+def write_video(
+    path: Path, frames: Iterator[np.ndarray], audio: np.ndarray, fps: int, sample_rate: int = SAMPLE_RATE
+) -> None:
     """Encode RGB frames (h264 via libx264, else mpeg4) with a mono AAC track, via a temp name."""
     import av
 
@@ -391,7 +414,9 @@ def write_video(path: Path, frames: Iterator[np.ndarray], audio: np.ndarray, fps
         chunk = 1024  # AAC frame size
         pcm = np.clip(audio, -1, 1).astype(np.float32)
         for start in range(0, len(pcm), chunk):
-            aframe = av.AudioFrame.from_ndarray(pcm[None, start : start + chunk], format="fltp", layout="mono")
+            aframe = av.AudioFrame.from_ndarray(
+                pcm[None, start : start + chunk], format="fltp", layout="mono"
+            )
             aframe.sample_rate = sample_rate
             aframe.pts = start
             for packet in astream.encode(aframe):
@@ -401,8 +426,9 @@ def write_video(path: Path, frames: Iterator[np.ndarray], audio: np.ndarray, fps
     os.replace(tmp, path)
 
 
-def render_video(library: SceneLibrary, rng: np.random.Generator, category: str, params: SceneParams,
-                 path: Path) -> list[list[float]]:
+def render_video(
+    library: SceneLibrary, rng: np.random.Generator, category: str, params: SceneParams, path: Path
+) -> list[list[float]]:
     """A clip in which the ``category`` object bounces across a background with one static distractor.
 
     Writes ``path`` (mp4 with the object's sound) and returns per-frame normalized boxes of the object.
@@ -415,7 +441,9 @@ def render_video(library: SceneLibrary, rng: np.random.Generator, category: str,
     for c in others:  # static distractor, drawn under the moving object
         premult = prepare_sprite(library.sprite(c, rng), rng.uniform(0.25, 0.45) * height, rng)
         h, w = premult.shape[:2]
-        paste(canvas, premult, int(rng.integers(0, max(width - w, 1))), int(rng.integers(0, max(height - h, 1))))
+        paste(
+            canvas, premult, int(rng.integers(0, max(width - w, 1))), int(rng.integers(0, max(height - h, 1)))
+        )
     sprite = prepare_sprite(library.sprite(category, rng), rng.uniform(0.3, 0.5) * height, rng)
     h, w = sprite.shape[:2]
     local = mask_box(sprite[..., 3])
@@ -463,22 +491,35 @@ def _balanced(pool: list[str], n: int, rng: np.random.Generator) -> list[str]:
 
 
 def plan_samples(
-    categories: list[str], seed: int, n_train: int, n_val: int, n_test: int, silent_frac: float,
-    unheard_frac: float, videos: int,
+    categories: list[str],
+    seed: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    silent_frac: float,
+    unheard_frac: float,
+    videos: int,
 ) -> tuple[list[SampleSpec], list[str]]:
     """Every sample to render, with its sounding category; returns (specs, unheard categories)."""
     cats = sorted(categories)
     plan_rng = np.random.default_rng([seed, 0])
     n_unheard = round(unheard_frac * len(cats))
     if unheard_frac and not 0 < n_unheard < len(cats):
-        raise UserError(f"--unheard-frac {unheard_frac}: gives {n_unheard} of {len(cats)} categories; "
-                        "expected at least one heard and one unheard category")
-    unheard = sorted(str(c) for c in plan_rng.choice(cats, size=n_unheard, replace=False)) if n_unheard else []
+        raise UserError(
+            f"--unheard-frac {unheard_frac}: gives {n_unheard} of {len(cats)} categories; "
+            "expected at least one heard and one unheard category"
+        )
+    unheard = (
+        sorted(str(c) for c in plan_rng.choice(cats, size=n_unheard, replace=False)) if n_unheard else []
+    )
     heard = [c for c in cats if c not in unheard]
     specs: list[SampleSpec] = []
     # Unheard categories never appear in train/val, neither sounding nor as distractors (strict open set).
-    for split, n, pool, banned in (("train", n_train, heard, tuple(unheard)), ("val", n_val, heard, tuple(unheard)),
-                                   ("test", n_test, cats, ())):
+    for split, n, pool, banned in (
+        ("train", n_train, heard, tuple(unheard)),
+        ("val", n_val, heard, tuple(unheard)),
+        ("test", n_test, cats, ()),
+    ):
         for i, c in enumerate(_balanced(pool, n, np.random.default_rng([seed, SPLIT_CODES[split], 1 << 30]))):
             specs.append(SampleSpec(f"{split}_{i:05d}", split, i, c, c, banned))
     tests = [s for s in specs if s.split == "test"]
@@ -487,7 +528,9 @@ def plan_samples(
     for j in range(n_silent):
         other = tests[int(silent_rng.integers(len(tests)))]
         specs.append(SampleSpec(f"silent_{j:05d}", "silent", j, None, other.heard, (other.heard,), other.id))
-    for j, c in enumerate(_balanced(cats, videos, np.random.default_rng([seed, SPLIT_CODES["video"], 1 << 30]))):
+    for j, c in enumerate(
+        _balanced(cats, videos, np.random.default_rng([seed, SPLIT_CODES["video"], 1 << 30]))
+    ):
         specs.append(SampleSpec(f"clip_{j:04d}", "video", j, c, c))
     return specs, unheard
 
@@ -495,19 +538,24 @@ def plan_samples(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(library_factory: Callable[[], SceneLibrary], params: SceneParams, root: str, seed: int) -> None:
+def _init_worker(
+    library_factory: Callable[[], SceneLibrary], params: SceneParams, root: str, seed: int
+) -> None:
     import torch
 
     torch.set_num_threads(1)
     _WORKER.update(library=library_factory(), params=params, root=Path(root), seed=seed)
 
 
-def _sound_clip(library: SceneLibrary, category: str, rng: np.random.Generator, params: SceneParams) -> np.ndarray:
+def _sound_clip(
+    library: SceneLibrary, category: str, rng: np.random.Generator, params: SceneParams
+) -> np.ndarray:
     return render_clip(library.sound(category, rng, params.num_samples), rng, params)
 
 
-def render_sample(spec: SampleSpec, library: SceneLibrary, params: SceneParams, seed: int,
-                  root: Path) -> tuple[dict[str, Any], Scene | None]:
+def render_sample(
+    spec: SampleSpec, library: SceneLibrary, params: SceneParams, seed: int, root: Path
+) -> tuple[dict[str, Any], Scene | None]:
     """Render and write one sample's files under ``root``; returns its record (and the scene, for tests)."""
     rng = np.random.default_rng([seed, SPLIT_CODES[spec.split], spec.index])
     if spec.split == "video":
@@ -517,8 +565,11 @@ def render_sample(spec: SampleSpec, library: SceneLibrary, params: SceneParams, 
         os.replace(tmp, root / "video" / f"{spec.id}.json")
         return {"id": spec.id, "split": spec.split, "class": spec.heard, "frames": len(boxes)}, None
     scene = compose_scene(library, rng, spec.sounding, params.distractors, set(spec.banned), params)
-    if not cv2.imwrite(str(root / "frames" / f"{spec.id}.jpg"), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
-                       [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality]):
+    if not cv2.imwrite(
+        str(root / "frames" / f"{spec.id}.jpg"),
+        cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
+        [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality],
+    ):
         raise OSError(f"{root / 'frames' / spec.id}.jpg: could not write the image")
     # A silent scene's own wav is also the off-screen sound, so either pairing of it stays "silent".
     write_wav(root / "audio" / f"{spec.id}.wav", _sound_clip(library, spec.heard, rng, params))
@@ -530,7 +581,9 @@ def render_sample(spec: SampleSpec, library: SceneLibrary, params: SceneParams, 
             audio = f"swap/{spec.id}_{k}.wav"
             if spec.split in ("val", "test"):
                 write_wav(root / audio, _sound_clip(library, obj.category, rng, params))
-        objects.append({"class": obj.category, "bbox": list(obj.box), "sounding": obj.sounding, "audio": audio})
+        objects.append(
+            {"class": obj.category, "bbox": list(obj.box), "sounding": obj.sounding, "audio": audio}
+        )
     record: dict[str, Any] = {"id": spec.id, "split": spec.split, "class": spec.heard, "objects": objects}
     if spec.paired_with is not None:
         record["paired_with"] = spec.paired_with
@@ -550,16 +603,22 @@ def _area_stats(areas: list[float]) -> dict[str, float]:
     if not areas:
         return {}
     a = np.asarray(areas)
-    return {"mean": round(float(a.mean()), 4), "median": round(float(np.median(a)), 4),
-            "frac_ge_0.25": round(float((a >= 0.25).mean()), 4), "min": round(float(a.min()), 4),
-            "max": round(float(a.max()), 4)}
+    return {
+        "mean": round(float(a.mean()), 4),
+        "median": round(float(np.median(a)), 4),
+        "frac_ge_0.25": round(float((a >= 0.25).mean()), 4),
+        "min": round(float(a.min()), 4),
+        "max": round(float(a.max()), 4),
+    }
 
 
 def _write_text(path: Path, lines: list[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines))
 
 
-def write_preview(root: Path, records: list[dict[str, Any]], path: Path, rows: int = 4, cols: int = 6) -> None:
+def write_preview(
+    root: Path, records: list[dict[str, Any]], path: Path, rows: int = 4, cols: int = 6
+) -> None:
     """Contact sheet of the first rows x cols records with the ground-truth box (green) and class."""
     tile = 256
     sheet = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
@@ -567,8 +626,13 @@ def write_preview(root: Path, records: list[dict[str, Any]], path: Path, rows: i
         img = cv2.imread(str(root / "frames" / f"{rec['id']}.jpg"))
         img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_LINEAR)
         for x1, y1, x2, y2 in rec.get("bbox", []):
-            cv2.rectangle(img, (round(x1 * tile), round(y1 * tile)), (round(x2 * tile) - 1, round(y2 * tile) - 1),
-                          (0, 255, 0), 2)
+            cv2.rectangle(
+                img,
+                (round(x1 * tile), round(y1 * tile)),
+                (round(x2 * tile) - 1, round(y2 * tile) - 1),
+                (0, 255, 0),
+                2,
+            )
         label = f"{rec['id']}: {rec['class']}"
         cv2.putText(img, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(img, label, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
@@ -615,23 +679,34 @@ def generate_dataset(
 ) -> Path:
     """Render and write a whole dataset into ``out`` (via a temp folder next to it, renamed at the end)."""
     out = Path(out)
-    for name, value in (("--n-train", n_train), ("--n-val", n_val), ("--n-test", n_test), ("--videos", videos),
-                        ("--distractors", params.distractors)):
+    for name, value in (
+        ("--n-train", n_train),
+        ("--n-val", n_val),
+        ("--n-test", n_test),
+        ("--videos", videos),
+        ("--distractors", params.distractors),
+    ):
         if value < 0:
             raise UserError(f"{name} {value}: expected a count >= 0")
     for name, value in (("--silent-frac", silent_frac), ("--unheard-frac", unheard_frac)):
         if not 0 <= value < 1:
             raise UserError(f"{name} {value}: expected a fraction in [0, 1)")
     if params.image_size < 32 or params.clip_seconds <= 0:
-        raise UserError(f"--image-size {params.image_size} / --clip-seconds {params.clip_seconds}: "
-                        "expected a size >= 32 and a positive length")
+        raise UserError(
+            f"--image-size {params.image_size} / --clip-seconds {params.clip_seconds}: "
+            "expected a size >= 32 and a positive length"
+        )
     _check_out(out, overwrite)
     library = library_factory()  # also validates the source material before any work starts
-    specs, unheard = plan_samples(library.categories, seed, n_train, n_val, n_test, silent_frac, unheard_frac, videos)
+    specs, unheard = plan_samples(
+        library.categories, seed, n_train, n_val, n_test, silent_frac, unheard_frac, videos
+    )
     heard_count = len(library.categories) - len(unheard)
     if n_train + n_val and heard_count - 1 < params.distractors:
-        raise UserError(f"--distractors {params.distractors}: train/val scenes have only {heard_count - 1} other "
-                        "categories to draw from")
+        raise UserError(
+            f"--distractors {params.distractors}: train/val scenes have only {heard_count - 1} other "
+            "categories to draw from"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -639,8 +714,17 @@ def generate_dataset(
         for sub in ("frames", "audio", "swap") + (("video",) if videos else ()):
             (tmp / sub).mkdir(parents=True)
         records = _render_all(specs, library, library_factory, params, seed, tmp, workers, progress)
-        _write_layout(tmp, records, library, unheard, generator=generator, seed=seed, params=params,
-                      silent_frac=silent_frac, unheard_frac=unheard_frac)
+        _write_layout(
+            tmp,
+            records,
+            library,
+            unheard,
+            generator=generator,
+            seed=seed,
+            params=params,
+            silent_frac=silent_frac,
+            unheard_frac=unheard_frac,
+        )
         if preview:
             shown = [r for r in records if r["split"] == "test"] or [r for r in records if "bbox" in r]
             write_preview(tmp, shown, tmp / "preview.png")
@@ -652,8 +736,16 @@ def generate_dataset(
     return out
 
 
-def _render_all(specs: list[SampleSpec], library: SceneLibrary, library_factory: Callable[[], SceneLibrary],
-                params: SceneParams, seed: int, root: Path, workers: int, progress: bool) -> list[dict[str, Any]]:
+def _render_all(
+    specs: list[SampleSpec],
+    library: SceneLibrary,
+    library_factory: Callable[[], SceneLibrary],
+    params: SceneParams,
+    seed: int,
+    root: Path,
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
     bar = tqdm(total=len(specs), desc="rendering", unit="sample", disable=not progress)
     records: list[dict[str, Any]] = []
     try:
@@ -673,16 +765,28 @@ def _render_all(specs: list[SampleSpec], library: SceneLibrary, library_factory:
         bar.close()
 
 
-def _write_layout(root: Path, records: list[dict[str, Any]], library: SceneLibrary, unheard: list[str], *,
-                  generator: str, seed: int, params: SceneParams, silent_frac: float, unheard_frac: float) -> None:
+def _write_layout(
+    root: Path,
+    records: list[dict[str, Any]],
+    library: SceneLibrary,
+    unheard: list[str],
+    *,
+    generator: str,
+    seed: int,
+    params: SceneParams,
+    silent_frac: float,
+    unheard_frac: float,
+) -> None:
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLIT_CODES}
     for rec in records:
         by_split[rec["split"]].append(rec)
     for split in ("train", "val", "test"):
         _write_text(root / f"{split}.txt", [r["id"] for r in by_split[split]])
     for split in ("val", "test"):
-        entries = [{"file": r["id"], "class": r["class"], "bbox": r["bbox"], "objects": r["objects"]}
-                   for r in by_split[split]]
+        entries = [
+            {"file": r["id"], "class": r["class"], "bbox": r["bbox"], "objects": r["objects"]}
+            for r in by_split[split]
+        ]
         (root / f"{split}.json").write_text(json.dumps(entries, indent=1))
     with open(root / "test_plus_silent.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -712,18 +816,25 @@ def _write_layout(root: Path, records: list[dict[str, Any]], library: SceneLibra
         "params": {**asdict(params), "silent_frac": silent_frac, "unheard_frac": unheard_frac},
         "categories": sorted(library.categories),
         "unheard_categories": unheard,
-        "sounding_box_area_fraction": {s: _area_stats([r["area"] for r in by_split[s]])
-                                       for s in ("train", "val", "test")},
-        "video": {"codec": video_codec(), "fps": params.video_fps, "size": list(params.video_size),
-                  "seconds": params.video_seconds} if by_split["video"] else None,
+        "sounding_box_area_fraction": {
+            s: _area_stats([r["area"] for r in by_split[s]]) for s in ("train", "val", "test")
+        },
+        "video": {
+            "codec": video_codec(),
+            "fps": params.video_fps,
+            "size": list(params.video_size),
+            "seconds": params.video_seconds,
+        }
+        if by_split["video"]
+        else None,
         "design": {
-            "objects": "one sounding object + `distractors` silent objects of other categories; pairwise box IoU "
-                       f"<= {MAX_BOX_IOU}; the sounding object is at most {MAX_OCCLUSION:.0%} occluded",
+            "objects": "one sounding object + `distractors` silent objects of other categories; pairwise "
+            f"box IoU <= {MAX_BOX_IOU}; the sounding object is at most {MAX_OCCLUSION:.0%} occluded",
             "bbox": "tight box of the placed object's alpha > 0.5, clipped to the image, normalized",
-            "silent": "silent_* scenes hold distractors+1 objects, none of the category of the test clip they are "
-                      "paired with in test_plus_silent.csv; their own audio/<id>.wav is a recording of that "
-                      "absent category too; labels.csv gives that (absent) category",
-            "unheard": "unheard categories never appear in train/val images (neither sounding nor distractor)",
+            "silent": "silent_* scenes hold distractors+1 objects, none of the category of the test clip "
+            "they are paired with in test_plus_silent.csv; their own audio/<id>.wav is a recording of that "
+            "absent category too; labels.csv gives that (absent) category",
+            "unheard": "unheard categories never appear in train/val images (sounding or distractor)",
             "swap": "objects[k].audio of a distractor is swap/<id>_<k>.wav, a recording of its category",
         },
         "source": library.describe(),
@@ -745,17 +856,35 @@ def add_common_arguments(parser: Any, *, image_size: int, n_train: int, n_val: i
     parser.add_argument("--n-train", type=int, default=n_train, help="training scenes (default %(default)s)")
     parser.add_argument("--n-val", type=int, default=n_val, help="validation scenes (default %(default)s)")
     parser.add_argument("--n-test", type=int, default=n_test, help="test scenes (default %(default)s)")
-    parser.add_argument("--distractors", type=int, default=2, help="silent objects per scene (default %(default)s)")
-    parser.add_argument("--silent-frac", type=float, default=0.2,
-                        help="silent scenes for the Extended protocol, as a fraction of --n-test (default %(default)s)")
-    parser.add_argument("--unheard-frac", type=float, default=0.0,
-                        help="fraction of categories held out of train/val for open-set tests (default 0: none)")
-    parser.add_argument("--videos", type=int, default=0, help="also write this many mp4 clips with a moving object")
-    parser.add_argument("--video-size", default="640x480", help="WIDTHxHEIGHT of the clips (default %(default)s)")
+    parser.add_argument(
+        "--distractors", type=int, default=2, help="silent objects per scene (default %(default)s)"
+    )
+    parser.add_argument(
+        "--silent-frac",
+        type=float,
+        default=0.2,
+        help="silent scenes for the Extended protocol, as a fraction of --n-test (default %(default)s)",
+    )
+    parser.add_argument(
+        "--unheard-frac",
+        type=float,
+        default=0.0,
+        help="fraction of categories held out of train/val for open-set tests (default 0: none)",
+    )
+    parser.add_argument(
+        "--videos", type=int, default=0, help="also write this many mp4 clips with a moving object"
+    )
+    parser.add_argument(
+        "--video-size", default="640x480", help="WIDTHxHEIGHT of the clips (default %(default)s)"
+    )
     parser.add_argument("--video-seconds", type=float, default=6.0, help="clip length (default %(default)s)")
     parser.add_argument("--video-fps", type=int, default=30, help="clip frame rate (default %(default)s)")
-    parser.add_argument("--preview", action="store_true", help="write OUT/preview.png (test scenes with boxes)")
-    parser.add_argument("--image-size", type=int, default=image_size, help="square image side (default %(default)s)")
+    parser.add_argument(
+        "--preview", action="store_true", help="write OUT/preview.png (test scenes with boxes)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=image_size, help="square image side (default %(default)s)"
+    )
     parser.add_argument("--clip-seconds", type=float, default=3.0, help="audio length (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="processes (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -772,6 +901,11 @@ def parse_video_size(text: str) -> tuple[int, int]:
 
 
 def params_from_args(args: Any) -> SceneParams:
-    return SceneParams(image_size=args.image_size, clip_seconds=args.clip_seconds, distractors=args.distractors,
-                       video_size=parse_video_size(args.video_size), video_fps=args.video_fps,
-                       video_seconds=args.video_seconds)
+    return SceneParams(
+        image_size=args.image_size,
+        clip_seconds=args.clip_seconds,
+        distractors=args.distractors,
+        video_size=parse_video_size(args.video_size),
+        video_fps=args.video_fps,
+        video_seconds=args.video_seconds,
+    )

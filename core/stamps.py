@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from avloc.core import scenes
 from avloc.core.errors import UserError
 
@@ -66,7 +65,7 @@ def stamps_dir(path: str | Path | None = None) -> Path:
 
 
 def find_stamps(root: Path) -> tuple[list[tuple[str, Path, Path]], dict[str, str]]:
-    """(name, png, ogg) of every candidate stamp under ``root``, and {relative stamp: reason} of skipped ones."""
+    """(name, png, ogg) of each candidate stamp under ``root``; {relative stamp: reason} of skipped ones."""
     found: list[tuple[str, Path, Path]] = []
     skipped: dict[str, str] = {}
     for ogg in sorted(root.rglob("*.ogg")):
@@ -101,8 +100,10 @@ class StampLibrary:
 
         self.root = stamps_dir(root)
         if not self.root.is_dir():
-            raise UserError(f"tuxpaint stamps not found: {self.root} is not a folder; {APT_HINT} "
-                            f"(or set {STAMPS_DIR_ENV} to a stamps folder)")
+            raise UserError(
+                f"tuxpaint stamps not found: {self.root} is not a folder; {APT_HINT} "
+                f"(or set {STAMPS_DIR_ENV} to a stamps folder)"
+            )
         candidates, self.skipped = find_stamps(self.root)
         images: dict[str, np.ndarray] = {}
         sounds: dict[str, np.ndarray] = {}
@@ -127,7 +128,9 @@ class StampLibrary:
             h, w = rgba.shape[:2]
             if max(h, w) > max_side:  # keep memory small: never needed larger than max_side
                 scale = max_side / max(h, w)
-                pre = scenes.resize_premultiplied(np.ascontiguousarray(rgba), round(w * scale), round(h * scale))
+                pre = scenes.resize_premultiplied(
+                    np.ascontiguousarray(rgba), round(w * scale), round(h * scale)
+                )
                 alpha = pre[..., 3:4]
                 pre[..., :3] = np.where(alpha > 1e-4, pre[..., :3] / np.maximum(alpha, 1e-4), 0)
                 rgba = np.clip(pre, 0, 1)
@@ -135,8 +138,10 @@ class StampLibrary:
             sounds[name] = (wave / peak).astype(np.float32)
             digests[name] = hashlib.sha1(np.round(wave * 32767).astype(np.int16).tobytes()).hexdigest()
         if not images:
-            raise UserError(f"no usable tuxpaint stamps (NAME.png + NAME.ogg) under {self.root}; {APT_HINT} "
-                            f"(or set {STAMPS_DIR_ENV} to a stamps folder)")
+            raise UserError(
+                f"no usable tuxpaint stamps (NAME.png + NAME.ogg) under {self.root}; {APT_HINT} "
+                f"(or set {STAMPS_DIR_ENV} to a stamps folder)"
+            )
         self.members = _group(images, digests)
         self.categories = sorted(self.members)
         self._images = images
@@ -163,7 +168,9 @@ class StampLibrary:
             "package": "tuxpaint-stamps-default",
             "categories": {c: m for c, m in self.members.items()},
             "skipped": dict(sorted(self.skipped.items())),
-            "recording_seconds": {n: round(len(w) / scenes.SAMPLE_RATE, 2) for n, w in sorted(self._sounds.items())},
+            "recording_seconds": {
+                n: round(len(w) / scenes.SAMPLE_RATE, 2) for n, w in sorted(self._sounds.items())
+            },
         }
 
 
@@ -215,29 +222,66 @@ def make_stamps(
     progress: bool = False,
 ) -> Path:
     """Write the stamps benchmark to ``out``; returns ``out``."""
-    params = scenes.SceneParams(image_size=image_size, clip_seconds=clip_seconds, distractors=distractors,
-                                video_size=video_size, video_seconds=video_seconds, video_fps=video_fps)
+    params = scenes.SceneParams(
+        image_size=image_size,
+        clip_seconds=clip_seconds,
+        distractors=distractors,
+        video_size=video_size,
+        video_seconds=video_seconds,
+        video_fps=video_fps,
+    )
     factory = functools.partial(StampLibrary, str(stamps_dir(stamps_root)), _max_side(params, videos))
     return scenes.generate_dataset(
-        out, factory, generator="stamps", seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
-        silent_frac=silent_frac, unheard_frac=unheard_frac, videos=videos, preview=preview, workers=workers,
-        overwrite=overwrite, params=params, progress=progress)
+        out,
+        factory,
+        generator="stamps",
+        seed=seed,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        silent_frac=silent_frac,
+        unheard_frac=unheard_frac,
+        videos=videos,
+        preview=preview,
+        workers=workers,
+        overwrite=overwrite,
+        params=params,
+        progress=progress,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     scenes.add_common_arguments(parser, image_size=256, n_train=2000, n_val=200, n_test=300)
-    parser.add_argument("--stamps-dir", type=Path, default=None,
-                        help=f"tuxpaint stamps folder (default ${STAMPS_DIR_ENV} or {DEFAULT_STAMPS_DIR})")
+    parser.add_argument(
+        "--stamps-dir",
+        type=Path,
+        default=None,
+        help=f"tuxpaint stamps folder (default ${STAMPS_DIR_ENV} or {DEFAULT_STAMPS_DIR})",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected >= 1")
     params = scenes.params_from_args(args)
-    factory = functools.partial(StampLibrary, str(stamps_dir(args.stamps_dir)), _max_side(params, args.videos))
+    factory = functools.partial(
+        StampLibrary, str(stamps_dir(args.stamps_dir)), _max_side(params, args.videos)
+    )
     out = scenes.generate_dataset(
-        args.out, factory, generator="stamps", seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-        n_test=args.n_test, silent_frac=args.silent_frac, unheard_frac=args.unheard_frac, videos=args.videos,
-        preview=args.preview, workers=args.workers, overwrite=args.overwrite, params=params)
+        args.out,
+        factory,
+        generator="stamps",
+        seed=args.seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        silent_frac=args.silent_frac,
+        unheard_frac=args.unheard_frac,
+        videos=args.videos,
+        preview=args.preview,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        params=params,
+    )
     print(f"wrote {out}")
     return 0

@@ -18,7 +18,6 @@ from typing import Any
 import cv2
 import numpy as np
 import scipy.signal
-
 from avloc.core import scenes
 from avloc.core.errors import UserError
 
@@ -68,9 +67,24 @@ def _polygon(shape: str, size: int) -> list[np.ndarray]:
         return [np.stack([outer, inner], 1).reshape(-1, 2)]
     if shape == "cross":
         w = size * 0.17
-        return [np.array([[c - w, c - r], [c + w, c - r], [c + w, c - w], [c + r, c - w], [c + r, c + w],
-                          [c + w, c + w], [c + w, c + r], [c - w, c + r], [c - w, c + w], [c - r, c + w],
-                          [c - r, c - w], [c - w, c - w]])]
+        return [
+            np.array(
+                [
+                    [c - w, c - r],
+                    [c + w, c - r],
+                    [c + w, c - w],
+                    [c + r, c - w],
+                    [c + r, c + w],
+                    [c + w, c + w],
+                    [c + w, c + r],
+                    [c - w, c + r],
+                    [c - w, c + w],
+                    [c - r, c + w],
+                    [c - r, c - w],
+                    [c - w, c - w],
+                ]
+            )
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -125,8 +139,13 @@ class SynthLibrary:
                 variants.append(rgba)
             self._templates[cls.name] = variants
         self._noise_sos = {
-            cls.name: scipy.signal.butter(4, [cls.noise_hz / 1.25, min(cls.noise_hz * 1.25, 7600.0)],
-                                          btype="bandpass", fs=scenes.SAMPLE_RATE, output="sos")
+            cls.name: scipy.signal.butter(
+                4,
+                [cls.noise_hz / 1.25, min(cls.noise_hz * 1.25, 7600.0)],
+                btype="bandpass",
+                fs=scenes.SAMPLE_RATE,
+                output="sos",
+            )
             for cls in CLASSES
         }
 
@@ -152,11 +171,16 @@ class SynthLibrary:
         return []
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "classes": [c.__dict__ for c in CLASSES]}
+        return {"kind": self.kind, "sprite_size": self.sprite_size, "classes": [c.__dict__ for c in CLASSES]}
 
 
-def class_sound(cls: SynthClass, rng: np.random.Generator, num_samples: int,
-                sample_rate: int = scenes.SAMPLE_RATE, sos: np.ndarray | None = None) -> np.ndarray:
+def class_sound(
+    cls: SynthClass,
+    rng: np.random.Generator,
+    num_samples: int,
+    sample_rate: int = scenes.SAMPLE_RATE,
+    sos: np.ndarray | None = None,
+) -> np.ndarray:
     """Harmonic tone (class pitch, 1/k amplitudes) x AM at the class rate, plus a class noise band; peak 1."""
     t = np.arange(num_samples, dtype=np.float32) / np.float32(sample_rate)
     f0 = cls.pitch_hz * rng.uniform(0.97, 1.03)
@@ -164,7 +188,9 @@ def class_sound(cls: SynthClass, rng: np.random.Generator, num_samples: int,
     for k in range(1, cls.harmonics + 1):
         if k * f0 < sample_rate / 2:
             tone += np.sin(2 * math.pi * k * f0 * t + rng.uniform(0, 2 * math.pi)) / k
-    am = 0.55 + 0.45 * np.sin(2 * math.pi * cls.am_hz * rng.uniform(0.9, 1.1) * t + rng.uniform(0, 2 * math.pi))
+    am = 0.55 + 0.45 * np.sin(
+        2 * math.pi * cls.am_hz * rng.uniform(0.9, 1.1) * t + rng.uniform(0, 2 * math.pi)
+    )
     if sos is None:
         low, high = cls.noise_hz / 1.25, min(cls.noise_hz * 1.25, sample_rate / 2 * 0.95)
         sos = scipy.signal.butter(4, [low, high], btype="bandpass", fs=sample_rate, output="sos")
@@ -196,22 +222,42 @@ def make_synth(
     progress: bool = False,
 ) -> Path:
     """Write a procedural dataset to ``out``; returns ``out``."""
-    params = scenes.SceneParams(image_size=image_size, clip_seconds=clip_seconds, distractors=distractors,
-                                video_size=video_size, video_seconds=video_seconds, video_fps=video_fps)
+    params = scenes.SceneParams(
+        image_size=image_size,
+        clip_seconds=clip_seconds,
+        distractors=distractors,
+        video_size=video_size,
+        video_seconds=video_seconds,
+        video_fps=video_fps,
+    )
     return scenes.generate_dataset(
-        out, functools.partial(SynthLibrary, _sprite_size(params, videos)), generator="synth", seed=seed,
-        n_train=n_train, n_val=n_val, n_test=n_test, silent_frac=silent_frac, unheard_frac=unheard_frac,
-        videos=videos, preview=preview, workers=workers, overwrite=overwrite, params=params, progress=progress)
+        out,
+        functools.partial(SynthLibrary, _sprite_size(params, videos)),
+        generator="synth",
+        seed=seed,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        silent_frac=silent_frac,
+        unheard_frac=unheard_frac,
+        videos=videos,
+        preview=preview,
+        workers=workers,
+        overwrite=overwrite,
+        params=params,
+        progress=progress,
+    )
 
 
 def _sprite_size(params: scenes.SceneParams, videos: int) -> int:
-    """Draw shapes at about the largest size they are shown at (scenes, or clips if any), never upsampled much."""
+    """Draw shapes at about the largest size they are shown at (scenes, clips if any): little upsampling."""
     largest = max(params.image_size * params.max_longer_side, min(params.video_size) * 0.5 if videos else 0)
     return int(min(max(64, round(largest)), 512))
 
 
-def write_synth_video(path: str | Path, seconds: float = 6.0, fps: int = 30,
-                      size: tuple[int, int] = (640, 480), seed: int = 0) -> list[list[float]]:
+def write_synth_video(
+    path: str | Path, seconds: float = 6.0, fps: int = 30, size: tuple[int, int] = (640, 480), seed: int = 0
+) -> list[list[float]]:
     """One clip (moving shape with its class sound) at ``path``; returns its per-frame normalized boxes."""
     params = replace(scenes.SceneParams(), video_size=tuple(size), video_fps=fps, video_seconds=seconds)
     library = SynthLibrary(int(min(max(64, min(size) // 2), 512)))
@@ -231,9 +277,20 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected >= 1")
     out = scenes.generate_dataset(
-        args.out, functools.partial(SynthLibrary, _sprite_size(params, args.videos)), generator="synth", seed=args.seed,
-        n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, silent_frac=args.silent_frac,
-        unheard_frac=args.unheard_frac, videos=args.videos, preview=args.preview, workers=args.workers,
-        overwrite=args.overwrite, params=params)
+        args.out,
+        functools.partial(SynthLibrary, _sprite_size(params, args.videos)),
+        generator="synth",
+        seed=args.seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        silent_frac=args.silent_frac,
+        unheard_frac=args.unheard_frac,
+        videos=args.videos,
+        preview=args.preview,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        params=params,
+    )
     print(f"wrote {out}")
     return 0

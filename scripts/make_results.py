@@ -171,6 +171,47 @@ def ensure_evaluated(run: str, data: Path, args: argparse.Namespace) -> dict[str
 # --- the report -------------------------------------------------------------------------------------
 
 
+def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Reference rows on the same test set with the same protocol: a random heatmap and a centre prior
+    (a Gaussian bump in the middle: what a saliency-free "object is usually central" guess scores)."""
+    import numpy as np
+    from avloc.core.datasets import load_silent_csv, load_vggss_json, read_labels, read_split
+    from avloc.core.metrics import evaluate_maps
+    from avloc.train.evaluate import BINARIZE_MODES, peak_inside, swap_scenes
+
+    ids = read_split(data, "test")
+    annotations = {i: a for i, a in load_vggss_json(data / "test.json").items() if i in set(ids)}
+    silent_csv = data / "test_plus_silent.csv"
+    silent = [r.video for r in load_silent_csv(silent_csv) if r.non_sounding] if silent_csv.is_file() else []
+    rng = np.random.default_rng(seed)
+    size = 56
+    yy, xx = np.mgrid[0:size, 0:size]
+    centre = np.exp(-(((xx + 0.5) / size - 0.5) ** 2 + ((yy + 0.5) / size - 0.5) ** 2) / (2 * 0.2**2))
+    scenes = swap_scenes(annotations, ids)
+    objects = [o for objs in scenes.values() for o in objs]
+    labels = read_labels(data)
+    test_labels = [labels[i] for i in ids]
+    # a random ranking's top-1 has the query's class with probability (class count / N)
+    chance_r1 = float(np.mean([test_labels.count(c) / len(ids) for c in test_labels]))
+    out: dict[str, dict[str, Any]] = {}
+    makers = (("random heatmap", lambda: rng.random((size, size))), ("centre prior", lambda: centre))
+    for name, make in makers:
+        maps = {k: make() for k in [*annotations, *silent]}
+        row: dict[str, Any] = {}
+        for mode in BINARIZE_MODES:
+            res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode)
+            row.update({f"{mode}/{k}": v for k, v in res.items()})
+        out[name] = row
+    # random peak: inside with probability = the box's area; centre prior: inside iff the box holds the centre
+    if objects:
+        areas = [np.prod(np.clip(o.bbox[2:], 0, 1) - np.clip(o.bbox[:2], 0, 1)) for o in objects]
+        out["random heatmap"]["audio_swap_acc"] = float(np.mean(areas))
+        out["centre prior"]["audio_swap_acc"] = float(np.mean([peak_inside(centre, o.bbox) for o in objects]))
+    for key in ("map/a2i_r1", "map/i2a_r1", "proj/a2i_r1", "proj/i2a_r1"):
+        out["random heatmap"][key] = chance_r1
+    return out
+
+
 def training_stats(run_dir: Path) -> dict[str, Any]:
     """Samples/s (mean over epochs), train wall time, epochs and best epoch from the run's files."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -185,6 +226,40 @@ def training_stats(run_dir: Path) -> dict[str, Any]:
     if done.is_file():
         stats.update(json.loads(done.read_text()))
     return stats
+
+
+def index_quality(data: Path, k: int) -> str:
+    """How often the NN positives share the sample's class (labels.csv), per modality, top-1 and top-k."""
+    import numpy as np
+
+    from avloc.core.datasets import read_labels
+    from avloc.train.nn_index import load_index
+
+    index = load_index(data / "nn.npz")
+    labels = read_labels(data)
+    y = np.array([labels[i] for i in index.ids])
+    chance = float(np.mean([np.mean(y == c) for c in y]))
+    parts = []
+    for name, table in (("image", index.image_nn), ("audio", index.audio_nn)):
+        top1 = float(np.mean(y[table[:, 0]] == y))
+        topk = float(np.mean(y[table[:, :k]] == y[:, None]))
+        parts.append(f"{name} {top1:.2f} / {topk:.2f}")
+    return f"same-class rate of the top-1 / top-{k} neighbours: {', '.join(parts)} (chance {chance:.3f})"
+
+
+def run_budget(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a run was trained with (its resolved config.yaml), else those asked for now."""
+    budget = {"image_size": args.image_size, "width": args.width, "window_seconds": args.window_seconds,
+              "batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr, "nn_k": args.nn_k}
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        import yaml
+
+        cfg = yaml.safe_load(path.read_text())
+        budget.update(image_size=cfg["image"]["size"], width=cfg["model"]["width"],
+                      window_seconds=cfg["frontend"]["window_seconds"], batch_size=cfg["train"]["batch_size"],
+                      epochs=cfg["train"]["epochs"], lr=cfg["optim"]["lr"], nn_k=cfg["train"]["nn_k"])
+    return budget
 
 
 def _fmt(value: Any) -> str:
@@ -208,14 +283,16 @@ def write_report(path: Path, data: Path, runs: list[str], results: dict[str, dic
                  index_meta: dict[str, Any] | None, args: argparse.Namespace, argv: list[str]) -> None:
     meta = json.loads((data / "meta.json").read_text())
     counts = meta.get("counts", {})
-    headers = [h for _, h in COLUMNS] + ["train samples/s", "train wall", "epochs (best)"]
+    headers = [h for _, h in COLUMNS] + ["train samples/s", "train time", "epochs (best)"]
     header = "| run | " + " | ".join(headers) + " |"
     lines = [header, "|---|" + "---|" * (len(COLUMNS) + 3)]
+    for name, m in baseline_metrics(data).items():
+        lines.append(f"| *{name}* | " + " | ".join(_fmt(m.get(k)) for k, _ in COLUMNS) + " | | | |")
     for run in runs:
         if run not in results:
             continue
         m, t = results[run]["metrics"], results[run]["train"]
-        wall = t.get("wall_seconds", t.get("train_seconds"))
+        wall = t.get("train_seconds")  # training loops only (validation excluded), robust to --resume
         wall_text = f"{wall / 60:.1f} min" if wall is not None else "–"
         cells = [_fmt(m.get(k)) for k, _ in COLUMNS]
         cells += [_fmt(t.get("samples_per_s")), wall_text, f"{t.get('epochs')} ({t.get('best_epoch')})"]
@@ -224,8 +301,20 @@ def write_report(path: Path, data: Path, runs: list[str], results: dict[str, dic
     n_swap = first["metrics"].get("audio_swap_n_pairs") if first else None
     n_swap_scenes = first["metrics"].get("audio_swap_n_scenes") if first else None
     device = "CPU (no GPU in this session)" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    cmd = shlex.join([".venv/bin/python", "scripts/make_results.py", *argv])
-    train_cmds = [results[r]["train"].get("command") for r in runs if r in results]
+    cmd = shlex.join([
+        ".venv/bin/python", "scripts/make_results.py", "--runs", ",".join(runs), "--data", str(data),
+        "--epochs", str(args.epochs), "--image-size", str(args.image_size), "--width", str(args.width),
+        "--window-seconds", str(args.window_seconds), "--batch-size", str(args.batch_size),
+        "--lr", str(args.lr), "--nn-k", str(args.nn_k),
+    ])
+    this_call = shlex.join([".venv/bin/python", "scripts/make_results.py", *argv])
+    train_cmds = []
+    for r in runs:
+        if r in results:
+            asked = shlex.join(train_command(r, data, Path(args.out_dir) / r, args))
+            train_cmds.append(results[r]["train"].get("command") or asked)
+    train_cmds = [c.replace(sys.executable, ".venv/bin/python") for c in train_cmds]
+    budget = run_budget(Path(args.out_dir) / next(iter(results)), args) if results else {}
     text = f"""# Results: SSL-Align on the stamps benchmark
 
 Regenerated by `scripts/make_results.py` on {dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -235,6 +324,8 @@ jobs).
 ```
 {cmd}
 ```
+(runs can be made in pieces, e.g. one process per `--runs NAME --reuse`, then `--report-only --reuse`;
+this file was written by `{this_call}`)
 
 ## Benchmark
 
@@ -252,15 +343,17 @@ box sizes `median` cIoU@50 is near 0 for every model, which is why the `adaptive
 are the informative ones here (see docs/evaluation.md).
 
 NN positives: `{data}/nn.npz` from `avloc index build --image-encoder effnet-lite0 --audio-encoder yamnet`
-(k={index_meta.get("k") if index_meta else "?"}, {index_meta.get("n") if index_meta else "?"} train ids).
+(k={index_meta.get("k") if index_meta else "?"}, {index_meta.get("n") if index_meta else "?"} train ids);
+{index_quality(data, budget["nn_k"]) if (data / "nn.npz").is_file() else ""}.
 
 ## Table
 
 CPU budget (the paper trains 224 px, ResNet18 width 64, 3 s audio, batch 128, many epochs on GPUs;
-**the paper's 224 px setting was not run: no GPU in this session**): image {args.image_size} px, ResNet18
-width {args.width} ({8 * args.width}-d embeddings), {args.window_seconds} s audio window (linear
-spectrogram), batch {args.batch_size}, {args.epochs} epochs, Adam lr {args.lr:g} (paper 1e-4) / wd 1e-4,
-NN positives drawn from the top {args.nn_k} (paper: 1000 of ~144k clips), model selection on
+**the paper's 224 px setting was not run: no GPU in this session**): image {budget["image_size"]} px,
+ResNet18 width {budget["width"]} ({8 * budget["width"]}-d embeddings), {budget["window_seconds"]} s audio
+window (linear spectrogram), batch {budget["batch_size"]}, {budget["epochs"]} epochs, Adam lr
+{budget["lr"]:g} (paper 1e-4) / wd 1e-4,
+NN positives drawn from the top {budget["nn_k"]} (paper: 1000 of ~144k clips), model selection on
 val `adaptive` cIoU@50. Test split, {first["metrics"].get("n") if first else "?"} scenes; retrieval uses
 class labels (a hit = any of the top-k has the query's class); `s_A` columns use the alignment
 projections, the others the localization space; Extended AP / max-F1 with `adaptive`; audio-swap =

@@ -43,6 +43,9 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+BASELINE_WARMUP = 3
+
+
 def percentiles(values_s: list[float] | np.ndarray) -> dict[str, float]:
     """p50/p90/p99/max/mean in milliseconds (NaN when empty)."""
     arr = np.asarray(values_s, dtype=np.float64) * 1000.0
@@ -246,6 +249,9 @@ def bench_baseline(
     rate = frontend_cfg.sample_rate
     per_frame: list[float] = []
     stage: dict[str, list[float]] = {"decode": [], "spectrogram": [], "model": []}
+    with torch.inference_mode():  # warm-up: first calls pay for lazy kernel/allocator set-up
+        for _ in range(BASELINE_WARMUP):
+            model.heatmap(torch.zeros(1, 3, size, size), frontend(torch.zeros(1, frontend_cfg.num_samples)))
     start = time.monotonic()
     frames = 0
     with torch.inference_mode():

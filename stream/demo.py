@@ -34,6 +34,7 @@ VIDEO_SIZE = (640, 480)
 VIDEO_FPS = 30
 DEMO_TRAIN = 800  # training clips of the generated dataset (what configs/demo.yaml is tuned for)
 PROBE_STEPS = 3
+MIN_BUDGET_MINUTES = 3.0
 MIN_TRAIN_STEPS = 20
 # seconds kept for what follows training: export, scene video, replay (+ start-up), report
 AFTER_TRAIN_S = 75.0
@@ -127,6 +128,11 @@ def run_demo(
     from avloc.stream.bench import plot_histograms, read_latency_log, summarize_records
     from avloc.stream.replay_cli import run_replay
 
+    if minutes_budget < MIN_BUDGET_MINUTES:
+        raise UserError(
+            f"--minutes-budget {minutes_budget}: too small; the demo needs at least {MIN_BUDGET_MINUTES:g}"
+            " minutes"
+        )
     started = time.monotonic()
     out = Path(out)
     if fresh and out.exists():

@@ -21,6 +21,8 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
@@ -40,6 +42,7 @@ FRAME_BUFFER = 90  # frames kept per stream while their heatmaps are computed (~
 STALE_HEATMAP_S = 0.5  # window mode: show plain frames when no heatmap came for this long
 RECORD_WAIT_S = 0.6  # a recorded frame waits this long for its heatmap before the latest one is used
 TIME_BASE = Fraction(1, 1000)  # recorded video pts in milliseconds
+ENCODE_QUEUE = 30  # frames waiting for the encoder thread (1 s at 30 fps) before write() waits
 
 
 def heatmap_to_unit(arr: np.ndarray) -> np.ndarray:
@@ -89,7 +92,11 @@ def draw_hud(image: np.ndarray, lines: list[str], notice: str | None = None) -> 
 
 
 class Recorder:
-    """H.264 mp4 writer (PyAV) timed by media timestamps; audio muxed back from the source at close."""
+    """H.264 mp4 writer (PyAV) timed by media timestamps; audio muxed back from the source at close.
+
+    Encoding runs on its own thread (libx264 releases the GIL), fed through a bounded queue, so the
+    display keeps receiving heatmaps while frames are encoded; a full queue makes ``write`` wait.
+    """
 
     def __init__(self, path: Path, audio_source: Path | None = None, fps: float = 30.0) -> None:
         import av
@@ -105,8 +112,34 @@ class Recorder:
         self._offset = 0.0  # added after a --loop wrap so time keeps going forward
         self._last_t: float | None = None
         self.frames = 0
+        self._queue: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue(maxsize=ENCODE_QUEUE)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._encode_loop, name="encoder", daemon=True)
+        self._thread.start()
 
     def write(self, bgr: np.ndarray, t_seconds: float) -> None:
+        """Queue one frame shown at media time ``t_seconds`` (the caller must not modify ``bgr`` after)."""
+        if self._error is not None:
+            raise RuntimeError(f"recording to {self.path} failed: {self._error}")
+        if self._last_t is not None and t_seconds + self._offset < self._last_t:
+            self._offset = self._last_t + 1.0 / self._fps - t_seconds  # the replay looped
+        t = t_seconds + self._offset
+        pts = int(round(t / TIME_BASE))
+        if pts <= self._last_pts:
+            return  # duplicate timestamp: keep the stream strictly increasing
+        self._last_t, self._last_pts = t, pts
+        self._queue.put((bgr, pts))
+        self.frames += 1
+
+    def _encode_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._encode(*item)
+                except Exception as err:  # noqa: BLE001 - reported by write()/close() on the main thread
+                    self._error = err
+
+    def _encode(self, bgr: np.ndarray, pts: int) -> None:
         import av
 
         if self._stream is None:
@@ -117,22 +150,20 @@ class Recorder:
             self._stream.time_base = TIME_BASE
             self._stream.codec_context.time_base = TIME_BASE
             self._stream.options = {"preset": "veryfast", "crf": "23"}
-        if self._last_t is not None and t_seconds + self._offset < self._last_t:
-            self._offset = self._last_t + 1.0 / self._fps - t_seconds  # the replay looped
-        t = t_seconds + self._offset
-        pts = int(round(t / TIME_BASE))
-        if pts <= self._last_pts:
-            return  # duplicate timestamp: keep the stream strictly increasing
-        self._last_t, self._last_pts = t, pts
         h, w = self._stream.height, self._stream.width
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(bgr[:h, :w]), format="bgr24")
         frame.pts, frame.time_base = pts, TIME_BASE
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
-        self.frames += 1
 
     def close(self) -> Path | None:
         """Finish the file; returns its path (None when nothing was recorded)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            self._container.close()
+            self._video_tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"recording to {self.path} failed: {self._error}")
         if self._stream is not None:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
@@ -386,8 +417,11 @@ class Display:
             for stream in list(self.frames):
                 self._flush_record(stream, everything=True)
             if self.recorder is not None:
-                path = self.recorder.close()
-                log.info("recorded %d frames to %s", self.recorder.frames, path)
+                try:
+                    path = self.recorder.close()
+                    log.info("recorded %d frames to %s", self.recorder.frames, path)
+                except RuntimeError as err:
+                    log.error("%s", err)
             if self._log_file is not None:
                 self._log_file.close()
             heartbeat.maybe_send(self.stats(), force=True)

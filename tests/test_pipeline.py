@@ -172,13 +172,19 @@ def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monke
     import argparse
 
     import cv2
-
     from avloc.stream import display as D
     from avloc.stream import protocol
 
     args = argparse.Namespace(
-        alpha=0.5, colormap="jet", record=None, audio_source=None, fps=30.0, record_stream=None,
-        latency_log=str(tmp_path / "lat.jsonl"), snapshot_every=0, snapshot_dir=None,
+        alpha=0.5,
+        colormap="jet",
+        record=None,
+        audio_source=None,
+        fps=30.0,
+        record_stream=None,
+        latency_log=str(tmp_path / "lat.jsonl"),
+        snapshot_every=0,
+        snapshot_dir=None,
     )
     shown: list[np.ndarray] = []
     monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
@@ -186,23 +192,30 @@ def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monke
     clock = [100.0]
     monkeypatch.setattr(protocol, "now", lambda: clock[0])
     for seq in range(3):
-        frame = np.full((40, 60, 3), 10 * seq, np.uint8)
+        frame = np.full((240, 320, 3), 10 * seq, np.uint8)
         disp.on_frame(protocol.Message("frame", "cam0", seq, {"capture": 99.0}, {"frame": frame}, {}))
     heat = np.zeros((4, 6), np.float16)
     heat[3, 5] = 1.0  # hottest at the bottom-right
-    msg = protocol.Message("heatmap", "cam0", 1, {"capture": 99.0, "publish": 99.9}, {"heatmap": heat},
-                           {"peak": [0.9, 0.9], "confidence": 0.3, "notice": None})
+    msg = protocol.Message(
+        "heatmap",
+        "cam0",
+        1,
+        {"capture": 99.0, "publish": 99.9},
+        {"heatmap": heat},
+        {"peak": [0.9, 0.9], "confidence": 0.3, "notice": None},
+    )
     disp.on_heatmap(msg)
     disp._show("avloc", {"cam0": msg})
     assert len(shown) == 1
     image = shown[0].astype(int)
-    # overlay of frame seq 1 (grey 10): JET red at the hot corner, blue at the cold one, HUD top-left
-    assert image[36, 56, 2] > image[36, 56, 0] and image[20, 30, 0] > image[20, 30, 2]
+    # overlay of frame seq 1: JET red (BGR) at the hot bottom-right corner, blue at the cold bottom-left
+    hot, cold = image[230, 310], image[230, 10]
+    assert hot[2] > hot[0] + 30 and cold[0] > cold[2] + 30
     disp._show("avloc", {})  # nothing new, heatmap fresh: nothing redrawn
     assert len(shown) == 1
     clock[0] += 1.0  # no heatmap for a second: the newest plain frame is shown
     disp._show("avloc", {})
-    assert len(shown) == 2 and shown[1][35, 30].tolist() == [20, 20, 20]
+    assert len(shown) == 2 and shown[1][200, 300].tolist() == [20, 20, 20]
     disp._show("avloc", {})
     assert len(shown) == 2  # the same frame is not shown twice
     disp.log_latency(msg, 100.0)

@@ -48,6 +48,19 @@ class DecodedSplit:
     frames: np.ndarray
     audio: np.ndarray
     offsets: np.ndarray
+    folder: Path | None = None  # cache folder when memory-mapped
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started with spawn/forkserver get the cache path, not a copy of the arrays.
+        if self.folder is None:
+            return dict(self.__dict__)
+        return {"ids": self.ids, "offsets": self.offsets, "folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "frames" not in state:
+            self.frames = np.load(self.folder / "frames.npy", mmap_mode="r")
+            self.audio = np.load(self.folder / "audio.npy", mmap_mode="r")
 
     def wave(self, index: int) -> np.ndarray:
         a, b = int(self.offsets[index]), int(self.offsets[index + 1])
@@ -105,6 +118,7 @@ def load_split(
                 np.load(folder / "frames.npy", mmap_mode="r"),
                 np.load(folder / "audio.npy", mmap_mode="r"),
                 np.load(folder / "offsets.npy"),
+                folder,
             )
     frames, waves = _decode(source, frame_size)
     cache_root.mkdir(parents=True, exist_ok=True)

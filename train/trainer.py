@@ -420,14 +420,17 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
             step += 1
             n_steps += 1
             n_samples += t.batch_size * ddp.world
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            # Accumulate on the device: a float() per term would synchronize the GPU 19 times a step.
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
             rate = n_samples / max(time.perf_counter() - t0, 1e-9)
             if step % t.log_every == 0 or n_steps == 1:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", samples_s=f"{rate:.1f}")
+                value = float(loss.detach())
+                if not math.isfinite(value) and not amp:  # AMP: GradScaler skips such steps
+                    raise RuntimeError(f"loss is {value} at step {step}; lower optim.lr or check the data")
+                bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{rate:.1f}")
                 if writer is not None:
-                    writer.add_scalar("train/loss", float(loss.detach()), step)
+                    writer.add_scalar("train/loss", value, step)
                     writer.add_scalar("train/samples_per_s", rate, step)
             if step >= max_steps:
                 break
@@ -436,7 +439,7 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
         record: dict[str, Any] = {"epoch": epoch, "step": step, "steps": n_steps,
                                   "samples_per_s": n_samples / max(train_seconds, 1e-9),
                                   "train_seconds": train_seconds}
-        record.update({f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()})
+        record.update({f"train/{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
         last_epoch = epoch + 1 == t.epochs or step >= max_steps
         if ddp.main:
             if val_loader is not None and ((epoch + 1) % t.val_every == 0 or last_epoch):

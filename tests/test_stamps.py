@@ -1,0 +1,175 @@
+"""``avloc data stamps``: stamp selection, categories, layout, and the missing-package error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from avloc.core import scenes
+from avloc.core.errors import UserError
+from avloc.core.stamps import DEFAULT_STAMPS_DIR, STAMPS_DIR_ENV, StampLibrary, make_stamps
+from PIL import Image
+from test_synth import assert_layout
+
+from avloc import cli
+
+
+def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
+    """An RGBA cut-out: an opaque ellipse on a transparent canvas."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((xx - w / 2) / (w * 0.45)) ** 2 + ((yy - h / 2) / (h * 0.45)) ** 2 <= 1
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., :3] = colour
+    rgba[..., 3] = np.where(inside, 255, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+def _ogg(path: Path, wave: np.ndarray, rate: int = 22050) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), wave.astype(np.float32), rate, format="OGG", subtype="VORBIS")
+
+
+def _tone(freq: float, seconds: float = 0.6, rate: int = 22050) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.5 * np.sin(2 * np.pi * freq * t)
+
+
+@pytest.fixture(scope="module")
+def fake_stamps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stamps")
+    for i, (rel, freq) in enumerate(
+        [
+            ("animals/cat", 440),
+            ("animals/dog", 300),
+            ("vehicles/car", 880),
+            ("vehicles/bus", 150),
+            ("animals/cow", 200),
+            ("animals/cow_white", 210),
+            ("symbols/letter_a", 500),
+            ("town/sign", 600),
+        ]
+    ):
+        _png(root / f"{rel}.png", (90 + 10 * i, 70), (40 * i % 255, 200, 100))
+        _ogg(root / f"{rel}.ogg", _tone(freq))
+    _ogg(root / "animals/cat_desc_fr.ogg", _tone(1000))  # a spoken description: never a category
+    _png(root / "animals/wolf.png", (120, 80), (120, 120, 120))
+    shutil.copy(root / "animals/dog.ogg", root / "animals/wolf.ogg")  # same recording as dog -> one category
+    (root / "household").mkdir()
+    (root / "household/fridge.svg").write_text("<svg/>")
+    _ogg(root / "household/fridge.ogg", _tone(700))
+    _png(root / "animals/quiet.png", (100, 100), (0, 0, 255))
+    _ogg(root / "animals/quiet.ogg", np.zeros(5000))
+    _png(root / "animals/tiny.png", (30, 30), (255, 0, 0))
+    _ogg(root / "animals/tiny.ogg", _tone(900))
+    _ogg(root / "animals/mosquito.ogg", _tone(1200))
+    return root
+
+
+def test_stamp_selection_and_categories(fake_stamps: Path) -> None:
+    library = StampLibrary(fake_stamps, max_side=64)
+    assert library.categories == ["bus", "car", "cat", "cow", "dog_wolf"]
+    assert library.members["cow"] == ["cow", "cow_white"] and library.members["dog_wolf"] == ["dog", "wolf"]
+    assert library.skipped == {
+        "household/fridge": "SVG-only stamp (not rasterized)",
+        "animals/quiet": "silent recording",
+        "animals/tiny": "image under 64 px",
+        "animals/mosquito": "no image",
+    }
+    rng = np.random.default_rng(0)
+    sprite = library.sprite("cat", rng)
+    assert sprite.dtype == np.float32 and sprite.shape[2] == 4 and max(sprite.shape[:2]) <= 64
+    assert (sprite[0, :, 3] > 0.5).any() or (sprite[:, 0, 3] > 0.5).any(), "trimmed to the object"
+    sound = library.sound("cat", rng, 16000)
+    assert sound.shape == (16000,) and 0.9 < np.abs(sound).max() <= 1.0 + 1e-6
+    # 0.6 s at 440 Hz looped to 1 s: the dominant frequency survives resampling to 16 kHz.
+    spectrum = np.abs(np.fft.rfft(sound))
+    assert abs(np.argmax(spectrum) - 440) <= 3
+
+
+def test_make_stamps_layout_and_boxes_match_masks(fake_stamps: Path, tmp_path: Path) -> None:
+    root = make_stamps(
+        tmp_path / "ds",
+        seed=5,
+        n_train=4,
+        n_val=2,
+        n_test=4,
+        distractors=2,
+        silent_frac=0.5,
+        image_size=80,
+        clip_seconds=0.5,
+        workers=1,
+        stamps_root=fake_stamps,
+        preview=True,
+    )
+    parts = assert_layout(root, 0.5, 80)
+    assert (root / "preview.png").is_file()
+    meta = parts["meta"]
+    assert meta["generator"] == "stamps" and set(meta["source"]["categories"]) == set(meta["categories"])
+    # The debug API re-renders a sample: its alpha masks give exactly the boxes written to test.json.
+    library = StampLibrary(fake_stamps, max_side=int(80 * 0.95))
+    params = scenes.SceneParams(image_size=80, clip_seconds=0.5, distractors=2)
+    specs, _ = scenes.plan_samples(library.categories, 5, 4, 2, 4, 0.5, 0.0, 0)
+    for sub in ("frames", "audio", "swap"):
+        (tmp_path / "re" / sub).mkdir(parents=True)
+    for spec in [s for s in specs if s.split == "test"]:
+        _, scene = scenes.render_sample(spec, library, params, 5, tmp_path / "re")
+        entry = parts["annotations"][spec.id]
+        for obj, written in zip(scene.objects, entry["objects"]):
+            ys, xs = np.nonzero(obj.alpha > 0.5)
+            expected = [xs.min() / 80, ys.min() / 80, (xs.max() + 1) / 80, (ys.max() + 1) / 80]
+            np.testing.assert_allclose(written["bbox"], expected, atol=1e-6)
+            assert written["class"] == obj.category
+        assert (tmp_path / "re/frames" / f"{spec.id}.jpg").read_bytes() == (
+            root / "frames" / f"{spec.id}.jpg"
+        ).read_bytes()
+
+
+def test_missing_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    with pytest.raises(UserError, match="sudo apt-get install tuxpaint-stamps-default"):
+        StampLibrary(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no usable tuxpaint stamps.*apt-get install tuxpaint-stamps-default"):
+        StampLibrary(tmp_path / "empty")
+    monkeypatch.setenv(STAMPS_DIR_ENV, str(tmp_path / "empty"))
+    code = cli.main(["data", "stamps", "--out", str(tmp_path / "ds"), "--n-train", "2", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert (
+        code == 2 and "apt-get install tuxpaint-stamps-default" in err and len(err.strip().splitlines()) == 1
+    )
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+
+
+@pytest.mark.skipif(not DEFAULT_STAMPS_DIR.is_dir(), reason="tuxpaint-stamps-default is not installed")
+def test_real_stamps_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STAMPS_DIR_ENV, raising=False)
+    root = make_stamps(
+        tmp_path / "ds",
+        seed=0,
+        n_train=3,
+        n_val=2,
+        n_test=3,
+        silent_frac=0.34,
+        image_size=96,
+        clip_seconds=0.5,
+        videos=1,
+        video_size=(160, 120),
+        video_seconds=1.0,
+        workers=1,
+    )
+    parts = assert_layout(root, 0.5, 96)
+    source = parts["meta"]["source"]
+    members = [m for ms in source["categories"].values() for m in ms]
+    assert len(parts["meta"]["categories"]) >= 50
+    assert not any("_desc" in m for m in members)
+    assert source["categories"]["mountaingoat_ram"] == ["mountaingoat", "ram"]  # same recording shipped twice
+    assert not any(k.startswith(("symbols/", "town/")) for k in source["skipped"])
+    video = json.loads((root / "video/clip_0000.json").read_text())
+    assert (
+        video["fps"] == 30 and len(video["boxes"]) == 30 and (root / "video/clip_0000.mp4").stat().st_size > 0
+    )
