@@ -38,6 +38,7 @@ EXCLUDED_DIRS = ("symbols", "town")
 MIN_LONGER_SIDE = 64
 MIN_OPAQUE_FILL = 0.10
 SILENT_PEAK = 1e-3
+FAINT_ALPHA = 0.05
 
 # Stamps showing the same kind of sound source -> one category.
 NAME_GROUPS = {
@@ -115,11 +116,16 @@ class StampLibrary:
             if box is None or max(box[2] - box[0], box[3] - box[1]) < MIN_LONGER_SIDE:
                 self.skipped[key] = f"image under {MIN_LONGER_SIDE} px"
                 continue
-            rgba = rgba[box[1] : box[3], box[0] : box[2]]
-            fill = float((rgba[..., 3] > 0.5).mean())
+            fill = float((rgba[box[1] : box[3], box[0] : box[2], 3] > 0.5).mean())
             if fill < MIN_OPAQUE_FILL:
                 self.skipped[key] = f"nearly transparent cut-out ({fill:.0%} of its box opaque)"
                 continue
+            # Keep faint glows/shadows around the object (cropping them at the opaque box leaves a visible
+            # edge), dropping only the nearly invisible rest.
+            rgba[..., 3] = np.where(rgba[..., 3] < FAINT_ALPHA, 0, rgba[..., 3])
+            faint = scenes.mask_box(rgba[..., 3], 0.0)
+            assert faint is not None
+            rgba = rgba[faint[1] : faint[3], faint[0] : faint[2]]
             wave = load_audio(ogg, scenes.SAMPLE_RATE)
             peak = float(np.abs(wave).max())
             if peak < SILENT_PEAK:

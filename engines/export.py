@@ -177,7 +177,11 @@ def _export_onnx(
 def _parity(
     graphs: EngineGraphs, audio_path: Path, visual_path: Path, spec_shape: tuple[int, ...], image_size: int
 ) -> dict[str, float]:
-    """Max |ORT - torch| of every output at batch 1 and 3 (exercises the dynamic batch axis)."""
+    """Max |ORT - torch| of every output at batch 1 and 3 (exercises the dynamic batch axis).
+
+    The unnormalized embedding is compared relative to its scale (``max(1, max|emb|)``): trained encoders can
+    have large activations whose float32 rounding alone exceeds an absolute bound.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -185,7 +189,7 @@ def _parity(
     audio = ort.InferenceSession(str(audio_path), options, providers=["CPUExecutionProvider"])
     visual = ort.InferenceSession(str(visual_path), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    worst = {"audio_embedding": 0.0, "heatmap": 0.0, "confidence": 0.0}
+    worst = {"audio_embedding": 0.0, "heatmap": 0.0, "confidence": 0.0}  # embedding: relative, see above
     for batch in (1, 3):
         spec = rng.standard_normal((batch, *spec_shape), dtype=np.float32)
         image = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
@@ -203,7 +207,8 @@ def _parity(
                 raise UserError(
                     f"export parity: {name} shape {a.shape} from ONNX Runtime, {tuple(b.shape)} from torch"
                 )
-            worst[name] = max(worst[name], float(np.abs(a - b.numpy()).max()))
+            scale = max(1.0, float(np.abs(b.numpy()).max())) if name == "audio_embedding" else 1.0
+            worst[name] = max(worst[name], float(np.abs(a - b.numpy()).max()) / scale)
     return worst
 
 

@@ -231,7 +231,6 @@ def training_stats(run_dir: Path) -> dict[str, Any]:
 def index_quality(data: Path, k: int) -> str:
     """How often the NN positives share the sample's class (labels.csv), per modality, top-1 and top-k."""
     import numpy as np
-
     from avloc.core.datasets import read_labels
     from avloc.train.nn_index import load_index
 

@@ -19,11 +19,13 @@ Run as a process: ``python -m avloc.stream.inference --engine ENGINE_DIR --frame
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 AUDIO_HISTORY = 64  # audio windows kept per stream (several seconds at a 100 ms hop)
 EMBED_CACHE = 16  # audio embeddings kept per stream
 POLL_MS = 20
+FRAME_RCVHWM = 64  # frames libzmq may hold for us (~2 s at 30 fps; 60 MB of 640x480 BGR at most)
 
 
 @dataclass
@@ -419,10 +422,17 @@ class InferenceWorker:
         dummy = self._preprocess(np.zeros((48, 64, 3), np.uint8), self.manifest)
         return int(dummy.shape[1]), int(dummy.shape[2])
 
+    def _frame_socket(self, ctx: zmq.Context) -> zmq.Socket:
+        """SUB for frames whose queue is deep on purpose: PUB/SUB drops the NEWEST message when a queue is
+        full, so a shallow queue here would back up into the publisher and leave us a backlog of old frames.
+        libzmq's I/O thread moves every frame into this queue as it arrives and each loop drains it keeping
+        only the newest, so a frame is at most one loop old (bounded: FRAME_RCVHWM x frame size)."""
+        return protocol.make_socket(ctx, zmq.SUB, self.frame_endpoints, bind=False, hwm=FRAME_RCVHWM)
+
     def run(self, stop: Any) -> None:
         ctx = zmq.Context.instance()
         heartbeat = Heartbeat(ctx, self.heartbeat_endpoint, role="inference", stream="inference")
-        frames = protocol.make_socket(ctx, zmq.SUB, self.frame_endpoints, bind=False, hwm=8)
+        frames = self._frame_socket(ctx)
         audio = (
             protocol.make_socket(ctx, zmq.SUB, self.audio_endpoints, bind=False, hwm=64)
             if self.audio_endpoints
@@ -526,30 +536,25 @@ def parse_engine_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def _load_with_heartbeats(args: argparse.Namespace) -> Any:
-    """Load the engine while a thread keeps heartbeats flowing (imports and sessions take seconds)."""
-    loaded = threading.Event()
+@contextlib.contextmanager
+def heartbeats_while_starting(endpoint: str | None) -> Iterator[None]:
+    """A thread sends ``state: loading`` heartbeats while the block runs (imports, engine sessions and the
+    warm-up batch take seconds, far more on a busy machine), so the launcher neither kills the worker for
+    silence nor starts the sources before the worker can serve."""
+    done = threading.Event()
 
     def beat() -> None:
-        early = Heartbeat(zmq.Context.instance(), args.heartbeat, role="inference", stream="inference")
-        while not loaded.wait(early.interval_s):
+        early = Heartbeat(zmq.Context.instance(), endpoint, role="inference", stream="inference")
+        while not done.wait(early.interval_s):
             early.maybe_send({"state": "loading"}, force=True)
         early.close()
 
-    thread = threading.Thread(target=beat, name="heartbeat-while-loading", daemon=True)
+    thread = threading.Thread(target=beat, name="heartbeat-while-starting", daemon=True)
     thread.start()
     try:
-        from avloc.engines.base import load_engine
-
-        return load_engine(
-            args.engine,
-            backend=args.backend,
-            device=args.device,
-            threads=args.threads,
-            **parse_engine_options(args.engine_option),
-        )
+        yield
     finally:
-        loaded.set()
+        done.set()
         thread.join(timeout=2.0)
 
 
@@ -561,17 +566,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("inference", args.log_file, args.verbose)
     stop = install_stop_handlers()
-    engine = _load_with_heartbeats(args)
-    worker = InferenceWorker(
-        engine,
-        frame_endpoints=args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]],
-        audio_endpoints=args.audio if args.audio is not None else [protocol.DEFAULT_ENDPOINTS["audio"]],
-        heatmap_endpoint=args.heatmaps,
-        heartbeat_endpoint=args.heartbeat,
-        heatmap_dtype=args.heatmap_dtype,
-        max_audio_age_s=args.max_audio_age,
-    )
-    worker.warm_up()
+    with heartbeats_while_starting(args.heartbeat):
+        from avloc.engines.base import load_engine
+
+        engine = load_engine(
+            args.engine,
+            backend=args.backend,
+            device=args.device,
+            threads=args.threads,
+            **parse_engine_options(args.engine_option),
+        )
+        worker = InferenceWorker(
+            engine,
+            frame_endpoints=args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]],
+            audio_endpoints=args.audio if args.audio is not None else [protocol.DEFAULT_ENDPOINTS["audio"]],
+            heatmap_endpoint=args.heatmaps,
+            heartbeat_endpoint=args.heartbeat,
+            heatmap_dtype=args.heatmap_dtype,
+            max_audio_age_s=args.max_audio_age,
+        )
+        worker.warm_up()
     log.info("engine %s (%s) ready", args.engine, args.backend)
     worker.run(stop)
     return 0

@@ -100,9 +100,21 @@ def test_replay_a_short_clip_through_the_pipeline(acl_engine, tmp_path) -> None:
     _, engine = acl_engine
     video = tmp_path / "clip.mp4"
     write_synth_video(video, seconds=2.0, fps=10, size=(96, 72), seed=5)
-    summary = run_replay(video, engine, run_dir=tmp_path / "run", speed="max", threads=1, timeout_s=90)
+    # a loaded shared machine can stall a worker's start for seconds: give supervision more slack
+    stream_config = tmp_path / "stream.yaml"
+    stream_config.write_text(f"_base: {ROOT / 'configs' / 'stream.yaml'}\nheartbeat_timeout_s: 30.0\n")
+    summary = run_replay(
+        video,
+        engine,
+        run_dir=tmp_path / "run",
+        speed="max",
+        threads=1,
+        timeout_s=120,
+        config_path=stream_config,
+    )
     lines = (tmp_path / "run" / "latency.jsonl").read_text().splitlines()
     heatmaps = [json.loads(line) for line in lines if line.strip()]
     served = [h for h in heatmaps if not h.get("notice")]
     assert served, f"no heatmaps from the ACL engine (summary: {summary.get('reason')})"
-    assert summary["reason"] in ("finished", "source ended", "end", "stopped")
+    assert summary["reason"] == "ended" and summary["processes"]["inference"]["restarts"] == 0
+    assert all(0.0 <= h["confidence"] <= 1.0 for h in served)

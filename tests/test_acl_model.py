@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from avloc.core.acl import build_acl_model
-from avloc.core.acl.beats import BEATs, BEATsConfig, _SamePad, _WeightNormConv, official_key_shapes
-from avloc.core.acl.beats import relative_position_buckets
+from avloc.core.acl.beats import (
+    BEATs,
+    BEATsConfig,
+    _SamePad,
+    _WeightNormConv,
+    official_key_shapes,
+    relative_position_buckets,
+)
 from avloc.core.acl.losses import ACLLossConfig, acl_loss
 from avloc.core.acl.model import ACL
 from avloc.core.acl.weights import (
@@ -60,7 +66,9 @@ def test_relative_position_buckets_hand_computed() -> None:
 
 
 def test_beats_official_layout_loads_strictly_and_gives_layer_features() -> None:
-    cfg = BEATsConfig.from_official({**tiny_config()["model"]["beats"], "dropout": 0.1, "encoder_layerdrop": 0.05})
+    cfg = BEATsConfig.from_official(
+        {**tiny_config()["model"]["beats"], "dropout": 0.1, "encoder_layerdrop": 0.05}
+    )
     model = BEATs(cfg).eval()
     state = official_layout_state(cfg)
     assert set(model.state_dict()) == set(state)
@@ -76,7 +84,7 @@ def test_beats_official_layout_loads_strictly_and_gives_layer_features() -> None
             alone = BEATs(cfg, output_layers=(layer,)).eval()
             alone.load_state_dict(state)
             c = cfg.encoder_embed_dim
-            torch.testing.assert_close(features[..., i * c:(i + 1) * c], alone(spec))
+            torch.testing.assert_close(features[..., i * c : (i + 1) * c], alone(spec))
 
     with pytest.raises(UserError, match="unexpected 1"):
         load_state_dict_strict(model, {**state, "encoder.extra.weight": torch.zeros(1)}, "extra")
@@ -96,9 +104,13 @@ def test_positional_conv_matches_torch_weight_norm_and_folds() -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():  # the old API is the one that wrote the checkpoint's weight_g / weight_v
         warnings.simplefilter("ignore", FutureWarning)
-        reference = nn.utils.weight_norm(nn.Conv1d(8, 8, kernel_size=4, padding=2, groups=2), name="weight", dim=2)
+        reference = nn.utils.weight_norm(
+            nn.Conv1d(8, 8, kernel_size=4, padding=2, groups=2), name="weight", dim=2
+        )
     ours = _WeightNormConv(8, 4, 2)
-    ours.load_state_dict({"weight_g": reference.weight_g, "weight_v": reference.weight_v, "bias": reference.bias})
+    ours.load_state_dict(
+        {"weight_g": reference.weight_g, "weight_v": reference.weight_v, "bias": reference.bias}
+    )
     x = torch.randn(2, 8, 10)
     expected = reference(x)[:, :, :-1]  # SamePad for an even kernel
     with torch.no_grad():
@@ -179,7 +191,12 @@ def test_only_tokenizer_and_mask_scalars_receive_gradients() -> None:
     loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {n.split(".")[0] for n in with_grad} == {"audio_proj", "masker_i"}
-    assert {"masker_i.w", "masker_i.b", "audio_proj.fc1.weight", "audio_proj.fga.reduce_potentials.0.weight"} <= with_grad
+    assert {
+        "masker_i.w",
+        "masker_i.b",
+        "audio_proj.fc1.weight",
+        "audio_proj.fga.reduce_potentials.0.weight",
+    } <= with_grad
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in trainable} == {"audio_proj", "masker_i"}
 

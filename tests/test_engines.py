@@ -275,6 +275,9 @@ def test_bench_engine_cli(engine_dir, tmp_path, capsys):
     for r in report["results"]:
         assert r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["per_item_ms"] == pytest.approx(r["median_ms"] / r["batch"])
+        assert r["cpu_median_ms"] > 0 and r["cpu_per_item_ms"] == pytest.approx(
+            r["cpu_median_ms"] / r["batch"]
+        )
         assert r["throughput_per_s"] == pytest.approx(1e3 * r["batch"] / r["median_ms"])
         if r["backend"] == "torch":
             assert r["speedup_vs_eager_torch"] == pytest.approx(1.0)

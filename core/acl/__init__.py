@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from avloc.core.acl.model import ACL, ACLConfig
+from torch import nn
 
 
 def build_acl_model(model_config: dict[str, Any]) -> nn.Module:

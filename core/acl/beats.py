@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from avloc.core.errors import UserError
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class BEATsConfig:
 
     @classmethod
     def from_official(cls, cfg: dict[str, Any]) -> BEATsConfig:
-        """Keep the known keys of an official ``cfg`` dict (dropouts, layerdrop etc. do not apply when frozen)."""
+        """Known keys of an official ``cfg`` dict (dropouts and layer-drop do not apply when frozen)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in known})
 
@@ -109,9 +108,14 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     buckets = (relative > 0).long() * half
     relative = relative.abs()
     max_exact = half // 2
-    large = max_exact + (
-        torch.log(relative.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
-    ).long()
+    large = (
+        max_exact
+        + (
+            torch.log(relative.float().clamp(min=1) / max_exact)
+            / math.log(max_distance / max_exact)
+            * (half - max_exact)
+        ).long()
+    )
     large = large.clamp(max=half - 1)
     return buckets + torch.where(relative < max_exact, relative, large)
 
@@ -175,7 +179,9 @@ class TransformerSentenceEncoderLayer(nn.Module):
         super().__init__()
         dim = cfg.encoder_embed_dim
         if cfg.activation_fn != "gelu":
-            raise UserError(f"BEATs cfg activation_fn={cfg.activation_fn!r}: only 'gelu' checkpoints are supported")
+            raise UserError(
+                f"BEATs cfg activation_fn={cfg.activation_fn!r}: only 'gelu' checkpoints are supported"
+            )
         self.self_attn = MultiheadAttention(cfg, has_relative_attention_bias)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, cfg.encoder_ffn_embed_dim)
@@ -200,7 +206,8 @@ class TransformerEncoder(nn.Module):
             _WeightNormConv(dim, cfg.conv_pos, cfg.conv_pos_groups), _SamePad(cfg.conv_pos), nn.GELU()
         )
         self.layers = nn.ModuleList(
-            TransformerSentenceEncoderLayer(cfg, cfg.relative_position_embedding) for _ in range(cfg.encoder_layers)
+            TransformerSentenceEncoderLayer(cfg, cfg.relative_position_embedding)
+            for _ in range(cfg.encoder_layers)
         )
         if cfg.relative_position_embedding:
             # one table shared by every layer (and saved under every layer's name, as in the checkpoint)
@@ -218,7 +225,11 @@ class TransformerEncoder(nn.Module):
             x = self.layer_norm(x)
         bias = None
         if self.relative_position_embedding:
-            bias = self.fixed_bias if self.fixed_bias is not None else self.layers[0].self_attn.compute_bias(x.shape[1])
+            bias = (
+                self.fixed_bias
+                if self.fixed_bias is not None
+                else self.layers[0].self_attn.compute_bias(x.shape[1])
+            )
         outputs = []
         for index, layer in enumerate(self.layers[: max(output_layers)], start=1):
             x = layer(x, bias)
@@ -240,15 +251,23 @@ class BEATs(nn.Module):
         self.cfg = cfg
         self.output_layers = tuple(output_layers)
         self.patch_embedding = nn.Conv2d(
-            1, cfg.embed_dim, kernel_size=cfg.input_patch_size, stride=cfg.input_patch_size, bias=cfg.conv_bias
+            1,
+            cfg.embed_dim,
+            kernel_size=cfg.input_patch_size,
+            stride=cfg.input_patch_size,
+            bias=cfg.conv_bias,
         )
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
         self.post_extract_proj = (
-            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim) if cfg.embed_dim != cfg.encoder_embed_dim else None
+            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim)
+            if cfg.embed_dim != cfg.encoder_embed_dim
+            else None
         )
         self.encoder = TransformerEncoder(cfg)
         # The AudioSet classifier of the fine-tuned checkpoint: kept so the state dict loads strictly, unused.
-        self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
+        self.predictor = (
+            nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
+        )
 
     @property
     def out_dim(self) -> int:
@@ -287,11 +306,13 @@ def official_key_shapes(cfg: BEATsConfig) -> dict[str, tuple[int, ...]]:
     keys.update({"layer_norm.weight": (e,), "layer_norm.bias": (e,)})
     if e != c:
         keys.update({"post_extract_proj.weight": (c, e), "post_extract_proj.bias": (c,)})
-    keys.update({
-        "encoder.pos_conv.0.bias": (c,),
-        "encoder.pos_conv.0.weight_g": (1, 1, cfg.conv_pos),
-        "encoder.pos_conv.0.weight_v": (c, c // cfg.conv_pos_groups, cfg.conv_pos),
-    })
+    keys.update(
+        {
+            "encoder.pos_conv.0.bias": (c,),
+            "encoder.pos_conv.0.weight_g": (1, 1, cfg.conv_pos),
+            "encoder.pos_conv.0.weight_v": (c, c // cfg.conv_pos_groups, cfg.conv_pos),
+        }
+    )
     for i in range(cfg.encoder_layers):
         pre = f"encoder.layers.{i}."
         if cfg.relative_position_embedding:
@@ -303,12 +324,18 @@ def official_key_shapes(cfg: BEATsConfig) -> dict[str, tuple[int, ...]]:
             keys[pre + "self_attn.grep_a"] = (1, h, 1, 1)
             keys[pre + "self_attn.grep_linear.weight"] = (8, c // h)
             keys[pre + "self_attn.grep_linear.bias"] = (8,)
-        keys.update({
-            pre + "self_attn_layer_norm.weight": (c,), pre + "self_attn_layer_norm.bias": (c,),
-            pre + "fc1.weight": (f, c), pre + "fc1.bias": (f,),
-            pre + "fc2.weight": (c, f), pre + "fc2.bias": (c,),
-            pre + "final_layer_norm.weight": (c,), pre + "final_layer_norm.bias": (c,),
-        })
+        keys.update(
+            {
+                pre + "self_attn_layer_norm.weight": (c,),
+                pre + "self_attn_layer_norm.bias": (c,),
+                pre + "fc1.weight": (f, c),
+                pre + "fc1.bias": (f,),
+                pre + "fc2.weight": (c, f),
+                pre + "fc2.bias": (c,),
+                pre + "final_layer_norm.weight": (c,),
+                pre + "final_layer_norm.bias": (c,),
+            }
+        )
     keys.update({"encoder.layer_norm.weight": (c,), "encoder.layer_norm.bias": (c,)})
     if cfg.finetuned_model:
         keys.update({"predictor.weight": (cfg.predictor_class, c), "predictor.bias": (cfg.predictor_class,)})

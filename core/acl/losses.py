@@ -92,8 +92,10 @@ def feature_mask(logits: Tensor, threshold: float = 0.5, tau: float = 0.07) -> T
     return torch.sigmoid((minmax_normalize(logits) - threshold) / tau)
 
 
-def acl_loss(outputs: dict[str, Tensor], pred_emb: Tensor, config: ACLLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of the three terms from :meth:`ACL.training_outputs`; returns (total, parts)."""
+def acl_loss(
+    outputs: dict[str, Tensor], pred_emb: Tensor, config: ACLLossConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the three terms from :meth:`ACL.training_outputs`; returns (total, detached parts)."""
     parts = {
         "acl_i": acl_i(outputs["v_i"], pred_emb, config.tau) * config.w_acl_i,
         "acl_f": acl_f(outputs["v_f"], pred_emb, config.tau) * config.w_acl_f,
@@ -103,4 +105,4 @@ def acl_loss(outputs: dict[str, Tensor], pred_emb: Tensor, config: ACLLossConfig
     parts["positive_area"] = outputs["p_area"].detach()
     parts["negative_area"] = outputs["n_area"].detach()
     total = parts["acl_i"] + parts["acl_f"] + parts["area_reg"]
-    return total, parts
+    return total, {k: v.detach() for k, v in parts.items()}  # parts are for logging: no graph kept

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from avloc.core.acl.beats import BEATs, BEATsConfig
 from avloc.core.acl.losses import ImageMasker, feature_mask
 from avloc.core.acl.tokenizer import AudioTokenizer
 from avloc.core.config import from_dict
+from torch import Tensor, nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,7 +41,15 @@ def default_clipseg_config() -> dict[str, Any]:
     """The architecture of ``CIDAS/clipseg-rd64-refined`` (ViT-B/16 CLIP, reduce_dim 64, refined decoder)."""
     from transformers import CLIPSegConfig
 
-    return CLIPSegConfig(reduce_dim=64, use_complex_transposed_convolution=True).to_dict()
+    config = CLIPSegConfig(
+        vision_config={"patch_size": 16},  # ViT-B/16 (the class default is B/32)
+        reduce_dim=64,
+        extract_layers=[3, 6, 9],
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=2048,
+        use_complex_transposed_convolution=True,
+    )
+    return config.to_dict()
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,7 @@ class ACL(nn.Module):
         return words[:, :pos], words[:, pos:], positions
 
     def splice(self, token: Tensor) -> Tensor:
-        """Audio token ``[B, W]`` -> prompt embeddings with positions ``[B, L, W]`` (L = 6 for the default)."""
+        """Audio token ``[B, W]`` -> prompt embeddings + positions ``[B, L, W]`` (L = 6 by default)."""
         prefix, suffix, positions = self._prompt_parts()
         b = token.shape[0]
         tokens = torch.cat(
@@ -213,7 +220,7 @@ class ACL(nn.Module):
         return x.transpose(1, 2).reshape(b, c, grid, grid)
 
     def decode(self, activations: list[Tensor], grid: int, embedding: Tensor) -> Tensor:
-        """CLIPSeg decoder conditioned on ``embedding`` ``[B, P]`` -> logits ``[B, 1, H, W]`` (H = image size)."""
+        """CLIPSeg decoder conditioned on ``embedding`` ``[B, P]`` -> logits ``[B, 1, H, W]`` (H: image)."""
         decoder = self.av_grounder.decoder
         out = None
         for i, (activation, layer, reduce) in enumerate(
@@ -221,7 +228,9 @@ class ACL(nn.Module):
         ):
             out = reduce(activation) if out is None else reduce(activation) + out
             if i == decoder.conditional_layer:  # FiLM with the audio-driven embedding
-                out = decoder.film_mul(embedding).unsqueeze(1) * out + decoder.film_add(embedding).unsqueeze(1)
+                out = decoder.film_mul(embedding).unsqueeze(1) * out + decoder.film_add(embedding).unsqueeze(
+                    1
+                )
             out = layer(out, None)
         b, r = out.shape[0], out.shape[2]
         out = out[:, 1:].transpose(1, 2).reshape(b, r, grid, grid)
@@ -239,7 +248,7 @@ class ACL(nn.Module):
         return self.decode(activations, grid, embedding)
 
     def heatmap_from_embedding(self, image: Tensor, embedding: Tensor, size: int | None = None) -> Tensor:
-        """Evaluation heatmap ``[B, size, size]`` in (0, 1): logits resized bicubic, then ``sigmoid(x + b/w)``."""
+        """Heatmap ``[B, size, size]`` in (0, 1): logits resized bicubic, then ``sigmoid(x + b / w)``."""
         logits = self.logits(image, embedding)
         size = int(size or self.config.heatmap_size)
         current = self._static_image_size or int(logits.shape[-1])  # static when exported: no traced branch
@@ -249,7 +258,7 @@ class ACL(nn.Module):
         return heat.reshape(heat.shape[0], size, size)
 
     def heatmap(self, image: Tensor, spec: Tensor) -> Tensor:
-        """Same contract as ``SSLAlign.heatmap``: own (image, audio) pairs -> ``[B, heatmap_size, heatmap_size]``."""
+        """As ``SSLAlign.heatmap``: own (image, audio) pairs -> ``[B, heatmap_size, heatmap_size]``."""
         return self.heatmap_from_embedding(image, self.encode_audio(spec))
 
     # ------------------------------------------------------------------------------------------ training
@@ -257,7 +266,9 @@ class ACL(nn.Module):
     def pair_logits(self, activations: list[Tensor], grid: int, embedding: Tensor) -> Tensor:
         """Every image with every embedding: ``[B_img, B_emb, H, W]`` from one vision pass."""
         bi, be = activations[0].shape[0], embedding.shape[0]
-        tiled = [a.unsqueeze(1).expand(bi, be, *a.shape[1:]).reshape(bi * be, *a.shape[1:]) for a in activations]
+        tiled = [
+            a.unsqueeze(1).expand(bi, be, *a.shape[1:]).reshape(bi * be, *a.shape[1:]) for a in activations
+        ]
         cond = embedding.unsqueeze(0).expand(bi, be, embedding.shape[1]).reshape(bi * be, embedding.shape[1])
         logits = self.decode(tiled, grid, cond)
         return logits.reshape(bi, be, logits.shape[-2], logits.shape[-1])
@@ -265,7 +276,9 @@ class ACL(nn.Module):
     def training_outputs(self, image: Tensor, embedding: Tensor) -> dict[str, Tensor]:
         """What the ACL losses read (reference ``encode_masked_vision``): v_f, v_i, p_area, n_area."""
         b = image.shape[0]
-        with torch.no_grad():  # the frozen image path needs no graph; gradients reach the embedding via the decoder
+        with (
+            torch.no_grad()
+        ):  # the frozen image path needs no graph; gradients reach the embedding via the decoder
             states, grid = self.vision_states(image)
             dense = self.dense_features(image, states)
         layers = list(self.av_grounder.extract_layers)

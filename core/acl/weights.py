@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from avloc.core.acl.beats import BEATsConfig
 from avloc.core.acl.model import ACL, PROMPT_TEXT, ACLConfig
 from avloc.core.checkpoint import load_state_dict_strict
@@ -33,7 +32,9 @@ def read_beats(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a wrong file
-        raise UserError(f"--beats {path}: not a readable BEATs checkpoint ({err.__class__.__name__})") from None
+        raise UserError(
+            f"--beats {path}: not a readable BEATs checkpoint ({err.__class__.__name__})"
+        ) from None
     if not isinstance(payload, dict) or "cfg" not in payload or "model" not in payload:
         raise UserError(f"--beats {path}: expected a BEATs checkpoint with 'cfg' and 'model' ({BEATS_FILE})")
     return dict(payload["cfg"]), dict(payload["model"])
@@ -47,7 +48,7 @@ def _check_clipseg_dir(directory: Path) -> None:
         )
     if not any((directory / name).is_file() for name in _CLIPSEG_WEIGHTS):
         raise UserError(
-            f"--clipseg {directory}: no {' or '.join(_CLIPSEG_WEIGHTS)}; expected the weights of {CLIPSEG_NAME}"
+            f"--clipseg {directory}: no {' or '.join(_CLIPSEG_WEIGHTS)}; expected {CLIPSEG_NAME} weights"
         )
 
 
@@ -62,7 +63,9 @@ def read_clipseg(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     )
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise UserError(f"--clipseg {directory}: weights miss {len(missing)} key(s), e.g. {', '.join(missing[:3])}")
+        raise UserError(
+            f"--clipseg {directory}: weights miss {len(missing)} key(s), e.g. {', '.join(missing[:3])}"
+        )
     return model.config.to_dict(), model.state_dict()
 
 
@@ -117,13 +120,15 @@ def load_released_acl(model: ACL, path: str | Path) -> ACL:
     """Load the released tokenizer + (w, b) (``Param_best.pth``-style file) strictly."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--acl-checkpoint {path}: file not found; expected the released ACL checkpoint (.pth)")
+        raise UserError(
+            f"--acl-checkpoint {path}: file not found; expected the released ACL checkpoint (.pth)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"--acl-checkpoint {path}: not readable ({err.__class__.__name__})") from None
     mapped = released_acl_state_dict(payload)
     for prefix, module in (("audio_proj.", model.audio_proj), ("masker_i.", model.masker_i)):
-        part = {k[len(prefix):]: v for k, v in mapped.items() if k.startswith(prefix)}
+        part = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
         load_state_dict_strict(module, part, f"--acl-checkpoint {path} ({prefix[:-1]})")
     return model
