@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
     "eval": ("evaluate a checkpoint: localization, retrieval, extended, audio-swap", "avloc.train.evaluate"),
     "eval-maps": ("score saved heatmaps with the evaluation protocol", "avloc.core.eval_maps"),
     "export": ("export a checkpoint to ONNX engines + manifest", "avloc.engines.export"),
+    "acl-import": (
+        "build an ACL checkpoint from local BEATs / CLIPSeg / released ACL weights",
+        "avloc.core.acl.convert",
+    ),
     "replay": ("replay a video file through the streaming pipeline", "avloc.stream.replay_cli"),
     "run": ("live: camera + microphone through the streaming pipeline", "avloc.stream.run_cli"),
     "devices": ("list cameras and microphones", "avloc.stream.devices"),

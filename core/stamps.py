@@ -6,8 +6,8 @@ What is used, and why:
 - A stamp is used when it has an RGBA ``NAME.png`` and a non-description ``NAME.ogg`` (``*_desc*.ogg`` are
   spoken descriptions). SVG-only stamps are skipped (not rasterized: that would need cairo/rsvg), as are
   stamps with no image at all. ``symbols/`` and ``town/`` (letters, faces, road signs) are left out.
-- Also skipped: silent recordings (a few ship an all-zero .ogg), images under 64 px on their longer side
-  (they would be upscaled 3-6x into blurry blobs), and nearly transparent cut-outs (under 10 % of their
+- Also skipped: silent recordings (a few ship an all-zero .ogg), images under 96 px on their longer side
+  (they would be upscaled 2-8x into blurry blobs), and nearly transparent cut-outs (under 10 % of their
   alpha box opaque, e.g. the glass), whose tight box says little about where the object is.
 - A category is a kind of sound source. Stamps that are the same thing (cow / cow_white, pig / pig_golden,
   deer / doe, the four dreidels, ...; see ``NAME_GROUPS``) form one category, and so do stamps shipping the
@@ -35,7 +35,7 @@ DEFAULT_STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 STAMPS_DIR_ENV = "AVLOC_STAMPS_DIR"
 APT_HINT = "install them with `sudo apt-get install tuxpaint-stamps-default`"
 EXCLUDED_DIRS = ("symbols", "town")
-MIN_LONGER_SIDE = 64
+MIN_LONGER_SIDE = 96
 MIN_OPAQUE_FILL = 0.10
 SILENT_PEAK = 1e-3
 FAINT_ALPHA = 0.05

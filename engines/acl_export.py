@@ -58,7 +58,8 @@ def acl_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
     if image_size % patch:
         raise UserError(f"--image-size {image_size}: expected a multiple of the CLIP patch size {patch}")
     _, frames, mel_bins = loaded.frontend.output_shape()
-    frozen = model.freeze_for_export(frames, mel_bins, image_size)
+    # in place: the loaded model is the engine's own (a copy would hold a second 250 M-parameter model)
+    frozen = model.freeze_for_export(frames, mel_bins, image_size, inplace=True)
     size = int(model.config.heatmap_size)
     feature_size = (size, size)
     k = top_fraction_k(feature_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -138,6 +139,9 @@ class Engine(ABC):
     def localize(self, image: np.ndarray, audio_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[B,3,H,W]`` image + ``[B,D]`` embedding -> (heatmap ``[B,h,w]``, confidence ``[B]``)."""
 
+    def synchronize(self) -> None:  # noqa: B027 - host backends finish inside the call
+        """Wait for work queued on a device (timing only; calls never synchronize by themselves)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends free everything on garbage collection
         """Release sessions / device memory. Safe to call twice."""
 
@@ -194,6 +198,17 @@ def load_engine(
     manifest = read_manifest(engine_dir)
     if threads is not None and threads < 1:
         raise UserError(f"threads={threads}: expected a positive number of threads")
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some callables have no introspectable signature
+        accepted = {}
+    if accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            known = sorted(set(accepted) - {"engine_dir", "manifest", "device", "threads", "self"})
+            raise UserError(
+                f"backend {backend!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known)}"
+            )
     return factory(engine_dir, manifest, device=device, threads=threads, **options)
 
 

@@ -391,12 +391,14 @@ def _write_engine(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if int8:
-        from avloc.engines.quantize import quantize_visual
+        from avloc.engines.quantize import quantize_graphs
 
-        entry = quantize_visual(tmp, manifest, graphs, calibration)
-        # A rejected variant is recorded (with its numbers) but not selectable.
-        key = "int8_rejected" if entry.get("rejected") else "variants"
-        manifest["graphs"]["visual"][key] = entry if entry.get("rejected") else {"int8": entry}
+        for graph, entry in quantize_graphs(tmp, manifest, graphs, calibration).items():
+            # A rejected variant is recorded (with its numbers) but not selectable.
+            if entry.get("rejected"):
+                manifest["graphs"][graph]["int8_rejected"] = entry
+            else:
+                manifest["graphs"][graph]["variants"] = {"int8": entry}
     return manifest
 
 
@@ -416,7 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also write visual.int8.onnx (ONNX Runtime static int8, calibrated on --calibration)",
+        help="also write audio/visual.int8.onnx (ONNX Runtime static int8, calibrated on --calibration), "
+        "each kept only if its heatmaps agree with fp32",
     )
     parser.add_argument(
         "--calibration",

@@ -67,7 +67,8 @@ class OnnxRuntimeEngine(Engine):
         options = session_options(self.threads, spinning)
         providers = _providers(device)
         self._sessions: dict[str, Any] = {}
-        for graph, variant in (("audio", "fp32"), ("visual", precision)):
+        self.precisions = self._precisions(precision)
+        for graph, variant in self.precisions.items():
             path = graph_file(engine_dir, manifest, graph, variant)
             try:
                 self._sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
@@ -78,6 +79,22 @@ class OnnxRuntimeEngine(Engine):
         audio = self._sessions["audio"]
         self._audio_in = audio.get_inputs()[0].name
         self._visual_in = [i.name for i in self._sessions["visual"].get_inputs()]
+
+    def _precisions(self, precision: str) -> dict[str, str]:
+        """Variant per graph: "int8" takes the int8 variant of each graph the export kept one for."""
+        if precision == "fp32":
+            return {"audio": "fp32", "visual": "fp32"}
+        graphs = self.manifest["graphs"]
+        chosen = {
+            g: precision if precision in graphs[g].get("variants", {}) else "fp32"
+            for g in ("audio", "visual")
+        }
+        if set(chosen.values()) == {"fp32"}:
+            raise UserError(
+                f"{self.engine_dir}: no graph has a {precision!r} variant (export with --{precision} "
+                "--calibration DATA; a variant whose heatmaps disagreed with fp32 is not kept)"
+            )
+        return chosen
 
     def embed_audio(self, spec: np.ndarray) -> np.ndarray:
         self._check_spec(spec)

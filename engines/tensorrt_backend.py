@@ -33,8 +33,15 @@ def import_tensorrt() -> Any:
     return trt
 
 
+_LOGGER: Any = None
+
+
 def _logger(trt: Any) -> Any:
-    return trt.Logger(trt.Logger.WARNING)
+    """One process-wide logger: TensorRT keeps a raw pointer to it, so it must outlive builders/runtimes."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
 
 
 def plan_path(
@@ -214,6 +221,9 @@ class TensorRTEngine(Engine):
         self._check_visual(image, audio_emb)
         heatmap, confidence = self._run("visual", [image, audio_emb])
         return heatmap, confidence
+
+    def synchronize(self) -> None:
+        self._stream.synchronize()
 
     def close(self) -> None:
         self._graphs.clear()

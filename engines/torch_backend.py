@@ -106,6 +106,8 @@ class TorchEngine(Engine):
             raise UserError("torch backend mode 'cuda_graphs' needs --device cuda")
         if fp16 and not is_cuda:
             raise UserError("torch backend fp16 needs --device cuda (CPU runs float32)")
+        if is_cuda:
+            torch.backends.cudnn.benchmark = True  # input shapes are fixed per batch size: tune once
         if threads is not None:
             torch.set_num_threads(int(threads))  # process-wide: an engine worker owns its process
         self.threads = torch.get_num_threads()

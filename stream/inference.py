@@ -114,6 +114,20 @@ def _normalizer(manifest: dict[str, Any]) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _spec_shape(manifest: dict[str, Any]) -> tuple[int, ...] | None:
+    """Shape of one spectrogram window the engine takes, from the manifest's front-end config."""
+    frontend = manifest.get("frontend")
+    if not isinstance(frontend, dict):
+        return None
+    from avloc.core.audio import FrontEndConfig
+
+    try:
+        return tuple(FrontEndConfig.from_dict(frontend).output_shape())
+    except UserError as err:  # an odd manifest only disables the shape check
+        log.warning("cannot derive the spectrogram shape from the manifest (%s); not checking it", err)
+        return None
+
+
 def encode_heatmap(heatmap: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     """Map ``[lo, hi]`` onto ``[0, 1]``; float16, or uint8 holding ``round(255 * v)`` (docs/protocol.md)."""
     unit = np.clip((heatmap.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
@@ -174,7 +188,7 @@ class InferenceWorker:
         self.no_audio_streams: set[str] = set()
         self.ended_streams: set[str] = set()
         self._last_seq: dict[str, int] = {}
-        self._heatmap_seq = 0
+        self.spec_shape = _spec_shape(self.manifest)
         self._ratelog = RateLimitedLog(log)
 
     # --- receiving --------------------------------------------------------------------------------
@@ -224,7 +238,7 @@ class InferenceWorker:
             if msg.kind != "audio" or spec is None or "window_end" not in msg.ts:
                 self.audio_rejects.reject(protocol.ProtocolError("unexpected", f"{msg.kind} on audio socket"))
                 continue
-            expected = tuple(self.manifest_spec_shape() or spec.shape)
+            expected = tuple(self.spec_shape or spec.shape)
             if spec.dtype != np.float32 or spec.shape != expected:
                 self.audio_rejects.reject(
                     protocol.ProtocolError(
@@ -237,23 +251,6 @@ class InferenceWorker:
                 AudioWindow(msg.seq, msg.ts["window_end"], spec), received
             )
             self.no_audio_streams.discard(msg.stream)
-
-    def manifest_spec_shape(self) -> tuple[int, ...] | None:
-        """Shape of one spectrogram window the engine takes, from the manifest's front-end config."""
-        cached = getattr(self, "_spec_shape", "unset")
-        if cached != "unset":
-            return cached  # type: ignore[return-value]
-        shape: tuple[int, ...] | None = None
-        try:
-            from avloc.core.audio import FrontEndConfig
-
-            frontend = self.manifest.get("frontend")
-            if isinstance(frontend, dict):
-                shape = tuple(FrontEndConfig.from_dict(frontend).output_shape())
-        except Exception as err:  # noqa: BLE001 - an odd manifest only disables the shape check
-            log.warning("cannot derive the spectrogram shape from the manifest (%s); not checking it", err)
-        self._spec_shape = shape
-        return shape
 
     # --- pairing ------------------------------------------------------------------------------------
     def _track_for(self, stream: str) -> AudioTrack | None:
@@ -411,7 +408,7 @@ class InferenceWorker:
     # --- loop ---------------------------------------------------------------------------------------
     def warm_up(self) -> None:
         """One dummy batch so the first real frame does not pay for lazy initialisation."""
-        shape = self.manifest_spec_shape()
+        shape = self.spec_shape
         if shape is None:
             return
         emb = np.asarray(self.engine.embed_audio(np.zeros((1, *shape), np.float32)))

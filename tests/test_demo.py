@@ -41,8 +41,8 @@ def test_demo_trained_model_localizes_the_moving_object(tmp_path):
     loc = report["localization"]
     assert loc["frames_scored"] >= 60  # 4 s at 30 fps, minus drops and the first audio hop
     # most frames: the peak sits on the sounding object, far above a random point's hit rate
-    assert loc["fraction"] >= 0.6, loc
-    assert loc["fraction"] >= 2 * loc["chance"], loc
+    assert loc["fraction"] >= 0.5, loc
+    assert loc["fraction"] >= 3 * loc["chance"], loc
     assert report["latency"]["heatmap_fps"] >= 20
     saved = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert saved["localization"] == loc

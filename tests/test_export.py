@@ -219,28 +219,43 @@ def test_int8_export_records_agreement_and_loads(checkpoint, tmp_path, monkeypat
     monkeypatch.setattr(quantize, "MIN_CORRELATION", 0.0)  # keep it whatever a random model gives
     monkeypatch.setattr(quantize, "MIN_PEAK_AGREEMENT", 0.0)
     out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
-    entry = read_manifest(out)["graphs"]["visual"]["variants"]["int8"]
-    assert entry["sha256"] == sha256_file(out / "visual.int8.onnx")
-    assert entry["calibration_samples"] == 6 and entry["held_out_samples"] == 6
-    assert -1.0 <= entry["agreement_vs_fp32"]["mean_correlation"] <= 1.0
+    manifest = read_manifest(out)
+    for graph in ("audio", "visual"):
+        entry = manifest["graphs"][graph]["variants"]["int8"]
+        assert entry["sha256"] == sha256_file(out / f"{graph}.int8.onnx")
+        assert entry["calibration_samples"] == 6 and entry["held_out_samples"] == 6
+        assert -1.0 <= entry["heatmap_agreement_vs_fp32"]["mean_correlation"] <= 1.0
+    assert (
+        entry["heatmap_agreement_vs_fp32"].keys()
+        < manifest["graphs"]["audio"]["variants"]["int8"]["heatmap_agreement_vs_fp32"].keys()
+    )  # the audio entry adds embedding cosines
     assert not list(out.glob("*.tmp.onnx")) and not list(out.glob("augmented*"))
     rng = np.random.default_rng(0)
+    spec = rng.standard_normal((2, *FRONTEND.output_shape()), dtype=np.float32)
     image = rng.standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    emb = rng.standard_normal((2, 64), dtype=np.float32)
     with load_engine(out, precision="int8", threads=1) as int8, load_engine(out, threads=1) as fp32:
+        assert int8.precisions == {"audio": "int8", "visual": "int8"}
+        emb = fp32.embed_audio(spec)
+        emb8 = int8.embed_audio(spec)
+        cosine = (emb * emb8).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(emb8, axis=1))
+        assert emb8.shape == emb.shape and cosine.min() > 0.8  # quantized, yet the same direction
         heat8, conf8 = int8.localize(image, emb)
         heat32, _ = fp32.localize(image, emb)
     assert heat8.shape == heat32.shape and conf8.shape == (2,)
-    assert np.abs(heat8 - heat32).max() < 0.5  # quantized, yet the same map
+    assert np.abs(heat8 - heat32).max() < 0.5
 
 
 def test_int8_rejected_when_agreement_is_low(checkpoint, tmp_path, monkeypatch):
     from avloc.engines import quantize
+    from avloc.engines.base import load_engine
 
     data = _tiny_dataset(tmp_path / "data")
     monkeypatch.setattr(quantize, "MIN_CORRELATION", 1.01)  # unreachable
     out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
     manifest = read_manifest(out)
-    assert "variants" not in manifest["graphs"]["visual"]
-    assert manifest["graphs"]["visual"]["int8_rejected"]["rejected"] is True
-    assert not (out / "visual.int8.onnx").exists()
+    for graph in ("audio", "visual"):
+        assert "variants" not in manifest["graphs"][graph]
+        assert manifest["graphs"][graph]["int8_rejected"]["rejected"] is True
+        assert not (out / f"{graph}.int8.onnx").exists()
+    with pytest.raises(UserError, match="int8"):
+        load_engine(out, precision="int8")

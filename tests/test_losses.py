@@ -109,7 +109,7 @@ def test_full_loss_matches_numpy_sum_over_pairs():
             pa = _np_normalize(audios[a] @ w["audio_proj.weight"].T + w["audio_proj.bias"], 1)
             expected += _np_ce_rows(pv @ pa.T / tau)
     assert len(parts) == 18
-    assert float(total) == pytest.approx(expected, rel=1e-4)
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-4)
     assert float(total) == pytest.approx(sum(float(p) for p in parts.values()), rel=1e-6)
 
 

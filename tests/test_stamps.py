@@ -55,7 +55,7 @@ def fake_stamps(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ("town/sign", 600),
         ]
     ):
-        _png(root / f"{rel}.png", (90 + 10 * i, 70), (40 * i % 255, 200, 100))
+        _png(root / f"{rel}.png", (120 + 10 * i, 70), (40 * i % 255, 200, 100))
         _ogg(root / f"{rel}.ogg", _tone(freq))
     _ogg(root / "animals/cat_desc_fr.ogg", _tone(1000))  # a spoken description: never a category
     _png(root / "animals/wolf.png", (120, 80), (120, 120, 120))
@@ -78,7 +78,7 @@ def test_stamp_selection_and_categories(fake_stamps: Path) -> None:
     assert library.skipped == {
         "household/fridge": "SVG-only stamp (not rasterized)",
         "animals/quiet": "silent recording",
-        "animals/tiny": "image under 64 px",
+        "animals/tiny": "image under 96 px",
         "animals/mosquito": "no image",
     }
     rng = np.random.default_rng(0)

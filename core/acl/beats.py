@@ -72,7 +72,7 @@ class _WeightNormConv(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(1, 1, kernel))
         self.weight_v = nn.Parameter(torch.randn(channels, channels // groups, kernel) * 0.02)
         self.bias = nn.Parameter(torch.zeros(channels))
-        self.folded: Tensor | None = None  # set by fold(): plain weight for export
+        self.register_buffer("folded", None, persistent=False)  # set by fold(): plain weight for export
 
     def weight(self) -> Tensor:
         if self.folded is not None:
@@ -216,7 +216,7 @@ class TransformerEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(dim)
         self.layer_norm_first = cfg.layer_norm_first
         self.relative_position_embedding = cfg.relative_position_embedding
-        self.fixed_bias: Tensor | None = None  # set by BEATs.prepare_for_export
+        self.register_buffer("fixed_bias", None, persistent=False)  # set by BEATs.prepare_for_export
 
     def forward(self, x: Tensor, output_layers: tuple[int, ...]) -> list[Tensor]:
         """Outputs of the (1-based) ``output_layers``; stops after the last one needed."""

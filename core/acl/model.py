@@ -27,6 +27,7 @@ from avloc.core.acl.beats import BEATs, BEATsConfig
 from avloc.core.acl.losses import ImageMasker, feature_mask
 from avloc.core.acl.tokenizer import AudioTokenizer
 from avloc.core.config import from_dict
+from avloc.core.errors import UserError
 from torch import Tensor, nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -98,14 +99,18 @@ class ACL(nn.Module):
 
         ids = torch.tensor(config.prompt_ids, dtype=torch.long)
         if not 0 < config.audio_position < len(ids):
-            raise ValueError(f"audio_position {config.audio_position} outside the {len(ids)}-token prompt")
+            raise UserError(
+                f"config model.audio_position={config.audio_position}: expected 1..{len(ids) - 1} "
+                f"(inside the {len(ids)}-token prompt {list(config.prompt_ids)})"
+            )
         length = len(ids) + 1
         self.register_buffer("prompt_ids", ids, persistent=False)
         causal = torch.full((length, length), MASK_VALUE).triu(1)
         self.register_buffer("causal_mask", causal.reshape(1, 1, length, length), persistent=False)
-        # Set by freeze_for_export(): constants that replace per-call computations in the graphs.
-        self._prompt_const: tuple[Tensor, Tensor, Tensor] | None = None
-        self._vision_pos_const: Tensor | None = None
+        # Set by freeze_for_export(): constants that replace per-call computations in the graphs (buffers,
+        # so .to(device) / .half() carry them; not persistent, so state dicts are unchanged).
+        for name in ("prompt_prefix", "prompt_suffix", "prompt_positions", "vision_positions"):
+            self.register_buffer(name, None, persistent=False)
         self._static_image_size: int | None = None
 
     # ------------------------------------------------------------------------------------------ modes
@@ -133,8 +138,8 @@ class ACL(nn.Module):
         return self.audio_proj(features)
 
     def _prompt_parts(self) -> tuple[Tensor, Tensor, Tensor]:
-        if self._prompt_const is not None:
-            return self._prompt_const
+        if self.prompt_prefix is not None:
+            return self.prompt_prefix, self.prompt_suffix, self.prompt_positions
         embeddings = self.av_grounder.clip.text_model.embeddings
         words = embeddings.token_embedding(self.prompt_ids).unsqueeze(0)
         pos = self.config.audio_position
@@ -167,8 +172,8 @@ class ACL(nn.Module):
     # ------------------------------------------------------------------------------------------ vision
 
     def _vision_positions(self, grid: int) -> Tensor:
-        if self._vision_pos_const is not None:  # frozen copy: always used at its export image size
-            return self._vision_pos_const
+        if self.vision_positions is not None:  # frozen copy: always used at its export image size
+            return self.vision_positions
         weight = self.av_grounder.clip.vision_model.embeddings.position_embedding.weight
         trained = int(math.isqrt(weight.shape[0] - 1))
         if trained == grid:
@@ -261,6 +266,13 @@ class ACL(nn.Module):
         """As ``SSLAlign.heatmap``: own (image, audio) pairs -> ``[B, heatmap_size, heatmap_size]``."""
         return self.heatmap_from_embedding(image, self.encode_audio(spec))
 
+    def evaluation_outputs(self, image: Tensor, spec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Own pairs -> heatmaps ``[B, heatmap_size, heatmap_size]`` and L2-normalized retrieval features:
+        the CLIP image embedding and the audio-driven embedding (both ``[B, projection_dim]``)."""
+        embedding = self.encode_audio(spec)
+        heat = self.heatmap_from_embedding(image, embedding)
+        return heat, F.normalize(self.image_embedding(image), dim=1), F.normalize(embedding, dim=1)
+
     # ------------------------------------------------------------------------------------------ training
 
     def pair_logits(self, activations: list[Tensor], grid: int, embedding: Tensor) -> Tensor:
@@ -288,9 +300,11 @@ class ACL(nn.Module):
         p_area = area.diagonal().mean()
         n_area = area.mean() - p_area / b
 
-        soft = feature_mask(mask_logits, self.config.feature_threshold, self.config.feature_tau)
+        # float32: under fp16 autocast the B*B*g*g mask sum overflows 65504 from B = 12 at 352 px
+        soft = feature_mask(mask_logits.float(), self.config.feature_threshold, self.config.feature_tau)
         soft = F.interpolate(soft, size=dense.shape[-2:], mode="nearest")
-        v_f = torch.einsum("bchw,bnhw->bnc", dense.to(soft.dtype), soft) / (soft.sum() + 1e-6)
+        with torch.autocast(image.device.type, enabled=False):  # tiny pooled values: keep them in float32
+            v_f = torch.einsum("bchw,bnhw->bnc", dense.float(), soft) / (soft.sum() + 1e-6)
 
         index = torch.arange(b, device=image.device)
         image_mask = self.masker_i.hard_mask(mask_logits[index, index].unsqueeze(1))
@@ -299,16 +313,20 @@ class ACL(nn.Module):
 
     # ------------------------------------------------------------------------------------------ export
 
-    def freeze_for_export(self, frames: int, mel_bins: int = 128, image_size: int | None = None) -> ACL:
-        """A copy whose graphs hold constants: folded weight norm, the relative bias for ``frames``, the
-        prompt embeddings and causal mask, and the vision positions for ``image_size``."""
-        frozen = copy.deepcopy(self).eval()
+    def freeze_for_export(
+        self, frames: int, mel_bins: int = 128, image_size: int | None = None, inplace: bool = False
+    ) -> ACL:
+        """A copy (or this model, ``inplace``) whose graphs hold constants: folded weight norm, the relative
+        bias for ``frames``, the prompt embeddings, and the vision positions for ``image_size``. Only valid
+        for those input sizes."""
+        frozen = (self if inplace else copy.deepcopy(self)).eval()
         frozen.audio_backbone.prepare_for_export(frames, mel_bins)
         with torch.no_grad():
-            frozen._prompt_const = tuple(t.detach().clone() for t in frozen._prompt_parts())
+            prefix, suffix, positions = (t.detach().clone() for t in frozen._prompt_parts())
+            frozen.prompt_prefix, frozen.prompt_suffix, frozen.prompt_positions = prefix, suffix, positions
             size = int(image_size or self.config.image_size)
             patch = frozen.av_grounder.config.vision_config.patch_size
-            frozen._vision_pos_const = frozen._vision_positions(size // patch).detach().clone()
+            frozen.vision_positions = frozen._vision_positions(size // patch).detach().clone()
             frozen._static_image_size = size // patch * patch
         return frozen
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from avloc.core.acl.losses import ACLLossConfig, acl_loss
 from avloc.core.acl.model import ACL, ACLConfig
 from avloc.core.audio import FrontEnd, FrontEndConfig
@@ -107,13 +106,13 @@ def compute_heatmaps(
     maps: dict[int, np.ndarray] = {}
     vis, aud, order = [], [], []
     for batch in loader:
-        image = batch["image"].to(device)
-        embedding = model.encode_audio(frontend(batch["wave"].to(device)))
-        heat = model.heatmap_from_embedding(image, embedding)
+        heat, image_feature, audio_feature = model.evaluation_outputs(
+            batch["image"].to(device), frontend(batch["wave"].to(device))
+        )
         for i, m in zip(batch["index"].tolist(), heat.float().cpu().numpy(), strict=True):
             maps[i] = m
-        vis.append(F.normalize(model.image_embedding(image).float(), dim=1).cpu())
-        aud.append(F.normalize(embedding.float(), dim=1).cpu())
+        vis.append(image_feature.float().cpu())
+        aud.append(audio_feature.float().cpu())
         order.append(batch["index"])
     index = torch.cat(order).argsort()
     return maps, torch.cat(vis)[index].numpy(), torch.cat(aud)[index].numpy()
