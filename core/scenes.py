@@ -292,8 +292,12 @@ def layout_objects(
     placed: list[tuple[np.ndarray, int, int, tuple[int, int, int, int]]] = []
     side = min(height, width)
     for rgba, (lo, hi) in zip(sprites, scales, strict=True):
-        aspect = min(rgba.shape[:2]) / max(rgba.shape[:2])
-        longer = min(rng.uniform(lo, hi) * math.sqrt(height * width / aspect), max_longer_side * side)
+        # Scale the opaque part (a sprite may carry a faint glow or shadow around it).
+        opaque = mask_box(rgba[..., 3]) or (0, 0, rgba.shape[1], rgba.shape[0])
+        opaque_long = max(opaque[2] - opaque[0], opaque[3] - opaque[1])
+        aspect = min(opaque[2] - opaque[0], opaque[3] - opaque[1]) / opaque_long
+        target = min(rng.uniform(lo, hi) * math.sqrt(height * width / aspect), max_longer_side * side)
+        longer = min(target * max(rgba.shape[:2]) / opaque_long, 1.2 * side)
         premult = prepare_sprite(rgba, longer, rng)
         for attempt in range(200):
             if attempt and attempt % 25 == 0:

@@ -145,13 +145,14 @@ def bench_pipeline(
     run_dir: Path,
     threads: int | None = None,
     extra_inference_args: list[str] | None = None,
+    config_path: Path | None = None,
     record: Path | None = None,
 ) -> dict[str, Any]:
     """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``."""
     import psutil
     from avloc.stream import launcher as L
 
-    config = L.load_stream_config()
+    config = L.load_stream_config(config_path)
     endpoints = L.Endpoints.auto(streams)
     latency_log = run_dir / "latency.jsonl"
     latency_log.unlink(missing_ok=True)
@@ -367,6 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds ignored after the first heatmap")
     parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
     add_engine_arguments(parser)
+    parser.add_argument("--config", type=Path, default=None, help="stream config (configs/stream.yaml)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the eager baseline")
     parser.add_argument(
         "--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)"
@@ -394,6 +396,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         run_dir=run_dir,
         threads=args.threads,
         extra_inference_args=inference_args(args),
+        config_path=args.config,
     )
     baseline = (
         None

@@ -98,6 +98,7 @@ class WorkerStats:
     gaps: int = 0  # frames missing in the sequence numbers (dropped upstream by the HWM)
     suppressed: int = 0  # heatmaps suppressed for lack of audio
     audio_embeds: int = 0
+    audio_reused: int = 0  # frames paired with an older, already embedded window (audio_reuse_s)
     batches: int = 0
     first_publish: float | None = None
     last_publish: float | None = None
@@ -165,6 +166,7 @@ class InferenceWorker:
         heartbeat_endpoint: str | None,
         heatmap_dtype: str = "float16",
         max_audio_age_s: float = 1.5,
+        audio_reuse_s: float = 0.0,
         max_batch: int = 8,
     ) -> None:
         from avloc.engines.base import preprocess_frame
@@ -178,6 +180,7 @@ class InferenceWorker:
         self.heartbeat_endpoint = heartbeat_endpoint
         self.heatmap_dtype = heatmap_dtype
         self.max_audio_age_s = max_audio_age_s
+        self.audio_reuse_s = audio_reuse_s
         self.max_batch = max_batch
         self.range = _normalizer(self.manifest)
         self.stats = WorkerStats()
@@ -275,6 +278,21 @@ class InferenceWorker:
             track.embeddings.popitem(last=False)
         return emb, spent
 
+    def _reusable(self, track: AudioTrack, window: AudioWindow) -> AudioWindow:
+        """``window``, or when it is not embedded yet an already embedded window at most ``audio_reuse_s``
+        older (0 = never): when the worker falls behind it skips audio windows like it skips frames,
+        instead of paying an audio embedding on nearly every frame. Idle time still embeds the newest
+        window ahead (``embed_ahead``), so a worker that keeps up always uses the newest window."""
+        if self.audio_reuse_s <= 0 or window.seq in track.embeddings:
+            return window
+        for older in reversed(track.windows):
+            if older.end_ts < window.end_ts - self.audio_reuse_s:
+                break
+            if older.end_ts <= window.end_ts and older.seq in track.embeddings:
+                self.stats.audio_reused += 1
+                return older
+        return window
+
     def embed_ahead(self) -> None:
         """Idle time: embed the newest window of each track so the next frame finds it cached."""
         for track in self.tracks.values():
@@ -298,7 +316,9 @@ class InferenceWorker:
             if msg.stream in self.no_audio_streams or stale:
                 self._publish_suppressed(pub, item, infer_start)
                 continue
-            emb, spent = self._embedding(track, window)  # type: ignore[arg-type]
+            assert track is not None and window is not None
+            window = self._reusable(track, window)
+            emb, spent = self._embedding(track, window)
             ready.append((item, emb, window, spent))
         if not ready:
             return len(batch)
@@ -509,6 +529,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.5,
         help="seconds after which the newest audio window is too old to pair (mic lost)",
     )
+    parser.add_argument(
+        "--audio-reuse",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when behind, reuse an embedded audio window up to this much older than the newest (0: never)",
+    )
     add_common_arguments(parser, role="inference")
 
 
@@ -581,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_endpoint=args.heartbeat,
             heatmap_dtype=args.heatmap_dtype,
             max_audio_age_s=args.max_audio_age,
+            audio_reuse_s=args.audio_reuse,
         )
         worker.warm_up()
     log.info("engine %s (%s) ready", args.engine, args.backend)

@@ -67,6 +67,7 @@ class StreamConfig:
     inference_threads: int = 0  # 0: the engine backend's default
     heatmap_dtype: str = "float16"
     max_audio_age_s: float = 1.5
+    audio_reuse_s: float = 0.0  # > 0: when behind, skip audio windows (reuse one this much older)
     alpha: float = 0.45
     colormap: str = "jet"
 
@@ -362,6 +363,14 @@ class Launcher:
             if self.finished():
                 crashed = [c.spec.name for c in self.children.values() if c.done and not c.spec.finite]
                 return "failed: " + ", ".join(crashed) if crashed and not self._ended_sources else "ended"
+            # the consumers gave up (too many crashes): nothing useful can happen any more
+            given_up = [
+                c.spec.name
+                for c in self.children.values()
+                if c.done and c.spec.role in ("inference", "display")
+            ]
+            if given_up:
+                return "failed: " + ", ".join(given_up)
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout"
             self.poll()
@@ -505,6 +514,8 @@ def inference_spec(
         config.heatmap_dtype,
         "--max-audio-age",
         str(config.max_audio_age_s),
+        "--audio-reuse",
+        str(config.audio_reuse_s),
     ]
     for ep in endpoints.frames:
         args += ["--frames", ep]

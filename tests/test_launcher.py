@@ -124,6 +124,18 @@ def test_finite_source_end_stops_everything(dummy_module, tmp_path):
     _assert_no_orphans()
 
 
+def test_pipeline_fails_when_inference_keeps_crashing(dummy_module, tmp_path):
+    specs = [
+        ProcessSpec("display", dummy_module, [], role="display"),
+        ProcessSpec("inference", dummy_module, ["--mode", "crash", "--after", "0.2"], role="inference"),
+    ]
+    launcher = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint())
+    summary = launcher.run(timeout_s=60)
+    assert summary["reason"] == "failed: inference"
+    assert summary["processes"]["inference"]["restarts"] == FAST.max_restarts
+    _assert_no_orphans()
+
+
 def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
     script = textwrap.dedent(f"""
         from pathlib import Path

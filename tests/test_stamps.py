@@ -63,7 +63,7 @@ def fake_stamps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "household").mkdir()
     (root / "household/fridge.svg").write_text("<svg/>")
     _ogg(root / "household/fridge.ogg", _tone(700))
-    _png(root / "animals/quiet.png", (100, 100), (0, 0, 255))
+    _png(root / "animals/quiet.png", (150, 120), (0, 0, 255))
     _ogg(root / "animals/quiet.ogg", np.zeros(5000))
     _png(root / "animals/tiny.png", (30, 30), (255, 0, 0))
     _ogg(root / "animals/tiny.ogg", _tone(900))

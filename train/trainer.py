@@ -187,12 +187,12 @@ def compute_heatmaps(
 
 
 def validate(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, annotations: dict[str, Any],
-             binarize: str, device: torch.device) -> dict[str, Any]:
+             binarize: str, device: torch.device, heatmaps_fn: Any = None) -> dict[str, Any]:
     """Localization on the validation split with the evaluation protocol (avloc.core.metrics)."""
     from avloc.core.metrics import evaluate_maps
 
     ids = loader.dataset.split.ids
-    maps, _, _ = compute_heatmaps(model, frontend, loader, device)
+    maps, _, _ = (heatmaps_fn or compute_heatmaps)(model, frontend, loader, device)
     heatmaps = {ids[i]: m for i, m in maps.items() if ids[i] in annotations}
     return evaluate_maps(heatmaps, {k: annotations[k] for k in heatmaps}, binarize=binarize)
 
@@ -277,13 +277,19 @@ def _init_distributed() -> _Dist:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -> Path:
+def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
+          pretrained: dict[str, Any] | None = None) -> Path:
     """Train SSL-Align on DATA (layout of docs/architecture.md) into OUT; returns OUT/best.pt.
 
     OUT gets config.yaml (resolved), run.json (front-end, image, git revision, world size), last.pt
     (each epoch; optimizer, scaler, RNG, epoch/step), best.pt (best validation ciou_ap50), metrics.jsonl
     and TensorBoard scalars under tb/. ``resume`` continues from OUT/last.pt.
     """
+    acl = config.get("method") == "acl"
+    if acl:  # ACL: its model/loss sections, the rest parsed as for SSL-Align
+        from avloc.core.acl import training as acl_training
+
+        run_config, (config, acl_model, acl_loss) = config, acl_training.split_run_config(config)
     cfg = parse_config(config)
     data, out = Path(data), Path(out)
     t = cfg.train
@@ -342,8 +348,13 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
 
     # --- model, optimizer ------------------------------------------------------------------------
     torch.manual_seed(t.seed)
-    model = build_model(METHOD, to_dict(cfg.model)).to(device)
-    step_module = TrainStep(model, cfg.frontend, cfg.loss, amp).to(device)
+    if acl:
+        model, model_config = acl_training.build_training_model(acl_model, **(pretrained or {}))
+        model = model.to(device)
+        step_module = acl_training.ACLTrainStep(model, cfg.frontend, acl_loss, amp).to(device)
+    else:
+        model, model_config = build_model(METHOD, to_dict(cfg.model)).to(device), to_dict(cfg.model)
+        step_module = TrainStep(model, cfg.frontend, cfg.loss, amp).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start_epoch, step, best, best_epoch = 0, 0, None, None
@@ -367,7 +378,7 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
     if ddp.world > 1:
         runner = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=not cfg.loss.use_sa,  # s_A heads idle when alignment is off
+            find_unused_parameters=not acl and not cfg.loss.use_sa,  # s_A heads idle when alignment is off
         )
     gather = gather_with_grad if (ddp.world > 1 and t.gather_negatives) else None
 
@@ -375,7 +386,7 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
     writer = None
     metrics_path = out / "metrics.jsonl"
     if ddp.main:
-        resolved = to_dict(cfg)
+        resolved = run_config if acl else to_dict(cfg)
         _write_text_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         run_info = {"method": METHOD, "frontend": cfg.frontend.to_dict(), "image": to_dict(cfg.image),
                     "git_revision": _git_revision(), "world_size": ddp.world, "device": str(device),
@@ -392,7 +403,7 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
         writer = SummaryWriter(str(out / "tb"))
 
     def save(path: Path, epoch_done: int, extra: dict[str, Any]) -> None:
-        save_checkpoint(path, model, method=METHOD, model_config=to_dict(cfg.model), frontend=cfg.frontend,
+        save_checkpoint(path, model, method="acl" if acl else METHOD, model_config=model_config, frontend=cfg.frontend,
                         image=cfg.image,
                         extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra})
 
@@ -443,7 +454,8 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False) -
         last_epoch = epoch + 1 == t.epochs or step >= max_steps
         if ddp.main:
             if val_loader is not None and ((epoch + 1) % t.val_every == 0 or last_epoch):
-                val = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device)
+                val = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device,
+                               acl_training.compute_heatmaps if acl else compute_heatmaps)
                 record.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
                 score = _score(val)
                 if best is None or score > best:
