@@ -124,6 +124,8 @@ def test_audio_swap_counts_hand_case(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert res["audio_swap_n_pairs"] == 5 and res["audio_swap_n_scenes"] == 2
     assert res["audio_swap_acc"] == pytest.approx(3 / 5)
     assert res["audio_swap_scene_acc"] == pytest.approx(1 / 2)
+    assert res["audio_swap_on_any_object"] == 1.0  # left + right boxes cover the image
+    assert res["audio_swap_peak_moves"] == 1.0
     assert [p.name for p in (tmp_path / "ex").iterdir()] == ["s1.png"]
 
 

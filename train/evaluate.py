@@ -157,7 +157,7 @@ def audio_swap(
     heatmap_fn = heatmap_fn or swap_heatmaps
     root = evaluator.dataset.root
     rate = evaluator.loaded.frontend.sample_rate
-    hits = pairs = scenes_all = 0
+    hits = pairs = scenes_all = on_object = peak_moved = 0
     written = 0
     for sid, objects in tqdm(scenes.items(), desc="audio swap", unit="scene", leave=False):
         image_rgb = evaluator.dataset.image(sid)
@@ -168,6 +168,9 @@ def audio_swap(
         hits += sum(inside)
         pairs += len(inside)
         scenes_all += all(inside)
+        # diagnostics: does the peak sit on some object at all (objectness), and does it move with the sound?
+        on_object += sum(any(peak_inside(m, o.bbox) for o in objects) for m in maps)
+        peak_moved += len({int(np.argmax(m)) for m in maps}) > 1
         if examples_dir is not None and written < n_examples:
             _write_swap_example(examples_dir / f"{sid}.png", image_rgb, maps, objects, inside)
             written += 1
@@ -178,6 +181,8 @@ def audio_swap(
         "audio_swap_n_scenes": n_scenes,
         # every object of the scene found when heard: the heatmap follows the sound, not the saliency
         "audio_swap_scene_acc": scenes_all / n_scenes if n_scenes else float("nan"),
+        "audio_swap_on_any_object": on_object / pairs if pairs else float("nan"),
+        "audio_swap_peak_moves": peak_moved / n_scenes if n_scenes else float("nan"),
     }
 
 

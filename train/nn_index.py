@@ -114,7 +114,8 @@ def yamnet_audio_features(dataset: Any, ids: list[str], batch_size: int = 32) ->
 def model_features(
     model: Any, image_config: Any, dataset: Any, ids: list[str], batch_size: int = 32, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own [N,D] image (spatial max of the visual map, as s_A pools it) and audio features."""
+    """The model's own [N,D] features, as the trainer's self-refresh computes them: image = spatial mean of
+    the L2-normalized visual map, audio = the embedding."""
     from avloc.core.audio import FrontEnd
 
     frontend = FrontEnd(dataset.frontend).to(device).eval()
@@ -123,21 +124,19 @@ def model_features(
     for chunk in _batches(ids, batch_size, "self features"):
         x = preprocess_images([dataset.image(i) for i in chunk], image_config).to(device)
         waves = torch.from_numpy(np.stack([dataset.audio_window(i) for i in chunk])).to(device)
-        images.append(torch.amax(model.encode_image(x), dim=(2, 3)).float().cpu())
+        vmap = torch.nn.functional.normalize(model.encode_image(x), dim=1)
+        images.append(vmap.mean(dim=(2, 3)).float().cpu())
         audios.append(model.encode_audio(frontend(waves)).float().cpu())
     return torch.cat(images).numpy(), torch.cat(audios).numpy()
 
 
 def preprocess_images(images: list[np.ndarray], image_config: Any) -> torch.Tensor:
-    """RGB uint8 HxWx3 -> [B,3,S,S] float, resized (bilinear) to ``image_config.size`` and normalized."""
-    import cv2
+    """RGB uint8 HxWx3 -> [B,3,S,S] with the training evaluation transform (bicubic resize, normalize)."""
+    from avloc.train.augment import ImageViews
 
-    size = int(image_config.size)
-    batch = np.stack([cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR) for img in images])
-    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(image_config.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(image_config.std, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
+    views = ImageViews(image_config)
+    return torch.stack([views.evaluation(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+                        for img in images])
 
 
 # --- the index file ---------------------------------------------------------------------------------
