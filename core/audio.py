@@ -23,6 +23,7 @@ import numpy as np
 import scipy.signal
 import torch
 import torchaudio
+
 from avloc.core.config import from_dict as _config_from_dict
 from avloc.core.config import to_dict as _config_to_dict
 from avloc.core.errors import DataError, UserError

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from avloc.core.config import from_dict, to_dict
 from avloc.core.errors import UserError
-from torch import nn
 
 FORMAT = "avloc-checkpoint"
 FORMAT_VERSION = 1

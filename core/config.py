@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
 from avloc.core.errors import UserError
 
 T = TypeVar("T")

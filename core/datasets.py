@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from avloc.core.audio import FrontEnd, FrontEndConfig, crop_window, read_audio_file
 from avloc.core.errors import DataError
 from avloc.core.media import probe_video, read_image, read_video_audio, read_video_frame

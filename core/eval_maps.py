@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from avloc.core import metrics
 from avloc.core.errors import DataError, UserError
 

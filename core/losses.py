@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from avloc.core.errors import UserError
 from torch import Tensor
+
+from avloc.core.errors import UserError
 
 VIEWS = ("orig", "aug", "nn")
 

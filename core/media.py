@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from avloc.core.errors import DataError
 
 
@@ -168,6 +169,7 @@ def read_video_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     whichever container it comes in (FFmpeg's own stereo->mono downmix is -3 dB per channel, not a mean).
     """
     import av
+
     from avloc.core.audio import resample
 
     path = Path(path)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+
 from avloc.core.errors import UserError
 
 MAP_SIZE = 224

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from tqdm import tqdm
+
 from avloc.core.audio import FrontEndConfig, read_audio_file
 from avloc.core.datasets import (
     SPLITS,
@@ -28,7 +30,6 @@ from avloc.core.datasets import (
 )
 from avloc.core.errors import DataError
 from avloc.core.media import iter_video, probe_video, read_image, read_video_audio
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

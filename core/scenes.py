@@ -25,8 +25,9 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 import soundfile
-from avloc.core.errors import UserError
 from tqdm import tqdm
+
+from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ class SceneParams:
     image_size: int = 256
     clip_seconds: float = 3.0
     distractors: int = 2
-    # Object scale s = sqrt(box area / image area), so the sounding box covers s^2 of the image (12-56 %):
-    # cIoU under `median` binarization is capped at 2x that fraction, so most boxes must be large.
-    sounding_scale: tuple[float, float] = (0.35, 0.75)
-    distractor_scale: tuple[float, float] = (0.25, 0.6)  # overlaps the sounding range: size is no giveaway
+    # Object scale s = sqrt(box area / image area), so a box covers s^2 of the image (9-49 %): cIoU under
+    # `median` binarization is capped at 2x that fraction, so most boxes must be large. Sounding objects and
+    # distractors share this one distribution (and a random placement order), so size is no giveaway.
+    object_scale: tuple[float, float] = (0.3, 0.7)
     max_longer_side: float = 0.95  # elongated objects: longer side / image side at most this
     gain: tuple[float, float] = (0.3, 0.9)  # peak amplitude of the written clip
     noise_prob: float = 0.5
@@ -281,7 +282,7 @@ def layout_objects(
     rng: np.random.Generator,
     max_longer_side: float = 0.95,
 ) -> list[tuple[np.ndarray, int, int, tuple[int, int, int, int]]]:
-    """Scale and place sprites (first = sounding) with pairwise box IoU <= MAX_BOX_IOU.
+    """Scale and place sprites in the given order with pairwise box IoU <= MAX_BOX_IOU.
 
     A scale s from ``scales`` makes the sprite's box cover s^2 of the image (longer side capped at
     ``max_longer_side`` of the image side).
@@ -344,10 +345,12 @@ def compose_scene(
         canvas, library.clutter(rng, set(categories) | banned | ({sounding} if sounding else set())), rng
     )
     sprites = [library.sprite(c, rng) for c in categories]
-    # A silent scene's first object is drawn at the sounding scale too, so that image statistics alone
-    # (one large object) do not tell silent scenes apart.
-    scales = [params.sounding_scale if i == 0 else params.distractor_scale for i in range(len(categories))]
-    placed = layout_objects(sprites, scales, height, width, rng, params.max_longer_side)
+    # Objects placed earlier are never shrunk to make room: place in a random order, so that the sounding
+    # object is not systematically the larger one.
+    place_order = [int(i) for i in rng.permutation(len(sprites))]
+    placed_in_order = layout_objects([sprites[i] for i in place_order], [params.object_scale] * len(sprites),
+                                     height, width, rng, params.max_longer_side)
+    placed = [placed_in_order[place_order.index(i)] for i in range(len(sprites))]
     order = [int(i) for i in rng.permutation(len(placed))]
     if sounding is not None:
         # Random depth order, but the sounding object may not be hidden by more than MAX_OCCLUSION.
@@ -856,8 +859,8 @@ def _write_layout(
             "objects": "one sounding object + `distractors` silent objects of other categories; pairwise "
             f"box IoU <= {MAX_BOX_IOU}; the sounding object is at most {MAX_OCCLUSION:.0%} occluded",
             "bbox": "tight box of the placed object's alpha > 0.5, clipped to the image, normalized",
-            "scale": "s = sqrt(object box area / image area), uniform in sounding_scale for the sounding "
-            "object (and a silent scene's first object), in distractor_scale for the others",
+            "scale": "s = sqrt(object box area / image area), uniform in object_scale for every object, "
+            "placed in random order (an object is shrunk only when no position fits)",
             "silent": "silent_* scenes hold distractors+1 objects, none of the category of the test clip "
             "they are paired with in test_plus_silent.csv; their own audio/<id>.wav is a recording of that "
             "absent category too; labels.csv gives that (absent) category",

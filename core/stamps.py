@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from avloc.core import scenes
 from avloc.core.errors import UserError
 

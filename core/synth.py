@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import scipy.signal
+
 from avloc.core import scenes
 from avloc.core.errors import UserError
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from avloc.core.checkpoint import LoadedModel
 from avloc.core.errors import UserError
 from avloc.engines.export import EngineGraphs, export_engine, register_graph_builder, top_fraction_k
-from torch import Tensor, nn
 
 METHOD = "acl"
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from avloc.core.errors import UserError
 
 ENGINE_FORMAT = "avloc-engine"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from avloc.core.errors import UserError
 from avloc.engines.base import load_engine, read_manifest
 

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from avloc.core.checkpoint import LoadedModel, load_model, save_checkpoint
 from avloc.core.errors import UserError
 from avloc.engines.base import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 

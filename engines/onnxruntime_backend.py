@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from avloc.core.errors import UserError
 from avloc.engines.base import Engine, as_float32, graph_file
 

@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+
 from avloc.core.errors import UserError
 from avloc.engines.base import preprocess_frame, sha256_file
 
@@ -135,6 +136,7 @@ def quantize_graphs(
 ) -> dict[str, dict[str, Any]]:
     """Write ``audio.int8.onnx`` and ``visual.int8.onnx``; returns the entries (``rejected``: not kept)."""
     import onnxruntime as ort
+
     from avloc.engines.onnxruntime_backend import session_options
 
     if calibration is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from avloc.core.errors import UserError
 from avloc.engines.base import Engine, graph_file
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from avloc.core.checkpoint import load_model
 from avloc.core.errors import UserError
 from avloc.engines.base import Engine, verified_file
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 MODES = ("eager", "cuda_graphs", "compile")

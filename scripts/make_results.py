@@ -178,6 +178,7 @@ def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Reference rows on the same test set with the same protocol: a random heatmap and a centre prior
     (a Gaussian bump in the middle: what a saliency-free "object is usually central" guess scores)."""
     import numpy as np
+
     from avloc.core.datasets import load_silent_csv, load_vggss_json, read_labels, read_split
     from avloc.core.metrics import evaluate_maps
     from avloc.train.evaluate import BINARIZE_MODES, peak_inside, swap_scenes
@@ -234,6 +235,7 @@ def training_stats(run_dir: Path) -> dict[str, Any]:
 def index_quality(data: Path, k: int) -> str:
     """How often the NN positives share the sample's class (labels.csv), per modality, top-1 and top-k."""
     import numpy as np
+
     from avloc.core.datasets import read_labels
     from avloc.train.nn_index import load_index
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``."""
     import psutil
+
     from avloc.stream import launcher as L
 
     config = L.load_stream_config(config_path)
@@ -228,6 +230,7 @@ def bench_baseline(
     """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``."""
     import torch
     import torch.nn.functional as F
+
     from avloc.core.audio import FrontEnd, crop_window
     from avloc.core.checkpoint import load_model
     from avloc.core.media import iter_video, read_video_audio

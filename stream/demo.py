@@ -122,6 +122,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every step into ``out``; returns the report (also written to ``out/demo_report.json``)."""
     import torch
+
     from avloc.core.config import load_config
     from avloc.core.synth import make_synth, write_synth_video
     from avloc.engines.export import export_engine

@@ -32,6 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 import zmq
+
 from avloc.stream import protocol
 from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 

@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 import zmq
+
 from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.worker import (

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from avloc.core.config import from_dict, load_yaml
 from avloc.core.errors import UserError
 from avloc.stream import protocol

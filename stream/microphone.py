@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import zmq
+
 from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import UserError
 from avloc.stream import protocol

@@ -40,6 +40,7 @@ import av
 import numpy as np
 import torch
 import zmq
+
 from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import DataError, UserError
 from avloc.stream import protocol

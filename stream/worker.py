@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
+
 from avloc.stream import protocol
 
 if TYPE_CHECKING:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from avloc.core.acl import build_acl_model
 from avloc.core.audio import FrontEnd, FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, load_model, save_checkpoint

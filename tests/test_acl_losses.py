@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+
 from avloc.core.acl import build_acl_model
 from avloc.core.acl.losses import (
     ImageMasker,

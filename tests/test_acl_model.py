@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from avloc.core.acl import build_acl_model
 from avloc.core.acl.beats import (
     BEATs,
@@ -30,7 +32,6 @@ from avloc.core.acl.weights import (
 from avloc.core.checkpoint import load_state_dict_strict
 from avloc.core.config import load_config
 from avloc.core.errors import UserError
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 98  # 1 s of fbank frames -> (98 // 16) * (128 // 16) = 48 BEATs tokens

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from avloc.core.acl import build_acl_model
 from avloc.core.acl.training import ACLTrainStep, build_training_model, compute_heatmaps, split_run_config
 from avloc.core.acl.weights import BEATS_FILE
@@ -98,9 +99,8 @@ def test_training_model_needs_local_weights(tmp_path: Path) -> None:
         build_training_model(model_section, tmp_path / BEATS_FILE, tmp_path)
 
 
-def test_import_released_weights_into_a_strict_checkpoint(tmp_path: Path) -> None:
+def _import_released(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     from avloc.core.acl.convert import import_checkpoint
-    from avloc.core.checkpoint import load_model
 
     config = _config()
     torch.manual_seed(0)
@@ -115,8 +115,32 @@ def test_import_released_weights_into_a_strict_checkpoint(tmp_path: Path) -> Non
         {"audio_proj": source.audio_proj.state_dict(), "masker_i": source.masker_i.state_dict()}, released
     )
 
-    out = import_checkpoint(tmp_path / "acl.pt", beats, tmp_path / "clipseg", released, config)
+    return import_checkpoint(tmp_path / "acl.pt", beats, tmp_path / "clipseg", released, config), source
+
+
+def test_import_released_weights_into_a_strict_checkpoint(tmp_path: Path) -> None:
+    from avloc.core.checkpoint import load_model
+
+    out, source = _import_released(tmp_path)
     loaded = load_model(out)
     assert loaded.method == "acl" and loaded.frontend.kind == "fbank" and loaded.image.size == 48
     for name, tensor in source.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, msg=name)
+
+
+def test_eval_scores_an_acl_checkpoint(tmp_path: Path) -> None:
+    """``avloc eval`` on an ACL checkpoint: CLIPSeg masks as heatmaps, retrieval in CLIP's space only."""
+    from avloc.core.synth import make_synth
+    from avloc.train.evaluate import evaluate_checkpoint
+
+    checkpoint, _ = _import_released(tmp_path)
+    root = tmp_path / "data"
+    make_synth(root, seed=5, n_train=2, n_val=2, n_test=5, distractors=1, silent_frac=0.4, image_size=48,
+               clip_seconds=1.0, workers=1)
+    metrics = evaluate_checkpoint(checkpoint, root, audio_swap=True, batch_size=4, device="cpu")
+    assert metrics["method"] == "acl" and metrics["n"] == 5 and metrics["n_silent"] >= 1
+    assert 0.0 <= metrics["adaptive/ciou_ap50"] <= 1.0 and 0.0 <= metrics["median/ext_ap"] <= 1.0
+    recalls = [metrics[f"map/a2i_r{k}"] for k in (1, 5, 10)]
+    assert recalls == sorted(recalls) and recalls[-1] == 1.0  # 5 test ids: R@10 finds every class
+    assert not any(key.startswith("proj/") for key in metrics)
+    assert metrics["audio_swap_n_pairs"] == 10

@@ -10,6 +10,7 @@ import scipy.signal
 import soundfile
 import torch
 import torchaudio
+
 from avloc.core.audio import (
     FrontEnd,
     FrontEndConfig,

@@ -17,6 +17,8 @@ import numpy as np
 import psutil
 import pytest
 import zmq
+from proc_helpers import orphans
+
 from avloc.stream import protocol
 from avloc.stream.camera import LatestFrameGrabber
 
@@ -76,7 +78,7 @@ def _stop_worker(proc: subprocess.Popen) -> int:
             proc.kill()
             proc.wait()
     assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
-    assert psutil.Process().children(recursive=True) == []  # no orphans left behind
+    assert orphans(timeout=0) == []  # no orphans left behind
     return proc.returncode
 
 

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import soundfile
+
 from avloc.core.audio import FrontEndConfig
 from avloc.core.datasets import (
     AVDataset,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from avloc.core.audio import FrontEndConfig
 from avloc.core.losses import LossConfig
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig

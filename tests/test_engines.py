@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
+from avloc.cli import main as cli_main
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, save_checkpoint
 from avloc.core.errors import UserError
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.engines.base import Engine, load_engine, preprocess_frame, preprocess_frames, register_backend
 from avloc.engines.export import export_engine
-
-from avloc.cli import main as cli_main
 
 IMAGE_SIZE = 64
 FRONTEND = FrontEndConfig(kind="linear", window_seconds=1.0)

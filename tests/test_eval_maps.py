@@ -7,10 +7,10 @@ import json
 import cv2
 import numpy as np
 import pytest
-from avloc.core import metrics as M
-from avloc.core.datasets import load_vggss_json
 
 from avloc.cli import main
+from avloc.core import metrics as M
+from avloc.core.datasets import load_vggss_json
 
 BOXES = {
     "a": [[0.0, 0.0, 0.5, 1.0]],

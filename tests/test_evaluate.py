@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, save_checkpoint
 from avloc.core.errors import UserError
@@ -89,6 +90,7 @@ def test_peak_inside() -> None:
 def test_audio_swap_counts_hand_case(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Two scenes, 5 pairs; heatmap peaks placed by hand: 3 inside the heard object's box."""
     import soundfile as sf
+
     from avloc.core.datasets import SceneObject
 
     for name in ("a", "b", "c"):
@@ -141,3 +143,29 @@ def test_swap_scenes_needs_two_recordings() -> None:
         "none": Annotation("none", "dog", box[None]),
     }
     assert list(evaluate.swap_scenes(anns, ["two", "one", "none"])) == ["two"]
+
+
+def test_silent_rows_reusing_annotated_images_keep_both_heatmaps(synth_root: Path, checkpoint: Path,
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    """VGG-SS Extended pairs annotated test images with another clip's audio: the silent pair gets its own
+    id ("<video>__<audio>") and the sounding heatmap of that image is kept, not overwritten."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    ids = (root / "test.txt").read_text().split()
+    video, audio = ids[0], ids[1]
+    (root / "test_plus_silent.csv").write_text(f"video,audio,non-sounding\n{video},{video},0\n{video},{audio},1\n")
+    seen = {}
+    real = evaluate._localization
+
+    def spy(heatmaps, annotations, silent, prefix=""):
+        if not prefix:
+            seen.update(heatmaps=dict(heatmaps), silent=list(silent))
+        return real(heatmaps, annotations, silent, prefix=prefix)
+
+    monkeypatch.setattr(evaluate, "_localization", spy)
+    metrics = evaluate.evaluate_checkpoint(checkpoint, root, audio_swap=False, device="cpu")
+    assert metrics["n_silent"] == 1 and seen["silent"] == [f"{video}__{audio}"]
+    own, other = seen["heatmaps"][video], seen["heatmaps"][f"{video}__{audio}"]
+    assert own.shape == other.shape and not np.allclose(own, other)

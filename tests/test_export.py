@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from avloc.cli import main as cli_main
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, save_checkpoint
 from avloc.core.errors import UserError
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.engines import export as export_mod
 from avloc.engines.base import read_manifest, sha256_file
-
-from avloc.cli import main as cli_main
 
 IMAGE_SIZE = 64
 FRONTEND = FrontEndConfig(kind="linear", window_seconds=1.0)

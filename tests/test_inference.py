@@ -12,6 +12,8 @@ import numpy as np
 import psutil
 import pytest
 import zmq
+from proc_helpers import orphans
+
 from avloc.stream import protocol
 from avloc.stream.inference import AudioTrack, AudioWindow, InferenceWorker, encode_heatmap, peak_of
 from avloc.stream.launcher import free_tcp_endpoint
@@ -251,8 +253,7 @@ def _fuzz_messages(rng: np.random.Generator) -> list[list[bytes]]:
 
 
 def _no_orphans(proc: psutil.Process) -> None:
-    children = proc.children(recursive=True)
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    alive = orphans(proc, timeout=10)
     assert not alive, f"orphan processes left: {alive}"
 
 

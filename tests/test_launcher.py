@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from proc_helpers import orphans, worker_processes
+
 from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
 
 DUMMY_WORKER = textwrap.dedent('''
@@ -53,7 +55,7 @@ def dummy_module(tmp_path, monkeypatch) -> str:
 
 def _assert_no_orphans(parent: psutil.Process | None = None) -> None:
     parent = parent or psutil.Process()
-    _, alive = psutil.wait_procs(parent.children(recursive=True), timeout=15)
+    alive = orphans(parent)
     assert not alive, f"orphan processes: {[p.cmdline() for p in alive]}"
 
 
@@ -243,7 +245,7 @@ def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp
         new_pid = _inference_pid(proc)
         assert new_pid is not None and new_pid != victim
     finally:
-        workers = proc.children(recursive=True)
+        workers = worker_processes(proc)
         launcher.send_signal(signal.SIGINT)  # Ctrl-C
         code = launcher.wait(timeout=60)
     assert code == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from avloc.core.config import from_dict, load_config
 from avloc.core.errors import UserError
 from avloc.core.losses import LossConfig, SSLAlignLoss, info_nce, view_pairs

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from avloc.core.audio import load_audio
 from avloc.core.errors import DataError
 from avloc.core.media import (

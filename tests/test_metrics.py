@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from avloc.core import metrics as M
 from avloc.core.errors import UserError
 

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import zmq
+from proc_helpers import orphans
+
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
 from avloc.stream import protocol
 from avloc.stream.microphone import AudioWindower, SampleRing
@@ -188,7 +189,7 @@ def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
                 proc.wait()
         ctx.destroy(linger=0)
     assert proc.returncode == 0, (tmp_path / "mic.log").read_text()
-    assert psutil.Process().children(recursive=True) == []
+    assert orphans(timeout=0) == []
     inside = [m for m in received if m.meta["end_sample"] <= len(recording)]
     assert len(inside) >= 5, [m.meta["end_sample"] for m in received]
     for msg in inside:

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from avloc.core.errors import UserError
 from avloc.train.nn_index import NeighborIndex, find_neighbors, load_index, save_index
 
@@ -92,6 +93,7 @@ def test_effnet_lite0_features_are_semantic() -> None:
     assert sim[0, 1] > sim[0, 2]  # a dog looks more like a fox than like a violin
     # the classifier head agrees with ImageNet: the violin stamp is a bowed string instrument
     import torch
+
     from avloc.train.encoders import preprocess_lite0
 
     with torch.no_grad():
@@ -121,12 +123,12 @@ def test_yamnet_embeddings_are_semantic() -> None:
 
 def test_index_build_cli_with_self_encoders(tmp_path: Path) -> None:
     import torch
+
+    from avloc.cli import main as cli_main
     from avloc.core.audio import FrontEndConfig
     from avloc.core.checkpoint import ImageConfig, save_checkpoint
     from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
     from avloc.core.synth import make_synth
-
-    from avloc.cli import main as cli_main
 
     data = make_synth(tmp_path / "data", seed=0, n_train=6, n_val=0, n_test=0, distractors=1, silent_frac=0.0,
                       image_size=48, clip_seconds=0.5, workers=1)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import av
 import numpy as np
-import psutil
 import pytest
+from proc_helpers import orphans
+
 from avloc.core.media import iter_video, probe_video
 from avloc.stream.bench import read_latency_log
 from avloc.stream.replay_cli import run_replay
@@ -55,7 +56,7 @@ def _remux(src: Path, dst: Path, audio: bool) -> Path:
 
 
 def _no_orphans() -> None:
-    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=15)
+    alive = orphans()
     assert not alive, f"orphan processes: {alive}"
 
 
@@ -172,6 +173,7 @@ def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monke
     import argparse
 
     import cv2
+
     from avloc.stream import display as D
     from avloc.stream import protocol
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+
 from avloc.stream import protocol
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import av
 import numpy as np
-import psutil
 import pytest
 import zmq
+from proc_helpers import orphans
+
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
 from avloc.stream import protocol
 from avloc.stream.replay import ReplaySource
@@ -123,7 +124,7 @@ def _finish(proc: subprocess.Popen, timeout_s: float = 30) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert psutil.Process().children(recursive=True) == []  # no orphans
+    assert orphans(timeout=0) == []  # no orphans
     return proc.returncode
 
 

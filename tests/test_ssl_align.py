@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, load_model, read_checkpoint, save_checkpoint
 from avloc.core.config import to_dict

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from avloc.core import scenes
-from avloc.core.errors import UserError
-from avloc.core.stamps import DEFAULT_STAMPS_DIR, STAMPS_DIR_ENV, StampLibrary, make_stamps
 from PIL import Image
 from test_synth import assert_layout
 
 from avloc import cli
+from avloc.core import scenes
+from avloc.core.errors import UserError
+from avloc.core.stamps import DEFAULT_STAMPS_DIR, STAMPS_DIR_ENV, StampLibrary, make_stamps
 
 
 def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:

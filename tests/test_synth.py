@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import soundfile
+
 from avloc.core import scenes
 from avloc.core.errors import UserError
 from avloc.core.synth import SynthLibrary, make_synth, write_synth_video
@@ -238,3 +239,21 @@ def test_video_has_audio_track_and_boxes_that_follow_the_object(tmp_path: Path) 
         assert (changed & masks[k]).sum() >= 0.3 * masks[k].sum(), f"frame {k}: box holds no object"
         checked += 1
     assert checked >= len(frames) // 2, "the object should move"
+
+
+def test_sounding_objects_are_not_bigger_than_distractors() -> None:
+    """Size must not give the sounding object away: its box area has the distractors' distribution."""
+    library = SynthLibrary(96)
+    params = scenes.SceneParams(image_size=96, distractors=2)
+    sounding, distractors = [], []
+    for seed in range(150):
+        rng = np.random.default_rng(seed)
+        scene = scenes.compose_scene(library, rng, library.categories[seed % 8], 2, set(), params)
+        areas = [(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for o in scene.objects]
+        sounding.append(areas[0])
+        distractors.extend(areas[1:])
+    ratio = np.mean(sounding) / np.mean(distractors)
+    assert 0.85 <= ratio <= 1.15, (np.mean(sounding), np.mean(distractors))
+    # and the largest object of a scene is the sounding one about 1 time in 3, not most of the time
+    largest = np.mean([s >= max(d) for s, d in zip(sounding, np.reshape(distractors, (-1, 2)))])
+    assert 0.2 <= largest <= 0.47, largest

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from avloc.core.audio import FrontEnd, FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, load_model, read_checkpoint
 from avloc.core.config import load_config, merge

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from avloc.core.audio import crop_window
-from avloc.core.checkpoint import ImageConfig
 from torch import Tensor
 from torchvision.transforms import v2
+
+from avloc.core.audio import crop_window
+from avloc.core.checkpoint import ImageConfig
 
 CACHE_SCALE = 1.1  # Resize(int(size * 1.1)) before RandomCrop(size), as the EZ-VSL/SSL-Align loaders
 

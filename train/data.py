@@ -24,13 +24,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig
 from avloc.core.datasets import AVDataset
 from avloc.core.errors import DataError, UserError
 from avloc.train.augment import ImageViews, center_window, shifted_window
-from torch.utils.data import Dataset, Sampler
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

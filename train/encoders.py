@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from avloc.core.errors import UserError
 from torch import Tensor, nn
+
+from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from avloc.core.errors import UserError
 from tqdm import tqdm
+
+from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +98,31 @@ class Evaluator:
             images = torch.stack([self.image_tensor(self.dataset.image(img)) for _, img, _ in chunk])
             images = images.to(self.device)
             specs = self.spectrograms([self.dataset.audio(aud) for _, _, aud in chunk])
-            vmap, audio = model.encode_image(images), model.encode_audio(specs)
-            # = model.heatmap(images, specs), sharing the encoder pass with the retrieval features
-            maps = F.interpolate(model.cosine_map(vmap, audio).unsqueeze(1), size=images.shape[-2:],
-                                 mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
-            map_image = F.normalize(F.normalize(vmap, dim=1).mean(dim=(2, 3)), dim=1).float().cpu().numpy()
-            map_audio = F.normalize(audio, dim=1).float().cpu().numpy()
-            proj_image = model.project_image(vmap).float().cpu().numpy()
-            proj_audio = model.project_audio(audio).float().cpu().numpy()
+            if self.loaded.method == "acl":
+                # CLIPSeg mask as the heatmap; retrieval in CLIP's joint space (image embedding vs the
+                # audio-driven text embedding). ACL has no separate s_A head, so no proj/ features.
+                heat, image_f, audio_f = model.evaluation_outputs(images, specs)
+                maps = F.interpolate(heat.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
+                                     align_corners=False)[:, 0].float().cpu().numpy()
+                features = {"map": (image_f.float().cpu().numpy(), audio_f.float().cpu().numpy())}
+            else:
+                vmap, audio = model.encode_image(images), model.encode_audio(specs)
+                # = model.heatmap(images, specs), sharing the encoder pass with the retrieval features
+                maps = F.interpolate(model.cosine_map(vmap, audio).unsqueeze(1), size=images.shape[-2:],
+                                     mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
+                map_image = F.normalize(F.normalize(vmap, dim=1).mean(dim=(2, 3)), dim=1)
+                features = {
+                    "map": (map_image.float().cpu().numpy(), F.normalize(audio, dim=1).float().cpu().numpy()),
+                    "proj": (model.project_image(vmap).float().cpu().numpy(),
+                             model.project_audio(audio).float().cpu().numpy()),
+                }
             for j, (key, _, _) in enumerate(chunk):
                 out.heatmaps[key] = maps[j]
                 if key in feature_keys:
                     out.feature_ids.append(key)
-                    out.map_image.append(map_image[j])
-                    out.map_audio.append(map_audio[j])
-                    out.proj_image.append(proj_image[j])
-                    out.proj_audio.append(proj_audio[j])
+                    for name, (image_f, audio_f) in features.items():
+                        getattr(out, f"{name}_image").append(image_f[j])
+                        getattr(out, f"{name}_audio").append(audio_f[j])
         return out
 
 
@@ -304,6 +314,8 @@ def _retrieval(outputs: Outputs, labels: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, image, audio in (("map", outputs.map_image, outputs.map_audio),
                                ("proj", outputs.proj_image, outputs.proj_audio)):
+        if not image:  # a method without this feature set (ACL has no proj/)
+            continue
         res = retrieval_recall(np.stack(audio), np.stack(image), labels, ks=RETRIEVAL_KS)
         out.update({f"{name}/{k}": v for k, v in res.items()})
     return out
@@ -322,6 +334,7 @@ def evaluate_checkpoint(
     """Every metric of ``avloc eval`` for ``checkpoint`` on ``split`` of ``data`` as one flat dict."""
     from avloc.core.checkpoint import load_model
     from avloc.core.datasets import load_silent_csv, load_vggss_json
+    from avloc.core.metrics import silent_sample_id
 
     started = time.perf_counter()
     if device == "auto":
@@ -343,11 +356,15 @@ def evaluate_checkpoint(
     silent_csv = root / f"{split}_plus_silent.csv"
     if silent_csv.is_file():
         silent_rows = [r for r in load_silent_csv(silent_csv) if r.non_sounding]
-    items = [(i, i, i) for i in ids] + [(f"silent:{r.video}", r.video, r.audio) for r in silent_rows]
+    items = [(i, i, i) for i in ids] + [(f"silent:{n}", r.video, r.audio) for n, r in enumerate(silent_rows)]
     outputs = evaluator.run(items, feature_keys=set(ids), batch_size=batch_size)
-    for r in silent_rows:  # the protocol knows silent samples by their image id
-        outputs.heatmaps[r.video] = outputs.heatmaps.pop(f"silent:{r.video}")
-    silent_ids = [r.video for r in silent_rows]
+    # the protocol's id for a silent row: the image id, or "<video>__<audio>" when that image is also an
+    # annotated sounding sample (VGG-SS / Flickr Extended reuse test images with another clip's audio)
+    silent_ids = []
+    for n, r in enumerate(silent_rows):
+        sample_id = silent_sample_id(r.video, r.audio, annotations)
+        outputs.heatmaps[sample_id] = outputs.heatmaps.pop(f"silent:{n}")
+        silent_ids.append(sample_id)
 
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint),

@@ -34,7 +34,8 @@ def main(args: argparse.Namespace) -> int:
     if config.get("method") != "acl":
         given = [f"--{k.replace('_', '-')}" for k, v in pretrained.items() if v is not None]
         if given:
-            raise UserError(f"{' '.join(given)} only apply to method: acl ({args.config} trains {config.get('method', 'ssl_align')})")
+            method = config.get("method", "ssl_align")
+            raise UserError(f"{' '.join(given)} only apply to method: acl ({args.config} trains {method})")
         pretrained = {}
     best = train(config, args.data, args.out, resume=args.resume, pretrained=pretrained)
     if os.environ.get("RANK", "0") == "0":  # torchrun: report once

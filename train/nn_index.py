@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from avloc.core.errors import UserError
 from tqdm import tqdm
+
+from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

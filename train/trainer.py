@@ -22,6 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
 from avloc.core.audio import FrontEnd, FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, build_model, read_checkpoint, save_checkpoint
 from avloc.core.config import from_dict, to_dict
@@ -30,9 +34,6 @@ from avloc.core.losses import Gather, LossConfig, SSLAlignLoss
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.train.augment import cache_size
 from avloc.train.data import EpochSampler, EvalViews, TrainViews, load_nn_index, load_split, resolve_cache_dir
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

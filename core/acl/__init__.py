@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from avloc.core.acl.model import ACL, ACLConfig
 from torch import nn
+
+from avloc.core.acl.model import ACL, ACLConfig
 
 
 def build_acl_model(model_config: dict[str, Any]) -> nn.Module:

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avloc.core.errors import UserError
 from torch import Tensor, nn
+
+from avloc.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from avloc.core.acl.beats import BEATs, BEATsConfig
 from avloc.core.acl.losses import ImageMasker, feature_mask
 from avloc.core.acl.tokenizer import AudioTokenizer
 from avloc.core.config import from_dict
 from avloc.core.errors import UserError
-from torch import Tensor, nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from avloc.core.acl.losses import ACLLossConfig, acl_loss
 from avloc.core.acl.model import ACL, ACLConfig
 from avloc.core.audio import FrontEnd, FrontEndConfig
 from avloc.core.config import from_dict
 from avloc.core.errors import UserError
-from torch import Tensor, nn
 
 METHOD = "acl"
 VIEWS = ("orig",)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from avloc.core.acl.beats import BEATsConfig
 from avloc.core.acl.model import ACL, PROMPT_TEXT, ACLConfig
 from avloc.core.checkpoint import load_state_dict_strict
