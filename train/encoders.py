@@ -139,7 +139,9 @@ def load_effnet_lite0(device: str | torch.device = "cpu") -> EfficientNetLite0:
             f"{path}: EfficientNet-Lite0 weights do not match "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    model.load_state_dict(state, strict=False)  # every key was checked above, bar num_batches_tracked
+    # the package has no num_batches_tracked counters (unused in eval): keep the model's own, load strictly
+    state.update({k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")})
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
