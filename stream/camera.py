@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import zmq
 
+from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
@@ -261,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(f"camera:{args.stream_id}", args.log_file, args.verbose)
     stop = install_stop_handlers()
-    run_camera(args.source, args.endpoint, args.stream_id, fps_limit=args.fps_limit,
-               heartbeat_endpoint=args.heartbeat, stop=stop, backoff_max_s=args.backoff_max)
+    try:
+        run_camera(args.source, args.endpoint, args.stream_id, fps_limit=args.fps_limit,
+                   heartbeat_endpoint=args.heartbeat, stop=stop, backoff_max_s=args.backoff_max)
+    except UserError as err:  # e.g. the endpoint is taken: one line, and the launcher does not retry
+        log.error("%s", err)
+        return 2
     return 0
 
 

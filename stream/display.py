@@ -9,7 +9,7 @@ adjustable alpha), with a HUD: heatmap fps, end-to-end latency p50 and drops, an
   the frames' own timestamps, and muxes the original audio back (``--audio-source VIDEO``);
   ``--snapshot-every N`` saves every N-th recorded frame as PNG;
 - ``--latency-log FILE``: one JSON line per heatmap with every timestamp of its way through the pipeline
-  plus ``display`` (when this process had it drawn), read by ``avloc bench pipeline`` and ``avloc demo``.
+  plus ``display`` (when this process received it, before drawing), read by ``avloc bench pipeline`` and ``avloc demo``.
 
 Run as a process: ``python -m avloc.stream.display --frames EP --heatmaps EP [--headless --record out.mp4]``.
 """
@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 import zmq
 
+from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
@@ -256,15 +257,26 @@ class Display:
         self.recorded_upto = -1
         self.snapshots = 0
         self.rejects = protocol.RejectCounter("display", logger=log)
-        self._log_file = open(args.latency_log, "a", encoding="utf-8") if args.latency_log else None  # noqa: SIM115
+        self._log_file = open(args.latency_log, "a", encoding="utf-8", buffering=1) if args.latency_log else None  # noqa: SIM115
         self.heatmaps_received = 0
         self._last_shown: dict[str, float] = {}
         self._shown_frame: dict[str, protocol.Message] = {}
 
     # --- state --------------------------------------------------------------------------------------
+    def handle(self, handler: Any, msg: protocol.Message) -> Any:
+        """Run ``handler(msg)``; a well-formed message with unusable content is counted, never fatal."""
+        try:
+            return handler(msg)
+        except (TypeError, ValueError, OverflowError, AttributeError, cv2.error) as err:
+            self.rejects.reject(protocol.ProtocolError("bad_content", f"{msg.kind} {msg.stream}: {err}"[:160]))
+            return None
+
     def on_frame(self, msg: protocol.Message) -> None:
         if msg.kind != "frame" or "frame" not in msg.arrays:
             return  # control messages on the frames socket are for the inference worker / launcher
+        frame = msg.arrays["frame"]
+        if frame.ndim != 3 or frame.shape[2] != 3 or min(frame.shape[:2]) < 2 or frame.dtype != np.uint8:
+            raise ValueError(f"frame {frame.dtype} {frame.shape}, expected uint8 HxWx3")
         buf = self.frames.setdefault(msg.stream, deque(maxlen=FRAME_BUFFER))
         if buf and msg.seq < buf[-1][0].seq:  # a restarted or looping source: sequence starts over
             self._flush_record(msg.stream, everything=True)
@@ -283,15 +295,19 @@ class Display:
             return None
         arr = msg.arrays.get("heatmap")
         peak = msg.meta.get("peak")
+        if peak is not None:
+            peak = (float(peak[0]), float(peak[1])) if isinstance(peak, list) and len(peak) == 2 else None
+        notice = msg.meta.get("notice")
         view = HeatmapView(
             seq=msg.seq,
             unit=heatmap_to_unit(arr) if arr is not None and arr.ndim == 2 and arr.size else None,
-            peak=tuple(peak) if isinstance(peak, list) and len(peak) == 2 else None,  # type: ignore[arg-type]
-            notice=msg.meta.get("notice"),
+            peak=peak,
+            notice=notice if isinstance(notice, str) else None,
             confidence=float(msg.meta.get("confidence") or 0.0),
         )
+        drops = int(msg.meta.get("drops") or 0)
         self.heatmaps[msg.stream] = view
-        self.drops = int(msg.meta.get("drops") or 0)
+        self.drops = drops
         self.heatmaps_received += 1
         t = protocol.now()
         self.heatmap_times.append(t)
@@ -398,11 +414,11 @@ class Display:
                 events = dict(poller.poll(10))
                 if frames in events:
                     for msg in protocol.drain_latest(frames, rejects=self.rejects):
-                        self.on_frame(msg)
+                        self.handle(self.on_frame, msg)
                 newest: dict[str, protocol.Message] = {}
                 if heatmaps in events:
                     for msg in protocol.drain_latest(heatmaps, rejects=self.rejects):
-                        if self.on_heatmap(msg) is not None:
+                        if self.handle(self.on_heatmap, msg) is not None:
                             newest[msg.stream] = msg
                             self.log_latency(msg, protocol.now())
                 for stream in list(self.frames):
@@ -415,6 +431,9 @@ class Display:
                         break
                     self._on_key(key)
         finally:
+            if self._log_file is not None:  # first: finishing the recording may take long or fail
+                self._log_file.close()
+                self._log_file = None
             for stream in list(self.frames):
                 self._flush_record(stream, everything=True)
             if self.recorder is not None:
@@ -520,7 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     args.frames = args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]]
     setup_logging("display", args.log_file, args.verbose)
     stop = install_stop_handlers()
-    Display(args).run(stop)
+    try:
+        Display(args).run(stop)
+    except UserError as err:  # e.g. an endpoint that cannot be reached: one line, not retried
+        log.error("%s", err)
+        return 2
     return 0
 
 

@@ -74,8 +74,10 @@ class AudioTrack:
     last_received: float = -math.inf
 
     def add(self, window: AudioWindow, received: float) -> None:
-        # Windows normally arrive in order; a restarted publisher starts its seq again, so order by time.
-        if self.windows and window.end_ts < self.windows[-1].end_ts:
+        # Windows normally arrive in order. A restarted publisher starts its seq again (with later end
+        # times): embeddings are cached by seq, so a seq that does not grow starts the track afresh.
+        last = self.windows[-1] if self.windows else None
+        if last is not None and (window.end_ts < last.end_ts or window.seq <= last.seq):
             self.windows.clear()
             self.embeddings.clear()
         self.windows.append(window)
@@ -207,7 +209,8 @@ class InferenceWorker:
                 )
                 continue
             frame = msg.arrays["frame"]
-            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8 or "capture" not in msg.ts:
+            if (frame.ndim != 3 or frame.shape[2] != 3 or min(frame.shape[:2]) < 2 or frame.dtype != np.uint8
+                    or "capture" not in msg.ts):
                 self.frame_rejects.reject(
                     protocol.ProtocolError(
                         "bad_frame", f"frame {frame.dtype} {frame.shape}, ts {sorted(msg.ts)}"
@@ -594,23 +597,27 @@ def main(argv: list[str] | None = None) -> int:
     with heartbeats_while_starting(args.heartbeat):
         from avloc.engines.base import load_engine
 
-        engine = load_engine(
-            args.engine,
-            backend=args.backend,
-            device=args.device,
-            threads=args.threads,
-            **parse_engine_options(args.engine_option),
-        )
-        worker = InferenceWorker(
-            engine,
-            frame_endpoints=args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]],
-            audio_endpoints=args.audio if args.audio is not None else [protocol.DEFAULT_ENDPOINTS["audio"]],
-            heatmap_endpoint=args.heatmaps,
-            heartbeat_endpoint=args.heartbeat,
-            heatmap_dtype=args.heatmap_dtype,
-            max_audio_age_s=args.max_audio_age,
-            audio_reuse_s=args.audio_reuse,
-        )
+        try:
+            engine = load_engine(
+                args.engine,
+                backend=args.backend,
+                device=args.device,
+                threads=args.threads,
+                **parse_engine_options(args.engine_option),
+            )
+            worker = InferenceWorker(
+                engine,
+                frame_endpoints=args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]],
+                audio_endpoints=args.audio if args.audio is not None else [protocol.DEFAULT_ENDPOINTS["audio"]],
+                heatmap_endpoint=args.heatmaps,
+                heartbeat_endpoint=args.heartbeat,
+                heatmap_dtype=args.heatmap_dtype,
+                max_audio_age_s=args.max_audio_age,
+                audio_reuse_s=args.audio_reuse,
+            )
+        except UserError as err:  # a bad engine, option or endpoint: one line, and the launcher does not retry
+            log.error("%s", err)
+            return 2
         worker.warm_up()
     log.info("engine %s (%s) ready", args.engine, args.backend)
     worker.run(stop)

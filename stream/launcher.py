@@ -46,6 +46,7 @@ CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "stream.yaml"
 _PR_SET_PDEATHSIG = 1
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
+USER_ERROR_EXIT = 2  # what every worker (and the avloc CLI) exits with on a user error
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,10 @@ class StreamConfig:
 
 
 def load_stream_config(path: Path | None = None) -> StreamConfig:
-    path = path or CONFIG_PATH
+    """``configs/stream.yaml`` (defaults when the package has none), or the ``--config`` file given."""
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"--config {path}: no such file")
+    path = Path(path or CONFIG_PATH)
     if not path.is_file():
         return StreamConfig()
     return from_dict(StreamConfig, load_yaml(path), str(path))
@@ -163,6 +167,7 @@ class Launcher:
         self._ended_sources: set[str] = set()
         self.started_at = time.time()
         self.stop_reason = ""
+        self.user_errors: dict[str, str] = {}  # process -> its error line (it exited 2)
         self.stop_event = threading.Event()
         self.quit_requested = False
         self._ctx: zmq.Context | None = None
@@ -253,7 +258,8 @@ class Launcher:
                 continue
             if msg is None:
                 return
-            child = by_pid.get(msg.meta.get("pid"))  # type: ignore[arg-type]
+            pid = msg.meta.get("pid")
+            child = by_pid.get(pid) if isinstance(pid, int) else None
             if child is None:
                 continue
             child.last_heartbeat = time.monotonic()
@@ -289,9 +295,28 @@ class Launcher:
             self.gaps.append(entry)
             self._event("resumed", name, gap_s=entry["gap_s"])
 
+    def _last_error(self, name: str) -> str | None:
+        """The last ERROR line of a worker's log, without the logging prefix."""
+        path = self.run_dir / f"{name}.log"
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            if " ERROR " in line:
+                return line.split(": ", 1)[-1].strip()
+        return None
+
     def _on_exit(self, child: Child, code: int, why: str) -> None:
         spec = child.spec
         child.exit_code = code
+        if code == USER_ERROR_EXIT:  # bad arguments or a missing device/file: a restart cannot help
+            child.done = True
+            message = self._last_error(spec.name) or f"see {self.run_dir / (spec.name + '.log')}"
+            self.user_errors[spec.name] = message
+            log.error("%s: %s", spec.name, message)
+            self._event("user_error", spec.name, message=message)
+            return
         if spec.finite and (code == 0 or spec.name in self._ended_sources):
             child.done = True
             self._ended_sources.add(spec.name)
@@ -359,6 +384,13 @@ class Launcher:
         while True:
             if self.stop_event.is_set():
                 return "stopped"
+            if self.user_errors:
+                return "failed: " + "; ".join(f"{n}: {m}" for n, m in self.user_errors.items())
+            # a finite source that gave up (crashed too often) without reaching its end
+            gave_up = [c.spec.name for c in self.children.values()
+                       if c.spec.finite and c.done and c.spec.name not in self._ended_sources]
+            if gave_up:
+                return "failed: " + ", ".join(gave_up)
             if self.quit_requested:
                 return "quit"
             if self.finished():

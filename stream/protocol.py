@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from avloc.core.errors import UserError
+
 PROTOCOL_VERSION = 1
 KINDS = ("frame", "audio", "heatmap", "heartbeat", "control")
 # Little-endian on the wire on any host; plain numeric dtypes only (no object/void: nothing to unpickle).
@@ -33,6 +35,7 @@ ALLOWED_DTYPES = frozenset(
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 16
 MAX_NDIM = 8
+MAX_DIM = 2**31  # per axis; the byte-size check below catches the rest
 MAX_STREAM_ID_CHARS = 128
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_HWM = 4  # real-time streams: a few messages of slack, then drop rather than queue stale data
@@ -52,6 +55,10 @@ CONTROL_NOTICE = "notice"    # meta["notice"], e.g. "no_audio"
 NOTICE_NO_AUDIO = "no_audio"
 
 log = logging.getLogger(__name__)
+
+
+class EndpointError(UserError, OSError):
+    """An endpoint cannot be bound or connected (port in use, bad address): a user error, not a crash."""
 
 
 class ProtocolError(ValueError):
@@ -83,6 +90,17 @@ def now() -> float:
 
 def _finite_json(value: str) -> Any:
     raise ValueError(f"non-finite number {value} in header")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # "1e999" parses to inf
+        raise ValueError(f"non-finite number {text[:20]} in header")
+    return value
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e300
 
 
 def encode(
@@ -165,9 +183,7 @@ def _check_header(header: Any) -> None:
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise ProtocolError("bad_header", f"seq {seq!r} is not a non-negative integer")
     ts = header.get("ts")
-    if not isinstance(ts, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in ts.values()
-    ):
+    if not isinstance(ts, dict) or not all(_finite_number(v) for v in ts.values()):
         raise ProtocolError("bad_header", "ts must map names to finite numbers")
     if not isinstance(header.get("meta", {}), dict):
         raise ProtocolError("bad_header", "meta must be an object")
@@ -189,7 +205,7 @@ def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
     ):
         raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r}")
     return name, np.dtype(dtype_name).newbyteorder("<"), tuple(shape)
@@ -213,8 +229,9 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
     if views[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("header_too_large", f"{views[0].nbytes} bytes, at most {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(views[0]).decode("utf-8"), parse_constant=_finite_json)
-    except (UnicodeDecodeError, ValueError) as err:
+        header = json.loads(bytes(views[0]).decode("utf-8"), parse_constant=_finite_json,
+                            parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
         raise ProtocolError("bad_json", str(err)[:120]) from None
     _check_header(header)
     specs = [_array_spec(entry) for entry in header["arrays"]]
@@ -358,6 +375,6 @@ def make_socket(
                 sock.connect(ep)
     except zmq.ZMQError as err:
         sock.close(0)
-        raise OSError(f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} "
-                      f"socket to {endpoints}: {err}") from err
+        raise EndpointError(f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} socket to "
+                            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports)") from err
     return sock

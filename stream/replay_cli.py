@@ -23,15 +23,14 @@ def default_run_dir(kind: str) -> Path:
 
 
 def parse_speed(value: str) -> str:
-    if value == "max":
-        return value
+    """Checked here (the replay worker's own rule) so a bad value fails before any process starts."""
+    from avloc.stream.replay import parse_speed as worker_speed
+
     try:
-        speed = float(value)
-    except ValueError:
-        speed = -1.0
-    if not speed > 0:
-        raise argparse.ArgumentTypeError(f"--speed {value!r}: expected a positive number or 'max'")
-    return str(speed)
+        speed = worker_speed(value)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return "max" if speed is None else str(speed)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -191,7 +191,9 @@ def make_publisher(ctx: zmq.Context, endpoint: str, *, nodrop: bool = False,
         sock.bind(endpoint)
     except zmq.ZMQError as err:
         sock.close(0)
-        raise OSError(f"cannot bind publisher to {endpoint}: {err}") from err
+        raise protocol.EndpointError(
+            f"cannot bind publisher to {endpoint}: {err} (another pipeline running? choose other ports)"
+        ) from err
     return sock
 
 

@@ -36,6 +36,11 @@ DUMMY_WORKER = textwrap.dedent('''
         elapsed = time.monotonic() - start
         if a.mode == "crash" and elapsed > a.after:
             os._exit(3)
+        if a.mode == "usererror" and elapsed > a.after:
+            import logging
+            logging.getLogger("dummy").error("--mic bogus: no input device name contains it")
+            hb.close()
+            raise SystemExit(2)
         if a.mode == "end" and elapsed > a.after:
             hb.control("end")
             break
@@ -123,6 +128,36 @@ def test_finite_source_end_stops_everything(dummy_module, tmp_path):
     assert all(p["restarts"] == 0 and p["exit_code"] == 0 for p in summary["processes"].values())
     order = [e["process"] for e in summary["events"] if e["event"] == "start"]
     assert order[-1] == "replay"  # the source waited for its consumers
+    _assert_no_orphans()
+
+
+def test_user_error_is_not_restarted_and_fails_the_pipeline_with_its_message(dummy_module, tmp_path):
+    specs = [
+        ProcessSpec("display", dummy_module, [], role="display"),
+        ProcessSpec("inference", dummy_module, [], role="inference"),
+        ProcessSpec("mic", dummy_module, ["--mode", "usererror", "--after", "0.2"], role="source"),
+    ]
+    started = time.monotonic()
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(
+        timeout_s=40
+    )
+    assert time.monotonic() - started < 30
+    assert summary["reason"] == "failed: mic: --mic bogus: no input device name contains it"
+    assert summary["processes"]["mic"]["restarts"] == 0 and summary["processes"]["mic"]["exit_code"] == 2
+    _assert_no_orphans()
+
+
+def test_finite_source_that_gives_up_fails_the_pipeline(dummy_module, tmp_path):
+    specs = [
+        ProcessSpec("display", dummy_module, [], role="display"),
+        ProcessSpec("inference", dummy_module, [], role="inference"),
+        ProcessSpec("replay", dummy_module, ["--mode", "crash", "--after", "0.2"], role="source", finite=True),
+    ]
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(
+        timeout_s=40
+    )
+    assert summary["reason"] == "failed: replay"  # not a hang, and not "ended"
+    assert summary["processes"]["replay"]["restarts"] == FAST.max_restarts
     _assert_no_orphans()
 
 

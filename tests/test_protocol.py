@@ -112,6 +112,12 @@ MALFORMED = {
     "too_many_frames": ([_valid_frames()[0]] + [b""] * (protocol.MAX_ARRAYS + 1), "too_many_frames"),
     "huge_header": ([b" " * (protocol.MAX_HEADER_BYTES + 1)], "header_too_large"),
     "oversized": ([_valid_frames()[0]] + [b"\0" * (1 << 20)] * 3, "too_large"),
+    "huge_int_ts": (_valid_frames(ts={"capture": 10**400}), "bad_header"),
+    "overflowing_float": ([_valid_frames()[0].replace(b'"meta": {}', b'"meta": {"pts": 1e999}')] +
+                          _valid_frames()[1:], "bad_json"),
+    "deeply_nested_meta": ([_valid_frames()[0].replace(b'"meta": {}', b'"meta": {"x": ' + b"[" * 5000 +
+                                                       b"]" * 5000 + b"}")] + _valid_frames()[1:], "bad_json"),
+    "huge_dimension": (_valid_frames(arrays=[_spec("float32", [0, 2**70])]), "bad_shape"),
 }
 
 

@@ -1,6 +1,10 @@
 """SSL-Align training: config, one step (3 image + 3 audio forwards -> up to 9 pairs), the epoch loop,
 validation-based model selection, exact resume and multi-process (DDP) training.
 
+Resume is bit-for-bit on the CPU (steps, optimizer, RNG, losses); on CUDA it continues the same schedule
+and state, but cuDNN kernels are not forced deterministic (that would cost speed), so losses can differ in
+the last digits.
+
 Reads top to bottom: config dataclasses, ``TrainStep`` (the module DDP wraps), ``validate``,
 ``self_neighbours``, then ``train`` (the Python API ``avloc train`` calls).
 """
@@ -64,7 +68,9 @@ class TrainSettings:
     # adaptive: `median` predicts half the map, so its cIoU cannot reach 0.5 for boxes under a quarter
     # of the image (most stamps/synth objects): ciou_ap50 would be 0 for every model and select nothing.
     val_binarize: str = "adaptive"
-    max_steps: int | None = None  # stop after this many optimizer steps (still checkpoints and validates)
+    # stop after this many optimizer steps (still checkpoints and validates); a partial epoch then counts
+    # as done, so `--resume` with a larger budget continues at the next epoch
+    max_steps: int | None = None
     log_every: int = 10
     gather_negatives: bool = False  # DDP: negatives from every process (all_gather with gradients)
     threads: int | None = None  # torch intra-op threads (None = torch's default)
