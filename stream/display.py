@@ -261,6 +261,7 @@ class Display:
         self.heatmaps_received = 0
         self._last_shown: dict[str, float] = {}
         self._shown_frame: dict[str, protocol.Message] = {}
+        self._heartbeat: Heartbeat | None = None  # set by run()
 
     # --- state --------------------------------------------------------------------------------------
     def handle(self, handler: Any, msg: protocol.Message) -> Any:
@@ -372,6 +373,9 @@ class Display:
             if not (ready or everything or t - received > RECORD_WAIT_S):
                 break
             bgr = self.compose(stream, msg, view)
+            # write() waits while the encoder is behind: keep beating, or the launcher kills a busy display
+            if self._heartbeat is not None and self._heartbeat.due():
+                self._heartbeat.maybe_send(self.stats())
             self.recorder.write(bgr, self._frame_time(msg))
             self.recorded_upto = msg.seq
             if self.args.snapshot_every and self.recorder.frames % self.args.snapshot_every == 0:
@@ -400,6 +404,7 @@ class Display:
         args = self.args
         ctx = zmq.Context.instance()
         heartbeat = Heartbeat(ctx, args.heartbeat, role="display", stream="display")
+        self._heartbeat = heartbeat
         frames = protocol.make_socket(ctx, zmq.SUB, args.frames, bind=False, hwm=32)
         heatmaps = protocol.make_socket(ctx, zmq.SUB, args.heatmaps, bind=False, hwm=64)
         poller = zmq.Poller()

@@ -625,7 +625,7 @@ def replay_specs(
             "--frontend",
             str(engine),
             "--wait-subscribers",
-            "1",
+            "2",  # frames: the inference worker and the display (audio: the inference worker)
             "--wait-timeout",
             "10",
         ]

@@ -271,8 +271,10 @@ class ReplaySource:
                 error = str(err)
                 log.error("%s", error)
             # also when the file is unreadable, so that subscribers do get the 'end' (with the error)
+            # frames go to the inference worker and the display, audio only to the inference worker
             wait_for_subscribers([frames_sock, audio_sock] if self.has_audio else [frames_sock],
-                                 self.wait_subscribers, self.wait_timeout_s, self.stop, heartbeat)
+                                 [self.wait_subscribers, min(self.wait_subscribers, 1)][: 2 if self.has_audio else 1],
+                                 self.wait_timeout_s, self.stop, heartbeat)
             if error is None:
                 error = self._play(frames_sock, audio_sock, heartbeat, max_frames)
         finally:
@@ -434,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frontend", default=None, metavar="JSON|FILE|ENGINE_DIR",
                         help="audio front-end config (default: linear 3 s, as SSL-Align)")
     parser.add_argument("--wait-subscribers", type=int, default=1,
-                        help="wait for this many subscribers per socket before starting (0: don't)")
+                        help="wait for this many frame subscribers (audio: at most 1) before starting (0: don't)")
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     add_common_arguments(parser, role="replay")

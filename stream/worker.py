@@ -91,6 +91,10 @@ class Heartbeat:
         self._seq = 0
         self._last = -float("inf")
 
+    def due(self) -> bool:
+        """Whether the next ``maybe_send`` would send (to skip building stats when it would not)."""
+        return protocol.now() - self._last >= self.interval_s
+
     def maybe_send(self, stats: dict[str, Any] | None = None, force: bool = False) -> None:
         """Send a heartbeat when ``interval_s`` passed since the last one (cheap to call every loop)."""
         t = protocol.now()
@@ -208,20 +212,22 @@ def _new_subscribers(sock: zmq.Socket) -> int:
 
 
 def wait_for_subscribers(
-    sockets: list[zmq.Socket], count: int, timeout_s: float, stop: threading.Event | None = None,
+    sockets: list[zmq.Socket], count: int | list[int], timeout_s: float, stop: threading.Event | None = None,
     heartbeat: Heartbeat | None = None,
 ) -> list[int]:
-    """Wait (bounded) until each XPUB has ``count`` subscribers, so the first messages are not lost to
-    ZeroMQ's slow-joiner effect; returns the subscriber counts seen (a timeout only logs a warning).
-    Heartbeats keep going meanwhile, so the launcher does not take the waiting worker for a hung one."""
+    """Wait (bounded) until each XPUB has ``count`` subscribers (one number for all, or one per socket),
+    so the first messages are not lost to ZeroMQ's slow-joiner effect; returns the subscriber counts seen
+    (a timeout only logs a warning). Heartbeats keep going meanwhile, so the launcher does not take the
+    waiting worker for a hung one."""
     counts = [0] * len(sockets)
-    if count <= 0:
+    needed = list(count) if isinstance(count, list) else [count] * len(sockets)
+    if max(needed, default=0) <= 0:
         return counts
     deadline = protocol.now() + timeout_s
     poller = zmq.Poller()
     for sock in sockets:
         poller.register(sock, zmq.POLLIN)
-    while min(counts) < count and not (stop is not None and stop.is_set()):
+    while any(c < n for c, n in zip(counts, needed)) and not (stop is not None and stop.is_set()):
         remaining = deadline - protocol.now()
         if remaining <= 0:
             log.warning("%s subscriber(s) after %.1f s; starting anyway", counts, timeout_s)
