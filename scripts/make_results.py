@@ -61,6 +61,7 @@ COLUMNS = [  # (metrics key, header)
     ("adaptive/ext_ap", "Ext AP"),
     ("adaptive/ext_max_f1", "Ext max-F1"),
     ("audio_swap_acc", "audio-swap acc"),
+    ("audio_swap_scene_acc", "swap scenes all right"),
     ("audio_swap_on_any_object", "swap peak on some object"),
     ("audio_swap_peak_moves", "swap peak moves"),
 ]
@@ -211,6 +212,13 @@ def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
         areas = [np.prod(np.clip(o.bbox[2:], 0, 1) - np.clip(o.bbox[:2], 0, 1)) for o in objects]
         out["random heatmap"]["audio_swap_acc"] = float(np.mean(areas))
         out["centre prior"]["audio_swap_acc"] = float(np.mean([peak_inside(centre, o.bbox) for o in objects]))
+        # every object of the scene found when heard: a static map can only do that where all boxes overlap
+        area = [[np.prod(np.clip(o.bbox[2:], 0, 1) - np.clip(o.bbox[:2], 0, 1)) for o in objs]
+                for objs in scenes.values()]
+        out["random heatmap"]["audio_swap_scene_acc"] = float(np.mean([np.prod(a) for a in area]))
+        out["centre prior"]["audio_swap_scene_acc"] = float(
+            np.mean([all(peak_inside(centre, o.bbox) for o in objs) for objs in scenes.values()])
+        )
     for key in ("map/a2i_r1", "map/i2a_r1", "proj/a2i_r1", "proj/i2a_r1"):
         out["random heatmap"][key] = chance_r1
     return out
