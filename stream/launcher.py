@@ -81,7 +81,10 @@ def load_stream_config(path: Path | None = None) -> StreamConfig:
     path = Path(path or CONFIG_PATH)
     if not path.is_file():
         return StreamConfig()
-    return from_dict(StreamConfig, load_yaml(path), str(path))
+    config = from_dict(StreamConfig, load_yaml(path), str(path))
+    for name in ("frames_endpoint", "audio_endpoint", "heatmaps_endpoint", "heartbeats_endpoint"):
+        check_endpoint(getattr(config, name), f"{path}: {name}")
+    return config
 
 
 def free_tcp_endpoint() -> str:

@@ -293,3 +293,18 @@ def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp
     assert gap is not None and 0 < gap < 60 and resumed_s < 60
     assert all(p["exit_code"] == 0 for n, p in summary["processes"].items() if n != "inference")
     _assert_no_orphans(psutil.Process())
+
+
+def test_stream_config_errors_name_the_file_and_field(tmp_path):
+    from avloc.core.errors import UserError
+    from avloc.stream.launcher import load_stream_config
+
+    with pytest.raises(UserError, match="no such file"):
+        load_stream_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "stream.yaml"
+    bad.write_text("frames_endpoint: localhost:5550\n")
+    with pytest.raises(UserError, match="frames_endpoint .*expected tcp://"):
+        load_stream_config(bad)
+    good = tmp_path / "ok.yaml"
+    good.write_text("audio_reuse_s: 0.3\n")
+    assert load_stream_config(good).audio_reuse_s == 0.3
