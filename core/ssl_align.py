@@ -105,6 +105,12 @@ class SSLAlign(nn.Module):
         log_w = F.logsigmoid((s - self.config.sl_threshold) / self.config.sl_temperature)
         return (torch.softmax(log_w, dim=-1) * s).sum(-1)
 
+    @staticmethod
+    def map_embedding(vmap: Tensor) -> Tensor:
+        """Image embedding in the localization space (retrieval against the normalized audio embedding, and
+        self-mode neighbours): spatial mean of the L2-normalized map, L2-normalized. [B,C,H,W] -> [B,C]."""
+        return F.normalize(F.normalize(vmap, dim=1).mean(dim=(2, 3)), dim=1)
+
     def project_image(self, vmap: Tensor) -> Tensor:
         return F.normalize(self.visual_proj(torch.amax(vmap, dim=(2, 3))), dim=1)
 

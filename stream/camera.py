@@ -26,7 +26,7 @@ import zmq
 
 from avloc.core.errors import UserError
 from avloc.stream import protocol
-from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                    heartbeat_endpoint=args.heartbeat, stop=stop, backoff_max_s=args.backoff_max)
     except UserError as err:  # e.g. the endpoint is taken: one line, and the launcher does not retry
         log.error("%s", err)
-        return 2
+        return USER_ERROR_EXIT
     return 0
 
 

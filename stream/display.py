@@ -35,7 +35,7 @@ import zmq
 
 from avloc.core.errors import UserError
 from avloc.stream import protocol
-from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         Display(args).run(stop)
     except UserError as err:  # e.g. an endpoint that cannot be reached: one line, not retried
         log.error("%s", err)
-        return 2
+        return USER_ERROR_EXIT
     return 0
 
 

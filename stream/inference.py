@@ -37,6 +37,7 @@ import zmq
 from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.worker import (
+    USER_ERROR_EXIT,
     Heartbeat,
     RateLimitedLog,
     add_common_arguments,
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         except UserError as err:  # a bad engine, option or endpoint: one line, and the launcher does not retry
             log.error("%s", err)
-            return 2
+            return USER_ERROR_EXIT
         worker.warm_up()
     log.info("engine %s (%s) ready", args.engine, args.backend)
     worker.run(stop)

@@ -39,6 +39,7 @@ from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.worker import (
+    USER_ERROR_EXIT,
     Heartbeat,
     RateLimitedLog,
     add_common_arguments,
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as err:  # a device that does not exist: one line, no restart loop
         log.error("%s", err)
-        return 2
+        return USER_ERROR_EXIT
     log.info("ran %.1f s: %s", time.monotonic() - started, stats)
     return 0
 

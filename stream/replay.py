@@ -45,6 +45,7 @@ from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import DataError, UserError
 from avloc.stream import protocol
 from avloc.stream.worker import (
+    USER_ERROR_EXIT,
     Heartbeat,
     RateLimitedLog,
     add_common_arguments,
@@ -272,9 +273,11 @@ class ReplaySource:
                 log.error("%s", error)
             # also when the file is unreadable, so that subscribers do get the 'end' (with the error)
             # frames go to the inference worker and the display, audio only to the inference worker
-            wait_for_subscribers([frames_sock, audio_sock] if self.has_audio else [frames_sock],
-                                 [self.wait_subscribers, min(self.wait_subscribers, 1)][: 2 if self.has_audio else 1],
-                                 self.wait_timeout_s, self.stop, heartbeat)
+            sockets, needed = [frames_sock], [self.wait_subscribers]
+            if self.has_audio:
+                sockets.append(audio_sock)
+                needed.append(min(self.wait_subscribers, 1))
+            wait_for_subscribers(sockets, needed, self.wait_timeout_s, self.stop, heartbeat)
             if error is None:
                 error = self._play(frames_sock, audio_sock, heartbeat, max_frames)
         finally:
@@ -455,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                    wait_timeout_s=args.wait_timeout, max_frames=args.max_frames)
     except UserError as err:
         log.error("%s", err)
-        return 2
+        return USER_ERROR_EXIT
     return 0
 
 

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 0.5
 
 
+USER_ERROR_EXIT = 2  # a worker's exit status on a user error: the launcher reports it and does not restart
+
+
 def setup_logging(role: str, log_file: str | Path | None = None, verbose: bool = False) -> None:
     """Per-process logging: to ``log_file`` when given (the launcher keeps one per process), else stderr."""
     handler: logging.Handler

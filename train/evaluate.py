@@ -51,10 +51,8 @@ class Outputs:
 
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
     feature_ids: list[str] = field(default_factory=list)
-    map_image: list[np.ndarray] = field(default_factory=list)
-    map_audio: list[np.ndarray] = field(default_factory=list)
-    proj_image: list[np.ndarray] = field(default_factory=list)
-    proj_audio: list[np.ndarray] = field(default_factory=list)
+    # feature set ("map": localization space, "proj": s_A projections) -> (image rows, audio rows)
+    features: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -110,9 +108,9 @@ class Evaluator:
                 # = model.heatmap(images, specs), sharing the encoder pass with the retrieval features
                 maps = F.interpolate(model.cosine_map(vmap, audio).unsqueeze(1), size=images.shape[-2:],
                                      mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
-                map_image = F.normalize(F.normalize(vmap, dim=1).mean(dim=(2, 3)), dim=1)
                 features = {
-                    "map": (map_image.float().cpu().numpy(), F.normalize(audio, dim=1).float().cpu().numpy()),
+                    "map": (model.map_embedding(vmap).float().cpu().numpy(),
+                            F.normalize(audio, dim=1).float().cpu().numpy()),
                     "proj": (model.project_image(vmap).float().cpu().numpy(),
                              model.project_audio(audio).float().cpu().numpy()),
                 }
@@ -121,8 +119,9 @@ class Evaluator:
                 if key in feature_keys:
                     out.feature_ids.append(key)
                     for name, (image_f, audio_f) in features.items():
-                        getattr(out, f"{name}_image").append(image_f[j])
-                        getattr(out, f"{name}_audio").append(audio_f[j])
+                        image_rows, audio_rows = out.features.setdefault(name, ([], []))
+                        image_rows.append(image_f[j])
+                        audio_rows.append(audio_f[j])
         return out
 
 
@@ -312,10 +311,7 @@ def _retrieval(outputs: Outputs, labels: list[str]) -> dict[str, float]:
     from avloc.core.metrics import retrieval_recall
 
     out: dict[str, float] = {}
-    for name, image, audio in (("map", outputs.map_image, outputs.map_audio),
-                               ("proj", outputs.proj_image, outputs.proj_audio)):
-        if not image:  # a method without this feature set (ACL has no proj/)
-            continue
+    for name, (image, audio) in outputs.features.items():  # ACL has only map/
         res = retrieval_recall(np.stack(audio), np.stack(image), labels, ks=RETRIEVAL_KS)
         out.update({f"{name}/{k}": v for k, v in res.items()})
     return out

@@ -115,8 +115,8 @@ def yamnet_audio_features(dataset: Any, ids: list[str], batch_size: int = 32) ->
 def model_features(
     model: Any, image_config: Any, dataset: Any, ids: list[str], batch_size: int = 32, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own [N,D] features, as the trainer's self-refresh computes them: image = spatial mean of
-    the L2-normalized visual map, audio = the embedding."""
+    """The model's own [N,D] features, as the trainer's self-refresh computes them: image =
+    ``map_embedding`` of the visual map, audio = the embedding."""
     from avloc.core.audio import FrontEnd
 
     frontend = FrontEnd(dataset.frontend).to(device).eval()
@@ -125,8 +125,7 @@ def model_features(
     for chunk in _batches(ids, batch_size, "self features"):
         x = preprocess_images([dataset.image(i) for i in chunk], image_config).to(device)
         waves = torch.from_numpy(np.stack([dataset.audio_window(i) for i in chunk])).to(device)
-        vmap = torch.nn.functional.normalize(model.encode_image(x), dim=1)
-        images.append(vmap.mean(dim=(2, 3)).float().cpu())
+        images.append(model.map_embedding(model.encode_image(x)).float().cpu())
         audios.append(model.encode_audio(frontend(waves)).float().cpu())
     return torch.cat(images).numpy(), torch.cat(audios).numpy()
 

@@ -186,7 +186,7 @@ def compute_heatmaps(
         up = F.interpolate(s.unsqueeze(1), size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         for i, m in zip(batch["index"].tolist(), up.cpu().numpy()):
             maps[i] = m
-        vis.append(F.normalize(F.normalize(vmap, dim=1).mean((2, 3)), dim=1).cpu())
+        vis.append(model.map_embedding(vmap).cpu())
         aud.append(torch.nn.functional.normalize(a, dim=1).cpu())
         order.append(batch["index"])
     idx = torch.cat(order).argsort()
