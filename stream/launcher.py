@@ -39,6 +39,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml
 from avloc.core.errors import UserError
 from avloc.stream import protocol
+from avloc.stream.worker import USER_ERROR_EXIT
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "stream.yaml"
 _PR_SET_PDEATHSIG = 1
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
-USER_ERROR_EXIT = 2  # what every worker (and the avloc CLI) exits with on a user error
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class Launcher:
         self.verbose = verbose
         self.events: list[dict[str, Any]] = []
         self.gaps: list[dict[str, Any]] = []
-        self._pending_gap: dict[str, float | None] = {}
+        self._pending_gap: dict[str, tuple[float, str]] = {}  # process -> (gap start, "last_heatmap" | "crash")
         self._ended_sources: set[str] = set()
         self.started_at = time.time()
         self.stop_reason = ""
@@ -285,14 +285,14 @@ class Launcher:
             return
         first = child.last_stats.get("first_publish")
         if isinstance(first, int | float):
-            last = self._pending_gap.pop(name)
-            gap = float(first) - last if last is not None else None
-            log.warning(
-                "%s: heatmaps resumed%s", name, f" after a {gap:.2f} s gap" if gap is not None else ""
-            )
+            since, since_what = self._pending_gap.pop(name)
+            gap = float(first) - since
+            log.warning("%s: heatmaps resumed after a %.2f s gap (since its %s)", name, gap,
+                        since_what.replace("_", " "))
             entry = {
                 "process": name,
-                "gap_s": round(gap, 3) if gap is not None else None,
+                "gap_s": round(gap, 3),
+                "since": since_what,  # "last_heatmap" or "crash"
                 "resumed_t": round(time.time() - self.started_at, 3),
             }
             self.gaps.append(entry)
@@ -335,8 +335,12 @@ class Launcher:
         log.error("%s %s (exit code %s)", spec.name, why, code)
         self._event("crash", spec.name, exit_code=code, why=why)
         if spec.role == "inference":
+            # The gap runs from the worker's last heatmap. A worker that died within a heartbeat interval of
+            # its first heatmap never reported one: count from the crash then (short by < that interval).
             last = child.last_stats.get("last_publish")
-            self._pending_gap[spec.name] = float(last) if isinstance(last, int | float) else None
+            self._pending_gap[spec.name] = (
+                (float(last), "last_heatmap") if isinstance(last, int | float) else (protocol.now(), "crash")
+            )
         if not spec.restart or child.restarts >= self.config.max_restarts:
             child.done = True
             log.error("%s: not restarting (%d restarts so far)", spec.name, child.restarts)

@@ -289,8 +289,8 @@ def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["reason"] == "stopped"
     assert summary["processes"]["inference"]["restarts"] == 1
-    gap = summary["heatmap_gaps"][0]["gap_s"]
-    assert gap is not None and 0 < gap < 60 and resumed_s < 60
+    gap = summary["heatmap_gaps"][0]
+    assert 0 < gap["gap_s"] < 60 and resumed_s < 60 and gap["since"] in ("last_heatmap", "crash")
     assert all(p["exit_code"] == 0 for n, p in summary["processes"].items() if n != "inference")
     _assert_no_orphans(psutil.Process())
 
@@ -308,3 +308,21 @@ def test_stream_config_errors_name_the_file_and_field(tmp_path):
     good = tmp_path / "ok.yaml"
     good.write_text("audio_reuse_s: 0.3\n")
     assert load_stream_config(good).audio_reuse_s == 0.3
+
+
+def test_gap_counts_from_the_crash_when_the_worker_never_reported_a_heatmap(tmp_path):
+    """kill -9 within a heartbeat interval of the first heatmap: the gap is still measured (from the crash)."""
+    from avloc.stream import protocol
+
+    launcher = Launcher([ProcessSpec("inference", "unused", [], role="inference")], tmp_path / "run", config=FAST,
+                        heartbeat_endpoint=free_tcp_endpoint())
+    child = launcher.children["inference"]
+    for last_stats, since in (({}, "crash"), ({"last_publish": protocol.now() - 2.0}, "last_heatmap")):
+        child.last_stats = last_stats
+        crashed = protocol.now()
+        launcher._on_exit(child, -9, "killed by signal 9")
+        child.last_stats = {"first_publish": crashed + 1.5}
+        launcher._check_gap(child)
+        entry = launcher.gaps[-1]
+        assert entry["since"] == since
+        assert entry["gap_s"] == pytest.approx(1.5 if since == "crash" else 3.5, abs=0.1)
