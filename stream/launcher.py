@@ -24,6 +24,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -87,11 +88,40 @@ def load_stream_config(path: Path | None = None) -> StreamConfig:
     return config
 
 
+_ports_handed_out: set[int] = set()
+_port_random = random.Random(os.urandom(16))  # not the global RNG: seeded runs must not pick the same ports
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The range the OS draws the local port of outgoing connections from."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535  # the IANA dynamic range (macOS, Windows)
+
+
 def free_tcp_endpoint() -> str:
-    """A loopback TCP endpoint on a port the OS just reported free (for tests and parallel runs)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """A loopback TCP endpoint on a free port outside the OS's ephemeral range (for tests and parallel runs).
+
+    The port is checked here but bound later by a worker. A port from the ephemeral range (what binding to
+    port 0 returns) can meanwhile become the local end of any outgoing connection, ZeroMQ's own included,
+    and the worker's bind then fails with "Address already in use". Ports outside that range are only ever
+    taken by an explicit bind.
+    """
+    low, high = ephemeral_port_range()
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high and p not in _ports_handed_out]
+    for port in _port_random.sample(candidates, min(200, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return f"tcp://127.0.0.1:{port}"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # no free port outside: any free one
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @dataclass

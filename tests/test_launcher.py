@@ -13,9 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
 from proc_helpers import orphans, worker_processes
 
-from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
+from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
 
 DUMMY_WORKER = textwrap.dedent('''
     """A worker that beats, then (by --mode) keeps going, crashes, or hangs without heartbeats."""
@@ -326,3 +327,20 @@ def test_gap_counts_from_the_crash_when_the_worker_never_reported_a_heatmap(tmp_
         entry = launcher.gaps[-1]
         assert entry["since"] == since
         assert entry["gap_s"] == pytest.approx(1.5 if since == "crash" else 3.5, abs=0.1)
+
+
+def test_auto_ports_are_outside_the_ephemeral_range_and_never_repeat():
+    # Ports from the ephemeral range can be taken by any outgoing connection between the check and the
+    # worker's bind ("Address already in use" in CI); auto ports avoid that range.
+    low, high = ephemeral_port_range()
+    ports = [int(free_tcp_endpoint().rsplit(":", 1)[1]) for _ in range(100)]
+    assert len(set(ports)) == len(ports)
+    assert not any(low <= p <= high for p in ports)
+    context = zmq.Context.instance()
+    sockets = [context.socket(zmq.PUB) for _ in ports[:10]]
+    try:
+        for sock, port in zip(sockets, ports[:10]):
+            sock.bind(f"tcp://127.0.0.1:{port}")
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
