@@ -21,6 +21,7 @@ from proc_helpers import orphans
 
 from avloc.stream import protocol
 from avloc.stream.camera import LatestFrameGrabber
+from avloc.stream.launcher import free_tcp_endpoint
 
 FPS = 30
 FRAMES = 90
@@ -43,12 +44,6 @@ def _grey_video(path: Path, frames: int = FRAMES, fps: int = FPS, size: tuple[in
 
 def _index_of(image: np.ndarray) -> float:
     return float(image.mean()) / STEP
-
-
-def _free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture()
@@ -147,7 +142,7 @@ def test_grabber_reopens_with_exponential_backoff():
 
 
 def test_camera_worker_publishes_latest_frames_and_heartbeats(video, tmp_path, ctx):
-    frames_ep, heartbeat_ep = _free_endpoint(), _free_endpoint()
+    frames_ep, heartbeat_ep = free_tcp_endpoint(), free_tcp_endpoint()
     heartbeats = protocol.make_socket(ctx, zmq.SUB, heartbeat_ep, bind=True, hwm=100)
     sub = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=100)
     proc = _start_worker(["--source", str(video), "--endpoint", frames_ep, "--fps-limit", "5",
@@ -192,7 +187,7 @@ def test_camera_worker_publishes_latest_frames_and_heartbeats(video, tmp_path, c
 
 def test_camera_worker_waits_for_a_missing_source_then_streams(video, tmp_path, ctx):
     late = tmp_path / "late.mp4"
-    frames_ep = _free_endpoint()
+    frames_ep = free_tcp_endpoint()
     sub = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=100)
     proc = _start_worker(["--source", str(late), "--endpoint", frames_ep, "--backoff-max", "0.5"],
                          tmp_path / "camera.log")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from avloc.core.audio import FrontEndConfig
 from avloc.core.losses import LossConfig
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+from avloc.stream.launcher import free_tcp_endpoint
 from avloc.train.trainer import TrainStep, gather_with_grad
 
 PER_RANK = 4
@@ -65,9 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return int(free_tcp_endpoint().rsplit(":", 1)[1])
 
 
 def test_two_process_step_with_gathered_negatives(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from proc_helpers import orphans
 
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
 from avloc.stream import protocol
+from avloc.stream.launcher import free_tcp_endpoint
 from avloc.stream.microphone import AudioWindower, SampleRing
 
 RECORDING = Path("/usr/share/tuxpaint/stamps/animals/birds/blackbird.ogg")  # 44.1 kHz mono, 7.9 s birdsong
@@ -140,12 +140,6 @@ def test_resampled_device_matches_offline_frontend(frontend):
         assert t_end == pytest.approx(100.0 + end / SR, abs=2 / SR)
 
 
-def _free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
     """ALSA's file plugin serves a raw 16-bit recording as the default capture device (shared/README)."""
     config, _ = frontend
@@ -158,7 +152,7 @@ def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
         f'pcm.filein {{ type file slave.pcm "nullpcm" file "/dev/null" infile "{raw}" format "raw" }}\n'
         "pcm.nullpcm { type null }\n"
     )
-    endpoint = _free_endpoint()
+    endpoint = free_tcp_endpoint()
     env = {**os.environ, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     # The file plugin delivers samples far faster than real time: keep every sample (big ring, no skipping).
     proc = subprocess.Popen(

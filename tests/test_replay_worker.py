@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from proc_helpers import orphans
 
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
 from avloc.stream import protocol
+from avloc.stream.launcher import free_tcp_endpoint
 from avloc.stream.replay import ReplaySource
 
 FPS = 30
@@ -62,12 +62,6 @@ def _make_video(path: Path, seconds: float, *, audio_rate: int | None = 44100, c
         container.mux(packet)
     container.close()
     return path
-
-
-def _free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 class _Collector:
@@ -137,7 +131,7 @@ def ctx():
 
 def test_replay_paces_frames_and_publishes_causal_windows(tmp_path, ctx):
     video = _make_video(tmp_path / "tone.mp4", seconds=2.0)
-    frames_ep, audio_ep = _free_endpoint(), _free_endpoint()
+    frames_ep, audio_ep = free_tcp_endpoint(), free_tcp_endpoint()
     collector = _Collector(ctx, frames_ep, audio_ep)
     proc = _start(video, frames_ep, audio_ep, tmp_path / "replay.log", "--stream-id", "cam3")
     end = collector.run(timeout_s=90, proc=proc)
@@ -193,7 +187,7 @@ def test_replay_paces_frames_and_publishes_causal_windows(tmp_path, ctx):
 
 def test_file_without_audio_at_max_speed_with_backpressure(tmp_path, ctx):
     video = _make_video(tmp_path / "silent.webm", seconds=1.5, audio_rate=None)
-    frames_ep, audio_ep = _free_endpoint(), _free_endpoint()
+    frames_ep, audio_ep = free_tcp_endpoint(), free_tcp_endpoint()
     # A subscriber taking 20 ms per frame, far slower than decoding: at --speed max nothing may be lost.
     collector = _Collector(ctx, frames_ep, audio_ep, frame_delay_s=0.02)
     proc = _start(video, frames_ep, audio_ep, tmp_path / "replay.log", "--speed", "max")
@@ -216,7 +210,7 @@ def test_truncated_file_logs_an_error_and_ends(tmp_path, ctx, suffix):
     data = whole.read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(data[: len(data) // 2])
-    frames_ep, audio_ep = _free_endpoint(), _free_endpoint()
+    frames_ep, audio_ep = free_tcp_endpoint(), free_tcp_endpoint()
     collector = _Collector(ctx, frames_ep, audio_ep)
     proc = _start(cut, frames_ep, audio_ep, tmp_path / "replay.log", "--speed", "max", "--wait-timeout", "20")
     end = collector.run(timeout_s=90, proc=proc)
@@ -231,7 +225,7 @@ def test_truncated_file_logs_an_error_and_ends(tmp_path, ctx, suffix):
 def test_loop_continues_clock_and_audio(tmp_path):
     video = _make_video(tmp_path / "short.mkv", seconds=1.0, audio_rate=22050, channels=1)
     ctx = zmq.Context()
-    frames_ep, audio_ep = _free_endpoint(), _free_endpoint()
+    frames_ep, audio_ep = free_tcp_endpoint(), free_tcp_endpoint()
     collector = _Collector(ctx, frames_ep, audio_ep)
     source = ReplaySource(video, frames_ep, audio_ep, speed=4.0, loop=True, wait_timeout_s=20)
     result: dict = {}
@@ -273,7 +267,7 @@ def test_variable_frame_rate_is_paced_by_timestamps(tmp_path):
     container.close()
 
     ctx = zmq.Context()
-    frames_ep, audio_ep = _free_endpoint(), _free_endpoint()
+    frames_ep, audio_ep = free_tcp_endpoint(), free_tcp_endpoint()
     collector = _Collector(ctx, frames_ep, audio_ep)
     source = ReplaySource(path, frames_ep, audio_ep, speed=2.0, wait_timeout_s=20)
     worker = threading.Thread(target=source.run)
