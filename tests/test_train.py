@@ -62,6 +62,25 @@ def test_views_are_a_pure_function_of_seed_epoch_index(synth):
     np.testing.assert_allclose(a["wave_orig"].numpy(), wave[mid - 800 : mid + 800])
 
 
+def test_cached_validation_inputs_equal_what_test_evaluation_reads_from_the_files(synth, tmp_path):
+    """Model selection sees exactly the test path's pixels and samples (one resize, exact PCM16)."""
+    from types import SimpleNamespace
+
+    from avloc.train.evaluate import Evaluator
+
+    frontend, image = FrontEndConfig(window_seconds=0.1), ImageConfig(size=32)
+    loaded = SimpleNamespace(model=torch.nn.Identity(), frontend=frontend, image=image, method="ssl_align")
+    evaluator = Evaluator(loaded, synth, "val")  # only its input path is used here
+    source = evaluator.dataset
+    for cache_root in (None, tmp_path / "cache"):  # in memory, then written and memory-mapped back
+        split = load_split(synth, "val", frontend, image.size, cache_root)
+        split = load_split(synth, "val", frontend, image.size, cache_root)  # second call reads the cache
+        views = EvalViews(split, image, frontend)
+        for i, sid in enumerate(split.ids):
+            assert torch.equal(views[i]["image"], evaluator.image_tensor(source.image(sid)))
+            np.testing.assert_array_equal(split.wave(i), source.audio(sid))
+
+
 def test_sampler_shards_whole_batches_without_overlap():
     shards = [list(EpochSampler(50, 8, seed=0, rank=r, world=2)) for r in range(2)]
     assert all(len(s) == 24 for s in shards)  # 50 // 16 = 3 batches of 8 per rank

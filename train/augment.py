@@ -32,6 +32,15 @@ def cache_size(size: int) -> int:
     return int(size * CACHE_SCALE)
 
 
+def resize_square(frame: Tensor, size: int) -> Tensor:
+    """uint8 [3, H, W] -> [3, size, size]: bicubic with antialias (the reference loaders' PIL BICUBIC).
+
+    The one resize of evaluation frames and of the decoded-frame cache, so a cached validation frame is
+    exactly the frame the test evaluation computes from the file.
+    """
+    return v2.functional.resize(frame, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
 class RandomRot90(torch.nn.Module):
     """Rotate by k * 90 degrees, k uniform in {0, 1, 2, 3} (the paper's rotation augmentation)."""
 
@@ -61,7 +70,6 @@ class ImageViews:
                 v2.RandomGrayscale(p=0.2),
             ]
         )
-        self.eval_resize = v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
     def original(self, frame: Tensor) -> Tensor:
         return self.normalize(self.plain(frame))
@@ -72,7 +80,7 @@ class ImageViews:
     def evaluation(self, frame: Tensor) -> Tensor:
         """Frame of any size -> Resize((size, size)) bicubic -> normalized."""
         if tuple(frame.shape[-2:]) != (self.size, self.size):
-            frame = self.eval_resize(frame)
+            frame = resize_square(frame, self.size)
         return self.normalize(frame)
 
 

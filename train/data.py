@@ -1,8 +1,10 @@
 """Training data for SSL-Align: a decoded-once cache, the view-producing Dataset and NN positives.
 
 On a 2-core machine decoding JPEGs and WAVs every epoch is a large share of the step time, so a split
-is decoded once into a cache: frames resized to ``1.1 * image size`` (uint8, ``frames.npy``) and the
-clips as PCM16 (``audio.npy``, concatenated, with ``offsets.npy``). Audio stays a waveform because the
+is decoded once into a cache: frames resized to ``1.1 * image size`` (uint8, ``frames.npy``; the
+validation split to the image size, with the evaluation's own resize) and the clips as PCM16
+(``audio.npy``, concatenated, with ``offsets.npy``; scaled by 32768 as soundfile reads PCM16, so 16-bit
+sources round-trip exactly). Audio stays a waveform because the
 time-shift augmentation needs it; the spectrogram is computed per batch by the FrontEnd in the trainer
 (on the GPU when there is one).
 
@@ -21,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -31,11 +32,13 @@ from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig
 from avloc.core.datasets import AVDataset
 from avloc.core.errors import DataError, UserError
-from avloc.train.augment import ImageViews, center_window, shifted_window
+from avloc.train.augment import ImageViews, center_window, resize_square, shifted_window
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+PCM16_SCALE = 32768.0  # soundfile's float <-> PCM16 scale
+
+CACHE_VERSION = 2  # 2: frames resized bicubic (was INTER_AREA), PCM16 scale 32768 (was 32767)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -65,7 +68,7 @@ class DecodedSplit:
 
     def wave(self, index: int) -> np.ndarray:
         a, b = int(self.offsets[index]), int(self.offsets[index + 1])
-        return self.audio[a:b].astype(np.float32) / 32768.0
+        return self.audio[a:b].astype(np.float32) / PCM16_SCALE
 
     def frame(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.frames[index])).permute(2, 0, 1)
@@ -88,11 +91,12 @@ def _decode(source: AVDataset, frame_size: int) -> tuple[np.ndarray, list[np.nda
     waves = []
     for i, sid in enumerate(tqdm(source.ids, desc=f"decode {source.split}", unit="clip", leave=False)):
         # Square resize: boxes are normalized to the whole frame, and evaluation resizes to a square too.
-        frames[i] = cv2.resize(source.image(sid), (frame_size, frame_size), interpolation=cv2.INTER_AREA)
+        image = torch.from_numpy(np.ascontiguousarray(source.image(sid))).permute(2, 0, 1)
+        frames[i] = resize_square(image, frame_size).permute(1, 2, 0).numpy()
         wave = source.audio(sid)
         if wave.size == 0:
             raise DataError(source.root / "audio" / f"{sid}.wav", "clip holds no samples")
-        waves.append(np.round(np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.int16))
+        waves.append(np.clip(np.round(wave * PCM16_SCALE), -32768, 32767).astype(np.int16))
     return frames, waves
 
 
