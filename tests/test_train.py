@@ -72,9 +72,10 @@ def test_cached_validation_inputs_equal_what_test_evaluation_reads_from_the_file
     loaded = SimpleNamespace(model=torch.nn.Identity(), frontend=frontend, image=image, method="ssl_align")
     evaluator = Evaluator(loaded, synth, "val")  # only its input path is used here
     source = evaluator.dataset
-    for cache_root in (None, tmp_path / "cache"):  # in memory, then written and memory-mapped back
+    # in memory, then written to the cache (load_split returns the written cache memory-mapped back)
+    for cache_root in (None, tmp_path / "cache"):
         split = load_split(synth, "val", frontend, image.size, cache_root)
-        split = load_split(synth, "val", frontend, image.size, cache_root)  # second call reads the cache
+        assert (split.folder is None) == (cache_root is None)
         views = EvalViews(split, image, frontend)
         for i, sid in enumerate(split.ids):
             assert torch.equal(views[i]["image"], evaluator.image_tensor(source.image(sid)))
