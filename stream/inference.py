@@ -475,11 +475,10 @@ class InferenceWorker:
             while not stop.is_set():
                 heartbeat.maybe_send(self.heartbeat_stats())
                 events = dict(poller.poll(0 if self.pending else POLL_MS))
-                received = protocol.now()
                 if audio is not None and audio in events:
-                    self.take_audio(protocol.drain_latest(audio, rejects=self.audio_rejects), received)
+                    self.take_audio(*protocol.drain_stamped(audio, rejects=self.audio_rejects))
                 if frames in events:
-                    self.take_frames(protocol.drain_latest(frames, rejects=self.frame_rejects), received)
+                    self.take_frames(*protocol.drain_stamped(frames, rejects=self.frame_rejects))
                 if self.pending:
                     self.process_pending(pub)
                 else:

@@ -302,6 +302,18 @@ def drain_latest(
     return out
 
 
+def drain_stamped(
+    socket: zmq.Socket, *, rejects: RejectCounter | None = None, max_messages: int = 1000
+) -> tuple[list[Message], float]:
+    """``drain_latest`` plus the receive time, taken after the drain.
+
+    A stamp taken before draining can predate the send stamp of a message that arrived during the drain;
+    stamped after, every drained message's ``send`` <= ``received`` on the shared clock.
+    """
+    messages = drain_latest(socket, rejects=rejects, max_messages=max_messages)
+    return messages, now()
+
+
 class RejectCounter:
     """Counts rejected messages by reason and logs at most one line per ``interval_s`` per counter."""
 

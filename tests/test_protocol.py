@@ -8,6 +8,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,6 +177,38 @@ def test_recv_raises_without_counter_and_times_out(ctx):
     started = time.monotonic()
     assert protocol.recv(receiver, timeout_ms=100) is None
     assert time.monotonic() - started < 2.0
+
+
+def test_drain_stamped_never_receives_before_send(ctx):
+    # a sender keeps publishing while the receiver drains, so messages arrive during a drain; a receive
+    # stamp taken before draining would predate their send stamps (seen as a flaky end-to-end ordering check)
+    sender, receiver = _pair(ctx)
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        payload = np.zeros((64, 64, 3), np.uint8)
+        while not stop.is_set():
+            ts = {"send": protocol.now()}
+            protocol.send(sender, "frame", stream="cam0", seq=seq, ts=ts, arrays={"frame": payload})
+            seq += 1
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    drained = 0
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if not receiver.poll(100):
+                continue
+            messages, received = protocol.drain_stamped(receiver)
+            late = [m.ts["send"] - received for m in messages if m.ts["send"] > received]
+            assert not late, f"{len(late)} of {len(messages)} messages received before they were sent"
+            drained += len(messages)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert drained > 100  # the check above ran on real traffic
 
 
 def test_reject_counter_logs_at_most_once_per_interval(caplog):
