@@ -32,6 +32,11 @@ def cache_size(size: int) -> int:
     return int(size * CACHE_SCALE)
 
 
+def chw_tensor(image: np.ndarray) -> Tensor:
+    """uint8 HxWx3 array (as decoded) -> uint8 [3, H, W] tensor view, the layout the transforms take."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
 def resize_square(frame: Tensor, size: int) -> Tensor:
     """uint8 [3, H, W] -> [3, size, size]: bicubic with antialias (the reference loaders' PIL BICUBIC).
 

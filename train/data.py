@@ -32,7 +32,7 @@ from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig
 from avloc.core.datasets import AVDataset
 from avloc.core.errors import DataError, UserError
-from avloc.train.augment import ImageViews, center_window, resize_square, shifted_window
+from avloc.train.augment import ImageViews, center_window, chw_tensor, resize_square, shifted_window
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ def _decode(source: AVDataset, frame_size: int) -> tuple[np.ndarray, list[np.nda
     waves = []
     for i, sid in enumerate(tqdm(source.ids, desc=f"decode {source.split}", unit="clip", leave=False)):
         # Square resize: boxes are normalized to the whole frame, and evaluation resizes to a square too.
-        image = torch.from_numpy(np.ascontiguousarray(source.image(sid))).permute(2, 0, 1)
-        frames[i] = resize_square(image, frame_size).permute(1, 2, 0).numpy()
+        frames[i] = resize_square(chw_tensor(source.image(sid)), frame_size).permute(1, 2, 0).numpy()
         wave = source.audio(sid)
         if wave.size == 0:
             raise DataError(source.root / "audio" / f"{sid}.wav", "clip holds no samples")

@@ -72,7 +72,9 @@ class Evaluator:
 
     def image_tensor(self, image: np.ndarray) -> torch.Tensor:
         """RGB uint8 HxWx3 -> normalized [3,S,S] (Resize(size) bicubic, as training validation)."""
-        return self.image_views.evaluation(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        from avloc.train.augment import chw_tensor
+
+        return self.image_views.evaluation(chw_tensor(image))
 
     def window(self, wave: np.ndarray) -> np.ndarray:
         """The front-end window centred in the clip (tiled / zero-padded when shorter)."""

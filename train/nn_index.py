@@ -132,11 +132,10 @@ def model_features(
 
 def preprocess_images(images: list[np.ndarray], image_config: Any) -> torch.Tensor:
     """RGB uint8 HxWx3 -> [B,3,S,S] with the training evaluation transform (bicubic resize, normalize)."""
-    from avloc.train.augment import ImageViews
+    from avloc.train.augment import ImageViews, chw_tensor
 
     views = ImageViews(image_config)
-    return torch.stack([views.evaluation(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
-                        for img in images])
+    return torch.stack([views.evaluation(chw_tensor(img)) for img in images])
 
 
 # --- the index file ---------------------------------------------------------------------------------
