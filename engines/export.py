@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from avloc.core.checkpoint import LoadedModel, load_model, save_checkpoint
+from avloc.core.checkpoint import ImageConfig, LoadedModel, load_model, save_checkpoint
 from avloc.core.errors import UserError
 from avloc.engines.base import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
@@ -213,6 +213,20 @@ def _parity(
     return worst
 
 
+def image_manifest(image: ImageConfig, size: int) -> dict[str, Any]:
+    """The manifest's ``image`` section: what ``preprocess_frame`` does to a frame for an engine of ``size``."""
+    return {
+        "size": size,
+        "mean": list(image.mean),
+        "std": list(image.std),
+        "color": "RGB",
+        "layout": "NCHW",
+        "normalization": "x / 255, then (x - mean) / std per channel",
+        "resize": "to size x size, aspect not kept (cv2 INTER_AREA shrinking, INTER_LINEAR enlarging)",
+        "trained_size": image.size,
+    }
+
+
 def _io_spec(spec_shape: tuple[int, ...], image_size: int, graphs: EngineGraphs) -> dict[str, Any]:
     d = graphs.embed_dim
     h, w = graphs.feature_size
@@ -361,16 +375,7 @@ def _write_engine(
         "method": loaded.method,
         "model_config": loaded.model_config,
         "frontend": loaded.frontend.to_dict(),
-        "image": {
-            "size": size,
-            "mean": list(loaded.image.mean),
-            "std": list(loaded.image.std),
-            "color": "RGB",
-            "layout": "NCHW",
-            "normalization": "x / 255, then (x - mean) / std per channel",
-            "resize": "to size x size, aspect not kept (cv2 INTER_AREA shrinking, INTER_LINEAR enlarging)",
-            "trained_size": loaded.image.size,
-        },
+        "image": image_manifest(loaded.image, size),
         "embed_dim": graphs.embed_dim,
         "graphs": io_spec,
         "outputs": {

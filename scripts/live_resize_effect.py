@@ -19,6 +19,7 @@ from avloc.core.checkpoint import load_model
 from avloc.core.datasets import load_vggss_json
 from avloc.core.metrics import evaluate_maps
 from avloc.engines.base import preprocess_frame
+from avloc.engines.export import image_manifest
 from avloc.train.evaluate import Evaluator, peak_inside
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     items = [(i, i, i) for i in ids]  # each image with its own audio
 
     bicubic = evaluator.run(items, set(), 50).heatmaps
-    manifest = {"image": {"size": loaded.image.size, "mean": list(loaded.image.mean), "std": list(loaded.image.std)}}
+    manifest = {"image": image_manifest(loaded.image, loaded.image.size)}
     evaluator.image_tensor = lambda rgb: torch.from_numpy(  # the live path: BGR frame -> preprocess_frame
         preprocess_frame(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), manifest)
     )
