@@ -54,8 +54,14 @@ class FrontEndConfig:
     mel_n_fft: int = 512
     mel_win_length: int = 400  # 25 ms
     mel_hop_length: int = 160  # 10 ms
+    # Where the window sits relative to its frame's time: "end" = the window ends at the frame (what a live
+    # capture can do: only past audio exists), "center" = centred on it (the papers' loaders). One
+    # definition for training, evaluation, export and the inference worker (see frame_window).
+    anchor: Literal["end", "center"] = "end"
 
     def __post_init__(self) -> None:
+        if self.anchor not in ("end", "center"):
+            raise UserError(f"front-end anchor {self.anchor!r}: expected one of end, center")
         if self.kind not in ("linear", "mel", "fbank"):
             raise UserError(f"front-end kind {self.kind!r}: expected one of linear, mel, fbank")
         if self.sample_rate <= 0 or self.window_seconds <= 0:
@@ -162,6 +168,16 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     wave, sr = read_audio_file(path)
     # The reference loaders clip to [-1, 1] (resampling can overshoot slightly).
     return np.clip(resample(wave, sr, sample_rate), -1.0, 1.0)
+
+
+def frame_window(wave: np.ndarray, config: FrontEndConfig, frame_sample: int | None = None) -> np.ndarray:
+    """The window paired with the frame at sample ``frame_sample`` of ``wave`` (default: the clip's centre,
+    where a dataset's still frame is taken): ending there (``anchor: end``) or centred on it (``center``),
+    clamped inside the clip; tiled / zero-padded when the clip is shorter than the window."""
+    n = config.num_samples
+    t = wave.shape[-1] // 2 if frame_sample is None else int(frame_sample)
+    start = t - n if config.anchor == "end" else t - n // 2
+    return crop_window(wave, n, start=start, pad=config.pad_mode)
 
 
 def crop_window(

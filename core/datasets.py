@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from avloc.core.audio import FrontEnd, FrontEndConfig, crop_window, read_audio_file
+from avloc.core.audio import FrontEnd, FrontEndConfig, frame_window, read_audio_file
 from avloc.core.errors import DataError
 from avloc.core.media import probe_video, read_image, read_video_audio, read_video_frame
 
@@ -347,9 +347,8 @@ class AVDataset:
         return read_video_audio(self._video_or_error(id, path), self.frontend.sample_rate)
 
     def audio_window(self, id: str) -> np.ndarray:
-        """The front-end's window centred on the clip (the image is the clip's centre frame); tiled/padded."""
-        wave = self.audio(id)
-        return crop_window(wave, self.frontend.num_samples, center=len(wave) // 2, pad=self.frontend.pad_mode)
+        """The front-end's window for the clip's centre frame (the image), per ``frontend.anchor``; tiled/padded."""
+        return frame_window(self.audio(id), self.frontend)
 
     def spectrogram(self, id: str) -> np.ndarray:
         """[1, F, T] float32 of :meth:`audio_window`."""

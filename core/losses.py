@@ -64,20 +64,31 @@ def view_pairs(config: LossConfig) -> list[tuple[str, str]]:
 
 
 def info_nce(
-    logits: Tensor, offset: int = 0, symmetric: bool = False, column_logits: Tensor | None = None
+    logits: Tensor,
+    offset: int = 0,
+    symmetric: bool = False,
+    column_logits: Tensor | None = None,
+    negatives_mask: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy over rows of ``logits`` [N, K] with the positive of row i at column offset + i.
 
     ``symmetric`` adds the column-anchored term; ``column_logits`` [M, N_all] gives it when the rows
     of ``logits`` are not the whole batch (gathered negatives), otherwise it is ``logits.t()``.
+    ``negatives_mask`` [N, K] (True = not a negative: a known false negative) removes those columns from
+    row i's denominator (and, transposed, from the column-anchored term); never the positive itself.
     """
     n = logits.shape[0]
     targets = torch.arange(n, device=logits.device) + offset
-    loss = F.cross_entropy(logits.float(), targets)
+    logits = logits.float()
+    if negatives_mask is not None:
+        logits = logits.masked_fill(negatives_mask, float("-inf"))
+    loss = F.cross_entropy(logits, targets)
     if symmetric:
-        cols = logits.t() if column_logits is None else column_logits
+        cols = logits.t() if column_logits is None else column_logits.float()
+        if negatives_mask is not None and column_logits is not None:
+            cols = cols.masked_fill(negatives_mask.t(), float("-inf"))
         col_targets = torch.arange(cols.shape[0], device=logits.device) + offset
-        loss = loss + F.cross_entropy(cols.float(), col_targets)
+        loss = loss + F.cross_entropy(cols, col_targets)
     return loss
 
 
@@ -103,12 +114,17 @@ class SSLAlignLoss(torch.nn.Module):
         vmaps: dict[str, Tensor],
         audios: dict[str, Tensor],
         gather: Gather | None = None,
+        negatives_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``vmaps[view]`` [N, D, h, w] and ``audios[view]`` [N, D] for each view in the config.
 
+        ``negatives_mask`` [N, N]: known same-sound pairs (sample i, sample j) left out of i's negatives in
+        every pair's InfoNCE (local batch only: not with gathered negatives).
         Returns the summed loss and its parts (``sl/<v>-<a>``, ``sa/<v>-<a>``, detached) for logging.
         """
         cfg = self.config
+        if negatives_mask is not None and gather is not None:
+            raise UserError("train.false_negative_k needs local negatives; it cannot be used with gather_negatives")
         gather = gather or _no_gather
         missing = [v for v in cfg.positives if v not in vmaps or v not in audios]
         if missing:
@@ -133,7 +149,7 @@ class SSLAlignLoss(torch.nn.Module):
                 if cfg.symmetric:
                     all_v, _ = vmap_all[v]
                     cols = model.localization_similarity(all_v, audios[a]).t() * inv_tau
-                term = info_nce(logits, offset, cfg.symmetric, cols)
+                term = info_nce(logits, offset, cfg.symmetric, cols, negatives_mask)
                 parts[f"sl/{name}"] = term.detach()
                 total = total + term
             if cfg.use_sa:
@@ -143,7 +159,7 @@ class SSLAlignLoss(torch.nn.Module):
                 if cfg.symmetric:
                     all_pv, _ = pv_all[v]
                     cols = pa[a] @ all_pv.t() * inv_tau
-                term = info_nce(logits, offset, cfg.symmetric, cols)
+                term = info_nce(logits, offset, cfg.symmetric, cols, negatives_mask)
                 parts[f"sa/{name}"] = term.detach()
                 total = total + term
         return total, parts

@@ -15,7 +15,7 @@ Conventions (matching the reference code cited in docs/evaluation.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -222,6 +222,34 @@ def summarize_ciou(cious: Iterable[float]) -> dict[str, float]:
     }
 
 
+def bootstrap_interval(
+    values: Sequence[Any] | np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over items (test scenes): resample the items with
+    replacement ``n_boot`` times, recompute, take the central ``level`` mass. ``values`` is indexed by item
+    along its first axis (per-sample cIoUs, per-scene swap hits, ...)."""
+    items = np.asarray(values)
+    if len(items) == 0:
+        raise ValueError("no items to bootstrap")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(items), size=(n_boot, len(items)))
+    stats = np.array([statistic(items[d]) for d in draws])
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
+
+
+def ciou_ap50_of(values: np.ndarray) -> float:
+    return summarize_ciou(values)["ciou_ap50"]
+
+
+def auc_of(values: np.ndarray) -> float:
+    return summarize_ciou(values)["auc"]
+
+
 # --------------------------------------------------------------------------------------------
 # Cross-modal retrieval
 # --------------------------------------------------------------------------------------------
@@ -284,6 +312,52 @@ def _precision_recall(
     return precision, recall
 
 
+def f1_scores(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    """Harmonic mean of precision and recall per threshold; 0 where both are 0."""
+    p, r = np.asarray(precision, dtype=np.float64), np.asarray(recall, dtype=np.float64)
+    return np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1.0), 0.0)
+
+
+def detection_precision_recall(
+    thresholds: Sequence[float] | np.ndarray,
+    confidences: Sequence[float] | np.ndarray,
+    visible: Sequence[bool] | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall per threshold of detecting ``visible`` samples by ``confidence >= t``: the
+    Extended protocol's curve with every visible sample counted as well localized (a gate decides whether
+    the source is in view, not where)."""
+    conf = np.asarray(confidences, dtype=np.float64)
+    vis = np.asarray(visible, dtype=bool)
+    if conf.ndim != 1 or conf.shape != vis.shape:
+        raise ValueError(f"confidences and visible must be 1-D of one length: {conf.shape}, {vis.shape}")
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    return _precision_recall(thresholds, vis.astype(np.float64), conf, vis)
+
+
+def max_f1_threshold(
+    confidences: Sequence[float] | np.ndarray, visible: Sequence[bool] | np.ndarray
+) -> dict[str, float]:
+    """The max-F1 point of :func:`detection_precision_recall` over every distinct confidence as threshold:
+    ``threshold``, ``precision``, ``recall``, ``f1``. Of equally good thresholds the lowest is returned
+    (the fewest samples rejected)."""
+    conf = np.asarray(confidences, dtype=np.float64)
+    vis = np.asarray(visible, dtype=bool)
+    if conf.size == 0 or not vis.any():
+        raise ValueError("max_f1_threshold needs at least one visible sample")
+    if not np.isfinite(conf).all():
+        raise ValueError("confidences contain NaN or infinite values")
+    thresholds = np.unique(conf)  # ascending: argmax picks the lowest of tied thresholds
+    precision, recall = detection_precision_recall(thresholds, conf, vis)
+    f1 = f1_scores(precision, recall)
+    best = int(np.argmax(f1))
+    return {
+        "threshold": float(thresholds[best]),
+        "precision": float(precision[best]),
+        "recall": float(recall[best]),
+        "f1": float(f1[best]),
+    }
+
+
 def extended_metrics(
     cious: Sequence[float] | np.ndarray,
     confidences: Sequence[float] | np.ndarray,
@@ -313,8 +387,7 @@ def extended_metrics(
     precision_max = np.maximum.accumulate(precision[::-1])[::-1]
     ap = float(np.sum(precision_max[:-1] * np.diff(recall))) if precision.size > 1 else 0.0
     f1_thresholds = ordered[:: max(1, n // 10)]
-    p, r = _precision_recall(f1_thresholds, ciou_arr, conf, sound)
-    f1 = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1.0), 0.0)
+    f1 = f1_scores(*_precision_recall(f1_thresholds, ciou_arr, conf, sound))
     loc_acc = float(np.mean(ciou_arr[sound] >= SUCCESS_CIOU)) if sound.any() else float("nan")
     return {"ext_ap": ap, "ext_max_f1": float(f1.max()), "ext_loc_acc": loc_acc}
 

@@ -287,8 +287,13 @@ def export_engine(
     int8: bool = False,
     calibration: str | Path | None = None,
     force: bool = False,
+    gate_data: str | Path | None = None,
 ) -> Path:
-    """Export ``checkpoint`` to the engine directory ``out_dir`` (see module doc); returns ``out_dir``."""
+    """Export ``checkpoint`` to the engine directory ``out_dir`` (see module doc); returns ``out_dir``.
+
+    ``gate_data``: a dataset root whose val split calibrates the silence gate (``manifest["gate"]``, see
+    :mod:`avloc.engines.gate`); None writes no gate (the worker then never marks heatmaps ``not_visible``).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir}: already exists; pass --force to replace it")
@@ -296,6 +301,10 @@ def export_engine(
         raise UserError("--int8 needs --calibration DATASET_ROOT (real frames + audio to calibrate on)")
     if image_size is not None and image_size < 32:
         raise UserError(f"--image-size {image_size}: expected at least 32 pixels")
+    if gate_data is not None:
+        from avloc.engines.gate import check_gate_data
+
+        gate_data = check_gate_data(gate_data)  # before the export, which takes a while
     loaded = load_model(checkpoint, device="cpu")
     size = int(image_size or loaded.image.size)
     spec_shape = tuple(loaded.frontend.output_shape())
@@ -308,6 +317,8 @@ def export_engine(
         manifest = _write_engine(loaded, graphs, tmp, checkpoint, opset, size, spec_shape, int8, calibration)
         with open(tmp / MANIFEST_NAME, "w") as f:
             json.dump(manifest, f, indent=2)
+        if gate_data is not None:
+            _add_gate(tmp, manifest, gate_data)
         if out_dir.exists():  # --force: swap in the new directory, then drop the old one
             old = out_dir.with_name(out_dir.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -320,6 +331,22 @@ def export_engine(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _add_gate(engine_dir: Path, manifest: dict[str, Any], data: Path) -> None:
+    """Calibrate the silence gate with the exported engine itself (ONNX Runtime fp32, the default backend, so
+    the threshold is on exactly the confidence the worker reports) and rewrite the manifest with it."""
+    from avloc.engines.base import load_engine
+    from avloc.engines.gate import calibrate_engine, manifest_gate
+
+    with load_engine(engine_dir, backend="onnxruntime") as engine:
+        calibration = calibrate_engine(engine, data)
+    manifest["gate"] = manifest_gate(calibration, data)
+    log.info("gate: confidence >= %.4f is visible (val precision %.3f, recall %.3f, F1 %.3f; %d pos / %d neg)",
+             calibration.threshold, calibration.precision, calibration.recall, calibration.f1,
+             calibration.n_pos, calibration.n_neg)
+    with open(engine_dir / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 def _write_engine(
@@ -433,6 +460,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --int8: dataset root (split lists, frames/, audio/) whose frames and sounds calibrate it",
     )
+    parser.add_argument(
+        "--gate-data",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="dataset root whose val split calibrates the silence gate (max-F1 confidence threshold stored "
+        "in the manifest; the live worker marks heatmaps below it not_visible). Default: no gate",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -445,6 +480,7 @@ def main(args: argparse.Namespace) -> int:
         int8=args.int8,
         calibration=args.calibration,
         force=args.force,
+        gate_data=args.gate_data,
     )
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     parity = ", ".join(f"{k} {v:.1e}" for k, v in manifest["parity_max_abs_diff"].items())
@@ -452,4 +488,8 @@ def main(args: argparse.Namespace) -> int:
         f"engine written to {out} (method {manifest['method']}, image {manifest['image']['size']} px, "
         f"heatmap {manifest['outputs']['heatmap']['feature_size']}; ORT-vs-torch max abs diff: {parity})"
     )
+    if "gate" in manifest:
+        gate, val = manifest["gate"], manifest["gate"]["val"]
+        print(f"gate: confidence >= {gate['threshold']:.4f} is visible (val precision {val['precision']:.3f}, "
+              f"recall {val['recall']:.3f}, F1 {val['f1']:.3f}; {val['n_pos']} pos / {val['n_neg']} neg)")
     return 0

@@ -1,17 +1,19 @@
-"""Regenerate docs/results.md: SSL-Align vs its ablations on the stamps benchmark.
+"""Regenerate docs/results.md: the CPU recipe and SSL-Align's parts on the stamps benchmarks.
 
 Steps (each reused with --reuse when its output already exists):
-  1. the stamps benchmark (``avloc data stamps``) -> DATA
-  2. the nearest-neighbour index (EfficientNet-Lite0 images, YAMNet audio) -> DATA/nn.npz
-  3. ``avloc train`` for each run (configs/ssl_align.yaml = ``full``, configs/ablations/<name>.yaml) with
-     the CPU budget overrides (image size, width, audio window, epochs, batch size) -> OUT/<run>/best.pt
-  4. ``avloc eval --audio-swap`` for each run -> OUT/<run>/metrics_test.json
-  5. the markdown table -> docs/results.md
+  1. the benchmarks (``avloc data stamps``): BENCH (closed set; val/test = the README benchmark's) and
+     OPEN (``--unheard-frac 0.2``: a fifth of the categories only in test) -> DATA folders
+  2. their nearest-neighbour indexes (EfficientNet-Lite0 images, YAMNet audio) -> DATA/nn.npz
+  3. ``avloc train`` for each run of RUNS (a config + overrides, on one of the benchmarks) -> OUT/<run>/
+  4. ``avloc eval`` (test split, audio-swap, bootstrap intervals) -> OUT/<run>/metrics_test.json
+  5. baselines on the same test splits (random, centre prior, audio-blind objectness), the training
+     curves (PNG) and the markdown -> docs/results.md
 
-Runs in pieces, e.g. two trainings in parallel, then the report:
-  .venv/bin/python scripts/make_results.py --runs full --reuse
-  .venv/bin/python scripts/make_results.py --runs single_positive --reuse
-  .venv/bin/python scripts/make_results.py --runs full,single_positive --reuse --report-only
+Runs in pieces, e.g. two trainings at once (one core each), then the report:
+  .venv/bin/python scripts/make_results.py --runs pair_full --reuse &
+  .venv/bin/python scripts/make_results.py --runs pair_single_positive --reuse
+  .venv/bin/python scripts/make_results.py --reuse --report-only
+tests/test_make_results.py runs it end to end on a tiny synthetic benchmark with a tiny run.
 """
 
 from __future__ import annotations
@@ -27,70 +29,76 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("make_results")
 
 FINDINGS = "## Findings"  # hand-written section (from --notes) kept across regenerations
-RUN_CONFIGS = {"full": "configs/ssl_align.yaml"}  # anything else: configs/ablations/<name>.yaml
-RUN_DESCRIPTIONS = {
-    "full": "SSL-Align: s_L + s_A, positives {orig, aug, NN}^2 (9 pairs)",
-    "single_positive": "EZ-VSL-like: s_L only, original pair only",
-    "semantic": "s_L + s_A, positives {orig, NN}",
-    "semantic_multiview": "s_L only, positives {orig, aug, NN}",
-    "semantic_align": "s_L + s_A, positives {orig, NN} (Table 8 row)",
-    "multiview": "s_L only, positives {orig, aug}",
-    "multiview_align": "s_L + s_A, positives {orig, aug}",
-    "align_only": "s_L + s_A, original pair only (Table 8: alignment alone)",
+BENCHMARKS = {  # name -> `avloc data stamps` arguments (after --out)
+    "bench": ["--n-train", "10000", "--n-val", "200", "--n-test", "300", "--distractors", "2",
+              "--silent-frac", "0.2", "--seed", "1"],
+    "open": ["--n-train", "6000", "--n-val", "200", "--n-test", "300", "--distractors", "2",
+             "--silent-frac", "0.2", "--unheard-frac", "0.2", "--seed", "1"],
 }
-COLUMNS = [  # (metrics key, header)
-    ("median/ciou_ap50", "med cIoU@50"),
-    ("median/ciou_mean", "med mean cIoU"),
-    ("median/auc", "med AUC"),
-    ("adaptive/ciou_ap50", "adp cIoU@50"),
-    ("adaptive/ciou_mean", "adp mean cIoU"),
-    ("adaptive/auc", "adp AUC"),
-    ("map/a2i_r1", "R@1 A→I"),
-    ("map/i2a_r1", "R@1 I→A"),
-    ("proj/a2i_r1", "R@1 A→I (s_A)"),
-    ("proj/i2a_r1", "R@1 I→A (s_A)"),
-    ("adaptive/ext_ap", "Ext AP"),
-    ("adaptive/ext_max_f1", "Ext max-F1"),
-    ("audio_swap_acc", "audio-swap acc"),
-    ("audio_swap_scene_acc", "swap scenes all right"),
-    ("audio_swap_on_any_object", "swap peak on some object"),
-    ("audio_swap_peak_moves", "swap peak moves"),
+INDEX_K = 200
+# Equal wall-clock comparisons: each run alone on the machine (2 threads) for the same number of minutes.
+PAIR = ["train.budget_minutes=8"]
+
+
+@dataclass(frozen=True)
+class Run:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    data: str = "bench"  # which benchmark it trains and is tested on
+    description: str = ""
+    group: str = "recipe"  # report section: recipe | pair | open
+
+
+FULL = ["loss.positives=[orig,aug,nn]"]
+RUNS = {
+    "cpu": Run("configs/cpu.yaml", [], "bench",
+               "configs/cpu.yaml: s_L + s_A, original pair, same-sound negatives masked, cosine lr, 28 min budget"),
+    "pair_cpu": Run("configs/cpu.yaml", PAIR, "bench", "the CPU recipe (= `align_only` + masking + cosine)",
+                    "pair"),
+    "pair_full": Run("configs/cpu.yaml", [*PAIR, *FULL], "bench",
+                     "SSL-Align: positives {orig, aug, NN}^2 (9 pairs), NN visual from audio neighbours", "pair"),
+    "pair_single_positive": Run("configs/cpu.yaml", [*PAIR, "loss.use_sa=false"], "bench",
+                                "EZ-VSL-like: s_L only, original pair", "pair"),
+    "pair_full_nn_image": Run("configs/cpu.yaml", [*PAIR, *FULL, "train.nn_visual=image"], "bench",
+                              "`pair_full` with the NN visual positive from image neighbours (the paper's)", "pair"),
+    "pair_cpu_no_mask": Run("configs/cpu.yaml", [*PAIR, "train.false_negative_k=0"], "bench",
+                            "`pair_cpu` without same-sound masking", "pair"),
+    "open_cpu": Run("configs/cpu.yaml", PAIR, "open",
+                    "the CPU recipe, 8 min, on the open-set benchmark", "open"),
+}
+GROUPS = {  # report section -> (title, columns)
+    "recipe": "The CPU recipe (closed set, 2 cores, ≤ 30 min)",
+    "pair": "Equal wall-clock: SSL-Align's parts (closed set, 8 min each on 2 cores, one run at a time)",
+    "open": "Heard and unheard categories (open set)",
+}
+MAIN_COLUMNS = [  # (metrics key, header, with interval)
+    ("adaptive/ciou_ap50", "adp cIoU@50", True),
+    ("adaptive/auc", "adp AUC", True),
+    ("median/ciou_ap50", "med cIoU@50", False),
+    ("audio_swap_acc", "audio-swap", True),
+    ("audio_swap_scene_acc", "all objects found", True),
+    ("adaptive/ext_ap", "Ext AP", False),
+    ("map/a2i_r1", "R@1 A→I", False),
 ]
-
-
-def config_path(run: str) -> Path:
-    rel = RUN_CONFIGS.get(run, f"configs/ablations/{run}.yaml")
-    path = REPO / rel
-    if not path.is_file():
-        known = ["full"] + sorted(p.stem for p in (REPO / "configs/ablations").glob("*.yaml"))
-        raise SystemExit(f"make_results: run {run!r}: {path} not found; known runs: {', '.join(known)}")
-    return path
-
-
-def budget_overrides(args: argparse.Namespace) -> list[str]:
-    """The CPU budget: smaller input, narrower ResNet18s, a shorter audio window, few epochs."""
-    return [
-        f"image.size={args.image_size}",
-        f"model.width={args.width}",
-        f"frontend.window_seconds={args.window_seconds}",
-        f"train.epochs={args.epochs}",
-        f"optim.lr={args.lr}",
-        f"train.batch_size={args.batch_size}",
-        f"train.num_workers={args.num_workers}",
-        f"train.threads={args.threads}",
-        f"train.seed={args.train_seed}",
-        "train.nn_index=nn.npz",
-        f"train.nn_k={args.nn_k}",
-    ]
+OPEN_COLUMNS = [
+    ("heard/adaptive/ciou_ap50", "heard adp cIoU@50", False),
+    ("unheard/adaptive/ciou_ap50", "unheard adp cIoU@50", False),
+    ("heard/audio_swap_acc", "heard audio-swap", False),
+    ("unheard/audio_swap_acc", "unheard audio-swap", False),
+    ("adaptive/ciou_ap50", "all adp cIoU@50", True),
+    ("audio_swap_acc", "all audio-swap", True),
+]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -101,52 +109,46 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _py() -> str:
+    return ".venv/bin/python"
+
+
 # --- steps ------------------------------------------------------------------------------------------
 
 
-def ensure_data(args: argparse.Namespace) -> Path:
-    data = Path(args.data)
-    if (data / "meta.json").is_file() and args.reuse:
-        log.info("reusing dataset %s", data)
-        return data
-    from avloc.core.stamps import make_stamps
-
-    log.info("generating the stamps benchmark into %s", data)
-    make_stamps(data, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                distractors=args.distractors, silent_frac=args.silent_frac, workers=args.workers,
-                overwrite=not args.reuse, progress=True)
-    return data
+def data_command(name: str, root: Path) -> list[str]:
+    return [_py(), "-m", "avloc", "data", "stamps", "--out", str(root), *BENCHMARKS[name]]
 
 
-def ensure_index(data: Path, args: argparse.Namespace) -> dict[str, Any]:
-    path = data / "nn.npz"
-    if path.is_file() and args.reuse:
-        from avloc.train.nn_index import load_index
-
-        log.info("reusing %s", path)
-        return load_index(path).meta
-    from avloc.train.nn_index import build_index, save_index
-
-    started = time.perf_counter()
-    index = build_index(data, "effnet-lite0", "yamnet", k=args.k)
-    index.meta["seconds"] = round(time.perf_counter() - started, 1)
-    save_index(path, index)
-    return index.meta
+def index_command(root: Path) -> list[str]:
+    return [_py(), "-m", "avloc", "index", "build", "--data", str(root), "--k", str(INDEX_K),
+            "--out", str(root / "nn.npz")]
 
 
-def train_command(run: str, data: Path, out: Path, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "avloc", "train", "--config", str(config_path(run).relative_to(REPO)),
-            "--data", str(data), "--out", str(out), *budget_overrides(args)]
+def ensure_data(name: str, root: Path, reuse: bool) -> Path:
+    if not ((root / "meta.json").is_file() and reuse):
+        cmd = data_command(name, root) + ([] if reuse else ["--overwrite"])
+        log.info("%s", shlex.join(cmd))
+        subprocess.run(cmd, cwd=REPO, check=True)
+    if not ((root / "nn.npz").is_file() and reuse):
+        log.info("%s", shlex.join(index_command(root)))
+        subprocess.run(index_command(root), cwd=REPO, check=True)
+    return root
 
 
-def ensure_trained(run: str, data: Path, args: argparse.Namespace) -> Path:
-    out = Path(args.out_dir) / run
-    best = out / "best.pt"
-    done = out / "train_done.json"
-    if args.reuse and done.is_file() and best.is_file():
+def train_command(run: str, data: Path, out: Path) -> list[str]:
+    spec = RUNS[run]
+    return [_py(), "-m", "avloc", "train", "--config", spec.config, "--data", str(data), "--out", str(out),
+            *spec.overrides]
+
+
+def ensure_trained(run: str, data: Path, out_dir: Path, reuse: bool) -> Path:
+    out = out_dir / run
+    best, done = out / "best.pt", out / "train_done.json"
+    if reuse and done.is_file() and best.is_file():
         log.info("reusing trained run %s", out)
         return best
-    cmd = train_command(run, data, out, args)
+    cmd = train_command(run, data, out)
     if (out / "last.pt").is_file():
         cmd.insert(cmd.index("--out") + 2, "--resume")  # continue an interrupted run exactly
     log.info("training %s: %s", run, shlex.join(cmd))
@@ -157,32 +159,30 @@ def ensure_trained(run: str, data: Path, args: argparse.Namespace) -> Path:
     return best
 
 
-def ensure_evaluated(run: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def ensure_evaluated(run_dir: Path, data: Path, reuse: bool) -> dict[str, Any]:
     from avloc.train.evaluate import evaluate_checkpoint, write_json_atomic
 
-    out = Path(args.out_dir) / run
-    best = out / "best.pt"
-    path = out / "metrics_test.json"
-    if args.reuse and path.is_file() and path.stat().st_mtime >= best.stat().st_mtime:
+    best, path = run_dir / "best.pt", run_dir / "metrics_test.json"
+    if reuse and path.is_file() and path.stat().st_mtime >= best.stat().st_mtime:
         return json.loads(path.read_text())
     metrics = evaluate_checkpoint(best, data, "test", audio_swap=True, batch_size=32,
-                                  grid=out / "grid_test.png", swap_examples=out / "audio_swap_examples",
+                                  grid=run_dir / "grid_test.png", swap_examples=run_dir / "audio_swap_examples",
                                   device="cpu")
     write_json_atomic(path, metrics)
     return metrics
 
 
-# --- the report -------------------------------------------------------------------------------------
+# --- baselines --------------------------------------------------------------------------------------
 
 
 def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Reference rows on the same test set with the same protocol: a random heatmap and a centre prior
-    (a Gaussian bump in the middle: what a saliency-free "object is usually central" guess scores)."""
-    import numpy as np
-
-    from avloc.core.datasets import load_silent_csv, load_vggss_json, read_labels, read_split
-    from avloc.core.metrics import evaluate_maps
-    from avloc.train.evaluate import BINARIZE_MODES, peak_inside, swap_scenes
+    """Reference rows on the same test set with the same protocol and the same bootstrap: a random heatmap,
+    a centre prior (a Gaussian bump in the middle), and an audio-blind objectness map (EfficientNet-Lite0
+    ImageNet feature norm: finds objects, cannot know which one sounds)."""
+    from avloc.core.datasets import AVDataset, load_silent_csv, load_vggss_json, read_labels, read_split
+    from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps
+    from avloc.train.encoders import load_effnet_lite0, objectness_maps
+    from avloc.train.evaluate import BINARIZE_MODES, peak_inside, swap_intervals, swap_scenes
 
     ids = read_split(data, "test")
     annotations = {i: a for i, a in load_vggss_json(data / "test.json").items() if i in set(ids)}
@@ -192,86 +192,104 @@ def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
     size = 56
     yy, xx = np.mgrid[0:size, 0:size]
     centre = np.exp(-(((xx + 0.5) / size - 0.5) ** 2 + ((yy + 0.5) / size - 0.5) ** 2) / (2 * 0.2**2))
+    dataset = AVDataset(data, "test")
+    effnet = load_effnet_lite0()
+    objectness: dict[str, np.ndarray] = {}
+    keys = [*annotations, *silent]
+    for start in range(0, len(keys), 32):
+        chunk = keys[start : start + 32]
+        for k, m in zip(chunk, objectness_maps([dataset.image(k) for k in chunk], effnet)):
+            objectness[k] = m
+    random_maps = {k: rng.random((size, size)) for k in keys}
     scenes = swap_scenes(annotations, ids)
-    objects = [o for objs in scenes.values() for o in objs]
     labels = read_labels(data)
     test_labels = [labels[i] for i in ids]
     # a random ranking's top-1 has the query's class with probability (class count / N)
     chance_r1 = float(np.mean([test_labels.count(c) / len(ids) for c in test_labels]))
+    groups = {g: set(read_split(data, f"test_{g}")) for g in ("heard", "unheard")
+              if (data / f"test_{g}.txt").is_file()}
     out: dict[str, dict[str, Any]] = {}
-    makers = (("random heatmap", lambda: rng.random((size, size))), ("centre prior", lambda: centre))
+    makers = (("random heatmap", random_maps.__getitem__), ("centre prior", lambda _k: centre),
+              ("objectness (audio-blind)", objectness.__getitem__))
     for name, make in makers:
-        maps = {k: make() for k in [*annotations, *silent]}
+        maps = {k: make(k) for k in keys}
         row: dict[str, Any] = {}
         for mode in BINARIZE_MODES:
-            res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode)
+            res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode, per_sample=True)
+            per = res.pop("per_sample")
             row.update({f"{mode}/{k}": v for k, v in res.items()})
+            cious = np.array([v["ciou"] for v in per.values() if v["sounding"]])
+            row[f"{mode}/ciou_ap50_ci"] = list(bootstrap_interval(cious, ciou_ap50_of))
+            row[f"{mode}/auc_ci"] = list(bootstrap_interval(cious, auc_of))
+            for group, members in groups.items():
+                subset = {i: annotations[i] for i in annotations if i in members}
+                if subset:
+                    g = evaluate_maps({i: maps[i] for i in subset}, subset, binarize=mode)
+                    row[f"{group}/{mode}/ciou_ap50"] = g["ciou_ap50"]
+        # the same map whatever is heard: a pair is right when that map's peak is in the heard object's box
+        per_scene = {sid: [peak_inside(np.asarray(make(sid)), o.bbox) for o in objs] for sid, objs in scenes.items()}
+        if per_scene:
+            pairs = [h for v in per_scene.values() for h in v]
+            row["audio_swap_acc"] = float(np.mean(pairs))
+            row["audio_swap_scene_acc"] = float(np.mean([all(v) for v in per_scene.values()]))
+            row.update(swap_intervals(per_scene))
+            for group, members in groups.items():
+                rows = [v for sid, v in per_scene.items() if sid in members]
+                if rows:
+                    row[f"{group}/audio_swap_acc"] = float(np.mean([h for v in rows for h in v]))
         out[name] = row
-    # random peak: inside with probability = the box's area; centre prior: inside iff the box holds the centre
-    if objects:
-        areas = [np.prod(np.clip(o.bbox[2:], 0, 1) - np.clip(o.bbox[:2], 0, 1)) for o in objects]
-        out["random heatmap"]["audio_swap_acc"] = float(np.mean(areas))
-        out["centre prior"]["audio_swap_acc"] = float(np.mean([peak_inside(centre, o.bbox) for o in objects]))
-        # every object of the scene found when heard: a static map can only do that where all boxes overlap
-        area = [[np.prod(np.clip(o.bbox[2:], 0, 1) - np.clip(o.bbox[:2], 0, 1)) for o in objs]
-                for objs in scenes.values()]
-        out["random heatmap"]["audio_swap_scene_acc"] = float(np.mean([np.prod(a) for a in area]))
-        out["centre prior"]["audio_swap_scene_acc"] = float(
-            np.mean([all(peak_inside(centre, o.bbox) for o in objs) for objs in scenes.values()])
-        )
-    for key in ("map/a2i_r1", "map/i2a_r1", "proj/a2i_r1", "proj/i2a_r1"):
+    for key in ("map/a2i_r1", "map/i2a_r1"):
         out["random heatmap"][key] = chance_r1
     return out
 
 
+# --- the report -------------------------------------------------------------------------------------
+
+
 def training_stats(run_dir: Path) -> dict[str, Any]:
-    """Samples/s (mean over epochs), train wall time, epochs and best epoch from the run's files."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    stats: dict[str, Any] = {"epochs": len(records)}
+    """Steps, epochs, samples/s, minutes (training + validation) and the selected epoch from the run's files."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stats: dict[str, Any] = {"records": records}
     if records:
-        stats["samples_per_s"] = sum(r["samples_per_s"] for r in records) / len(records)
-        stats["train_seconds"] = sum(r["train_seconds"] for r in records)
-        vals = [(r.get("val/ciou_ap50", -1.0), r["epoch"]) for r in records]
-        stats["best_epoch"] = max(vals)[1] + 1
+        stats["steps"] = records[-1]["step"]
+        stats["samples_per_s"] = float(np.mean([r["samples_per_s"] for r in records]))
+        stats["minutes"] = records[-1].get("elapsed_s", sum(r["train_seconds"] for r in records)) / 60
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        import yaml
+
+        cfg = yaml.safe_load(config_path.read_text())
+        stats["batch_size"] = cfg["train"]["batch_size"]
+    best = run_dir / "best.pt"
+    if best.is_file():
+        from avloc.core.checkpoint import read_checkpoint
+
+        stats["best_epoch"] = read_checkpoint(best)["epoch"]
     done = run_dir / "train_done.json"
     if done.is_file():
         stats.update(json.loads(done.read_text()))
     return stats
 
 
-def index_quality(data: Path, k: int) -> str:
-    """How often the NN positives share the sample's class (labels.csv), per modality, top-1 and top-k."""
-    import numpy as np
-
+def index_quality(data: Path, ks: tuple[int, ...] = (1, 10, 100)) -> str:
+    """How often the NN visual positive shares the sample's class (labels.csv), per source."""
     from avloc.core.datasets import read_labels
+    from avloc.train.data import visual_positive_candidates
     from avloc.train.nn_index import load_index
 
     index = load_index(data / "nn.npz")
     labels = read_labels(data)
     y = np.array([labels[i] for i in index.ids])
     chance = float(np.mean([np.mean(y == c) for c in y]))
-    parts = []
-    for name, table in (("image", index.image_nn), ("audio", index.audio_nn)):
-        top1 = float(np.mean(y[table[:, 0]] == y))
-        topk = float(np.mean(y[table[:, :k]] == y[:, None]))
-        parts.append(f"{name} {top1:.2f} / {topk:.2f}")
-    return f"same-class rate of the top-1 / top-{k} neighbours: {', '.join(parts)} (chance {chance:.3f})"
-
-
-def run_budget(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The settings a run was trained with (its resolved config.yaml), else those asked for now."""
-    budget = {"image_size": args.image_size, "width": args.width, "window_seconds": args.window_seconds,
-              "batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr, "nn_k": args.nn_k}
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        import yaml
-
-        cfg = yaml.safe_load(path.read_text())
-        budget.update(image_size=cfg["image"]["size"], width=cfg["model"]["width"],
-                      window_seconds=cfg["frontend"]["window_seconds"], batch_size=cfg["train"]["batch_size"],
-                      epochs=cfg["train"]["epochs"], lr=cfg["optim"]["lr"], nn_k=cfg["train"]["nn_k"])
-    return budget
+    lines = ["| NN visual positive from | " + " | ".join(f"top-{k}" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for source in ("image", "audio", "intersection"):
+        cells = []
+        for k in ks:
+            rows = visual_positive_candidates((index.image_nn[:, :k], index.audio_nn[:, :k]), source)
+            cells.append(f"{np.mean([np.mean(y[r] == y[i]) for i, r in enumerate(rows)]):.3f}")
+        lines.append(f"| {source} neighbours | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n(same-class rate; chance {chance:.3f}; {len(y)} train clips)"
 
 
 def _fmt(value: Any) -> str:
@@ -280,10 +298,54 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def _cell(metrics: dict[str, Any], key: str, interval: bool) -> str:
+    value = metrics.get(key)
+    ci = metrics.get(f"{key}_ci")
+    if interval and value is not None and ci:
+        return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return _fmt(value)
+
+
+def table(rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]], columns: list[tuple[str, str, bool]]) -> str:
+    headers = [h for _, h, _ in columns] + ["train min", "steps × batch", "samples/s", "selected epoch"]
+    lines = ["| run | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    for name, m, t in rows:
+        cells = [_cell(m, k, ci) for k, _, ci in columns]
+        if t is None:
+            cells += ["", "", "", ""]
+        else:
+            cells += [f"{t.get('minutes', 0):.1f}", f"{t.get('steps')} × {t.get('batch_size')}",
+                      _fmt(t.get("samples_per_s")), _fmt(t.get("best_epoch"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, runs: dict[str, dict[str, Any]]) -> None:
+    """Val adaptive cIoU@50 and val audio-swap against training minutes, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, result in runs.items():
+        records = [r for r in result["train"].get("records", []) if "val/ciou_ap50" in r]
+        minutes = [r.get("elapsed_s", 0) / 60 for r in records]
+        axes[0].plot(minutes, [r["val/ciou_ap50"] for r in records], marker="o", label=name)
+        axes[1].plot(minutes, [r.get("val/audio_swap_acc", np.nan) for r in records], marker="o", label=name)
+    for ax, title in zip(axes, ("val adaptive cIoU@50", "val audio-swap accuracy")):
+        ax.set_xlabel("training minutes (validation included)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def area_table(meta: dict[str, Any]) -> str:
     areas = meta.get("sounding_box_area_fraction", {})
-    if not areas:
-        return "(no area statistics in meta.json)"
     keys = sorted({k for v in areas.values() for k in v})
     lines = ["| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for split, stats in areas.items():
@@ -291,101 +353,62 @@ def area_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, data: Path, runs: list[str], results: dict[str, dict[str, Any]],
-                 index_meta: dict[str, Any] | None, args: argparse.Namespace, argv: list[str]) -> None:
-    meta = json.loads((data / "meta.json").read_text())
-    counts = meta.get("counts", {})
-    headers = [h for _, h in COLUMNS] + ["train samples/s", "train time", "epochs (best)"]
-    header = "| run | " + " | ".join(headers) + " |"
-    lines = [header, "|---|" + "---|" * (len(COLUMNS) + 3)]
-    for name, m in baseline_metrics(data).items():
-        lines.append(f"| *{name}* | " + " | ".join(_fmt(m.get(k)) for k, _ in COLUMNS) + " | | | |")
-    for run in runs:
-        if run not in results:
+def write_report(path: Path, datas: dict[str, Path], results: dict[str, dict[str, Any]],
+                 baselines: dict[str, dict[str, dict[str, Any]]], out_dir: Path, argv: list[str]) -> None:
+    device = "CPU, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    this_call = shlex.join([_py(), "scripts/make_results.py", *argv])
+    figures = path.parent / "results"
+    sections = []
+    for group, title in GROUPS.items():
+        runs = {r: res for r, res in results.items() if RUNS[r].group == group}
+        bench = "open" if group == "open" else "bench"
+        columns = OPEN_COLUMNS if group == "open" else MAIN_COLUMNS
+        if bench not in datas or not runs:
             continue
-        m, t = results[run]["metrics"], results[run]["train"]
-        wall = t.get("train_seconds")  # training loops only (validation excluded), robust to --resume
-        wall_text = f"{wall / 60:.1f} min" if wall is not None else "–"
-        cells = [_fmt(m.get(k)) for k, _ in COLUMNS]
-        cells += [_fmt(t.get("samples_per_s")), wall_text, f"{t.get('epochs')} ({t.get('best_epoch')})"]
-        lines.append(f"| `{run}` | " + " | ".join(cells) + " |")
-    first = next(iter(results.values()), None)
-    n_swap = first["metrics"].get("audio_swap_n_pairs") if first else None
-    n_swap_scenes = first["metrics"].get("audio_swap_n_scenes") if first else None
-    device = "CPU (no GPU in this session)" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    cmd = shlex.join([
-        ".venv/bin/python", "scripts/make_results.py", "--runs", ",".join(runs), "--data", str(data),
-        "--epochs", str(args.epochs), "--image-size", str(args.image_size), "--width", str(args.width),
-        "--window-seconds", str(args.window_seconds), "--batch-size", str(args.batch_size),
-        "--lr", str(args.lr), "--nn-k", str(args.nn_k),
-    ])
-    this_call = shlex.join([".venv/bin/python", "scripts/make_results.py", *argv])
-    train_cmds = []
-    for r in runs:
-        if r in results:
-            asked = shlex.join(train_command(r, data, Path(args.out_dir) / r, args))
-            train_cmds.append(results[r]["train"].get("command") or asked)
-    train_cmds = [c.replace(sys.executable, ".venv/bin/python") for c in train_cmds]
-    budget = run_budget(Path(args.out_dir) / next(iter(results)), args) if results else {}
-    text = f"""# Results: SSL-Align on the stamps benchmark
+        meta = json.loads((datas[bench] / "meta.json").read_text())
+        rows = [(f"*{name}*", m, None) for name, m in baselines.get(bench, {}).items()]
+        rows += [(f"`{r}`", res["metrics"], res["train"]) for r, res in runs.items()]
+        curve = figures / f"curves_{group}.png"
+        if runs:
+            plot_curves(curve, runs)
+        commands = "\n".join(shlex.join(train_command(r, datas[bench], out_dir / r)) for r in runs)
+        counts = meta.get("counts", {})
+        sections.append(f"""## {title}
 
-Regenerated by `scripts/make_results.py` on {dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
-({device}, {platform.machine()}, torch {torch.__version__}, {os.cpu_count()} CPU cores shared with other
-jobs).
-
-```
-{cmd}
-```
-(runs can be made in pieces, e.g. one process per `--runs NAME --reuse`, then `--report-only --reuse`;
-this file was written by `{this_call}`)
-
-## Benchmark
-
-`avloc data stamps` (tuxpaint real photo cut-outs with their real recordings), seed {meta.get("seed")}:
-{counts.get("train")} train / {counts.get("val")} val / {counts.get("test")} test scenes +
-{counts.get("silent", 0)} silent scenes (Extended protocol),
-{meta.get("params", {}).get("distractors")} silent distractor objects per scene,
-{len(meta.get("categories", []))} categories, images {meta.get("image_size")}, clips
-{meta.get("clip_seconds")} s at {meta.get("sample_rate")} Hz. Sounding-box area as a fraction of the image:
+Benchmark `{datas[bench]}`: `{shlex.join(data_command(bench, datas[bench]))}` — {counts.get("train")} train /
+{counts.get("val")} val / {counts.get("test")} test scenes + {counts.get("silent", 0)} silent (Extended),
+{len(meta.get("categories", []))} categories{f", unheard in train/val: {len(meta.get('unheard', []))}"
+if meta.get("unheard") else ""}. NN index: `{shlex.join(index_command(datas[bench]))}`.
+Sounding-box area as a fraction of the image:
 
 {area_table(meta)}
 
-Under `median` binarization half the map is predicted, so cIoU <= 2 x the box's area fraction:
-{_fmt(first["metrics"].get("median/median_capped") if first else None)} of the test boxes are too small
-to ever reach cIoU 0.5 under it, which is why the `adaptive` columns (top-|G| pixels) are the informative
-ones here (see docs/evaluation.md).
+{index_quality(datas[bench]) if (datas[bench] / "nn.npz").is_file() else ""}
 
-NN positives: `{data}/nn.npz` from `avloc index build --image-encoder effnet-lite0 --audio-encoder yamnet`
-(k={index_meta.get("k") if index_meta else "?"}, {index_meta.get("n") if index_meta else "?"} train ids);
-{index_quality(data, budget["nn_k"]) if (data / "nn.npz").is_file() else ""}.
+Test split (bootstrap 95 % intervals over test scenes, 2000 resamples, in brackets):
 
-## Table
+{table(rows, columns)}
 
-CPU budget (the paper trains 224 px, ResNet18 width 64, 3 s audio, batch 128, many epochs on GPUs;
-**the paper's 224 px setting was not run: no GPU in this session**): image {budget["image_size"]} px,
-ResNet18 width {budget["width"]} ({8 * budget["width"]}-d embeddings), {budget["window_seconds"]} s audio
-window (linear spectrogram), batch {budget["batch_size"]}, {budget["epochs"]} epochs, Adam lr
-{budget["lr"]:g} (paper 1e-4) / wd 1e-4,
-NN positives drawn from the top {budget["nn_k"]} (paper: 1000 of ~144k clips), model selection on
-val `adaptive` cIoU@50. Test split, {first["metrics"].get("n") if first else "?"} scenes; retrieval uses
-class labels (a hit = any of the top-k has the query's class); `s_A` columns use the alignment
-projections, the others the localization space; Extended AP / max-F1 with `adaptive`; audio-swap =
-fraction of (image, one object's recording) pairs whose heatmap peak is inside that object's box
-({n_swap} pairs in {n_swap_scenes} test scenes with 2+ objects that have recordings).
+{chr(10).join(f"- `{r}`: {RUNS[r].description}" for r in runs)}
 
-{chr(10).join(lines)}
-
-Runs: {"; ".join(f"`{r}` = {RUN_DESCRIPTIONS.get(r, r)}" for r in runs if r in results)}.
-
-Training commands (run directories under `{args.out_dir}`):
+Training curves (val, every epoch): ![curves]({curve.relative_to(path.parent)})
 
 ```
-{chr(10).join(c for c in train_cmds if c)}
+{commands}
 ```
-"""
-    if args.notes and Path(args.notes).is_file():
-        text += "\n" + Path(args.notes).read_text()
-    elif path.is_file() and FINDINGS in path.read_text():  # keep the hand-written findings when regenerating
+""")
+    text = f"""# Results: localization on the stamps benchmarks
+
+Regenerated by `{this_call}` on {dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+({device}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).
+Columns: `adp` = adaptive binarization (the top-|G| pixels; `median` caps cIoU at 2 × the box's area
+fraction, see docs/evaluation.md), audio-swap = fraction of (image, one object's recording) pairs whose
+heatmap peak lies in that object's box, "all objects found" = scenes where that holds for every object,
+Ext AP = Extended protocol with the silent scenes, R@1 A→I = retrieval by class.
+Model selection on val (`train.select` of the config), never on test.
+
+{chr(10).join(sections)}"""
+    if path.is_file() and FINDINGS in path.read_text():  # keep the hand-written findings when regenerating
         old = path.read_text()
         text += "\n" + old[old.index(FINDINGS):]
     _atomic_write(path, text)
@@ -397,36 +420,13 @@ Training commands (run directories under `{args.out_dir}`):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/stamps", help="stamps benchmark folder (made when missing)")
+    p.add_argument("--bench", default="data/stamps10k", help="closed-set benchmark folder (made when missing)")
+    p.add_argument("--open", default="data/stamps_open", help="open-set benchmark folder (made when missing)")
     p.add_argument("--out-dir", default="runs/results", help="run directories")
     p.add_argument("--results", default="docs/results.md")
-    p.add_argument("--runs", default="full,single_positive", help="comma list: full or ablation names")
-    p.add_argument("--reuse", action="store_true", help="reuse data, index, finished runs, evals")
-    p.add_argument("--report-only", action="store_true", help="evaluate finished runs + write report")
-    p.add_argument("--notes", help="'## Findings' markdown to append (default: keep the old one)")
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--data-seed", type=int, default=1)
-    g.add_argument("--n-train", type=int, default=2000)
-    g.add_argument("--n-val", type=int, default=200)
-    g.add_argument("--n-test", type=int, default=300)
-    g.add_argument("--distractors", type=int, default=2)
-    g.add_argument("--silent-frac", type=float, default=0.2)
-    g.add_argument("--workers", type=int, default=2)
-    g.add_argument("--k", type=int, default=1000, help="NN index neighbours")
-    g = p.add_argument_group("CPU training budget")
-    g.add_argument("--epochs", type=int, default=12)
-    g.add_argument("--image-size", type=int, default=128)
-    g.add_argument("--width", type=int, default=16, help="ResNet18 base width (64 = the paper)")
-    g.add_argument("--window-seconds", type=float, default=1.0, help="audio window (3.0 = the paper)")
-    g.add_argument("--batch-size", type=int, default=64)
-    # ~190 optimizer steps instead of the paper's tens of thousands: a larger step size (both runs alike).
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-4)")
-    g.add_argument("--num-workers", type=int, default=0)
-    g.add_argument("--threads", type=int, default=1, help="torch threads per training process")
-    g.add_argument("--train-seed", type=int, default=0)
-    # The paper draws from the top 1000 of ~144k VGGSound clips (0.7 %); top-1000 of 2000 scenes would be
-    # half the set (mostly other classes), so keep the same fraction instead.
-    g.add_argument("--nn-k", type=int, default=10, help="NN positives drawn from the top k (paper: 1000)")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
+    p.add_argument("--reuse", action="store_true", help="reuse data, indexes, finished runs, evaluations")
+    p.add_argument("--report-only", action="store_true", help="evaluate finished runs + write the report")
     return p.parse_args(argv)
 
 
@@ -434,30 +434,38 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
     if not sys.stderr.isatty():  # progress bars would flood a log file
         os.environ.setdefault("TQDM_DISABLE", "1")
     os.chdir(REPO)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    for run in runs:
-        config_path(run)
-    data = ensure_data(args) if not args.report_only else Path(args.data)
-    index_meta = ensure_index(data, args) if not args.report_only else None
-    if index_meta is None and (data / "nn.npz").is_file():
-        from avloc.train.nn_index import load_index
-
-        index_meta = load_index(data / "nn.npz").meta
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"make_results: unknown run(s) {', '.join(unknown)}; known: {', '.join(RUNS)}")
+    roots = {"bench": Path(args.bench), "open": Path(args.open)}
+    needed = {RUNS[r].data for r in runs}
+    datas: dict[str, Path] = {}
+    for name, root in roots.items():
+        if args.report_only:
+            if (root / "meta.json").is_file():
+                datas[name] = root
+        elif name in needed:
+            datas[name] = ensure_data(name, root, args.reuse)
+    out_dir = Path(args.out_dir)
     results: dict[str, dict[str, Any]] = {}
     for run in runs:
-        run_dir = Path(args.out_dir) / run
+        if RUNS[run].data not in datas:
+            continue
         if not args.report_only:
-            ensure_trained(run, data, args)
+            ensure_trained(run, datas[RUNS[run].data], out_dir, args.reuse)
+        run_dir = out_dir / run
         if not (run_dir / "best.pt").is_file():
             log.warning("%s: no best.pt yet; left out of the report", run_dir)
             continue
-        results[run] = {"metrics": ensure_evaluated(run, data, args), "train": training_stats(run_dir)}
-    if results:
-        write_report(Path(args.results), data, runs, results, index_meta, args, argv)
+        results[run] = {"metrics": ensure_evaluated(run_dir, datas[RUNS[run].data], args.reuse),
+                        "train": training_stats(run_dir)}
+    if args.report_only:
+        baselines = {name: baseline_metrics(root) for name, root in datas.items()}
+        write_report(Path(args.results), datas, results, baselines, out_dir, argv)
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
+from avloc.stream.protocol import NOTICE_NOT_VISIBLE
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,19 @@ def read_latency_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def suppressed(record: dict[str, Any]) -> bool:
+    """A heatmap published without running the engine (e.g. no_audio). ``not_visible`` ones were computed (the
+    silence gate only marks them), so they count in the latencies like any other."""
+    notice = record.get("notice")
+    return bool(notice) and notice != NOTICE_NOT_VISIBLE
+
+
 def stage_samples(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Seconds per stage for every heatmap that was computed (suppressed ones only count as e2e-less)."""
     out: dict[str, list[float]] = {name: [] for name in STAGES}
     out["audio_embedding"] = []
     for rec in records:
-        if rec.get("notice"):
+        if suppressed(rec):
             continue
         ts = rec.get("ts", {})
         for name, (a, b) in STAGES.items():
@@ -93,7 +101,7 @@ def stage_samples(records: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    computed = [r for r in records if not r.get("notice")]
+    computed = [r for r in records if not suppressed(r)]
     display_ts = sorted(r["ts"]["display"] for r in computed if "display" in r.get("ts", {}))
     span = display_ts[-1] - display_ts[0] if len(display_ts) > 1 else 0.0
     samples = stage_samples(records)
@@ -231,7 +239,7 @@ def bench_baseline(
     import torch
     import torch.nn.functional as F
 
-    from avloc.core.audio import FrontEnd, crop_window
+    from avloc.core.audio import FrontEnd, frame_window
     from avloc.core.checkpoint import load_model
     from avloc.core.media import iter_video, read_video_audio
     from avloc.engines.base import read_manifest
@@ -265,13 +273,7 @@ def bench_baseline(
             for pts, rgb in it:
                 t_frame = time.monotonic()
                 stage["decode"].append(t_frame - t_decode)
-                end = int(round(pts * rate))
-                window = crop_window(
-                    wave,
-                    frontend_cfg.num_samples,
-                    start=max(0, end - frontend_cfg.num_samples),
-                    pad=frontend_cfg.pad_mode,
-                )
+                window = frame_window(wave, frontend_cfg, int(round(pts * rate)))
                 spec = frontend(torch.from_numpy(window)[None])
                 t_spec = time.monotonic()
                 image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)

@@ -3,6 +3,8 @@
 Subscribes to the capture workers' frames and the inference worker's heatmaps, matches them by stream and
 sequence number and draws the heatmap over the frame it was computed on (colormap JET or INFERNO,
 adjustable alpha), with a HUD: heatmap fps, end-to-end latency p50 and drops, and a "no audio" notice.
+A heatmap marked ``not_visible`` by the engine's silence gate is not drawn (no overlay, no peak: a faint map
+would still point at something that is probably not there); the frame shows a "NOT VISIBLE" notice instead.
 
 - window mode (``cv2.imshow``): ``q``/Esc quits, ``+``/``-`` change alpha, ``c`` toggles the colormap;
 - ``--headless``: no window; ``--record out.mp4`` encodes the overlaid frames with PyAV (libx264), timed by
@@ -349,10 +351,10 @@ class Display:
     def compose(self, stream: str, frame_msg: protocol.Message, view: HeatmapView | None) -> np.ndarray:
         bgr = np.array(frame_msg.arrays["frame"])  # writable copy of the received buffer
         notice = None
-        if view is not None and view.unit is not None:
+        if view is not None and view.unit is not None and view.notice != protocol.NOTICE_NOT_VISIBLE:
             bgr = overlay(bgr, view.unit, self.alpha, COLORMAPS[self.colormap_name], view.peak)
         elif view is not None:
-            notice = view.notice
+            notice = view.notice  # no_audio (no map) or not_visible (map below the gate: not drawn)
         draw_hud(bgr, [stream, *self.hud_lines()], notice)
         return bgr
 

@@ -12,6 +12,10 @@ Real time first, so nothing here can queue without bound:
   it; when the worker is idle it embeds the newest window ahead of need;
 - frames of several streams that are pending together run as one batch.
 
+Silence gate: when the engine's manifest has a ``gate`` (``avloc export --gate-data``), a heatmap whose
+confidence is below ``gate.threshold`` is still published, array and peak included, with
+``meta.notice = "not_visible"`` (the source is probably silent or off-screen); ``--no-gate`` turns this off.
+
 Malformed messages are rejected and counted (per socket, reported in the heartbeat's stats), never fatal.
 Run as a process: ``python -m avloc.stream.inference --engine ENGINE_DIR --frames EP --audio EP``.
 """
@@ -101,6 +105,7 @@ class WorkerStats:
     drops: int = 0  # frames replaced by a newer one of the same stream before processing
     gaps: int = 0  # frames missing in the sequence numbers (dropped upstream by the HWM)
     suppressed: int = 0  # heatmaps suppressed for lack of audio
+    not_visible: int = 0  # heatmaps published with notice not_visible (confidence below the gate)
     audio_embeds: int = 0
     audio_reused: int = 0  # frames paired with an older, already embedded window (audio_reuse_s)
     batches: int = 0
@@ -172,8 +177,10 @@ class InferenceWorker:
         max_audio_age_s: float = 1.5,
         audio_reuse_s: float = 0.0,
         max_batch: int = 8,
+        gate: bool = True,
     ) -> None:
         from avloc.engines.base import preprocess_frame
+        from avloc.engines.gate import gate_threshold
 
         self.engine = engine
         self.manifest = engine.manifest
@@ -186,7 +193,17 @@ class InferenceWorker:
         self.max_audio_age_s = max_audio_age_s
         self.audio_reuse_s = audio_reuse_s
         self.max_batch = max_batch
+        anchor = (self.manifest.get("frontend") or {}).get("anchor", "end")
+        if anchor != "end":
+            # Live audio after the frame does not exist yet: pairing a centred window would mean holding every
+            # frame back by half a window. The worker pairs causally; the model saw centred windows.
+            log.warning("engine trained with frontend.anchor=%r; live frames are paired with the window "
+                        "ending at the frame (anchor end)", anchor)
         self.range = _normalizer(self.manifest)
+        # None: no gating (gate disabled, or an engine exported without --gate-data)
+        self.gate_threshold = gate_threshold(self.manifest) if gate else None
+        if self.gate_threshold is not None:
+            log.info("silence gate: heatmaps with confidence < %.4f are marked not_visible", self.gate_threshold)
         self.stats = WorkerStats()
         self.frame_rejects = protocol.RejectCounter("frames", logger=log)
         self.audio_rejects = protocol.RejectCounter("audio", logger=log)
@@ -373,17 +390,24 @@ class InferenceWorker:
         msg = item.message
         encoded = encode_heatmap(heatmap, *self.range, self.heatmap_dtype)
         ts = {**self._base_ts(item), **stage_ts}
+        confidence = confidence if math.isfinite(confidence) else 0.0
+        # gated on the value we publish, so a subscriber can redo the decision from meta alone
+        not_visible = self.gate_threshold is not None and confidence < self.gate_threshold
+        if not_visible:
+            self.stats.not_visible += 1
         meta = {
             "peak": list(peak_of(heatmap)),
-            "confidence": confidence if math.isfinite(confidence) else 0.0,
+            "confidence": confidence,
             "frame_seq": msg.seq,
             "audio_end": window.end_ts,
             "audio_seq": window.seq,
             "audio_ms": round(audio_seconds * 1000.0, 3),
             "batch": batch_size,
-            "notice": None,
+            "notice": protocol.NOTICE_NOT_VISIBLE if not_visible else None,
             "drops": self.stats.drops,
         }
+        if self.gate_threshold is not None:
+            meta["gate"] = self.gate_threshold
         if "pts" in msg.meta:
             meta["pts"] = msg.meta["pts"]
         self._send(pub, msg, ts, {"heatmap": encoded}, meta)
@@ -540,6 +564,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="when behind, reuse an embedded audio window up to this much older than the newest (0: never)",
     )
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="ignore the engine's silence gate (never mark heatmaps not_visible)",
+    )
     add_common_arguments(parser, role="inference")
 
 
@@ -614,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 heatmap_dtype=args.heatmap_dtype,
                 max_audio_age_s=args.max_audio_age,
                 audio_reuse_s=args.audio_reuse,
+                gate=not args.no_gate,
             )
         except UserError as err:  # a bad engine, option or endpoint: one line, and the launcher does not retry
             log.error("%s", err)

@@ -71,6 +71,7 @@ class StreamConfig:
     heatmap_dtype: str = "float16"
     max_audio_age_s: float = 1.5
     audio_reuse_s: float = 0.0  # > 0: when behind, skip audio windows (reuse one this much older)
+    gate: bool = True  # apply the engine's silence gate (heatmaps below it marked not_visible), if it has one
     alpha: float = 0.45
     colormap: str = "jet"
 
@@ -594,6 +595,8 @@ def inference_spec(
     threads = threads or config.inference_threads or None
     if threads:
         args += ["--threads", str(threads)]
+    if not config.gate:
+        args.append("--no-gate")
     return ProcessSpec("inference", "avloc.stream.inference", args + list(extra or []), role="inference")
 
 

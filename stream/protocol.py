@@ -53,6 +53,9 @@ DEFAULT_ENDPOINTS = {
 CONTROL_END = "end"          # a finite source (replay) reached its end
 CONTROL_NOTICE = "notice"    # meta["notice"], e.g. "no_audio"
 NOTICE_NO_AUDIO = "no_audio"
+# heatmap computed (array and peak published) but its confidence is below the engine's gate threshold:
+# the sound's source is probably not in view (silent or off-screen); see docs/protocol.md
+NOTICE_NOT_VISIBLE = "not_visible"
 
 log = logging.getLogger(__name__)
 

@@ -213,3 +213,18 @@ def test_frontend_on_cuda_matches_cpu(kind: str, seconds: float) -> None:
     frontend = FrontEnd(config)
     expected = frontend(waves)
     torch.testing.assert_close(frontend.cuda()(waves.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_frame_window_ends_at_or_centres_on_the_frame():
+    from avloc.core.audio import FrontEndConfig, frame_window
+
+    wave = np.arange(48000, dtype=np.float32)  # 3 s at 16 kHz
+    end = FrontEndConfig(kind="mel", window_seconds=1.0)
+    centre = FrontEndConfig(kind="mel", window_seconds=1.0, anchor="center")
+    np.testing.assert_array_equal(frame_window(wave, end), wave[8000:24000])  # ends at the clip's centre
+    np.testing.assert_array_equal(frame_window(wave, centre), wave[16000:32000])
+    np.testing.assert_array_equal(frame_window(wave, end, 40000), wave[24000:40000])
+    np.testing.assert_array_equal(frame_window(wave, centre, 47000), wave[32000:48000])  # clamped inside
+    np.testing.assert_array_equal(frame_window(wave, end, 5000), wave[:16000])
+    with pytest.raises(UserError, match="anchor"):
+        FrontEndConfig(anchor="start")

@@ -169,3 +169,18 @@ def test_bad_loss_config_is_user_error():
         LossConfig(use_sl=False, use_sa=False)
     with pytest.raises(UserError, match="'orig'"):
         LossConfig(positives=("aug",))
+
+
+def test_info_nce_masked_negatives_leave_the_denominator():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [1.0, 3.0, 0.5], [0.0, 0.0, 1.0]])
+    mask = torch.tensor([[False, False, True], [False, False, False], [True, False, False]])
+    row0 = -np.log(np.exp(2) / (np.exp(2) + 1))  # column 2 dropped
+    row1 = -np.log(np.exp(3) / (np.exp(1) + np.exp(3) + np.exp(0.5)))
+    row2 = -np.log(np.exp(1) / (1 + np.exp(1)))  # column 0 dropped
+    assert float(info_nce(logits, negatives_mask=mask)) == pytest.approx((row0 + row1 + row2) / 3, rel=1e-6)
+    # the column-anchored term drops the same pairs (transposed): column 0 loses row 2, column 2 loses row 0
+    col0 = -np.log(np.exp(2) / (np.exp(2) + np.exp(1)))
+    col1 = -np.log(np.exp(3) / (1 + np.exp(3) + 1))
+    col2 = -np.log(np.exp(1) / (np.exp(0.5) + np.exp(1)))
+    both = float(info_nce(logits, symmetric=True, negatives_mask=mask))
+    assert both == pytest.approx((row0 + row1 + row2) / 3 + (col0 + col1 + col2) / 3, rel=1e-6)

@@ -56,10 +56,13 @@ def test_views_are_a_pure_function_of_seed_epoch_index(synth):
         assert torch.equal(a[key], b[key])
     assert not torch.equal(a["image_aug"], c["image_aug"])
     assert a["image_orig"].shape == (3, 32, 32) and a["wave_aug"].shape == (1600,)
-    # original audio view = the clip's centre window; augmented = a shifted window of the same clip
+    # original audio view = the window ending at the clip's centre (frontend.anchor: end, what live pairs)
     wave = split.wave(5)
     mid = len(wave) // 2
-    np.testing.assert_allclose(a["wave_orig"].numpy(), wave[mid - 800 : mid + 800])
+    np.testing.assert_allclose(a["wave_orig"].numpy(), wave[mid - 1600 : mid])
+    centred = TrainViews(split, ImageConfig(size=32), FrontEndConfig(window_seconds=0.1, anchor="center"),
+                         ("orig",), seed=0)
+    np.testing.assert_allclose(centred[(0, 5)]["wave_orig"].numpy(), wave[mid - 800 : mid + 800])
 
 
 def test_cached_validation_inputs_equal_what_test_evaluation_reads_from_the_files(synth, tmp_path):
@@ -113,7 +116,7 @@ def test_nn_index_is_matched_by_id_and_drawn_from(synth, tmp_path):
     frontend = FrontEndConfig(window_seconds=0.1)
     ds = TrainViews(split, ImageConfig(size=32), frontend, ("orig", "nn"), 0, (img, aud))
     item = ds[(0, 0)]
-    centre = [split.wave(j)[len(split.wave(j)) // 2 - 800 : len(split.wave(j)) // 2 + 800] for j in (3, 4)]
+    centre = [split.wave(j)[len(split.wave(j)) // 2 - 1600 : len(split.wave(j)) // 2] for j in (3, 4)]
     assert any(np.allclose(item["wave_nn"].numpy(), c) for c in centre)  # audio of one of the audio NNs
     with pytest.raises(UserError, match="NN index"):
         TrainViews(split, ImageConfig(size=32), FrontEndConfig(window_seconds=0.1), ("orig", "nn"), 0, None)
@@ -204,3 +207,63 @@ def test_demo_config_learns_to_localize_on_synth(tmp_path):
     baseline = evaluate_maps(random_maps, annotations, binarize="adaptive")["ciou_ap50"]
     print(f"demo: ciou_ap50 {trained:.3f} vs random {baseline:.3f} in {elapsed:.0f} s")
     assert trained >= baseline + 0.25, (trained, baseline)
+
+
+def test_visual_positive_sources_and_same_sound_mask():
+    from avloc.train.data import same_sound_mask, visual_positive_candidates
+
+    image_nn = np.array([[1, 2], [2, 0], [0, 1]])
+    audio_nn = np.array([[2, 1], [0, 2], [1, 0]])
+    assert [list(r) for r in visual_positive_candidates((image_nn, audio_nn), "image")] == [[1, 2], [2, 0], [0, 1]]
+    assert [list(r) for r in visual_positive_candidates((image_nn, audio_nn), "audio")] == [[2, 1], [0, 2], [1, 0]]
+    disjoint = np.array([[1, 1], [2, 2], [0, 0]])
+    both = visual_positive_candidates((disjoint, np.array([[2, 1], [0, 0], [1, 1]])), "intersection")
+    assert [list(r) for r in both] == [[1, 1], [0, 0], [1, 1]]  # rows 1, 2 share none: their audio list
+    # batch holds clips 4, 7, 9; clip 4 sounds like 9 (and 5, not in the batch), 7 like nothing here
+    table = np.zeros((10, 2), dtype=np.int64)
+    table[4], table[7], table[9] = [9, 5], [1, 2], [3, 4]
+    mask = same_sound_mask(torch.tensor([4, 7, 9]), table)
+    assert mask.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from avloc.train.trainer import lr_factor
+
+    f = [lr_factor(k, 110, 10, "cosine", 0.1) for k in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)  # half-way: (1 + 0.1) / 2
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)  # the floor after the last step
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert [lr_factor(k, 110, 0, "constant", 0.0) for k in (0, 50, 200)] == [1.0, 1.0, 1.0]
+
+
+def test_budget_fixes_the_step_count_and_the_schedule_ends_there(synth, tmp_path):
+    out = tmp_path / "budget"
+    cfg = tiny_config(optim={"schedule": "cosine", "lr": 1e-3},
+                      train={"epochs": 400, "budget_minutes": 0.25, "batch_size": 4, "val_every": 100})
+    t0 = time.perf_counter()
+    train(cfg, synth, out)
+    elapsed = time.perf_counter() - t0
+    state = read_checkpoint(out / "last.pt")
+    plan = state["plan"]
+    assert plan["fixed"] and state["step"] == plan["total_steps"] < 400 * 6
+    # the schedule reached its end: cosine to min_lr_ratio (0) at the last step
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert elapsed < 0.25 * 60 * 2.5, elapsed  # stopped near the budget, not after 400 epochs
+
+
+def test_false_negative_mask_and_audio_guided_nn_train(synth, tmp_path):
+    """train.false_negative_k / nn_visual=audio read the index file; audio-swap selection needs val scenes."""
+    ids = read_split(synth, "train")
+    n = len(ids)
+    nn = np.stack([(np.arange(n) + d) % n for d in (1, 2, 3)], axis=1)
+    np.savez(synth / "nn_test.npz", ids=np.array(ids), image_nn=nn, audio_nn=nn[:, ::-1], meta=np.array("{}"))
+    cfg = tiny_config(loss={"positives": ["orig", "nn"]},
+                      train={"epochs": 1, "nn_index": "nn_test.npz", "nn_k": 2, "nn_visual": "audio",
+                             "false_negative_k": 2})
+    train(cfg, synth, tmp_path / "fn")
+    record = json.loads((tmp_path / "fn" / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["train/loss"])
+    with pytest.raises(UserError, match="false_negative_k needs train.nn_index"):
+        train(tiny_config(train={"false_negative_k": 2}), synth, tmp_path / "fn2")
+    (synth / "nn_test.npz").unlink()

@@ -10,7 +10,8 @@ Views of one sample (Senocak et al., ICCV 2023, Sec. 3.3):
   vertical flip, random affine translation and random grayscale.
 - ``eval``: ``Resize(size)`` bicubic, no randomness (validation / evaluation / feature extraction).
 
-Audio: the original view is the window centred in the clip (what the evaluation uses); the augmented
+Audio: the original view is the front-end's window for the clip's (centre) frame, ``frame_window`` (what the
+evaluation and the live worker use: ``frontend.anchor``); the augmented
 view shifts it in time -- a random window start inside the clip, or a random circular shift when the
 clip is no longer than the window (the reference tiles short clips).
 """
@@ -87,11 +88,6 @@ class ImageViews:
         if tuple(frame.shape[-2:]) != (self.size, self.size):
             frame = resize_square(frame, self.size)
         return self.normalize(frame)
-
-
-def center_window(wave: np.ndarray, num_samples: int, pad: str = "tile") -> np.ndarray:
-    """The evaluation window: centred in the clip (tiled or zero-padded when the clip is shorter)."""
-    return crop_window(wave, num_samples, center=wave.shape[-1] // 2, pad=pad)
 
 
 def shifted_window(

@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-from avloc.core.audio import FrontEndConfig
+from avloc.core.audio import FrontEndConfig, frame_window
 from avloc.core.checkpoint import ImageConfig
 from avloc.core.datasets import AVDataset
 from avloc.core.errors import DataError, UserError
-from avloc.train.augment import ImageViews, center_window, chw_tensor, resize_square, shifted_window
+from avloc.train.augment import ImageViews, chw_tensor, resize_square, shifted_window
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,38 @@ def load_nn_index(path: Path, ids: list[str], k: int) -> tuple[np.ndarray, np.nd
 # ---------------------------------------------------------------------------------------------- datasets
 
 
+NN_VISUAL_SOURCES = ("image", "audio", "intersection")
+
+
+def visual_positive_candidates(neighbours: tuple[np.ndarray, np.ndarray], source: str) -> list[np.ndarray]:
+    """Per sample, the clips whose frame may serve as its NN visual positive.
+
+    ``image``: its image neighbours (the paper's default); ``audio``: its audio neighbours (cross-modal
+    guided: the frame of a clip that *sounds* alike, so the shared content is the sounding object, not the
+    scene); ``intersection``: neighbours in both lists, in image-list order, or the audio list where they
+    share none.
+    """
+    image_nn, audio_nn = neighbours
+    if source == "image":
+        return list(image_nn)
+    if source == "audio":
+        return list(audio_nn)
+    out = []
+    for img_row, aud_row in zip(image_nn, audio_nn):
+        both = img_row[np.isin(img_row, aud_row)]
+        out.append(both if len(both) else aud_row)
+    return out
+
+
+def same_sound_mask(index: torch.Tensor, table: np.ndarray) -> torch.Tensor:
+    """[N, N] bool: ``mask[i, j]`` when batch item j is among item i's known same-sound clips (``table[i]``,
+    the top audio neighbours), j != i: these leave i's in-batch negatives (false negatives)."""
+    rows = torch.from_numpy(table[index.numpy()])  # [N, k] clip indices
+    mask = (rows[:, :, None] == index[None, None, :]).any(dim=1)
+    mask.fill_diagonal_(False)
+    return mask
+
+
 def _item_seed(seed: int, epoch: int, index: int) -> list[int]:
     return [seed, epoch, index]
 
@@ -219,13 +251,19 @@ class TrainViews(Dataset):
         views: tuple[str, ...],
         seed: int,
         neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+        nn_visual: str = "image",
     ) -> None:
         if "nn" in views and neighbours is None:
             raise UserError("loss.positives contains 'nn' but no NN index is set (train.nn_index)")
+        if nn_visual not in NN_VISUAL_SOURCES:
+            raise UserError(f"config train.nn_visual={nn_visual!r}: expected one of {', '.join(NN_VISUAL_SOURCES)}")
         self.split = split
         self.views = views
         self.seed = seed
+        self.nn_visual = nn_visual
         self.neighbours = neighbours
+        self.visual_candidates = visual_positive_candidates(neighbours, nn_visual) if neighbours else None
+        self.frontend = frontend
         self.num_samples = frontend.num_samples
         self.pad = frontend.pad_mode
         self.image_views = ImageViews(image)
@@ -235,6 +273,7 @@ class TrainViews(Dataset):
 
     def set_neighbours(self, neighbours: tuple[np.ndarray, np.ndarray]) -> None:
         self.neighbours = neighbours
+        self.visual_candidates = visual_positive_candidates(neighbours, self.nn_visual)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key
@@ -248,17 +287,18 @@ class TrainViews(Dataset):
             out = {
                 "index": torch.tensor(index),
                 "image_orig": self.image_views.original(frame),
-                "wave_orig": torch.from_numpy(center_window(wave, self.num_samples, self.pad)),
+                "wave_orig": torch.from_numpy(frame_window(wave, self.frontend)),
             }
             if "aug" in self.views:
                 out["image_aug"] = self.image_views.augmented(frame)
                 out["wave_aug"] = torch.from_numpy(shifted_window(wave, self.num_samples, rng, self.pad))
             if "nn" in self.views:
-                image_nn, audio_nn = self.neighbours
-                j_img = int(image_nn[index, rng.integers(0, image_nn.shape[1])])
+                _, audio_nn = self.neighbours
+                candidates = self.visual_candidates[index]
+                j_img = int(candidates[rng.integers(0, len(candidates))])
                 j_aud = int(audio_nn[index, rng.integers(0, audio_nn.shape[1])])
                 out["image_nn"] = self.image_views.original(self.split.frame(j_img))
-                nn_wave = center_window(self.split.wave(j_aud), self.num_samples, self.pad)
+                nn_wave = frame_window(self.split.wave(j_aud), self.frontend)
                 out["wave_nn"] = torch.from_numpy(nn_wave)
         return out
 
@@ -268,8 +308,7 @@ class EvalViews(Dataset):
 
     def __init__(self, split: DecodedSplit, image: ImageConfig, frontend: FrontEndConfig) -> None:
         self.split = split
-        self.num_samples = frontend.num_samples
-        self.pad = frontend.pad_mode
+        self.frontend = frontend
         self.image_views = ImageViews(image)
 
     def __len__(self) -> int:
@@ -279,7 +318,7 @@ class EvalViews(Dataset):
         return {
             "index": torch.tensor(index),
             "image": self.image_views.evaluation(self.split.frame(index)),
-            "wave": torch.from_numpy(center_window(self.split.wave(index), self.num_samples, self.pad)),
+            "wave": torch.from_numpy(frame_window(self.split.wave(index), self.frontend)),
         }
 
 

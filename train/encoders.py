@@ -105,13 +105,16 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
         self._fc = nn.Linear(1280, 1000)
 
-    def features(self, x: Tensor) -> Tensor:
-        """[B,3,H,W] normalized images -> [B,1280] global-average-pooled penultimate features."""
+    def feature_map(self, x: Tensor) -> Tensor:
+        """[B,3,H,W] normalized images -> [B,1280,H/32,W/32] head features (before the global pool)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return x.mean(dim=(2, 3))
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def features(self, x: Tensor) -> Tensor:
+        """[B,3,H,W] normalized images -> [B,1280] global-average-pooled penultimate features."""
+        return self.feature_map(x).mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         """ImageNet logits (kept so the whole packaged state dict loads strictly)."""
@@ -162,6 +165,16 @@ def image_features_lite0(
     model = model or load_effnet_lite0(device)
     feats = model.features(preprocess_lite0(images).to(device))
     return F.normalize(feats, dim=1).cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def objectness_maps(
+    images: Sequence[np.ndarray], model: EfficientNetLite0 | None = None, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Audio-blind objectness of RGB uint8 images: the L2 norm over channels of EfficientNet-Lite0's head
+    features, [B, 7, 7] at 224 px (ImageNet features fire on objects; the sound plays no part)."""
+    model = model or load_effnet_lite0(device)
+    return model.feature_map(preprocess_lite0(images).to(device)).norm(dim=1).cpu().numpy().astype(np.float32)
 
 
 # --- YAMNet ----------------------------------------------------------------------------------------

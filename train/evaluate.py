@@ -77,11 +77,10 @@ class Evaluator:
         return self.image_views.evaluation(chw_tensor(image))
 
     def window(self, wave: np.ndarray) -> np.ndarray:
-        """The front-end window centred in the clip (tiled / zero-padded when shorter)."""
-        from avloc.core.audio import crop_window
+        """The front-end's window for the clip's centre frame (``frontend.anchor``; tiled / zero-padded)."""
+        from avloc.core.audio import frame_window
 
-        cfg = self.loaded.frontend
-        return crop_window(wave, cfg.num_samples, center=len(wave) // 2, pad=cfg.pad_mode)
+        return frame_window(wave, self.loaded.frontend)
 
     @torch.no_grad()
     def spectrograms(self, waves: list[np.ndarray]) -> torch.Tensor:
@@ -133,6 +132,11 @@ class Evaluator:
 @torch.no_grad()
 def swap_heatmaps(model: Any, image: torch.Tensor, specs: torch.Tensor) -> np.ndarray:
     """One image [3,S,S] heard with K spectrograms [K,1,F,T] -> K heatmaps [K,S,S]."""
+    if hasattr(model, "cosine_map"):  # SSL-Align: the image is encoded once, not once per sound
+        vmap = model.encode_image(image.unsqueeze(0)).expand(specs.shape[0], -1, -1, -1)
+        maps = model.cosine_map(vmap, model.encode_audio(specs)).unsqueeze(1)
+        return F.interpolate(maps, size=image.shape[-2:], mode="bilinear",
+                             align_corners=False)[:, 0].float().cpu().numpy()
     return model.heatmap(image.unsqueeze(0).expand(specs.shape[0], -1, -1, -1), specs).float().cpu().numpy()
 
 
@@ -170,12 +174,14 @@ def audio_swap(
     rate = evaluator.loaded.frontend.sample_rate
     hits = pairs = scenes_all = on_object = peak_moved = 0
     written = 0
+    per_scene: dict[str, list[bool]] = {}
     for sid, objects in tqdm(scenes.items(), desc="audio swap", unit="scene", leave=False):
         image_rgb = evaluator.dataset.image(sid)
         waves = [load_audio(root / o.audio, rate) for o in objects]
         maps = heatmap_fn(evaluator.model, evaluator.image_tensor(image_rgb).to(evaluator.device),
                           evaluator.spectrograms(waves))
         inside = [peak_inside(m, o.bbox) for m, o in zip(maps, objects)]
+        per_scene[sid] = inside
         hits += sum(inside)
         pairs += len(inside)
         scenes_all += all(inside)
@@ -194,6 +200,22 @@ def audio_swap(
         "audio_swap_scene_acc": scenes_all / n_scenes if n_scenes else float("nan"),
         "audio_swap_on_any_object": on_object / pairs if pairs else float("nan"),
         "audio_swap_peak_moves": peak_moved / n_scenes if n_scenes else float("nan"),
+        **swap_intervals(per_scene),
+        "audio_swap_per_scene": per_scene,
+    }
+
+
+def swap_intervals(per_scene: dict[str, list[bool]]) -> dict[str, list[float]]:
+    """Bootstrap 95 % intervals over scenes of the pair accuracy and the all-objects-found rate."""
+    from avloc.core.metrics import bootstrap_interval
+
+    if not per_scene:
+        return {}
+    # one row per scene: (hits, pairs, all found); statistics are ratios of sums over the drawn scenes
+    rows = np.array([(sum(v), len(v), all(v)) for v in per_scene.values()], dtype=np.float64)
+    return {
+        "audio_swap_acc_ci": list(bootstrap_interval(rows, lambda r: r[:, 0].sum() / r[:, 1].sum())),
+        "audio_swap_scene_acc_ci": list(bootstrap_interval(rows, lambda r: r[:, 2].mean())),
     }
 
 
@@ -296,16 +318,24 @@ def _optional_ids(root: Path, name: str) -> list[str] | None:
 
 def _localization(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], silent: list[str],
                   prefix: str = "") -> dict[str, Any]:
-    from avloc.core.metrics import evaluate_maps
+    """Every binarization mode's metrics; for each, a bootstrap 95 % interval (over samples) of cIoU@50 and
+    AUC (``<mode>/ciou_ap50_ci``, ``<mode>/auc_ci``) and the per-sample cIoUs (``<mode>/per_sample_ciou``)."""
+    from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps
 
     out: dict[str, Any] = {}
     for mode in BINARIZE_MODES:
         maps = {k: heatmaps[k] for k in [*annotations, *silent]}
-        res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode)
+        res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode, per_sample=True)
+        per_sample = res.pop("per_sample")
         for key, value in res.items():
             if key in ("binarize", "n", "n_silent", "gt_area_mean"):
                 continue
             out[f"{prefix}{mode}/{key}"] = value
+        cious = {i: v["ciou"] for i, v in per_sample.items() if v["sounding"]}
+        values = np.array(list(cious.values()))
+        out[f"{prefix}{mode}/ciou_ap50_ci"] = list(bootstrap_interval(values, ciou_ap50_of))
+        out[f"{prefix}{mode}/auc_ci"] = list(bootstrap_interval(values, auc_of))
+        out[f"{prefix}{mode}/per_sample_ciou"] = cious
     return out
 
 
@@ -396,6 +426,12 @@ def evaluate_checkpoint(
         scenes = swap_scenes(annotations, ids)
         if scenes:
             metrics.update(evaluate_audio_swap(evaluator, scenes, swap_examples))
+            for group in ("heard", "unheard"):  # by the scene's sounding category
+                group_ids = set(_optional_ids(root, f"{split}_{group}.txt") or ())
+                rows = [v for sid, v in metrics["audio_swap_per_scene"].items() if sid in group_ids]
+                if rows:
+                    metrics[f"{group}/audio_swap_acc"] = sum(map(sum, rows)) / sum(map(len, rows))
+                    metrics[f"{group}/audio_swap_scene_acc"] = sum(map(all, rows)) / len(rows)
         else:
             log.warning("no %s scene has two or more objects with a recording: audio-swap skipped", split)
     if grid is not None:

@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,11 +37,21 @@ from avloc.core.errors import UserError
 from avloc.core.losses import Gather, LossConfig, SSLAlignLoss
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.train.augment import cache_size
-from avloc.train.data import EpochSampler, EvalViews, TrainViews, load_nn_index, load_split, resolve_cache_dir
+from avloc.train.data import (
+    EpochSampler,
+    EvalViews,
+    TrainViews,
+    load_nn_index,
+    load_split,
+    resolve_cache_dir,
+    same_sound_mask,
+)
 
 log = logging.getLogger(__name__)
 
 METHOD = "ssl_align"
+PROBE_SKIP, PROBE_STEPS = 3, 10  # budget mode: steps skipped, then timed, before the step count is fixed
+SWAP_CHUNK = 32  # val scenes per batch in the audio-swap selection pass
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -51,6 +61,11 @@ METHOD = "ssl_align"
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    # constant: lr throughout (the reference); cosine: linear warm-up over warmup_epochs, then cosine decay
+    # to min_lr_ratio * lr at the last step of the run (train.epochs, or what train.budget_minutes allows)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,12 +83,25 @@ class TrainSettings:
     # adaptive: `median` predicts half the map, so its cIoU cannot reach 0.5 for boxes under a quarter
     # of the image (most stamps/synth objects): ciou_ap50 would be 0 for every model and select nothing.
     val_binarize: str = "adaptive"
-    # stop after this many optimizer steps (still checkpoints and validates); a partial epoch then counts
-    # as done, so `--resume` with a larger budget continues at the next epoch
+    # stop after this many optimizer steps (still checkpoints and validates; the lr schedule ends there); a
+    # partial epoch then counts as done, so `--resume` with a larger budget continues at the next epoch
     max_steps: int | None = None
     log_every: int = 10
     gather_negatives: bool = False  # DDP: negatives from every process (all_gather with gradients)
     threads: int | None = None  # torch intra-op threads (None = torch's default)
+    # Where the NN visual positive comes from (Senocak et al. Sec. 3.3 "cross-modal guided sampling"):
+    # image = the image's own neighbours; audio = the frame of an audio neighbour's clip; intersection =
+    # neighbours in both lists (falls back to audio where the lists share none).
+    nn_visual: Literal["image", "audio", "intersection"] = "image"
+    # Drop known same-sound clips from each row's in-batch negatives: the top false_negative_k audio
+    # neighbours of the NN index (0 = off; docs/results.md measures it).
+    false_negative_k: int = 0
+    # Wall-clock budget (minutes, validation included): after a short probe the run fixes its step count
+    # to what fits, and the lr schedule ends there. None = train.epochs.
+    budget_minutes: float | None = None
+    # Model selection on val: ciou (adaptive cIoU@50, then AUC) or audio_swap (val audio-swap accuracy,
+    # then adaptive cIoU@50; needs val scenes with 2+ recorded objects, as `avloc data stamps` writes).
+    select: Literal["ciou", "audio_swap"] = "ciou"
 
 
 @dataclass(frozen=True)
@@ -102,6 +130,14 @@ def parse_config(config: dict[str, Any]) -> RunConfig:
     for name in ("epochs", "batch_size", "val_every", "log_every", "nn_k", "nn_refresh_epochs"):
         if getattr(t, name) < 1:
             raise UserError(f"config train.{name}={getattr(t, name)}: expected >= 1")
+    if t.budget_minutes is not None and t.budget_minutes <= 0:
+        raise UserError(f"config train.budget_minutes={t.budget_minutes}: expected > 0 (or null: train.epochs)")
+    if t.false_negative_k < 0:
+        raise UserError(f"config train.false_negative_k={t.false_negative_k}: expected >= 0 (0 = off)")
+    o = cfg.optim
+    if o.warmup_epochs < 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise UserError(f"config optim.warmup_epochs={o.warmup_epochs}, min_lr_ratio={o.min_lr_ratio}: "
+                        "expected warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1")
     if t.batch_size < 2:
         raise UserError(f"config train.batch_size={t.batch_size}: in-batch negatives need at least 2")
     return cfg
@@ -138,7 +174,7 @@ class TrainStep(nn.Module):
         # Similarities in float32: s_L's soft threshold (S - 0.65) / 0.03 is sensitive to rounding.
         vmaps = {k: v.float() for k, v in vmaps.items()}
         audios = {k: v.float() for k, v in audios.items()}
-        return self.loss(self.model, vmaps, audios, gather)
+        return self.loss(self.model, vmaps, audios, gather, batch.get("negatives_mask"))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -216,6 +252,69 @@ def self_neighbours(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, k: 
             find_neighbors(aud.astype(np.float32), k, exclude_self=True))
 
 
+@dataclass
+class SwapScene:
+    """A val scene for audio-swap selection: its index in the val split, each recorded object's window and
+    box (x1, y1, x2, y2 in 0..1)."""
+
+    index: int
+    windows: np.ndarray  # [K, num_samples]
+    boxes: list[np.ndarray]
+
+
+def load_swap_scenes(data: Path, ids: list[str], annotations: dict[str, Any],
+                     frontend: FrontEndConfig) -> list[SwapScene]:
+    """Val scenes with two or more recorded objects (``objects[].audio`` of the layout), windows decoded once."""
+    from avloc.core.audio import frame_window, load_audio
+    from avloc.train.evaluate import swap_scenes
+
+    position = {sid: i for i, sid in enumerate(ids)}
+    out = []
+    for sid, objects in swap_scenes(annotations, ids).items():
+        windows = np.stack([frame_window(load_audio(data / o.audio, frontend.sample_rate), frontend)
+                            for o in objects])
+        out.append(SwapScene(position[sid], windows, [np.asarray(o.bbox) for o in objects]))
+    return out
+
+
+@torch.no_grad()
+def validate_audio_swap(model: SSLAlign, frontend: FrontEnd, dataset: EvalViews, scenes: list[SwapScene],
+                        device: torch.device) -> dict[str, float]:
+    """Fraction of (scene, recorded object) pairs whose heatmap peak is inside the heard object's box, and
+    of scenes where every object is found (the test's audio-swap, on val)."""
+    from avloc.train.evaluate import peak_inside
+
+    model.eval()
+    hits = pairs = all_found = 0
+    for start in range(0, len(scenes), SWAP_CHUNK):  # batched: one image pass per scene, one audio pass per window
+        chunk = scenes[start : start + SWAP_CHUNK]
+        images = torch.stack([dataset[s.index]["image"] for s in chunk]).to(device)
+        vmaps = model.encode_image(images)
+        windows = np.concatenate([s.windows for s in chunk])
+        audio = model.encode_audio(frontend(torch.from_numpy(windows).to(device)))
+        owner = torch.tensor([k for k, s in enumerate(chunk) for _ in s.boxes], device=device)
+        s_maps = model.cosine_map(vmaps[owner], audio).unsqueeze(1)
+        maps = F.interpolate(s_maps, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = maps.float().cpu().numpy()
+        k = 0
+        for scene in chunk:
+            inside = [peak_inside(maps[k + j], box) for j, box in enumerate(scene.boxes)]
+            k += len(scene.boxes)
+            hits, pairs, all_found = hits + sum(inside), pairs + len(inside), all_found + all(inside)
+    return {"audio_swap_acc": hits / max(pairs, 1), "audio_swap_scene_acc": all_found / max(len(scenes), 1)}
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of optim.lr at ``step`` (0-based): linear warm-up, then constant or cosine to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -250,7 +349,9 @@ def _select_device(setting: str, local_rank: int) -> torch.device:
     return device
 
 
-def _score(metrics: dict[str, Any]) -> tuple[float, float]:
+def _score(metrics: dict[str, Any], select: str = "ciou") -> tuple[float, float]:
+    if select == "audio_swap":
+        return (float(metrics["audio_swap_acc"]), float(metrics["ciou_ap50"]))
     return (float(metrics["ciou_ap50"]), float(metrics["auc"]))
 
 
@@ -301,6 +402,9 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
     data, out = Path(data), Path(out)
     t = cfg.train
     ddp = _init_distributed()
+    if t.budget_minutes is not None and ddp.world > 1:
+        raise UserError("config train.budget_minutes: not with several processes (each would time its own "
+                        "steps); give train.epochs or train.max_steps instead")
     device = _select_device(t.device, ddp.local_rank)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -325,6 +429,7 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         train_split = load_split(data, "train", cfg.frontend, frame_size, cache_dir)
     has_val = (data / "val.txt").is_file() and (data / "val.json").is_file()
     val_loader = annotations = None
+    swap_val: list[SwapScene] = []
     if has_val and ddp.main:
         from avloc.core.datasets import load_vggss_json
 
@@ -332,6 +437,11 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         annotations = load_vggss_json(data / "val.json")
         val_loader = DataLoader(EvalViews(val_split, cfg.image, cfg.frontend), batch_size=t.batch_size,
                                 num_workers=min(t.num_workers, 2))
+        if not acl:
+            swap_val = load_swap_scenes(data, val_split.ids, annotations, cfg.frontend)
+        if t.select == "audio_swap" and not swap_val:
+            raise UserError(f"config train.select=audio_swap: {data / 'val.json'} has no scene with two or more "
+                            "recorded objects (objects[].audio)")
     elif not has_val:
         log.warning("%s: no val.txt + val.json; best.pt will be the last epoch (no model selection)", data)
 
@@ -339,11 +449,19 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
     nn_mode = None if "nn" not in views else t.nn_index
     if "nn" in views and not nn_mode:
         raise UserError("config loss.positives contains 'nn' but train.nn_index is null")
-    neighbours = None
+    neighbours = same_sound = None
     if nn_mode and nn_mode != "self":
         neighbours = load_nn_index(_resolve_nn_path(nn_mode, data), train_split.ids, t.nn_k)
+    if t.false_negative_k:
+        if not t.nn_index or t.nn_index == "self":
+            raise UserError("config train.false_negative_k needs train.nn_index set to an index file "
+                            "(`avloc index build`): its audio neighbours are the known same-sound clips")
+        if t.gather_negatives:
+            raise UserError("config train.false_negative_k cannot be combined with train.gather_negatives")
+        same_sound = load_nn_index(_resolve_nn_path(t.nn_index, data), train_split.ids, t.false_negative_k)[1]
     dataset = TrainViews(train_split, cfg.image, cfg.frontend, views, t.seed,
-                         neighbours if nn_mode != "self" else _placeholder_neighbours(len(train_split.ids)))
+                         neighbours if nn_mode != "self" else _placeholder_neighbours(len(train_split.ids)),
+                         nn_visual=t.nn_visual)
     sampler = EpochSampler(len(dataset), t.batch_size, t.seed, ddp.rank, ddp.world)
     loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True)
@@ -364,6 +482,14 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         step_module = TrainStep(model, cfg.frontend, cfg.loss, amp).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    steps_per_epoch = sampler.batches_per_epoch()
+    # total steps of the lr schedule: train.epochs, or (budget) fixed after the probe steps below
+    plan = {"total_steps": min(t.epochs * steps_per_epoch, t.max_steps or math.inf),
+            "fixed": t.budget_minutes is None}
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, plan["total_steps"], warmup_steps, cfg.optim.schedule,
+                                       cfg.optim.min_lr_ratio))
     start_epoch, step, best, best_epoch = 0, 0, None, None
     if resume:
         state = read_checkpoint(last_path, map_location=device)
@@ -372,6 +498,10 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         load_state_dict_strict(model, state["state_dict"], str(last_path))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("plan") is not None and t.budget_minutes is not None:
+            plan.update(state["plan"])  # the budget's step count (and time spent) carry over; epochs do not
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
@@ -414,11 +544,39 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
                         image=cfg.image,
                         extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra})
 
-    steps_per_epoch = sampler.batches_per_epoch()
     max_steps = t.max_steps or math.inf
+    budget_s = t.budget_minutes * 60.0 if t.budget_minutes is not None else math.inf
+    run_start = time.perf_counter() - (plan.get("elapsed_s", 0.0) if resume else 0.0)
     epoch = start_epoch
+    first_step, probe_t0 = step, None
+    if not plan["fixed"] and val_loader is not None and ddp.main:
+        # budget mode: a validation pass is part of the budget; time one (of the untrained model) to reserve
+        # that much per epoch when the step count is fixed
+        v0 = time.perf_counter()
+        val0 = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device,
+                        acl_training.compute_heatmaps if acl else compute_heatmaps)
+        if swap_val:
+            val0.update(validate_audio_swap(model, step_module.frontend, val_loader.dataset, swap_val, device))
+        plan["val_pass_s"] = time.perf_counter() - v0
+        log.info("untrained: val ciou_ap50 %.3f, audio-swap %s (%.1f s a validation pass)", val0["ciou_ap50"],
+                 f"{val0['audio_swap_acc']:.3f}" if "audio_swap_acc" in val0 else "-", plan["val_pass_s"])
+
+    def fix_plan(probe_steps: int, probe_seconds: float) -> None:
+        """Budget mode: the steps that fit what is left of the budget (validation reserved). Fixed after
+        the probe, then re-estimated after every epoch from that epoch's pace (a machine that got busier or
+        idler moves the end, and the cosine's end with it, by what the pace changed)."""
+        per_step = probe_seconds / max(probe_steps, 1)
+        left = budget_s - (time.perf_counter() - run_start)
+        epochs_left = max(left / (per_step * steps_per_epoch), 1e-9)
+        reserve = plan.get("val_pass_s", 0.0) * min(math.ceil(epochs_left), t.epochs - epoch)
+        fitting = step + max(int((left - reserve) / per_step), 1)
+        plan.update(total_steps=min(t.epochs * steps_per_epoch, t.max_steps or math.inf, fitting), fixed=True,
+                    seconds_per_step=per_step)
+        log.info("budget %.1f min: %.3f s/step -> %d steps in all (%.2f epochs)", t.budget_minutes, per_step,
+                 plan["total_steps"], plan["total_steps"] / steps_per_epoch)
+
     for epoch in range(start_epoch, t.epochs):
-        if step >= max_steps:
+        if step >= min(max_steps, plan["total_steps"]):
             break
         if nn_mode == "self" and epoch % t.nn_refresh_epochs == 0:  # in between: restored from last.pt
             dataset.set_neighbours(self_neighbours(model, step_module.frontend, self_loader, t.nn_k, device))
@@ -429,13 +587,21 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not ddp.main,
                    leave=False, dynamic_ncols=True)
         for batch in bar:
+            if same_sound is not None:
+                batch["negatives_mask"] = same_sound_mask(batch["index"], same_sound)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss, parts = runner(batch, gather)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             step += 1
+            if not plan["fixed"]:  # skip the first steps (allocator, loader start-up), then time a few
+                if step - first_step == PROBE_SKIP:
+                    probe_t0 = time.perf_counter()
+                elif probe_t0 is not None and step - first_step == PROBE_SKIP + PROBE_STEPS:
+                    fix_plan(PROBE_STEPS, time.perf_counter() - probe_t0)
             n_steps += 1
             n_samples += t.batch_size * ddp.world
             # Accumulate on the device: a float() per term would synchronize the GPU 19 times a step.
@@ -450,21 +616,29 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
                 if writer is not None:
                     writer.add_scalar("train/loss", value, step)
                     writer.add_scalar("train/samples_per_s", rate, step)
-            if step >= max_steps:
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+            if step >= min(max_steps, plan["total_steps"]):
                 break
         bar.close()
         train_seconds = time.perf_counter() - t0
+        if t.budget_minutes is not None and n_steps >= PROBE_SKIP + PROBE_STEPS and step < plan["total_steps"]:
+            fix_plan(n_steps - PROBE_SKIP, train_seconds * (n_steps - PROBE_SKIP) / n_steps)
         record: dict[str, Any] = {"epoch": epoch, "step": step, "steps": n_steps,
                                   "samples_per_s": n_samples / max(train_seconds, 1e-9),
-                                  "train_seconds": train_seconds}
+                                  "train_seconds": train_seconds, "lr": optimizer.param_groups[0]["lr"]}
         record.update({f"train/{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
-        last_epoch = epoch + 1 == t.epochs or step >= max_steps
+        last_epoch = epoch + 1 == t.epochs or step >= min(max_steps, plan["total_steps"])
         if ddp.main:
             if val_loader is not None and ((epoch + 1) % t.val_every == 0 or last_epoch):
+                v0 = time.perf_counter()
                 val = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device,
                                acl_training.compute_heatmaps if acl else compute_heatmaps)
+                if swap_val:
+                    val.update(validate_audio_swap(model, step_module.frontend, val_loader.dataset, swap_val,
+                                                   device))
+                record["val_seconds"] = time.perf_counter() - v0
                 record.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
-                score = _score(val)
+                score = _score(val, t.select)
                 if best is None or score > best:
                     best, best_epoch = score, epoch
                     scalars = {k: v for k, v in val.items() if isinstance(v, (int, float, str))}
@@ -472,7 +646,10 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
             elif val_loader is None:
                 save(best_path, epoch + 1, {})
                 best_epoch = epoch
+            record["elapsed_s"] = time.perf_counter() - run_start
+            plan["elapsed_s"] = record["elapsed_s"]
             extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "scheduler": scheduler.state_dict(), "plan": dict(plan),
                      "rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "best_score": list(best) if best is not None else None, "best_epoch": best_epoch}
@@ -485,9 +662,10 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     writer.add_scalar(k if "/" in k else f"epoch/{k}", v, epoch + 1)
-            log.info("epoch %d: loss %.4f, %.1f samples/s%s", epoch + 1, record.get("train/loss", math.nan),
-                     record["samples_per_s"],
-                     f", val ciou_ap50 {record['val/ciou_ap50']:.3f}" if "val/ciou_ap50" in record else "")
+            log.info("epoch %d: loss %.4f, %.1f samples/s, %.1f min%s%s", epoch + 1,
+                     record.get("train/loss", math.nan), record["samples_per_s"], record["elapsed_s"] / 60,
+                     f", val ciou_ap50 {record['val/ciou_ap50']:.3f}" if "val/ciou_ap50" in record else "",
+                     f", val audio-swap {record['val/audio_swap_acc']:.3f}" if "val/audio_swap_acc" in record else "")
         if ddp.world > 1:
             dist.barrier()
     if writer is not None:
