@@ -454,24 +454,59 @@ def write_video(
     os.replace(tmp, path)
 
 
+def _place_static(
+    canvas: np.ndarray, rgba: np.ndarray, placed: list[tuple[int, int, int, int]], rng: np.random.Generator
+) -> None:
+    """Paste a video's static distractor (longer side 0.25-0.45 of the height) where its box has IoU <=
+    MAX_BOX_IOU with each box in ``placed`` (shrunk every 25 tries, as in ``layout_objects``); appends its box."""
+    height, width = canvas.shape[:2]
+    longer = rng.uniform(0.25, 0.45) * height
+    premult = prepare_sprite(rgba, longer, rng)
+    for attempt in range(200):
+        if attempt and attempt % 25 == 0:
+            longer *= 0.85
+            premult = prepare_sprite(rgba, longer, rng)
+        h, w = premult.shape[:2]
+        x0, y0 = int(rng.integers(0, max(width - w, 1))), int(rng.integers(0, max(height - h, 1)))
+        box = _placed_box(premult[..., 3], x0, y0, height, width)
+        if box is not None and all(_box_iou(box, other) <= MAX_BOX_IOU for other in placed):
+            paste(canvas, premult, x0, y0)
+            placed.append(box)
+            return
+    log.warning("a static distractor of the clip found no place apart from the others; left out")
+
+
 def render_video(
     library: SceneLibrary, rng: np.random.Generator, category: str, params: SceneParams, path: Path
 ) -> list[list[float]]:
-    """A clip in which the ``category`` object bounces across a background with one static distractor.
+    """A clip in which the ``category`` object bounces across a background with static silent distractors.
 
-    Writes ``path`` (mp4 with the object's sound) and returns per-frame normalized boxes of the object.
+    ``params.distractors`` distractors (as many as there are other categories), each of another category,
+    are drawn under the moving object, each placed with box IoU <= MAX_BOX_IOU to the ones before. Writes
+    ``path`` (mp4 with the object's sound) and returns per-frame normalized boxes of the moving object.
+
+    The distractors after the first come from a generator spawned off ``rng`` (spawning does not advance
+    it), so the background, the first distractor, the moving object, its path and its sound are drawn as
+    in a one-distractor clip. The blurred background clutter excludes only the first distractor's category.
     """
     width, height = params.video_size
     canvas = procedural_background(rng, height, width)
     pool = [c for c in library.categories if c != category]
     others = [str(rng.choice(pool))] if pool and params.distractors > 0 else []
+    extra_rng = rng.spawn(1)[0]
+    rest = [c for c in pool if c not in others]
+    n_extra = min(params.distractors - len(others), len(rest)) if others else 0
+    extra = [str(c) for c in extra_rng.choice(rest, size=n_extra, replace=False)] if n_extra > 0 else []
     add_clutter(canvas, library.clutter(rng, {category, *others}), rng)
+    placed: list[tuple[int, int, int, int]] = []
     for c in others:  # static distractor, drawn under the moving object
         premult = prepare_sprite(library.sprite(c, rng), rng.uniform(0.25, 0.45) * height, rng)
         h, w = premult.shape[:2]
-        paste(
-            canvas, premult, int(rng.integers(0, max(width - w, 1))), int(rng.integers(0, max(height - h, 1)))
-        )
+        x0, y0 = int(rng.integers(0, max(width - w, 1))), int(rng.integers(0, max(height - h, 1)))
+        paste(canvas, premult, x0, y0)
+        placed.append(_placed_box(premult[..., 3], x0, y0, height, width) or (x0, y0, x0 + 1, y0 + 1))
+    for c in extra:
+        _place_static(canvas, library.sprite(c, extra_rng), placed, extra_rng)
     sprite = prepare_sprite(library.sprite(category, rng), rng.uniform(0.3, 0.5) * height, rng)
     h, w = sprite.shape[:2]
     local = mask_box(sprite[..., 3])
@@ -734,6 +769,11 @@ def generate_dataset(
         raise UserError(
             f"--distractors {params.distractors}: train/val scenes have only {heard_count - 1} other "
             "categories to draw from"
+        )
+    if any(s.split == "silent" for s in specs) and len(library.categories) - 1 < params.distractors + 1:
+        raise UserError(
+            f"--silent-frac {silent_frac}: a silent scene holds {params.distractors + 1} objects (--distractors "
+            f"+ 1), none of its paired clip's category; there are only {len(library.categories) - 1} others"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")

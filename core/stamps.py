@@ -14,6 +14,10 @@ What is used, and why:
   very same recording (found by comparing decoded audio: mountaingoat = ram, badger = beaver), since no
   listener could tell them apart. A scene draws a category's image and its recording independently from
   the category's members.
+- ``--categories NAME,...`` restricts the benchmark to a subset of those categories (at least 3: a scene holds
+  one sounding object and two distractors of other categories); the rest appear nowhere, not even as
+  background clutter. The categories are formed over the whole package first, so a name means the same
+  thing with or without a subset.
 
 Scenes, silent samples, open-set splits, clips and the layout are made by :mod:`avloc.core.scenes`.
 """
@@ -21,9 +25,11 @@ Scenes, silent samples, open-set splits, clips and the layout are made by :mod:`
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ MIN_LONGER_SIDE = 96
 MIN_OPAQUE_FILL = 0.10
 SILENT_PEAK = 1e-3
 FAINT_ALPHA = 0.05
+MIN_CATEGORIES = 3  # one sounding object + two distractors of other categories
 
 # Stamps showing the same kind of sound source -> one category.
 NAME_GROUPS = {
@@ -85,6 +92,32 @@ def find_stamps(root: Path) -> tuple[list[tuple[str, Path, Path]], dict[str, str
     return found, skipped
 
 
+def parse_categories(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``--categories`` (comma-separated, or a sequence) -> distinct names in the given order; None = all."""
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(dict.fromkeys(str(n).strip() for n in items if str(n).strip()))
+    if len(names) < MIN_CATEGORIES:
+        raise UserError(
+            f"--categories {','.join(names) or repr(text)}: {len(names)} given; expected at least "
+            f"{MIN_CATEGORIES} (a scene holds 1 sounding object + 2 distractors of other categories)"
+        )
+    return names
+
+
+def select_categories(members: dict[str, list[str]], names: Sequence[str]) -> dict[str, list[str]]:
+    """``members`` restricted to ``names``; an unknown name is a one-line UserError listing known ones."""
+    for name in names:
+        if name not in members:
+            known = difflib.get_close_matches(name, list(members), n=5, cutoff=0.5) or sorted(members)[:8]
+            raise UserError(
+                f"--categories: unknown category {name!r}; known ones include {', '.join(known)} "
+                f"({len(members)} in all, as in a full dataset's classes.txt)"
+            )
+    return {c: members[c] for c in sorted(names)}
+
+
 def _load_rgba(png: Path) -> np.ndarray:
     from PIL import Image  # pillow comes with torchvision; it reads palette/LA transparency correctly
 
@@ -93,13 +126,19 @@ def _load_rgba(png: Path) -> np.ndarray:
 
 
 class StampLibrary:
-    """:class:`avloc.core.scenes.SceneLibrary` over the tuxpaint stamps, decoded once per process."""
+    """:class:`avloc.core.scenes.SceneLibrary` over the tuxpaint stamps, decoded once per process.
+
+    ``categories``: only these categories (names as in :attr:`categories` of the full library); None = all.
+    """
 
     kind = "stamps"
 
-    def __init__(self, root: str | Path | None = None, max_side: int = 256) -> None:
+    def __init__(
+        self, root: str | Path | None = None, max_side: int = 256, categories: Sequence[str] | None = None
+    ) -> None:
         from avloc.core.audio import load_audio
 
+        names = parse_categories(categories)  # a too-short list fails before the decoding
         self.root = stamps_dir(root)
         if not self.root.is_dir():
             raise UserError(
@@ -150,9 +189,15 @@ class StampLibrary:
                 f"(or set {STAMPS_DIR_ENV} to a stamps folder)"
             )
         self.members = _group(images, digests)
+        self.excluded: list[str] = []
+        if names is not None:
+            selected = select_categories(self.members, names)
+            self.excluded = sorted(set(self.members) - set(selected))
+            self.members = selected
         self.categories = sorted(self.members)
-        self._images = images
-        self._sounds = sounds
+        used = {m for ms in self.members.values() for m in ms}
+        self._images = {n: v for n, v in images.items() if n in used}
+        self._sounds = {n: v for n, v in sounds.items() if n in used}
 
     def sprite(self, category: str, rng: np.random.Generator) -> np.ndarray:
         members = self.members[category]
@@ -169,7 +214,7 @@ class StampLibrary:
         return [self.sprite(str(c), rng) for c in picked]
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "kind": self.kind,
             "root": str(self.root),
             "package": "tuxpaint-stamps-default",
@@ -179,6 +224,9 @@ class StampLibrary:
                 n: round(len(w) / scenes.SAMPLE_RATE, 2) for n, w in sorted(self._sounds.items())
             },
         }
+        if self.excluded:  # only with --categories: a full benchmark's meta.json stays as it was
+            described["excluded_categories"] = self.excluded
+        return described
 
 
 def _group(images: dict[str, np.ndarray], digests: dict[str, str]) -> dict[str, list[str]]:
@@ -227,8 +275,9 @@ def make_stamps(
     video_fps: int = 30,
     stamps_root: str | Path | None = None,
     progress: bool = False,
+    categories: Sequence[str] | None = None,
 ) -> Path:
-    """Write the stamps benchmark to ``out``; returns ``out``."""
+    """Write the stamps benchmark to ``out``; returns ``out``. ``categories``: a subset (None = all)."""
     params = scenes.SceneParams(
         image_size=image_size,
         clip_seconds=clip_seconds,
@@ -237,7 +286,9 @@ def make_stamps(
         video_seconds=video_seconds,
         video_fps=video_fps,
     )
-    factory = functools.partial(StampLibrary, str(stamps_dir(stamps_root)), _max_side(params, videos))
+    factory = functools.partial(
+        StampLibrary, str(stamps_dir(stamps_root)), _max_side(params, videos), parse_categories(categories)
+    )
     return scenes.generate_dataset(
         out,
         factory,
@@ -265,6 +316,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"tuxpaint stamps folder (default ${STAMPS_DIR_ENV} or {DEFAULT_STAMPS_DIR})",
     )
+    parser.add_argument(
+        "--categories",
+        default=None,
+        metavar="NAME,NAME,...",
+        help=f"only these categories (names as in a full dataset's classes.txt; at least {MIN_CATEGORIES}; "
+        "default all)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -272,7 +330,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers}: expected >= 1")
     params = scenes.params_from_args(args)
     factory = functools.partial(
-        StampLibrary, str(stamps_dir(args.stamps_dir)), _max_side(params, args.videos)
+        StampLibrary,
+        str(stamps_dir(args.stamps_dir)),
+        _max_side(params, args.videos),
+        parse_categories(args.categories),
     )
     out = scenes.generate_dataset(
         args.out,

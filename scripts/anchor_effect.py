@@ -53,8 +53,14 @@ def clip_effect(loaded, video: Path, batch: int = 32) -> dict[str, object]:  # n
             for k, m in enumerate(maps):
                 index = min(start + k, len(boxes) - 1)
                 hits[name].append(peak_inside(m, np.asarray(boxes[index])))
+    # after the first window an end-anchored window holds no pre-filled silence: the anchors differ there
+    # only by where the window sits in time (1.5 s apart at 3 s), not by how much of it is sound
+    full = np.array([pts >= cfg.window_seconds for pts, _ in frames])
     return {"video": str(video), "frames": len(frames),
             **{f"peak_in_box_{a}": float(np.mean(h)) for a, h in hits.items()},
+            "frames_after_first_window": int(full.sum()),
+            **{f"peak_in_box_{a}_after_first_window": float(np.mean(np.asarray(h)[full])) if full.any() else None
+               for a, h in hits.items()},
             "same_verdict": float(np.mean(np.equal(hits["end"], hits["center"])))}
 
 

@@ -42,7 +42,7 @@ log = logging.getLogger("make_results")
 FINDINGS = "## Findings"  # hand-written section (from --notes) kept across regenerations
 BENCHMARKS = {  # name -> `avloc data stamps` arguments (after --out)
     "bench": ["--n-train", "10000", "--n-val", "200", "--n-test", "300", "--distractors", "2",
-              "--silent-frac", "0.2", "--seed", "1"],
+              "--silent-frac", "0.2", "--seed", "1", "--videos", "2"],
     "open": ["--n-train", "6000", "--n-val", "200", "--n-test", "300", "--distractors", "2",
              "--silent-frac", "0.2", "--unheard-frac", "0.2", "--seed", "1"],
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -173,3 +174,66 @@ def test_real_stamps_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (
         video["fps"] == 30 and len(video["boxes"]) == 30 and (root / "video/clip_0000.mp4").stat().st_size > 0
     )
+
+
+def test_category_subset(fake_stamps: Path, tmp_path: Path, capsys) -> None:
+    """--categories: only those classes anywhere in the dataset; an unknown name or fewer than 3 is an error."""
+    subset = ["cat", "dog_wolf", "cow", "car"]
+    root = make_stamps(
+        tmp_path / "ds",
+        seed=3,
+        n_train=6,
+        n_val=3,
+        n_test=3,
+        distractors=2,
+        silent_frac=0.34,
+        image_size=64,
+        clip_seconds=0.5,
+        workers=1,
+        stamps_root=fake_stamps,
+        categories=subset,
+    )
+    parts = assert_layout(root, 0.5, 64)
+    assert (root / "classes.txt").read_text().split() == sorted(subset)
+    assert parts["meta"]["categories"] == sorted(subset)
+    with open(root / "labels.csv", newline="") as f:
+        assert {row["class"] for row in csv.DictReader(f)} <= set(subset)
+    for split in ("val", "test"):  # distractors too
+        for entry in json.loads((root / f"{split}.json").read_text()):
+            assert {o["class"] for o in entry["objects"]} <= set(subset)
+    source = parts["meta"]["source"]
+    assert set(source["categories"]) == set(subset) and source["excluded_categories"] == ["bus"]
+    full = make_stamps(
+        tmp_path / "all",
+        n_train=3,
+        n_val=0,
+        n_test=0,
+        image_size=64,
+        clip_seconds=0.5,
+        workers=1,
+        stamps_root=fake_stamps,
+    )
+    # without --categories, meta.json (and every other byte) stays as before
+    assert "excluded_categories" not in json.loads((full / "meta.json").read_text())["source"]
+
+    with pytest.raises(UserError, match=r"unknown category 'dog'.*dog_wolf") as info:
+        make_stamps(
+            tmp_path / "x",
+            n_train=3,
+            n_val=0,
+            n_test=0,
+            image_size=64,
+            workers=1,
+            stamps_root=fake_stamps,
+            categories=["cat", "dog", "cow"],
+        )
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="silent scene holds 3 objects"):  # said before any rendering
+        make_stamps(tmp_path / "x", n_train=3, workers=1, stamps_root=fake_stamps, categories=["cat", "cow", "car"])
+    with pytest.raises(UserError, match="at least 3"):  # a repeated name counts once
+        make_stamps(tmp_path / "x", n_train=3, workers=1, stamps_root=fake_stamps, categories=["cat", "cow", "cat"])
+    argv = ["data", "stamps", "--out", str(tmp_path / "cli"), "--stamps-dir", str(fake_stamps)]
+    code = cli.main([*argv, "--n-train", "3", "--workers", "1", "--categories", "cat,cow,zebra"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown category 'zebra'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "cli").exists()
