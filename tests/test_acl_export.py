@@ -36,6 +36,47 @@ def acl_engine(tmp_path_factory) -> tuple[Path, Path]:
     return checkpoint, export_acl(checkpoint, root / "engine")
 
 
+# Decoder logits 0.5 everywhere and b / w = 20 / 100: every heatmap pixel is sigmoid(0.7), and so is the
+# confidence (mean of the top quarter).
+CONSTANT_HEAT = 0.6681877721681662
+
+
+@pytest.fixture(scope="module")
+def constant_acl_engine(tmp_path_factory) -> Path:
+    from acl_helpers import constant_decoder_logits
+
+    config = load_config(ROOT / "configs" / "acl_tiny.yaml")
+    torch.manual_seed(0)
+    model = build_acl_model(config["model"])
+    constant_decoder_logits(model, 0.5, w=100.0, b=20.0)
+    root = tmp_path_factory.mktemp("acl_constant")
+    checkpoint = save_checkpoint(
+        root / "acl.pt",
+        model,
+        method="acl",
+        model_config=config["model"],
+        frontend=FrontEndConfig.from_dict(config["frontend"]),
+        image=from_dict(ImageConfig, config["image"], "image"),
+    )
+    return export_acl(checkpoint, root / "engine")
+
+
+def test_engine_heatmap_and_confidence_hand_computed(constant_acl_engine) -> None:
+    import math
+
+    from avloc.engines.base import load_engine
+
+    assert CONSTANT_HEAT == pytest.approx(1 / (1 + math.exp(-0.7)), abs=1e-15)
+    rng = np.random.default_rng(3)
+    spec = rng.standard_normal((2, 1, 98, 128), dtype=np.float32)
+    image = rng.standard_normal((2, 3, 48, 48), dtype=np.float32)
+    with load_engine(constant_acl_engine, threads=1) as engine:
+        heat, conf = engine.localize(image, engine.embed_audio(spec))
+    assert heat.shape == (2, 32, 32)
+    np.testing.assert_allclose(heat, CONSTANT_HEAT, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(conf, CONSTANT_HEAT, rtol=0, atol=1e-6)
+
+
 def test_manifest_describes_the_acl_engine(acl_engine) -> None:
     _, engine = acl_engine
     manifest = json.loads((engine / "manifest.json").read_text())
@@ -94,11 +135,11 @@ def test_torch_backend_serves_the_same_engine(acl_engine) -> None:
 
 
 @pytest.mark.slow
-def test_replay_a_short_clip_through_the_pipeline(acl_engine, tmp_path) -> None:
+def test_replay_a_short_clip_through_the_pipeline(constant_acl_engine, tmp_path) -> None:
     from avloc.core.synth import write_synth_video
     from avloc.stream.replay_cli import run_replay
 
-    _, engine = acl_engine
+    engine = constant_acl_engine
     video = tmp_path / "clip.mp4"
     write_synth_video(video, seconds=2.0, fps=10, size=(96, 72), seed=5)
     # a loaded shared machine can stall a worker's start for seconds: give supervision more slack
@@ -118,4 +159,5 @@ def test_replay_a_short_clip_through_the_pipeline(acl_engine, tmp_path) -> None:
     served = [h for h in heatmaps if not h.get("notice")]
     assert served, f"no heatmaps from the ACL engine (summary: {summary.get('reason')})"
     assert summary["reason"] == "ended" and summary["processes"]["inference"]["restarts"] == 0
-    assert all(0.0 <= h["confidence"] <= 1.0 for h in served)
+    # every frame, whatever it shows and hears: the hand-computed sigmoid(0.5 + 20 / 100)
+    assert all(h["confidence"] == pytest.approx(CONSTANT_HEAT, abs=1e-5) for h in served)

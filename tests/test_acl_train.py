@@ -91,6 +91,53 @@ def test_validation_heatmaps_and_retrieval_features() -> None:
     np.testing.assert_allclose(aud[1], torch.nn.functional.normalize(alone, dim=1)[0].numpy(), atol=1e-5)
 
 
+def test_acl_outputs_on_a_hand_computed_case() -> None:
+    import math
+
+    from acl_helpers import constant_decoder_logits
+
+    shared, model_section, loss = split_run_config(_config())
+    torch.manual_seed(0)
+    model = build_acl_model(model_section)
+    frontend_config = FrontEndConfig.from_dict(shared["frontend"])
+    # validation heatmaps: logits 0.5, b / w = 20 / 100 -> sigmoid(0.7) at every pixel
+    constant_decoder_logits(model, 0.5, w=100.0, b=20.0)
+    loader = [{"index": torch.tensor([1, 0]), "image": torch.randn(2, 3, 48, 48),
+               "wave": torch.rand(2, 16000) - 0.5}]
+    maps, _, _ = compute_heatmaps(model, FrontEnd(frontend_config), loader, torch.device("cpu"))
+    for m in maps.values():
+        np.testing.assert_allclose(m, 1 / (1 + math.exp(-0.7)), rtol=0, atol=1e-6)  # 0.66819
+
+    # training, B = 3: mask logits 100 * 0.5 + 20 = 70 -> every hard mask is 1
+    b = 3
+    step = ACLTrainStep(model, frontend_config, loss, amp=False)
+    image = torch.randn(b, 3, 48, 48)
+    batch = {"wave_orig": torch.rand(b, 16000) - 0.5, "image_orig": image}
+    model.train()
+    with torch.no_grad():
+        outputs = model.training_outputs(image, model.encode_audio(step.frontend(batch["wave_orig"])))
+        full_image = model.image_embedding(image)
+        dense = model.dense_features(image)
+    # area matrix all ones: positive = mean of the diagonal = 1; negative = mean(all) - positive / B = 1 - 1/3
+    assert outputs["p_area"].item() == 1.0
+    assert outputs["n_area"].item() == pytest.approx(1 - 1 / b)
+    # v_i: the image times a mask of ones is the image
+    torch.testing.assert_close(outputs["v_i"], full_image, rtol=1e-5, atol=1e-5)
+    # v_f: a constant soft mask pools every image's dense features into their mean, / B^2 (the reference
+    # normalizes by the sum of all B x B masks), the same for every audio n
+    expected_vf = dense.mean(dim=(2, 3)) / b**2
+    torch.testing.assert_close(outputs["v_f"], expected_vf[:, None].expand(b, b, -1), rtol=1e-5, atol=1e-7)
+    _, parts = step(batch)
+    # area_reg = |1 - 0.4| + |2/3 - 0|
+    assert parts["area_reg"].item() == pytest.approx(0.6 + 2 / 3, abs=1e-6)
+    assert (parts["positive_area"].item(), parts["negative_area"].item()) == pytest.approx((1.0, 2 / 3))
+    # logits -0.5: 100 * -0.5 + 20 = -30 -> every hard mask is 0: area_reg = |0 - 0.4| + |0 - 0|
+    constant_decoder_logits(model, -0.5, w=100.0, b=20.0)
+    _, parts = step(batch)
+    assert parts["area_reg"].item() == pytest.approx(0.4, abs=1e-6)
+    assert (parts["positive_area"].item(), parts["negative_area"].item()) == (0.0, 0.0)
+
+
 def test_training_model_needs_local_weights(tmp_path: Path) -> None:
     _, model_section, _ = split_run_config(_config())
     with pytest.raises(UserError, match="--beats is required"):
@@ -141,6 +188,28 @@ def test_eval_scores_an_acl_checkpoint(tmp_path: Path) -> None:
     assert metrics["method"] == "acl" and metrics["n"] == 5 and metrics["n_silent"] >= 1
     assert 0.0 <= metrics["adaptive/ciou_ap50"] <= 1.0 and 0.0 <= metrics["median/ext_ap"] <= 1.0
     recalls = [metrics[f"map/a2i_r{k}"] for k in (1, 5, 10)]
-    assert recalls == sorted(recalls) and recalls[-1] == 1.0  # 5 test ids: R@10 finds every class
+    assert recalls == sorted(recalls)  # values: test_eval_acl_known_metrics
     assert not any(key.startswith("proj/") for key in metrics)
     assert metrics["audio_swap_n_pairs"] == 10
+
+
+def test_eval_acl_known_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ACL branch of ``avloc eval`` (heatmaps + CLIP-space features from ``evaluation_outputs``, no proj/)
+    on the hand-worked set of tests/eval_helpers.py."""
+    from eval_helpers import Oracle, assert_known_metrics, patch_acl, write_dataset
+
+    from avloc.core.acl.model import CLIP_MEAN, CLIP_STD
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.train.evaluate import evaluate_checkpoint
+
+    config = _config()
+    root = write_dataset(tmp_path / "data")
+    frontend = FrontEndConfig.from_dict(config["frontend"])
+    image = ImageConfig(size=224, mean=CLIP_MEAN, std=CLIP_STD)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "acl.pt", build_acl_model(config["model"]), method="acl",
+                                 model_config=config["model"], frontend=frontend, image=image)
+    patch_acl(monkeypatch, Oracle(root, frontend, image))
+    metrics = evaluate_checkpoint(checkpoint, root, audio_swap=False, batch_size=4, device="cpu")
+    assert metrics["method"] == "acl" and frontend.kind == "fbank"
+    assert_known_metrics(metrics, prefixes=("map",))

@@ -61,6 +61,33 @@ def test_eval_maps_end_to_end_matches_library(tmp_path, capsys):
     assert not list(out.parent.glob(".*tmp"))  # temp file renamed away
 
 
+@pytest.mark.parametrize("mode", ["median", "adaptive"])
+def test_eval_maps_hand_worked_values(tmp_path, mode):
+    """The CLI on the hand-worked set of tests/eval_helpers.py (maps right on some ids, wrong on others, one
+    silent image): every localization and Extended number as worked out there from the definitions."""
+    from eval_helpers import ALL, LOCALIZATION, PER_SAMPLE_CIOU, heatmap, write_dataset
+
+    root = write_dataset(tmp_path / "data")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for sample_id in ALL:
+        np.save(maps / f"{sample_id}.npy", heatmap(sample_id))
+    out = tmp_path / "metrics.json"
+    argv = ["eval-maps", "--heatmaps", str(maps), "--annotations", str(root / "test.json"),
+            "--silent", str(root / "test_plus_silent.csv"), "--binarize", mode, "--per-sample", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 6 and result["n_silent"] == 1 and result["binarize"] == mode
+    for key, value in LOCALIZATION.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+    assert {i: v["ciou"] for i, v in result["per_sample"].items() if v["sounding"]} == pytest.approx(
+        PER_SAMPLE_CIOU, abs=1e-9
+    )
+    confidence = {i: v["confidence"] for i, v in result["per_sample"].items()}
+    assert confidence == pytest.approx({"t0": 0.9, "t1": 0.5, "t2": 0.3, "t3": 0.8, "t4": 0.6, "t5": 0.2,
+                                        "s0": 0.7}, abs=1e-6)
+
+
 def test_eval_maps_adaptive_and_sweep(tmp_path, capsys):
     maps = _write_set(tmp_path)
     out = tmp_path / "m.json"

@@ -65,6 +65,29 @@ def test_eval_end_to_end(synth_root: Path, checkpoint: Path, tmp_path: Path) -> 
     assert 1 <= len(examples) <= 4
 
 
+def test_eval_end_to_end_with_known_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``avloc eval`` on a set whose every number is worked out by hand (tests/eval_helpers.py): the model's
+    evaluation methods return, per sample, maps right on some ids and wrong on others and retrieval features
+    with known ranks; everything between (dataset reading, batching, silent rows, protocol, JSON) is real."""
+    from eval_helpers import Oracle, assert_known_metrics, patch_ssl_align, write_dataset
+
+    from avloc.cli import main as cli_main
+
+    root = write_dataset(tmp_path / "data")
+    frontend, image = FrontEndConfig(window_seconds=1.0), ImageConfig(size=224)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "best.pt", SSLAlign(SSLAlignConfig(**MODEL_CONFIG)),
+                                 method="ssl_align", model_config=MODEL_CONFIG, frontend=frontend, image=image)
+    patch_ssl_align(monkeypatch, Oracle(root, frontend, image))
+    out = tmp_path / "metrics.json"
+    rc = cli_main(["eval", "--checkpoint", str(checkpoint), "--data", str(root), "--batch-size", "4",
+                   "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["method"] == "ssl_align" and metrics["image_size"] == 224
+    assert_known_metrics(metrics, prefixes=("map", "proj"))
+
+
 def test_eval_rejects_checkpoint_with_extra_key(synth_root: Path, checkpoint: Path, tmp_path: Path) -> None:
     payload = torch.load(checkpoint, weights_only=True)
     payload["state_dict"]["visual_proj.extra"] = torch.zeros(3)

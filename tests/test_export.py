@@ -209,22 +209,26 @@ def _tiny_dataset(root, n=12):
     return root
 
 
-def test_int8_export_records_agreement_and_loads(checkpoint, tmp_path, monkeypatch):
+def test_int8_export_at_the_real_gate_records_agreement_and_loads(checkpoint, tmp_path):
+    """The gate at its shipped thresholds (no monkeypatching): this model quantizes well and is kept."""
     from avloc.engines import quantize
     from avloc.engines.base import load_engine
 
+    assert (quantize.MIN_CORRELATION, quantize.MIN_PEAK_AGREEMENT) == (0.98, 0.9)
     with pytest.raises(UserError, match="--calibration"):
         export_mod.export_engine(checkpoint[0], tmp_path / "nocal", int8=True)
     data = _tiny_dataset(tmp_path / "data")
-    monkeypatch.setattr(quantize, "MIN_CORRELATION", 0.0)  # keep it whatever a random model gives
-    monkeypatch.setattr(quantize, "MIN_PEAK_AGREEMENT", 0.0)
     out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
     manifest = read_manifest(out)
     for graph in ("audio", "visual"):
+        assert "int8_rejected" not in manifest["graphs"][graph]
         entry = manifest["graphs"][graph]["variants"]["int8"]
         assert entry["sha256"] == sha256_file(out / f"{graph}.int8.onnx")
         assert entry["calibration_samples"] == 6 and entry["held_out_samples"] == 6
-        assert -1.0 <= entry["heatmap_agreement_vs_fp32"]["mean_correlation"] <= 1.0
+        agreement = entry["heatmap_agreement_vs_fp32"]
+        # what the gate let through: r >= 0.98 and peaks within one cell on >= 90 % of the held-out maps
+        assert agreement["mean_correlation"] >= 0.98 and agreement["peak_within_one_cell"] >= 0.9, graph
+        assert agreement["min_correlation"] <= agreement["mean_correlation"] <= 1.0 + 1e-6
     assert (
         entry["heatmap_agreement_vs_fp32"].keys()
         < manifest["graphs"]["audio"]["variants"]["int8"]["heatmap_agreement_vs_fp32"].keys()
@@ -245,17 +249,75 @@ def test_int8_export_records_agreement_and_loads(checkpoint, tmp_path, monkeypat
     assert np.abs(heat8 - heat32).max() < 0.5
 
 
-def test_int8_rejected_when_agreement_is_low(checkpoint, tmp_path, monkeypatch):
+def _perturbed_quantize(real):
+    """``quantize._quantize`` that really quantizes, then replaces the int8 weights with random ones."""
+    import onnx
+    from onnx import numpy_helper
+
+    def run(src, dst, feeds):
+        real(src, dst, feeds)
+        model = onnx.load(dst)
+        rng = np.random.default_rng(0)
+        perturbed = 0
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.INT8:  # per-channel conv weights (QDQ)
+                shape = numpy_helper.to_array(init).shape
+                noise = rng.integers(-127, 128, size=shape).astype(np.int8)
+                init.CopyFrom(numpy_helper.from_array(noise, init.name))
+                perturbed += 1
+        assert perturbed > 0
+        onnx.save(model, dst)
+
+    return run
+
+
+def test_int8_rejected_when_its_weights_are_perturbed(checkpoint, tmp_path, monkeypatch):
+    """A broken quantization (weights scrambled after calibration) fails the real gate and is not shipped."""
     from avloc.engines import quantize
     from avloc.engines.base import load_engine
 
     data = _tiny_dataset(tmp_path / "data")
-    monkeypatch.setattr(quantize, "MIN_CORRELATION", 1.01)  # unreachable
+    monkeypatch.setattr(quantize, "_quantize", _perturbed_quantize(quantize._quantize))
     out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
     manifest = read_manifest(out)
     for graph in ("audio", "visual"):
         assert "variants" not in manifest["graphs"][graph]
-        assert manifest["graphs"][graph]["int8_rejected"]["rejected"] is True
+        entry = manifest["graphs"][graph]["int8_rejected"]
+        assert entry["rejected"] is True and entry["file"] is None
+        agreement = entry["heatmap_agreement_vs_fp32"]  # the reason is recorded
+        assert agreement["mean_correlation"] < 0.98 or agreement["peak_within_one_cell"] < 0.9, graph
         assert not (out / f"{graph}.int8.onnx").exists()
     with pytest.raises(UserError, match="int8"):
         load_engine(out, precision="int8")
+
+
+def test_int8_gate_decides_at_exactly_its_thresholds(checkpoint, tmp_path, monkeypatch):
+    """Both conditions of the gate, on each side of 0.98 (mean r) and 0.9 (peak within one cell)."""
+    import shutil
+
+    from avloc.engines import quantize
+
+    data = _tiny_dataset(tmp_path / "data")
+    monkeypatch.setattr(quantize, "_quantize", lambda src, dst, feeds: shutil.copyfile(src, dst))
+    measured: list[tuple[float, float]] = []
+
+    def canned(reference, maps):  # (audio, visual) agreement per export, in the order the gate sees them
+        r, peak = measured.pop(0)
+        return {"mean_correlation": r, "min_correlation": r, "peak_same_cell": peak,
+                "peak_within_one_cell": peak, "max_abs_diff": 0.0, "mean_abs_diff": 0.0}
+
+    monkeypatch.setattr(quantize, "_agreement", canned)
+    cases = [
+        # (audio, visual) -> (kept, kept)
+        (((0.98, 0.9), (0.9799, 1.0)), (True, False)),  # both at the limit: kept; r just below: rejected
+        (((1.0, 0.8999), (1.0, 1.0)), (False, True)),  # perfect r, peaks off on > 10 %: rejected
+    ]
+    for n, (agreements, kept) in enumerate(cases):
+        measured[:] = list(agreements)
+        out = export_mod.export_engine(checkpoint[0], tmp_path / f"engine{n}", int8=True, calibration=data)
+        manifest = read_manifest(out)
+        for graph, keep in zip(("audio", "visual"), kept):
+            assert ("variants" in manifest["graphs"][graph]) is keep, (n, graph)
+            assert ("int8_rejected" in manifest["graphs"][graph]) is not keep, (n, graph)
+            assert (out / f"{graph}.int8.onnx").exists() is keep, (n, graph)
+        assert measured == []

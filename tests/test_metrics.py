@@ -204,8 +204,37 @@ def test_extended_metrics_hand_case():
     assert out == pytest.approx({"ext_ap": 0.4, "ext_max_f1": 0.75, "ext_loc_acc": 0.75})
 
 
+def test_extended_metrics_strided_thresholds_hand_case():
+    """N = 400: AP uses every 2nd confidence from the second largest down (N // 200), F1 every 40th from the
+    smallest (N // 10). By confidence rank r (0 = lowest; conf = (r + .5) / 400, fed in shuffled order):
+    r 300-399 correct (100), r 200-299 silent (100), r 101-199 correct (99), r 0-100 silent (101); 199 correct.
+
+    AP, thresholds at the even ranks 398, 396, ..., 0 (detected: rank >= r):
+      r >= 300: P = 1, R = (400 - r) / 199        -> R goes 2/199 .. 100/199, area 98/199 at P 1
+      200 <= r <= 298: TP 100, R = 100/199         -> no recall gained
+      102 <= r <= 198: TP = 300 - r, FP 100, P = (300 - r) / (400 - r), best at r = 102: 198/298 = 99/149;
+                       R goes 100/199 .. 198/199 (area 98/199 at max P 99/149), then 1 at r = 100 (1/199 more)
+      r <= 100: TP 199, FP = 201 - r, P = 199 / (400 - r) < 99/149, R = 1
+      AP = 98/199 + 99/199 * 99/149 = 24403 / 29651 = 0.82300...
+      (every threshold: the odd r = 101 has P = 199/299 and AP = 98/199 + 99/299 = 0.8236...)
+    F1 = 2TP / (2TP + FP + FN) at the ranks 0, 40, ..., 360:
+      0: 398/599  40: 398/559  80: 398/519  120: 360/479  160: 280/439  200: 200/399  240: 200/359
+      280: 200/319  320: 160/279  360: 80/239   -> max 398/519 = 0.76686 (every threshold: 398/498 at r = 101)
+    """
+    rank = np.arange(400)
+    sounding = (rank >= 300) | ((rank >= 101) & (rank < 200))
+    cious = np.where(sounding, 0.9, 0.0)
+    conf = (rank + 0.5) / 400
+    order = np.random.default_rng(0).permutation(400)
+    out = M.extended_metrics(cious[order], conf[order], sounding[order])
+    assert out["ext_ap"] == pytest.approx(24403 / 29651, abs=1e-12)
+    assert out["ext_max_f1"] == pytest.approx(398 / 519, abs=1e-12)
+    assert out["ext_loc_acc"] == 1.0
+
+
 def _loop_extended(cious, conf, sounding):
-    """Plain-loop restatement of the SLAVC definitions, for a parity check on larger N."""
+    """Plain-loop restatement of the SLAVC definitions, for a parity check on larger N (the hand-worked values
+    with striding are in test_extended_metrics_strided_thresholds_hand_case)."""
 
     def pr(thr):
         tp = fp = fn = 0

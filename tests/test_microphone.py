@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from alsa_helpers import PipeMicrophone, file_microphone
 from proc_helpers import orphans
 
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
@@ -221,3 +222,133 @@ def test_devices_are_listed_and_selected_by_name(tmp_path):
     assert result["quiet"] == names["quietmic"]["index"]
     assert "no such mic" in result["missing"] and "avloc devices" in result["missing"]
     assert isinstance(result["cameras"], list)
+
+
+def _run_worker(home: Path, endpoint: str, *args: str, code: str | None = None) -> subprocess.Popen:
+    """The microphone worker process with ``HOME=home`` (its ALSA config); ``code``: a driver to run instead
+    of ``python -m avloc.stream.microphone`` (it gets the same arguments)."""
+    env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1"}
+    head = ["-c", code] if code else ["-m", "avloc.stream.microphone"]
+    return subprocess.Popen(
+        [sys.executable, *head, "--device", "default", "--endpoint", endpoint, "--wait-subscribers", "1",
+         "--stream-id", "mic9", "--log-file", str(home / "mic.log"), *args],
+        env=env,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_worker_resamples_and_mixes_down_a_stereo_44k_device(frontend, tmp_path):
+    """A device that captures only at 44.1 kHz in stereo: the worker mixes the two channels down (mean) and
+    resamples to the front-end's 16 kHz; windows match the offline front-end on the same mix (torchaudio's
+    resampling). Left: the birdsong; right: a 3 kHz tone that only the mix down can bring in."""
+    import soundfile as sf
+
+    from avloc.core.audio import resample
+
+    config, module = frontend
+    native, rate = sf.read(RECORDING, dtype="float32")
+    n = len(native)
+    left = _int16(0.8 * native)
+    right = _int16(0.25 * np.sin(2 * np.pi * 7000.0 * np.arange(n) / rate))
+    file_microphone(tmp_path, np.stack([left, right], axis=1))  # interleaved L R
+    mix = (left.astype(np.float32) + right.astype(np.float32)) / 2 / 32768
+    reference = resample(mix, rate, SR)
+    left_only = resample(left.astype(np.float32) / 2 / 32768, rate, SR)
+    driver = ("import sys\nfrom avloc.stream import microphone\n"
+              "microphone._pick_rate_and_channels = lambda device, wanted: (44100, 2)  # all the device offers\n"
+              "sys.exit(microphone.main(sys.argv[1:]))\n")
+    endpoint = free_tcp_endpoint()
+    proc = _run_worker(tmp_path, endpoint, "--hop", "0.25", "--ring-seconds", "30", "--max-lag", "-1",
+                       code=driver)
+    ctx = zmq.Context()
+    sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=1000)
+    received = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (received and received[-1].meta["end_sample"] >= len(reference)):
+            msg = protocol.recv(sub, timeout_ms=500)
+            if msg is not None:
+                received.append(msg)
+            assert proc.poll() is None, (tmp_path / "mic.log").read_text()
+    finally:
+        _stop(proc)
+        ctx.destroy(linger=0)
+    log_text = (tmp_path / "mic.log").read_text()
+    assert proc.returncode == 0, log_text
+    assert "44100 Hz, 2 channel(s)" in log_text and "resampled to 16000 Hz" in log_text
+    inside = [m for m in received if m.meta["end_sample"] <= len(reference)]
+    assert len(inside) >= 5, [m.meta["end_sample"] for m in received]
+    tone_bin = round(7000 / 31.25)
+    for msg in inside:
+        end = msg.meta["end_sample"]
+        assert msg.meta["sample_rate"] == SR and (end - config.num_samples) % 4000 == 0
+        spec = msg.arrays["spec"]
+        ref = module.compute(reference[end - config.num_samples : end])
+        assert np.corrcoef(spec.ravel(), ref.ravel())[0, 1] > 0.98
+        assert np.corrcoef(_band_energy(spec), _band_energy(ref))[0, 1] > 0.99
+        assert abs(float((spec - ref).mean())) < 0.03  # the mean of the channels, not their sum (+0.12)
+        # the right channel's tone is in the mix at its level: 1/2 of 0.25 amplitude, not missing
+        tone = _band_energy(spec)[tone_bin]
+        assert 0.5 < tone / _band_energy(ref)[tone_bin] < 2.0
+        assert tone > 100 * _band_energy(module.compute(left_only[end - config.num_samples : end]))[tone_bin]
+
+
+def test_worker_reopens_an_unplugged_microphone(tmp_path):
+    """A real-time device that stops delivering (unplugged: PortAudio's read blocks) is closed and reopened
+    after 2 s; windows resume, numbered on, stamped on the same clock, after the silence."""
+    recording = _int16(load_audio(RECORDING, SR))
+    endpoint = free_tcp_endpoint()
+    frontend = json.dumps({"kind": "linear", "window_seconds": 1.0})
+    ctx = zmq.Context()
+    sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=1000)
+    received: list[tuple[float, protocol.Message]] = []
+
+    def collect(count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        goal = len(received) + count
+        while len(received) < goal:
+            assert time.monotonic() < deadline, f"{len(received)} windows; log:\n{log.read_text()}"
+            msg = protocol.recv(sub, timeout_ms=200)
+            if msg is not None:
+                received.append((protocol.now(), msg))
+            assert proc.poll() is None, log.read_text()
+
+    log = tmp_path / "mic.log"
+    with PipeMicrophone(tmp_path, recording, SR) as mic:
+        proc = _run_worker(tmp_path, endpoint, "--hop", "0.1", "--frontend", frontend)
+        try:
+            collect(8, 60)
+            mic.unplug()
+            unplugged_at = protocol.now()
+            deadline = time.monotonic() + 30
+            while "reopening" not in (log.read_text() if log.is_file() else ""):
+                assert time.monotonic() < deadline, log.read_text()
+                if (msg := protocol.recv(sub, timeout_ms=100)) is not None:
+                    received.append((protocol.now(), msg))
+            before = len(received)
+            mic.replug()
+            collect(8, 30)
+        finally:
+            _stop(proc)
+            ctx.destroy(linger=0)
+    log_text = log.read_text()
+    assert proc.returncode == 0, log_text
+    assert orphans(timeout=0) == []
+    assert log_text.count("stopped delivering; reopening") == 1 and "'reopens': 1" in log_text
+    messages = [m for _, m in received]
+    assert [m.seq for m in messages] == list(range(len(messages)))  # numbered on across the reopen
+    ends = [m.ts["window_end"] for m in messages]
+    assert ends == sorted(ends)  # one clock across the reopen
+    last_before, first_after = messages[before - 1], messages[before]
+    # nothing was captured while unplugged: the first new window ends after the silence (>= 2 s detection)
+    assert first_after.ts["window_end"] > unplugged_at + 2.0 > last_before.ts["window_end"]
+    assert all(arrival >= unplugged_at + 2.0 for arrival, _ in received[before:])

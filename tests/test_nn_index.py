@@ -35,6 +35,38 @@ def test_find_neighbors_matches_brute_force() -> None:
     assert (np.diff(sims, axis=1) <= 1e-6).all()
 
 
+# Six directions at these angles (degrees): a Golomb ruler, so every pairwise gap is different and each row's
+# neighbour order is unique. Cosine similarity falls with the angle gap (all gaps < 90 degrees).
+ARC_DEGREES = (0, 5, 20, 50, 60, 85)
+# Worked out from the gaps, e.g. row 3 (50 deg): 60 (10) < 20 (30) < 85 (35) < 5 (45) < 0 (50).
+ARC_ORDER = [
+    [1, 2, 3, 4, 5],
+    [0, 2, 3, 4, 5],
+    [1, 0, 3, 4, 5],
+    [4, 2, 5, 1, 0],
+    [3, 5, 2, 1, 0],
+    [4, 3, 2, 1, 0],
+]
+
+
+def _arc_features(degrees, dim: int = 8) -> np.ndarray:
+    """Unit directions in the first two of ``dim`` dimensions, scaled by different norms."""
+    rad = np.deg2rad(np.asarray(degrees, dtype=np.float64))
+    out = np.zeros((len(rad), dim), np.float32)
+    out[:, 0], out[:, 1] = np.cos(rad), np.sin(rad)
+    return out * np.linspace(0.5, 7.0, len(rad), dtype=np.float32)[:, None]
+
+
+def test_find_neighbors_returns_the_known_order_on_an_arc() -> None:
+    features = _arc_features(ARC_DEGREES)
+    assert find_neighbors(features, k=5).tolist() == ARC_ORDER
+    assert find_neighbors(features, k=2).tolist() == [row[:2] for row in ARC_ORDER]
+    # with itself allowed, each row starts with itself, then the same order
+    assert find_neighbors(features, k=6, exclude_self=False).tolist() == [
+        [i, *row] for i, row in enumerate(ARC_ORDER)
+    ]
+
+
 def test_find_neighbors_caps_k_and_excludes_self_among_duplicates() -> None:
     rng = np.random.default_rng(1)
     base = rng.normal(size=(3, 8)).astype(np.float32)
@@ -121,14 +153,16 @@ def test_yamnet_embeddings_are_semantic() -> None:
     np.testing.assert_allclose(embedder(waves[:1]), feats[:1], atol=1e-5)
 
 
-def test_index_build_cli_with_self_encoders(tmp_path: Path) -> None:
+def test_index_build_cli_with_self_encoders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from avloc.cli import main as cli_main
     from avloc.core.audio import FrontEndConfig
     from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.datasets import read_split
     from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
     from avloc.core.synth import make_synth
+    from avloc.train import nn_index
 
     data = make_synth(tmp_path / "data", seed=0, n_train=6, n_val=0, n_test=0, distractors=1, silent_frac=0.0,
                       image_size=48, clip_seconds=0.5, workers=1)
@@ -136,14 +170,29 @@ def test_index_build_cli_with_self_encoders(tmp_path: Path) -> None:
     ckpt = save_checkpoint(tmp_path / "best.pt", SSLAlign(SSLAlignConfig(width=4)), method="ssl_align",
                            model_config={"width": 4}, frontend=FrontEndConfig(window_seconds=0.5),
                            image=ImageConfig(size=48))
+    # The model's own features are computed (shapes checked), then replaced by directions whose neighbour order
+    # is known: the i-th train id sits at ARC_DEGREES[i] for images and at ARC_DEGREES[5 - i] for audio.
+    train_ids = read_split(data, "train")
+    assert len(train_ids) == 6
+    real_features = nn_index.model_features
+
+    def known_features(model, image_config, dataset, ids, *args, **kwargs):
+        image, audio = real_features(model, image_config, dataset, ids, *args, **kwargs)
+        assert image.shape[0] == audio.shape[0] == len(ids)
+        rank = [train_ids.index(i) for i in ids]
+        return _arc_features([ARC_DEGREES[r] for r in rank]), _arc_features([ARC_DEGREES[5 - r] for r in rank])
+
+    monkeypatch.setattr(nn_index, "model_features", known_features)
     out = tmp_path / "nn.npz"
     encoders = ["--image-encoder", "self", "--audio-encoder", "self", "--checkpoint", str(ckpt)]
     assert cli_main(["index", "build", "--data", str(data), *encoders, "--k", "50", "--out", str(out)]) == 0
     index = load_index(out)
     assert len(index.ids) == 6 and index.image_nn.shape == index.audio_nn.shape == (6, 5)
     assert index.meta["image_encoder"] == "self" and index.meta["k"] == 5
-    for table in (index.image_nn, index.audio_nn):
-        assert all(sorted(row) == sorted(set(range(6)) - {i}) for i, row in enumerate(table.tolist()))
+    by_id = {i: [index.ids[j] for j in row] for i, row in zip(index.ids, index.image_nn.tolist())}
+    assert by_id == {train_ids[r]: [train_ids[j] for j in ARC_ORDER[r]] for r in range(6)}
+    by_id = {i: [index.ids[j] for j in row] for i, row in zip(index.ids, index.audio_nn.tolist())}
+    assert by_id == {train_ids[5 - r]: [train_ids[5 - j] for j in ARC_ORDER[r]] for r in range(6)}
     # 'self' without a checkpoint is a one-line user error, nothing written
     assert cli_main(["index", "build", "--data", str(data), "--image-encoder", "self",
                      "--out", str(tmp_path / "x.npz")]) == 2

@@ -169,13 +169,55 @@ def test_latency_log_survives_a_cut_line(tmp_path):
     assert np.isnan(summarize_latency_log(tmp_path / "missing.jsonl")["e2e_ms"]["p50"])
 
 
-def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monkeypatch, tmp_path):
+# Frames whose sequence number is written in them: 5 bits as black/white 24x24 blocks in the bottom row of a
+# mid-grey 320x240 frame (clear of the HUD box top left), readable through a 50 % heatmap overlay (a white
+# block stays above 128 + 0.5 * 42, a black one below 0.5 * 170, whatever the colormap adds).
+CODE_BITS, CODE_X, CODE_Y, CODE_SIZE = 5, 96, 208, 24
+# Heatmaps whose sequence number is where they are hot: one of the 4x6 cells.
+HEAT_SHAPE = (4, 6)
+
+
+def _coded_frame(seq: int) -> np.ndarray:
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    for bit in range(CODE_BITS):
+        x = CODE_X + bit * CODE_SIZE
+        frame[CODE_Y : CODE_Y + CODE_SIZE, x : x + CODE_SIZE] = 255 if (seq >> bit) & 1 else 0
+    return frame
+
+
+def _frame_code(image: np.ndarray) -> int:
+    """The sequence number written by ``_coded_frame`` (centre of each block, all channels)."""
+    seq = 0
+    for bit in range(CODE_BITS):
+        x = CODE_X + bit * CODE_SIZE
+        block = image[CODE_Y + 6 : CODE_Y + CODE_SIZE - 6, x + 6 : x + CODE_SIZE - 6].astype(float)
+        seq |= int(block.mean() > 117) << bit
+    return seq
+
+
+def _coded_heatmap(seq: int) -> np.ndarray:
+    heat = np.zeros(HEAT_SHAPE, np.float16)
+    heat[np.unravel_index(seq % heat.size, HEAT_SHAPE)] = 1.0
+    return heat
+
+
+def _heatmap_code(image: np.ndarray) -> int:
+    """Index of the cell where the overlay is reddest (JET: hot = red, cold = blue) = the heatmap's seq."""
+    rows, cols = HEAT_SHAPE
+    h, w = image.shape[0] // rows, image.shape[1] // cols
+    redness = [
+        float((image[r * h + h // 2 - 3 : r * h + h // 2 + 3, c * w + w // 2 - 3 : c * w + w // 2 + 3, 2].astype(int)
+               - image[r * h + h // 2 - 3 : r * h + h // 2 + 3, c * w + w // 2 - 3 : c * w + w // 2 + 3, 0]).mean())
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    return int(np.argmax(redness))
+
+
+def _display(tmp_path):
     import argparse
 
-    import cv2
-
     from avloc.stream import display as D
-    from avloc.stream import protocol
 
     args = argparse.Namespace(
         alpha=0.5,
@@ -188,39 +230,127 @@ def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monke
         snapshot_every=0,
         snapshot_dir=None,
     )
+    return D.Display(args)
+
+
+def _frame_msg(seq: int, capture: float = 99.0):
+    from avloc.stream import protocol
+
+    return protocol.Message("frame", "cam0", seq, {"capture": capture}, {"frame": _coded_frame(seq)},
+                            {"pts": seq / 30})
+
+
+def _heatmap_msg(seq: int, peak=None):
+    from avloc.stream import protocol
+
+    return protocol.Message("heatmap", "cam0", seq, {"capture": 99.0, "publish": 99.9},
+                            {"heatmap": _coded_heatmap(seq)}, {"peak": peak, "confidence": 0.3, "notice": None})
+
+
+def test_coded_frames_and_heatmaps_read_back() -> None:
+    from avloc.stream.display import COLORMAPS, heatmap_to_unit, overlay
+
+    for seq in (0, 1, 5, 22, 31):
+        assert _frame_code(_coded_frame(seq)) == seq
+        composed = overlay(_coded_frame(seq), heatmap_to_unit(_coded_heatmap(seq)), 0.5, COLORMAPS["jet"])
+        assert (_frame_code(composed), _heatmap_code(composed)) == (seq, seq % 24)
+
+
+def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monkeypatch, tmp_path):
+    import cv2
+
+    from avloc.stream import protocol
+
     shown: list[np.ndarray] = []
     monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
-    disp = D.Display(args)
+    disp = _display(tmp_path)
     clock = [100.0]
     monkeypatch.setattr(protocol, "now", lambda: clock[0])
-    for seq in range(3):
-        frame = np.full((240, 320, 3), 10 * seq, np.uint8)
-        disp.on_frame(protocol.Message("frame", "cam0", seq, {"capture": 99.0}, {"frame": frame}, {}))
-    heat = np.zeros((4, 6), np.float16)
-    heat[3, 5] = 1.0  # hottest at the bottom-right
-    msg = protocol.Message(
-        "heatmap",
-        "cam0",
-        1,
-        {"capture": 99.0, "publish": 99.9},
-        {"heatmap": heat},
-        {"peak": [0.9, 0.9], "confidence": 0.3, "notice": None},
-    )
+    for seq in (10, 11, 12):
+        disp.on_frame(_frame_msg(seq))
+    msg = _heatmap_msg(11, peak=[0.1, 0.9])
     disp.on_heatmap(msg)
     disp._show("avloc", {"cam0": msg})
     assert len(shown) == 1
+    # heatmap 11 on frame 11 (not the newest frame 12 nor the older frame 10)
+    assert (_frame_code(shown[0]), _heatmap_code(shown[0])) == (11, 11)
     image = shown[0].astype(int)
-    # overlay of frame seq 1: JET red (BGR) at the hot bottom-right corner, blue at the cold bottom-left
-    hot, cold = image[230, 310], image[230, 10]
+    # JET red (BGR) at the hot cell (row 1, col 5), blue at the cold bottom-left corner
+    hot, cold = image[90, 292], image[230, 10]
     assert hot[2] > hot[0] + 30 and cold[0] > cold[2] + 30
     disp._show("avloc", {})  # nothing new, heatmap fresh: nothing redrawn
     assert len(shown) == 1
     clock[0] += 1.0  # no heatmap for a second: the newest plain frame is shown
     disp._show("avloc", {})
-    assert len(shown) == 2 and shown[1][200, 300].tolist() == [20, 20, 20]
+    assert len(shown) == 2 and _frame_code(shown[1]) == 12 and shown[1][230, 10].tolist() == [128, 128, 128]
     disp._show("avloc", {})
     assert len(shown) == 2  # the same frame is not shown twice
     disp.log_latency(msg, 100.0)
     disp._log_file.close()
     logged = json.loads((tmp_path / "lat.jsonl").read_text())
-    assert logged["ts"]["display"] == 100.0 and logged["peak"] == [0.9, 0.9]
+    assert logged["ts"]["display"] == 100.0 and logged["peak"] == [0.1, 0.9] and logged["seq"] == 11
+
+
+def test_recording_puts_each_heatmap_on_its_own_frame(monkeypatch, tmp_path):
+    """Frames wait in the buffer for their heatmap: each recorded frame carries the heatmap computed on it; a
+    frame whose heatmap was dropped (2) gets the next one; times are the frames' pts."""
+    from avloc.stream import protocol
+
+    class Recorder:
+        frames = 0
+
+        def __init__(self) -> None:
+            self.written: list[tuple[int, int, float]] = []
+
+        def write(self, bgr: np.ndarray, t: float) -> None:
+            self.written.append((_frame_code(bgr), _heatmap_code(bgr), t))
+            self.frames += 1
+
+    clock = [100.0]
+    monkeypatch.setattr(protocol, "now", lambda: clock[0])
+    disp = _display(tmp_path)
+    disp.recorder, disp.record_stream = Recorder(), "cam0"
+    for seq in range(6):
+        disp.on_frame(_frame_msg(seq))
+    disp._flush_record("cam0")
+    assert disp.recorder.written == []  # no heatmap yet, none waited RECORD_WAIT_S: nothing recorded
+    for seq in (0, 1, 3, 4, 5):  # the inference worker skipped frame 2
+        clock[0] += 0.05
+        disp.on_heatmap(_heatmap_msg(seq))
+        disp._flush_record("cam0")
+    recorded = disp.recorder.written
+    assert [(f, h) for f, h, _ in recorded] == [(0, 0), (1, 1), (2, 3), (3, 3), (4, 4), (5, 5)]
+    assert [t for _, _, t in recorded] == pytest.approx([seq / 30 for seq in range(6)])
+    # a frame with no heatmap for longer than RECORD_WAIT_S is recorded with the newest heatmap there is
+    disp.on_frame(_frame_msg(6))
+    clock[0] += 0.1
+    disp._flush_record("cam0")
+    assert len(disp.recorder.written) == 6
+    clock[0] += 1.0
+    disp._flush_record("cam0")
+    assert [(f, h) for f, h, _ in disp.recorder.written[6:]] == [(6, 5)]
+
+
+@pytest.mark.xfail(strict=True, reason="display keeps only the newest heatmap per stream: when one drain brings "
+                   "several, the earlier frames are recorded with the newest heatmap, not their own")
+def test_recording_keeps_each_heatmap_when_several_arrive_in_one_drain(monkeypatch, tmp_path):
+    """What Display.run does with the heatmaps of one drain: every one through on_heatmap, then one flush."""
+    from avloc.stream import protocol
+
+    written: list[tuple[int, int]] = []
+
+    class Recorder:
+        frames = 0
+
+        def write(self, bgr: np.ndarray, t: float) -> None:
+            written.append((_frame_code(bgr), _heatmap_code(bgr)))
+
+    monkeypatch.setattr(protocol, "now", lambda: 100.0)
+    disp = _display(tmp_path)
+    disp.recorder, disp.record_stream = Recorder(), "cam0"
+    for seq in range(3):
+        disp.on_frame(_frame_msg(seq))
+    for seq in range(3):
+        disp.on_heatmap(_heatmap_msg(seq))
+    disp._flush_record("cam0")
+    assert written == [(0, 0), (1, 1), (2, 2)]

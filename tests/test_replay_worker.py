@@ -148,9 +148,17 @@ def test_replay_paces_frames_and_publishes_causal_windows(tmp_path, ctx):
     for i, m in enumerate(frames):
         assert abs(float(m.arrays["frame"].mean()) / STEP - i) < 1.0  # frames in order, BGR uint8
         assert m.arrays["frame"].shape == (48, 64, 3) and m.meta["has_audio"] is True
-    # paced by the file's timestamps at speed 1.0: capture times follow pts exactly, real time follows them
+    # the capture stamp is the frame's media time mapped onto the clock (speed 1.0) ...
     np.testing.assert_allclose(np.diff(capture), np.diff(pts), atol=1e-6)
+    # ... and the frames really are sent then: their wall-clock arrival here follows pts (not a burst, not
+    # another speed): arrival against media time has slope 1, and frames arrive close to their own time
     arrival = np.array([a for _, a in collector.frames])
+    elapsed, media = arrival - arrival[0], pts - pts[0]
+    assert media[-1] > 1.9
+    slope = np.polyfit(media, elapsed, 1)[0]
+    assert 0.9 < slope < 1.1, slope
+    deviation = elapsed - media
+    assert np.percentile(np.abs(deviation - np.median(deviation)), 90) < 0.1, deviation
     assert np.all(arrival >= capture - 0.005)
     assert np.median(arrival - capture) < 0.1
 

@@ -191,7 +191,7 @@ def test_demo_config_learns_to_localize_on_synth(tmp_path):
     from avloc.core.synth import make_synth
 
     root = make_synth(tmp_path / "synth", seed=5, n_train=320, n_val=40, n_test=80, silent_frac=0.0)
-    config = load_config(CONFIGS / "demo.yaml")
+    config = load_config(CONFIGS / "demo.yaml", ["train.budget_minutes=2.0"])  # the suite's time, not the demo's
     t0 = time.perf_counter()
     best = train(config, root, tmp_path / "run")
     elapsed = time.perf_counter() - t0

@@ -1,0 +1,80 @@
+"""``avloc bench pipeline``: a short real run (pipeline, then the eager baseline) and the JSON it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from proc_helpers import orphans
+
+from avloc.cli import main as cli_main
+from avloc.stream.bench import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
+    from avloc.core.audio import FrontEndConfig
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+    from avloc.core.synth import write_synth_video
+    from avloc.engines.export import export_engine
+
+    root = tmp_path_factory.mktemp("bench")
+    save_checkpoint(
+        root / "ckpt.pt",
+        SSLAlign(SSLAlignConfig(width=8)),
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+        image=ImageConfig(size=64),
+    )
+    engine = export_engine(root / "ckpt.pt", root / "engine")
+    write_synth_video(root / "clip.mp4", seconds=2.0, fps=15, size=(160, 120), seed=7)
+    return engine, root / "clip.mp4"
+
+
+def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):
+    """2.5 s of the real pipeline + 2.5 s of the baseline: every part of the report is there and consistent."""
+    engine, video = engine_and_video
+    out = tmp_path / "bench" / "pipeline.json"
+    # a loaded shared machine can stall the workers' start for long: more slack for the first heatmap
+    config = tmp_path / "stream.yaml"
+    config.write_text(f"_base: {ROOT / 'configs' / 'stream.yaml'}\nstartup_grace_s: 180.0\nheartbeat_timeout_s: 30.0\n")
+    argv = ["bench", "pipeline", "--video", str(video), "--engine", str(engine), "--duration", "2.5",
+            "--warmup", "0.5", "--threads", "1", "--config", str(config), "--out", str(out)]
+    assert cli_main(argv) == 0
+    result = json.loads(out.read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pipeline.json", "pipeline.png", "pipeline_run"]
+    assert result["histograms_png"] == str(out.with_suffix(".png"))
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert result["video"] == {"path": str(video), "width": 160, "height": 120, "fps": 15.0, "has_audio": True}
+    assert "--duration 2.5" in result["command"] and result["machine"]["cpus"] >= 1
+
+    pipe = result["pipeline"]
+    assert pipe["backend"] == "onnxruntime" and pipe["streams"] == 1
+    assert 2.5 <= pipe["measured_s"] < 4.0
+    assert all(n == 0 for n in pipe["restarts"].values()) and set(pipe["restarts"]) == {
+        "replay", "inference", "display"}
+    assert set(pipe["cpu_percent"]) == {"replay", "inference", "display", "launcher"}
+    # heatmaps of the measured window only: at most the video's 15 fps (+ one at each end of the window)
+    assert pipe["heatmaps"] >= 3 and pipe["heatmaps"] <= 15 * pipe["measured_s"] + 2
+    assert 0 < pipe["heatmap_fps"] <= 15 * 1.2
+    e2e = pipe["e2e_ms"]
+    assert e2e["n"] == pipe["heatmaps"] and 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"] <= e2e["max"]
+    # the stages partition each heatmap's way (capture -> ... -> display): their means add up to the e2e mean
+    stages = [name for name in STAGES if name != "e2e"]
+    assert set(pipe["stages_ms"]) >= set(stages)
+    assert all(pipe["stages_ms"][s]["n"] == e2e["n"] for s in stages)
+    assert sum(pipe["stages_ms"][s]["mean"] for s in stages) == pytest.approx(e2e["mean"], abs=0.01)
+    # the run's own latency log holds at least the measured heatmaps
+    lines = (out.parent / "pipeline_run" / "latency.jsonl").read_text().splitlines()
+    assert len(lines) >= pipe["heatmaps"]
+
+    base = result["baseline"]
+    assert base["frames"] >= 1 and base["fps"] > 0 and base["per_frame_ms"]["n"] == base["frames"]
+    assert set(base["stages_ms"]) == {"decode", "spectrogram", "model"}
+    assert result["speedup"]["heatmap_fps_ratio"] == pytest.approx(pipe["heatmap_fps"] / base["fps"], abs=0.01)
+    assert orphans() == []
