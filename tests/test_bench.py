@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from proc_helpers import orphans
+from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.cli import main as cli_main
 from avloc.stream.bench import STAGES
@@ -16,24 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.core.synth import write_synth_video
-    from avloc.engines.export import export_engine
-
-    root = tmp_path_factory.mktemp("bench")
-    save_checkpoint(
-        root / "ckpt.pt",
-        SSLAlign(SSLAlignConfig(width=8)),
-        method="ssl_align",
-        model_config={"width": 8},
-        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-        image=ImageConfig(size=64),
-    )
-    engine = export_engine(root / "ckpt.pt", root / "engine")
-    write_synth_video(root / "clip.mp4", seconds=2.0, fps=15, size=(160, 120), seed=7)
-    return engine, root / "clip.mp4"
+    return tiny_engine_and_clip(tmp_path_factory.mktemp("bench"), seed=7)
 
 
 def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
-from proc_helpers import orphans, worker_processes
+from proc_helpers import orphans, tiny_engine_and_clip, worker_processes
 
 from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
 
@@ -229,24 +229,7 @@ def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
 
 @pytest.fixture(scope="module")
 def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.core.synth import write_synth_video
-    from avloc.engines.export import export_engine
-
-    root = tmp_path_factory.mktemp("pipeline")
-    save_checkpoint(
-        root / "ckpt.pt",
-        SSLAlign(SSLAlignConfig(width=8)),
-        method="ssl_align",
-        model_config={"width": 8},
-        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-        image=ImageConfig(size=64),
-    )
-    engine = export_engine(root / "ckpt.pt", root / "engine")
-    write_synth_video(root / "clip.mp4", seconds=2.0, fps=15, size=(160, 120), seed=3)
-    return engine, root / "clip.mp4"
+    return tiny_engine_and_clip(tmp_path_factory.mktemp("pipeline"), seed=3)
 
 
 def _inference_pid(launcher: psutil.Process) -> int | None:

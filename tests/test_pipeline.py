@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from proc_helpers import orphans
+from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.core.media import iter_video, probe_video
 from avloc.stream.bench import read_latency_log
@@ -21,24 +21,8 @@ ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_en
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.core.synth import write_synth_video
-    from avloc.engines.export import export_engine
-
     root = tmp_path_factory.mktemp("pipeline")
-    save_checkpoint(
-        root / "ckpt.pt",
-        SSLAlign(SSLAlignConfig(width=8)),
-        method="ssl_align",
-        model_config={"width": 8},
-        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-        image=ImageConfig(size=64),
-    )
-    engine = export_engine(root / "ckpt.pt", root / "engine")
-    video = root / "clip.mp4"
-    write_synth_video(video, seconds=2.0, fps=15, size=(160, 120), seed=5)
+    engine, video = tiny_engine_and_clip(root, seed=5)
     return {"engine": engine, "video": video, "root": root}
 
 

@@ -15,29 +15,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 from alsa_helpers import PipeMicrophone
+from proc_helpers import tiny_engine_and_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_end", "publish", "display")
 
 
 def _engine_and_video(root: Path) -> tuple[Path, Path]:
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.core.synth import write_synth_video
-    from avloc.engines.export import export_engine
-
-    save_checkpoint(
-        root / "ckpt.pt",
-        SSLAlign(SSLAlignConfig(width=8)),
-        method="ssl_align",
-        model_config={"width": 8},
-        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-        image=ImageConfig(size=64),
-    )
-    engine = export_engine(root / "ckpt.pt", root / "engine")
-    write_synth_video(root / "clip.mp4", seconds=2.0, fps=15, size=(160, 120), seed=11)
-    return engine, root / "clip.mp4"
+    return tiny_engine_and_clip(root, seed=11)
 
 
 def test_run_camera_file_and_microphone_end_to_end(tmp_path):
