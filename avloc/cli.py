@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
             "stamps": ("benchmark of real photo cut-outs with their real recordings", "avloc.core.stamps"),
             "synth": ("procedural benchmark (no apt package needed)", "avloc.core.synth"),
             "scan": ("list every problem of a dataset at once", "avloc.core.scan"),
+            "prepare": ("turn a folder of raw videos into a dataset ROOT (parallel, resumable)", "avloc.core.prepare"),
         },
     ),
     "index": (
@@ -33,6 +34,16 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
     "eval": ("evaluate a checkpoint: localization, retrieval, extended, audio-swap", "avloc.train.evaluate"),
     "eval-maps": ("score saved heatmaps with the evaluation protocol", "avloc.core.eval_maps"),
     "export": ("export a checkpoint to ONNX engines + manifest", "avloc.engines.export"),
+    "import": (
+        "import published weights into an avloc checkpoint",
+        {
+            "ssl-align": (
+                "official SSL-Align (kaistmm/SSLalignment) checkpoint -> RUN/best.pt",
+                "avloc.core.ssl_align_import",
+            ),
+            "acl": ("ACL from local BEATs / CLIPSeg / released ACL weights", "avloc.core.acl.convert"),
+        },
+    ),
     "acl-import": (
         "build an ACL checkpoint from local BEATs / CLIPSeg / released ACL weights",
         "avloc.core.acl.convert",
@@ -40,11 +51,18 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
     "replay": ("replay a video file through the streaming pipeline", "avloc.stream.replay_cli"),
     "run": ("live: camera + microphone through the streaming pipeline", "avloc.stream.run_cli"),
     "devices": ("list cameras and microphones", "avloc.stream.devices"),
+    "view": ("browser viewer: serve the live overlay of a running pipeline over HTTP", "avloc.stream.view"),
+    "keys": ("make CURVE keypairs for an authenticated pipeline", "avloc.stream.keys"),
+    "doctor": (
+        "what this machine has (CUDA, GPU, TensorRT, ORT providers, faiss) and which backends run",
+        "avloc.engines.doctor",
+    ),
     "bench": (
         "benchmarks (JSON + plots)",
         {
             "engine": ("time engines alone per backend and batch size", "avloc.engines.bench"),
             "pipeline": ("per-stage latency of the streaming pipeline vs an eager baseline", "avloc.stream.bench"),
+            "soak": ("long run with a fault schedule: memory, delivery, restarts", "avloc.stream.soak"),
         },
     ),
 }
