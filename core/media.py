@@ -225,6 +225,17 @@ _CODECS = {  # suffix -> (container format, video codec, audio codec)
 }
 
 
+def video_codec(path: str | Path) -> str:
+    """The video encoder ``write_video`` uses for this file's extension (mpeg4 where FFmpeg lacks libx264)."""
+    import av
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in _CODECS:
+        raise DataError(Path(path), f"unsupported video extension; expected one of {', '.join(_CODECS)}")
+    codec = _CODECS[suffix][1]
+    return "mpeg4" if codec == "libx264" and "libx264" not in av.codecs_available else codec
+
+
 def write_video(
     path: str | Path,
     frames: Iterable[np.ndarray],
@@ -232,18 +243,22 @@ def write_video(
     audio: np.ndarray | None = None,
     sample_rate: int = 16000,
     timestamps: Sequence[float] | None = None,
+    *,
+    threads: int = 0,
+    x264_options: dict[str, str] | None = None,
 ) -> Path:
     """Encode RGB uint8 frames (+ optional mono float32 audio) to mp4/mkv (H.264/AAC) or webm (VP9/Opus).
 
     ``timestamps`` (seconds, increasing) gives a variable frame rate; otherwise frame i is at i / fps.
-    Written to a temporary name and renamed, so a failed write leaves nothing behind.
+    ``threads=1`` makes the bytes deterministic (FFmpeg's default picks by core count); ``x264_options``
+    (e.g. preset, crf) apply when the encoder is libx264. Written to a temporary name and renamed, so a failed
+    write leaves nothing behind.
     """
     import av
 
     path = Path(path)
-    if path.suffix.lower() not in _CODECS:
-        raise DataError(path, f"unsupported video extension; expected one of {', '.join(_CODECS)}")
-    container_format, video_codec, audio_codec = _CODECS[path.suffix.lower()]
+    container_format, _, audio_codec = _CODECS.get(path.suffix.lower(), (None, None, None))
+    codec = video_codec(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     rate = Fraction(fps).limit_denominator(1001)
@@ -256,16 +271,19 @@ def write_video(
                 audio_stream.layout = "mono"
             for i, rgb in enumerate(frames):
                 if video is None:
-                    video = container.add_stream(video_codec, rate=rate)
+                    options = dict(x264_options or {}) if codec == "libx264" else None
+                    video = container.add_stream(codec, rate=rate, options=options)
                     video.height, video.width = (int(rgb.shape[0]) // 2 * 2, int(rgb.shape[1]) // 2 * 2)
                     video.pix_fmt = "yuv420p"
+                    if threads:
+                        video.thread_count = threads
                     video.time_base = Fraction(1, 1000) if timestamps is not None else 1 / rate
                     video.codec_context.time_base = video.time_base
                 frame = av.VideoFrame.from_ndarray(
                     np.ascontiguousarray(rgb[: video.height, : video.width]), format="rgb24"
                 )
                 frame.pts = round(timestamps[i] * 1000) if timestamps is not None else i
-                frame.time_base = video.time_base
+                frame.time_base = video.codec_context.time_base
                 container.mux(video.encode(frame))
             if video is None:
                 raise DataError(path, "no frames to write")

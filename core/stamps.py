@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from avloc.core import scenes
+from avloc.core import scene_dataset, scenes
 from avloc.core.errors import UserError
 
 DEFAULT_STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -174,9 +174,7 @@ class StampLibrary:
             h, w = rgba.shape[:2]
             if max(h, w) > max_side:  # keep memory small: never needed larger than max_side
                 scale = max_side / max(h, w)
-                pre = scenes.resize_premultiplied(
-                    np.ascontiguousarray(rgba), round(w * scale), round(h * scale)
-                )
+                pre = scenes.resize_premultiplied(np.ascontiguousarray(rgba), round(w * scale), round(h * scale))
                 alpha = pre[..., 3:4]
                 pre[..., :3] = np.where(alpha > 1e-4, pre[..., :3] / np.maximum(alpha, 1e-4), 0)
                 rgba = np.clip(pre, 0, 1)
@@ -220,9 +218,7 @@ class StampLibrary:
             "package": "tuxpaint-stamps-default",
             "categories": {c: m for c, m in self.members.items()},
             "skipped": dict(sorted(self.skipped.items())),
-            "recording_seconds": {
-                n: round(len(w) / scenes.SAMPLE_RATE, 2) for n, w in sorted(self._sounds.items())
-            },
+            "recording_seconds": {n: round(len(w) / scenes.SAMPLE_RATE, 2) for n, w in sorted(self._sounds.items())},
         }
         if self.excluded:  # only with --categories: a full benchmark's meta.json stays as it was
             described["excluded_categories"] = self.excluded
@@ -289,7 +285,7 @@ def make_stamps(
     factory = functools.partial(
         StampLibrary, str(stamps_dir(stamps_root)), _max_side(params, videos), parse_categories(categories)
     )
-    return scenes.generate_dataset(
+    return scene_dataset.generate_dataset(
         out,
         factory,
         generator="stamps",
@@ -309,7 +305,7 @@ def make_stamps(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    scenes.add_common_arguments(parser, image_size=256, n_train=2000, n_val=200, n_test=300)
+    scene_dataset.add_common_arguments(parser, image_size=256, n_train=2000, n_val=200, n_test=300)
     parser.add_argument(
         "--stamps-dir",
         type=Path,
@@ -328,14 +324,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected >= 1")
-    params = scenes.params_from_args(args)
+    params = scene_dataset.params_from_args(args)
     factory = functools.partial(
         StampLibrary,
         str(stamps_dir(args.stamps_dir)),
         _max_side(params, args.videos),
         parse_categories(args.categories),
     )
-    out = scenes.generate_dataset(
+    out = scene_dataset.generate_dataset(
         args.out,
         factory,
         generator="stamps",

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import scipy.signal
 
-from avloc.core import scenes
+from avloc.core import scene_dataset, scene_video, scenes
 from avloc.core.errors import UserError
 
 
@@ -189,9 +189,7 @@ def class_sound(
     for k in range(1, cls.harmonics + 1):
         if k * f0 < sample_rate / 2:
             tone += np.sin(2 * math.pi * k * f0 * t + rng.uniform(0, 2 * math.pi)) / k
-    am = 0.55 + 0.45 * np.sin(
-        2 * math.pi * cls.am_hz * rng.uniform(0.9, 1.1) * t + rng.uniform(0, 2 * math.pi)
-    )
+    am = 0.55 + 0.45 * np.sin(2 * math.pi * cls.am_hz * rng.uniform(0.9, 1.1) * t + rng.uniform(0, 2 * math.pi))
     if sos is None:
         low, high = cls.noise_hz / 1.25, min(cls.noise_hz * 1.25, sample_rate / 2 * 0.95)
         sos = scipy.signal.butter(4, [low, high], btype="bandpass", fs=sample_rate, output="sos")
@@ -231,7 +229,7 @@ def make_synth(
         video_seconds=video_seconds,
         video_fps=video_fps,
     )
-    return scenes.generate_dataset(
+    return scene_dataset.generate_dataset(
         out,
         functools.partial(SynthLibrary, _sprite_size(params, videos)),
         generator="synth",
@@ -266,18 +264,18 @@ def write_synth_video(
     category = library.categories[int(rng.integers(len(library.categories)))]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return scenes.render_video(library, rng, category, params, path)
+    return scene_video.render_video(library, rng, category, params, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    scenes.add_common_arguments(parser, image_size=128, n_train=800, n_val=100, n_test=100)
+    scene_dataset.add_common_arguments(parser, image_size=128, n_train=800, n_val=100, n_test=100)
 
 
 def main(args: argparse.Namespace) -> int:
-    params = scenes.params_from_args(args)
+    params = scene_dataset.params_from_args(args)
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected >= 1")
-    out = scenes.generate_dataset(
+    out = scene_dataset.generate_dataset(
         args.out,
         functools.partial(SynthLibrary, _sprite_size(params, args.videos)),
         generator="synth",

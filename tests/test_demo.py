@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from proc_helpers import orphans
 
-from avloc.core import scenes
+from avloc.core import scene_video, scenes
 from avloc.core.errors import UserError
 from avloc.core.stamps import DEFAULT_STAMPS_DIR, NAME_GROUPS, find_stamps
 from avloc.stream.demo import (
@@ -98,12 +98,12 @@ def _render_frames(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, distractors: int
 ) -> tuple[list[np.ndarray], list[list[float]]]:
     frames: list[np.ndarray] = []
-    monkeypatch.setattr(scenes, "write_video", lambda path, it, audio, fps: frames.extend(it))
+    monkeypatch.setattr(scene_video, "write_video", lambda path, it, fps, *a, **k: frames.extend(it))
     params = replace(
         scenes.SceneParams(), distractors=distractors, video_size=(320, 240), video_seconds=1.0, video_fps=10
     )
     rng = np.random.default_rng([7, scenes.SPLIT_CODES["video"], 0])
-    boxes = scenes.render_video(ColourLibrary(), rng, "red", params, tmp_path / "clip.mp4")
+    boxes = scene_video.render_video(ColourLibrary(), rng, "red", params, tmp_path / "clip.mp4")
     return frames, boxes
 
 
@@ -127,6 +127,7 @@ def test_clip_draws_each_static_distractor_apart(monkeypatch: pytest.MonkeyPatch
     x1, y1, x2, y2 = (round(v * s) for v, s in zip(boxes[0], (320, 240, 320, 240), strict=True))
     red = _colour_mask(frames[0], library.hues["red"])
     assert red[y1:y2, x1:x2].sum() >= 0.5 * red.sum() > 0
+
     # Both distractors (green and blue: the two other categories) are drawn, static: a frame differs from the
     # first only where the moving object is in either; and they barely overlap each other.
     def moving(k: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from PIL import Image
 from test_synth import assert_layout
 
 from avloc import cli
-from avloc.core import scenes
+from avloc.core import scene_dataset, scenes
 from avloc.core.errors import UserError
 from avloc.core.stamps import DEFAULT_STAMPS_DIR, STAMPS_DIR_ENV, StampLibrary, make_stamps
 
@@ -115,11 +115,11 @@ def test_make_stamps_layout_and_boxes_match_masks(fake_stamps: Path, tmp_path: P
     # The debug API re-renders a sample: its alpha masks give exactly the boxes written to test.json.
     library = StampLibrary(fake_stamps, max_side=int(80 * 0.95))
     params = scenes.SceneParams(image_size=80, clip_seconds=0.5, distractors=2)
-    specs, _ = scenes.plan_samples(library.categories, 5, 4, 2, 4, 0.5, 0.0, 0)
+    specs, _ = scene_dataset.plan_samples(library.categories, 5, 4, 2, 4, 0.5, 0.0, 0)
     for sub in ("frames", "audio", "swap"):
         (tmp_path / "re" / sub).mkdir(parents=True)
     for spec in [s for s in specs if s.split == "test"]:
-        _, scene = scenes.render_sample(spec, library, params, 5, tmp_path / "re")
+        _, scene = scene_dataset.render_sample(spec, library, params, 5, tmp_path / "re")
         entry = parts["annotations"][spec.id]
         for obj, written in zip(scene.objects, entry["objects"]):
             ys, xs = np.nonzero(obj.alpha > 0.5)
@@ -140,9 +140,7 @@ def test_missing_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(STAMPS_DIR_ENV, str(tmp_path / "empty"))
     code = cli.main(["data", "stamps", "--out", str(tmp_path / "ds"), "--n-train", "2", "--workers", "1"])
     err = capsys.readouterr().err
-    assert (
-        code == 2 and "apt-get install tuxpaint-stamps-default" in err and len(err.strip().splitlines()) == 1
-    )
+    assert code == 2 and "apt-get install tuxpaint-stamps-default" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
 
 
@@ -171,9 +169,7 @@ def test_real_stamps_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert source["categories"]["mountaingoat_ram"] == ["mountaingoat", "ram"]  # same recording shipped twice
     assert not any(k.startswith(("symbols/", "town/")) for k in source["skipped"])
     video = json.loads((root / "video/clip_0000.json").read_text())
-    assert (
-        video["fps"] == 30 and len(video["boxes"]) == 30 and (root / "video/clip_0000.mp4").stat().st_size > 0
-    )
+    assert video["fps"] == 30 and len(video["boxes"]) == 30 and (root / "video/clip_0000.mp4").stat().st_size > 0
 
 
 def test_category_subset(fake_stamps: Path, tmp_path: Path, capsys) -> None:

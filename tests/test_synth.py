@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from avloc.core import scenes
+from avloc.core import scene_dataset, scenes
 from avloc.core.errors import UserError
 from avloc.core.synth import SynthLibrary, make_synth, write_synth_video
 
@@ -100,13 +100,13 @@ def test_silent_scenes_lack_the_heard_category_and_rerender_identically(tiny: Pa
     parts = assert_layout(tiny, TINY["clip_seconds"], TINY["image_size"])
     library = SynthLibrary(parts["meta"]["source"]["sprite_size"])
     params = scenes.SceneParams(image_size=64, clip_seconds=0.5, distractors=2)
-    specs, _ = scenes.plan_samples(library.categories, 7, 6, 3, 8, 0.25, 0.0, 0)
+    specs, _ = scene_dataset.plan_samples(library.categories, 7, 6, 3, 8, 0.25, 0.0, 0)
     for sub in ("frames", "audio", "swap"):
         (tmp_path / sub).mkdir()
     for spec in specs:
         if spec.split != "silent":
             continue
-        record, scene = scenes.render_sample(spec, library, params, 7, tmp_path)
+        record, scene = scene_dataset.render_sample(spec, library, params, 7, tmp_path)
         paired = dict((r[0], r[1]) for r in parts["silent"])[spec.id]
         heard = parts["labels"][paired]
         assert spec.heard == heard and record["class"] == heard and "bbox" not in record
@@ -131,7 +131,7 @@ def test_boxes_are_tight_around_alpha_masks_and_overlap_is_limited() -> None:
             for j in range(i + 1, len(opaque)):
                 a = [round(v * 96) for v in scene.objects[i].box]
                 b = [round(v * 96) for v in scene.objects[j].box]
-                assert scenes._box_iou(tuple(a), tuple(b)) <= scenes.MAX_BOX_IOU + 1e-9
+                assert scenes.box_iou(tuple(a), tuple(b)) <= scenes.MAX_BOX_IOU + 1e-9
         sounding = scene.objects[0]
         assert sounding.sounding and not any(o.sounding for o in scene.objects[1:])
         above = np.zeros((96, 96), bool)
