@@ -110,6 +110,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Any], source:
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 

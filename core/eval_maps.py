@@ -51,9 +51,7 @@ class NpyHeatmaps(Mapping[str, np.ndarray]):
         except (OSError, ValueError, EOFError) as err:
             raise DataError(path, f"not a readable .npy array ({_first_line(err)})") from None
         if not isinstance(heatmap, np.ndarray) or heatmap.ndim != 2 or heatmap.size == 0:
-            raise DataError(
-                path, f"expected a 2-D H x W heatmap, got shape {getattr(heatmap, 'shape', None)}"
-            )
+            raise DataError(path, f"expected a 2-D H x W heatmap, got shape {getattr(heatmap, 'shape', None)}")
         if not np.issubdtype(heatmap.dtype, np.floating) and not np.issubdtype(heatmap.dtype, np.integer):
             raise DataError(path, f"expected a float heatmap, got dtype {heatmap.dtype}")
         if not np.isfinite(heatmap).all():
@@ -123,10 +121,25 @@ def load_silent_ids(path: str | Path, annotated: set[str]) -> list[str]:
     return ids
 
 
+def load_confidences(path: str | Path) -> dict[str, float]:
+    """``{id: confidence}`` from a JSON file, or the ``confidences`` of an ``avloc eval --save-maps`` index."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--confidences {path}: not a readable JSON file ({_first_line(err)})") from None
+    if isinstance(data, dict) and "confidences" in data and "format" in data:
+        data = data["confidences"]
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"--confidences {path}: expected a JSON object {{id: number}} (or an eval index with them)")
+    bad = [k for k, v in data.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if bad:
+        raise UserError(f"--confidences {path}: value of {bad[0]!r} is not a number")
+    return {str(k): float(v) for k, v in data.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--heatmaps", required=True, metavar="DIR", help="folder of <id>.npy float H x W maps"
-    )
+    parser.add_argument("--heatmaps", required=True, metavar="DIR", help="folder of <id>.npy float H x W maps")
     parser.add_argument(
         "--annotations",
         metavar="PATH",
@@ -139,15 +152,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODE",
         help="median (SSL-Align/LVS, default) | adaptive (predicted area = GT area) | abs:T (ACL, 0..1 maps)",
     )
+    parser.add_argument("--masks", metavar="DIR", help="AVSBench-style binary masks <id>.png: adds miou, fscore")
+    parser.add_argument("--sweep", action="store_true", help="also score abs:t for t = 0.05..0.95 (ACL) and the best")
     parser.add_argument(
-        "--masks", metavar="DIR", help="AVSBench-style binary masks <id>.png: adds miou, fscore"
+        "--confidences",
+        metavar="JSON",
+        help="Extended confidence per id from the model (e.g. ACL's cos(v_f, a)): {id: value}, or the "
+        "index.json of avloc eval --save-maps; default: the top-25%% heatmap mean",
     )
-    parser.add_argument(
-        "--sweep", action="store_true", help="also score abs:t for t = 0.05..0.95 (ACL) and the best"
-    )
-    parser.add_argument(
-        "--per-sample", action="store_true", help="write each sample's cIoU and confidence too"
-    )
+    parser.add_argument("--per-sample", action="store_true", help="write each sample's cIoU and confidence too")
     parser.add_argument("--out", required=True, metavar="FILE.json", help="metrics JSON to write")
 
 
@@ -160,6 +173,7 @@ def main(args: argparse.Namespace) -> int:
     masks = PngMasks(args.masks) if args.masks else None
     annotated = set(annotations) | set(masks or ())
     silent = load_silent_ids(args.silent, annotated) if args.silent else None
+    confidences = load_confidences(args.confidences) if args.confidences else None
     result = metrics.evaluate_maps(
         heatmaps,
         annotations,
@@ -168,12 +182,14 @@ def main(args: argparse.Namespace) -> int:
         masks=masks,
         sweep=args.sweep,
         per_sample=args.per_sample,
+        confidences=confidences,
     )
     result["sources"] = {
         "heatmaps": str(args.heatmaps),
         "annotations": args.annotations,
         "silent": args.silent,
         "masks": args.masks,
+        "confidences": args.confidences,
     }
     print(format_table(result))
     if mode.kind == "median" and result["median_capped"] > 0.25:

@@ -39,9 +39,7 @@ _CHUNK = 128  # maps scored at once in evaluate_maps (bounds memory for thousand
 # --------------------------------------------------------------------------------------------
 # Ground-truth maps
 # --------------------------------------------------------------------------------------------
-def gt_map_vggss(
-    boxes_normalized: np.ndarray | Sequence[Sequence[float]], size: int = MAP_SIZE
-) -> np.ndarray:
+def gt_map_vggss(boxes_normalized: np.ndarray | Sequence[Sequence[float]], size: int = MAP_SIZE) -> np.ndarray:
     """Union of VGG-SS boxes ``[N, 4]`` (x1, y1, x2, y2 in 0..1), each rasterized as
     ``int(clip(v, 0, 1) * size)`` and filled ``[y1:y2, x1:x2]``."""
     gt = np.zeros((size, size), dtype=np.float32)
@@ -102,9 +100,7 @@ def parse_binarize(mode: str | BinarizeMode) -> BinarizeMode:
             t = float("nan")
         if np.isfinite(t):
             return BinarizeMode("abs", t)
-    raise UserError(
-        f"binarize mode {mode!r}: expected 'median', 'adaptive' or 'abs:T' with a number T (e.g. abs:0.5)"
-    )
+    raise UserError(f"binarize mode {mode!r}: expected 'median', 'adaptive' or 'abs:T' with a number T (e.g. abs:0.5)")
 
 
 def check_heatmap(heatmap: np.ndarray) -> None:
@@ -136,9 +132,7 @@ def _adaptive_area(gt: np.ndarray, n: int) -> int:
     return area if area > 0 else n // 2
 
 
-def binarize(
-    heatmap: np.ndarray, mode: str | BinarizeMode = "median", gt: np.ndarray | None = None
-) -> np.ndarray:
+def binarize(heatmap: np.ndarray, mode: str | BinarizeMode = "median", gt: np.ndarray | None = None) -> np.ndarray:
     """Boolean map B of one heatmap at its own resolution (resize first with :func:`resize_map`).
 
     - ``median``: B = h > sort(h)[int(n / 2)] (strict; LVS / SSL-Align);
@@ -148,9 +142,7 @@ def binarize(
     return binarize_batch(heatmap[None], mode, None if gt is None else np.asarray(gt)[None])[0]
 
 
-def binarize_batch(
-    maps: np.ndarray, mode: str | BinarizeMode = "median", gts: np.ndarray | None = None
-) -> np.ndarray:
+def binarize_batch(maps: np.ndarray, mode: str | BinarizeMode = "median", gts: np.ndarray | None = None) -> np.ndarray:
     """:func:`binarize` over a stack ``[N, H, W]`` (vectorized with ``np.partition``)."""
     parsed = parse_binarize(mode)
     maps = np.asarray(maps)
@@ -261,9 +253,7 @@ def retrieval_recall(
     audio = np.asarray(audio_emb, dtype=np.float64)
     image = np.asarray(image_emb, dtype=np.float64)
     if audio.ndim != 2 or audio.shape != image.shape:
-        raise ValueError(
-            f"expected audio and image embeddings [N, D] of one shape, got {audio.shape}, {image.shape}"
-        )
+        raise ValueError(f"expected audio and image embeddings [N, D] of one shape, got {audio.shape}, {image.shape}")
     label_ids = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)[1]
     if label_ids.shape[0] != audio.shape[0]:
         raise ValueError(f"{len(label_ids)} labels for {audio.shape[0]} embeddings")
@@ -375,8 +365,7 @@ def extended_metrics(
     sound = np.asarray(sounding, dtype=bool)
     if not (ciou_arr.shape == conf.shape == sound.shape) or ciou_arr.ndim != 1:
         raise ValueError(
-            f"cious, confidences, sounding must be 1-D of one length: {ciou_arr.shape}, "
-            f"{conf.shape}, {sound.shape}"
+            f"cious, confidences, sounding must be 1-D of one length: {ciou_arr.shape}, {conf.shape}, {sound.shape}"
         )
     n = conf.size
     if n == 0:
@@ -442,9 +431,7 @@ def fscore_from_curves(curves: np.ndarray) -> float:
     return float(np.max(np.mean(curves, axis=0))) if len(curves) else float("nan")
 
 
-def avsbench_metrics(
-    maps: np.ndarray, masks: np.ndarray, mode: str | BinarizeMode = "abs:0.5"
-) -> dict[str, float]:
+def avsbench_metrics(maps: np.ndarray, masks: np.ndarray, mode: str | BinarizeMode = "abs:0.5") -> dict[str, float]:
     """``miou`` (mean of :func:`mask_iou` after :func:`binarize_batch`) and ``fscore`` (max-mean F-beta).
 
     The F-score curve runs over the heatmap values when ``mode`` is ``abs:T`` (probabilities, as AVSBench
@@ -561,8 +548,12 @@ def evaluate_maps(
     masks: Mapping[str, np.ndarray] | None = None,
     sweep: bool = False,
     per_sample: bool = False,
+    confidences: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Score heatmaps (any size, resized to 224x224) with the protocol.
+
+    ``confidences``: id -> the Extended protocol's confidence from the model (ACL's official ``cos(v_f, a)``)
+    for every id; by default the heatmap statistic :func:`confidence_top25` (SLAVC).
 
     ``annotations``: id -> ``Annotation`` (VGG-SS boxes) or a 224x224 GT map (e.g. :func:`gt_map_flickr`).
     ``silent``: ids of silent samples (their heatmaps are in ``heatmaps``; GT is empty) -> Extended metrics.
@@ -580,13 +571,17 @@ def evaluate_maps(
     if overlap:
         raise UserError(f"ids both sounding and silent: {_id_list(sorted(overlap))}")
     check_ids(heatmaps.keys(), sounding_ids + silent_ids)
+    if confidences is not None:
+        missing = [i for i in sounding_ids + silent_ids if i not in confidences]
+        if missing:
+            raise UserError(f"no confidence for {_id_list(missing)}")
     if not sounding_ids:
         raise UserError("no annotated (sounding) samples to evaluate")
 
     ids = sounding_ids + silent_ids
     n_total = len(ids)
     cious = np.zeros(n_total)
-    confidences = np.zeros(n_total)
+    confidences_arr = np.zeros(n_total)
     gt_area = np.zeros(n_total)
     mask_ious: list[float] = []
     mask_curves: list[np.ndarray] = []
@@ -599,7 +594,9 @@ def evaluate_maps(
         sl = slice(start, start + len(chunk))
         pred = binarize_batch(maps, mode, gts)
         cious[sl] = ciou_from_binary(pred, gts)
-        confidences[sl] = confidence_top25(maps)
+        confidences_arr[sl] = (
+            confidence_top25(maps) if confidences is None else np.array([float(confidences[i]) for i in chunk])
+        )
         gt_area[sl] = np.count_nonzero(gts, axis=(1, 2)) / float(MAP_SIZE * MAP_SIZE)
         if sweep:
             sweep_cious[:, sl] = abs_sweep_scores(maps, gts)
@@ -622,7 +619,7 @@ def evaluate_maps(
     result["median_capped"] = float(np.mean(area * MAP_SIZE * MAP_SIZE < (MAP_SIZE * MAP_SIZE / 2 - 1) / 2))
     if silent_ids:
         sounding = np.arange(n_total) < n_sound
-        result.update(extended_metrics(cious, confidences, sounding))
+        result.update(extended_metrics(cious, confidences_arr, sounding))
     if mask_ious:
         result["n_masks"] = len(mask_ious)
         result["miou"] = float(np.mean(mask_ious))
@@ -632,7 +629,7 @@ def evaluate_maps(
         result["sweep"] = _sweep_table(ABS_SWEEP_THRESHOLDS, sweep_cious[:, :n_sound], mask_sweep, "auc")
     if per_sample:
         result["per_sample"] = {
-            i: {"ciou": float(cious[k]), "confidence": float(confidences[k]), "sounding": k < n_sound}
+            i: {"ciou": float(cious[k]), "confidence": float(confidences_arr[k]), "sounding": k < n_sound}
             for k, i in enumerate(ids)
         }
     return result
@@ -654,9 +651,7 @@ def _load_map(heatmaps: Mapping[str, np.ndarray], sample_id: str) -> np.ndarray:
         raise UserError(f"heatmap {sample_id!r}: {err}") from None
 
 
-def _gt_for(
-    sample_id: str, annotations: Mapping[str, Any], masks: Mapping[str, np.ndarray] | None
-) -> np.ndarray:
+def _gt_for(sample_id: str, annotations: Mapping[str, Any], masks: Mapping[str, np.ndarray] | None) -> np.ndarray:
     if sample_id in annotations:
         try:
             return gt_map_of(annotations[sample_id])

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
+from avloc.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class SSLAlignConfig:
@@ -23,6 +25,17 @@ class SSLAlignConfig:
     sl_threshold: float = 0.65  # epsilon of the soft positive mask W = sigmoid((S - eps) / t)
     sl_temperature: float = 0.03
     visual_layer4_stride: int = 1  # 1 = the paper: 14x14 map at 224 px
+    # The official release (models_lvs/base_models.py) also keeps stride 1 in the audio layer4; avloc's own
+    # training uses 2 (a quarter of the layer4 compute). The global max pool makes both valid, not equal.
+    audio_layer4_stride: int = 2
+    # Separate Linear s_A heads (avloc training). The official release defines none: an import without
+    # fitting head weights sets False and s_A is the cosine of the max-pooled embeddings themselves.
+    projection: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("visual_layer4_stride", "audio_layer4_stride"):
+            if getattr(self, name) not in (1, 2):
+                raise UserError(f"model {name}={getattr(self, name)}: expected 1 or 2")
 
     @property
     def embed_dim(self) -> int:
@@ -72,10 +85,10 @@ class SSLAlign(nn.Module):
         self.config = config or SSLAlignConfig()
         dim = self.config.embed_dim
         self.visual = ResNet18Trunk(3, self.config.width, self.config.visual_layer4_stride)
-        self.audio = ResNet18Trunk(1, self.config.width, layer4_stride=2)
+        self.audio = ResNet18Trunk(1, self.config.width, layer4_stride=self.config.audio_layer4_stride)
         # Separate projection heads for s_A so alignment does not smooth out the localization space.
-        self.visual_proj = nn.Linear(dim, dim)
-        self.audio_proj = nn.Linear(dim, dim)
+        self.visual_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
+        self.audio_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
 
     # --- encoders -------------------------------------------------------------------------------
     def encode_image(self, image: Tensor) -> Tensor:

