@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(tuxpaint-stamps-default libportaudio2 ffmpeg libsndfile1)
+# chromium: headless browser for the viewer's page test (tests/test_view.py skips without it)
+APT_PACKAGES=(tuxpaint-stamps-default libportaudio2 ffmpeg libsndfile1 chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
