@@ -112,9 +112,7 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
         "suppressed": len(records) - len(computed),
         "streams": streams,
         "heatmap_fps": round((len(display_ts) - 1) / span, 2) if span > 0 else 0.0,
-        "heatmap_fps_per_stream": round((len(display_ts) - 1) / span / max(1, len(streams)), 2)
-        if span > 0
-        else 0.0,
+        "heatmap_fps_per_stream": round((len(display_ts) - 1) / span / max(1, len(streams)), 2) if span > 0 else 0.0,
         "e2e_ms": percentiles(samples["e2e"]),
         "stages_ms": {name: percentiles(v) for name, v in samples.items() if name != "e2e"},
         "audio_embedding_computed_ms": percentiles(embeds),
@@ -182,9 +180,7 @@ def bench_pipeline(
         while not latency_log.is_file() or latency_log.stat().st_size == 0:
             launcher.poll()
             if time.monotonic() > deadline or launcher.finished():
-                raise UserError(
-                    f"bench: no heatmap within {config.startup_grace_s:.0f} s; see logs in {run_dir}"
-                )
+                raise UserError(f"bench: no heatmap within {config.startup_grace_s:.0f} s; see logs in {run_dir}")
             time.sleep(0.05)
         _wait(launcher, warmup_s)
         pids = launcher.pids()
@@ -232,9 +228,7 @@ def _wait(launcher: Any, seconds: float) -> None:
 # ---------------------------------------------------------------------------------------------- baseline
 
 
-def bench_baseline(
-    video: Path, engine: Path, *, duration_s: float, threads: int | None = None
-) -> dict[str, Any]:
+def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int | None = None) -> dict[str, Any]:
     """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``."""
     import torch
     import torch.nn.functional as F
@@ -375,9 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--config", type=Path, default=None, help="stream config (configs/stream.yaml)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the eager baseline")
-    parser.add_argument(
-        "--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)"
-    )
+    parser.add_argument("--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)")
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:

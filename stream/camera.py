@@ -6,6 +6,13 @@ subscriber) is slower than the camera, intermediate frames are overwritten, neve
 fails to open or stops delivering is released and reopened with exponential back-off, so unplugging a
 USB camera or a dropped RTSP connection heals by itself.
 
+A source can also hang instead of failing (an RTSP server that accepts the connection and then sends
+nothing: ``cap.grab()`` never returns). Files and URLs are opened with OpenCV's open/read timeouts
+(``CAP_PROP_OPEN_TIMEOUT_MSEC`` / ``CAP_PROP_READ_TIMEOUT_MSEC``, honoured by the FFmpeg and GStreamer
+backends), and a watchdog sees a grab thread stuck in one call for longer than ``--stall-timeout``: the worker
+then beats ``state: stalled``, which the launcher does not count as alive, so it restarts the process (a thread
+stuck inside a driver call cannot be interrupted from Python).
+
 Run as a process: ``python -m avloc.stream.camera --source 0 --endpoint tcp://127.0.0.1:5550``.
 """
 
@@ -26,12 +33,23 @@ import zmq
 
 from avloc.core.errors import UserError
 from avloc.stream import protocol
-from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+from avloc.stream.worker import (
+    STATE_STALLED,
+    USER_ERROR_EXIT,
+    Heartbeat,
+    RateLimitedLog,
+    add_common_arguments,
+    install_stop_handlers,
+    setup_logging,
+)
 
 log = logging.getLogger(__name__)
 
 # A source that keeps failing to deliver this many reads in a row is considered lost and reopened.
 MAX_CONSECUTIVE_READ_FAILURES = 5
+OPEN_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 5.0
+STALL_TIMEOUT_S = 15.0  # one OpenCV call running longer than this: the source hangs (beyond its timeouts)
 
 
 def parse_source(source: str | int) -> str | int:
@@ -45,11 +63,34 @@ def _is_file(source: str | int) -> bool:
     return isinstance(source, str) and "://" not in source and Path(source).suffix != ""
 
 
+def open_with_timeouts(
+    source: str | int, open_timeout_s: float = OPEN_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S
+) -> Any:
+    """``cv2.VideoCapture`` with open/read timeouts for files and URLs (FFmpeg/GStreamer honour them).
+
+    Device indices are opened without: V4L2 refuses parameters it does not know, and the grab-thread watchdog
+    covers a device that hangs. A local source (file, pipeline string) that fails with them gets a plain open.
+    """
+    if isinstance(source, int):
+        return cv2.VideoCapture(source)
+    params = [
+        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+        int(open_timeout_s * 1000),
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+        int(read_timeout_s * 1000),
+    ]
+    cap = cv2.VideoCapture(source, cv2.CAP_ANY, params)
+    if cap.isOpened() or "://" in source:  # a URL failing within its timeout must not be retried without
+        return cap
+    cap.release()  # e.g. a GStreamer pipeline string whose backend took no timeouts
+    return cv2.VideoCapture(source)
+
+
 @dataclass
 class GrabbedFrame:
-    index: int          # grab counter since the worker started (across reopens)
-    capture_ts: float   # protocol.now() right after the frame was grabbed
-    image: np.ndarray   # HxWx3 uint8 BGR, owned by this object (a fresh array per grab)
+    index: int  # grab counter since the worker started (across reopens)
+    capture_ts: float  # protocol.now() right after the frame was grabbed
+    image: np.ndarray  # HxWx3 uint8 BGR, owned by this object (a fresh array per grab)
 
 
 class LatestFrameGrabber:
@@ -66,7 +107,7 @@ class LatestFrameGrabber:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 10.0,
         pace_fps: float | None = None,
-        open_capture: Callable[[str | int], Any] = cv2.VideoCapture,
+        open_capture: Callable[[str | int], Any] = open_with_timeouts,
     ) -> None:
         self.source = parse_source(source)
         self.backoff_initial_s = backoff_initial_s
@@ -78,12 +119,26 @@ class LatestFrameGrabber:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="grab", daemon=True)
         self.grabbed = 0
-        self.overwritten = 0     # grabbed frames nobody took before the next one arrived
+        self.overwritten = 0  # grabbed frames nobody took before the next one arrived
         self.open_attempts = 0
         self.open_failures = 0
         self.reopens = 0
-        self.open_times: list[float] = []   # when each open attempt happened (for the back-off schedule)
+        self.open_times: list[float] = []  # when each open attempt happened (for the back-off schedule)
         self._taken_index = -1
+        self._busy: tuple[str, float] | None = None  # (OpenCV call, since when) while the thread is inside one
+
+    def _enter(self, call: str) -> None:
+        self._busy = (call, time.monotonic())
+
+    def _leave(self) -> None:
+        self._busy = None
+
+    def stalled(self, limit_s: float) -> str | None:
+        """The OpenCV call the grab thread has been inside for more than ``limit_s`` (None when it is not)."""
+        busy = self._busy
+        if busy is not None and time.monotonic() - busy[1] > limit_s:
+            return f"{busy[0]} for {time.monotonic() - busy[1]:.1f} s"
+        return None
 
     def start(self) -> LatestFrameGrabber:
         self._thread.start()
@@ -111,11 +166,14 @@ class LatestFrameGrabber:
     def _open(self) -> Any | None:
         self.open_attempts += 1
         self.open_times.append(time.monotonic())
+        self._enter("open")
         try:
             cap = self._open_capture(self.source)
         except Exception as err:  # a custom opener or a backend may raise instead of returning closed
             log.debug("opening %r raised %s", self.source, err)
             cap = None
+        finally:
+            self._leave()
         if cap is None or not cap.isOpened():
             if cap is not None:
                 cap.release()
@@ -138,9 +196,13 @@ class LatestFrameGrabber:
             if ever_opened:
                 self.reopens += 1
             ever_opened = True
-            log.info("opened source %r (%dx%d @ %.1f fps)", self.source,
-                     int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                     cap.get(cv2.CAP_PROP_FPS))
+            log.info(
+                "opened source %r (%dx%d @ %.1f fps)",
+                self.source,
+                int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                cap.get(cv2.CAP_PROP_FPS),
+            )
             delivered = self._read_until_lost(cap)
             cap.release()
             if delivered:
@@ -164,9 +226,12 @@ class LatestFrameGrabber:
                 if delay > 0:
                     self._stop.wait(delay)
                 next_due = max(next_due + period, time.monotonic() - period)
+            self._enter("grab")
             ok = cap.grab()
             capture_ts = protocol.now()
+            self._enter("retrieve")
             ok, image = cap.retrieve() if ok else (False, None)
+            self._leave()
             if not ok or image is None:
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_READ_FAILURES or _is_file(self.source):
@@ -186,8 +251,13 @@ class LatestFrameGrabber:
         return delivered
 
     def stats(self) -> dict[str, int]:
-        return {"grabbed": self.grabbed, "overwritten": self.overwritten, "open_attempts": self.open_attempts,
-                "open_failures": self.open_failures, "reopens": self.reopens}
+        return {
+            "grabbed": self.grabbed,
+            "overwritten": self.overwritten,
+            "open_attempts": self.open_attempts,
+            "open_failures": self.open_failures,
+            "reopens": self.reopens,
+        }
 
 
 def run_camera(
@@ -202,21 +272,40 @@ def run_camera(
     backoff_max_s: float = 10.0,
     max_frames: int | None = None,
     ctx: zmq.Context | None = None,
-) -> dict[str, int]:
+    stall_timeout_s: float = STALL_TIMEOUT_S,
+    open_capture: Callable[[str | int], Any] = open_with_timeouts,
+) -> dict[str, Any]:
     """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters."""
     stop = stop or threading.Event()
     ctx = ctx or zmq.Context.instance()
+    warn = RateLimitedLog(log, 5.0)
     sock = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True)
     heartbeat = Heartbeat(ctx, heartbeat_endpoint, role="camera", stream=stream_id)
-    grabber = LatestFrameGrabber(source, backoff_initial_s=backoff_initial_s,
-                                 backoff_max_s=backoff_max_s).start()
+    grabber = LatestFrameGrabber(
+        source, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, open_capture=open_capture
+    ).start()
     min_period = 1.0 / fps_limit if fps_limit else 0.0
-    published = dropped = 0
+    # ``published``: frames handed to libzmq. A PUB send never fails for a slow subscriber (it drops
+    # silently), so there is no "dropped" count here: subscribers count the sequence gaps.
+    published = 0
     last_index = -1
     last_publish = -float("inf")
+
+    def stats() -> dict[str, Any]:
+        stuck = grabber.stalled(stall_timeout_s)
+        if stuck:
+            warn("stalled", logging.ERROR, "grab thread stuck in %s: reporting stalled", stuck)
+        return {
+            **grabber.stats(),
+            "published": published,
+            "state": STATE_STALLED if stuck else "ok",
+            **({"stalled": stuck} if stuck else {}),
+        }
+
     try:
         while not stop.is_set() and (max_frames is None or published < max_frames):
-            heartbeat.maybe_send({**grabber.stats(), "published": published, "dropped": dropped})
+            if heartbeat.due():
+                heartbeat.maybe_send(stats())
             if min_period:
                 wait = last_publish + min_period - protocol.now()
                 if wait > 0:
@@ -228,32 +317,40 @@ def run_camera(
             last_index = frame.index
             last_publish = protocol.now()
             height, width = frame.image.shape[:2]
-            ok = protocol.send(
-                sock, "frame", stream=stream_id, seq=published,
+            protocol.send(
+                sock,
+                "frame",
+                stream=stream_id,
+                seq=published,
                 ts={"capture": frame.capture_ts, "send": protocol.now()},
                 arrays={"frame": frame.image},
                 meta={"width": width, "height": height, "source": str(source), "grab_index": frame.index},
             )
             published += 1
-            dropped += not ok
     finally:
         grabber.stop()
-        stats = {**grabber.stats(), "published": published, "dropped": dropped}
-        heartbeat.maybe_send(stats, force=True)
+        final = stats()
+        heartbeat.maybe_send(final, force=True)
         heartbeat.close()
         sock.close()
-    log.info("camera %s stopped: %s", stream_id, stats)
-    return stats
+    log.info("camera %s stopped: %s", stream_id, final)
+    return final
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m avloc.stream.camera",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.camera", description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="0", help="device index, video file, or rtsp:// / http:// URL")
-    parser.add_argument("--endpoint", "--frames", default=protocol.DEFAULT_ENDPOINTS["frames"],
-                        help="PUB endpoint to bind")
+    parser.add_argument(
+        "--endpoint", "--frames", default=protocol.DEFAULT_ENDPOINTS["frames"], help="PUB endpoint to bind"
+    )
     parser.add_argument("--fps-limit", type=float, default=None, help="publish at most this many frames/s")
     parser.add_argument("--backoff-max", type=float, default=10.0, help="longest wait between reopens (s)")
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=STALL_TIMEOUT_S,
+        help="an OpenCV open/grab running longer than this (s) reports the worker stalled",
+    )
     add_common_arguments(parser, role="camera")
     return parser
 
@@ -263,8 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"camera:{args.stream_id}", args.log_file, args.verbose)
     stop = install_stop_handlers()
     try:
-        run_camera(args.source, args.endpoint, args.stream_id, fps_limit=args.fps_limit,
-                   heartbeat_endpoint=args.heartbeat, stop=stop, backoff_max_s=args.backoff_max)
+        run_camera(
+            args.source,
+            args.endpoint,
+            args.stream_id,
+            fps_limit=args.fps_limit,
+            heartbeat_endpoint=args.heartbeat,
+            stop=stop,
+            backoff_max_s=args.backoff_max,
+            stall_timeout_s=args.stall_timeout,
+        )
     except UserError as err:  # e.g. the endpoint is taken: one line, and the launcher does not retry
         log.error("%s", err)
         return USER_ERROR_EXIT

@@ -8,7 +8,8 @@ would still point at something that is probably not there); the frame shows a "N
 
 - window mode (``cv2.imshow``): ``q``/Esc quits, ``+``/``-`` change alpha, ``c`` toggles the colormap;
 - ``--headless``: no window; ``--record out.mp4`` encodes the overlaid frames with PyAV (libx264), timed by
-  the frames' own timestamps, and muxes the original audio back (``--audio-source VIDEO``);
+  the frames' own timestamps, into crash-safe segments joined at the end with the original audio
+  (``--audio-source VIDEO``; stream/recording.py);
   ``--snapshot-every N`` saves every N-th recorded frame as PNG;
 - ``--latency-log FILE``: one JSON line per heatmap with every timestamp of its way through the pipeline
   plus ``display`` (when this process received it, before drawing), read by ``avloc bench pipeline`` and ``avloc demo``.
@@ -22,12 +23,8 @@ import argparse
 import json
 import logging
 import math
-import os
-import queue
-import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ import zmq
 
 from avloc.core.errors import UserError
 from avloc.stream import protocol
+from avloc.stream.recording import Recorder
 from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)
@@ -45,8 +43,10 @@ COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO}
 FRAME_BUFFER = 90  # frames kept per stream while their heatmaps are computed (~3 s at 30 fps)
 STALE_HEATMAP_S = 0.5  # window mode: show plain frames when no heatmap came for this long
 RECORD_WAIT_S = 0.6  # a recorded frame waits this long for its heatmap before the latest one is used
-TIME_BASE = Fraction(1, 1000)  # recorded video pts in milliseconds
-ENCODE_QUEUE = 30  # frames waiting for the encoder thread (1 s at 30 fps) before write() waits
+# per-stream state is bounded like the inference worker's: at most MAX_STREAMS stream ids, and one silent for
+# STREAM_SILENCE_S is forgotten
+MAX_STREAMS = 16
+STREAM_SILENCE_S = 60.0
 
 
 def heatmap_to_unit(arr: np.ndarray) -> np.ndarray:
@@ -95,138 +95,6 @@ def draw_hud(image: np.ndarray, lines: list[str], notice: str | None = None) -> 
         cv2.putText(image, text, (x, y), font, 0.9, (60, 60, 255), 2, cv2.LINE_AA)
 
 
-class Recorder:
-    """H.264 mp4 writer (PyAV) timed by media timestamps; audio muxed back from the source at close.
-
-    Encoding runs on its own thread (libx264 releases the GIL), fed through a bounded queue, so the
-    display keeps receiving heatmaps while frames are encoded; a full queue makes ``write`` wait.
-    """
-
-    def __init__(self, path: Path, audio_source: Path | None = None, fps: float = 30.0) -> None:
-        import av
-
-        self.path = path
-        self.audio_source = audio_source
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._video_tmp = path.with_name(f".{path.stem}.video.tmp{path.suffix}")
-        self._container = av.open(str(self._video_tmp), mode="w")
-        self._fps = fps
-        self._stream: Any = None
-        self._last_pts = -1
-        self._offset = 0.0  # added after a --loop wrap so time keeps going forward
-        self._last_t: float | None = None
-        self.frames = 0
-        self._queue: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue(maxsize=ENCODE_QUEUE)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._encode_loop, name="encoder", daemon=True)
-        self._thread.start()
-
-    def write(self, bgr: np.ndarray, t_seconds: float) -> None:
-        """Queue one frame shown at media time ``t_seconds`` (the caller must not modify ``bgr`` after)."""
-        if self._error is not None:
-            raise RuntimeError(f"recording to {self.path} failed: {self._error}")
-        if self._last_t is not None and t_seconds + self._offset < self._last_t:
-            self._offset = self._last_t + 1.0 / self._fps - t_seconds  # the replay looped
-        t = t_seconds + self._offset
-        pts = int(round(t / TIME_BASE))
-        if pts <= self._last_pts:
-            return  # duplicate timestamp: keep the stream strictly increasing
-        self._last_t, self._last_pts = t, pts
-        self._queue.put((bgr, pts))
-        self.frames += 1
-
-    def _encode_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._encode(*item)
-                except Exception as err:  # noqa: BLE001 - reported by write()/close() on the main thread
-                    self._error = err
-
-    def _encode(self, bgr: np.ndarray, pts: int) -> None:
-        import av
-
-        if self._stream is None:
-            h, w = bgr.shape[:2]
-            self._stream = self._container.add_stream("libx264", rate=round(self._fps))
-            self._stream.width, self._stream.height = w - w % 2, h - h % 2
-            self._stream.pix_fmt = "yuv420p"
-            self._stream.time_base = TIME_BASE
-            self._stream.codec_context.time_base = TIME_BASE
-            self._stream.options = {"preset": "veryfast", "crf": "23"}
-        h, w = self._stream.height, self._stream.width
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(bgr[:h, :w]), format="bgr24")
-        frame.pts, frame.time_base = pts, TIME_BASE
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
-
-    def close(self) -> Path | None:
-        """Finish the file; returns its path (None when nothing was recorded)."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            self._container.close()
-            self._video_tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"recording to {self.path} failed: {self._error}")
-        if self._stream is not None:
-            for packet in self._stream.encode(None):
-                self._container.mux(packet)
-        self._container.close()
-        if self.frames == 0:
-            self._video_tmp.unlink(missing_ok=True)
-            return None
-        if self.audio_source is not None:
-            try:
-                _mux_audio(self._video_tmp, self.audio_source, self.path, self._last_t or 0.0)
-                self._video_tmp.unlink(missing_ok=True)
-                return self.path
-            except Exception as err:  # noqa: BLE001 - keep the video even if the audio cannot be added
-                log.warning("could not mux audio from %s (%s); writing video only", self.audio_source, err)
-        os.replace(self._video_tmp, self.path)
-        return self.path
-
-
-def _mux_audio(video_path: Path, audio_source: Path, out_path: Path, duration_s: float) -> None:
-    """Copy the recorded video and re-encode the source's first audio track (AAC) into ``out_path``."""
-    import av
-
-    tmp = out_path.with_name(f".{out_path.stem}.mux.tmp{out_path.suffix}")
-    try:
-        with (
-            av.open(str(video_path)) as vin,
-            av.open(str(audio_source)) as ain,
-            av.open(str(tmp), mode="w") as out,
-        ):
-            if not ain.streams.audio:
-                raise ValueError("no audio track")
-            vstream = out.add_stream_from_template(vin.streams.video[0])
-            src_audio = ain.streams.audio[0]
-            rate = int(src_audio.codec_context.sample_rate or 48000)
-            layout = "stereo" if (src_audio.codec_context.channels or 1) >= 2 else "mono"
-            astream = out.add_stream("aac", rate=rate, layout=layout)
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-            for packet in vin.demux(vin.streams.video[0]):
-                if packet.dts is None:
-                    continue
-                packet.stream = vstream
-                out.mux(packet)
-            limit = int(round(duration_s * rate)) + rate // 10
-            written = 0
-            for frame in ain.decode(src_audio):
-                frame.pts = None
-                for chunk in resampler.resample(frame):
-                    if written >= limit:
-                        break
-                    written += chunk.samples
-                    for packet in astream.encode(chunk):
-                        out.mux(packet)
-            for packet in astream.encode(None):
-                out.mux(packet)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @dataclass
 class HeatmapView:
     seq: int
@@ -244,7 +112,11 @@ class Display:
         self.alpha = float(args.alpha)
         self.colormap_name = args.colormap
         self.frames: dict[str, deque[tuple[protocol.Message, float]]] = {}
-        self.heatmaps: dict[str, HeatmapView] = {}
+        self.heatmaps: dict[str, HeatmapView] = {}  # newest per stream (what the window shows)
+        # every recent heatmap per stream: a drain can bring several, and each recorded frame gets its own
+        self._heatmap_history: dict[str, deque[HeatmapView]] = {}
+        self._last_heard: OrderedDict[str, float] = OrderedDict()
+        self.streams_evicted = 0
         self.latencies: deque[float] = deque(maxlen=200)
         self.heatmap_times: deque[float] = deque(maxlen=240)
         self.drops = 0
@@ -280,6 +152,7 @@ class Display:
         frame = msg.arrays["frame"]
         if frame.ndim != 3 or frame.shape[2] != 3 or min(frame.shape[:2]) < 2 or frame.dtype != np.uint8:
             raise ValueError(f"frame {frame.dtype} {frame.shape}, expected uint8 HxWx3")
+        self._heard(msg.stream)
         buf = self.frames.setdefault(msg.stream, deque(maxlen=FRAME_BUFFER))
         if buf and msg.seq < buf[-1][0].seq:  # a restarted or looping source: sequence starts over
             self._flush_record(msg.stream, everything=True)
@@ -309,7 +182,12 @@ class Display:
             confidence=float(msg.meta.get("confidence") or 0.0),
         )
         drops = int(msg.meta.get("drops") or 0)
+        self._heard(msg.stream)
         self.heatmaps[msg.stream] = view
+        history = self._heatmap_history.setdefault(msg.stream, deque(maxlen=FRAME_BUFFER))
+        if history and view.seq < history[-1].seq:  # a restarted source: its sequence starts over
+            history.clear()
+        history.append(view)
         self.drops = drops
         self.heatmaps_received += 1
         t = protocol.now()
@@ -325,21 +203,14 @@ class Display:
             "stream": msg.stream,
             "seq": msg.seq,
             "ts": {**msg.ts, "display": display_ts},
-            **{
-                k: msg.meta.get(k)
-                for k in ("peak", "confidence", "notice", "pts", "audio_ms", "batch", "drops")
-            },
+            **{k: msg.meta.get(k) for k in ("peak", "confidence", "notice", "pts", "audio_ms", "batch", "drops")},
         }
         self._log_file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def hud_lines(self) -> list[str]:
         t = protocol.now()
         recent = [x for x in self.heatmap_times if t - x <= 2.0]
-        fps = (
-            (len(recent) - 1) / (recent[-1] - recent[0])
-            if len(recent) > 1 and recent[-1] > recent[0]
-            else 0.0
-        )
+        fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
         p50 = float(np.median(self.latencies)) * 1000 if self.latencies else float("nan")
         return [
             f"heatmaps {fps:4.1f} fps",
@@ -366,14 +237,19 @@ class Display:
         """Record buffered frames whose heatmap arrived (or that waited long enough), in order."""
         if self.recorder is None or stream != self.record_stream:
             return
-        view = self.heatmaps.get(stream)
+        history = self._heatmap_history.get(stream, deque())
         t = protocol.now()
         for msg, received in self.frames.get(stream, ()):
             if msg.seq <= self.recorded_upto:
                 continue
-            ready = view is not None and view.seq >= msg.seq
-            if not (ready or everything or t - received > RECORD_WAIT_S):
-                break
+            while history and history[0].seq < msg.seq:  # heatmaps of frames already recorded
+                history.popleft()
+            # the frame's own heatmap, or the next one when its own was skipped; after RECORD_WAIT_S the newest
+            view = history[0] if history else None
+            if view is None:
+                if not (everything or t - received > RECORD_WAIT_S):
+                    break
+                view = self.heatmaps.get(stream)
             bgr = self.compose(stream, msg, view)
             # write() waits while the encoder is behind: keep beating, or the launcher kills a busy display
             if self._heartbeat is not None and self._heartbeat.due():
@@ -382,6 +258,35 @@ class Display:
             self.recorded_upto = msg.seq
             if self.args.snapshot_every and self.recorder.frames % self.args.snapshot_every == 0:
                 self._snapshot(bgr, msg.seq)
+
+    def _heard(self, stream: str) -> None:
+        self._last_heard[stream] = protocol.now()
+        self._last_heard.move_to_end(stream)
+        while len(self._last_heard) > MAX_STREAMS:
+            self._forget(next(iter(self._last_heard)))
+
+    def evict_silent(self) -> None:
+        """Forget every stream not heard from for ``STREAM_SILENCE_S`` (its frames are recorded first)."""
+        t = protocol.now()
+        while self._last_heard:
+            stream, heard = next(iter(self._last_heard.items()))
+            if t - heard <= STREAM_SILENCE_S:
+                return
+            self._forget(stream)
+
+    def _forget(self, stream: str) -> None:
+        self._flush_record(stream, everything=True)
+        for state in (
+            self._last_heard,
+            self.frames,
+            self.heatmaps,
+            self._heatmap_history,
+            self._last_frame_seq,
+            self._last_shown,
+            self._shown_frame,
+        ):
+            state.pop(stream, None)  # type: ignore[attr-defined]
+        self.streams_evicted += 1
 
     def _snapshot(self, bgr: np.ndarray, seq: int) -> None:
         folder = (
@@ -417,7 +322,9 @@ class Display:
             cv2.namedWindow(window, cv2.WINDOW_NORMAL)
         try:
             while not stop.is_set():
-                heartbeat.maybe_send(self.stats())
+                if heartbeat.due():
+                    self.evict_silent()
+                    heartbeat.maybe_send(self.stats())
                 events = dict(poller.poll(10))
                 if frames in events:
                     for msg in protocol.drain_latest(frames, rejects=self.rejects):
@@ -498,6 +405,7 @@ class Display:
             "frame_gaps": self.frame_gaps,
             "rejects": self.rejects.as_dict(),
             "snapshots": self.snapshots,
+            "streams_evicted": self.streams_evicted,
         }
 
 
@@ -525,9 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--snapshot-every", type=int, default=0, metavar="N", help="save every N-th recorded frame as PNG"
     )
-    parser.add_argument(
-        "--snapshot-dir", default=None, help="folder for PNG snapshots (default: next to --record)"
-    )
+    parser.add_argument("--snapshot-dir", default=None, help="folder for PNG snapshots (default: next to --record)")
     parser.add_argument(
         "--latency-log",
         default=None,
@@ -538,9 +444,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m avloc.stream.display", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.display", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.frames = args.frames or [protocol.DEFAULT_ENDPOINTS["frames"]]

@@ -39,7 +39,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.stream import protocol
+from avloc.stream import protocol, security
 from avloc.stream.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 AUDIO_HISTORY = 64  # audio windows kept per stream (several seconds at a 100 ms hop)
 EMBED_CACHE = 16  # audio embeddings kept per stream
 POLL_MS = 20
+# Per-stream state is bounded: at most MAX_STREAMS stream ids (the least recently heard is forgotten first),
+# and a stream silent for STREAM_SILENCE_S is forgotten, so made-up stream ids cannot grow memory or the stats.
+MAX_STREAMS = 64
+STREAM_SILENCE_S = 60.0
 FRAME_RCVHWM = 64  # frames libzmq may hold for us (~2 s at 30 fps; 60 MB of 640x480 BGR at most)
 
 
@@ -109,6 +113,7 @@ class WorkerStats:
     audio_embeds: int = 0
     audio_reused: int = 0  # frames paired with an older, already embedded window (audio_reuse_s)
     batches: int = 0
+    streams_evicted: int = 0  # stream ids forgotten (silent for STREAM_SILENCE_S, or over MAX_STREAMS)
     first_publish: float | None = None
     last_publish: float | None = None
 
@@ -154,9 +159,7 @@ def peak_of(heatmap: np.ndarray, upsample: int = 8) -> tuple[float, float]:
     """
     h, w = heatmap.shape
     if upsample > 1:
-        heatmap = cv2.resize(
-            heatmap.astype(np.float32), (w * upsample, h * upsample), interpolation=cv2.INTER_LINEAR
-        )
+        heatmap = cv2.resize(heatmap.astype(np.float32), (w * upsample, h * upsample), interpolation=cv2.INTER_LINEAR)
     hh, ww = heatmap.shape
     y, x = divmod(int(np.argmax(heatmap)), ww)
     return (x + 0.5) / ww, (y + 0.5) / hh
@@ -197,8 +200,11 @@ class InferenceWorker:
         if anchor != "end":
             # Live audio after the frame does not exist yet: pairing a centred window would mean holding every
             # frame back by half a window. The worker pairs causally; the model saw centred windows.
-            log.warning("engine trained with frontend.anchor=%r; live frames are paired with the window "
-                        "ending at the frame (anchor end)", anchor)
+            log.warning(
+                "engine trained with frontend.anchor=%r; live frames are paired with the window "
+                "ending at the frame (anchor end)",
+                anchor,
+            )
         self.range = _normalizer(self.manifest)
         # None: no gating (gate disabled, or an engine exported without --gate-data)
         self.gate_threshold = gate_threshold(self.manifest) if gate else None
@@ -212,30 +218,34 @@ class InferenceWorker:
         self.no_audio_streams: set[str] = set()
         self.ended_streams: set[str] = set()
         self._last_seq: dict[str, int] = {}
+        self._last_heard: OrderedDict[str, float] = OrderedDict()  # stream -> last message time, oldest first
         self.spec_shape = _spec_shape(self.manifest)
         self._ratelog = RateLimitedLog(log)
+        self._token = security.run_token()
 
     # --- receiving --------------------------------------------------------------------------------
     def take_frames(self, messages: list[protocol.Message], received: float) -> None:
         for msg in messages:
             if msg.kind == "control":
-                self._on_control(msg)
+                self._on_control(msg, self.frame_rejects)
                 continue
             if msg.kind != "frame" or "frame" not in msg.arrays:
-                self.frame_rejects.reject(
-                    protocol.ProtocolError("unexpected", f"{msg.kind} on frames socket")
-                )
+                self.frame_rejects.reject(protocol.ProtocolError("unexpected", f"{msg.kind} on frames socket"))
                 continue
             frame = msg.arrays["frame"]
-            if (frame.ndim != 3 or frame.shape[2] != 3 or min(frame.shape[:2]) < 2 or frame.dtype != np.uint8
-                    or "capture" not in msg.ts):
+            if (
+                frame.ndim != 3
+                or frame.shape[2] != 3
+                or min(frame.shape[:2]) < 2
+                or frame.dtype != np.uint8
+                or "capture" not in msg.ts
+            ):
                 self.frame_rejects.reject(
-                    protocol.ProtocolError(
-                        "bad_frame", f"frame {frame.dtype} {frame.shape}, ts {sorted(msg.ts)}"
-                    )
+                    protocol.ProtocolError("bad_frame", f"frame {frame.dtype} {frame.shape}, ts {sorted(msg.ts)}")
                 )
                 continue
             self.stats.frames += 1
+            self._heard(msg.stream, received)
             last = self._last_seq.get(msg.stream)
             if last is not None and msg.seq > last + 1:
                 self.stats.gaps += msg.seq - last - 1
@@ -247,7 +257,12 @@ class InferenceWorker:
                 self.stats.drops += 1  # newest wins: the older frame is stale now
             self.pending[msg.stream] = PendingFrame(msg, received)
 
-    def _on_control(self, msg: protocol.Message) -> None:
+    def _on_control(self, msg: protocol.Message, rejects: protocol.RejectCounter) -> None:
+        # Started by the launcher (a run token): only the run's own sources may send control messages.
+        if self._token is not None and not security.verify(self._token, msg):
+            rejects.reject(protocol.ProtocolError("unauthenticated", f"control {msg.meta.get('command')!r}"))
+            return
+        self._heard(msg.stream, protocol.now())
         command = msg.meta.get("command")
         if command == protocol.CONTROL_NOTICE and msg.meta.get("notice") == protocol.NOTICE_NO_AUDIO:
             self.no_audio_streams.add(msg.stream)
@@ -257,7 +272,7 @@ class InferenceWorker:
     def take_audio(self, messages: list[protocol.Message], received: float) -> None:
         for msg in messages:
             if msg.kind == "control":
-                self._on_control(msg)
+                self._on_control(msg, self.audio_rejects)
                 continue
             spec = msg.arrays.get("spec")
             if msg.kind != "audio" or spec is None or "window_end" not in msg.ts:
@@ -266,16 +281,38 @@ class InferenceWorker:
             expected = tuple(self.spec_shape or spec.shape)
             if spec.dtype != np.float32 or spec.shape != expected:
                 self.audio_rejects.reject(
-                    protocol.ProtocolError(
-                        "bad_spec", f"spec {spec.dtype} {spec.shape}, expected float32 {expected}"
-                    )
+                    protocol.ProtocolError("bad_spec", f"spec {spec.dtype} {spec.shape}, expected float32 {expected}")
                 )
                 continue
             self.stats.audio += 1
+            self._heard(msg.stream, received)
             self.tracks.setdefault(msg.stream, AudioTrack()).add(
                 AudioWindow(msg.seq, msg.ts["window_end"], spec), received
             )
             self.no_audio_streams.discard(msg.stream)
+
+    def _heard(self, stream: str, t: float) -> None:
+        self._last_heard[stream] = t
+        self._last_heard.move_to_end(stream)
+        while len(self._last_heard) > MAX_STREAMS:
+            self._forget(next(iter(self._last_heard)))
+
+    def evict_silent(self, t: float) -> None:
+        """Forget every stream not heard from for ``STREAM_SILENCE_S``."""
+        while self._last_heard:
+            stream, heard = next(iter(self._last_heard.items()))
+            if t - heard <= STREAM_SILENCE_S:
+                return
+            self._forget(stream)
+
+    def _forget(self, stream: str) -> None:
+        self._last_heard.pop(stream, None)
+        self.pending.pop(stream, None)
+        self.tracks.pop(stream, None)
+        self._last_seq.pop(stream, None)
+        self.no_audio_streams.discard(stream)
+        self.ended_streams.discard(stream)
+        self.stats.streams_evicted += 1
 
     # --- pairing ------------------------------------------------------------------------------------
     def _track_for(self, stream: str) -> AudioTrack | None:
@@ -497,7 +534,9 @@ class InferenceWorker:
         )
         try:
             while not stop.is_set():
-                heartbeat.maybe_send(self.heartbeat_stats())
+                if heartbeat.due():
+                    self.evict_silent(protocol.now())
+                    heartbeat.maybe_send(self.heartbeat_stats())
                 events = dict(poller.poll(0 if self.pending else POLL_MS))
                 if audio is not None and audio in events:
                     self.take_audio(*protocol.drain_stamped(audio, rejects=self.audio_rejects))
@@ -520,9 +559,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="engine intra-op threads (default: backend's)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="engine intra-op threads (default: backend's)")
     parser.add_argument(
         "--frames",
         action="append",
@@ -616,9 +653,7 @@ def heartbeats_while_starting(endpoint: str | None) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m avloc.stream.inference", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.inference", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("inference", args.log_file, args.verbose)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,8 @@ import zmq
 
 from avloc.core.config import from_dict, load_yaml
 from avloc.core.errors import UserError
-from avloc.stream import protocol
-from avloc.stream.worker import USER_ERROR_EXIT
+from avloc.stream import protocol, security
+from avloc.stream.worker import STATE_STALLED, USER_ERROR_EXIT
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class StreamConfig:
     startup_grace_s: float = 60.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 10.0
-    max_restarts: int = 5
+    max_restarts: int = 5  # ... within restart_window_s: a worker restarted more often than that is given up
+    restart_window_s: float = 600.0
     drain_s: float = 1.5  # after a source ends: time for the last frames to reach the display
     stop_timeout_s: float = 10.0
     display_stop_timeout_s: float = 60.0  # finishing a recording (encoder flush + audio mux)
@@ -136,6 +138,7 @@ class ProcessSpec:
     finite: bool = False  # a clean exit means "the input ended" (replay), not a crash
     restart: bool = True
     after: tuple[str, ...] = ()  # start once these processes report ready (e.g. the engine is loaded)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. HOME for an ALSA config)
 
 
 @dataclass
@@ -145,7 +148,8 @@ class Child:
     started: float = 0.0
     last_heartbeat: float | None = None
     last_stats: dict[str, Any] = field(default_factory=dict)
-    restarts: int = 0
+    restarts: int = 0  # over the whole run (the summary); the budget counts only recent_restarts
+    recent_restarts: deque[float] = field(default_factory=deque)  # monotonic times within restart_window_s
     exit_code: int | None = None
     done: bool = False  # finished for good (ended or gave up); not restarted
     restart_at: float | None = None
@@ -185,6 +189,8 @@ class Launcher:
         config: StreamConfig | None = None,
         heartbeat_endpoint: str | None = None,
         verbose: bool = False,
+        keys: Path | None = None,
+        insecure: bool = False,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -204,6 +210,23 @@ class Launcher:
         self.user_errors: dict[str, str] = {}  # process -> its error line (it exited 2)
         self.stop_event = threading.Event()
         self.quit_requested = False
+        # Handed to the children in their environment; heartbeats and control messages not tagged with it
+        # (security.verify) are counted here by kind and ignored: a local process cannot fake an 'end' or
+        # keep a hung worker looking alive.
+        self.token = security.new_run_token()
+        # CURVE keys (a folder name, not a secret: the secret keys stay in their 0600 files) and --insecure
+        # reach the children, and this process's own heartbeat socket, through the environment
+        self._security_env = {security.INSECURE_ENV: "1"} if insecure else {}
+        loaded = security.load_keys(keys) if keys is not None else None  # a UserError now, not in every child
+        if keys is not None:
+            self._security_env[security.KEYS_ENV] = str(Path(keys).resolve())
+        # refuse a non-loopback endpoint without keys before anything starts (the workers check again)
+        for spec in specs:
+            for flag, value in zip(spec.args, spec.args[1:]):
+                if flag in ("--frames", "--audio", "--heatmaps", "--endpoint") and value.startswith("tcp://"):
+                    security.check_bind(value, loaded, insecure)
+        security.check_bind(self.heartbeat_endpoint, loaded, insecure)
+        self.unauthenticated: Counter[str] = Counter()
         self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
 
@@ -223,9 +246,12 @@ class Launcher:
         if self.verbose:
             cmd.append("--verbose")
         out = open(self.run_dir / f"{spec.name}.out", "ab")  # noqa: SIM115 - handed to the child
+        # the token goes in the environment: a command line is readable by every local user
+        env = {**os.environ, **spec.env, **self._security_env, security.RUN_TOKEN_ENV: self.token}
         try:
             child.popen = subprocess.Popen(
                 cmd,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -244,18 +270,15 @@ class Launcher:
         self._event("start", spec.name, pid=child.popen.pid)
 
     def _event(self, kind: str, name: str, **info: Any) -> None:
-        self.events.append(
-            {"t": round(time.time() - self.started_at, 3), "event": kind, "process": name, **info}
-        )
+        self.events.append({"t": round(time.time() - self.started_at, 3), "event": kind, "process": name, **info})
 
     def pids(self) -> dict[str, int]:
-        return {
-            n: c.popen.pid for n, c in self.children.items() if c.popen is not None and c.popen.poll() is None
-        }
+        return {n: c.popen.pid for n, c in self.children.items() if c.popen is not None and c.popen.poll() is None}
 
     def start(self) -> None:
         self._ctx = zmq.Context()
-        self._sub = protocol.make_socket(self._ctx, zmq.SUB, self.heartbeat_endpoint, bind=True, hwm=1000)
+        with security.environment(self._security_env):  # this process's own socket follows the same rules
+            self._sub = protocol.make_socket(self._ctx, zmq.SUB, self.heartbeat_endpoint, bind=True, hwm=1000)
         self._start_time = time.monotonic()
         # Consumers first so the first frames find their subscribers connected; processes with ``after``
         # (the sources) wait until those are ready, so a replay never plays into an engine still loading.
@@ -292,23 +315,40 @@ class Launcher:
                 continue
             if msg is None:
                 return
+            if not security.verify(self.token, msg):
+                self._unauthenticated(msg.kind)
+                continue
             pid = msg.meta.get("pid")
             child = by_pid.get(pid) if isinstance(pid, int) else None
             if child is None:
                 continue
-            child.last_heartbeat = time.monotonic()
             if msg.kind == "heartbeat":
                 stats = msg.meta.get("stats")
                 child.last_stats = stats if isinstance(stats, dict) else {}
+                # a worker whose work is stuck (a camera grab that never returns) still beats, as "stalled":
+                # that is not a sign of life, so it is killed after heartbeat_timeout_s like a silent one
+                if child.last_stats.get("state") != STATE_STALLED:
+                    child.last_heartbeat = time.monotonic()
                 if child.last_stats.get("state") != "loading" and not child.ready:
                     child.ready = True
                     log.info("%s ready (pid %d)", child.spec.name, child.popen.pid)  # type: ignore[union-attr]
                 self._check_gap(child)
             elif msg.kind == "control" and msg.meta.get("command") == protocol.CONTROL_END:
+                child.last_heartbeat = time.monotonic()
                 if child.spec.finite and child.spec.name not in self._ended_sources:
                     log.info("%s: input ended", child.spec.name)
                     self._ended_sources.add(child.spec.name)
                     self._event("end", child.spec.name)
+
+    def _unauthenticated(self, kind: str) -> None:
+        self.unauthenticated[kind] += 1
+        total = sum(self.unauthenticated.values())
+        if total & (total - 1) == 0:  # 1, 2, 4, 8, ...: visible without flooding the log
+            log.warning(
+                "heartbeat socket: %d message(s) without a valid run token ignored (%s)",
+                total,
+                dict(self.unauthenticated),
+            )
 
     def _check_gap(self, child: Child) -> None:
         name = child.spec.name
@@ -318,8 +358,9 @@ class Launcher:
         if isinstance(first, int | float):
             since, since_what = self._pending_gap.pop(name)
             gap = float(first) - since
-            log.warning("%s: heatmaps resumed after a %.2f s gap (since its %s)", name, gap,
-                        since_what.replace("_", " "))
+            log.warning(
+                "%s: heatmaps resumed after a %.2f s gap (since its %s)", name, gap, since_what.replace("_", " ")
+            )
             entry = {
                 "process": name,
                 "gap_s": round(gap, 3),
@@ -372,11 +413,23 @@ class Launcher:
             self._pending_gap[spec.name] = (
                 (float(last), "last_heatmap") if isinstance(last, int | float) else (protocol.now(), "crash")
             )
-        if not spec.restart or child.restarts >= self.config.max_restarts:
+        # The budget is a rate: restarts older than restart_window_s no longer count (5 hiccups in a day
+        # must not kill a pipeline), and the back-off starts afresh once a worker has been stable that long.
+        t = time.monotonic()
+        while child.recent_restarts and t - child.recent_restarts[0] > self.config.restart_window_s:
+            child.recent_restarts.popleft()
+        recent = len(child.recent_restarts)
+        if not spec.restart or recent >= self.config.max_restarts:
             child.done = True
-            log.error("%s: not restarting (%d restarts so far)", spec.name, child.restarts)
+            log.error(
+                "%s: not restarting (%d restarts in the last %.0f s, %d in all)",
+                spec.name,
+                recent,
+                self.config.restart_window_s,
+                child.restarts,
+            )
             return
-        backoff = min(self.config.restart_backoff_s * 2**child.restarts, self.config.restart_backoff_max_s)
+        backoff = min(self.config.restart_backoff_s * 2**recent, self.config.restart_backoff_max_s)
         child.restart_at = time.monotonic() + backoff
         log.info("%s: restarting in %.1f s", spec.name, backoff)
 
@@ -391,6 +444,7 @@ class Launcher:
             if child.restart_at is not None:
                 if t >= child.restart_at:
                     child.restarts += 1
+                    child.recent_restarts.append(t)
                     self._event("restart", child.spec.name, restarts=child.restarts)
                     self._start(child)
                 continue
@@ -398,16 +452,22 @@ class Launcher:
             if code is not None:
                 self._on_exit(child, code, "exited" if code >= 0 else f"killed by signal {-code}")
                 continue
-            silent_since = child.last_heartbeat if child.last_heartbeat is not None else None
-            if silent_since is None:
-                hung = t - child.started > self.config.startup_grace_s
+            # Until it is ready (imports, engine loading: seconds of GIL-holding C code on a busy machine, when
+            # even a heartbeat thread can fall silent) a worker has startup_grace_s; then heartbeat_timeout_s.
+            if not child.ready:
+                why = None
+                if t - child.started > self.config.startup_grace_s:
+                    why = "no first heartbeat" if child.last_heartbeat is None else "not ready after startup_grace_s"
+            elif t - (child.last_heartbeat or child.started) > self.config.heartbeat_timeout_s:
+                stalled = child.last_stats.get("state") == STATE_STALLED
+                why = "stalled (still beating)" if stalled else "stopped sending heartbeats"
             else:
-                hung = t - silent_since > self.config.heartbeat_timeout_s
-            if hung:
-                log.error("%s: no heartbeat for too long; killing it", child.spec.name)
+                why = None
+            if why:
+                log.error("%s: %s; killing it", child.spec.name, why)
                 child.popen.kill()
                 child.popen.wait()
-                self._on_exit(child, child.popen.returncode, "stopped sending heartbeats")
+                self._on_exit(child, child.popen.returncode, why)
 
     def finished(self) -> bool:
         """True when every finite source has ended (and there is at least one), or nothing is left alive."""
@@ -425,8 +485,11 @@ class Launcher:
             if self.user_errors:
                 return "failed: " + "; ".join(f"{n}: {m}" for n, m in self.user_errors.items())
             # a finite source that gave up (crashed too often) without reaching its end
-            gave_up = [c.spec.name for c in self.children.values()
-                       if c.spec.finite and c.done and c.spec.name not in self._ended_sources]
+            gave_up = [
+                c.spec.name
+                for c in self.children.values()
+                if c.spec.finite and c.done and c.spec.name not in self._ended_sources
+            ]
             if gave_up:
                 return "failed: " + ", ".join(gave_up)
             if self.quit_requested:
@@ -436,9 +499,7 @@ class Launcher:
                 return "failed: " + ", ".join(crashed) if crashed and not self._ended_sources else "ended"
             # the consumers gave up (too many crashes): nothing useful can happen any more
             given_up = [
-                c.spec.name
-                for c in self.children.values()
-                if c.done and c.spec.role in ("inference", "display")
+                c.spec.name for c in self.children.values() if c.done and c.spec.role in ("inference", "display")
             ]
             if given_up:
                 return "failed: " + ", ".join(given_up)
@@ -461,13 +522,16 @@ class Launcher:
             group = [c for c in self.children.values() if c.spec.role == role]
             timeout = self.config.display_stop_timeout_s if role == "display" else self.config.stop_timeout_s
             for child in group:
-                if child.popen is not None and child.popen.poll() is None:
+                # a source that sent 'end' exits by itself (a SIGTERM during its exit would kill it with -15)
+                ended = child.spec.finite and child.spec.name in self._ended_sources
+                if child.popen is not None and child.popen.poll() is None and not ended:
                     child.popen.send_signal(signal.SIGTERM)
             for child in group:
                 self._wait_or_kill(child, timeout)
             self._read_heartbeats()
         if self._sub is not None:
             self._sub.close(0)
+        security.stop_authenticators()  # a ZAP thread's socket would keep term() waiting
         if self._ctx is not None:
             self._ctx.term()
         summary = self.summary()
@@ -507,6 +571,7 @@ class Launcher:
             },
             "heatmap_gaps": self.gaps,
             "events": self.events,
+            "unauthenticated": dict(self.unauthenticated),
         }
 
     def run(self, timeout_s: float | None = None) -> dict[str, Any]:

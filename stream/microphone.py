@@ -73,10 +73,10 @@ class SampleRing:
         self._data = np.zeros((self.capacity, self.channels), dtype=dtype)
         self._anchor_pos = np.zeros(_ANCHORS, dtype=np.int64)
         self._anchor_time = np.zeros(_ANCHORS, dtype=np.float64)
-        self._anchors = 0          # anchors ever written
-        self.write_pos = 0         # frames ever stored (producer-owned)
-        self.read_pos = 0          # frames ever consumed (consumer-owned)
-        self.dropped_frames = 0    # frames lost because the ring was full
+        self._anchors = 0  # anchors ever written
+        self.write_pos = 0  # frames ever stored (producer-owned)
+        self.read_pos = 0  # frames ever consumed (consumer-owned)
+        self.dropped_frames = 0  # frames lost because the ring was full
         self.dropped_blocks = 0
         self.blocks = 0
 
@@ -181,7 +181,7 @@ class AudioWindower:
         self.frontend = StreamingFrontEnd(config, self.hop_samples)
         needs_resampling = self.device_rate != config.sample_rate
         self._resample = _Resampler(self.device_rate, config.sample_rate) if needs_resampling else None
-        self._base = 0            # ring position (device frames) where the current front-end run started
+        self._base = 0  # ring position (device frames) where the current front-end run started
         self.skipped_frames = 0
 
     def poll(self) -> list[tuple[int, float | None, np.ndarray]]:
@@ -235,7 +235,8 @@ def resolve_input_device(spec: str | int | None) -> int | None:
             raise UserError(f"--mic {spec}: device {info['name']!r} has no input channels")
         return index
     matches = [
-        i for i, d in enumerate(sd.query_devices())
+        i
+        for i, d in enumerate(sd.query_devices())
         if d["max_input_channels"] > 0 and str(spec).lower() in d["name"].lower()
     ]
     if not matches:
@@ -262,9 +263,7 @@ def _pick_rate_and_channels(device: int | None, wanted_rate: int) -> tuple[int, 
 class MicrophoneCapture:
     """Owns the sounddevice InputStream and the ring its callback writes into."""
 
-    def __init__(
-        self, device: int | None, rate: int, channels: int, ring_seconds: float, block_frames: int
-    ) -> None:
+    def __init__(self, device: int | None, rate: int, channels: int, ring_seconds: float, block_frames: int) -> None:
         import sounddevice as sd
 
         self.rate = rate
@@ -272,8 +271,14 @@ class MicrophoneCapture:
         self.status_flags = 0
         self.last_callback = protocol.now()
         self._clock_offset = 0.0
-        self._stream = sd.InputStream(device=device, samplerate=rate, channels=channels, dtype="int16",
-                                      blocksize=block_frames, callback=self._callback)
+        self._stream = sd.InputStream(
+            device=device,
+            samplerate=rate,
+            channels=channels,
+            dtype="int16",
+            blocksize=block_frames,
+            callback=self._callback,
+        )
         # PortAudio's stream clock vs. ours (equal on Linux, but never assumed).
         self._clock_offset = protocol.now() - self._stream.time
 
@@ -331,7 +336,9 @@ def run_microphone(
     heartbeat = Heartbeat(ctx, heartbeat_endpoint, role="microphone", stream=stream_id)
     wait_for_subscribers([sock], wait_subscribers, 10.0, stop, heartbeat)
     warn = RateLimitedLog(log, 5.0)
-    published = dropped_sends = reopens = 0
+    # ``published``: windows handed to libzmq (a PUB send never fails for a slow subscriber: consumers count
+    # the sequence gaps instead)
+    published = reopens = 0
     capture: MicrophoneCapture | None = None
     windower: AudioWindower | None = None
     backoff = 0.5
@@ -352,29 +359,43 @@ def run_microphone(
                     backoff = min(2 * backoff, 10.0)
                     continue
                 hop = round(hop_seconds * config.sample_rate)
-                windower = AudioWindower(capture.ring, config, device_rate=rate, hop_samples=hop,
-                                         max_lag_s=max_lag_s)
-                log.info("microphone %r open: %d Hz, %d channel(s), hop %d samples%s", device, rate, channels,
-                         hop, "" if rate == config.sample_rate else f", resampled to {config.sample_rate} Hz")
+                windower = AudioWindower(capture.ring, config, device_rate=rate, hop_samples=hop, max_lag_s=max_lag_s)
+                log.info(
+                    "microphone %r open: %d Hz, %d channel(s), hop %d samples%s",
+                    device,
+                    rate,
+                    channels,
+                    hop,
+                    "" if rate == config.sample_rate else f", resampled to {config.sample_rate} Hz",
+                )
             assert windower is not None
             for end, window_end, spec in windower.poll():
-                ok = protocol.send(
-                    sock, "audio", stream=stream_id, seq=published,
-                    ts={"window_end": window_end if window_end is not None else protocol.now(),
-                        "send": protocol.now()},
+                protocol.send(
+                    sock,
+                    "audio",
+                    stream=stream_id,
+                    seq=published,
+                    ts={"window_end": window_end if window_end is not None else protocol.now(), "send": protocol.now()},
                     arrays={"spec": spec},
-                    meta={"end_sample": end, "sample_rate": config.sample_rate,
-                          "frontend": config.to_dict(), "hop_samples": windower.hop_samples},
+                    meta={
+                        "end_sample": end,
+                        "sample_rate": config.sample_rate,
+                        "frontend": config.to_dict(),
+                        "hop_samples": windower.hop_samples,
+                    },
                 )
                 published += 1
-                dropped_sends += not ok
                 if max_windows is not None and published >= max_windows:
                     break
             ring = capture.ring
-            stats = {"windows": published, "dropped_sends": dropped_sends,
-                     "ring_dropped_frames": ring.dropped_frames, "ring_dropped_blocks": ring.dropped_blocks,
-                     "skipped_frames": windower.skipped_frames, "status_flags": capture.status_flags,
-                     "reopens": reopens}
+            stats = {
+                "windows": published,
+                "ring_dropped_frames": ring.dropped_frames,
+                "ring_dropped_blocks": ring.dropped_blocks,
+                "skipped_frames": windower.skipped_frames,
+                "status_flags": capture.status_flags,
+                "reopens": reopens,
+            }
             if ring.dropped_blocks:
                 warn("overflow", logging.WARNING, "ring overflow: %d frames dropped", ring.dropped_frames)
             heartbeat.maybe_send(stats)
@@ -408,10 +429,16 @@ def list_microphones() -> list[dict[str, Any]]:
         log.warning("PortAudio cannot list devices: %s", err)
         return []
     return [
-        {"index": i, "name": d["name"], "hostapi": hostapis[d["hostapi"]]["name"],
-         "channels": int(d["max_input_channels"]), "default_samplerate": float(d["default_samplerate"]),
-         "default": i == default_in}
-        for i, d in enumerate(devices) if d["max_input_channels"] > 0
+        {
+            "index": i,
+            "name": d["name"],
+            "hostapi": hostapis[d["hostapi"]]["name"],
+            "channels": int(d["max_input_channels"]),
+            "default_samplerate": float(d["default_samplerate"]),
+            "default": i == default_in,
+        }
+        for i, d in enumerate(devices)
+        if d["max_input_channels"] > 0
     ]
 
 
@@ -420,18 +447,23 @@ def list_cameras(max_devices: int = 16) -> list[dict[str, Any]]:
     import cv2
 
     found = []
-    paths = sorted(glob.glob("/dev/video*"), key=lambda p: int(p[len("/dev/video"):] or 0))
+    paths = sorted(glob.glob("/dev/video*"), key=lambda p: int(p[len("/dev/video") :] or 0))
     for path in paths[:max_devices]:
-        suffix = path[len("/dev/video"):]
+        suffix = path[len("/dev/video") :]
         if not suffix.isdigit():
             continue
         cap = cv2.VideoCapture(int(suffix), cv2.CAP_V4L2)
         try:
             if cap.isOpened() and cap.read()[0]:
-                found.append({"index": int(suffix), "path": path,
-                              "width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                              "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                              "fps": float(cap.get(cv2.CAP_PROP_FPS))})
+                found.append(
+                    {
+                        "index": int(suffix),
+                        "path": path,
+                        "width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                        "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                        "fps": float(cap.get(cv2.CAP_PROP_FPS)),
+                    }
+                )
         finally:
             cap.release()
     return found
@@ -443,21 +475,30 @@ def list_devices() -> dict[str, list[dict[str, Any]]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m avloc.stream.microphone",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.microphone", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="default", help="input device: index, name part or 'default'")
-    parser.add_argument("--endpoint", "--audio", default=protocol.DEFAULT_ENDPOINTS["audio"],
-                        help="PUB endpoint (bind)")
-    parser.add_argument("--frontend", default=None, metavar="JSON|FILE|ENGINE_DIR",
-                        help="front-end config: JSON text, a JSON file or an engine dir (its manifest's "
-                             '"frontend"); default: linear 3 s')
+    parser.add_argument(
+        "--endpoint", "--audio", default=protocol.DEFAULT_ENDPOINTS["audio"], help="PUB endpoint (bind)"
+    )
+    parser.add_argument(
+        "--frontend",
+        default=None,
+        metavar="JSON|FILE|ENGINE_DIR",
+        help="front-end config: JSON text, a JSON file or an engine dir (its manifest's "
+        '"frontend"); default: linear 3 s',
+    )
     parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS, help="seconds between windows")
     parser.add_argument("--ring-seconds", type=float, default=10.0, help="capture ring buffer length")
-    parser.add_argument("--max-lag", type=float, default=1.0,
-                        help="skip ahead when this many seconds are waiting beyond a window (<0: never skip)")
+    parser.add_argument(
+        "--max-lag",
+        type=float,
+        default=1.0,
+        help="skip ahead when this many seconds are waiting beyond a window (<0: never skip)",
+    )
     parser.add_argument("--max-windows", type=int, default=None, help="exit after this many windows")
-    parser.add_argument("--wait-subscribers", type=int, default=0,
-                        help="before capturing, wait up to 10 s for this many subscribers")
+    parser.add_argument(
+        "--wait-subscribers", type=int, default=0, help="before capturing, wait up to 10 s for this many subscribers"
+    )
     add_common_arguments(parser, role="microphone")
     parser.set_defaults(stream_id="mic0")
     return parser
@@ -472,9 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_frontend(args.frontend)
         stats = run_microphone(
-            args.device, args.endpoint, args.stream_id, frontend=config, hop_seconds=args.hop,
-            heartbeat_endpoint=args.heartbeat, stop=stop, ring_seconds=args.ring_seconds,
-            max_lag_s=None if args.max_lag < 0 else args.max_lag, max_windows=args.max_windows,
+            args.device,
+            args.endpoint,
+            args.stream_id,
+            frontend=config,
+            hop_seconds=args.hop,
+            heartbeat_endpoint=args.heartbeat,
+            stop=stop,
+            ring_seconds=args.ring_seconds,
+            max_lag_s=None if args.max_lag < 0 else args.max_lag,
+            max_windows=args.max_windows,
             wait_subscribers=args.wait_subscribers,
         )
     except UserError as err:  # a device that does not exist: one line, no restart loop

@@ -29,8 +29,7 @@ PROTOCOL_VERSION = 1
 KINDS = ("frame", "audio", "heatmap", "heartbeat", "control")
 # Little-endian on the wire on any host; plain numeric dtypes only (no object/void: nothing to unpickle).
 ALLOWED_DTYPES = frozenset(
-    {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32",
-     "float64"}
+    {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32", "float64"}
 )
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 16
@@ -38,20 +37,24 @@ MAX_NDIM = 8
 MAX_DIM = 2**31  # per axis; the byte-size check below catches the rest
 MAX_STREAM_ID_CHARS = 128
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# What a publisher receives is subscriptions (avloc subscribers send one empty topic) and, with CURVE, handshake
+# commands of a few hundred bytes (MAXMSGSIZE applies to them too): a bigger message drops
+# the peer's connection instead of being stored (libzmq keeps every subscription in a trie).
+MAX_SUBSCRIPTION_BYTES = 4096
 DEFAULT_HWM = 4  # real-time streams: a few messages of slack, then drop rather than queue stale data
 
 # Default endpoints (loopback only). Publishers bind, consumers connect; every one is configurable and
 # ipc:// endpoints work too. See docs/protocol.md for who publishes what.
 DEFAULT_ENDPOINTS = {
-    "frames": "tcp://127.0.0.1:5550",      # PUB by the camera / replay worker: kind "frame" (+ "control")
-    "audio": "tcp://127.0.0.1:5551",       # PUB by the microphone / replay worker: kind "audio"
-    "heatmaps": "tcp://127.0.0.1:5552",    # PUB by the inference worker: kind "heatmap"
+    "frames": "tcp://127.0.0.1:5550",  # PUB by the camera / replay worker: kind "frame" (+ "control")
+    "audio": "tcp://127.0.0.1:5551",  # PUB by the microphone / replay worker: kind "audio"
+    "heatmaps": "tcp://127.0.0.1:5552",  # PUB by the inference worker: kind "heatmap"
     "heartbeats": "tcp://127.0.0.1:5553",  # SUB bound by the launcher; workers connect a PUB to it
 }
 
 # Control commands carried in meta["command"] of kind "control".
-CONTROL_END = "end"          # a finite source (replay) reached its end
-CONTROL_NOTICE = "notice"    # meta["notice"], e.g. "no_audio"
+CONTROL_END = "end"  # a finite source (replay) reached its end
+CONTROL_NOTICE = "notice"  # meta["notice"], e.g. "no_audio"
 NOTICE_NO_AUDIO = "no_audio"
 # heatmap computed (array and peak published) but its confidence is below the engine's gate threshold:
 # the sound's source is probably not in view (silent or off-screen); see docs/protocol.md
@@ -232,8 +235,7 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
     if views[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("header_too_large", f"{views[0].nbytes} bytes, at most {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(views[0]).decode("utf-8"), parse_constant=_finite_json,
-                            parse_float=_finite_float)
+        header = json.loads(bytes(views[0]).decode("utf-8"), parse_constant=_finite_json, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
         raise ProtocolError("bad_json", str(err)[:120]) from None
     _check_header(header)
@@ -339,13 +341,29 @@ class RejectCounter:
         if t - self._last_log >= self.interval_s:
             self._logger.warning(
                 "%s: rejected %d message(s) since last report (latest: %s); totals %s",
-                self.name, self._since_log, err, dict(self.counts),
+                self.name,
+                self._since_log,
+                err,
+                dict(self.counts),
             )
             self._last_log = t
             self._since_log = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)
+
+
+def _secure(sock: zmq.Socket, bind: bool, endpoints: list[str]) -> None:
+    """CURVE keys and the non-loopback check (avloc.stream.security) when this runs inside avloc; a vendored
+    copy of this module without it has plain sockets."""
+    try:
+        from avloc.stream import security
+    except ImportError:
+        return
+    if bind:
+        for ep in endpoints:
+            security.check_bind(ep)
+    security.secure_socket(sock, bind=bind)
 
 
 _SOCKET_NAMES = {zmq.PUB: "PUB", zmq.SUB: "SUB", zmq.PUSH: "PUSH", zmq.PULL: "PULL"}
@@ -366,7 +384,8 @@ def make_socket(
 
     SUB sockets subscribe to everything (streams are filtered on the header, not on topic prefixes).
     Receiving sockets also get ZMQ_MAXMSGSIZE, so libzmq drops a peer sending an oversized frame before
-    allocating it; ``recv``/``decode`` check the total size of a message again and count it.
+    allocating it (publishers: ``MAX_SUBSCRIPTION_BYTES`` for the subscriptions they receive);
+    ``recv``/``decode`` check the total size of a message again and count it.
     """
     if socket_type not in _SOCKET_NAMES:
         raise ValueError(f"socket type {socket_type} not supported; use PUB, SUB, PUSH or PULL")
@@ -377,19 +396,27 @@ def make_socket(
     sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
     if socket_type in (zmq.SUB, zmq.PULL):
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    else:  # a PUB still receives subscriptions; a PUSH nothing
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
     if socket_type == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     if socket_type == zmq.PUB:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for peers that are not connected yet
     endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
     try:
+        _secure(sock, bind, endpoints)
         for ep in endpoints:
             if bind:
                 sock.bind(ep)
             else:
                 sock.connect(ep)
+    except UserError:  # refused by the security checks
+        sock.close(0)
+        raise
     except zmq.ZMQError as err:
         sock.close(0)
-        raise EndpointError(f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} socket to "
-                            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports)") from err
+        raise EndpointError(
+            f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} socket to "
+            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports)"
+        ) from err
     return sock

@@ -43,7 +43,7 @@ import zmq
 
 from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import DataError, UserError
-from avloc.stream import protocol
+from avloc.stream import protocol, security
 from avloc.stream.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -245,7 +245,10 @@ class ReplaySource:
         self._audio_endpoint = audio_endpoint
         self._heartbeat_endpoint = heartbeat_endpoint
         self._warn = RateLimitedLog(log, 5.0)
-        self.stats = {"frames": 0, "windows": 0, "loops": 0, "dropped": 0, "late_frames": 0}
+        self._token = security.run_token()
+        # frames/windows count what was handed to libzmq; a PUB never refuses a send at a finite speed (a slow
+        # subscriber's queue drops silently), so drops are counted by consumers from sequence gaps
+        self.stats = {"frames": 0, "windows": 0, "loops": 0, "late_frames": 0}
 
     def _send(self, sock: zmq.Socket, kind: str, **fields: Any) -> bool:
         """Publish; at --speed max wait while the subscriber queue is full (until stopped)."""
@@ -253,7 +256,6 @@ class ReplaySource:
             if protocol.send(sock, kind, stream=self.stream_id, **fields):
                 return True
             if self.speed is not None:
-                self.stats["dropped"] += 1
                 return False
             if self.stop.wait(0.002):
                 return False
@@ -297,12 +299,17 @@ class ReplaySource:
         sock.setsockopt(zmq.XPUB_NODROP, 1)
         meta = {"command": protocol.CONTROL_END, "error": error, **self.stats}
         deadline = protocol.now() + 2.0
-        while not protocol.send(sock, "control", stream=self.stream_id, seq=self.stats["frames"],
-                                ts={"send": protocol.now()}, meta=meta):
+        while not self._send_control(sock, meta):
             if protocol.now() > deadline:
                 log.warning("a subscriber is not reading: the 'end' message could not be sent")
                 return
             time.sleep(0.005)
+
+    def _send_control(self, sock: zmq.Socket, meta: dict[str, Any]) -> bool:
+        """A control message tagged with the run token (the inference worker ignores untagged ones)."""
+        seq, ts = self.stats["frames"], {"send": protocol.now()}
+        meta = security.signed_meta(self._token, "control", self.stream_id, seq, ts, meta)
+        return protocol.send(sock, "control", stream=self.stream_id, seq=seq, ts=ts, meta=meta)
 
     def _probe(self) -> None:
         container = _open(self.path)
@@ -327,8 +334,9 @@ class ReplaySource:
             return not self.stop.wait(delay)
         return not self.stop.is_set()
 
-    def _play(self, frames_sock: zmq.Socket, audio_sock: zmq.Socket, heartbeat: Heartbeat,
-              max_frames: int | None) -> str | None:
+    def _play(
+        self, frames_sock: zmq.Socket, audio_sock: zmq.Socket, heartbeat: Heartbeat, max_frames: int | None
+    ) -> str | None:
         sr = self.config.sample_rate
         frontend = StreamingFrontEnd(self.config, self.hop)
         # Silence before the file: the first window ends one hop into it (prefill of num_samples - hop).
@@ -336,7 +344,7 @@ class ReplaySource:
         frontend.push(np.zeros(prefill, np.float32))
         frontend.frontend.compute(np.zeros(self.config.num_samples, np.float32))  # warm up before the clock
         pending: deque[tuple[int, np.ndarray]] = deque()  # (global end sample, spec) not yet published
-        loop_offset = 0.0   # media seconds played in previous loops
+        loop_offset = 0.0  # media seconds played in previous loops
         self._t0 = protocol.now() + START_LEAD_S
         self._m0: float | None = None
         last_notice = -math.inf
@@ -364,8 +372,7 @@ class ReplaySource:
                     elif protocol.now() - last_notice >= NOTICE_EVERY_S:
                         last_notice = protocol.now()
                         notice = {"command": protocol.CONTROL_NOTICE, "notice": protocol.NOTICE_NO_AUDIO}
-                        protocol.send(frames_sock, "control", stream=self.stream_id, seq=self.stats["frames"],
-                                      ts={"send": last_notice}, meta=notice)
+                        self._send_control(frames_sock, notice)
                     if not self._publish_frame(frames_sock, media, t, image):
                         return None
                     heartbeat.maybe_send(dict(self.stats))
@@ -395,9 +402,19 @@ class ReplaySource:
             return
         ts = {"window_end": t if self.speed else protocol.now()}
         ts["send"] = protocol.now()
-        if self._send(sock, "audio", seq=self.stats["windows"], ts=ts, arrays={"spec": spec},
-                      meta={"end_sample": end, "sample_rate": self.config.sample_rate,
-                            "frontend": self.config.to_dict(), "hop_samples": self.hop}):
+        if self._send(
+            sock,
+            "audio",
+            seq=self.stats["windows"],
+            ts=ts,
+            arrays={"spec": spec},
+            meta={
+                "end_sample": end,
+                "sample_rate": self.config.sample_rate,
+                "frontend": self.config.to_dict(),
+                "hop_samples": self.hop,
+            },
+        ):
             self.stats["windows"] += 1
 
     def _publish_frame(self, sock: zmq.Socket, media: float, pts: float, image: np.ndarray) -> bool:
@@ -408,38 +425,59 @@ class ReplaySource:
         if self.speed and now - t > 0.1:
             self.stats["late_frames"] += 1
             self._warn("late", logging.WARNING, "frames late (decoding slower than %.2fx)", self.speed)
-        meta: dict[str, Any] = {"width": image.shape[1], "height": image.shape[0], "source": str(self.path),
-                                "pts": round(pts, 6), "has_audio": self.has_audio}
+        meta: dict[str, Any] = {
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "source": str(self.path),
+            "pts": round(pts, 6),
+            "has_audio": self.has_audio,
+        }
         if not self.has_audio:
             meta["notice"] = protocol.NOTICE_NO_AUDIO
-        ok = self._send(sock, "frame", seq=self.stats["frames"],
-                        ts={"capture": t if self.speed else now, "send": protocol.now()},
-                        arrays={"frame": image}, meta=meta)
+        ok = self._send(
+            sock,
+            "frame",
+            seq=self.stats["frames"],
+            ts={"capture": t if self.speed else now, "send": protocol.now()},
+            arrays={"frame": image},
+            meta=meta,
+        )
         self.stats["frames"] += 1
         return ok or self.speed is not None
 
 
-def run_replay(video: str | Path, frames_endpoint: str = protocol.DEFAULT_ENDPOINTS["frames"],
-               audio_endpoint: str = protocol.DEFAULT_ENDPOINTS["audio"], stream_id: str = "cam0",
-               **options: Any) -> dict[str, Any]:
+def run_replay(
+    video: str | Path,
+    frames_endpoint: str = protocol.DEFAULT_ENDPOINTS["frames"],
+    audio_endpoint: str = protocol.DEFAULT_ENDPOINTS["audio"],
+    stream_id: str = "cam0",
+    **options: Any,
+) -> dict[str, Any]:
     """Replay ``video`` until it ends (or ``stop``); returns counters and ``error`` (None when clean)."""
     max_frames = options.pop("max_frames", None)
     return ReplaySource(video, frames_endpoint, audio_endpoint, stream_id, **options).run(max_frames)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m avloc.stream.replay",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m avloc.stream.replay", description=__doc__.splitlines()[0])
     parser.add_argument("video", help="video file (mp4, mkv, webm, ...)")
     parser.add_argument("--frames", default=protocol.DEFAULT_ENDPOINTS["frames"], help="frames endpoint")
     parser.add_argument("--audio", default=protocol.DEFAULT_ENDPOINTS["audio"], help="audio endpoint")
     parser.add_argument("--speed", default="1.0", help="playback speed factor, or 'max'")
     parser.add_argument("--loop", action="store_true", help="start over at the end (never sends 'end')")
     parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS, help="seconds between windows")
-    parser.add_argument("--frontend", default=None, metavar="JSON|FILE|ENGINE_DIR",
-                        help="audio front-end config (default: linear 3 s, as SSL-Align)")
-    parser.add_argument("--wait-subscribers", type=int, default=1,
-                        help="wait for this many frame subscribers (audio: at most 1) before starting (0: don't)")
+    parser.add_argument(
+        "--frontend",
+        default=None,
+        metavar="JSON|FILE|ENGINE_DIR",
+        help="audio front-end config (default: linear 3 s, as SSL-Align)",
+    )
+    parser.add_argument(
+        "--wait-subscribers",
+        type=int,
+        default=1,
+        help="wait for this many frame subscribers (audio: at most 1) before starting (0: don't)",
+    )
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     add_common_arguments(parser, role="replay")
@@ -452,10 +490,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one window per hop is cheap; leave the cores to the inference worker
     stop = install_stop_handlers()
     try:
-        run_replay(args.video, args.frames, args.audio, args.stream_id, speed=parse_speed(args.speed),
-                   loop=args.loop, frontend=load_frontend(args.frontend), hop_seconds=args.hop,
-                   heartbeat_endpoint=args.heartbeat, stop=stop, wait_subscribers=args.wait_subscribers,
-                   wait_timeout_s=args.wait_timeout, max_frames=args.max_frames)
+        run_replay(
+            args.video,
+            args.frames,
+            args.audio,
+            args.stream_id,
+            speed=parse_speed(args.speed),
+            loop=args.loop,
+            frontend=load_frontend(args.frontend),
+            hop_seconds=args.hop,
+            heartbeat_endpoint=args.heartbeat,
+            stop=stop,
+            wait_subscribers=args.wait_subscribers,
+            wait_timeout_s=args.wait_timeout,
+            max_frames=args.max_frames,
+        )
     except UserError as err:
         log.error("%s", err)
         return USER_ERROR_EXIT

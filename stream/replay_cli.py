@@ -60,17 +60,11 @@ def add_display_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
     add_engine_arguments(parser)
     parser.add_argument("--headless", action="store_true", help="no window (use with --record)")
-    parser.add_argument(
-        "--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video"
-    )
-    parser.add_argument(
-        "--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG"
-    )
+    parser.add_argument("--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video")
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG")
     parser.add_argument("--alpha", type=float, default=None, help="heatmap opacity 0..1")
     parser.add_argument("--colormap", choices=("jet", "inferno"), default=None)
-    parser.add_argument(
-        "--run-dir", type=Path, default=None, help="logs + latency log + summary (default runs/...)"
-    )
+    parser.add_argument("--run-dir", type=Path, default=None, help="logs + latency log + summary (default runs/...)")
     parser.add_argument(
         "--auto-ports",
         action="store_true",
@@ -78,8 +72,14 @@ def add_display_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     parser.add_argument(
-        "--config", type=Path, default=None, help="stream config (default configs/stream.yaml)"
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="CURVE keys from `avloc keys --out DIR`: every socket encrypted and authenticated",
     )
+    parser.add_argument("--insecure", action="store_true", help="allow binding non-loopback endpoints without --keys")
+    parser.add_argument("--config", type=Path, default=None, help="stream config (default configs/stream.yaml)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,9 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_display(args: argparse.Namespace) -> None:
     if not args.headless and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        raise UserError(
-            "no display available (DISPLAY is not set): pass --headless, e.g. with --record out.mp4"
-        )
+        raise UserError("no display available (DISPLAY is not set): pass --headless, e.g. with --record out.mp4")
     if args.record is not None and args.record.suffix.lower() not in (".mp4", ".mkv", ".mov"):
         raise UserError(f"--record {args.record}: expected an .mp4, .mkv or .mov file name")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
@@ -120,6 +118,8 @@ def run_replay(
     timeout_s: float | None = None,
     config_path: Path | None = None,
     verbose: bool = False,
+    keys: Path | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """Replay ``video`` through the pipeline; returns the launcher summary plus the latency report."""
     from avloc.core.media import probe_video
@@ -152,7 +152,13 @@ def run_replay(
         ),
     ]
     launcher = L.Launcher(
-        specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats, verbose=verbose
+        specs,
+        run_dir,
+        config=config,
+        heartbeat_endpoint=endpoints.heartbeats,
+        verbose=verbose,
+        keys=keys,
+        insecure=insecure,
     )
     summary = launcher.run(timeout_s=timeout_s)
     summary["latency"] = summarize_latency_log(latency_log)
@@ -210,6 +216,8 @@ def main(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         config_path=args.config,
         verbose=getattr(args, "verbose", False),
+        keys=args.keys,
+        insecure=args.insecure,
     )
     print_summary(summary)
     return 0 if summary["reason"] in ("ended", "stopped", "timeout", "quit") else 1

@@ -34,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="default",
         help="microphone: index, name part, 'default', or 'none' (heatmaps suppressed)",
     )
-    parser.add_argument(
-        "--fps-limit", type=float, default=None, help="publish at most this many frames/s per camera"
-    )
+    parser.add_argument("--fps-limit", type=float, default=None, help="publish at most this many frames/s per camera")
     add_display_arguments(parser)
 
 
@@ -89,9 +87,7 @@ def live_specs(
         endpoints.audio = endpoints.audio[:1]
     else:
         endpoints.audio = []
-    specs.append(
-        L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args)
-    )
+    specs.append(L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args))
     specs.append(
         L.display_spec(
             endpoints,
@@ -117,9 +113,7 @@ def main(args: argparse.Namespace) -> int:
     if len(set(cameras)) != len(cameras):
         raise UserError(f"--camera {cameras}: each camera source may be given once")
     config = L.load_stream_config(args.config)
-    endpoints = (
-        L.Endpoints.auto(len(cameras)) if args.auto_ports else L.Endpoints.defaults(config, len(cameras))
-    )
+    endpoints = L.Endpoints.auto(len(cameras)) if args.auto_ports else L.Endpoints.defaults(config, len(cameras))
     run_dir = Path(args.run_dir or default_run_dir("run"))
     run_dir.mkdir(parents=True, exist_ok=True)
     latency_log = run_dir / "latency.jsonl"
@@ -146,10 +140,10 @@ def main(args: argparse.Namespace) -> int:
         config=config,
         heartbeat_endpoint=endpoints.heartbeats,
         verbose=getattr(args, "verbose", False),
+        keys=args.keys,
+        insecure=args.insecure,
     )
-    print(
-        f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}"
-    )
+    print(f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}")
     summary = launcher.run(timeout_s=args.timeout)
     from avloc.stream.bench import summarize_latency_log
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from avloc.stream import protocol
+from avloc.stream import protocol, security
 
 if TYPE_CHECKING:
     from avloc.core.audio import FrontEndConfig
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.5
+# stats["state"] of a worker that is alive but whose work is stuck (e.g. a camera grab that never returns):
+# the launcher does not count such a heartbeat as a sign of life and restarts the worker after the timeout.
+STATE_STALLED = "stalled"
 
 
 USER_ERROR_EXIT = 2  # a worker's exit status on a user error: the launcher reports it and does not restart
@@ -41,9 +44,7 @@ def setup_logging(role: str, log_file: str | Path | None = None, verbose: bool =
         handler = logging.FileHandler(log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s")
-    )
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -88,11 +89,11 @@ class Heartbeat:
         self.role = role
         self.stream = stream
         self.interval_s = interval_s
-        self._socket = (
-            protocol.make_socket(ctx, zmq.PUB, endpoint, bind=False, hwm=16) if endpoint else None
-        )
+        self._socket = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=False, hwm=16) if endpoint else None
         self._seq = 0
         self._last = -float("inf")
+        self._token = security.run_token()  # from the launcher's environment; None when started by hand
+        self.truncated = 0  # heartbeats whose stats did not fit in a header and were cut
 
     def due(self) -> bool:
         """Whether the next ``maybe_send`` would send (to skip building stats when it would not)."""
@@ -105,16 +106,24 @@ class Heartbeat:
             return
         self._last = t
         meta = {"role": self.role, "pid": os.getpid(), "stats": stats or {}}
-        protocol.send(self._socket, "heartbeat", stream=self.stream, seq=self._seq, ts={"send": t}, meta=meta)
-        self._seq += 1
+        try:
+            self._send("heartbeat", {"send": t}, meta)
+        except ValueError:  # stats too large for one header (protocol.MAX_HEADER_BYTES): beat without them
+            self.truncated += 1
+            meta["stats"] = {"state": (stats or {}).get("state"), "stats_truncated": self.truncated}
+            self._send("heartbeat", {"send": t}, meta)
 
     def control(self, command: str, **meta: Any) -> None:
         """Tell the launcher about an event (e.g. ``end`` of a replayed file)."""
         if self._socket is None:
             return
         payload = {"role": self.role, "pid": os.getpid(), "command": command, **meta}
-        protocol.send(self._socket, "control", stream=self.stream, seq=self._seq,
-                      ts={"send": protocol.now()}, meta=payload)
+        self._send("control", {"send": protocol.now()}, payload)
+
+    def _send(self, kind: str, ts: dict[str, float], meta: dict[str, Any]) -> None:
+        assert self._socket is not None
+        meta = security.signed_meta(self._token, kind, self.stream, self._seq, ts, meta)
+        protocol.send(self._socket, kind, stream=self.stream, seq=self._seq, ts=ts, meta=meta)
         self._seq += 1
 
     def close(self) -> None:
@@ -145,8 +154,12 @@ class RateLimitedLog:
 def add_common_arguments(parser: argparse.ArgumentParser, *, role: str) -> None:
     """Arguments every worker takes from the launcher."""
     parser.add_argument("--stream-id", default="cam0", help="stream id carried in every message")
-    parser.add_argument("--heartbeat", default=None, metavar="ENDPOINT",
-                        help=f"launcher heartbeat endpoint (e.g. {protocol.DEFAULT_ENDPOINTS['heartbeats']})")
+    parser.add_argument(
+        "--heartbeat",
+        default=None,
+        metavar="ENDPOINT",
+        help=f"launcher heartbeat endpoint (e.g. {protocol.DEFAULT_ENDPOINTS['heartbeats']})",
+    )
     parser.add_argument("--log-file", default=None, help=f"log file of this {role} process (default: stderr)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -180,8 +193,9 @@ def load_frontend(value: str | None) -> FrontEndConfig:
     return FrontEndConfig.from_dict(data, where)
 
 
-def make_publisher(ctx: zmq.Context, endpoint: str, *, nodrop: bool = False,
-                   hwm: int = protocol.DEFAULT_HWM) -> zmq.Socket:
+def make_publisher(
+    ctx: zmq.Context, endpoint: str, *, nodrop: bool = False, hwm: int = protocol.DEFAULT_HWM
+) -> zmq.Socket:
     """A bound XPUB: a PUB (plain SUBs connect to it) that also reports subscribers joining.
 
     ``nodrop``: when a subscriber's queue is full, sending fails with EAGAIN (``protocol.send`` → False)
@@ -192,10 +206,16 @@ def make_publisher(ctx: zmq.Context, endpoint: str, *, nodrop: bool = False,
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.SNDTIMEO, 1000)
     sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # one notification per subscriber, not per distinct topic
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_SUBSCRIPTION_BYTES)  # subscriptions are all it receives
     if nodrop:
         sock.setsockopt(zmq.XPUB_NODROP, 1)
     try:
+        security.check_bind(endpoint)
+        security.secure_socket(sock, bind=True)
         sock.bind(endpoint)
+    except protocol.UserError:  # refused by the security checks
+        sock.close(0)
+        raise
     except zmq.ZMQError as err:
         sock.close(0)
         raise protocol.EndpointError(
@@ -215,7 +235,10 @@ def _new_subscribers(sock: zmq.Socket) -> int:
 
 
 def wait_for_subscribers(
-    sockets: list[zmq.Socket], count: int | list[int], timeout_s: float, stop: threading.Event | None = None,
+    sockets: list[zmq.Socket],
+    count: int | list[int],
+    timeout_s: float,
+    stop: threading.Event | None = None,
     heartbeat: Heartbeat | None = None,
 ) -> list[int]:
     """Wait (bounded) until each XPUB has ``count`` subscribers (one number for all, or one per socket),

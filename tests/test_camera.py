@@ -60,8 +60,7 @@ def ctx():
 
 def _start_worker(args: list[str], log_file: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "avloc.stream.camera", *args, "--log-file", str(log_file)],
-                            env=env)
+    return subprocess.Popen([sys.executable, "-m", "avloc.stream.camera", *args, "--log-file", str(log_file)], env=env)
 
 
 def _stop_worker(proc: subprocess.Popen) -> int:
@@ -145,8 +144,21 @@ def test_camera_worker_publishes_latest_frames_and_heartbeats(video, tmp_path, c
     frames_ep, heartbeat_ep = free_tcp_endpoint(), free_tcp_endpoint()
     heartbeats = protocol.make_socket(ctx, zmq.SUB, heartbeat_ep, bind=True, hwm=100)
     sub = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=100)
-    proc = _start_worker(["--source", str(video), "--endpoint", frames_ep, "--fps-limit", "5",
-                          "--stream-id", "camX", "--heartbeat", heartbeat_ep], tmp_path / "camera.log")
+    proc = _start_worker(
+        [
+            "--source",
+            str(video),
+            "--endpoint",
+            frames_ep,
+            "--fps-limit",
+            "5",
+            "--stream-id",
+            "camX",
+            "--heartbeat",
+            heartbeat_ep,
+        ],
+        tmp_path / "camera.log",
+    )
     try:
         assert protocol.recv(sub, timeout_ms=30000) is not None  # worker is up
         # garbage from a raw TCP peer on the worker's port (not even a ZMTP handshake) must not disturb it
@@ -189,8 +201,9 @@ def test_camera_worker_waits_for_a_missing_source_then_streams(video, tmp_path, 
     late = tmp_path / "late.mp4"
     frames_ep = free_tcp_endpoint()
     sub = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=100)
-    proc = _start_worker(["--source", str(late), "--endpoint", frames_ep, "--backoff-max", "0.5"],
-                         tmp_path / "camera.log")
+    proc = _start_worker(
+        ["--source", str(late), "--endpoint", frames_ep, "--backoff-max", "0.5"], tmp_path / "camera.log"
+    )
     try:
         assert protocol.recv(sub, timeout_ms=3000) is None  # nothing to publish yet, and no crash
         assert proc.poll() is None
@@ -206,3 +219,88 @@ def test_camera_worker_waits_for_a_missing_source_then_streams(video, tmp_path, 
     assert code == 0
     log_text = (tmp_path / "camera.log").read_text()
     assert "cannot open source" in log_text and "opened source" in log_text
+
+
+def test_url_open_times_out_instead_of_hanging():
+    """A server that accepts the connection and then says nothing: OpenCV's open timeout ends the wait."""
+    from avloc.stream.camera import open_with_timeouts
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    try:
+        started = time.monotonic()
+        cap = open_with_timeouts(f"http://127.0.0.1:{server.getsockname()[1]}/cam.mjpg", 1.0, 1.0)
+        assert not cap.isOpened()
+        assert time.monotonic() - started < 10  # FFmpeg's own default would wait 30 s
+    finally:
+        server.close()
+
+
+class _HangingCapture:
+    """Opens, delivers two frames, then blocks in grab() until released (a source that hangs)."""
+
+    def __init__(self, release) -> None:
+        self.release_event, self.grabs = release, 0
+
+    def isOpened(self) -> bool:  # noqa: N802 - cv2.VideoCapture's name
+        return True
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+    def grab(self) -> bool:
+        self.grabs += 1
+        if self.grabs > 2:
+            self.release_event.wait()
+            return False
+        return True
+
+    def retrieve(self) -> tuple[bool, np.ndarray]:
+        return True, np.zeros((8, 8, 3), np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+def test_watchdog_sees_a_grab_that_never_returns(ctx, tmp_path):
+    """The camera worker's loop keeps beating, but reports ``stalled`` once a grab hangs past the limit."""
+    import threading
+
+    from avloc.stream.camera import run_camera
+
+    release, stop = threading.Event(), threading.Event()
+    heartbeats = free_tcp_endpoint()
+    sub = protocol.make_socket(ctx, zmq.SUB, heartbeats, bind=True, hwm=100)
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            run_camera(
+                "fake://cam",
+                free_tcp_endpoint(),
+                heartbeat_endpoint=heartbeats,
+                stop=stop,
+                ctx=ctx,
+                stall_timeout_s=2.0,
+                open_capture=lambda _src: _HangingCapture(release),
+            )
+        )
+    )
+    thread.start()
+    states = []
+    try:
+        deadline = time.monotonic() + 20
+        while "stalled" not in states and time.monotonic() < deadline:
+            msg = protocol.recv(sub, 200)
+            if msg is not None:
+                states.append(msg.meta["stats"]["state"])
+    finally:
+        release.set()
+        stop.set()
+        thread.join(10)
+        sub.close(0)
+    assert "ok" in states and states[-1] == "stalled", states
+    assert result["grabbed"] == 2 and result["state"] == "ok"  # released: the thread came back

@@ -297,9 +297,7 @@ def test_worker_process_serves_through_fuzzing(tiny_engine, tmp_path):
         phase_fuzzed = False
         while time.monotonic() < deadline:
             t = protocol.now()
-            protocol.send(
-                audio, "audio", stream="cam0", seq=seq, ts={"window_end": t - 0.01}, arrays={"spec": spec}
-            )
+            protocol.send(audio, "audio", stream="cam0", seq=seq, ts={"window_end": t - 0.01}, arrays={"spec": spec})
             protocol.send(
                 frames, "frame", stream="cam0", seq=seq, ts={"capture": t, "send": t}, arrays={"frame": image}
             )
@@ -326,9 +324,7 @@ def test_worker_process_serves_through_fuzzing(tiny_engine, tmp_path):
         computed = [m for m in got if "heatmap" in m.arrays]
         import json
 
-        feature = json.loads((tiny_engine / "manifest.json").read_text())["outputs"]["heatmap"][
-            "feature_size"
-        ]
+        feature = json.loads((tiny_engine / "manifest.json").read_text())["outputs"]["heatmap"]["feature_size"]
         assert computed and list(computed[-1].arrays["heatmap"].shape) == feature
     finally:
         proc.terminate()

@@ -20,7 +20,7 @@ from proc_helpers import orphans, tiny_engine_and_clip, worker_processes
 from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
 
 DUMMY_WORKER = textwrap.dedent('''
-    """A worker that beats, then (by --mode) keeps going, crashes, or hangs without heartbeats."""
+    """A worker that beats, then (by --mode) keeps going, crashes, hangs without heartbeats or beats "stalled"."""
     import argparse, os, time
     import zmq
     from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
@@ -46,7 +46,9 @@ DUMMY_WORKER = textwrap.dedent('''
         if a.mode == "end" and elapsed > a.after:
             hb.control("end")
             break
-        if not (a.mode == "hang" and elapsed > a.after):
+        if a.mode == "stall" and elapsed > a.after:  # the loop beats on, but reports its work stuck
+            hb.maybe_send({"elapsed": elapsed, "state": "stalled"})
+        elif not (a.mode == "hang" and elapsed > a.after):
             hb.maybe_send({"elapsed": elapsed})
         time.sleep(0.02)
     hb.close()
@@ -125,9 +127,7 @@ def test_restarts_crashed_and_silent_workers_then_gives_up(dummy_module, tmp_pat
         assert len(waits) == BACKOFF.max_restarts, (name, waits)
         for wait, expected in zip(waits, BACKOFF_SCHEDULE):
             assert expected - 0.005 <= wait < expected + 0.3, (name, waits, BACKOFF_SCHEDULE)
-    assert (
-        procs["steady"]["restarts"] == 0 and procs["steady"]["exit_code"] == 0
-    )  # stopped by SIGTERM cleanly
+    assert procs["steady"]["restarts"] == 0 and procs["steady"]["exit_code"] == 0  # stopped by SIGTERM cleanly
     whys = {e["why"] for e in summary["events"] if e["event"] == "crash"}
     assert "stopped sending heartbeats" in whys and "exited" in whys
     assert summary["reason"] == "timeout"
@@ -151,9 +151,7 @@ def test_finite_source_end_stops_everything(dummy_module, tmp_path):
         ),
     ]
     started = time.monotonic()
-    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(
-        timeout_s=40
-    )
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
     assert summary["reason"] == "ended" and time.monotonic() - started < 30
     assert all(p["restarts"] == 0 and p["exit_code"] == 0 for p in summary["processes"].values())
     order = [e["process"] for e in summary["events"] if e["event"] == "start"]
@@ -168,9 +166,7 @@ def test_user_error_is_not_restarted_and_fails_the_pipeline_with_its_message(dum
         ProcessSpec("mic", dummy_module, ["--mode", "usererror", "--after", "0.2"], role="source"),
     ]
     started = time.monotonic()
-    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(
-        timeout_s=40
-    )
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
     assert time.monotonic() - started < 30
     assert summary["reason"] == "failed: mic: --mic bogus: no input device name contains it"
     assert summary["processes"]["mic"]["restarts"] == 0 and summary["processes"]["mic"]["exit_code"] == 2
@@ -183,9 +179,7 @@ def test_finite_source_that_gives_up_fails_the_pipeline(dummy_module, tmp_path):
         ProcessSpec("inference", dummy_module, [], role="inference"),
         ProcessSpec("replay", dummy_module, ["--mode", "crash", "--after", "0.2"], role="source", finite=True),
     ]
-    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(
-        timeout_s=40
-    )
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
     assert summary["reason"] == "failed: replay"  # not a hang, and not "ended"
     assert summary["processes"]["replay"]["restarts"] == FAST.max_restarts
     _assert_no_orphans()
@@ -283,9 +277,7 @@ def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp
         killed_at = time.monotonic()
         # heatmaps resume from a new inference worker
         while True:
-            after = [
-                r for r in _heatmaps(latency_log) if not r.get("notice") and r["ts"]["display"] > killed_at
-            ]
+            after = [r for r in _heatmaps(latency_log) if not r.get("notice") and r["ts"]["display"] > killed_at]
             if len(after) >= 5:
                 break
             assert time.monotonic() - killed_at < 60, "heatmaps did not resume after kill -9"
@@ -338,8 +330,12 @@ def test_gap_counts_from_the_crash_when_the_worker_never_reported_a_heatmap(tmp_
     """kill -9 within a heartbeat interval of the first heatmap: the gap is still measured (from the crash)."""
     from avloc.stream import protocol
 
-    launcher = Launcher([ProcessSpec("inference", "unused", [], role="inference")], tmp_path / "run", config=FAST,
-                        heartbeat_endpoint=free_tcp_endpoint())
+    launcher = Launcher(
+        [ProcessSpec("inference", "unused", [], role="inference")],
+        tmp_path / "run",
+        config=FAST,
+        heartbeat_endpoint=free_tcp_endpoint(),
+    )
     child = launcher.children["inference"]
     for last_stats, since in (({}, "crash"), ({"last_publish": protocol.now() - 2.0}, "last_heatmap")):
         child.last_stats = last_stats

@@ -53,8 +53,9 @@ def _band_energy(spec: np.ndarray) -> np.ndarray:
     return np.exp(12.0 * spec[0].astype(np.float64)).mean(axis=1)
 
 
-def _feed_in_blocks(ring: SampleRing, windower: AudioWindower, data: np.ndarray, rate: int, rng,
-                    clock0: float = 100.0) -> list:
+def _feed_in_blocks(
+    ring: SampleRing, windower: AudioWindower, data: np.ndarray, rate: int, rng, clock0: float = 100.0
+) -> list:
     """Write blocks of random size (as a PortAudio callback would) and poll the consumer now and then."""
     out = []
     pos = 0
@@ -157,9 +158,27 @@ def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     # The file plugin delivers samples far faster than real time: keep every sample (big ring, no skipping).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avloc.stream.microphone", "--device", "default", "--endpoint", endpoint,
-         "--hop", "0.25", "--ring-seconds", "30", "--max-lag", "-1", "--wait-subscribers", "1",
-         "--stream-id", "mic9", "--log-file", str(tmp_path / "mic.log")],
+        [
+            sys.executable,
+            "-m",
+            "avloc.stream.microphone",
+            "--device",
+            "default",
+            "--endpoint",
+            endpoint,
+            "--hop",
+            "0.25",
+            "--ring-seconds",
+            "30",
+            "--max-lag",
+            "-1",
+            "--wait-subscribers",
+            "1",
+            "--stream-id",
+            "mic9",
+            "--log-file",
+            str(tmp_path / "mic.log"),
+        ],
         env=env,
     )
     ctx = zmq.Context()
@@ -200,7 +219,7 @@ def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
 
 
 def test_devices_are_listed_and_selected_by_name(tmp_path):
-    (tmp_path / ".asoundrc").write_text('pcm.!default { type null }\npcm.quietmic { type null }\n')
+    (tmp_path / ".asoundrc").write_text("pcm.!default { type null }\npcm.quietmic { type null }\n")
     code = (
         "import json\n"
         "from avloc.core.errors import UserError\n"
@@ -230,8 +249,21 @@ def _run_worker(home: Path, endpoint: str, *args: str, code: str | None = None) 
     env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1"}
     head = ["-c", code] if code else ["-m", "avloc.stream.microphone"]
     return subprocess.Popen(
-        [sys.executable, *head, "--device", "default", "--endpoint", endpoint, "--wait-subscribers", "1",
-         "--stream-id", "mic9", "--log-file", str(home / "mic.log"), *args],
+        [
+            sys.executable,
+            *head,
+            "--device",
+            "default",
+            "--endpoint",
+            endpoint,
+            "--wait-subscribers",
+            "1",
+            "--stream-id",
+            "mic9",
+            "--log-file",
+            str(home / "mic.log"),
+            *args,
+        ],
         env=env,
     )
 
@@ -263,12 +295,13 @@ def test_worker_resamples_and_mixes_down_a_stereo_44k_device(frontend, tmp_path)
     mix = (left.astype(np.float32) + right.astype(np.float32)) / 2 / 32768
     reference = resample(mix, rate, SR)
     left_only = resample(left.astype(np.float32) / 2 / 32768, rate, SR)
-    driver = ("import sys\nfrom avloc.stream import microphone\n"
-              "microphone._pick_rate_and_channels = lambda device, wanted: (44100, 2)  # all the device offers\n"
-              "sys.exit(microphone.main(sys.argv[1:]))\n")
+    driver = (
+        "import sys\nfrom avloc.stream import microphone\n"
+        "microphone._pick_rate_and_channels = lambda device, wanted: (44100, 2)  # all the device offers\n"
+        "sys.exit(microphone.main(sys.argv[1:]))\n"
+    )
     endpoint = free_tcp_endpoint()
-    proc = _run_worker(tmp_path, endpoint, "--hop", "0.25", "--ring-seconds", "30", "--max-lag", "-1",
-                       code=driver)
+    proc = _run_worker(tmp_path, endpoint, "--hop", "0.25", "--ring-seconds", "30", "--max-lag", "-1", code=driver)
     ctx = zmq.Context()
     sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=1000)
     received = []

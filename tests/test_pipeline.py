@@ -87,9 +87,7 @@ def test_audioless_file_plays_with_no_audio_notice(assets, tmp_path):
     silent = _remux(assets["video"], tmp_path / "silent.mkv", audio=False)
     assert not probe_video(silent).has_audio
     record = tmp_path / "silent_out.mp4"
-    summary = run_replay(
-        silent, assets["engine"], run_dir=tmp_path / "run", record=record, headless=True, threads=1
-    )
+    summary = run_replay(silent, assets["engine"], run_dir=tmp_path / "run", record=record, headless=True, threads=1)
     assert summary["reason"] == "ended"
     records = read_latency_log(Path(summary["latency_log"]))
     assert len(records) >= 10
@@ -190,8 +188,12 @@ def _heatmap_code(image: np.ndarray) -> int:
     rows, cols = HEAT_SHAPE
     h, w = image.shape[0] // rows, image.shape[1] // cols
     redness = [
-        float((image[r * h + h // 2 - 3 : r * h + h // 2 + 3, c * w + w // 2 - 3 : c * w + w // 2 + 3, 2].astype(int)
-               - image[r * h + h // 2 - 3 : r * h + h // 2 + 3, c * w + w // 2 - 3 : c * w + w // 2 + 3, 0]).mean())
+        float(
+            (
+                image[r * h + h // 2 - 3 : r * h + h // 2 + 3, c * w + w // 2 - 3 : c * w + w // 2 + 3, 2].astype(int)
+                - image[r * h + h // 2 - 3 : r * h + h // 2 + 3, c * w + w // 2 - 3 : c * w + w // 2 + 3, 0]
+            ).mean()
+        )
         for r in range(rows)
         for c in range(cols)
     ]
@@ -220,15 +222,20 @@ def _display(tmp_path):
 def _frame_msg(seq: int, capture: float = 99.0):
     from avloc.stream import protocol
 
-    return protocol.Message("frame", "cam0", seq, {"capture": capture}, {"frame": _coded_frame(seq)},
-                            {"pts": seq / 30})
+    return protocol.Message("frame", "cam0", seq, {"capture": capture}, {"frame": _coded_frame(seq)}, {"pts": seq / 30})
 
 
 def _heatmap_msg(seq: int, peak=None):
     from avloc.stream import protocol
 
-    return protocol.Message("heatmap", "cam0", seq, {"capture": 99.0, "publish": 99.9},
-                            {"heatmap": _coded_heatmap(seq)}, {"peak": peak, "confidence": 0.3, "notice": None})
+    return protocol.Message(
+        "heatmap",
+        "cam0",
+        seq,
+        {"capture": 99.0, "publish": 99.9},
+        {"heatmap": _coded_heatmap(seq)},
+        {"peak": peak, "confidence": 0.3, "notice": None},
+    )
 
 
 def test_coded_frames_and_heatmaps_read_back() -> None:
@@ -315,8 +322,6 @@ def test_recording_puts_each_heatmap_on_its_own_frame(monkeypatch, tmp_path):
     assert [(f, h) for f, h, _ in disp.recorder.written[6:]] == [(6, 5)]
 
 
-@pytest.mark.xfail(strict=True, reason="display keeps only the newest heatmap per stream: when one drain brings "
-                   "several, the earlier frames are recorded with the newest heatmap, not their own")
 def test_recording_keeps_each_heatmap_when_several_arrive_in_one_drain(monkeypatch, tmp_path):
     """What Display.run does with the heatmaps of one drain: every one through on_heatmap, then one flush."""
     from avloc.stream import protocol

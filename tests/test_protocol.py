@@ -84,8 +84,15 @@ def test_zero_copy_send_and_receive(ctx):
 
 
 def _valid_frames(**overrides) -> list[bytes]:
-    header = {"v": 1, "kind": "audio", "stream": "mic0", "seq": 3, "ts": {"window_end": 1.5},
-              "arrays": [{"name": "spec", "dtype": "float32", "shape": [1, 4, 5]}], "meta": {}}
+    header = {
+        "v": 1,
+        "kind": "audio",
+        "stream": "mic0",
+        "seq": 3,
+        "ts": {"window_end": 1.5},
+        "arrays": [{"name": "spec", "dtype": "float32", "shape": [1, 4, 5]}],
+        "meta": {},
+    }
     header.update(overrides)
     return [json.dumps(header).encode(), np.zeros((1, 4, 5), np.float32).tobytes()]
 
@@ -114,10 +121,15 @@ MALFORMED = {
     "huge_header": ([b" " * (protocol.MAX_HEADER_BYTES + 1)], "header_too_large"),
     "oversized": ([_valid_frames()[0]] + [b"\0" * (1 << 20)] * 3, "too_large"),
     "huge_int_ts": (_valid_frames(ts={"capture": 10**400}), "bad_header"),
-    "overflowing_float": ([_valid_frames()[0].replace(b'"meta": {}', b'"meta": {"pts": 1e999}')] +
-                          _valid_frames()[1:], "bad_json"),
-    "deeply_nested_meta": ([_valid_frames()[0].replace(b'"meta": {}', b'"meta": {"x": ' + b"[" * 5000 +
-                                                       b"]" * 5000 + b"}")] + _valid_frames()[1:], "bad_json"),
+    "overflowing_float": (
+        [_valid_frames()[0].replace(b'"meta": {}', b'"meta": {"pts": 1e999}')] + _valid_frames()[1:],
+        "bad_json",
+    ),
+    "deeply_nested_meta": (
+        [_valid_frames()[0].replace(b'"meta": {}', b'"meta": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}")]
+        + _valid_frames()[1:],
+        "bad_json",
+    ),
     "huge_dimension": (_valid_frames(arrays=[_spec("float32", [0, 2**70])]), "bad_shape"),
 }
 
@@ -135,11 +147,11 @@ for frames in json.loads(sys.stdin.read()):
 sock.close()
 ctx.term()
 """
-    receiver = protocol.make_socket(ctx, zmq.PULL, "tcp://127.0.0.1:*", bind=True, hwm=1000,
-                                    max_message_bytes=8 << 20)
+    receiver = protocol.make_socket(ctx, zmq.PULL, "tcp://127.0.0.1:*", bind=True, hwm=1000, max_message_bytes=8 << 20)
     endpoint = receiver.getsockopt_string(zmq.LAST_ENDPOINT)
-    good = protocol.encode("audio", stream="mic0", seq=0, ts={"window_end": 1.0},
-                           arrays={"spec": np.ones((1, 4, 5), np.float32)})
+    good = protocol.encode(
+        "audio", stream="mic0", seq=0, ts={"window_end": 1.0}, arrays={"spec": np.ones((1, 4, 5), np.float32)}
+    )
     good = [bytes(np.asarray(f).data) if isinstance(f, np.ndarray) else f for f in good]
     sequence = []
     for frames, _ in MALFORMED.values():
@@ -260,8 +272,9 @@ def test_doc_subscriber_example_receives_heatmaps(ctx, tmp_path):
     pub = protocol.make_socket(ctx, zmq.PUB, "tcp://127.0.0.1:*", bind=True, hwm=100)
     endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
     count = 6
-    proc = subprocess.Popen([sys.executable, str(script), endpoint, str(count)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), endpoint, str(count)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         rng = np.random.default_rng(3)
         seq = 0
@@ -270,17 +283,33 @@ def test_doc_subscriber_example_receives_heatmaps(ctx, tmp_path):
         while proc.poll() is None and time.monotonic() < deadline:
             capture = protocol.now()
             if seq % 3 == 2:  # a suppressed heatmap: no array, a notice
-                protocol.send(pub, "heatmap", stream="cam0", seq=seq,
-                              ts={"capture": capture, "publish": capture},
-                              meta={"peak": None, "confidence": 0.0, "notice": "no_audio"})
+                protocol.send(
+                    pub,
+                    "heatmap",
+                    stream="cam0",
+                    seq=seq,
+                    ts={"capture": capture, "publish": capture},
+                    meta={"peak": None, "confidence": 0.0, "notice": "no_audio"},
+                )
             else:
                 heat = rng.random((7, 7)).astype(np.float16)
                 dtype_heat = heat if seq % 2 else (heat.astype(np.float32) * 255).round().astype(np.uint8)
                 peak = [float(np.argmax(heat) % 7) / 6, float(np.argmax(heat) // 7) / 6]
-                protocol.send(pub, "heatmap", stream="cam0", seq=seq,
-                              ts={"capture": capture, "received": capture, "infer_start": capture,
-                                  "infer_end": capture, "publish": capture + 0.0123},
-                              arrays={"heatmap": dtype_heat}, meta={"peak": peak, "confidence": 0.5})
+                protocol.send(
+                    pub,
+                    "heatmap",
+                    stream="cam0",
+                    seq=seq,
+                    ts={
+                        "capture": capture,
+                        "received": capture,
+                        "infer_start": capture,
+                        "infer_end": capture,
+                        "publish": capture + 0.0123,
+                    },
+                    arrays={"heatmap": dtype_heat},
+                    meta={"peak": peak, "confidence": 0.5},
+                )
             # other kinds on the same socket must be skipped by the example
             protocol.send(pub, "heartbeat", stream="cam0", seq=seq, ts={"send": capture})
             sent.append(seq)

@@ -28,8 +28,9 @@ STEP = 4  # frame i is flat grey STEP * i: a received frame tells its index
 SR = 16000
 
 
-def _make_video(path: Path, seconds: float, *, audio_rate: int | None = 44100, channels: int = 2,
-                size: tuple[int, int] = (64, 48)) -> Path:
+def _make_video(
+    path: Path, seconds: float, *, audio_rate: int | None = 44100, channels: int = 2, size: tuple[int, int] = (64, 48)
+) -> Path:
     """Grey-ramp video; audio (if any) is a 600 Hz tone for the first half and 2400 Hz for the second."""
     container = av.open(str(path), "w")
     video_codec = "libvpx" if path.suffix == ".webm" else "libx264"
@@ -103,8 +104,21 @@ class _Collector:
 
 def _start(video: Path, frames_ep: str, audio_ep: str, log_file: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "avloc.stream.replay", str(video), "--frames", frames_ep,
-               "--audio", audio_ep, "--log-file", str(log_file), "--wait-timeout", "30", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "avloc.stream.replay",
+        str(video),
+        "--frames",
+        frames_ep,
+        "--audio",
+        audio_ep,
+        "--log-file",
+        str(log_file),
+        "--wait-timeout",
+        "30",
+        *extra,
+    ]
     return subprocess.Popen(command, env=env)
 
 

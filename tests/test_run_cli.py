@@ -34,11 +34,30 @@ def test_run_camera_file_and_microphone_end_to_end(tmp_path):
     # a loaded shared machine can stall the workers' start (and their interpreter's exit) for long: more slack
     # before one counts as hung or is killed at the end
     config = tmp_path / "stream.yaml"
-    config.write_text(f"_base: {ROOT / 'configs' / 'stream.yaml'}\nstartup_grace_s: 180.0\n"
-                      "heartbeat_timeout_s: 30.0\nstop_timeout_s: 60.0\n")
-    command = [sys.executable, "-m", "avloc.cli", "run", "--camera", str(video), "--mic", "default",
-               "--engine", str(engine), "--headless", "--auto-ports", "--threads", "1", "--config", str(config),
-               "--run-dir", str(run_dir)]
+    config.write_text(
+        f"_base: {ROOT / 'configs' / 'stream.yaml'}\nstartup_grace_s: 180.0\n"
+        "heartbeat_timeout_s: 30.0\nstop_timeout_s: 60.0\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "avloc.cli",
+        "run",
+        "--camera",
+        str(video),
+        "--mic",
+        "default",
+        "--engine",
+        str(engine),
+        "--headless",
+        "--auto-ports",
+        "--threads",
+        "1",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+    ]
     env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1"}
     latency_log = run_dir / "latency.jsonl"
 

@@ -1,0 +1,225 @@
+"""Who may talk to whom: the per-run control token (HMAC tags) and CURVE keys (ZeroMQ ironhouse).
+
+Two independent layers (docs/protocol.md, "Security"):
+
+- **Run token.** The launcher draws a random token per run and hands it to its children in the environment
+  (``AVLOC_RUN_TOKEN``; never on the command line, which every local user can read in ``/proc``). Heartbeats
+  and ``control`` messages carry ``meta.auth``: an HMAC-SHA256 tag, under the token, of the message's kind,
+  stream, seq, timestamps and meta. The token itself never goes on the wire, so a subscriber that reads a tagged
+  ``end`` cannot tag a message of its own; the launcher (and the inference worker, for control messages on
+  the frame sockets) counts and ignores a message whose tag is missing or wrong.
+- **CURVE.** With ``--keys DIR`` (made by ``avloc keys --out DIR``) every socket encrypts and authenticates:
+  binding sockets are CURVE servers with the server keypair, connecting sockets CURVE clients with the
+  client keypair, and each binding process runs a ZAP authenticator (pyzmq's ``ThreadAuthenticator``) that
+  admits only the client public keys in ``DIR/authorized``. A process without the client secret key gets
+  no connection at all: it can neither read nor inject.
+
+This module imports only zmq and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUN_TOKEN_ENV = "AVLOC_RUN_TOKEN"
+KEYS_ENV = "AVLOC_KEYS"
+AUTH_FIELD = "auth"  # meta key of the HMAC tag
+
+
+def new_run_token() -> str:
+    """A fresh random token for one run (hex, 256 bits)."""
+    return secrets.token_hex(32)
+
+
+def run_token() -> str | None:
+    """The token this process was started with (None: started by hand, messages go untagged)."""
+    return os.environ.get(RUN_TOKEN_ENV) or None
+
+
+def _canonical(kind: str, stream: str, seq: int, ts: dict[str, float], meta: dict[str, Any]) -> bytes:
+    # JSON with sorted keys and no spaces: the receiver rebuilds the same bytes from the decoded header
+    # (Python's float repr round-trips exactly through JSON).
+    body = {k: v for k, v in meta.items() if k != AUTH_FIELD}
+    return json.dumps([kind, stream, seq, ts, body], sort_keys=True, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def sign(token: str, kind: str, stream: str, seq: int, ts: dict[str, float], meta: dict[str, Any]) -> str:
+    """The HMAC-SHA256 tag (hex) of one message under ``token``."""
+    return hmac.new(token.encode("utf-8"), _canonical(kind, stream, seq, ts, meta), hashlib.sha256).hexdigest()
+
+
+def signed_meta(
+    token: str | None, kind: str, stream: str, seq: int, ts: dict[str, float], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """``meta`` plus its tag (unchanged when there is no token)."""
+    if not token:
+        return meta
+    ts = {str(k): float(v) for k, v in ts.items()}  # as protocol.encode puts them on the wire
+    return {**meta, AUTH_FIELD: sign(token, kind, stream, seq, ts, meta)}
+
+
+def verify(token: str, message: Any) -> bool:
+    """Whether a decoded ``protocol.Message`` carries a valid tag under ``token``."""
+    tag = message.meta.get(AUTH_FIELD)
+    if not isinstance(tag, str):
+        return False
+    try:
+        expected = sign(token, message.kind, message.stream, message.seq, message.ts, message.meta)
+    except (TypeError, ValueError):  # meta that cannot be serialized again: not ours
+        return False
+    return hmac.compare_digest(tag, expected)
+
+
+# ---------------------------------------------------------------------------------------------- CURVE
+
+INSECURE_ENV = "AVLOC_INSECURE"  # "1": allow binding a non-loopback endpoint without keys (--insecure)
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """The keypairs of an authenticated pipeline (``avloc keys --out DIR``)."""
+
+    directory: Path
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @property
+    def authorized(self) -> Path:
+        return self.directory / "authorized"
+
+
+def load_keys(directory: str | Path) -> CurveKeys:
+    """Read ``DIR/server.key_secret``, ``DIR/client.key_secret`` (and ``DIR/authorized``); UserError if not there."""
+    import zmq.auth
+
+    from avloc.core.errors import UserError
+
+    directory = Path(directory)
+    pairs = []
+    for name in ("server", "client"):
+        path = directory / f"{name}.key_secret"
+        if not path.is_file():
+            raise UserError(f"--keys {directory}: no {path.name} (make the keys with `avloc keys --out {directory}`)")
+        try:
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: not a CURVE secret key file ({err})") from None
+        if secret is None:
+            raise UserError(f"{path}: holds no secret key")
+        pairs.append((public, secret))
+    if not (directory / "authorized").is_dir():
+        raise UserError(f"--keys {directory}: no authorized/ folder of client public keys")
+    return CurveKeys(directory, pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1])
+
+
+def configured_keys() -> CurveKeys | None:
+    """The keys this process was told to use (``AVLOC_KEYS``, set by the launcher for ``--keys``)."""
+    directory = os.environ.get(KEYS_ENV)
+    return load_keys(directory) if directory else None
+
+
+_authenticators: dict[int, Any] = {}  # id(context) -> its ThreadAuthenticator (one per context)
+
+
+def secure_socket(sock: Any, *, bind: bool, keys: CurveKeys | None = None) -> None:
+    """Make ``sock`` a CURVE server (binding) or client (connecting) when keys are configured.
+
+    A binding socket's context gets a ZAP authenticator (started once) admitting only the client public keys in
+    ``DIR/authorized``: ironhouse, every connection is encrypted and both ends are authenticated.
+    """
+    keys = keys or configured_keys()
+    if keys is None:
+        return
+    if bind:
+        _ensure_authenticator(sock.context, keys)
+        sock.curve_secretkey = keys.server_secret
+        sock.curve_publickey = keys.server_public
+        sock.curve_server = True
+    else:
+        sock.curve_secretkey = keys.client_secret
+        sock.curve_publickey = keys.client_public
+        sock.curve_serverkey = keys.server_public
+
+
+def _ensure_authenticator(ctx: Any, keys: CurveKeys) -> None:
+    from zmq.auth.thread import ThreadAuthenticator
+
+    if id(ctx) in _authenticators:
+        return
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(keys.authorized))
+    _authenticators[id(ctx)] = auth
+
+
+def stop_authenticators() -> None:
+    """Stop the ZAP threads (before a context is terminated)."""
+    while _authenticators:
+        _, auth = _authenticators.popitem()
+        auth.stop()
+
+
+def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | None = None) -> None:
+    """Refuse to bind a tcp endpoint other hosts can reach (not loopback) unless CURVE keys are configured or
+    ``AVLOC_INSECURE=1``; warn about an ipc:// endpoint in a folder other local users can enter."""
+    from avloc.core.errors import UserError
+
+    insecure = os.environ.get(INSECURE_ENV) == "1" if insecure is None else insecure
+    if (keys or configured_keys()) is not None or insecure:
+        return
+    if endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+        if not host.startswith(_LOOPBACK_HOSTS):
+            raise UserError(
+                f"endpoint {endpoint}: binding a non-loopback address without keys exposes the pipeline "
+                "to the network; make keys (`avloc keys --out DIR`, then --keys DIR) or pass --insecure"
+            )
+    elif endpoint.startswith("ipc://"):
+        folder = Path(endpoint[len("ipc://") :]).parent
+        if folder.is_dir() and folder.stat().st_mode & 0o077:
+            log.warning(
+                "endpoint %s: folder %s is open to other users (a 0700 run folder keeps them out: Endpoints.ipc)",
+                endpoint,
+                folder,
+            )
+
+
+def private_dir(path: str | Path) -> Path:
+    """A folder only this user can enter (0700), for ipc:// endpoints."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block only (the launcher's own sockets, without leaking the
+    settings into whatever else runs in its process)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

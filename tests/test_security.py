@@ -1,0 +1,112 @@
+"""CURVE (ironhouse) on every socket when keys are configured; non-loopback binds refused without keys."""
+
+from __future__ import annotations
+
+import stat
+import time
+
+import pytest
+import zmq
+
+from avloc.core.errors import UserError
+from avloc.stream import protocol, security
+from avloc.stream.keys import make_keys
+from avloc.stream.launcher import Launcher, ProcessSpec, free_tcp_endpoint
+
+
+@pytest.fixture()
+def keys(tmp_path, monkeypatch):
+    make_keys(tmp_path / "keys")
+    monkeypatch.setenv(security.KEYS_ENV, str(tmp_path / "keys"))
+    ctx = zmq.Context()
+    yield ctx
+    security.stop_authenticators()
+    ctx.destroy(linger=0)
+
+
+def _receive_all(sock: zmq.Socket, seconds: float) -> list[protocol.Message]:
+    got, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        msg = protocol.recv(sock, 100)
+        if msg is not None:
+            got.append(msg)
+    return got
+
+
+def _publish(pub: zmq.Socket, n: int = 20) -> None:
+    for i in range(n):
+        protocol.send(pub, "heartbeat", stream="s", seq=i, ts={"send": protocol.now()})
+        time.sleep(0.02)
+
+
+def test_keys_command_writes_private_files(tmp_path):
+    from avloc.cli import main
+
+    assert main(["keys", "--out", str(tmp_path / "k")]) == 0
+    assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "k" / "client.key_secret").stat().st_mode) == 0o600
+    loaded = security.load_keys(tmp_path / "k")
+    assert (tmp_path / "k" / "authorized" / "client.key").is_file() and loaded.server_public != loaded.client_public
+    with pytest.raises(UserError, match="already holds keys"):
+        make_keys(tmp_path / "k")
+    with pytest.raises(UserError, match="no server.key_secret"):
+        security.load_keys(tmp_path)
+
+
+def test_client_without_the_right_key_receives_nothing(keys, tmp_path):
+    ctx, endpoint = keys, free_tcp_endpoint()
+    pub = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True, hwm=100)
+    good = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=100)
+    plain = ctx.socket(zmq.SUB)  # no CURVE at all
+    plain.setsockopt(zmq.SUBSCRIBE, b"")
+    plain.connect(endpoint)
+    make_keys(tmp_path / "other")  # right server key, but a client key the server never authorized
+    other = security.load_keys(tmp_path / "other")
+    stranger = ctx.socket(zmq.SUB)
+    stranger.setsockopt(zmq.SUBSCRIBE, b"")
+    stranger.curve_secretkey, stranger.curve_publickey = other.client_secret, other.client_public
+    stranger.curve_serverkey = security.load_keys(tmp_path / "keys").server_public
+    stranger.connect(endpoint)
+    time.sleep(0.5)
+    _publish(pub)
+    assert len(_receive_all(good, 1.0)) >= 10
+    for sock in (plain, stranger):
+        assert not sock.poll(500), "a client without the right key received data"
+        sock.close(0)
+    good.close(0)
+    pub.close(0)
+
+
+def test_client_without_the_right_key_cannot_inject(keys, tmp_path):
+    ctx, endpoint = keys, free_tcp_endpoint()
+    sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=True, hwm=100)  # like the launcher's heartbeats
+    intruder = ctx.socket(zmq.PUB)
+    intruder.connect(endpoint)
+    friend = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=False, hwm=100)
+    time.sleep(0.5)
+    _publish(intruder)
+    assert _receive_all(sub, 1.0) == []
+    _publish(friend)
+    assert len(_receive_all(sub, 1.0)) >= 10
+    for sock in (intruder, friend, sub):
+        sock.close(0)
+
+
+def test_non_loopback_bind_is_refused_without_keys(tmp_path, monkeypatch):
+    monkeypatch.delenv(security.KEYS_ENV, raising=False)
+    monkeypatch.delenv(security.INSECURE_ENV, raising=False)
+    with pytest.raises(UserError, match="non-loopback .*--insecure"):
+        security.check_bind("tcp://0.0.0.0:5550")
+    security.check_bind("tcp://127.0.0.1:5550")
+    security.check_bind("tcp://0.0.0.0:5550", insecure=True)
+    spec = ProcessSpec("camera", "avloc.stream.camera", ["--endpoint", "tcp://0.0.0.0:5550"])
+    with pytest.raises(UserError, match="tcp://0.0.0.0:5550"):
+        Launcher([spec], tmp_path / "run", heartbeat_endpoint=free_tcp_endpoint())
+    Launcher([spec], tmp_path / "run", heartbeat_endpoint=free_tcp_endpoint(), insecure=True)
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(UserError, match="non-loopback"):
+            protocol.make_socket(ctx, zmq.PUB, "tcp://0.0.0.0:5550", bind=True)
+    finally:
+        ctx.destroy(linger=0)
+    assert stat.S_IMODE(security.private_dir(tmp_path / "sock").stat().st_mode) == 0o700
