@@ -147,8 +147,7 @@ def run_demo(
 
     if minutes_budget < MIN_BUDGET_MINUTES:
         raise UserError(
-            f"--minutes-budget {minutes_budget}: too small; the demo needs at least {MIN_BUDGET_MINUTES:g}"
-            " minutes"
+            f"--minutes-budget {minutes_budget}: too small; the demo needs at least {MIN_BUDGET_MINUTES:g} minutes"
         )
     started = time.monotonic()
     out = Path(out)
@@ -238,9 +237,7 @@ def run_demo(
     )
     timed("replay", t0)
     if summary["reason"] != "ended":
-        raise UserError(
-            f"demo: the pipeline stopped early ({summary['reason']}); see logs in {out / 'pipeline'}"
-        )
+        raise UserError(f"demo: the pipeline stopped early ({summary['reason']}); see logs in {out / 'pipeline'}")
 
     _step("5/5 latency report and localization score", started)
     records = read_latency_log(Path(summary["latency_log"]))
@@ -281,9 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the generated clip (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
-    parser.add_argument(
-        "--fresh", action="store_true", help="delete --out first instead of reusing its steps"
-    )
+    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing its steps")
 
 
 def main(args: argparse.Namespace) -> int:
