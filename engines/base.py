@@ -69,9 +69,7 @@ def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{engine_dir}: engine directory not found (create one with `avloc export`)")
     path = engine_dir / MANIFEST_NAME
     if not path.is_file():
-        raise UserError(
-            f"{path}: manifest not found; is {engine_dir} an engine directory from `avloc export`?"
-        )
+        raise UserError(f"{path}: manifest not found; is {engine_dir} an engine directory from `avloc export`?")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -110,9 +108,7 @@ def verified_file(engine_dir: str | Path, name: str, sha256: str | None) -> Path
     if not path.is_file():
         raise UserError(f"{path}: engine file listed in the manifest is missing")
     if sha256 is not None and sha256_file(path) != sha256:
-        raise UserError(
-            f"{path}: corrupt engine file (sha256 differs from the manifest); re-export the engine"
-        )
+        raise UserError(f"{path}: corrupt engine file (sha256 differs from the manifest); re-export the engine")
     return path
 
 
@@ -139,6 +135,16 @@ class Engine(ABC):
     @abstractmethod
     def localize(self, image: np.ndarray, audio_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[B,3,H,W]`` image + ``[B,D]`` embedding -> (heatmap ``[B,h,w]``, confidence ``[B]``)."""
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run every graph once per batch size, so lazy set-up (allocations, autotuning, graph capture,
+        compilation) happens before a worker reports ready rather than as a latency spike mid-stream."""
+        rng = np.random.default_rng(0)
+        for batch in sorted(set(batch_sizes)):
+            spec = rng.standard_normal((batch, *self.spec_shape), dtype=np.float32)
+            image = rng.standard_normal((batch, *self.image_shape), dtype=np.float32)
+            self.localize(image, np.asarray(self.embed_audio(spec), np.float32))
+        self.synchronize()
 
     def synchronize(self) -> None:  # noqa: B027 - host backends finish inside the call
         """Wait for work queued on a device (timing only; calls never synchronize by themselves)."""
@@ -227,18 +233,14 @@ def _image_params(manifest: dict[str, Any]) -> tuple[int, int, np.ndarray, np.nd
     return height, width, scale, bias
 
 
-def preprocess_frame(
-    bgr_uint8: np.ndarray, manifest: dict[str, Any], out: np.ndarray | None = None
-) -> np.ndarray:
+def preprocess_frame(bgr_uint8: np.ndarray, manifest: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
     """OpenCV BGR ``HxWx3`` uint8 frame -> ``[3,H,W]`` float32 RGB normalized as the manifest says.
 
     Resized to the manifest size without keeping the aspect ratio (as the models were trained): INTER_AREA
     when shrinking (no aliasing), INTER_LINEAR when enlarging.
     """
     if bgr_uint8.ndim != 3 or bgr_uint8.shape[2] != 3 or bgr_uint8.dtype != np.uint8:
-        raise UserError(
-            f"preprocess_frame: expected an HxWx3 uint8 BGR frame, got {bgr_uint8.shape} {bgr_uint8.dtype}"
-        )
+        raise UserError(f"preprocess_frame: expected an HxWx3 uint8 BGR frame, got {bgr_uint8.shape} {bgr_uint8.dtype}")
     height, width, scale, bias = _image_params(manifest)
     h, w = bgr_uint8.shape[:2]
     if (h, w) != (height, width):

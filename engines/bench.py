@@ -4,7 +4,10 @@ Each backend spec is ``name[:option+option]``, e.g. ``onnxruntime``, ``onnxrunti
 ``onnxruntime:spin``, ``torch``, ``torch:channels_last``, ``torch:cuda_graphs+fp16``, ``torch:compile``,
 ``tensorrt:fp16``. Eager torch on the same device is always measured in the same run and is the baseline of
 the ``speedup_vs_eager_torch`` ratios. Times are wall-clock per call, NumPy in -> NumPy out (so on a GPU
-they include the host<->device copies a streaming worker pays), warm-up calls excluded.
+they include the host<->device copies a streaming worker pays), warm-up calls excluded. Each engine is loaded
+with ``max_batch`` = the largest batch size and :meth:`Engine.warmup` runs for the measured batch sizes (CUDA
+graph capture, compilation, TensorRT set-up) before timing; load and warm-up seconds are reported per backend
+under ``startup``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "cuda_graphs": {"mode": "cuda_graphs"},
         "compile": {"mode": "compile"},
         "fp16": {"fp16": True},
+        "bf16": {"bf16": True},
         "channels_last": {"channels_last": True},
         "eager": {"mode": "eager"},
     },
@@ -45,9 +49,7 @@ def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"torch:cuda_graphs+fp16"`` -> ("torch", {"mode": "cuda_graphs", "fp16": True})."""
     name, _, opts = spec.strip().partition(":")
     if name not in _OPTIONS:
-        raise UserError(
-            f"--backends: unknown backend {name!r} in {spec!r}; known: {', '.join(sorted(_OPTIONS))}"
-        )
+        raise UserError(f"--backends: unknown backend {name!r} in {spec!r}; known: {', '.join(sorted(_OPTIONS))}")
     options: dict[str, Any] = {}
     for opt in filter(None, opts.split("+")):
         if opt not in _OPTIONS[name]:
@@ -128,15 +130,28 @@ def bench_engine(
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
+    startup: dict[str, dict[str, float]] = {}
     for spec in specs:
         name, options = parse_backend_spec(spec)
+        if name in ("torch", "tensorrt"):
+            options.setdefault("max_batch", max(batch_sizes))  # capture/profile exactly what is measured
         try:
+            start = time.perf_counter()
             engine = load_engine(engine_dir, name, device=device, threads=threads, **options)
-        except UserError as err:
+            loaded = time.perf_counter()
+            try:
+                engine.warmup(batch_sizes)
+            except BaseException:
+                engine.close()
+                raise
+            startup[spec] = {"load_s": loaded - start, "warmup_s": time.perf_counter() - loaded}
+        except (UserError, ImportError, RuntimeError) as err:
+            # A backend this machine cannot run (no TensorRT, no CUDA provider, failed build) is reported and
+            # skipped; the eager baseline must run.
             if spec == BASELINE:
                 raise
             log.warning("skipping %s: %s", spec, err)
-            errors[spec] = str(err)
+            errors[spec] = f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err)
             continue
         with engine:
             for batch in batch_sizes:
@@ -191,6 +206,7 @@ def bench_engine(
         "timing": "wall clock per call, numpy in -> numpy out, warm-up excluded; cpu_* = process CPU time",
         "load_average": list(os.getloadavg()),
         "results": results,
+        "startup": startup,
         "errors": errors,
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -215,8 +231,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"{report['method']} {report['image_size']} px on {report['device']['name']} "
-        f"({report['threads']} threads)",
+        f"{report['method']} {report['image_size']} px on {report['device']['name']} ({report['threads']} threads)",
         fontsize=9,
     )
     tmp = path.with_name(path.name + ".tmp.png")
@@ -247,9 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=50, help="timed calls per point (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench.json"), help="JSON report; a PNG is written next to it"
-    )
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON report; a PNG is written next to it")
 
 
 def main(args: argparse.Namespace) -> int:

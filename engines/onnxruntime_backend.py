@@ -86,10 +86,7 @@ class OnnxRuntimeEngine(Engine):
         if precision == "fp32":
             return {"audio": "fp32", "visual": "fp32"}
         graphs = self.manifest["graphs"]
-        chosen = {
-            g: precision if precision in graphs[g].get("variants", {}) else "fp32"
-            for g in ("audio", "visual")
-        }
+        chosen = {g: precision if precision in graphs[g].get("variants", {}) else "fp32" for g in ("audio", "visual")}
         if set(chosen.values()) == {"fp32"}:
             raise UserError(
                 f"{self.engine_dir}: no graph has a {precision!r} variant (export with --{precision} "

@@ -1,27 +1,39 @@
-"""TensorRT backend (TensorRT 10+ Python API, CUDA only).
+"""TensorRT backend (TensorRT 10.x and 11.x Python API, CUDA only).
 
-Plans are built from the engine's ONNX graphs with an optimization profile over the dynamic batch axis
-and cached next to them, keyed by GPU name, TensorRT version, precision and batch profile (a plan only runs
-on the GPU model and TensorRT version that built it). Inference binds torch-allocated device buffers by
-tensor name (``set_input_shape`` / ``set_tensor_address``) and runs ``execute_async_v3`` on this engine's
-own torch CUDA stream: no pycuda, no per-call device synchronize (NumPy outputs wait only for their copy).
+Build: the engine's ONNX graph is parsed into a *strongly typed* network (``STRONGLY_TYPED`` creation flag:
+required on 10.x for strong typing, accepted and ignored on 11.x where every network is strongly typed).
+Precision therefore lives in the graph, not in builder flags (``BuilderFlag.FP16`` and
+``Builder.platform_has_fast_fp16`` are gone in 11.x): for fp16 the ONNX graph is cast to float16 with
+float32 inputs/outputs kept (:func:`onnx_fp16_bytes`) before parsing. One optimisation profile covers batch
+1..``max_batch``; a timing cache file next to the graphs makes rebuilds (other profiles, other precision)
+fast; plans are cached under a key of ONNX sha256 + TensorRT version + GPU name + precision + profile, so a
+re-exported graph, an upgraded TensorRT or another GPU model never loads a stale plan.
+
+Run: I/O bound by tensor name (``set_input_shape`` / ``set_tensor_address``) to torch-allocated device
+buffers, ``execute_async_v3`` on this engine's own torch CUDA stream; no pycuda, no per-call device
+synchronize (NumPy outputs wait only for their own copy). Every TensorRT call whose result says "failed"
+(``False`` / ``None`` / ``-1``) raises with what failed and on which graph.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from avloc.core.errors import UserError
-from avloc.engines.base import Engine, graph_file
+from avloc.engines.base import Engine, graph_file, sha256_file
 
 log = logging.getLogger(__name__)
-INSTALL_HINT = "TensorRT is not installed: pip install --extra-index-url https://pypi.nvidia.com tensorrt"
+INSTALL_HINT = "TensorRT is not installed: pip install 'avloc[gpu]' (or pip install tensorrt-cu13)"
+PRECISIONS = ("fp32", "fp16")
 
 
 def import_tensorrt() -> Any:
@@ -29,9 +41,13 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise UserError(f"TensorRT {trt.__version__} is too old: avloc needs TensorRT >= 10 ({INSTALL_HINT})")
+    if trt_major(trt) < 10:
+        raise UserError(f"TensorRT {trt.__version__} is too old: avloc needs TensorRT 10 or 11 ({INSTALL_HINT})")
     return trt
+
+
+def trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
 
 
 _LOGGER: Any = None
@@ -40,79 +56,262 @@ _LOGGER: Any = None
 def _logger(trt: Any) -> Any:
     """One process-wide logger: TensorRT keeps a raw pointer to it, so it must outlive builders/runtimes."""
     global _LOGGER
-    if _LOGGER is None:
+    if _LOGGER is None or not isinstance(_LOGGER, trt.Logger):
         _LOGGER = trt.Logger(trt.Logger.WARNING)
     return _LOGGER
 
 
+# ---------------------------------------------------------------------------------------------- cache keys
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def plan_key(onnx_sha256: str, trt_version: str, gpu_name: str, precision: str, batches: tuple[int, int, int]) -> str:
+    """Short hash of everything a serialized plan depends on (TensorRT refuses plans from another GPU model or
+    version; a changed graph or profile needs a rebuild)."""
+    fields = {
+        "onnx_sha256": onnx_sha256,
+        "tensorrt": trt_version,
+        "gpu": gpu_name,
+        "precision": precision,
+        "batches": list(batches),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def plan_path(
-    onnx_path: Path, trt_version: str, gpu_name: str, fp16: bool, batches: tuple[int, int, int]
+    onnx_path: Path,
+    onnx_sha256: str,
+    trt_version: str,
+    gpu_name: str,
+    precision: str,
+    batches: tuple[int, int, int],
 ) -> Path:
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
-    precision = "fp16" if fp16 else "fp32"
-    return onnx_path.with_name(
-        f"{onnx_path.stem}.{gpu}.trt{trt_version}.{precision}.b{'-'.join(map(str, batches))}.plan"
-    )
+    """``visual.<gpu>.trt<version>.<precision>.b1-4-8.<key>.plan`` next to the ONNX graph: readable fields for
+    people, the key (which also covers the ONNX hash) for correctness."""
+    key = plan_key(onnx_sha256, trt_version, gpu_name, precision, batches)
+    name = f"{onnx_path.stem}.{_slug(gpu_name)}.trt{trt_version}.{precision}.b{'-'.join(map(str, batches))}.{key}.plan"
+    return onnx_path.with_name(name)
+
+
+def timing_cache_path(engine_dir: Path, trt_version: str, gpu_name: str) -> Path:
+    """One timing cache per GPU model and TensorRT version, shared by both graphs and every profile."""
+    return Path(engine_dir) / f"tensorrt.{_slug(gpu_name)}.trt{trt_version}.timing.cache"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+# Inputs that must stay float32 whatever the compute type (ONNX spec): Resize's roi and scales.
+_FP32_INPUTS = {("Resize", 1), ("Resize", 2)}
+
+
+def onnx_fp16_bytes(onnx_path: Path) -> bytes:
+    """The graph computing in float16 with float32 inputs/outputs kept, for a strongly typed TensorRT build.
+
+    Float32 initializers, Constant values and ``Cast(to=float)`` become float16; a Cast to float16 follows each
+    float32 graph input and a Cast back to float32 precedes each float32 output, so callers still feed and get
+    float32. Stale ``value_info`` types are dropped (TensorRT and ONNX Runtime infer them). onnxconverter-
+    common's ``convert_float_to_float16`` was tried first and left mixed float/float16 edges in both avloc
+    graphs (ONNX Runtime: "Type parameter (T) of Optype (Conv) bound to different types").
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    del graph.value_info[:]
+    keep32 = {
+        node.input[k] for node in graph.node for (op, k) in _FP32_INPUTS if node.op_type == op and len(node.input) > k
+    }
+
+    def to16(tensor: Any) -> Any:
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name)
+
+    for idx, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT and init.name not in keep32:
+            graph.initializer[idx].CopyFrom(to16(init))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                if not (node.op_type == "Constant" and node.output[0] in keep32):
+                    attr.t.CopyFrom(to16(attr.t))
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+    # A float16 value computed in the graph feeding an fp32-only input: cast it back just before its consumer.
+    produced = {out for node in graph.node if node.op_type != "Constant" for out in node.output}
+    body = []
+    for node in graph.node:
+        for op, k in _FP32_INPUTS:
+            if node.op_type == op and len(node.input) > k and node.input[k] in produced:
+                name = node.input[k]
+                body.append(helper.make_node("Cast", [name], [f"{name}__fp32"], to=TensorProto.FLOAT))
+                node.input[k] = f"{name}__fp32"
+        body.append(node)
+    head, tail = [], []
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            half = f"{value.name}__fp16"
+            for node in graph.node:
+                for k, name in enumerate(node.input):
+                    if name == value.name:
+                        node.input[k] = half
+            head.append(helper.make_node("Cast", [value.name], [half], to=TensorProto.FLOAT16))
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            half = f"{value.name}__fp16"
+            for node in graph.node:
+                for k, name in enumerate(node.output):
+                    if name == value.name:
+                        node.output[k] = half
+                for k, name in enumerate(node.input):
+                    if name == value.name:
+                        node.input[k] = half
+            tail.append(helper.make_node("Cast", [half], [value.name], to=TensorProto.FLOAT))
+    nodes = head + body + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _parser_errors(parser: Any) -> str:
+    errors = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        errors.append(f"node {err.node()}: {err.desc()}")
+    return "; ".join(errors) or "no parser error recorded"
 
 
 def build_plan(
-    trt: Any, onnx_path: Path, fp16: bool, batches: tuple[int, int, int], workspace_mb: int
+    trt: Any,
+    onnx_path: Path,
+    precision: str,
+    batches: tuple[int, int, int],
+    workspace_mb: int,
+    timing_cache: Path | None = None,
 ) -> bytes:
-    """Parse the ONNX graph and build a serialized engine with one min/opt/max batch profile."""
+    """Parse the ONNX graph into a strongly typed network and build a serialized engine with one min/opt/max
+    batch profile. The timing cache (if given) is read first and written back after a successful build."""
+    if precision not in PRECISIONS:
+        raise UserError(f"tensorrt precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    model = onnx_fp16_bytes(onnx_path) if precision == "fp16" else onnx_path.read_bytes()
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    if builder is None:
+        raise RuntimeError("TensorRT could not create a builder (is a CUDA GPU visible? see the TensorRT log)")
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    if network is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT could not create a strongly typed network")
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"{onnx_path}: TensorRT cannot parse this graph ({errors[:300]})")
+    # path= lets the parser find external weight files next to the graph.
+    if not parser.parse(model, str(onnx_path)):
+        raise UserError(f"{onnx_path}: TensorRT cannot parse this graph ({_parser_errors(parser)[:400]})")
     config = builder.create_builder_config()
+    if config is None:
+        raise RuntimeError("TensorRT could not create a builder config")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if fp16:
-        if not builder.platform_has_fast_fp16:
-            log.warning("this GPU has no fast fp16; building %s in fp16 anyway", onnx_path.name)
-        config.set_flag(trt.BuilderFlag.FP16)
+
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None:
+        raise RuntimeError(f"TensorRT could not create a timing cache from {timing_cache}")
+    if not config.set_timing_cache(cache, False):
+        # A cache from another device/version is refused rather than silently mixed in: start a fresh one.
+        log.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", timing_cache)
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise RuntimeError("TensorRT refused a fresh, empty timing cache")
+
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         dims = tuple(tensor.shape)[1:]
         if any(d < 0 for d in dims):
-            raise UserError(
-                f"{onnx_path}: input {tensor.name} has dynamic non-batch dims {tuple(tensor.shape)}"
-            )
+            raise UserError(f"{onnx_path}: input {tensor.name} has dynamic non-batch dims {tuple(tensor.shape)}")
         profile.set_shape(tensor.name, *[(b, *dims) for b in batches])
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise RuntimeError(f"{onnx_path}: TensorRT rejected the optimisation profile batch {batches}")
+
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError(
-            f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)"
-        )
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    if timing_cache is not None:
+        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
+
+
+def load_or_build_plan(
+    trt: Any,
+    engine_dir: Path,
+    onnx_path: Path,
+    onnx_sha256: str,
+    gpu_name: str,
+    precision: str,
+    batches: tuple[int, int, int],
+    workspace_mb: int = 1024,
+    rebuild: bool = False,
+) -> tuple[bytes, Path]:
+    """The cached plan for this (graph, TensorRT, GPU, precision, profile), built and cached when missing."""
+    cached = plan_path(onnx_path, onnx_sha256, trt.__version__, gpu_name, precision, batches)
+    if cached.is_file() and not rebuild:
+        return cached.read_bytes(), cached
+    log.info(
+        "building TensorRT %s %s plan for %s (once per graph/GPU/TensorRT version)", onnx_path.name, precision, gpu_name
+    )
+    cache = timing_cache_path(engine_dir, trt.__version__, gpu_name)
+    plan = build_plan(trt, onnx_path, precision, batches, workspace_mb, timing_cache=cache)
+    _atomic_write(cached, plan)
+    return plan, cached
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _torch_dtypes(trt: Any) -> dict[Any, Any]:
+    import torch
+
+    # getattr: the set of DataType members differs between versions; bind what this TensorRT has.
+    names = {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "int32": torch.int32,
+        "int64": torch.int64,
+        "bool": torch.bool,
+        "int8": torch.int8,
+        "uint8": torch.uint8,
+    }
+    return {getattr(trt, n): t for n, t in names.items() if hasattr(trt, n)}
 
 
 class _TrtGraph:
     """One deserialized engine + execution context; I/O bound by tensor name."""
 
     def __init__(self, trt: Any, plan: bytes, device: Any, source: Path) -> None:
-        import torch
-
+        self.source = source
         self.runtime = trt.Runtime(_logger(trt))
+        if self.runtime is None:
+            raise RuntimeError("TensorRT could not create a runtime (see the TensorRT log)")
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError(f"{source}: TensorRT could not deserialize the cached plan; delete it to rebuild")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"{source}: TensorRT could not create an execution context (out of GPU memory?)")
         self.device = device
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        dtypes = {
-            trt.float32: torch.float32,
-            trt.float16: torch.float16,
-            trt.int32: torch.int32,
-            trt.int64: torch.int64,
-            trt.bool: torch.bool,
-            trt.int8: torch.int8,
-        }
+        dtypes = _torch_dtypes(trt)
         unsupported = [n for n in names if self.engine.get_tensor_dtype(n) not in dtypes]
         if unsupported:
             raise UserError(f"{source}: I/O tensor(s) {unsupported} have a dtype avloc does not bind")
@@ -121,19 +320,28 @@ class _TrtGraph:
     def __call__(self, inputs: list[Any], stream: Any) -> list[Any]:
         import torch
 
+        bound = []  # keep converted inputs alive until the engine has been queued
         for name, x in zip(self.inputs, inputs):
             x = x.to(self.dtypes[name]).contiguous()
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
+            bound.append(x)
+            if not self.context.set_input_shape(name, tuple(x.shape)):
+                raise UserError(
+                    f"{self.source.name}: TensorRT refused input {name!r} shape {tuple(x.shape)} "
+                    "(outside the plan's optimisation profile?)"
+                )
+            if not self.context.set_tensor_address(name, x.data_ptr()):
+                raise RuntimeError(f"{self.source.name}: TensorRT refused the address of input {name!r}")
         outputs = []
         for name in self.outputs:
-            out = torch.empty(
-                tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device
-            )
-            self.context.set_tensor_address(name, out.data_ptr())
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"{self.source.name}: TensorRT could not infer output {name!r} shape {shape}")
+            out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            if not self.context.set_tensor_address(name, out.data_ptr()):
+                raise RuntimeError(f"{self.source.name}: TensorRT refused the address of output {name!r}")
             outputs.append(out)
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            raise RuntimeError(f"{self.source.name}: TensorRT execute_async_v3 failed (see the TensorRT log)")
         return outputs
 
 
@@ -162,6 +370,7 @@ class TensorRTEngine(Engine):
             raise UserError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
         self.torch_device = torch.device(device)
         self.fp16 = fp16
+        self.precision = "fp16" if fp16 else "fp32"
         batches = (1, int(opt_batch or min(4, max_batch)), int(max_batch))
         if not 1 <= batches[1] <= batches[2]:
             raise UserError(f"tensorrt: need 1 <= opt_batch ({batches[1]}) <= max_batch ({batches[2]})")
@@ -172,15 +381,10 @@ class TensorRTEngine(Engine):
         with torch.cuda.device(self.torch_device):
             for graph in ("audio", "visual"):
                 onnx_path = graph_file(engine_dir, manifest, graph)
-                cached = plan_path(onnx_path, trt.__version__, gpu, fp16, batches)
-                if cached.is_file() and not rebuild:
-                    plan = cached.read_bytes()
-                else:
-                    log.info("building TensorRT %s plan for %s (once per GPU/TensorRT version)", graph, gpu)
-                    plan = build_plan(trt, onnx_path, fp16, batches, workspace_mb)
-                    tmp = cached.with_name(cached.name + ".tmp")
-                    tmp.write_bytes(plan)
-                    os.replace(tmp, cached)
+                onnx_sha = manifest["graphs"][graph].get("sha256") or sha256_file(onnx_path)
+                plan, cached = load_or_build_plan(
+                    trt, self.engine_dir, onnx_path, onnx_sha, gpu, self.precision, batches, workspace_mb, rebuild
+                )
                 self._graphs[graph] = _TrtGraph(trt, plan, self.torch_device, cached)
 
     def _run(self, graph: str, arrays: list[Any]) -> list[Any]:
@@ -197,9 +401,7 @@ class TensorRTEngine(Engine):
         self._stream.wait_stream(caller)  # device inputs produced on the caller's stream must be ready
         with torch.cuda.stream(self._stream):  # allocations, copies and the engine all on one stream
             tensors = [
-                torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(
-                    self.torch_device, non_blocking=True
-                )
+                torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.torch_device, non_blocking=True)
                 if isinstance(a, np.ndarray)
                 else a.to(self.torch_device)
                 for a in arrays
@@ -222,6 +424,10 @@ class TensorRTEngine(Engine):
         self._check_visual(image, audio_emb)
         heatmap, confidence = self._run("visual", [image, audio_emb])
         return heatmap, confidence
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
+        """Default: batch 1 and max_batch (one profile covers every size in between)."""
+        super().warmup(batch_sizes or (1, self.max_batch))
 
     def synchronize(self) -> None:
         self._stream.synchronize()

@@ -1,9 +1,14 @@
 """PyTorch backend: runs ``model.pt`` of an engine directory through the same graph modules as the export.
 
 - CPU: eager under ``torch.inference_mode`` (optionally channels_last), ``mode="compile"`` also works.
-- CUDA: ``mode="eager"``, ``"cuda_graphs"`` (one graph captured per batch size, static input/output
+- CUDA: ``mode="eager"``, ``"cuda_graphs"`` (one graph per batch size 1..``max_batch``, static input/output
   buffers, warm-up on a side stream, graphs share one memory pool) or ``"compile"`` (torch.compile,
-  ``reduce-overhead``); ``fp16=True`` runs under autocast (outputs are returned as float32).
+  ``reduce-overhead``); ``fp16=True`` / ``bf16=True`` run under autocast (outputs are returned as float32).
+
+:meth:`TorchEngine.warmup` (called by the inference worker before it reports ready) captures the CUDA graphs /
+compiles for every batch size 1..``max_batch``, so no capture or recompilation happens mid-stream. Outputs of
+``cuda_graphs`` and ``compile`` (whose reduce-overhead mode also replays CUDA graphs) live in static buffers the
+next call overwrites: device outputs are cloned before they are returned.
 
 Calls never synchronize the device themselves. NumPy in -> NumPy out (the device-to-host copy of the
 result is the only wait); torch tensors already on the device in -> device tensors out, no wait at all.
@@ -30,15 +35,13 @@ MODES = ("eager", "cuda_graphs", "compile")
 
 
 class CudaGraphRunner:
-    """Replays ``module`` through CUDA graphs, captured lazily once per input batch size.
+    """Replays ``module`` through CUDA graphs, one per input batch size (:meth:`capture` them all up front).
 
     Outputs are the graph's static buffers: they are overwritten by the next call with the same batch
     size, so callers copy (``.clone()`` / ``.cpu()``) what they keep.
     """
 
-    def __init__(
-        self, module: nn.Module, device: torch.device, autocast: Callable[[], Any], warmup: int = 3
-    ) -> None:
+    def __init__(self, module: nn.Module, device: torch.device, autocast: Callable[[], Any], warmup: int = 3) -> None:
         self.module = module
         self.device = device
         self.autocast = autocast
@@ -49,9 +52,7 @@ class CudaGraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]] = {}
 
-    def _capture(
-        self, inputs: Sequence[Tensor]
-    ) -> tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]:
+    def _capture(self, inputs: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]:
         static_inputs = [x.detach().clone() for x in inputs]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -67,10 +68,18 @@ class CudaGraphRunner:
         log.debug("captured a CUDA graph for batch %d", inputs[0].shape[0])
         return graph, static_inputs, outputs
 
+    def capture(self, inputs: Sequence[Tensor]) -> None:
+        """Capture the graph for ``inputs``' batch size now (startup), if not captured yet."""
+        batch = int(inputs[0].shape[0])
+        if batch not in self.graphs:
+            self.graphs[batch] = self._capture(inputs)
+
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         batch = int(inputs[0].shape[0])
         entry = self.graphs.get(batch)
         if entry is None:
+            # Still correct, but a capture costs tens of ms: warmup() should have covered this size.
+            log.warning("capturing a CUDA graph for batch %d mid-stream (not covered by warmup)", batch)
             entry = self.graphs[batch] = self._capture(inputs)
         graph, static_inputs, outputs = entry
         for buffer, x in zip(static_inputs, inputs):
@@ -90,7 +99,9 @@ class TorchEngine(Engine):
         threads: int | None = None,
         mode: str = "eager",
         fp16: bool = False,
+        bf16: bool = False,
         channels_last: bool = False,
+        max_batch: int = 8,
     ) -> None:
         from avloc.engines.export import build_graphs
 
@@ -100,19 +111,23 @@ class TorchEngine(Engine):
         self.torch_device = torch.device(device)
         is_cuda = self.torch_device.type == "cuda"
         if is_cuda and not torch.cuda.is_available():
-            raise UserError(
-                f"device {device!r}: CUDA is not available in this torch build/machine; use --device cpu"
-            )
+            raise UserError(f"device {device!r}: CUDA is not available in this torch build/machine; use --device cpu")
         if mode == "cuda_graphs" and not is_cuda:
             raise UserError("torch backend mode 'cuda_graphs' needs --device cuda")
-        if fp16 and not is_cuda:
-            raise UserError("torch backend fp16 needs --device cuda (CPU runs float32)")
+        if (fp16 or bf16) and not is_cuda:
+            raise UserError("torch backend fp16/bf16 needs --device cuda (CPU runs float32)")
+        if fp16 and bf16:
+            raise UserError("torch backend: choose one of fp16 and bf16")
+        if max_batch < 1:
+            raise UserError(f"torch backend max_batch={max_batch}: expected >= 1")
         if is_cuda:
             torch.backends.cudnn.benchmark = True  # input shapes are fixed per batch size: tune once
         if threads is not None:
             torch.set_num_threads(int(threads))  # process-wide: an engine worker owns its process
         self.threads = torch.get_num_threads()
-        self.mode, self.fp16, self.channels_last = mode, fp16, channels_last
+        self.mode, self.fp16, self.bf16, self.channels_last = mode, fp16, bf16, channels_last
+        self.max_batch = int(max_batch)
+        self.warmed_batches: list[int] = []
 
         entry = manifest.get("torch_checkpoint") or {"file": "model.pt"}
         path = verified_file(engine_dir, entry["file"], entry.get("sha256"))
@@ -127,6 +142,10 @@ class TorchEngine(Engine):
         self._run_visual: Callable[..., Any] = self._visual
         if mode == "compile":
             compile_mode = "reduce-overhead" if is_cuda else "default"
+            # dynamic=False compiles once per batch size; the default limit (8) would silently fall back to
+            # eager beyond 8 sizes, so allow every size warmup() compiles for both graphs.
+            limit = max(torch._dynamo.config.recompile_limit, self.max_batch + 1)
+            torch._dynamo.config.recompile_limit = limit
             self._run_audio = torch.compile(self._audio, mode=compile_mode, dynamic=False)
             self._run_visual = torch.compile(self._visual, mode=compile_mode, dynamic=False)
         elif mode == "cuda_graphs":
@@ -134,10 +153,29 @@ class TorchEngine(Engine):
             self._run_visual = CudaGraphRunner(self._visual, self.torch_device, self._autocast)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.fp16:
+        if not (self.fp16 or self.bf16):
             return contextlib.nullcontext()
         # No weight-cast cache: cached casts would be freed/reused behind a captured CUDA graph's back.
-        return torch.autocast("cuda", dtype=torch.float16, cache_enabled=False)
+        dtype = torch.float16 if self.fp16 else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
+        """Capture CUDA graphs / compile / autotune for every batch size 1..max_batch (or ``batch_sizes``)
+        before streaming, so the first frame of each batch size costs no capture or recompilation."""
+        sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)))
+        if self.mode == "cuda_graphs":
+            rng = np.random.default_rng(0)
+            for batch in sizes:
+                spec = self._to_device(rng.standard_normal((batch, *self.spec_shape), dtype=np.float32))
+                image = self._to_device(rng.standard_normal((batch, *self.image_shape), dtype=np.float32))
+                emb = torch.zeros(batch, self.embed_dim, device=self.torch_device)
+                self._run_audio.capture([spec])
+                self._run_visual.capture([image, emb])
+            self.synchronize()
+        else:
+            super().warmup(sizes)
+        self.warmed_batches = sizes
+        log.info("torch %s engine warmed up for batch sizes %s", self.mode, sizes)
 
     def _to_device(self, x: Any) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
@@ -157,8 +195,11 @@ class TorchEngine(Engine):
     def _finish(self, outputs: tuple[Tensor, ...], as_numpy: bool) -> list[Any]:
         if as_numpy:
             return [o.float().cpu().numpy() for o in outputs]
-        # Device tensors: clone out of CUDA-graph static buffers so the next call cannot overwrite them.
-        return [o.float().clone() if self.mode == "cuda_graphs" else o.float() for o in outputs]
+        # Device tensors: clone out of CUDA-graph static buffers (cuda_graphs, and compile's reduce-overhead)
+        # so the next call cannot overwrite them. float() alone would alias them when already float32.
+        if self.mode == "eager":
+            return [o.float() for o in outputs]
+        return [o.float().clone() for o in outputs]
 
     def embed_audio(self, spec: np.ndarray | Tensor) -> Any:
         self._check_spec(spec)

@@ -1,0 +1,478 @@
+"""TensorRT backend against fake ``tensorrt`` modules shaped like the 10.x and 11.x Python APIs.
+
+No GPU or TensorRT is needed: each fake records every call with its arguments and has only the API of its
+version (the 11.x fake has no ``BuilderFlag.FP16`` nor ``Builder.platform_has_fast_fp16``, so code using them
+fails here with AttributeError as it would on a real 11.x). The tests prove which calls the backend makes,
+that every failure return value becomes a clear error, and how the plan / timing caches are keyed and reused.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from avloc.core.errors import UserError
+from avloc.engines import tensorrt_backend as tb
+
+VERSIONS = {10: "10.16.1.11", 11: "11.4.0.106"}
+GPU = "NVIDIA H200"
+
+
+# ---------------------------------------------------------------------------------------------- the fakes
+
+
+def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
+    """A ``tensorrt`` module of the given major version. ``behaviour`` switches failure returns on:
+    parse_ok, plan (bytes or None), cache_match, profile_index, engine_ok, shape_ok, execute_ok."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = VERSIONS[major]
+    trt.calls = []
+    b = {
+        "parse_ok": True,
+        "plan": b"PLAN",
+        "cache_match": True,
+        "profile_index": 0,
+        "engine_ok": True,
+        "shape_ok": True,
+        "execute_ok": True,
+    } | behaviour
+
+    def record(name: str, *args: object) -> None:
+        trt.calls.append((name, args))
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, severity: str) -> None:
+            record("Logger", severity)
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1 if major == 10 else 0  # 10.x: after EXPLICIT_BATCH (0); 11.x: the only member
+
+    if major == 10:
+        NetworkDefinitionCreationFlag.EXPLICIT_BATCH = 0
+
+    class BuilderFlag:
+        TF32 = "TF32"
+
+    if major == 10:  # weak-typing flags, removed in 11.x
+        BuilderFlag.FP16 = "FP16"
+        BuilderFlag.INT8 = "INT8"
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class TensorIOMode:
+        INPUT = "INPUT"
+        OUTPUT = "OUTPUT"
+
+    class Tensor:
+        def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+            self.name, self.shape = name, shape
+
+    class Network:
+        def __init__(self) -> None:
+            self.inputs: list[Tensor] = []
+
+        @property
+        def num_inputs(self) -> int:
+            return len(self.inputs)
+
+        def get_input(self, i: int) -> Tensor:
+            return self.inputs[i]
+
+    class ParserError:
+        def node(self) -> int:
+            return 3
+
+        def desc(self) -> str:
+            return "Unsupported operator FancyOp"
+
+    class OnnxParser:
+        def __init__(self, network: Network, logger: Logger) -> None:
+            self.network = network
+            self.num_errors = 0
+
+        def parse(self, model: bytes, path: str | None = None) -> bool:
+            record("parse", model, path)
+            if not b["parse_ok"]:
+                self.num_errors = 1
+                return False
+            graph = onnx.load_from_string(model).graph
+            initializers = {i.name for i in graph.initializer}
+            for value in graph.input:
+                if value.name not in initializers:
+                    dims = tuple(
+                        d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim
+                    )
+                    self.network.inputs.append(Tensor(value.name, dims))
+            return True
+
+        def get_error(self, i: int) -> ParserError:
+            return ParserError()
+
+    class HostMemory(bytes):
+        pass
+
+    class TimingCache:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def serialize(self) -> HostMemory:
+            return HostMemory(self.data + b"+tuned")
+
+    class Profile:
+        def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
+            record("set_shape", name, lo, opt, hi)
+
+    class BuilderConfig:
+        def __init__(self) -> None:
+            self.cache: TimingCache | None = None
+
+        def set_memory_pool_limit(self, pool: str, size: int) -> None:
+            record("set_memory_pool_limit", pool, size)
+
+        def set_flag(self, flag: str) -> None:
+            record("set_flag", flag)
+
+        def create_timing_cache(self, data: bytes) -> TimingCache:
+            record("create_timing_cache", bytes(data))
+            return TimingCache(bytes(data))
+
+        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            record("set_timing_cache", cache.data, ignore_mismatch)
+            ok = b["cache_match"] or cache.data == b""
+            if ok:
+                self.cache = cache
+            return ok
+
+        def get_timing_cache(self) -> TimingCache:
+            return self.cache
+
+        def add_optimization_profile(self, profile: Profile) -> int:
+            record("add_optimization_profile")
+            return b["profile_index"]
+
+    class Builder:
+        def __init__(self, logger: Logger) -> None:
+            record("Builder")
+
+        def create_network(self, flags: int) -> Network:
+            record("create_network", flags)
+            return Network()
+
+        def create_builder_config(self) -> BuilderConfig:
+            return BuilderConfig()
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: Network, config: BuilderConfig) -> HostMemory | None:
+            record("build_serialized_network")
+            return None if b["plan"] is None else HostMemory(b["plan"])
+
+    if major == 10:
+        Builder.platform_has_fast_fp16 = property(lambda self: True)  # removed in 11.x
+
+    # runtime
+    float32, float16, int32 = "float32", "float16", "int32"
+
+    class Context:
+        def __init__(self) -> None:
+            self.shapes: dict[str, tuple] = {}
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            record("set_input_shape", name, shape)
+            self.shapes[name] = shape
+            return bool(b["shape_ok"])
+
+        def set_tensor_address(self, name: str, address: int) -> bool:
+            record("set_tensor_address", name, address)
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return (self.shapes["x"][0], 2)
+
+        def execute_async_v3(self, stream: int) -> bool:
+            record("execute_async_v3", stream)
+            return bool(b["execute_ok"])
+
+    class CudaEngine:
+        names = ("x", "y")
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i: int) -> str:
+            return self.names[i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return TensorIOMode.INPUT if name == "x" else TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return float32
+
+        def create_execution_context(self) -> Context:
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, plan: bytes) -> CudaEngine | None:
+            record("deserialize_cuda_engine", plan)
+            return CudaEngine() if b["engine_ok"] else None
+
+    for obj in (
+        Logger,
+        NetworkDefinitionCreationFlag,
+        BuilderFlag,
+        MemoryPoolType,
+        TensorIOMode,
+        OnnxParser,
+        Builder,
+        Runtime,
+    ):
+        setattr(trt, obj.__name__, obj)
+    trt.float32, trt.float16, trt.int32 = float32, float16, int32
+    return trt
+
+
+def calls(trt: types.ModuleType, name: str) -> list[tuple]:
+    return [args for n, args in trt.calls if n == name]
+
+
+@pytest.fixture(params=[10, 11], ids=["trt10", "trt11"])
+def major(request) -> int:
+    return request.param
+
+
+@pytest.fixture()
+def onnx_graph(tmp_path) -> Path:
+    """Conv -> Relu -> GlobalAveragePool -> Flatten on a dynamic batch: small, real, castable."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["out"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "visual.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture()
+def typed_graph(tmp_path) -> Path:
+    """The cases a naive cast gets wrong: Cast(to=float), a Constant node, Resize with computed float scales,
+    and two float outputs."""
+    rng = np.random.default_rng(2)
+    k = numpy_helper.from_array(rng.standard_normal((1, 3, 1, 1)).astype(np.float32), "k")
+    two = helper.make_tensor("two", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["c"], to=TensorProto.FLOAT),
+            helper.make_node("Constant", [], ["half"], value=helper.make_tensor("h", TensorProto.FLOAT, [], [0.5])),
+            helper.make_node("Mul", ["c", "half"], ["m"]),
+            helper.make_node("Add", ["m", "k"], ["a"]),
+            helper.make_node("Constant", [], ["s"], value=two),
+            helper.make_node("Mul", ["s", "half"], ["s1"]),  # computed scales (float16 after the cast)
+            helper.make_node("Add", ["s1", "s1"], ["scales"]),
+            helper.make_node("Resize", ["a", "", "scales"], ["up"], mode="linear"),
+            helper.make_node("ReduceMean", ["up"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        ],
+        "typed",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [
+            helper.make_tensor_value_info("up", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+            helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=[k],
+        value_info=[helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", 3, 4, 4])],  # stale after cast
+    )
+    path = tmp_path / "typed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def test_fakes_have_only_their_versions_api():
+    """The 11.x fake really lacks the removed weak-typing API (else the tests below would prove nothing)."""
+    old, new = make_fake_trt(10), make_fake_trt(11)
+    assert old.BuilderFlag.FP16 and old.Builder(None).platform_has_fast_fp16
+    with pytest.raises(AttributeError):
+        new.BuilderFlag.FP16  # noqa: B018
+    with pytest.raises(AttributeError):
+        new.Builder(None).platform_has_fast_fp16  # noqa: B018
+    with pytest.raises(AttributeError):
+        new.NetworkDefinitionCreationFlag.EXPLICIT_BATCH  # noqa: B018
+
+
+def test_fp32_build_is_strongly_typed_with_profile_and_timing_cache(major, onnx_graph, tmp_path):
+    trt = make_fake_trt(major)
+    cache = tmp_path / "timing.cache"
+    plan = tb.build_plan(trt, onnx_graph, "fp32", (1, 4, 16), workspace_mb=256, timing_cache=cache)
+    assert plan == b"PLAN"
+    strongly_typed = 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert calls(trt, "create_network") == [(strongly_typed,)]
+    assert strongly_typed == (2 if major == 10 else 1)
+    assert calls(trt, "set_flag") == []  # precision comes from the graph, never from builder flags
+    ((model, path),) = calls(trt, "parse")
+    assert model == onnx_graph.read_bytes() and path == str(onnx_graph)
+    assert calls(trt, "set_shape") == [("image", (1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))]
+    assert calls(trt, "set_memory_pool_limit") == [("WORKSPACE", 256 << 20)]
+    assert calls(trt, "create_timing_cache") == [(b"",)] and calls(trt, "set_timing_cache") == [(b"", False)]
+    assert cache.read_bytes() == b"+tuned"  # written back after the build
+    # The next build starts from what the last one tuned.
+    trt.calls.clear()
+    tb.build_plan(trt, onnx_graph, "fp32", (1, 4, 16), workspace_mb=256, timing_cache=cache)
+    assert calls(trt, "create_timing_cache") == [(b"+tuned",)]
+    assert cache.read_bytes() == b"+tuned+tuned"
+
+
+def test_fp16_casts_the_graph_not_the_builder(major, onnx_graph):
+    trt = make_fake_trt(major)
+    tb.build_plan(trt, onnx_graph, "fp16", (1, 2, 4), workspace_mb=64)
+    assert calls(trt, "set_flag") == []
+    ((model_bytes, _),) = calls(trt, "parse")
+    model = onnx.load_from_string(model_bytes)
+    assert {i.data_type for i in model.graph.initializer} == {TensorProto.FLOAT16}
+    # float32 in and out (Casts at the boundary), so callers feed float32 as before
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("fixture", ["onnx_graph", "typed_graph"])
+def test_fp16_graph_is_consistent_and_close(fixture, request):
+    """ONNX Runtime type-checks every edge (as a strongly typed TensorRT network does) and computes the same
+    function to fp16 precision."""
+    import onnxruntime as ort
+
+    path = request.getfixturevalue(fixture)
+    half = tb.onnx_fp16_bytes(path)
+    model = onnx.load_from_string(half)
+    assert not model.graph.value_info  # stale float32 types dropped
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert casts[0].input[0] == "image" and casts[-1].output[0] == model.graph.output[-1].name
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8) if fixture == "onnx_graph" else (2, 3, 4, 4))
+    feeds = {"image": x.astype(np.float32)}
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(half, providers=["CPUExecutionProvider"]).run(None, feeds)
+    for r, g in zip(ref, got, strict=True):
+        assert g.dtype == np.float32 and g.shape == r.shape
+        assert np.abs(g - r).max() <= 1e-2 * max(1.0, np.abs(r).max())
+
+
+def test_build_failures_are_clear(major, onnx_graph):
+    with pytest.raises(UserError, match=r"cannot parse this graph \(node 3: Unsupported operator FancyOp\)"):
+        tb.build_plan(make_fake_trt(major, parse_ok=False), onnx_graph, "fp32", (1, 1, 1), 64)
+    with pytest.raises(RuntimeError, match="failed to build an engine from .*visual.onnx"):
+        tb.build_plan(make_fake_trt(major, plan=None), onnx_graph, "fp32", (1, 1, 1), 64)
+    with pytest.raises(RuntimeError, match=r"rejected the optimisation profile batch \(1, 2, 3\)"):
+        tb.build_plan(make_fake_trt(major, profile_index=-1), onnx_graph, "fp32", (1, 2, 3), 64)
+    with pytest.raises(UserError, match="precision 'int4'"):
+        tb.build_plan(make_fake_trt(major), onnx_graph, "int4", (1, 1, 1), 64)
+
+
+def test_mismatched_timing_cache_is_replaced(major, onnx_graph, tmp_path):
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"from-another-gpu")
+    trt = make_fake_trt(major, cache_match=False)
+    tb.build_plan(trt, onnx_graph, "fp32", (1, 1, 1), 64, timing_cache=cache)
+    assert calls(trt, "set_timing_cache") == [(b"from-another-gpu", False), (b"", False)]
+    assert cache.read_bytes() == b"+tuned"
+
+
+# ---------------------------------------------------------------------------------------------- plan cache
+
+
+def test_plan_cache_key_and_reuse(major, onnx_graph, tmp_path):
+    trt = make_fake_trt(major)
+    sha = tb.sha256_file(onnx_graph)
+    plan, path = tb.load_or_build_plan(trt, tmp_path, onnx_graph, sha, GPU, "fp32", (1, 4, 8))
+    assert plan == b"PLAN" and path.read_bytes() == b"PLAN"
+    assert path.name.startswith(f"visual.nvidia-h200.trt{trt.__version__}.fp32.b1-4-8.") and path.suffix == ".plan"
+    assert (tmp_path / f"tensorrt.nvidia-h200.trt{trt.__version__}.timing.cache").is_file()
+    assert len(calls(trt, "build_serialized_network")) == 1
+    # same key: read from the cache, no build
+    assert tb.load_or_build_plan(trt, tmp_path, onnx_graph, sha, GPU, "fp32", (1, 4, 8)) == (plan, path)
+    assert len(calls(trt, "build_serialized_network")) == 1
+    # rebuild=True builds again
+    tb.load_or_build_plan(trt, tmp_path, onnx_graph, sha, GPU, "fp32", (1, 4, 8), rebuild=True)
+    assert len(calls(trt, "build_serialized_network")) == 2
+    # every part of the key changes the file: graph hash, TensorRT version, GPU, precision, profile
+    base = tb.plan_path(onnx_graph, sha, trt.__version__, GPU, "fp32", (1, 4, 8))
+    others = {
+        tb.plan_path(onnx_graph, "0" * 64, trt.__version__, GPU, "fp32", (1, 4, 8)),
+        tb.plan_path(onnx_graph, sha, "10.99.0", GPU, "fp32", (1, 4, 8)),
+        tb.plan_path(onnx_graph, sha, trt.__version__, "NVIDIA H100 80GB HBM3", "fp32", (1, 4, 8)),
+        tb.plan_path(onnx_graph, sha, trt.__version__, GPU, "fp16", (1, 4, 8)),
+        tb.plan_path(onnx_graph, sha, trt.__version__, GPU, "fp32", (1, 4, 16)),
+    }
+    assert base == path and base not in others and len(others) == 5
+    # a re-exported graph (new hash, same file name) is not served the stale plan
+    model = onnx.load(onnx_graph)
+    model.doc_string = "re-exported"
+    onnx.save(model, onnx_graph)
+    _, new_path = tb.load_or_build_plan(trt, tmp_path, onnx_graph, tb.sha256_file(onnx_graph), GPU, "fp32", (1, 4, 8))
+    assert new_path != path and len(calls(trt, "build_serialized_network")) == 3
+
+
+def test_import_guard(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(11))
+    assert tb.import_tensorrt().__version__.startswith("11.")
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(10))
+    assert tb.import_tensorrt().__version__.startswith("10.")
+    old = make_fake_trt(10)
+    old.__version__ = "8.6.1"
+    monkeypatch.setitem(sys.modules, "tensorrt", old)
+    with pytest.raises(UserError, match="TensorRT 8.6.1 is too old"):
+        tb.import_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(UserError, match="tensorrt-cu13"):
+        tb.import_tensorrt()
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+class _Stream:
+    cuda_stream = 1234
+
+
+def test_run_binds_by_name_and_checks_returns(major):
+    trt = make_fake_trt(major)
+    graph = tb._TrtGraph(trt, b"PLAN", torch.device("cpu"), Path("visual.plan"))
+    x = torch.ones(3, 5, dtype=torch.float64)  # converted to the engine's float32
+    (y,) = graph([x], _Stream())
+    assert y.shape == (3, 2) and y.dtype == torch.float32
+    assert calls(trt, "set_input_shape") == [("x", (3, 5))]
+    bound = dict(calls(trt, "set_tensor_address"))
+    assert bound["y"] == y.data_ptr() and set(bound) == {"x", "y"}
+    assert calls(trt, "execute_async_v3") == [(1234,)]
+
+
+def test_run_failures_are_clear(major):
+    with pytest.raises(UserError, match="could not deserialize the cached plan; delete it"):
+        tb._TrtGraph(make_fake_trt(major, engine_ok=False), b"PLAN", torch.device("cpu"), Path("v.plan"))
+    graph = tb._TrtGraph(make_fake_trt(major, shape_ok=False), b"PLAN", torch.device("cpu"), Path("v.plan"))
+    with pytest.raises(UserError, match=r"refused input 'x' shape \(9, 5\).*optimisation profile"):
+        graph([torch.ones(9, 5)], _Stream())
+    graph = tb._TrtGraph(make_fake_trt(major, execute_ok=False), b"PLAN", torch.device("cpu"), Path("v.plan"))
+    with pytest.raises(RuntimeError, match="v.plan: TensorRT execute_async_v3 failed"):
+        graph([torch.ones(1, 5)], _Stream())
