@@ -69,9 +69,7 @@ class FrontEndConfig:
                 f"front-end sample_rate={self.sample_rate}, window_seconds={self.window_seconds}: must be > 0"
             )
         if self.kind in ("linear", "fbank") and self.sample_rate != 16000:
-            raise UserError(
-                f"front-end kind {self.kind!r} is defined at 16000 Hz, got sample_rate={self.sample_rate}"
-            )
+            raise UserError(f"front-end kind {self.kind!r} is defined at 16000 Hz, got sample_rate={self.sample_rate}")
         if self.kind == "mel" and not (0 < self.mel_win_length <= self.mel_n_fft and self.mel_hop_length > 0):
             raise UserError(
                 f"front-end mel: need 0 < mel_win_length ({self.mel_win_length})"
@@ -150,9 +148,7 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     # libsndfile reads a cut-short WAV without error; its header report says "data : N (should be M)".
     cut = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", info.extra_info or "", re.MULTILINE)
     if cut and int(cut.group(2)) < int(cut.group(1)):
-        raise DataError(
-            path, f"truncated: header declares {cut.group(1)} data bytes, file holds {cut.group(2)}"
-        )
+        raise DataError(path, f"truncated: header declares {cut.group(1)} data bytes, file holds {cut.group(2)}")
     if data.shape[0] == 0:
         raise DataError(path, "audio file holds no samples")
     return to_mono(data), int(sr)
@@ -262,8 +258,13 @@ class FrontEnd(torch.nn.Module):
         # float64 inside: log(S + 1e-7) amplifies errors of tiny bins and the batch is only 299x512.
         x = wave.to(torch.float64)
         spec = torch.stft(
-            x, n_fft=_LINEAR_NPERSEG, hop_length=_LINEAR_HOP, window=self.window.double(), center=False,
-            onesided=True, return_complex=True,
+            x,
+            n_fft=_LINEAR_NPERSEG,
+            hop_length=_LINEAR_HOP,
+            window=self.window.double(),
+            center=False,
+            onesided=True,
+            return_complex=True,
         )  # [B, 257, T]
         seg_mean = x.unfold(-1, _LINEAR_NPERSEG, _LINEAR_HOP).mean(-1)  # [B, T]
         spec = spec - seg_mean.unsqueeze(1) * self.window_dft.to(spec.dtype).unsqueeze(-1)

@@ -134,10 +134,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """Dataclass -> plain dict (tuples become lists) for YAML/JSON."""
+
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):
             return [conv(x) for x in v]
         return v
+
     return conv(obj)

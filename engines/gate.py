@@ -57,8 +57,13 @@ class GateCalibration:
     n_neg: int
 
     def val_dict(self) -> dict[str, float | int]:
-        return {"precision": self.precision, "recall": self.recall, "f1": self.f1, "n_pos": self.n_pos,
-                "n_neg": self.n_neg}
+        return {
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "n_pos": self.n_pos,
+            "n_neg": self.n_neg,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- threshold
@@ -78,8 +83,9 @@ def choose_threshold(
     from avloc.core.metrics import max_f1_threshold
 
     best = max_f1_threshold(np.concatenate([pos, neg]), np.arange(pos.size + neg.size) < pos.size)
-    return GateCalibration(best["threshold"], best["precision"], best["recall"], best["f1"], int(pos.size),
-                           int(neg.size))
+    return GateCalibration(
+        best["threshold"], best["precision"], best["recall"], best["f1"], int(pos.size), int(neg.size)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -144,11 +150,13 @@ def pair_confidences(engine: Any, dataset: Any, pairs: Sequence[tuple[str, str]]
     out = np.empty(len(pairs), np.float32)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        images = np.stack([
-            # the worker receives BGR frames from the capture side
-            preprocess_frame(cv2.cvtColor(dataset.image(i), cv2.COLOR_RGB2BGR), engine.manifest)
-            for i, _ in chunk
-        ])
+        images = np.stack(
+            [
+                # the worker receives BGR frames from the capture side
+                preprocess_frame(cv2.cvtColor(dataset.image(i), cv2.COLOR_RGB2BGR), engine.manifest)
+                for i, _ in chunk
+            ]
+        )
         embs = np.stack([embeddings[a] for _, a in chunk])
         _, conf = engine.localize(images, embs)
         out[start : start + len(chunk)] = np.asarray(conf, dtype=np.float32).reshape(-1)
@@ -212,8 +220,9 @@ def calibrate_checkpoint(
     the graphs ``avloc export`` exports, at ``image_size`` (default: the trained size)."""
     from avloc.core.checkpoint import load_model
 
-    return calibrate_engine(GraphRunner(load_model(checkpoint, device="cpu"), image_size), data, split, seed,
-                            batch_size)
+    return calibrate_engine(
+        GraphRunner(load_model(checkpoint, device="cpu"), image_size), data, split, seed, batch_size
+    )
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -227,8 +236,13 @@ def check_gate_data(data: str | Path, split: str = GATE_SPLIT) -> Path:
     return root
 
 
-def manifest_gate(calibration: GateCalibration, data: str | Path, split: str = GATE_SPLIT,
-                  seed: int = GATE_SEED, backend: str = "onnxruntime") -> dict[str, Any]:
+def manifest_gate(
+    calibration: GateCalibration,
+    data: str | Path,
+    split: str = GATE_SPLIT,
+    seed: int = GATE_SEED,
+    backend: str = "onnxruntime",
+) -> dict[str, Any]:
     """The manifest's ``gate`` entry."""
     return {
         "threshold": calibration.threshold,
@@ -251,9 +265,10 @@ def gate_threshold(manifest: dict[str, Any]) -> float | None:
         return None
     threshold = gate.get("threshold") if isinstance(gate, dict) else None
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
-        raise UserError(f"engine manifest: gate.threshold {threshold!r} is not a finite number; re-export the "
-                        "engine with --gate-data")
+        raise UserError(
+            f"engine manifest: gate.threshold {threshold!r} is not a finite number; re-export the "
+            "engine with --gate-data"
+        )
     if isinstance(gate, dict) and gate.get("statistic", STATISTIC) != STATISTIC:
-        raise UserError(f"engine manifest: gate.statistic {gate.get('statistic')!r}, this avloc gates on "
-                        f"{STATISTIC!r}")
+        raise UserError(f"engine manifest: gate.statistic {gate.get('statistic')!r}, this avloc gates on {STATISTIC!r}")
     return float(threshold)

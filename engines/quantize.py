@@ -196,10 +196,7 @@ def quantize_graphs(
             "u8 activations, MinMax calibration",
         }
         log.info("int8 %s engine: %s; %s", graph, agreement, speed)
-        if (
-            agreement["mean_correlation"] < MIN_CORRELATION
-            or agreement["peak_within_one_cell"] < MIN_PEAK_AGREEMENT
-        ):
+        if agreement["mean_correlation"] < MIN_CORRELATION or agreement["peak_within_one_cell"] < MIN_PEAK_AGREEMENT:
             log.warning(
                 "int8 %s engine rejected: heatmap agreement below r>=%.2f / peak within one cell>=%.2f",
                 graph,

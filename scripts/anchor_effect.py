@@ -47,21 +47,29 @@ def clip_effect(loaded, video: Path, batch: int = 32) -> dict[str, object]:  # n
         for name, acfg in anchors.items():
             windows = np.stack([frame_window(wave, acfg, n + int(round(pts * rate))) for pts, _ in chunk])
             audio = model.encode_audio(frontend(torch.from_numpy(windows)))
-            maps = torch.nn.functional.interpolate(model.cosine_map(vmaps, audio).unsqueeze(1),
-                                                   size=images.shape[-2:], mode="bilinear",
-                                                   align_corners=False)[:, 0].numpy()
+            maps = torch.nn.functional.interpolate(
+                model.cosine_map(vmaps, audio).unsqueeze(1),
+                size=images.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0].numpy()
             for k, m in enumerate(maps):
                 index = min(start + k, len(boxes) - 1)
                 hits[name].append(peak_inside(m, np.asarray(boxes[index])))
     # after the first window an end-anchored window holds no pre-filled silence: the anchors differ there
     # only by where the window sits in time (1.5 s apart at 3 s), not by how much of it is sound
     full = np.array([pts >= cfg.window_seconds for pts, _ in frames])
-    return {"video": str(video), "frames": len(frames),
-            **{f"peak_in_box_{a}": float(np.mean(h)) for a, h in hits.items()},
-            "frames_after_first_window": int(full.sum()),
-            **{f"peak_in_box_{a}_after_first_window": float(np.mean(np.asarray(h)[full])) if full.any() else None
-               for a, h in hits.items()},
-            "same_verdict": float(np.mean(np.equal(hits["end"], hits["center"])))}
+    return {
+        "video": str(video),
+        "frames": len(frames),
+        **{f"peak_in_box_{a}": float(np.mean(h)) for a, h in hits.items()},
+        "frames_after_first_window": int(full.sum()),
+        **{
+            f"peak_in_box_{a}_after_first_window": float(np.mean(np.asarray(h)[full])) if full.any() else None
+            for a, h in hits.items()
+        },
+        "same_verdict": float(np.mean(np.equal(hits["end"], hits["center"]))),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     loaded = load_model(args.checkpoint, device="cpu")
     clips = [clip_effect(loaded, Path(v)) for v in args.video]
-    result = {"checkpoint": args.checkpoint, "window_seconds": loaded.frontend.window_seconds,
-              "trained_anchor": loaded.frontend.anchor, "clips": clips}
+    result = {
+        "checkpoint": args.checkpoint,
+        "window_seconds": loaded.frontend.window_seconds,
+        "trained_anchor": loaded.frontend.anchor,
+        "clips": clips,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

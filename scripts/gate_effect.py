@@ -73,8 +73,10 @@ def measure(engine_dir: Path, data: Path, backend: str = "onnxruntime", batch_si
             return out
         test = gate_dataset(data, "test", engine.manifest)
         rows = load_silent_csv(silent_csv)
-        groups = {"sounding": [(r.video, r.audio) for r in rows if not r.non_sounding],
-                  "silent": [(r.video, r.audio) for r in rows if r.non_sounding]}
+        groups = {
+            "sounding": [(r.video, r.audio) for r in rows if not r.non_sounding],
+            "silent": [(r.video, r.audio) for r in rows if r.non_sounding],
+        }
         out["test"] = {}
         for name, group in groups.items():
             c = pair_confidences(engine, test, group, batch_size) if group else np.zeros(0)

@@ -41,10 +41,38 @@ log = logging.getLogger("make_results")
 
 FINDINGS = "## Findings"  # hand-written section (from --notes) kept across regenerations
 BENCHMARKS = {  # name -> `avloc data stamps` arguments (after --out)
-    "bench": ["--n-train", "10000", "--n-val", "200", "--n-test", "300", "--distractors", "2",
-              "--silent-frac", "0.2", "--seed", "1", "--videos", "2"],
-    "open": ["--n-train", "6000", "--n-val", "200", "--n-test", "300", "--distractors", "2",
-             "--silent-frac", "0.2", "--unheard-frac", "0.2", "--seed", "1"],
+    "bench": [
+        "--n-train",
+        "10000",
+        "--n-val",
+        "200",
+        "--n-test",
+        "300",
+        "--distractors",
+        "2",
+        "--silent-frac",
+        "0.2",
+        "--seed",
+        "1",
+        "--videos",
+        "2",
+    ],
+    "open": [
+        "--n-train",
+        "6000",
+        "--n-val",
+        "200",
+        "--n-test",
+        "300",
+        "--distractors",
+        "2",
+        "--silent-frac",
+        "0.2",
+        "--unheard-frac",
+        "0.2",
+        "--seed",
+        "1",
+    ],
 }
 INDEX_K = 200
 # Equal wall-clock comparisons: each run alone on the machine (2 threads) for the same number of minutes.
@@ -62,23 +90,42 @@ class Run:
 
 FULL = ["loss.positives=[orig,aug,nn]"]
 RUNS = {
-    "cpu": Run("configs/cpu.yaml", [], "bench",
-               "configs/cpu.yaml: s_L + s_A, original pair, same-sound negatives masked, cosine lr, 28 min budget"),
-    "pair_cpu": Run("configs/cpu.yaml", PAIR, "bench", "the CPU recipe (= `align_only` + masking + cosine)",
-                    "pair"),
-    "pair_full": Run("configs/cpu.yaml", [*PAIR, *FULL], "bench",
-                     "SSL-Align: positives {orig, aug, NN}^2 (9 pairs), NN visual from audio neighbours", "pair"),
-    "pair_single_positive": Run("configs/cpu.yaml", [*PAIR, "loss.use_sa=false"], "bench",
-                                "EZ-VSL-like: s_L only, original pair", "pair"),
-    "pair_full_nn_image": Run("configs/cpu.yaml", [*PAIR, *FULL, "train.nn_visual=image"], "bench",
-                              "`pair_full` with the NN visual positive from image neighbours (the paper's)", "pair"),
-    "pair_cpu_no_mask": Run("configs/cpu.yaml", [*PAIR, "train.false_negative_k=0"], "bench",
-                            "`pair_cpu` without same-sound masking", "pair"),
-    "open_cpu": Run("configs/cpu.yaml", PAIR, "open",
-                    "the CPU recipe, 8 min, on the open-set benchmark", "open"),
+    "cpu": Run(
+        "configs/cpu.yaml",
+        [],
+        "bench",
+        "configs/cpu.yaml: s_L + s_A, original pair, same-sound negatives masked, cosine lr, 28 min budget",
+    ),
+    "cpu_2h": Run("configs/cpu_2h.yaml", [], "bench", "configs/cpu_2h.yaml: the same recipe with a 118 min budget"),
+    "pair_cpu": Run("configs/cpu.yaml", PAIR, "bench", "the CPU recipe (= `align_only` + masking + cosine)", "pair"),
+    "pair_full": Run(
+        "configs/cpu.yaml",
+        [*PAIR, *FULL],
+        "bench",
+        "SSL-Align: positives {orig, aug, NN}^2 (9 pairs), NN visual from audio neighbours",
+        "pair",
+    ),
+    "pair_single_positive": Run(
+        "configs/cpu.yaml", [*PAIR, "loss.use_sa=false"], "bench", "EZ-VSL-like: s_L only, original pair", "pair"
+    ),
+    "pair_full_nn_image": Run(
+        "configs/cpu.yaml",
+        [*PAIR, *FULL, "train.nn_visual=image"],
+        "bench",
+        "`pair_full` with the NN visual positive from image neighbours (the paper's)",
+        "pair",
+    ),
+    "pair_cpu_no_mask": Run(
+        "configs/cpu.yaml",
+        [*PAIR, "train.false_negative_k=0"],
+        "bench",
+        "`pair_cpu` without same-sound masking",
+        "pair",
+    ),
+    "open_cpu": Run("configs/cpu.yaml", PAIR, "open", "the CPU recipe, 8 min, on the open-set benchmark", "open"),
 }
 GROUPS = {  # report section -> (title, columns)
-    "recipe": "The CPU recipe (closed set, 2 cores, ≤ 30 min)",
+    "recipe": "The CPU recipes (closed set, 2 cores, ≤ 30 min and ≤ 2 h)",
     "pair": "Equal wall-clock: SSL-Align's parts (closed set, 8 min each on 2 cores, one run at a time)",
     "open": "Heard and unheard categories (open set)",
 }
@@ -121,8 +168,19 @@ def data_command(name: str, root: Path) -> list[str]:
 
 
 def index_command(root: Path) -> list[str]:
-    return [_py(), "-m", "avloc", "index", "build", "--data", str(root), "--k", str(INDEX_K),
-            "--out", str(root / "nn.npz")]
+    return [
+        _py(),
+        "-m",
+        "avloc",
+        "index",
+        "build",
+        "--data",
+        str(root),
+        "--k",
+        str(INDEX_K),
+        "--out",
+        str(root / "nn.npz"),
+    ]
 
 
 def ensure_data(name: str, root: Path, reuse: bool) -> Path:
@@ -138,8 +196,19 @@ def ensure_data(name: str, root: Path, reuse: bool) -> Path:
 
 def train_command(run: str, data: Path, out: Path) -> list[str]:
     spec = RUNS[run]
-    return [_py(), "-m", "avloc", "train", "--config", spec.config, "--data", str(data), "--out", str(out),
-            *spec.overrides]
+    return [
+        _py(),
+        "-m",
+        "avloc",
+        "train",
+        "--config",
+        spec.config,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *spec.overrides,
+    ]
 
 
 def ensure_trained(run: str, data: Path, out_dir: Path, reuse: bool) -> Path:
@@ -154,8 +223,16 @@ def ensure_trained(run: str, data: Path, out_dir: Path, reuse: bool) -> Path:
     log.info("training %s: %s", run, shlex.join(cmd))
     started = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)
-    _atomic_write(done, json.dumps({"command": shlex.join(cmd), "wall_seconds": time.perf_counter() - started,
-                                    "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}))
+    _atomic_write(
+        done,
+        json.dumps(
+            {
+                "command": shlex.join(cmd),
+                "wall_seconds": time.perf_counter() - started,
+                "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        ),
+    )
     return best
 
 
@@ -165,9 +242,16 @@ def ensure_evaluated(run_dir: Path, data: Path, reuse: bool) -> dict[str, Any]:
     best, path = run_dir / "best.pt", run_dir / "metrics_test.json"
     if reuse and path.is_file() and path.stat().st_mtime >= best.stat().st_mtime:
         return json.loads(path.read_text())
-    metrics = evaluate_checkpoint(best, data, "test", audio_swap=True, batch_size=32,
-                                  grid=run_dir / "grid_test.png", swap_examples=run_dir / "audio_swap_examples",
-                                  device="cpu")
+    metrics = evaluate_checkpoint(
+        best,
+        data,
+        "test",
+        audio_swap=True,
+        batch_size=32,
+        grid=run_dir / "grid_test.png",
+        swap_examples=run_dir / "audio_swap_examples",
+        device="cpu",
+    )
     write_json_atomic(path, metrics)
     return metrics
 
@@ -206,11 +290,13 @@ def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
     test_labels = [labels[i] for i in ids]
     # a random ranking's top-1 has the query's class with probability (class count / N)
     chance_r1 = float(np.mean([test_labels.count(c) / len(ids) for c in test_labels]))
-    groups = {g: set(read_split(data, f"test_{g}")) for g in ("heard", "unheard")
-              if (data / f"test_{g}.txt").is_file()}
+    groups = {g: set(read_split(data, f"test_{g}")) for g in ("heard", "unheard") if (data / f"test_{g}.txt").is_file()}
     out: dict[str, dict[str, Any]] = {}
-    makers = (("random heatmap", random_maps.__getitem__), ("centre prior", lambda _k: centre),
-              ("objectness (audio-blind)", objectness.__getitem__))
+    makers = (
+        ("random heatmap", random_maps.__getitem__),
+        ("centre prior", lambda _k: centre),
+        ("objectness (audio-blind)", objectness.__getitem__),
+    )
     for name, make in makers:
         maps = {k: make(k) for k in keys}
         row: dict[str, Any] = {}
@@ -281,8 +367,7 @@ def index_quality(data: Path, ks: tuple[int, ...] = (1, 10, 100)) -> str:
     labels = read_labels(data)
     y = np.array([labels[i] for i in index.ids])
     chance = float(np.mean([np.mean(y == c) for c in y]))
-    lines = ["| NN visual positive from | " + " | ".join(f"top-{k}" for k in ks) + " |",
-             "|---|" + "---|" * len(ks)]
+    lines = ["| NN visual positive from | " + " | ".join(f"top-{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for source in ("image", "audio", "intersection"):
         cells = []
         for k in ks:
@@ -314,8 +399,12 @@ def table(rows: list[tuple[str, dict[str, Any], dict[str, Any] | None]], columns
         if t is None:
             cells += ["", "", "", ""]
         else:
-            cells += [f"{t.get('minutes', 0):.1f}", f"{t.get('steps')} × {t.get('batch_size')}",
-                      _fmt(t.get("samples_per_s")), _fmt(t.get("best_epoch"))]
+            cells += [
+                f"{t.get('minutes', 0):.1f}",
+                f"{t.get('steps')} × {t.get('batch_size')}",
+                _fmt(t.get("samples_per_s")),
+                _fmt(t.get("best_epoch")),
+            ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -353,8 +442,14 @@ def area_table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, datas: dict[str, Path], results: dict[str, dict[str, Any]],
-                 baselines: dict[str, dict[str, dict[str, Any]]], out_dir: Path, argv: list[str]) -> None:
+def write_report(
+    path: Path,
+    datas: dict[str, Path],
+    results: dict[str, dict[str, Any]],
+    baselines: dict[str, dict[str, dict[str, Any]]],
+    out_dir: Path,
+    argv: list[str],
+) -> None:
     device = "CPU, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     this_call = shlex.join([_py(), "scripts/make_results.py", *argv])
     figures = path.parent / "results"
@@ -377,8 +472,9 @@ def write_report(path: Path, datas: dict[str, Path], results: dict[str, dict[str
 
 Benchmark `{datas[bench]}`: `{shlex.join(data_command(bench, datas[bench]))}` — {counts.get("train")} train /
 {counts.get("val")} val / {counts.get("test")} test scenes + {counts.get("silent", 0)} silent (Extended),
-{len(meta.get("categories", []))} categories{f", unheard in train/val: {len(meta.get('unheard', []))}"
-if meta.get("unheard") else ""}. NN index: `{shlex.join(index_command(datas[bench]))}`.
+{len(meta.get("categories", []))} categories{
+            f", unheard in train/val: {len(meta.get('unheard', []))}" if meta.get("unheard") else ""
+        }. NN index: `{shlex.join(index_command(datas[bench]))}`.
 Sounding-box area as a fraction of the image:
 
 {area_table(meta)}
@@ -410,7 +506,7 @@ Model selection on val (`train.select` of the config), never on test.
 {chr(10).join(sections)}"""
     if path.is_file() and FINDINGS in path.read_text():  # keep the hand-written findings when regenerating
         old = path.read_text()
-        text += "\n" + old[old.index(FINDINGS):]
+        text += "\n" + old[old.index(FINDINGS) :]
     _atomic_write(path, text)
     log.info("wrote %s", path)
 
@@ -461,8 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (run_dir / "best.pt").is_file():
             log.warning("%s: no best.pt yet; left out of the report", run_dir)
             continue
-        results[run] = {"metrics": ensure_evaluated(run_dir, datas[RUNS[run].data], args.reuse),
-                        "train": training_stats(run_dir)}
+        results[run] = {
+            "metrics": ensure_evaluated(run_dir, datas[RUNS[run].data], args.reuse),
+            "train": training_stats(run_dir),
+        }
     if args.report_only:
         baselines = {name: baseline_metrics(root) for name, root in datas.items()}
         write_report(Path(args.results), datas, results, baselines, out_dir, argv)

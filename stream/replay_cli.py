@@ -80,6 +80,17 @@ def add_display_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--insecure", action="store_true", help="allow binding non-loopback endpoints without --keys")
     parser.add_argument("--config", type=Path, default=None, help="stream config (default configs/stream.yaml)")
+    parser.add_argument(
+        "--view",
+        nargs="?",
+        const="127.0.0.1:8080",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve the browser viewer (docs/viewer.md; default 127.0.0.1:8080)",
+    )
+    parser.add_argument(
+        "--view-token", default=None, help="token a non-loopback --view requires (default $AVLOC_VIEW_TOKEN)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +107,10 @@ def check_display(args: argparse.Namespace) -> None:
         raise UserError(f"--record {args.record}: expected an .mp4, .mkv or .mov file name")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha {args.alpha}: expected a value between 0 and 1")
+    if getattr(args, "view", None):
+        from avloc.stream.view import check_http
+
+        check_http(args.view, args.view_token, "--view")
 
 
 def run_replay(
@@ -120,6 +135,8 @@ def run_replay(
     verbose: bool = False,
     keys: Path | None = None,
     insecure: bool = False,
+    view: str | None = None,
+    view_token: str | None = None,
 ) -> dict[str, Any]:
     """Replay ``video`` through the pipeline; returns the launcher summary plus the latency report."""
     from avloc.core.media import probe_video
@@ -151,6 +168,10 @@ def run_replay(
             colormap=colormap,
         ),
     ]
+    if view:
+        from avloc.stream.view import view_spec
+
+        specs.append(view_spec(endpoints, view, view_token))
     launcher = L.Launcher(
         specs,
         run_dir,
@@ -218,6 +239,8 @@ def main(args: argparse.Namespace) -> int:
         verbose=getattr(args, "verbose", False),
         keys=args.keys,
         insecure=args.insecure,
+        view=args.view,
+        view_token=args.view_token,
     )
     print_summary(summary)
     return 0 if summary["reason"] in ("ended", "stopped", "timeout", "quit") else 1

@@ -134,6 +134,10 @@ def main(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         colormap=args.colormap,
     )
+    if args.view:
+        from avloc.stream.view import view_spec
+
+        specs.append(view_spec(endpoints, args.view, args.view_token))
     launcher = L.Launcher(
         specs,
         run_dir,

@@ -82,7 +82,7 @@ class PipeMicrophone:
                 pos = due  # nothing delivered while unplugged
             elif due > pos:
                 n = min(due - pos, self.rate // 10)
-                start = (self.written % len(self.samples))
+                start = self.written % len(self.samples)
                 chunk = np.take(self.samples, np.arange(start, start + n), mode="wrap")
                 try:
                     os.write(fd, chunk.tobytes())

@@ -88,8 +88,12 @@ LOCALIZATION = {
     "ext_loc_acc": 0.5,
 }
 MAP_RETRIEVAL = {
-    "a2i_r1": 3 / 6, "a2i_r5": 5 / 6, "a2i_r10": 1.0,
-    "i2a_r1": 4 / 6, "i2a_r5": 5 / 6, "i2a_r10": 1.0,
+    "a2i_r1": 3 / 6,
+    "a2i_r5": 5 / 6,
+    "a2i_r10": 1.0,
+    "i2a_r1": 4 / 6,
+    "i2a_r5": 5 / 6,
+    "i2a_r10": 1.0,
 }
 
 
@@ -111,8 +115,7 @@ def write_dataset(root: Path) -> Path:
         cv2.imwrite(str(root / "frames" / f"{i}.jpg"), np.full((SIZE, SIZE, 3), GREY[i], np.uint8))
         sf.write(root / "audio" / f"{i}.wav", 0.5 * np.sin(2 * np.pi * TONE_HZ[i] * t), SR, subtype="PCM_16")
     (root / "test.txt").write_text("\n".join(IDS) + "\n")
-    (root / "test.json").write_text(json.dumps([{"file": i, "class": f"class_{i}", "bbox": [BOXES[i]]}
-                                                for i in IDS]))
+    (root / "test.json").write_text(json.dumps([{"file": i, "class": f"class_{i}", "bbox": [BOXES[i]]} for i in IDS]))
     rows = ["video,audio,non-sounding", *(f"{i},{i},0" for i in IDS), f"{SILENT},t1,1"]
     (root / "test_plus_silent.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -192,8 +195,11 @@ def patch_acl(monkeypatch, oracle: Oracle) -> None:
 
     def evaluation_outputs(self, image, spec):
         image_ids = oracle.image_ids(image)
-        return (oracle.heatmaps(image_ids), oracle.image_features(image_ids),
-                oracle.audio_features(oracle.audio_ids(spec)))
+        return (
+            oracle.heatmaps(image_ids),
+            oracle.image_features(image_ids),
+            oracle.audio_features(oracle.audio_ids(spec)),
+        )
 
     monkeypatch.setattr(ACL, "evaluation_outputs", evaluation_outputs)
 

@@ -91,9 +91,7 @@ def test_image_masker_heatmap_and_init() -> None:
 
 def test_area_regularization_drives_areas_towards_targets() -> None:
     # w = 1, b = 0 keeps the tiny random decoder's logits out of saturation so a few steps show the trend
-    config = load_config(
-        ROOT / "configs" / "acl_tiny.yaml", ["model.mask_init_w=1.0", "model.mask_init_b=0.0"]
-    )
+    config = load_config(ROOT / "configs" / "acl_tiny.yaml", ["model.mask_init_w=1.0", "model.mask_init_b=0.0"])
     torch.manual_seed(0)
     model = build_acl_model(config["model"]).train()
     spec, image = torch.randn(4, 1, 98, 128), torch.randn(4, 3, 48, 48)

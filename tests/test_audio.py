@@ -76,7 +76,10 @@ def test_fbank_matches_kaldi_and_shape() -> None:
     for b in range(2):
         direct = kaldi.fbank(
             torch.from_numpy(waves[b : b + 1]) * 2**15,
-            num_mel_bins=128, frame_length=25, frame_shift=10, sample_frequency=16000,
+            num_mel_bins=128,
+            frame_length=25,
+            frame_shift=10,
+            sample_frequency=16000,
         )
         torch.testing.assert_close(out[b, 0], (direct - 15.41663) / (2 * 6.55582))
 
@@ -134,7 +137,7 @@ def test_streaming_stereo_blocks_and_reset() -> None:
     config = FrontEndConfig(kind="mel", window_seconds=0.25)
     stereo = np.random.default_rng(4).uniform(-1, 1, (config.num_samples, 2)).astype(np.float32)
     streaming = StreamingFrontEnd(config, hop_samples=1000)
-    (end, spec), = streaming.push(stereo)
+    ((end, spec),) = streaming.push(stereo)
     assert end == config.num_samples
     np.testing.assert_array_equal(spec, FrontEnd(config).compute(stereo.mean(axis=1)))
     streaming.reset()

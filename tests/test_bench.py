@@ -26,8 +26,24 @@ def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):
     # a loaded shared machine can stall the workers' start for long: more slack for the first heatmap
     config = tmp_path / "stream.yaml"
     config.write_text(f"_base: {ROOT / 'configs' / 'stream.yaml'}\nstartup_grace_s: 180.0\nheartbeat_timeout_s: 30.0\n")
-    argv = ["bench", "pipeline", "--video", str(video), "--engine", str(engine), "--duration", "2.5",
-            "--warmup", "0.5", "--threads", "1", "--config", str(config), "--out", str(out)]
+    argv = [
+        "bench",
+        "pipeline",
+        "--video",
+        str(video),
+        "--engine",
+        str(engine),
+        "--duration",
+        "2.5",
+        "--warmup",
+        "0.5",
+        "--threads",
+        "1",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     assert cli_main(argv) == 0
     result = json.loads(out.read_text())
     assert sorted(p.name for p in out.parent.iterdir()) == ["pipeline.json", "pipeline.png", "pipeline_run"]
@@ -40,7 +56,10 @@ def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):
     assert pipe["backend"] == "onnxruntime" and pipe["streams"] == 1
     assert 2.5 <= pipe["measured_s"] < 4.0
     assert all(n == 0 for n in pipe["restarts"].values()) and set(pipe["restarts"]) == {
-        "replay", "inference", "display"}
+        "replay",
+        "inference",
+        "display",
+    }
     assert set(pipe["cpu_percent"]) == {"replay", "inference", "display", "launcher"}
     # heatmaps of the measured window only: at most the video's 15 fps (+ one at each end of the window)
     assert pipe["heatmaps"] >= 3 and pipe["heatmaps"] <= 15 * pipe["measured_s"] + 2

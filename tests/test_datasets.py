@@ -169,8 +169,10 @@ def test_flickr_xml_errors(tmp_path: Path) -> None:
     path.write_text("<annotation><object></object></annotation>")
     with pytest.raises(DataError, match="bad.xml: no <bbox> elements"):
         load_flickr_xml(path)
-    path.write_text("<annotation><object><bbox><dif>0</dif><xmin>a</xmin><ymin>1</ymin>"
-                    "<xmax>2</xmax><ymax>3</ymax></bbox></object></annotation>")
+    path.write_text(
+        "<annotation><object><bbox><dif>0</dif><xmin>a</xmin><ymin>1</ymin>"
+        "<xmax>2</xmax><ymax>3</ymax></bbox></object></annotation>"
+    )
     with pytest.raises(DataError, match="bad.xml: annotator 0: <bbox> needs numeric"):
         load_flickr_xml(path)
 

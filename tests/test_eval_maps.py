@@ -73,8 +73,20 @@ def test_eval_maps_hand_worked_values(tmp_path, mode):
     for sample_id in ALL:
         np.save(maps / f"{sample_id}.npy", heatmap(sample_id))
     out = tmp_path / "metrics.json"
-    argv = ["eval-maps", "--heatmaps", str(maps), "--annotations", str(root / "test.json"),
-            "--silent", str(root / "test_plus_silent.csv"), "--binarize", mode, "--per-sample", "--out", str(out)]
+    argv = [
+        "eval-maps",
+        "--heatmaps",
+        str(maps),
+        "--annotations",
+        str(root / "test.json"),
+        "--silent",
+        str(root / "test_plus_silent.csv"),
+        "--binarize",
+        mode,
+        "--per-sample",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 6 and result["n_silent"] == 1 and result["binarize"] == mode
@@ -84,18 +96,16 @@ def test_eval_maps_hand_worked_values(tmp_path, mode):
         PER_SAMPLE_CIOU, abs=1e-9
     )
     confidence = {i: v["confidence"] for i, v in result["per_sample"].items()}
-    assert confidence == pytest.approx({"t0": 0.9, "t1": 0.5, "t2": 0.3, "t3": 0.8, "t4": 0.6, "t5": 0.2,
-                                        "s0": 0.7}, abs=1e-6)
+    assert confidence == pytest.approx(
+        {"t0": 0.9, "t1": 0.5, "t2": 0.3, "t3": 0.8, "t4": 0.6, "t5": 0.2, "s0": 0.7}, abs=1e-6
+    )
 
 
 def test_eval_maps_adaptive_and_sweep(tmp_path, capsys):
     maps = _write_set(tmp_path)
     out = tmp_path / "m.json"
     base = ["eval-maps", "--heatmaps", str(maps), "--annotations", str(tmp_path / "test.json")]
-    assert (
-        main(base + ["--silent", str(tmp_path / "silent.csv"), "--binarize", "adaptive", "--out", str(out)])
-        == 0
-    )
+    assert main(base + ["--silent", str(tmp_path / "silent.csv"), "--binarize", "adaptive", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["binarize"] == "adaptive"
     (maps / "s1.npy").unlink()
     assert main(base + ["--binarize", "abs:0.5", "--sweep", "--out", str(out)]) == 0

@@ -71,9 +71,7 @@ def test_manifest_contents(engine_dir):
     assert manifest["method"] == "ssl_align"
     assert FrontEndConfig.from_dict(manifest["frontend"]) == FRONTEND
     assert manifest["image"]["size"] == IMAGE_SIZE
-    assert manifest["image"]["mean"] == list(ImageConfig().mean) and manifest["image"]["std"] == list(
-        ImageConfig().std
-    )
+    assert manifest["image"]["mean"] == list(ImageConfig().mean) and manifest["image"]["std"] == list(ImageConfig().std)
     audio, visual = manifest["graphs"]["audio"], manifest["graphs"]["visual"]
     assert audio["inputs"][0]["shape"] == ["batch", *FRONTEND.output_shape()]
     assert audio["outputs"][0]["shape"] == ["batch", 64] and manifest["embed_dim"] == 64
@@ -303,8 +301,14 @@ def test_int8_gate_decides_at_exactly_its_thresholds(checkpoint, tmp_path, monke
 
     def canned(reference, maps):  # (audio, visual) agreement per export, in the order the gate sees them
         r, peak = measured.pop(0)
-        return {"mean_correlation": r, "min_correlation": r, "peak_same_cell": peak,
-                "peak_within_one_cell": peak, "max_abs_diff": 0.0, "mean_abs_diff": 0.0}
+        return {
+            "mean_correlation": r,
+            "min_correlation": r,
+            "peak_same_cell": peak,
+            "peak_within_one_cell": peak,
+            "max_abs_diff": 0.0,
+            "mean_abs_diff": 0.0,
+        }
 
     monkeypatch.setattr(quantize, "_agreement", canned)
     cases = [

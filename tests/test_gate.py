@@ -74,16 +74,21 @@ def synth(tmp_path_factory) -> Path:
     from avloc.core.synth import make_synth
 
     root = tmp_path_factory.mktemp("gate_synth") / "data"
-    return make_synth(root, seed=1, n_train=8, n_val=10, n_test=8, silent_frac=0.5, image_size=48,
-                      clip_seconds=0.5)
+    return make_synth(root, seed=1, n_train=8, n_val=10, n_test=8, silent_frac=0.5, image_size=48, clip_seconds=0.5)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("gate_ckpt") / "best.pt"
-    save_checkpoint(path, SSLAlign(SSLAlignConfig(width=4)), method="ssl_align", model_config={"width": 4},
-                    frontend=FRONTEND, image=ImageConfig(size=32))
+    save_checkpoint(
+        path,
+        SSLAlign(SSLAlignConfig(width=4)),
+        method="ssl_align",
+        model_config={"width": 4},
+        frontend=FRONTEND,
+        image=ImageConfig(size=32),
+    )
     return path
 
 
@@ -179,8 +184,12 @@ def test_export_without_gate_data_has_no_gate_and_bad_gate_data_fails_first(chec
     manifest = read_manifest(plain)
     assert "gate" not in manifest and gate_threshold(manifest) is None
     out = tmp_path / "bad"
-    assert cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
-                     "--gate-data", str(tmp_path / "nowhere")]) == 2
+    assert (
+        cli_main(
+            ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--gate-data", str(tmp_path / "nowhere")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "--gate-data" in err and "val.txt" in err and len(err.splitlines()) == 1
     assert not out.exists() and not out.with_name("bad.tmp").exists()
@@ -219,8 +228,14 @@ def _run_frames(engine: GateEngine, values: list[float], gate: bool = True) -> t
     sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=100)
     time.sleep(0.05)
     try:
-        worker = InferenceWorker(engine, frame_endpoints=[], audio_endpoints=[], heatmap_endpoint=endpoint,
-                                 heartbeat_endpoint=None, gate=gate)
+        worker = InferenceWorker(
+            engine,
+            frame_endpoints=[],
+            audio_endpoints=[],
+            heatmap_endpoint=endpoint,
+            heartbeat_endpoint=None,
+            gate=gate,
+        )
         spec_shape = FRONTEND.output_shape()
         for seq, value in enumerate(values):
             t = 10.0 + seq
@@ -228,8 +243,9 @@ def _run_frames(engine: GateEngine, values: list[float], gate: bool = True) -> t
             worker.take_audio([protocol.Message("audio", "cam0", seq, {"window_end": t}, {"spec": spec}, {})], t)
             frame = np.zeros((32, 32, 3), np.uint8)
             frame[8:12, 20:24] = 255
-            worker.take_frames([protocol.Message("frame", "cam0", seq, {"capture": t + 0.01}, {"frame": frame},
-                                                 {})], t + 0.01)
+            worker.take_frames(
+                [protocol.Message("frame", "cam0", seq, {"capture": t + 0.01}, {"frame": frame}, {})], t + 0.01
+            )
             worker.process_pending(pub)
         time.sleep(0.02)
         return protocol.drain_latest(sub), worker
@@ -256,8 +272,13 @@ def test_worker_without_gate_or_with_no_gate_never_marks():
         assert [m.meta["notice"] for m in out] == [None, None] and "gate" not in out[0].meta
         assert worker.stats.not_visible == 0
     with pytest.raises(UserError, match="gate.threshold"):
-        InferenceWorker(GateEngine({"threshold": None}), frame_endpoints=[], audio_endpoints=[],
-                        heatmap_endpoint="inproc://x", heartbeat_endpoint=None)
+        InferenceWorker(
+            GateEngine({"threshold": None}),
+            frame_endpoints=[],
+            audio_endpoints=[],
+            heatmap_endpoint="inproc://x",
+            heartbeat_endpoint=None,
+        )
 
 
 def test_no_gate_switch_reaches_the_worker():
@@ -299,8 +320,12 @@ def test_display_draws_no_overlay_for_not_visible_heatmaps():
 
 
 def test_gate_effect_script_reports_val_and_test_rows(gated_engine, synth):
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate_effect.py"), "--engine", str(gated_engine),
-                          "--data", str(synth)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gate_effect.py"), "--engine", str(gated_engine), "--data", str(synth)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     manifest = read_manifest(gated_engine)
@@ -313,8 +338,12 @@ def test_gate_effect_script_reports_val_and_test_rows(gated_engine, synth):
     assert result["test"]["sounding"]["n"] == len(rows) - n_silent
     for group in ("silent", "sounding"):
         assert 0.0 <= result["test"][group]["gated"] <= 1.0
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate_effect.py"), "--engine",
-                          str(synth), "--data", str(synth)], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gate_effect.py"), "--engine", str(synth), "--data", str(synth)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 

@@ -98,8 +98,9 @@ def test_full_loss_matches_numpy_sum_over_pairs():
     audios = {v: rng.normal(size=(4, 8)).astype(np.float32) for v in views}
     tau = 0.07
     loss_fn = SSLAlignLoss(LossConfig(tau=tau))
-    total, parts = loss_fn(model, {k: torch.from_numpy(v) for k, v in vmaps.items()},
-                           {k: torch.from_numpy(v) for k, v in audios.items()})
+    total, parts = loss_fn(
+        model, {k: torch.from_numpy(v) for k, v in vmaps.items()}, {k: torch.from_numpy(v) for k, v in audios.items()}
+    )
     w = {n: p.detach().double().numpy() for n, p in model.named_parameters() if "proj" in n}
     expected = 0.0
     for v in views:
@@ -130,7 +131,11 @@ def test_nine_pairs_and_ablation_flags():
     assert view_pairs(LossConfig(positives=("orig",))) == [("orig", "orig")]
     # order of the config list does not matter; pairs follow the canonical view order
     assert view_pairs(LossConfig(positives=("nn", "orig"))) == [
-        ("orig", "orig"), ("orig", "nn"), ("nn", "orig"), ("nn", "nn")]
+        ("orig", "orig"),
+        ("orig", "nn"),
+        ("nn", "orig"),
+        ("nn", "nn"),
+    ]
     model = SSLAlign(SSLAlignConfig(width=1))
     vm = {v: torch.randn(2, 8, 2, 2) for v in ("orig", "aug", "nn")}
     au = {v: torch.randn(2, 8) for v in ("orig", "aug", "nn")}

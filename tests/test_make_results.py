@@ -27,20 +27,35 @@ def _script():
 def test_make_results_trains_evaluates_and_reports(tmp_path, monkeypatch):
     from avloc.core.synth import make_synth
 
-    data = make_synth(tmp_path / "bench", seed=2, n_train=24, n_val=8, n_test=10, silent_frac=0.2,
-                      image_size=48, clip_seconds=0.5)
+    data = make_synth(
+        tmp_path / "bench", seed=2, n_train=24, n_val=8, n_test=10, silent_frac=0.2, image_size=48, clip_seconds=0.5
+    )
     ids = read_split(data, "train")
     nn = np.stack([(np.arange(len(ids)) + d) % len(ids) for d in (1, 2)], axis=1)
     np.savez(data / "nn.npz", ids=np.array(ids), image_nn=nn, audio_nn=nn, meta=np.array("{}"))
-    config = merge(load_config(REPO / "configs" / "cpu.yaml"), {
-        "model": {"width": 4}, "image": {"size": 32}, "frontend": {"window_seconds": 0.2},
-        "train": {"epochs": 1, "batch_size": 8, "budget_minutes": None, "false_negative_k": 2, "nn_k": 2},
-    })
+    config = merge(
+        load_config(REPO / "configs" / "cpu.yaml"),
+        {
+            "model": {"width": 4},
+            "image": {"size": 32},
+            "frontend": {"window_seconds": 0.2},
+            "train": {"epochs": 1, "batch_size": 8, "budget_minutes": None, "false_negative_k": 2, "nn_k": 2},
+        },
+    )
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     mr = _script()
     monkeypatch.setattr(mr, "RUNS", {"tiny": mr.Run(str(tmp_path / "tiny.yaml"), ["train.seed=1"], "bench", "tiny")})
-    common = ["--bench", str(data), "--open", str(tmp_path / "absent"), "--out-dir", str(tmp_path / "runs"),
-              "--results", str(tmp_path / "docs" / "results.md"), "--reuse"]
+    common = [
+        "--bench",
+        str(data),
+        "--open",
+        str(tmp_path / "absent"),
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "docs" / "results.md"),
+        "--reuse",
+    ]
     assert mr.main([*common, "--runs", "tiny"]) == 0
     metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics_test.json").read_text())
     lo, hi = metrics["adaptive/ciou_ap50_ci"]

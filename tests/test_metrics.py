@@ -37,9 +37,7 @@ def test_gt_map_vggss_union_of_boxes_and_clipping():
 
 def test_gt_map_flickr_three_annotators_consensus():
     # 256-px boxes: A1 = A3 = [0,0,128,128] -> [0:112, 0:112]; A2 = [64,64,192,192] -> [56:168, 56:168]
-    gt = M.gt_map_flickr(
-        [np.array([[0, 0, 128, 128]]), np.array([[64, 64, 192, 192]]), np.array([[0, 0, 128, 128]])]
-    )
+    gt = M.gt_map_flickr([np.array([[0, 0, 128, 128]]), np.array([[64, 64, 192, 192]]), np.array([[0, 0, 128, 128]])])
     assert gt[0, 0] == 1.0  # two annotators: 2 / 2
     assert gt[100, 100] == 1.0  # three: 3 / 2 clipped to 1
     assert gt[150, 150] == 0.5  # one annotator
@@ -252,10 +250,7 @@ def _loop_extended(cious, conf, sounding):
     thrs = sorted(conf)[:-1][:: -max(1, n // 200)]
     ps, rs = zip(*[pr(t) for t in thrs])
     ap = sum(max(ps[i:]) * (rs[i + 1] - rs[i]) for i in range(len(ps) - 1))
-    f1 = [
-        2 * p * r / (p + r) if p + r > 0 else 0.0
-        for p, r in (pr(t) for t in sorted(conf)[:: max(1, n // 10)])
-    ]
+    f1 = [2 * p * r / (p + r) if p + r > 0 else 0.0 for p, r in (pr(t) for t in sorted(conf)[:: max(1, n // 10)])]
     return ap, max(f1)
 
 
@@ -311,9 +306,7 @@ def test_abs_sweep_reports_every_threshold_and_the_best():
     assert out["select"] == "auc" and out["best"]["t"] == 0.35  # first of the equal maxima
     assert by_t[0.5]["miou"] == pytest.approx(1.0, abs=1e-6)
     for t in (0.3, 0.6, 0.95):
-        assert by_t[t]["ciou_mean"] == pytest.approx(
-            M.ciou_batch(maps, np.stack([gt, gt]), f"abs:{t}").mean()
-        )
+        assert by_t[t]["ciou_mean"] == pytest.approx(M.ciou_batch(maps, np.stack([gt, gt]), f"abs:{t}").mean())
 
 
 def test_one_pass_sweep_equals_thresholding_each_t():

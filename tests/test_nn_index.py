@@ -62,9 +62,7 @@ def test_find_neighbors_returns_the_known_order_on_an_arc() -> None:
     assert find_neighbors(features, k=5).tolist() == ARC_ORDER
     assert find_neighbors(features, k=2).tolist() == [row[:2] for row in ARC_ORDER]
     # with itself allowed, each row starts with itself, then the same order
-    assert find_neighbors(features, k=6, exclude_self=False).tolist() == [
-        [i, *row] for i, row in enumerate(ARC_ORDER)
-    ]
+    assert find_neighbors(features, k=6, exclude_self=False).tolist() == [[i, *row] for i, row in enumerate(ARC_ORDER)]
 
 
 def test_find_neighbors_caps_k_and_excludes_self_among_duplicates() -> None:
@@ -94,8 +92,13 @@ def test_index_file_round_trip(tmp_path: Path) -> None:
     assert back.ids == ["a", "b", "c"] and back.meta == {"k": 1}
     np.testing.assert_array_equal(back.image_nn, index.image_nn)
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
-    np.savez(tmp_path / "bad.npz", ids=np.array(["a"]), image_nn=np.array([[5]]), audio_nn=np.array([[0]]),
-             meta=np.array("{}"))
+    np.savez(
+        tmp_path / "bad.npz",
+        ids=np.array(["a"]),
+        image_nn=np.array([[5]]),
+        audio_nn=np.array([[0]]),
+        meta=np.array("{}"),
+    )
     with pytest.raises(UserError, match="image_nn"):
         load_index(tmp_path / "bad.npz")
 
@@ -116,8 +119,7 @@ def test_effnet_lite0_features_are_semantic() -> None:
     from avloc.train.encoders import image_features_lite0, load_effnet_lite0
 
     model = load_effnet_lite0()
-    names = ["animals/mammals/dogs/dog.png", "animals/mammals/dogs/fox.png",
-             "hobbies/music/string/violin.png"]
+    names = ["animals/mammals/dogs/dog.png", "animals/mammals/dogs/fox.png", "hobbies/music/string/violin.png"]
     feats = image_features_lite0([_stamp_rgb(n) for n in names], model)
     assert feats.shape == (3, 1280) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
@@ -140,8 +142,12 @@ def test_yamnet_embeddings_are_semantic() -> None:
     from avloc.train.encoders import YAMNetEmbedder
 
     embedder = YAMNetEmbedder()
-    names = ["animals/mammals/dogs/dog.ogg", "animals/mammals/bovines/cow.ogg",
-             "household/vacuum_cleaner.ogg", "hobbies/music/string/violin.ogg"]
+    names = [
+        "animals/mammals/dogs/dog.ogg",
+        "animals/mammals/bovines/cow.ogg",
+        "household/vacuum_cleaner.ogg",
+        "hobbies/music/string/violin.ogg",
+    ]
     waves = [load_audio(STAMPS / n) for n in names]
     feats = embedder(waves)
     assert feats.shape == (4, 1024) and feats.dtype == np.float32
@@ -164,12 +170,27 @@ def test_index_build_cli_with_self_encoders(tmp_path: Path, monkeypatch: pytest.
     from avloc.core.synth import make_synth
     from avloc.train import nn_index
 
-    data = make_synth(tmp_path / "data", seed=0, n_train=6, n_val=0, n_test=0, distractors=1, silent_frac=0.0,
-                      image_size=48, clip_seconds=0.5, workers=1)
+    data = make_synth(
+        tmp_path / "data",
+        seed=0,
+        n_train=6,
+        n_val=0,
+        n_test=0,
+        distractors=1,
+        silent_frac=0.0,
+        image_size=48,
+        clip_seconds=0.5,
+        workers=1,
+    )
     torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "best.pt", SSLAlign(SSLAlignConfig(width=4)), method="ssl_align",
-                           model_config={"width": 4}, frontend=FrontEndConfig(window_seconds=0.5),
-                           image=ImageConfig(size=48))
+    ckpt = save_checkpoint(
+        tmp_path / "best.pt",
+        SSLAlign(SSLAlignConfig(width=4)),
+        method="ssl_align",
+        model_config={"width": 4},
+        frontend=FrontEndConfig(window_seconds=0.5),
+        image=ImageConfig(size=48),
+    )
     # The model's own features are computed (shapes checked), then replaced by directions whose neighbour order
     # is known: the i-th train id sits at ARC_DEGREES[i] for images and at ARC_DEGREES[5 - i] for audio.
     train_ids = read_split(data, "train")
@@ -194,6 +215,8 @@ def test_index_build_cli_with_self_encoders(tmp_path: Path, monkeypatch: pytest.
     by_id = {i: [index.ids[j] for j in row] for i, row in zip(index.ids, index.audio_nn.tolist())}
     assert by_id == {train_ids[5 - r]: [train_ids[5 - j] for j in ARC_ORDER[r]] for r in range(6)}
     # 'self' without a checkpoint is a one-line user error, nothing written
-    assert cli_main(["index", "build", "--data", str(data), "--image-encoder", "self",
-                     "--out", str(tmp_path / "x.npz")]) == 2
+    assert (
+        cli_main(["index", "build", "--data", str(data), "--image-encoder", "self", "--out", str(tmp_path / "x.npz")])
+        == 2
+    )
     assert not (tmp_path / "x.npz").exists()

@@ -61,8 +61,15 @@ def test_soft_mask_focuses_on_matching_locations(tiny):
 def test_checkpoint_round_trip_carries_preprocessing(tmp_path, tiny):
     frontend = FrontEndConfig(window_seconds=1.0)
     image = ImageConfig(size=96)
-    path = save_checkpoint(tmp_path / "m.pt", tiny, method="ssl_align", model_config=to_dict(tiny.config),
-                           frontend=frontend, image=image, extra={"epoch": 3})
+    path = save_checkpoint(
+        tmp_path / "m.pt",
+        tiny,
+        method="ssl_align",
+        model_config=to_dict(tiny.config),
+        frontend=frontend,
+        image=image,
+        extra={"epoch": 3},
+    )
     torch.load(path, weights_only=True)  # no pickled objects
     loaded = load_model(path)
     assert loaded.frontend == frontend and loaded.image == image and loaded.meta["epoch"] == 3
@@ -78,20 +85,38 @@ def _edit_state(path, edit):
 
 
 def test_missing_and_unexpected_keys_are_user_errors_naming_them(tmp_path, tiny):
-    path = save_checkpoint(tmp_path / "m.pt", tiny, method="ssl_align", model_config=to_dict(tiny.config),
-                           frontend=FrontEndConfig(), image=ImageConfig())
+    path = save_checkpoint(
+        tmp_path / "m.pt",
+        tiny,
+        method="ssl_align",
+        model_config=to_dict(tiny.config),
+        frontend=FrontEndConfig(),
+        image=ImageConfig(),
+    )
     _edit_state(path, lambda sd: sd.pop("audio_proj.bias"))
     with pytest.raises(UserError, match=r"missing 1 key\(s\) \[audio_proj.bias\]"):
         load_model(path)
 
-    path = save_checkpoint(tmp_path / "u.pt", tiny, method="ssl_align", model_config=to_dict(tiny.config),
-                           frontend=FrontEndConfig(), image=ImageConfig())
+    path = save_checkpoint(
+        tmp_path / "u.pt",
+        tiny,
+        method="ssl_align",
+        model_config=to_dict(tiny.config),
+        frontend=FrontEndConfig(),
+        image=ImageConfig(),
+    )
     _edit_state(path, lambda sd: sd.__setitem__("extra_head.weight", torch.zeros(2)))
     with pytest.raises(UserError, match=r"unexpected 1 key\(s\) \[extra_head.weight\]"):
         load_model(path)
 
     # a model config that does not match the weights (width) is a shape error, not a silent partial load
-    path = save_checkpoint(tmp_path / "w.pt", tiny, method="ssl_align", model_config={"width": 8},
-                           frontend=FrontEndConfig(), image=ImageConfig())
+    path = save_checkpoint(
+        tmp_path / "w.pt",
+        tiny,
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FrontEndConfig(),
+        image=ImageConfig(),
+    )
     with pytest.raises(UserError, match="shape mismatch"):
         load_model(path)

@@ -38,8 +38,7 @@ def synth(tmp_path_factory) -> Path:
     from avloc.core.synth import make_synth
 
     root = tmp_path_factory.mktemp("synth") / "data"
-    return make_synth(root, seed=1, n_train=24, n_val=8, n_test=8, silent_frac=0.0, image_size=48,
-                      clip_seconds=0.5)
+    return make_synth(root, seed=1, n_train=24, n_val=8, n_test=8, silent_frac=0.0, image_size=48, clip_seconds=0.5)
 
 
 def _split(root: Path, split: str = "train", size: int = 35):
@@ -60,8 +59,9 @@ def test_views_are_a_pure_function_of_seed_epoch_index(synth):
     wave = split.wave(5)
     mid = len(wave) // 2
     np.testing.assert_allclose(a["wave_orig"].numpy(), wave[mid - 1600 : mid])
-    centred = TrainViews(split, ImageConfig(size=32), FrontEndConfig(window_seconds=0.1, anchor="center"),
-                         ("orig",), seed=0)
+    centred = TrainViews(
+        split, ImageConfig(size=32), FrontEndConfig(window_seconds=0.1, anchor="center"), ("orig",), seed=0
+    )
     np.testing.assert_allclose(centred[(0, 5)]["wave_orig"].numpy(), wave[mid - 800 : mid + 800])
 
 
@@ -174,14 +174,44 @@ def test_cli_train_and_user_errors(synth, tmp_path, capsys):
 
     config.write_text(yaml.safe_dump(tiny_config()))
     out = tmp_path / "cli"
-    assert main(["train", "--config", str(config), "--data", str(synth), "--out", str(out),
-                 "train.max_steps=1", "optim.lr=3e-4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(synth),
+                "--out",
+                str(out),
+                "train.max_steps=1",
+                "optim.lr=3e-4",
+            ]
+        )
+        == 0
+    )
     assert read_checkpoint(out / "last.pt")["step"] == 1
-    assert main(["train", "--config", str(config), "--data", str(synth), "--out", str(tmp_path / "x"),
-                 "loss.bogus=1"]) == 2
+    assert (
+        main(["train", "--config", str(config), "--data", str(synth), "--out", str(tmp_path / "x"), "loss.bogus=1"])
+        == 2
+    )
     assert "unknown key(s) bogus" in capsys.readouterr().err
-    assert main(["train", "--config", str(config), "--data", str(synth), "--out", str(tmp_path / "y"),
-                 "loss.positives=[orig,nn]", "train.nn_index=missing.npz"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(synth),
+                "--out",
+                str(tmp_path / "y"),
+                "loss.positives=[orig,nn]",
+                "train.nn_index=missing.npz",
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.slow
@@ -239,8 +269,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_budget_fixes_the_step_count_and_the_schedule_ends_there(synth, tmp_path):
     out = tmp_path / "budget"
-    cfg = tiny_config(optim={"schedule": "cosine", "lr": 1e-3},
-                      train={"epochs": 400, "budget_minutes": 0.25, "batch_size": 4, "val_every": 100})
+    cfg = tiny_config(
+        optim={"schedule": "cosine", "lr": 1e-3},
+        train={"epochs": 400, "budget_minutes": 0.25, "batch_size": 4, "val_every": 100},
+    )
     t0 = time.perf_counter()
     train(cfg, synth, out)
     elapsed = time.perf_counter() - t0
@@ -258,9 +290,10 @@ def test_false_negative_mask_and_audio_guided_nn_train(synth, tmp_path):
     n = len(ids)
     nn = np.stack([(np.arange(n) + d) % n for d in (1, 2, 3)], axis=1)
     np.savez(synth / "nn_test.npz", ids=np.array(ids), image_nn=nn, audio_nn=nn[:, ::-1], meta=np.array("{}"))
-    cfg = tiny_config(loss={"positives": ["orig", "nn"]},
-                      train={"epochs": 1, "nn_index": "nn_test.npz", "nn_k": 2, "nn_visual": "audio",
-                             "false_negative_k": 2})
+    cfg = tiny_config(
+        loss={"positives": ["orig", "nn"]},
+        train={"epochs": 1, "nn_index": "nn_test.npz", "nn_k": 2, "nn_visual": "audio", "false_negative_k": 2},
+    )
     train(cfg, synth, tmp_path / "fn")
     record = json.loads((tmp_path / "fn" / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(record["train/loss"])

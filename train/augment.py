@@ -61,9 +61,7 @@ class ImageViews:
     def __init__(self, image: ImageConfig) -> None:
         size = image.size
         self.size = size
-        self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(image.mean, image.std)]
-        )
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(image.mean, image.std)])
         self.plain = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()])
         blur_kernel = 2 * (size // 20) + 1  # ~10% of the side, odd
         self.augment = v2.Compose(
@@ -90,9 +88,7 @@ class ImageViews:
         return self.normalize(frame)
 
 
-def shifted_window(
-    wave: np.ndarray, num_samples: int, rng: np.random.Generator, pad: str = "tile"
-) -> np.ndarray:
+def shifted_window(wave: np.ndarray, num_samples: int, rng: np.random.Generator, pad: str = "tile") -> np.ndarray:
     """Time-shift augmentation: a random window inside the clip, or a circular shift of a short clip."""
     n = wave.shape[-1]
     if n > num_samples:

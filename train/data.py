@@ -131,8 +131,15 @@ def load_split(
         np.save(tmp / "frames.npy", frames)
         np.save(tmp / "audio.npy", np.concatenate(waves))
         np.save(tmp / "offsets.npy", _offsets(waves))
-        meta = {"version": CACHE_VERSION, "stamp": stamp, "ids": source.ids, "root": str(root),
-                "split": split, "frame_size": frame_size, "sample_rate": frontend.sample_rate}
+        meta = {
+            "version": CACHE_VERSION,
+            "stamp": stamp,
+            "ids": source.ids,
+            "root": str(root),
+            "split": split,
+            "frame_size": frame_size,
+            "sample_rate": frontend.sample_rate,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta))
         if folder.exists():  # stale entry with the same key
             shutil.rmtree(folder)

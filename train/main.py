@@ -22,8 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     acl.add_argument("--beats", type=Path, help="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
     acl.add_argument("--clipseg", type=Path, help="local Hugging Face CIDAS/clipseg-rd64-refined folder")
     acl.add_argument("--acl-checkpoint", type=Path, help="released ACL weights to start from (optional)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.epochs=5 image.size=128 loss.use_sa=false")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.epochs=5 image.size=128 loss.use_sa=false",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -104,8 +104,10 @@ def yamnet_audio_features(dataset: Any, ids: list[str], batch_size: int = 32) ->
     from avloc.train.encoders import YAMNET_SAMPLE_RATE, YAMNetEmbedder
 
     if dataset.frontend.sample_rate != YAMNET_SAMPLE_RATE:
-        raise UserError(f"--audio-encoder yamnet needs {YAMNET_SAMPLE_RATE} Hz audio, dataset front-end has "
-                        f"{dataset.frontend.sample_rate} Hz")
+        raise UserError(
+            f"--audio-encoder yamnet needs {YAMNET_SAMPLE_RATE} Hz audio, dataset front-end has "
+            f"{dataset.frontend.sample_rate} Hz"
+        )
     embedder = YAMNetEmbedder(threads=torch.get_num_threads())
     parts = [embedder([dataset.audio(i) for i in chunk]) for chunk in _batches(ids, batch_size, "yamnet")]
     return np.concatenate(parts)
@@ -258,9 +260,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UserError(f"--k {args.k}: expected a positive number of neighbours")
-    index = build_index(args.data, args.image_encoder, args.audio_encoder, args.k, args.checkpoint,
-                        args.batch_size, args.split)
+    index = build_index(
+        args.data, args.image_encoder, args.audio_encoder, args.k, args.checkpoint, args.batch_size, args.split
+    )
     out = save_index(args.out, index)
-    log.info("wrote %s: %d ids, k=%d (%s / %s)", out, len(index.ids), index.meta["k"],
-             args.image_encoder, args.audio_encoder)
+    log.info(
+        "wrote %s: %d ids, k=%d (%s / %s)", out, len(index.ids), index.meta["k"], args.image_encoder, args.audio_encoder
+    )
     return 0

@@ -136,8 +136,10 @@ def parse_config(config: dict[str, Any]) -> RunConfig:
         raise UserError(f"config train.false_negative_k={t.false_negative_k}: expected >= 0 (0 = off)")
     o = cfg.optim
     if o.warmup_epochs < 0 or not 0 <= o.min_lr_ratio <= 1:
-        raise UserError(f"config optim.warmup_epochs={o.warmup_epochs}, min_lr_ratio={o.min_lr_ratio}: "
-                        "expected warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1")
+        raise UserError(
+            f"config optim.warmup_epochs={o.warmup_epochs}, min_lr_ratio={o.min_lr_ratio}: "
+            "expected warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1"
+        )
     if t.batch_size < 2:
         raise UserError(f"config train.batch_size={t.batch_size}: in-batch negatives need at least 2")
     return cfg
@@ -160,9 +162,7 @@ class TrainStep(nn.Module):
         self.views = tuple(loss.positives)
         self.amp = amp
 
-    def forward(
-        self, batch: dict[str, Tensor], gather: Gather | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: dict[str, Tensor], gather: Gather | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         vmaps, audios = {}, {}
         device_type = batch["image_orig"].device.type
         for view in self.views:
@@ -229,8 +229,15 @@ def compute_heatmaps(
     return maps, torch.cat(vis)[idx].numpy(), torch.cat(aud)[idx].numpy()
 
 
-def validate(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, annotations: dict[str, Any],
-             binarize: str, device: torch.device, heatmaps_fn: Any = None) -> dict[str, Any]:
+def validate(
+    model: SSLAlign,
+    frontend: FrontEnd,
+    loader: DataLoader,
+    annotations: dict[str, Any],
+    binarize: str,
+    device: torch.device,
+    heatmaps_fn: Any = None,
+) -> dict[str, Any]:
     """Localization on the validation split with the evaluation protocol (avloc.core.metrics)."""
     from avloc.core.metrics import evaluate_maps
 
@@ -240,16 +247,19 @@ def validate(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, annotation
     return evaluate_maps(heatmaps, {k: annotations[k] for k in heatmaps}, binarize=binarize)
 
 
-def self_neighbours(model: SSLAlign, frontend: FrontEnd, loader: DataLoader, k: int,
-                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def self_neighbours(
+    model: SSLAlign, frontend: FrontEnd, loader: DataLoader, k: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """NN positives from the model's own features (image: spatial mean of the normalized map; audio:
     the embedding), with faiss via avloc.train.nn_index.find_neighbors."""
     from avloc.train.nn_index import find_neighbors
 
     _, vis, aud = compute_heatmaps(model, frontend, loader, device)
     k = min(k, len(vis) - 1)
-    return (find_neighbors(vis.astype(np.float32), k, exclude_self=True),
-            find_neighbors(aud.astype(np.float32), k, exclude_self=True))
+    return (
+        find_neighbors(vis.astype(np.float32), k, exclude_self=True),
+        find_neighbors(aud.astype(np.float32), k, exclude_self=True),
+    )
 
 
 @dataclass
@@ -262,8 +272,9 @@ class SwapScene:
     boxes: list[np.ndarray]
 
 
-def load_swap_scenes(data: Path, ids: list[str], annotations: dict[str, Any],
-                     frontend: FrontEndConfig) -> list[SwapScene]:
+def load_swap_scenes(
+    data: Path, ids: list[str], annotations: dict[str, Any], frontend: FrontEndConfig
+) -> list[SwapScene]:
     """Val scenes with two or more recorded objects (``objects[].audio`` of the layout), windows decoded once."""
     from avloc.core.audio import frame_window, load_audio
     from avloc.train.evaluate import swap_scenes
@@ -271,15 +282,15 @@ def load_swap_scenes(data: Path, ids: list[str], annotations: dict[str, Any],
     position = {sid: i for i, sid in enumerate(ids)}
     out = []
     for sid, objects in swap_scenes(annotations, ids).items():
-        windows = np.stack([frame_window(load_audio(data / o.audio, frontend.sample_rate), frontend)
-                            for o in objects])
+        windows = np.stack([frame_window(load_audio(data / o.audio, frontend.sample_rate), frontend) for o in objects])
         out.append(SwapScene(position[sid], windows, [np.asarray(o.bbox) for o in objects]))
     return out
 
 
 @torch.no_grad()
-def validate_audio_swap(model: SSLAlign, frontend: FrontEnd, dataset: EvalViews, scenes: list[SwapScene],
-                        device: torch.device) -> dict[str, float]:
+def validate_audio_swap(
+    model: SSLAlign, frontend: FrontEnd, dataset: EvalViews, scenes: list[SwapScene], device: torch.device
+) -> dict[str, float]:
     """Fraction of (scene, recorded object) pairs whose heatmap peak is inside the heard object's box, and
     of scenes where every object is found (the test's audio-swap, on val)."""
     from avloc.train.evaluate import peak_inside
@@ -320,8 +331,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 def _git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -385,8 +401,9 @@ def _init_distributed() -> _Dist:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
-          pretrained: dict[str, Any] | None = None) -> Path:
+def train(
+    config: dict[str, Any], data: Path, out: Path, resume: bool = False, pretrained: dict[str, Any] | None = None
+) -> Path:
     """Train SSL-Align on DATA (layout of docs/architecture.md) into OUT; returns OUT/best.pt.
 
     OUT gets config.yaml (resolved), run.json (front-end, image, git revision, world size), last.pt
@@ -403,8 +420,10 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
     t = cfg.train
     ddp = _init_distributed()
     if t.budget_minutes is not None and ddp.world > 1:
-        raise UserError("config train.budget_minutes: not with several processes (each would time its own "
-                        "steps); give train.epochs or train.max_steps instead")
+        raise UserError(
+            "config train.budget_minutes: not with several processes (each would time its own "
+            "steps); give train.epochs or train.max_steps instead"
+        )
     device = _select_device(t.device, ddp.local_rank)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -435,13 +454,16 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
 
         val_split = load_split(data, "val", cfg.frontend, cfg.image.size, cache_dir)
         annotations = load_vggss_json(data / "val.json")
-        val_loader = DataLoader(EvalViews(val_split, cfg.image, cfg.frontend), batch_size=t.batch_size,
-                                num_workers=min(t.num_workers, 2))
+        val_loader = DataLoader(
+            EvalViews(val_split, cfg.image, cfg.frontend), batch_size=t.batch_size, num_workers=min(t.num_workers, 2)
+        )
         if not acl:
             swap_val = load_swap_scenes(data, val_split.ids, annotations, cfg.frontend)
         if t.select == "audio_swap" and not swap_val:
-            raise UserError(f"config train.select=audio_swap: {data / 'val.json'} has no scene with two or more "
-                            "recorded objects (objects[].audio)")
+            raise UserError(
+                f"config train.select=audio_swap: {data / 'val.json'} has no scene with two or more "
+                "recorded objects (objects[].audio)"
+            )
     elif not has_val:
         log.warning("%s: no val.txt + val.json; best.pt will be the last epoch (no model selection)", data)
 
@@ -454,22 +476,38 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         neighbours = load_nn_index(_resolve_nn_path(nn_mode, data), train_split.ids, t.nn_k)
     if t.false_negative_k:
         if not t.nn_index or t.nn_index == "self":
-            raise UserError("config train.false_negative_k needs train.nn_index set to an index file "
-                            "(`avloc index build`): its audio neighbours are the known same-sound clips")
+            raise UserError(
+                "config train.false_negative_k needs train.nn_index set to an index file "
+                "(`avloc index build`): its audio neighbours are the known same-sound clips"
+            )
         if t.gather_negatives:
             raise UserError("config train.false_negative_k cannot be combined with train.gather_negatives")
         same_sound = load_nn_index(_resolve_nn_path(t.nn_index, data), train_split.ids, t.false_negative_k)[1]
-    dataset = TrainViews(train_split, cfg.image, cfg.frontend, views, t.seed,
-                         neighbours if nn_mode != "self" else _placeholder_neighbours(len(train_split.ids)),
-                         nn_visual=t.nn_visual)
+    dataset = TrainViews(
+        train_split,
+        cfg.image,
+        cfg.frontend,
+        views,
+        t.seed,
+        neighbours if nn_mode != "self" else _placeholder_neighbours(len(train_split.ids)),
+        nn_visual=t.nn_visual,
+    )
     sampler = EpochSampler(len(dataset), t.batch_size, t.seed, ddp.rank, ddp.world)
-    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=t.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     self_loader = None
     if nn_mode == "self":
-        self_loader = DataLoader(EvalViews(load_split(data, "train", cfg.frontend, cfg.image.size, cache_dir),
-                                           cfg.image, cfg.frontend),
-                                 batch_size=t.batch_size, num_workers=min(t.num_workers, 2))
+        self_loader = DataLoader(
+            EvalViews(load_split(data, "train", cfg.frontend, cfg.image.size, cache_dir), cfg.image, cfg.frontend),
+            batch_size=t.batch_size,
+            num_workers=min(t.num_workers, 2),
+        )
 
     # --- model, optimizer ------------------------------------------------------------------------
     torch.manual_seed(t.seed)
@@ -484,12 +522,11 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     steps_per_epoch = sampler.batches_per_epoch()
     # total steps of the lr schedule: train.epochs, or (budget) fixed after the probe steps below
-    plan = {"total_steps": min(t.epochs * steps_per_epoch, t.max_steps or math.inf),
-            "fixed": t.budget_minutes is None}
+    plan = {"total_steps": min(t.epochs * steps_per_epoch, t.max_steps or math.inf), "fixed": t.budget_minutes is None}
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_factor(k, plan["total_steps"], warmup_steps, cfg.optim.schedule,
-                                       cfg.optim.min_lr_ratio))
+        optimizer, lambda k: lr_factor(k, plan["total_steps"], warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+    )
     start_epoch, step, best, best_epoch = 0, 0, None, None
     if resume:
         state = read_checkpoint(last_path, map_location=device)
@@ -514,7 +551,8 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
     runner: nn.Module = step_module
     if ddp.world > 1:
         runner = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not acl and not cfg.loss.use_sa,  # s_A heads idle when alignment is off
         )
     gather = gather_with_grad if (ddp.world > 1 and t.gather_negatives) else None
@@ -525,9 +563,17 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
     if ddp.main:
         resolved = run_config if acl else to_dict(cfg)
         _write_text_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        run_info = {"method": METHOD, "frontend": cfg.frontend.to_dict(), "image": to_dict(cfg.image),
-                    "git_revision": _git_revision(), "world_size": ddp.world, "device": str(device),
-                    "data": str(data.resolve()), "torch": torch.__version__, "amp": amp}
+        run_info = {
+            "method": METHOD,
+            "frontend": cfg.frontend.to_dict(),
+            "image": to_dict(cfg.image),
+            "git_revision": _git_revision(),
+            "world_size": ddp.world,
+            "device": str(device),
+            "data": str(data.resolve()),
+            "torch": torch.__version__,
+            "amp": amp,
+        }
         _write_text_atomic(out / "run.json", json.dumps(run_info, indent=2))
         if resume and metrics_path.is_file():  # drop records of epochs that will be redone
             lines = metrics_path.read_text().splitlines()
@@ -540,9 +586,15 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         writer = SummaryWriter(str(out / "tb"))
 
     def save(path: Path, epoch_done: int, extra: dict[str, Any]) -> None:
-        save_checkpoint(path, model, method="acl" if acl else METHOD, model_config=model_config, frontend=cfg.frontend,
-                        image=cfg.image,
-                        extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra})
+        save_checkpoint(
+            path,
+            model,
+            method="acl" if acl else METHOD,
+            model_config=model_config,
+            frontend=cfg.frontend,
+            image=cfg.image,
+            extra={"epoch": epoch_done, "step": step, "config": to_dict(cfg), **extra},
+        )
 
     max_steps = t.max_steps or math.inf
     budget_s = t.budget_minutes * 60.0 if t.budget_minutes is not None else math.inf
@@ -553,13 +605,24 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         # budget mode: a validation pass is part of the budget; time one (of the untrained model) to reserve
         # that much per epoch when the step count is fixed
         v0 = time.perf_counter()
-        val0 = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device,
-                        acl_training.compute_heatmaps if acl else compute_heatmaps)
+        val0 = validate(
+            model,
+            step_module.frontend,
+            val_loader,
+            annotations,
+            t.val_binarize,
+            device,
+            acl_training.compute_heatmaps if acl else compute_heatmaps,
+        )
         if swap_val:
             val0.update(validate_audio_swap(model, step_module.frontend, val_loader.dataset, swap_val, device))
         plan["val_pass_s"] = time.perf_counter() - v0
-        log.info("untrained: val ciou_ap50 %.3f, audio-swap %s (%.1f s a validation pass)", val0["ciou_ap50"],
-                 f"{val0['audio_swap_acc']:.3f}" if "audio_swap_acc" in val0 else "-", plan["val_pass_s"])
+        log.info(
+            "untrained: val ciou_ap50 %.3f, audio-swap %s (%.1f s a validation pass)",
+            val0["ciou_ap50"],
+            f"{val0['audio_swap_acc']:.3f}" if "audio_swap_acc" in val0 else "-",
+            plan["val_pass_s"],
+        )
 
     def fix_plan(probe_steps: int, probe_seconds: float) -> None:
         """Budget mode: the steps that fit what is left of the budget (validation reserved). Fixed after
@@ -570,10 +633,18 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         epochs_left = max(left / (per_step * steps_per_epoch), 1e-9)
         reserve = plan.get("val_pass_s", 0.0) * min(math.ceil(epochs_left), t.epochs - epoch)
         fitting = step + max(int((left - reserve) / per_step), 1)
-        plan.update(total_steps=min(t.epochs * steps_per_epoch, t.max_steps or math.inf, fitting), fixed=True,
-                    seconds_per_step=per_step)
-        log.info("budget %.1f min: %.3f s/step -> %d steps in all (%.2f epochs)", t.budget_minutes, per_step,
-                 plan["total_steps"], plan["total_steps"] / steps_per_epoch)
+        plan.update(
+            total_steps=min(t.epochs * steps_per_epoch, t.max_steps or math.inf, fitting),
+            fixed=True,
+            seconds_per_step=per_step,
+        )
+        log.info(
+            "budget %.1f min: %.3f s/step -> %d steps in all (%.2f epochs)",
+            t.budget_minutes,
+            per_step,
+            plan["total_steps"],
+            plan["total_steps"] / steps_per_epoch,
+        )
 
     for epoch in range(start_epoch, t.epochs):
         if step >= min(max_steps, plan["total_steps"]):
@@ -584,8 +655,14 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         model.train()
         sums: dict[str, float] = {}
         n_steps, n_samples, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not ddp.main,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            disable=not ddp.main,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for batch in bar:
             if same_sound is not None:
                 batch["negatives_mask"] = same_sound_mask(batch["index"], same_sound)
@@ -623,19 +700,30 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
         train_seconds = time.perf_counter() - t0
         if t.budget_minutes is not None and n_steps >= PROBE_SKIP + PROBE_STEPS and step < plan["total_steps"]:
             fix_plan(n_steps - PROBE_SKIP, train_seconds * (n_steps - PROBE_SKIP) / n_steps)
-        record: dict[str, Any] = {"epoch": epoch, "step": step, "steps": n_steps,
-                                  "samples_per_s": n_samples / max(train_seconds, 1e-9),
-                                  "train_seconds": train_seconds, "lr": optimizer.param_groups[0]["lr"]}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "steps": n_steps,
+            "samples_per_s": n_samples / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         record.update({f"train/{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
         last_epoch = epoch + 1 == t.epochs or step >= min(max_steps, plan["total_steps"])
         if ddp.main:
             if val_loader is not None and ((epoch + 1) % t.val_every == 0 or last_epoch):
                 v0 = time.perf_counter()
-                val = validate(model, step_module.frontend, val_loader, annotations, t.val_binarize, device,
-                               acl_training.compute_heatmaps if acl else compute_heatmaps)
+                val = validate(
+                    model,
+                    step_module.frontend,
+                    val_loader,
+                    annotations,
+                    t.val_binarize,
+                    device,
+                    acl_training.compute_heatmaps if acl else compute_heatmaps,
+                )
                 if swap_val:
-                    val.update(validate_audio_swap(model, step_module.frontend, val_loader.dataset, swap_val,
-                                                   device))
+                    val.update(validate_audio_swap(model, step_module.frontend, val_loader.dataset, swap_val, device))
                 record["val_seconds"] = time.perf_counter() - v0
                 record.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
                 score = _score(val, t.select)
@@ -648,11 +736,16 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
                 best_epoch = epoch
             record["elapsed_s"] = time.perf_counter() - run_start
             plan["elapsed_s"] = record["elapsed_s"]
-            extra = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "scheduler": scheduler.state_dict(), "plan": dict(plan),
-                     "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                     "best_score": list(best) if best is not None else None, "best_epoch": best_epoch}
+            extra = {
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "plan": dict(plan),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "best_score": list(best) if best is not None else None,
+                "best_epoch": best_epoch,
+            }
             if nn_mode == "self":
                 extra["self_image_nn"] = torch.from_numpy(dataset.neighbours[0])
                 extra["self_audio_nn"] = torch.from_numpy(dataset.neighbours[1])
@@ -662,10 +755,15 @@ def train(config: dict[str, Any], data: Path, out: Path, resume: bool = False,
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     writer.add_scalar(k if "/" in k else f"epoch/{k}", v, epoch + 1)
-            log.info("epoch %d: loss %.4f, %.1f samples/s, %.1f min%s%s", epoch + 1,
-                     record.get("train/loss", math.nan), record["samples_per_s"], record["elapsed_s"] / 60,
-                     f", val ciou_ap50 {record['val/ciou_ap50']:.3f}" if "val/ciou_ap50" in record else "",
-                     f", val audio-swap {record['val/audio_swap_acc']:.3f}" if "val/audio_swap_acc" in record else "")
+            log.info(
+                "epoch %d: loss %.4f, %.1f samples/s, %.1f min%s%s",
+                epoch + 1,
+                record.get("train/loss", math.nan),
+                record["samples_per_s"],
+                record["elapsed_s"] / 60,
+                f", val ciou_ap50 {record['val/ciou_ap50']:.3f}" if "val/ciou_ap50" in record else "",
+                f", val audio-swap {record['val/audio_swap_acc']:.3f}" if "val/audio_swap_acc" in record else "",
+            )
         if ddp.world > 1:
             dist.barrier()
     if writer is not None:

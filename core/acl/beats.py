@@ -180,9 +180,7 @@ class TransformerSentenceEncoderLayer(nn.Module):
         super().__init__()
         dim = cfg.encoder_embed_dim
         if cfg.activation_fn != "gelu":
-            raise UserError(
-                f"BEATs cfg activation_fn={cfg.activation_fn!r}: only 'gelu' checkpoints are supported"
-            )
+            raise UserError(f"BEATs cfg activation_fn={cfg.activation_fn!r}: only 'gelu' checkpoints are supported")
         self.self_attn = MultiheadAttention(cfg, has_relative_attention_bias)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, cfg.encoder_ffn_embed_dim)
@@ -207,8 +205,7 @@ class TransformerEncoder(nn.Module):
             _WeightNormConv(dim, cfg.conv_pos, cfg.conv_pos_groups), _SamePad(cfg.conv_pos), nn.GELU()
         )
         self.layers = nn.ModuleList(
-            TransformerSentenceEncoderLayer(cfg, cfg.relative_position_embedding)
-            for _ in range(cfg.encoder_layers)
+            TransformerSentenceEncoderLayer(cfg, cfg.relative_position_embedding) for _ in range(cfg.encoder_layers)
         )
         if cfg.relative_position_embedding:
             # one table shared by every layer (and saved under every layer's name, as in the checkpoint)
@@ -226,11 +223,7 @@ class TransformerEncoder(nn.Module):
             x = self.layer_norm(x)
         bias = None
         if self.relative_position_embedding:
-            bias = (
-                self.fixed_bias
-                if self.fixed_bias is not None
-                else self.layers[0].self_attn.compute_bias(x.shape[1])
-            )
+            bias = self.fixed_bias if self.fixed_bias is not None else self.layers[0].self_attn.compute_bias(x.shape[1])
         outputs = []
         for index, layer in enumerate(self.layers[: max(output_layers)], start=1):
             x = layer(x, bias)
@@ -260,15 +253,11 @@ class BEATs(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
         self.post_extract_proj = (
-            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim)
-            if cfg.embed_dim != cfg.encoder_embed_dim
-            else None
+            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim) if cfg.embed_dim != cfg.encoder_embed_dim else None
         )
         self.encoder = TransformerEncoder(cfg)
         # The AudioSet classifier of the fine-tuned checkpoint: kept so the state dict loads strictly, unused.
-        self.predictor = (
-            nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
-        )
+        self.predictor = nn.Linear(cfg.encoder_embed_dim, cfg.predictor_class) if cfg.finetuned_model else None
 
     @property
     def out_dim(self) -> int:

@@ -50,12 +50,8 @@ def import_checkpoint(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--beats", type=Path, required=True, help="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
-    )
-    parser.add_argument(
-        "--clipseg", type=Path, required=True, help="local Hugging Face clipseg-rd64-refined folder"
-    )
+    parser.add_argument("--beats", type=Path, required=True, help="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt")
+    parser.add_argument("--clipseg", type=Path, required=True, help="local Hugging Face clipseg-rd64-refined folder")
     parser.add_argument(
         "--acl-checkpoint",
         type=Path,

@@ -92,9 +92,7 @@ def feature_mask(logits: Tensor, threshold: float = 0.5, tau: float = 0.07) -> T
     return torch.sigmoid((minmax_normalize(logits) - threshold) / tau)
 
 
-def acl_loss(
-    outputs: dict[str, Tensor], pred_emb: Tensor, config: ACLLossConfig
-) -> tuple[Tensor, dict[str, Tensor]]:
+def acl_loss(outputs: dict[str, Tensor], pred_emb: Tensor, config: ACLLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum of the three terms from :meth:`ACL.training_outputs`; returns (total, detached parts)."""
     parts = {
         "acl_i": acl_i(outputs["v_i"], pred_emb, config.tau) * config.w_acl_i,

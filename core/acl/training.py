@@ -82,9 +82,7 @@ class ACLTrainStep(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], gather: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
         if gather is not None:
-            raise UserError(
-                "config train.gather_negatives: not supported for ACL (its negatives are B x B masks)"
-            )
+            raise UserError("config train.gather_negatives: not supported for ACL (its negatives are B x B masks)")
         image = batch["image_orig"]
         with torch.no_grad():
             spec = self.frontend(batch["wave_orig"])

@@ -33,9 +33,7 @@ def read_beats(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a wrong file
-        raise UserError(
-            f"--beats {path}: not a readable BEATs checkpoint ({err.__class__.__name__})"
-        ) from None
+        raise UserError(f"--beats {path}: not a readable BEATs checkpoint ({err.__class__.__name__})") from None
     if not isinstance(payload, dict) or "cfg" not in payload or "model" not in payload:
         raise UserError(f"--beats {path}: expected a BEATs checkpoint with 'cfg' and 'model' ({BEATS_FILE})")
     return dict(payload["cfg"]), dict(payload["model"])
@@ -48,9 +46,7 @@ def _check_clipseg_dir(directory: Path) -> None:
             f"(config.json + {' or '.join(_CLIPSEG_WEIGHTS)})"
         )
     if not any((directory / name).is_file() for name in _CLIPSEG_WEIGHTS):
-        raise UserError(
-            f"--clipseg {directory}: no {' or '.join(_CLIPSEG_WEIGHTS)}; expected {CLIPSEG_NAME} weights"
-        )
+        raise UserError(f"--clipseg {directory}: no {' or '.join(_CLIPSEG_WEIGHTS)}; expected {CLIPSEG_NAME} weights")
 
 
 def read_clipseg(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -64,9 +60,7 @@ def read_clipseg(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     )
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise UserError(
-            f"--clipseg {directory}: weights miss {len(missing)} key(s), e.g. {', '.join(missing[:3])}"
-        )
+        raise UserError(f"--clipseg {directory}: weights miss {len(missing)} key(s), e.g. {', '.join(missing[:3])}")
     return model.config.to_dict(), model.state_dict()
 
 
@@ -121,9 +115,7 @@ def load_released_acl(model: ACL, path: str | Path) -> ACL:
     """Load the released tokenizer + (w, b) (``Param_best.pth``-style file) strictly."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(
-            f"--acl-checkpoint {path}: file not found; expected the released ACL checkpoint (.pth)"
-        )
+        raise UserError(f"--acl-checkpoint {path}: file not found; expected the released ACL checkpoint (.pth)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
