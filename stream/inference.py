@@ -206,6 +206,13 @@ class InferenceWorker:
                 anchor,
             )
         self.range = _normalizer(self.manifest)
+        # Frames resized/normalised on the device the engine runs on (uint8 uploads through pinned buffers).
+        self._device_preprocess = None
+        device = getattr(engine, "torch_device", None)
+        if device is not None and device.type == "cuda":
+            from avloc.engines.preprocess import DevicePreprocessor
+
+            self._device_preprocess = DevicePreprocessor(self.manifest, device, max_batch)
         # None: no gating (gate disabled, or an engine exported without --gate-data)
         self.gate_threshold = gate_threshold(self.manifest) if gate else None
         if self.gate_threshold is not None:
@@ -381,9 +388,11 @@ class InferenceWorker:
             ready.append((item, emb, window, spent))
         if not ready:
             return len(batch)
-        images = np.stack(
-            [self._preprocess(np.asarray(item.message.arrays["frame"]), self.manifest) for item, *_ in ready]
-        ).astype(np.float32, copy=False)
+        frames = [np.asarray(item.message.arrays["frame"]) for item, *_ in ready]
+        if self._device_preprocess is not None:
+            images = self._device_preprocess(frames)
+        else:
+            images = np.stack([self._preprocess(f, self.manifest) for f in frames]).astype(np.float32, copy=False)
         embs = np.stack([emb for _, emb, _, _ in ready]).astype(np.float32, copy=False)
         visual_start = protocol.now()
         heatmaps, confidence = self.engine.localize(images, embs)
@@ -493,17 +502,13 @@ class InferenceWorker:
 
     # --- loop ---------------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """One dummy batch so the first real frame does not pay for lazy initialisation."""
-        shape = self.spec_shape
-        if shape is None:
+        """Run the engine before reporting ready, so the first real frame does not pay for lazy set-up. On a
+        GPU every batch size up to ``max_batch`` (CUDA graphs are captured and compiled graphs built per
+        size); host backends need one call."""
+        if self.spec_shape is None:
             return
-        emb = np.asarray(self.engine.embed_audio(np.zeros((1, *shape), np.float32)))
-        size = self._input_size()
-        self.engine.localize(np.zeros((1, 3, size[0], size[1]), np.float32), emb.astype(np.float32))
-
-    def _input_size(self) -> tuple[int, int]:
-        dummy = self._preprocess(np.zeros((48, 64, 3), np.uint8), self.manifest)
-        return int(dummy.shape[1]), int(dummy.shape[2])
+        on_device = str(getattr(self.engine, "device", "cpu")) != "cpu"
+        self.engine.warmup(range(1, self.max_batch + 1) if on_device else (1,))
 
     def _frame_socket(self, ctx: zmq.Context) -> zmq.Socket:
         """SUB for frames whose queue is deep on purpose: PUB/SUB drops the NEWEST message when a queue is

@@ -127,6 +127,9 @@ def free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
+SLOW_STARTUP_GRACE_S = 600.0  # inference start-up allowed for an engine build (TensorRT) or compile warm-up
+
+
 @dataclass
 class ProcessSpec:
     """How to start one worker: ``python -m MODULE ARGS``; ``role`` decides stop order and end handling."""
@@ -139,6 +142,7 @@ class ProcessSpec:
     restart: bool = True
     after: tuple[str, ...] = ()  # start once these processes report ready (e.g. the engine is loaded)
     env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. HOME for an ALSA config)
+    startup_grace_s: float | None = None  # overrides the config's (an engine build / compile takes minutes)
 
 
 @dataclass
@@ -456,7 +460,7 @@ class Launcher:
             # even a heartbeat thread can fall silent) a worker has startup_grace_s; then heartbeat_timeout_s.
             if not child.ready:
                 why = None
-                if t - child.started > self.config.startup_grace_s:
+                if t - child.started > (child.spec.startup_grace_s or self.config.startup_grace_s):
                     why = "no first heartbeat" if child.last_heartbeat is None else "not ready after startup_grace_s"
             elif t - (child.last_heartbeat or child.started) > self.config.heartbeat_timeout_s:
                 stalled = child.last_stats.get("state") == STATE_STALLED
@@ -662,7 +666,12 @@ def inference_spec(
         args += ["--threads", str(threads)]
     if not config.gate:
         args.append("--no-gate")
-    return ProcessSpec("inference", "avloc.stream.inference", args + list(extra or []), role="inference")
+    args += list(extra or [])
+    # A first TensorRT build or torch.compile of every batch size takes minutes before the worker is ready (its
+    # heartbeats say "loading" meanwhile); the other backends load in seconds.
+    slow_start = backend == "tensorrt" or any("mode=compile" in a for a in args)
+    grace = max(config.startup_grace_s, SLOW_STARTUP_GRACE_S) if slow_start else None
+    return ProcessSpec("inference", "avloc.stream.inference", args, role="inference", startup_grace_s=grace)
 
 
 def display_spec(

@@ -363,3 +363,43 @@ def test_auto_ports_are_outside_the_ephemeral_range_and_never_repeat():
     finally:
         for sock in sockets:
             sock.close(linger=0)
+
+
+def test_a_spec_startup_grace_overrides_the_config(dummy_module, tmp_path):
+    """A worker that never sends its first heartbeat is given up on after the config's startup grace, unless its
+    spec allows longer (an inference worker building a TensorRT engine or compiling every batch size)."""
+    config = replace(FAST, startup_grace_s=1.0, max_restarts=0)
+    specs = [
+        ProcessSpec("quick", dummy_module, ["--mode", "hang", "--after", "0"], role="source"),
+        ProcessSpec("building", dummy_module, ["--mode", "hang", "--after", "0"], role="display", startup_grace_s=60.0),
+    ]
+    launcher = Launcher(specs, tmp_path / "run", config=config, heartbeat_endpoint=free_tcp_endpoint())
+    launcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not launcher.children["quick"].done:
+            assert time.monotonic() < deadline, "the silent worker was not given up on"
+            launcher.poll()
+            time.sleep(0.05)
+        until = time.monotonic() + 2.0  # well past the config's grace for the other one too
+        while time.monotonic() < until:
+            launcher.poll()
+            time.sleep(0.05)
+        assert not launcher.children["building"].done
+        assert launcher.children["building"].popen is not None and launcher.children["building"].popen.poll() is None
+    finally:
+        launcher.shutdown("timeout")
+    _assert_no_orphans()
+
+
+def test_inference_spec_gives_engine_builds_a_long_startup_grace():
+    from avloc.stream.launcher import SLOW_STARTUP_GRACE_S, Endpoints, inference_spec
+
+    endpoints = Endpoints.auto(1)
+    config = StreamConfig()
+    assert inference_spec(Path("e"), "onnxruntime", endpoints, config).startup_grace_s is None
+    assert inference_spec(Path("e"), "tensorrt", endpoints, config).startup_grace_s == SLOW_STARTUP_GRACE_S
+    compile_spec = inference_spec(Path("e"), "torch", endpoints, config, extra=["--engine-option", "mode=compile"])
+    assert compile_spec.startup_grace_s == SLOW_STARTUP_GRACE_S
+    eager = inference_spec(Path("e"), "torch", endpoints, config, extra=["--engine-option", "mode=eager"])
+    assert eager.startup_grace_s is None
