@@ -20,10 +20,13 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
     "data": (
         "make or check datasets",
         {
-            "stamps": ("benchmark of real photo cut-outs with their real recordings", "avloc.core.stamps"),
-            "synth": ("procedural benchmark (no apt package needed)", "avloc.core.synth"),
-            "scan": ("list every problem of a dataset at once", "avloc.core.scan"),
-            "prepare": ("turn a folder of raw videos into a dataset ROOT (parallel, resumable)", "avloc.core.prepare"),
+            "stamps": ("benchmark of real photo cut-outs with their real recordings", "avloc.core.data.stamps"),
+            "synth": ("procedural benchmark (no apt package needed)", "avloc.core.data.synth"),
+            "scan": ("list every problem of a dataset at once", "avloc.core.data.scan"),
+            "prepare": (
+                "turn a folder of raw videos into a dataset ROOT (parallel, resumable)",
+                "avloc.core.data.prepare",
+            ),
         },
     ),
     "index": (

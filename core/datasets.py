@@ -372,7 +372,7 @@ class AVDataset:
 
 
 def scan_dataset(root: str | Path) -> list[str]:
-    """Every problem of the dataset at ``root``, one ``"<file>: <problem>"`` line each (avloc.core.scan)."""
-    from avloc.core.scan import scan_dataset as scan  # scan imports this module
+    """Every problem of the dataset at ``root``, one ``"<file>: <problem>"`` line each (avloc.core.data.scan)."""
+    from avloc.core.data.scan import scan_dataset as scan  # scan imports this module
 
     return scan(root)

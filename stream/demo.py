@@ -1,6 +1,6 @@
 """``avloc demo``: the whole chain on a fresh machine, with no camera and no dataset.
 
-1. make a small real-asset dataset (``avloc.core.stamps.make_stamps``: tuxpaint photo cut-outs with their
+1. make a small real-asset dataset (``avloc.core.data.stamps.make_stamps``: tuxpaint photo cut-outs with their
    real recordings, restricted to ``DEMO_CATEGORIES``) and one 640x480 clip of a sounding object moving
    past two silent distractors; decode it for training,
 2. train the tiny demo model on it (``configs/demo.yaml``) with ``train.budget_minutes`` set to what is
@@ -138,7 +138,7 @@ def run_demo(
     import torch
 
     from avloc.core.config import load_config
-    from avloc.core.stamps import make_stamps
+    from avloc.core.data.stamps import make_stamps
     from avloc.engines.export import export_engine
     from avloc.stream.bench import plot_histograms, read_latency_log, summarize_records
     from avloc.stream.replay_cli import run_replay

@@ -39,8 +39,8 @@ def tiny_engine_and_clip(root: Path, seed: int) -> tuple[Path, Path]:
     clip with a moving sounding object at ``root/clip.mp4``: what the stream tests replay."""
     from avloc.core.audio import FrontEndConfig
     from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.data.synth import write_synth_video
     from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.core.synth import write_synth_video
     from avloc.engines.export import export_engine
 
     save_checkpoint(

@@ -175,7 +175,7 @@ def test_import_released_weights_into_a_strict_checkpoint(tmp_path: Path) -> Non
 
 def test_eval_scores_an_acl_checkpoint(tmp_path: Path) -> None:
     """``avloc eval`` on an ACL checkpoint: CLIPSeg masks as heatmaps, retrieval in CLIP's space only."""
-    from avloc.core.synth import make_synth
+    from avloc.core.data.synth import make_synth
     from avloc.train.evaluate import evaluate_checkpoint
 
     checkpoint, _ = _import_released(tmp_path)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from proc_helpers import orphans
 
-from avloc.core import scene_video, scenes
+from avloc.core.data import scene_video, scenes
+from avloc.core.data.stamps import DEFAULT_STAMPS_DIR, NAME_GROUPS, find_stamps
 from avloc.core.errors import UserError
-from avloc.core.stamps import DEFAULT_STAMPS_DIR, NAME_GROUPS, find_stamps
 from avloc.stream.demo import (
     AFTER_TRAIN_S,
     DEMO_CATEGORIES,

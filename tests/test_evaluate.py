@@ -22,7 +22,7 @@ MODEL_CONFIG = {"width": 8}
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from avloc.core.synth import make_synth
+    from avloc.core.data.synth import make_synth
 
     root = tmp_path_factory.mktemp("synth") / "data"
     make_synth(

@@ -71,7 +71,7 @@ def test_max_f1_threshold_matches_a_hand_computed_case():
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    from avloc.core.synth import make_synth
+    from avloc.core.data.synth import make_synth
 
     root = tmp_path_factory.mktemp("gate_synth") / "data"
     return make_synth(root, seed=1, n_train=8, n_val=10, n_test=8, silent_frac=0.5, image_size=48, clip_seconds=0.5)

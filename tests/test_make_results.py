@@ -25,7 +25,7 @@ def _script():
 
 
 def test_make_results_trains_evaluates_and_reports(tmp_path, monkeypatch):
-    from avloc.core.synth import make_synth
+    from avloc.core.data.synth import make_synth
 
     data = make_synth(
         tmp_path / "bench", seed=2, n_train=24, n_val=8, n_test=10, silent_frac=0.2, image_size=48, clip_seconds=0.5

@@ -165,9 +165,9 @@ def test_index_build_cli_with_self_encoders(tmp_path: Path, monkeypatch: pytest.
     from avloc.cli import main as cli_main
     from avloc.core.audio import FrontEndConfig
     from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.data.synth import make_synth
     from avloc.core.datasets import read_split
     from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.core.synth import make_synth
     from avloc.train import nn_index
 
     data = make_synth(

@@ -95,7 +95,7 @@ def test_resnet18_objectness_equals_the_official_object_saliency_model(resnet_we
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
-    from avloc.core.synth import make_synth
+    from avloc.core.data.synth import make_synth
 
     root = tmp_path_factory.mktemp("synth") / "data"
     make_synth(

@@ -9,9 +9,9 @@ import pytest
 
 from avloc.cli import main as cli_main
 from avloc.core.audio import read_audio_file
+from avloc.core.data.prepare import ERRORS_FILE, prepare
 from avloc.core.datasets import read_labels, read_split
 from avloc.core.media import read_image, read_video_audio, write_video
-from avloc.core.prepare import ERRORS_FILE, prepare
 
 FPS, SECONDS, RATE = 10, 2.0, 16000
 

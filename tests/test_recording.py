@@ -63,7 +63,7 @@ def test_kill9_mid_recording_loses_at_most_a_second(tmp_path):
 
 
 def test_restarted_recorder_continues_and_close_joins_with_audio(tmp_path):
-    from avloc.core.synth import write_synth_video
+    from avloc.core.data.synth import write_synth_video
 
     source = tmp_path / "src.mp4"
     write_synth_video(source, seconds=2.0, fps=15, size=(64, 48), seed=1)

@@ -11,9 +11,9 @@ import pytest
 import soundfile
 
 from avloc.cli import main as cli_main
+from avloc.core.data.scan import scan_dataset
 from avloc.core.datasets import scan_dataset as scan_from_datasets
 from avloc.core.media import write_video
-from avloc.core.scan import scan_dataset
 
 SR = 16000
 

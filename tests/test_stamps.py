@@ -14,9 +14,9 @@ from PIL import Image
 from test_synth import assert_layout
 
 from avloc import cli
-from avloc.core import scene_dataset, scenes
+from avloc.core.data import scene_dataset, scenes
+from avloc.core.data.stamps import DEFAULT_STAMPS_DIR, STAMPS_DIR_ENV, StampLibrary, make_stamps
 from avloc.core.errors import UserError
-from avloc.core.stamps import DEFAULT_STAMPS_DIR, STAMPS_DIR_ENV, StampLibrary, make_stamps
 
 
 def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:

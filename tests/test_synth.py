@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from avloc.core import scene_dataset, scenes
+from avloc.core.data import scene_dataset, scenes
+from avloc.core.data.synth import SynthLibrary, make_synth, write_synth_video
 from avloc.core.errors import UserError
-from avloc.core.synth import SynthLibrary, make_synth, write_synth_video
 
 TINY = dict(n_train=6, n_val=3, n_test=8, distractors=2, silent_frac=0.25, image_size=64, clip_seconds=0.5)
 

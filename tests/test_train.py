@@ -35,7 +35,7 @@ def tiny_config(**sections) -> dict:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    from avloc.core.synth import make_synth
+    from avloc.core.data.synth import make_synth
 
     root = tmp_path_factory.mktemp("synth") / "data"
     return make_synth(root, seed=1, n_train=24, n_val=8, n_test=8, silent_frac=0.0, image_size=48, clip_seconds=0.5)
@@ -217,8 +217,8 @@ def test_cli_train_and_user_errors(synth, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_config_learns_to_localize_on_synth(tmp_path):
     """configs/demo.yaml on a few hundred synthetic scenes: test-split ciou_ap50 well above random maps."""
+    from avloc.core.data.synth import make_synth
     from avloc.core.metrics import evaluate_maps
-    from avloc.core.synth import make_synth
 
     root = make_synth(tmp_path / "synth", seed=5, n_train=320, n_val=40, n_test=80, silent_frac=0.0)
     config = load_config(CONFIGS / "demo.yaml", ["train.budget_minutes=2.0"])  # the suite's time, not the demo's

@@ -48,7 +48,7 @@ def _checkpoint(path: Path, config_name: str, overrides: dict[str, Any]) -> Path
 def make_models(out: Path, quick: bool) -> dict[str, Any]:
     """SSL-Align (full size, or width 8 at 64 px with --quick) and ACL (full or tiny, if transformers is
     installed) engines under OUT/models, and OUT/models/clip.mp4 (640x480, 30 fps)."""
-    from avloc.core.synth import write_synth_video
+    from avloc.core.data.synth import write_synth_video
     from avloc.engines.export import export_engine
 
     models = out / "models"

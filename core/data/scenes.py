@@ -3,8 +3,8 @@
 A generator supplies a :class:`SceneLibrary` (categories, an RGBA sprite per draw, a sound per draw); this
 module places one sounding object and K silent distractors of other categories over a procedural
 background and renders the sounding object's sound as the clip. Moving-object videos are
-:mod:`avloc.core.scene_video`; planning the samples and writing the layout of docs/architecture.md
-("Dataset layout") is :mod:`avloc.core.scene_dataset`.
+:mod:`avloc.core.data.scene_video`; planning the samples and writing the layout of docs/architecture.md
+("Dataset layout") is :mod:`avloc.core.data.scene_dataset`.
 """
 
 from __future__ import annotations

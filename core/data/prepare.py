@@ -10,7 +10,7 @@ e.g. from the VGGSound csv) writes ``labels.csv`` / ``classes.txt``.
 Videos are converted in parallel worker processes; each output is written under a temporary name and renamed,
 so an interrupted run leaves only whole files and the next run skips what is done (resumable). Videos that fail
 (no audio track, undecodable) are listed in ``ROOT/prepare_errors.txt`` and left out of the split. At the end the
-dataset is checked with :func:`avloc.core.scan.scan_dataset` and its report printed.
+dataset is checked with :func:`avloc.core.data.scan.scan_dataset` and its report printed.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def prepare(
 ) -> dict[str, object]:
     """Convert every video of ``video_dir`` into ``root`` (see the module doc); returns a summary with the ids
     written, the failures and the scan report."""
-    from avloc.core.scan import scan_dataset
+    from avloc.core.data.scan import scan_dataset
 
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")

@@ -2,7 +2,7 @@
 
 Eight categories, each a shape with its own colour and surface texture, and a class-specific sound: a
 harmonic tone at the class pitch, amplitude-modulated at a class rate, plus a band of noise at a class
-centre frequency. Scenes, silent samples, splits and clips are made by :mod:`avloc.core.scenes`, exactly as
+centre frequency. Scenes, silent samples, splits and clips are made by :mod:`avloc.core.data.scenes`, exactly as
 for the stamps benchmark. Used by the unit tests and the embedded demo.
 """
 
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import scipy.signal
 
-from avloc.core import scene_dataset, scene_video, scenes
+from avloc.core.data import scene_dataset, scene_video, scenes
 from avloc.core.errors import UserError
 
 
@@ -118,7 +118,7 @@ def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class SynthLibrary:
-    """Procedural :class:`avloc.core.scenes.SceneLibrary`: shapes and class-specific synthetic sounds."""
+    """Procedural :class:`avloc.core.data.scenes.SceneLibrary`: shapes and class-specific synthetic sounds."""
 
     kind = "synth"
 

@@ -19,7 +19,7 @@ What is used, and why:
   background clutter. The categories are formed over the whole package first, so a name means the same
   thing with or without a subset.
 
-Scenes, silent samples, open-set splits, clips and the layout are made by :mod:`avloc.core.scenes`.
+Scenes, silent samples, open-set splits, clips and the layout are made by :mod:`avloc.core.data.scenes`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from avloc.core import scene_dataset, scenes
+from avloc.core.data import scene_dataset, scenes
 from avloc.core.errors import UserError
 
 DEFAULT_STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
@@ -126,7 +126,7 @@ def _load_rgba(png: Path) -> np.ndarray:
 
 
 class StampLibrary:
-    """:class:`avloc.core.scenes.SceneLibrary` over the tuxpaint stamps, decoded once per process.
+    """:class:`avloc.core.data.scenes.SceneLibrary` over the tuxpaint stamps, decoded once per process.
 
     ``categories``: only these categories (names as in :attr:`categories` of the full library); None = all.
     """

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avloc.core.media import write_video
-from avloc.core.scenes import (
+from avloc.core.data.scenes import (
     MAX_BOX_IOU,
     SAMPLE_RATE,
     SceneLibrary,
@@ -26,6 +25,7 @@ from avloc.core.scenes import (
     procedural_background,
     render_clip,
 )
+from avloc.core.media import write_video
 
 log = logging.getLogger(__name__)
 # One encoder thread: the same seed gives the same bytes on any machine (and the machine has 2 cores).

@@ -22,10 +22,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from avloc.core.errors import UserError
-from avloc.core.media import video_codec
-from avloc.core.scene_video import render_video
-from avloc.core.scenes import (
+from avloc.core.data.scene_video import render_video
+from avloc.core.data.scenes import (
     MAX_BOX_IOU,
     MAX_OCCLUSION,
     SAMPLE_RATE,
@@ -37,6 +35,8 @@ from avloc.core.scenes import (
     render_clip,
     write_wav,
 )
+from avloc.core.errors import UserError
+from avloc.core.media import video_codec
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Benchmark generators and dataset tools (not model code): stamps / synth scenes and clips, scan, prepare."""
