@@ -157,7 +157,7 @@ def test_clip_draws_each_static_distractor_apart(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.slow
 def test_demo_trained_model_localizes_the_moving_object(tmp_path):
     """The whole demo: stamps data, training (configs/demo.yaml), export, replay through the real processes."""
-    report = run_demo(tmp_path / "demo", minutes_budget=5.0, seconds=4.0)  # the suite stays under 15 min
+    report = run_demo(tmp_path / "demo", minutes_budget=6.0, seconds=4.0)  # 5.0 was unstable (0.38-0.73)
     loc = report["localization"]
     assert loc["frames_scored"] >= 60  # 4 s at 30 fps, minus drops and the first audio hop
     # most frames: the peak sits on the sounding object, far above a random point's hit rate
