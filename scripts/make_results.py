@@ -111,13 +111,6 @@ RUNS = {
     "pair_single_positive": Run(
         "configs/cpu.yaml", [*PAIR, "loss.use_sa=false"], "bench", "EZ-VSL-like: s_L only, original pair", "pair"
     ),
-    "pair_full_nn_image": Run(
-        "configs/cpu.yaml",
-        [*PAIR, *FULL, "train.nn_visual=image"],
-        "bench",
-        "`pair_full` with the NN visual positive from image neighbours (the paper's)",
-        "pair",
-    ),
     "pair_cpu_no_mask": Run(
         "configs/cpu.yaml",
         [*PAIR, "train.false_negative_k=0"],
