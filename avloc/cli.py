@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
     "devices": ("list cameras and microphones", "avloc.stream.devices"),
     "view": ("browser viewer: serve the live overlay of a running pipeline over HTTP", "avloc.stream.view"),
     "keys": ("make CURVE keypairs for an authenticated pipeline", "avloc.stream.keys"),
+    "worker": (
+        "one pipeline process on its own (camera, mic, replay, inference, display; tap), for several hosts",
+        "avloc.stream.worker_cli",
+    ),
     "doctor": (
         "what this machine has (CUDA, GPU, TensorRT, ORT providers, faiss) and which backends run",
         "avloc.engines.doctor",

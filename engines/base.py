@@ -119,6 +119,9 @@ class Engine(ABC):
     """A loaded engine: ``embed_audio`` once per audio window, ``localize`` per frame (batched)."""
 
     backend: str = "?"
+    # The largest batch ``localize``/``embed_audio`` accept (a TensorRT profile, the torch backend's captured
+    # graphs); None: any batch (dynamic batch axis). Callers batch at most this many frames.
+    max_batch: int | None = None
 
     def __init__(self, engine_dir: str | Path, manifest: dict[str, Any], device: str = "cpu") -> None:
         self.engine_dir = Path(engine_dir)
@@ -135,6 +138,18 @@ class Engine(ABC):
     @abstractmethod
     def localize(self, image: np.ndarray, audio_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[B,3,H,W]`` image + ``[B,D]`` embedding -> (heatmap ``[B,h,w]``, confidence ``[B]``)."""
+
+    @property
+    def has_objectness(self) -> bool:
+        """Whether the engine carries OGL's objectness graph (``avloc export --ogl`` -> ``manifest["ogl"]``)."""
+        return isinstance(self.manifest.get("ogl"), dict)
+
+    def objectness(self, image: Any) -> Any:
+        """``[B,3,H,W]`` image (the visual graph's input) -> audio-blind objectness ``[B,h,w]`` (OGL, see
+        :mod:`avloc.core.ogl`). Backends that run the graph override this; here it only explains why not."""
+        if not self.has_objectness:
+            raise UserError(f"{self.engine_dir}: engine has no OGL objectness graph (re-export with --ogl)")
+        raise UserError(f"backend {self.backend!r} cannot run the OGL objectness graph; use onnxruntime or torch")
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run every graph once per batch size, so lazy set-up (allocations, autotuning, graph capture,
@@ -167,10 +182,13 @@ class Engine(ABC):
             expected = ", ".join(map(str, self.spec_shape))
             raise UserError(f"embed_audio: spectrogram shape {tuple(spec.shape)}, expected [B, {expected}]")
 
-    def _check_visual(self, image: Any, audio_emb: Any) -> None:
+    def _check_image(self, image: Any, call: str = "localize") -> None:
         if len(image.shape) != 4 or tuple(image.shape[1:]) != self.image_shape:
             expected = ", ".join(map(str, self.image_shape))
-            raise UserError(f"localize: image shape {tuple(image.shape)}, expected [B, {expected}]")
+            raise UserError(f"{call}: image shape {tuple(image.shape)}, expected [B, {expected}]")
+
+    def _check_visual(self, image: Any, audio_emb: Any) -> None:
+        self._check_image(image)
         if tuple(audio_emb.shape) != (image.shape[0], self.embed_dim):
             raise UserError(
                 f"localize: audio embedding shape {tuple(audio_emb.shape)}, "

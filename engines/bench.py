@@ -7,7 +7,8 @@ the ``speedup_vs_eager_torch`` ratios. Times are wall-clock per call, NumPy in -
 they include the host<->device copies a streaming worker pays), warm-up calls excluded. Each engine is loaded
 with ``max_batch`` = the largest batch size and :meth:`Engine.warmup` runs for the measured batch sizes (CUDA
 graph capture, compilation, TensorRT set-up) before timing; load and warm-up seconds are reported per backend
-under ``startup``.
+under ``startup``. An engine exported with ``--ogl`` also gets its objectness graph timed (graph
+``objectness``: what ``--ogl`` adds per frame batch in the inference worker, before the host-side blend).
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def bench_engine(
                     "audio": lambda e=engine, s=spec_in: e.embed_audio(s),
                     "visual": lambda e=engine, i=image, a=emb: e.localize(i, a),
                 }
+                if _runs_objectness(engine, image, spec, errors):
+                    calls["objectness"] = lambda e=engine, i=image: e.objectness(i)
                 for graph, call in calls.items():
                     wall, cpu = time_calls(call, iters, warmup)
                     stats = _percentiles(wall)
@@ -187,7 +190,8 @@ def bench_engine(
                     )
     baseline = {(r["graph"], r["batch"]): r["median_ms"] for r in results if r["backend"] == BASELINE}
     for r in results:
-        r["speedup_vs_eager_torch"] = baseline[(r["graph"], r["batch"])] / r["median_ms"]
+        base = baseline.get((r["graph"], r["batch"]))  # None: eager torch could not run this graph (objectness)
+        r["speedup_vs_eager_torch"] = base / r["median_ms"] if base is not None else None
     import torch
 
     return {
@@ -213,14 +217,32 @@ def bench_engine(
     }
 
 
+def _runs_objectness(engine: Any, image: np.ndarray, spec: str, errors: dict[str, str]) -> bool:
+    """Whether to time the OGL objectness graph: the engine has one and this backend runs it (a backend that
+    cannot, e.g. torch without the ResNet18 file it was exported from, is reported under ``errors``)."""
+    if not engine.has_objectness:
+        return False
+    key = f"{spec} objectness"
+    if key in errors:
+        return False
+    try:
+        engine.objectness(image)
+    except UserError as err:
+        log.warning("not timing the objectness graph on %s: %s", spec, err)
+        errors[key] = str(err)
+        return False
+    return True
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, graph in zip(axes, ("audio", "visual")):
+    graphs = list(dict.fromkeys(r["graph"] for r in report["results"]))
+    fig, axes = plt.subplots(1, len(graphs), figsize=(5 * len(graphs), 4), constrained_layout=True, squeeze=False)
+    for ax, graph in zip(axes[0], graphs):
         for backend in dict.fromkeys(r["backend"] for r in report["results"]):
             rows = [r for r in report["results"] if r["backend"] == backend and r["graph"] == graph]
             ax.plot([r["batch"] for r in rows], [r["per_item_ms"] for r in rows], marker="o", label=backend)
@@ -288,12 +310,13 @@ def main(args: argparse.Namespace) -> int:
     png = out.with_suffix(".png")
     plot(report, png)
     header = ("backend", "graph", "batch", "median", "min", "p99", "ms/item", "cpu/item", "vs eager")
-    print("{:28s} {:6s} {:>5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s}".format(*header))
+    print("{:28s} {:10s} {:>5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s}".format(*header))
     for r in report["results"]:
+        speedup = r["speedup_vs_eager_torch"]
         print(
-            f"{r['backend']:28s} {r['graph']:6s} {r['batch']:5d} {r['median_ms']:8.2f} {r['min_ms']:8.2f} "
+            f"{r['backend']:28s} {r['graph']:10s} {r['batch']:5d} {r['median_ms']:8.2f} {r['min_ms']:8.2f} "
             f"{r['p99_ms']:8.2f} {r['per_item_ms']:8.2f} {r['cpu_per_item_ms']:8.2f} "
-            f"{r['speedup_vs_eager_torch']:7.2f}x"
+            + (f"{speedup:7.2f}x" if speedup is not None else "      -")
         )
     print(f"load average during the run: {report['load_average']}")
     for spec, err in report["errors"].items():

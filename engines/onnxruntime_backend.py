@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
-from avloc.engines.base import Engine, as_float32, graph_file
+from avloc.engines.base import Engine, as_float32, graph_file, verified_file
 
 
 def session_options(threads: int | None, spinning: bool = False) -> Any:
@@ -69,8 +69,11 @@ class OnnxRuntimeEngine(Engine):
         providers = _providers(device)
         self._sessions: dict[str, Any] = {}
         self.precisions = self._precisions(precision)
-        for graph, variant in self.precisions.items():
-            path = graph_file(engine_dir, manifest, graph, variant)
+        paths = {graph: graph_file(engine_dir, manifest, graph, variant) for graph, variant in self.precisions.items()}
+        if self.has_objectness:  # OGL's third graph (avloc export --ogl): fp32 only
+            entry = manifest["ogl"]
+            paths["objectness"] = verified_file(engine_dir, entry["file"], entry.get("sha256"))
+        for graph, path in paths.items():
             try:
                 self._sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as err:  # noqa: BLE001 - ORT raises its own types for unreadable/invalid models
@@ -80,6 +83,10 @@ class OnnxRuntimeEngine(Engine):
         audio = self._sessions["audio"]
         self._audio_in = audio.get_inputs()[0].name
         self._visual_in = [i.name for i in self._sessions["visual"].get_inputs()]
+        # avloc export writes a dynamic batch axis (None: any batch); a graph exported with a fixed one takes
+        # exactly that many frames, and a worker must not batch more
+        batch_dim = self._sessions["visual"].get_inputs()[0].shape[0]
+        self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
 
     def _precisions(self, precision: str) -> dict[str, str]:
         """Variant per graph: "int8" takes the int8 variant of each graph the export kept one for."""
@@ -103,6 +110,13 @@ class OnnxRuntimeEngine(Engine):
         feeds = dict(zip(self._visual_in, (as_float32(image), as_float32(audio_emb))))
         heatmap, confidence = self._sessions["visual"].run(None, feeds)
         return heatmap, confidence
+
+    def objectness(self, image: np.ndarray) -> np.ndarray:
+        session = self._sessions.get("objectness")
+        if session is None:
+            return super().objectness(image)  # raises: no OGL graph in this engine
+        self._check_image(image, "objectness")
+        return session.run(None, {session.get_inputs()[0].name: as_float32(image)})[0]
 
     def close(self) -> None:
         self._sessions.clear()

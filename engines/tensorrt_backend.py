@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
-from avloc.engines.base import Engine, graph_file, sha256_file
+from avloc.engines.base import Engine, graph_file, sha256_file, verified_file
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "TensorRT is not installed: pip install 'avloc[gpu]' (or pip install tensorrt-cu13)"
@@ -378,14 +378,28 @@ class TensorRTEngine(Engine):
         gpu = torch.cuda.get_device_name(self.torch_device)
         self._stream = torch.cuda.Stream(self.torch_device)
         self._graphs: dict[str, _TrtGraph] = {}
+        self._build = (trt, gpu, batches, workspace_mb, rebuild)  # also for OGL's objectness graph, on first use
+        for graph in ("audio", "visual"):
+            onnx_path = graph_file(engine_dir, manifest, graph)
+            self._graphs[graph] = self._load_graph(onnx_path, manifest["graphs"][graph].get("sha256"))
+
+    def _load_graph(self, onnx_path: Path, onnx_sha: str | None) -> _TrtGraph:
+        import torch
+
+        trt, gpu, batches, workspace_mb, rebuild = self._build
         with torch.cuda.device(self.torch_device):
-            for graph in ("audio", "visual"):
-                onnx_path = graph_file(engine_dir, manifest, graph)
-                onnx_sha = manifest["graphs"][graph].get("sha256") or sha256_file(onnx_path)
-                plan, cached = load_or_build_plan(
-                    trt, self.engine_dir, onnx_path, onnx_sha, gpu, self.precision, batches, workspace_mb, rebuild
-                )
-                self._graphs[graph] = _TrtGraph(trt, plan, self.torch_device, cached)
+            plan, cached = load_or_build_plan(
+                trt,
+                self.engine_dir,
+                onnx_path,
+                onnx_sha or sha256_file(onnx_path),
+                gpu,
+                self.precision,
+                batches,
+                workspace_mb,
+                rebuild,
+            )
+            return _TrtGraph(trt, plan, self.torch_device, cached)
 
     def _run(self, graph: str, arrays: list[Any]) -> list[Any]:
         import torch
@@ -424,6 +438,17 @@ class TensorRTEngine(Engine):
         self._check_visual(image, audio_emb)
         heatmap, confidence = self._run("visual", [image, audio_emb])
         return heatmap, confidence
+
+    def objectness(self, image: Any) -> Any:
+        """OGL's objectness graph; its plan is built (or read from the plan cache) on the first call."""
+        if not self.has_objectness:
+            return super().objectness(image)  # raises: no OGL graph in this engine
+        self._check_image(image, "objectness")
+        if "objectness" not in self._graphs:
+            entry = self.manifest["ogl"]
+            path = verified_file(self.engine_dir, entry["file"], entry.get("sha256"))
+            self._graphs["objectness"] = self._load_graph(path, entry.get("sha256"))
+        return self._run("objectness", [image])[0]
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
         """Default: batch 1 and max_batch (one profile covers every size in between)."""

@@ -135,6 +135,8 @@ class TorchEngine(Engine):
         if loaded.method != manifest["method"]:
             raise UserError(f"{path}: method {loaded.method!r} but the manifest says {manifest['method']!r}")
         graphs = build_graphs(loaded, int(self.image_shape[-1]))
+        self._image_config = loaded.image
+        self._objectness: nn.Module | None = None  # OGL's third graph, built on first use (see objectness())
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._audio = graphs.audio.to(self.torch_device, memory_format=memory_format).eval()
         self._visual = graphs.visual.to(self.torch_device, memory_format=memory_format).eval()
@@ -212,6 +214,51 @@ class TorchEngine(Engine):
         )
         return heatmap, confidence
 
+    def objectness(self, image: np.ndarray | Tensor) -> Any:
+        """OGL's objectness map, eager under inference mode (and autocast when asked) in every mode.
+
+        model.pt holds no objectness weights: the net is rebuilt from the manifest's ``ogl`` entry (the packaged
+        EfficientNet-Lite0, or the ResNet18 weights file it was exported from) on first use and checked once
+        against the exported objectness.onnx, so a changed or missing weights file is a clear error, never a
+        silently different map. An engine whose source file is elsewhere still serves ``localize``."""
+        if not self.has_objectness:
+            return super().objectness(image)  # raises: no OGL graph in this engine
+        self._check_image(image, "objectness")
+        if self._objectness is None:
+            self._objectness = self._load_objectness()
+        with torch.inference_mode(), self._autocast():
+            out = self._objectness(self._to_device(image))
+        return self._finish((out,), isinstance(image, np.ndarray))[0]
+
+    def _load_objectness(self) -> nn.Module:
+        import onnxruntime as ort
+
+        from avloc.core.ogl import EFFNET, load_objectness
+        from avloc.engines.export import PARITY_FAIL, ObjectnessGraph
+
+        entry = self.manifest["ogl"]
+        spec = EFFNET if entry.get("objectness") == EFFNET else str(entry.get("source"))
+        if spec != EFFNET and not Path(spec).is_file():
+            raise UserError(
+                f"{self.engine_dir}: the torch backend rebuilds the OGL objectness net from {spec} (manifest "
+                "ogl.source), which is not on this machine; put the ResNet18 weights there or use onnxruntime"
+            )
+        graph = ObjectnessGraph(load_objectness(spec), self._image_config).eval()
+        path = verified_file(self.engine_dir, entry["file"], entry.get("sha256"))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        image = np.random.default_rng(0).standard_normal((1, *self.image_shape), dtype=np.float32)
+        with torch.inference_mode():
+            ref = graph(torch.from_numpy(image)).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: image})[0]
+        worst = float(np.abs(got - ref).max()) / max(1.0, float(np.abs(ref).max()))
+        if worst > PARITY_FAIL:
+            raise UserError(
+                f"{self.engine_dir}: the OGL objectness net rebuilt from {spec} differs from {path.name} "
+                f"(relative {worst:.1e}); were the weights changed after export? Re-export with --ogl"
+            )
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return graph.to(self.torch_device, memory_format=memory_format)
+
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on CPU."""
         if self.torch_device.type == "cuda":
@@ -219,6 +266,6 @@ class TorchEngine(Engine):
 
     def close(self) -> None:
         self._run_audio = self._run_visual = None  # type: ignore[assignment]
-        self._audio = self._visual = None  # type: ignore[assignment]
+        self._audio = self._visual = self._objectness = None  # type: ignore[assignment]
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()

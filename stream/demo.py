@@ -133,8 +133,12 @@ def run_demo(
     seed: int = 0,
     fresh: bool = False,
     backend: str = "onnxruntime",
+    train_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Run every step into ``out``; returns the report (also written to ``out/demo_report.json``)."""
+    """Run every step into ``out``; returns the report (also written to ``out/demo_report.json``).
+
+    ``train_steps`` trains exactly that many steps instead of what fits the budget: the same model whatever
+    the machine's load (tests; the budget's step count depends on how busy the cores are)."""
     import torch
 
     from avloc.core.config import load_config
@@ -202,9 +206,13 @@ def run_demo(
         _warm_cache(config, data, run)
         timed("decode", t0)
         t0 = time.monotonic()
-        budget_s = train_budget_s(minutes_budget, time.monotonic() - started, seconds)
-        config["train"]["budget_minutes"] = round(budget_s / 60.0, 3)
-        _step(f"2/5 training the tiny demo model (configs/demo.yaml) for {budget_s:.0f} s", started)
+        if train_steps is None:
+            budget_s = train_budget_s(minutes_budget, time.monotonic() - started, seconds)
+            config["train"]["budget_minutes"] = round(budget_s / 60.0, 3)
+            _step(f"2/5 training the tiny demo model (configs/demo.yaml) for {budget_s:.0f} s", started)
+        else:
+            config["train"].update(budget_minutes=None, max_steps=train_steps)
+            _step(f"2/5 training the tiny demo model (configs/demo.yaml) for {train_steps} steps", started)
         best = train(config, data, run)
         steps = _trained_steps(run)
         print(f"  trained {steps} steps", flush=True)

@@ -212,12 +212,16 @@ class Display:
         recent = [x for x in self.heatmap_times if t - x <= 2.0]
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
         p50 = float(np.median(self.latencies)) * 1000 if self.latencies else float("nan")
-        return [
+        lines = [
             f"heatmaps {fps:4.1f} fps",
             f"e2e p50 {p50:5.1f} ms",
             f"drops {self.drops + self.frame_gaps}",
             f"alpha {self.alpha:.2f} ({self.colormap_name})",
         ]
+        clock = protocol.clock_stats()
+        if clock.get("synced"):  # on another host than the reference clock: how well e2e can be trusted
+            lines.append(f"clock {clock['offset_s']:+.3f} s +/- {clock['uncertainty_s'] * 1000:.1f} ms")
+        return lines
 
     def compose(self, stream: str, frame_msg: protocol.Message, view: HeatmapView | None) -> np.ndarray:
         bgr = np.array(frame_msg.arrays["frame"])  # writable copy of the received buffer
@@ -358,7 +362,9 @@ class Display:
                     log.error("%s", err)
             if self._log_file is not None:
                 self._log_file.close()
-            heartbeat.maybe_send(self.stats(), force=True)
+            final = self.stats()
+            heartbeat.maybe_send(final, force=True)
+            log.info("display summary: %s", json.dumps(final, separators=(",", ":")))
             frames.close(0)
             heatmaps.close(0)
             heartbeat.close()
@@ -397,9 +403,18 @@ class Display:
             names = list(COLORMAPS)
             self.colormap_name = names[(names.index(self.colormap_name) + 1) % len(names)]
 
+    def e2e_ms(self) -> dict[str, float]:
+        """p50/p99 of capture -> display over the recent heatmaps (timestamps from several hosts on one clock)."""
+        if not self.latencies:
+            return {}
+        values = np.asarray(self.latencies) * 1000.0
+        return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3)}
+
     def stats(self) -> dict[str, Any]:
         return {
             "heatmaps": self.heatmaps_received,
+            "e2e_ms": self.e2e_ms(),
+            "clock": protocol.clock_stats(),
             "recorded": self.recorder.frames if self.recorder else 0,
             "drops": self.drops,
             "frame_gaps": self.frame_gaps,

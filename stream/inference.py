@@ -10,7 +10,25 @@ Real time first, so nothing here can queue without bound:
   upstream — are counted in ``gaps``);
 - the audio embedding is computed once per window (cached by window), so every frame of one hop reuses
   it; when the worker is idle it embeds the newest window ahead of need;
-- frames of several streams that are pending together run as one batch.
+- frames of several streams that are pending together run as one batch of at most ``max_batch`` frames
+  (``--max-batch``, never more than the engine's own ``Engine.max_batch``). Streams take turns: the batch
+  takes the streams served longest ago first (then the oldest capture), so with more streams than a batch
+  holds every stream is served in rotation and none starves; the others wait for the next batch;
+- a frame older than ``max_frame_age`` when its turn comes (default: 50 ms + two batch times; measured from
+  capture, or from its arrival here when the sender's clock is not this host's) is dropped and counted as
+  ``late`` instead of being served: under overload heatmaps get fewer, never older.
+
+The per-stream state behind this (pending frames, audio tracks and their embedding cache, turns, deadlines,
+bounded stream ids) is ``avloc.stream.batching.StreamScheduler``, which the worker extends.
+
+Per-stream counts (frames, heatmaps, replaced, late), heatmap rate and capture->publish latency are in the
+heartbeat's stats (``per_stream``, the launcher's summary). State of every stream id is bounded (see
+``MAX_STREAMS``).
+
+Sharding (``--assignments ENDPOINT --worker-name NAME``, started so by the launcher for
+``inference_workers`` > 1): the worker serves only the streams the launcher's assignment table gives it,
+connecting and disconnecting its frame/audio sockets as the table changes, and publishes its heatmaps into
+the launcher's proxy (``--heatmaps-connect``); see ``avloc.stream.sharding``.
 
 Silence gate: when the engine's manifest has a ``gate`` (``avloc export --gate-data``), a heatmap whose
 confidence is below ``gate.threshold`` is still published, array and peak included, with
@@ -27,10 +45,7 @@ import contextlib
 import logging
 import math
 import threading
-import time
-from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +54,17 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
+from avloc.engines.base import known_backends
 from avloc.stream import protocol, security
+from avloc.stream.batching import (
+    DEFAULT_MAX_BATCH,
+    AudioTrack,
+    AudioWindow,
+    PendingFrame,
+    StreamScheduler,
+    StreamStats,
+    effective_max_batch,
+)
 from avloc.stream.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -51,74 +76,8 @@ from avloc.stream.worker import (
 
 log = logging.getLogger(__name__)
 
-AUDIO_HISTORY = 64  # audio windows kept per stream (several seconds at a 100 ms hop)
-EMBED_CACHE = 16  # audio embeddings kept per stream
 POLL_MS = 20
-# Per-stream state is bounded: at most MAX_STREAMS stream ids (the least recently heard is forgotten first),
-# and a stream silent for STREAM_SILENCE_S is forgotten, so made-up stream ids cannot grow memory or the stats.
-MAX_STREAMS = 64
-STREAM_SILENCE_S = 60.0
 FRAME_RCVHWM = 64  # frames libzmq may hold for us (~2 s at 30 fps; 60 MB of 640x480 BGR at most)
-
-
-@dataclass
-class AudioWindow:
-    seq: int
-    end_ts: float  # clock time of the window's last sample
-    spec: np.ndarray  # [1, F, T] float32
-
-
-@dataclass
-class PendingFrame:
-    message: protocol.Message
-    received: float
-
-
-@dataclass
-class AudioTrack:
-    """Recent audio windows of one stream and their embeddings (computed at most once each)."""
-
-    windows: deque[AudioWindow] = field(default_factory=lambda: deque(maxlen=AUDIO_HISTORY))
-    embeddings: OrderedDict[int, np.ndarray] = field(default_factory=OrderedDict)
-    last_received: float = -math.inf
-
-    def add(self, window: AudioWindow, received: float) -> None:
-        # Windows normally arrive in order. A restarted publisher starts its seq again (with later end
-        # times): embeddings are cached by seq, so a seq that does not grow starts the track afresh.
-        last = self.windows[-1] if self.windows else None
-        if last is not None and (window.end_ts < last.end_ts or window.seq <= last.seq):
-            self.windows.clear()
-            self.embeddings.clear()
-        self.windows.append(window)
-        self.last_received = received
-
-    def window_for(self, capture_ts: float) -> AudioWindow | None:
-        """The newest window ending at or before ``capture_ts``."""
-        for window in reversed(self.windows):
-            if window.end_ts <= capture_ts:
-                return window
-        return None
-
-
-@dataclass
-class WorkerStats:
-    frames: int = 0  # frame messages received
-    audio: int = 0  # audio windows received
-    processed: int = 0  # frames that went through the engine (or were suppressed)
-    published: int = 0
-    drops: int = 0  # frames replaced by a newer one of the same stream before processing
-    gaps: int = 0  # frames missing in the sequence numbers (dropped upstream by the HWM)
-    suppressed: int = 0  # heatmaps suppressed for lack of audio
-    not_visible: int = 0  # heatmaps published with notice not_visible (confidence below the gate)
-    audio_embeds: int = 0
-    audio_reused: int = 0  # frames paired with an older, already embedded window (audio_reuse_s)
-    batches: int = 0
-    streams_evicted: int = 0  # stream ids forgotten (silent for STREAM_SILENCE_S, or over MAX_STREAMS)
-    first_publish: float | None = None
-    last_publish: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _normalizer(manifest: dict[str, Any]) -> tuple[float, float]:
@@ -165,7 +124,7 @@ def peak_of(heatmap: np.ndarray, upsample: int = 8) -> tuple[float, float]:
     return (x + 0.5) / ww, (y + 0.5) / hh
 
 
-class InferenceWorker:
+class InferenceWorker(StreamScheduler):
     """The worker's state and loop; sockets are created in :meth:`run` (inside the worker process)."""
 
     def __init__(
@@ -179,13 +138,17 @@ class InferenceWorker:
         heatmap_dtype: str = "float16",
         max_audio_age_s: float = 1.5,
         audio_reuse_s: float = 0.0,
-        max_batch: int = 8,
+        max_batch: int | None = None,
+        max_frame_age_s: float = 0.0,
         gate: bool = True,
+        ogl_alpha: float | None = None,
+        worker_name: str | None = None,
+        assignments_endpoint: str | None = None,
+        heatmaps_connect: bool = False,
     ) -> None:
         from avloc.engines.base import preprocess_frame
         from avloc.engines.gate import gate_threshold
 
-        self.engine = engine
         self.manifest = engine.manifest
         self._preprocess = preprocess_frame
         self.frame_endpoints = frame_endpoints
@@ -194,8 +157,22 @@ class InferenceWorker:
         self.heartbeat_endpoint = heartbeat_endpoint
         self.heatmap_dtype = heatmap_dtype
         self.max_audio_age_s = max_audio_age_s
-        self.audio_reuse_s = audio_reuse_s
-        self.max_batch = max_batch
+        # never more than the engine takes: a TensorRT plan built for batch 4 raises on a batch of 5
+        super().__init__(
+            engine,
+            max_batch=effective_max_batch(max_batch, engine),
+            max_frame_age_s=max_frame_age_s,
+            audio_reuse_s=audio_reuse_s,
+            ratelog=RateLimitedLog(log),
+        )
+        if max_batch and self.max_batch < max_batch:
+            log.info("max_batch %d > the engine's %d: batches of at most %d", max_batch, self.max_batch, self.max_batch)
+        self.worker_name = worker_name
+        self.assignments_endpoint = assignments_endpoint
+        self.heatmaps_connect = heatmaps_connect
+        # None: every stream on the configured endpoints; else the streams the launcher assigned to us
+        self.owned: set[str] | None = None if assignments_endpoint is None else set()
+        self.routes: list[Any] = []
         anchor = (self.manifest.get("frontend") or {}).get("anchor", "end")
         if anchor != "end":
             # Live audio after the frame does not exist yet: pairing a centred window would mean holding every
@@ -206,28 +183,26 @@ class InferenceWorker:
                 anchor,
             )
         self.range = _normalizer(self.manifest)
+        # OGL (--ogl): blend each heatmap with the engine's objectness map; None: off
+        if ogl_alpha is not None and not engine.has_objectness:
+            raise UserError(f"--ogl: engine {engine.engine_dir} has no objectness graph; export it with --ogl")
+        if ogl_alpha is not None and not 0.0 <= ogl_alpha <= 1.0:
+            raise UserError(f"--ogl-alpha {ogl_alpha}: expected a value in [0, 1]")
+        self.ogl_alpha = ogl_alpha
         # Frames resized/normalised on the device the engine runs on (uint8 uploads through pinned buffers).
         self._device_preprocess = None
         device = getattr(engine, "torch_device", None)
         if device is not None and device.type == "cuda":
             from avloc.engines.preprocess import DevicePreprocessor
 
-            self._device_preprocess = DevicePreprocessor(self.manifest, device, max_batch)
+            self._device_preprocess = DevicePreprocessor(self.manifest, device, self.max_batch)
         # None: no gating (gate disabled, or an engine exported without --gate-data)
         self.gate_threshold = gate_threshold(self.manifest) if gate else None
         if self.gate_threshold is not None:
             log.info("silence gate: heatmaps with confidence < %.4f are marked not_visible", self.gate_threshold)
-        self.stats = WorkerStats()
         self.frame_rejects = protocol.RejectCounter("frames", logger=log)
         self.audio_rejects = protocol.RejectCounter("audio", logger=log)
-        self.pending: dict[str, PendingFrame] = {}
-        self.tracks: dict[str, AudioTrack] = {}
-        self.no_audio_streams: set[str] = set()
-        self.ended_streams: set[str] = set()
-        self._last_seq: dict[str, int] = {}
-        self._last_heard: OrderedDict[str, float] = OrderedDict()  # stream -> last message time, oldest first
         self.spec_shape = _spec_shape(self.manifest)
-        self._ratelog = RateLimitedLog(log)
         self._token = security.run_token()
 
     # --- receiving --------------------------------------------------------------------------------
@@ -251,8 +226,14 @@ class InferenceWorker:
                     protocol.ProtocolError("bad_frame", f"frame {frame.dtype} {frame.shape}, ts {sorted(msg.ts)}")
                 )
                 continue
+            if self.owned is not None and msg.stream not in self.owned:
+                self.stats.not_owned += 1  # still in flight from an endpoint we just left
+                continue
             self.stats.frames += 1
             self._heard(msg.stream, received)
+            stream_stats = self.per_stream.setdefault(msg.stream, StreamStats())
+            stream_stats.frames += 1
+            stream_stats.transport.append(received - msg.ts["capture"])
             last = self._last_seq.get(msg.stream)
             if last is not None and msg.seq > last + 1:
                 self.stats.gaps += msg.seq - last - 1
@@ -262,6 +243,7 @@ class InferenceWorker:
             self.ended_streams.discard(msg.stream)
             if msg.stream in self.pending:
                 self.stats.drops += 1  # newest wins: the older frame is stale now
+                stream_stats.replaced += 1
             self.pending[msg.stream] = PendingFrame(msg, received)
 
     def _on_control(self, msg: protocol.Message, rejects: protocol.RejectCounter) -> None:
@@ -298,79 +280,18 @@ class InferenceWorker:
             )
             self.no_audio_streams.discard(msg.stream)
 
-    def _heard(self, stream: str, t: float) -> None:
-        self._last_heard[stream] = t
-        self._last_heard.move_to_end(stream)
-        while len(self._last_heard) > MAX_STREAMS:
-            self._forget(next(iter(self._last_heard)))
-
-    def evict_silent(self, t: float) -> None:
-        """Forget every stream not heard from for ``STREAM_SILENCE_S``."""
-        while self._last_heard:
-            stream, heard = next(iter(self._last_heard.items()))
-            if t - heard <= STREAM_SILENCE_S:
-                return
-            self._forget(stream)
-
-    def _forget(self, stream: str) -> None:
-        self._last_heard.pop(stream, None)
-        self.pending.pop(stream, None)
-        self.tracks.pop(stream, None)
-        self._last_seq.pop(stream, None)
-        self.no_audio_streams.discard(stream)
-        self.ended_streams.discard(stream)
-        self.stats.streams_evicted += 1
-
-    # --- pairing ------------------------------------------------------------------------------------
-    def _track_for(self, stream: str) -> AudioTrack | None:
-        if stream in self.tracks:
-            return self.tracks[stream]
-        if len(self.tracks) == 1:  # one microphone serving every camera
-            return next(iter(self.tracks.values()))
-        return None
-
-    def _embedding(self, track: AudioTrack, window: AudioWindow) -> tuple[np.ndarray, float]:
-        """The window's embedding (cached) and the seconds spent computing it now (0 when cached)."""
-        emb = track.embeddings.get(window.seq)
-        if emb is not None:
-            track.embeddings.move_to_end(window.seq)
-            return emb, 0.0
-        t0 = time.monotonic()
-        emb = np.asarray(self.engine.embed_audio(window.spec[None].astype(np.float32, copy=False)))[0]
-        spent = time.monotonic() - t0
-        self.stats.audio_embeds += 1
-        track.embeddings[window.seq] = emb
-        while len(track.embeddings) > EMBED_CACHE:
-            track.embeddings.popitem(last=False)
-        return emb, spent
-
-    def _reusable(self, track: AudioTrack, window: AudioWindow) -> AudioWindow:
-        """``window``, or when it is not embedded yet an already embedded window at most ``audio_reuse_s``
-        older (0 = never): when the worker falls behind it skips audio windows like it skips frames,
-        instead of paying an audio embedding on nearly every frame. Idle time still embeds the newest
-        window ahead (``embed_ahead``), so a worker that keeps up always uses the newest window."""
-        if self.audio_reuse_s <= 0 or window.seq in track.embeddings:
-            return window
-        for older in reversed(track.windows):
-            if older.end_ts < window.end_ts - self.audio_reuse_s:
-                break
-            if older.end_ts <= window.end_ts and older.seq in track.embeddings:
-                self.stats.audio_reused += 1
-                return older
-        return window
-
-    def embed_ahead(self) -> None:
-        """Idle time: embed the newest window of each track so the next frame finds it cached."""
-        for track in self.tracks.values():
-            if track.windows and track.windows[-1].seq not in track.embeddings:
-                self._embedding(track, track.windows[-1])
-
     # --- processing ---------------------------------------------------------------------------------
     def process_pending(self, pub: zmq.Socket) -> int:
-        """Run every pending frame (newest per stream) as one batch and publish the heatmaps."""
+        """Run the next batch of pending frames (newest per stream, fair turns) and publish the heatmaps."""
+        self.drop_late(protocol.now())
         if not self.pending:
             return 0
-        streams = sorted(self.pending, key=lambda s: self.pending[s].message.ts["capture"])[-self.max_batch :]
+        streams = self.next_batch()
+        for stream in streams:  # one turn per stream, in batch order: a strict rotation, no tie to break
+            if stream in self.per_stream:
+                self.per_stream[stream].served_turn = self._turns
+            self._turns += 1
+        self.stats.batches += 1  # counts turns (a batch whose frames were all suppressed too)
         batch = [self.pending.pop(s) for s in streams]
         infer_start = protocol.now()
         ready: list[tuple[PendingFrame, np.ndarray, AudioWindow, float]] = []
@@ -396,8 +317,14 @@ class InferenceWorker:
         embs = np.stack([emb for _, emb, _, _ in ready]).astype(np.float32, copy=False)
         visual_start = protocol.now()
         heatmaps, confidence = self.engine.localize(images, embs)
+        if self.ogl_alpha is not None:  # object guidance; confidence (and the gate) stay the AV graph's
+            from avloc.core.ogl import blend_live
+
+            heatmaps = blend_live(self.engine, images, heatmaps, self.ogl_alpha, value_range=self.range)
         infer_end = protocol.now()
-        self.stats.batches += 1
+        # a moving average over ~10 batches: the automatic frame deadline follows the engine's real speed
+        spent = infer_end - infer_start
+        self.batch_time_s = spent if self.batch_time_s == 0.0 else 0.9 * self.batch_time_s + 0.1 * spent
         heatmaps = np.asarray(heatmaps)
         confidence = np.asarray(confidence).reshape(-1)
         for i, (item, _emb, window, spent) in enumerate(ready):
@@ -485,6 +412,12 @@ class InferenceWorker:
     ) -> None:
         ts["publish"] = protocol.now()
         protocol.send(pub, "heatmap", stream=msg.stream, seq=msg.seq, ts=ts, arrays=arrays, meta=meta)
+        stream_stats = self.per_stream.get(msg.stream)
+        if stream_stats is not None:
+            stream_stats.heatmaps += 1
+            stream_stats.publish_times.append(ts["publish"])
+            if stream_stats.same_clock():
+                stream_stats.latencies.append(ts["publish"] - ts["capture"])
         self.stats.processed += 1
         self.stats.published += 1
         if self.stats.first_publish is None:
@@ -498,6 +431,11 @@ class InferenceWorker:
             "rejects_total": self.frame_rejects.total + self.audio_rejects.total,
             "streams": sorted(self._last_seq),
             "ended": sorted(self.ended_streams),
+            "per_stream": {s: self.per_stream[s].as_dict() for s in sorted(self.per_stream)},
+            "max_batch": self.max_batch,
+            "frame_deadline_ms": round(self.frame_deadline() * 1000.0, 1),
+            "batch_ms": round(self.batch_time_s * 1000.0, 2),
+            "owned": None if self.owned is None else sorted(self.owned),
         }
 
     # --- loop ---------------------------------------------------------------------------------------
@@ -509,28 +447,95 @@ class InferenceWorker:
             return
         on_device = str(getattr(self.engine, "device", "cpu")) != "cpu"
         self.engine.warmup(range(1, self.max_batch + 1) if on_device else (1,))
+        if self.ogl_alpha is not None:  # torch builds / TensorRT plans the objectness graph on first use
+            self.engine.objectness(np.zeros((1, *self.engine.image_shape), np.float32))
 
-    def _frame_socket(self, ctx: zmq.Context) -> zmq.Socket:
+    def _frame_socket(self, ctx: zmq.Context, endpoints: list[str] | None = None) -> zmq.Socket:
         """SUB for frames whose queue is deep on purpose: PUB/SUB drops the NEWEST message when a queue is
         full, so a shallow queue here would back up into the publisher and leave us a backlog of old frames.
         libzmq's I/O thread moves every frame into this queue as it arrives and each loop drains it keeping
         only the newest, so a frame is at most one loop old (bounded: FRAME_RCVHWM x frame size)."""
-        return protocol.make_socket(ctx, zmq.SUB, self.frame_endpoints, bind=False, hwm=FRAME_RCVHWM)
+        eps = self.frame_endpoints if endpoints is None else endpoints
+        return protocol.make_socket(ctx, zmq.SUB, eps, bind=False, hwm=FRAME_RCVHWM)
+
+    def _audio_socket(self, ctx: zmq.Context, endpoints: list[str] | None = None) -> zmq.Socket:
+        eps = self.audio_endpoints if endpoints is None else endpoints
+        return protocol.make_socket(ctx, zmq.SUB, eps, bind=False, hwm=64)
+
+    @staticmethod
+    def _rewire(sock: zmq.Socket, old: set[str], new: set[str], make: Any, poller: zmq.Poller | None) -> zmq.Socket:
+        """``sock`` connected to ``new``. Leaving an endpoint replaces the socket instead of disconnecting it:
+        libzmq aborts the process (``!_more``, fq.cpp; zeromq/libzmq#2163) when a multipart message from a
+        pipe being disconnected is read, and frames and audio windows are multipart. The queued messages of
+        the kept endpoints are lost with the old socket: one frame per stream, once per reassignment."""
+        if not old - new:
+            for ep in sorted(new - old):
+                sock.connect(ep)
+            return sock
+        if poller is not None:
+            poller.unregister(sock)
+        sock.close(0)
+        fresh = make(zmq.Context.instance(), sorted(new))
+        if poller is not None:
+            poller.register(fresh, zmq.POLLIN)
+        return fresh
+
+    def apply_assignment(
+        self, routes: list[Any], frames: zmq.Socket, audio: zmq.Socket | None, poller: zmq.Poller | None = None
+    ) -> tuple[zmq.Socket, zmq.Socket | None]:
+        """Serve exactly ``routes`` (``sharding.StreamRoute``): connect to new endpoints, leave the others and
+        forget the streams given to another worker (their audio cache and pending frame move with them).
+        Returns the frame and audio sockets (new ones when an endpoint was left, registered in ``poller``)."""
+        old_frames, old_audio = set(self.frame_endpoints), set(self.audio_endpoints)
+        new_frames = {r.frames for r in routes}
+        new_audio = {r.audio for r in routes if r.audio}
+        frames = self._rewire(frames, old_frames, new_frames, self._frame_socket, poller)
+        if audio is not None:
+            audio = self._rewire(audio, old_audio, new_audio, self._audio_socket, poller)
+        owned = {r.stream for r in routes}
+        for stream in sorted((self.owned or set()) - owned):
+            self._forget(stream)
+            self.stats.streams_evicted -= 1  # handed over, not evicted
+        self.frame_endpoints, self.audio_endpoints = sorted(new_frames), sorted(new_audio)
+        self.owned = owned
+        self.routes = list(routes)
+        log.info("assigned streams: %s", sorted(owned) or "none")
+        return frames, audio
+
+    def _take_assignments(
+        self, sock: zmq.Socket, frames: zmq.Socket, audio: zmq.Socket | None, poller: zmq.Poller
+    ) -> tuple[zmq.Socket, zmq.Socket | None]:
+        from avloc.stream.sharding import parse_assignment
+
+        latest = None
+        for msg in protocol.drain_latest(sock, rejects=self.frame_rejects):
+            routes = parse_assignment(msg, self.worker_name or "", self._token)
+            if routes is None:
+                self.frame_rejects.reject(protocol.ProtocolError("bad_assignment", f"{msg.kind} from {msg.stream}"))
+            else:
+                latest = routes
+        if latest is not None and latest != self.routes:
+            return self.apply_assignment(latest, frames, audio, poller)
+        return frames, audio
 
     def run(self, stop: Any) -> None:
         ctx = zmq.Context.instance()
         heartbeat = Heartbeat(ctx, self.heartbeat_endpoint, role="inference", stream="inference")
+        assigned = self.assignments_endpoint is not None
+        if assigned:  # the launcher's table decides what to connect to
+            self.frame_endpoints, self.audio_endpoints = [], []
         frames = self._frame_socket(ctx)
-        audio = (
-            protocol.make_socket(ctx, zmq.SUB, self.audio_endpoints, bind=False, hwm=64)
-            if self.audio_endpoints
-            else None
+        audio = self._audio_socket(ctx) if self.audio_endpoints or assigned else None
+        pub = protocol.make_socket(ctx, zmq.PUB, self.heatmap_endpoint, bind=not self.heatmaps_connect, hwm=16)
+        assignments = (
+            protocol.make_socket(ctx, zmq.SUB, self.assignments_endpoint, bind=False, hwm=16) if assigned else None
         )
-        pub = protocol.make_socket(ctx, zmq.PUB, self.heatmap_endpoint, bind=True, hwm=16)
         poller = zmq.Poller()
         poller.register(frames, zmq.POLLIN)
         if audio is not None:
             poller.register(audio, zmq.POLLIN)
+        if assignments is not None:
+            poller.register(assignments, zmq.POLLIN)
         log.info(
             "serving: frames %s, audio %s -> heatmaps %s",
             self.frame_endpoints,
@@ -543,6 +548,8 @@ class InferenceWorker:
                     self.evict_silent(protocol.now())
                     heartbeat.maybe_send(self.heartbeat_stats())
                 events = dict(poller.poll(0 if self.pending else POLL_MS))
+                if assignments is not None and assignments in events:
+                    frames, audio = self._take_assignments(assignments, frames, audio, poller)
                 if audio is not None and audio in events:
                     self.take_audio(*protocol.drain_stamped(audio, rejects=self.audio_rejects))
                 if frames in events:
@@ -554,7 +561,7 @@ class InferenceWorker:
         finally:
             heartbeat.maybe_send(self.heartbeat_stats(), force=True)
             log.info("stopping: %s", self.heartbeat_stats())
-            for sock in (frames, audio, pub):
+            for sock in (frames, audio, pub, assignments):
                 if sock is not None:
                     sock.close(0)
             heartbeat.close()
@@ -562,8 +569,14 @@ class InferenceWorker:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--backend", default="onnxruntime", choices=known_backends())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--triton-url",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --backend triton: the server's gRPC address (default 127.0.0.1:8001)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="engine intra-op threads (default: backend's)")
     parser.add_argument(
         "--frames",
@@ -585,7 +598,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ENDPOINT",
         help="endpoint to bind the heatmap publisher to",
     )
+    parser.add_argument(
+        "--heatmaps-connect",
+        action="store_true",
+        help="connect the heatmap publisher to --heatmaps (a proxy's XSUB) instead of binding it",
+    )
     parser.add_argument("--heatmap-dtype", default="float16", choices=("float16", "uint8"))
+    parser.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=None,
+        help=f"frames per engine batch (default {DEFAULT_MAX_BATCH}; never more than the engine's own limit)",
+    )
+    parser.add_argument(
+        "--max-frame-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="drop a frame older than this when its turn comes (0: automatic, 50 ms + two batch times)",
+    )
+    parser.add_argument(
+        "--assignments",
+        default=None,
+        metavar="ENDPOINT",
+        help="launcher's assignment publisher: serve only the streams it assigns to --worker-name",
+    )
+    parser.add_argument("--worker-name", default=None, help="this worker's name in the assignment table")
     parser.add_argument(
         "--engine-option",
         action="append",
@@ -611,7 +649,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ignore the engine's silence gate (never mark heatmaps not_visible)",
     )
+    parser.add_argument(
+        "--ogl",
+        action="store_true",
+        help="object-guided localization: blend each heatmap with the engine's objectness map "
+        "(an engine exported with avloc export --ogl)",
+    )
+    parser.add_argument(
+        "--ogl-alpha",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="weight of the audio-visual map in the OGL blend (default: the manifest's ogl.alpha, 0.4)",
+    )
     add_common_arguments(parser, role="inference")
+
+
+def _ogl_alpha(args: argparse.Namespace, engine: Any) -> float | None:
+    """--ogl / --ogl-alpha -> the blend weight (the manifest's, 0.4 by default), or None without --ogl."""
+    if not args.ogl:
+        if args.ogl_alpha is not None:
+            raise UserError("--ogl-alpha needs --ogl")
+        return None
+    from avloc.core.ogl import OGL_ALPHA
+
+    if args.ogl_alpha is not None:
+        return float(args.ogl_alpha)
+    return float((engine.manifest.get("ogl") or {}).get("alpha", OGL_ALPHA))
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer")
+    return number
+
+
+def _triton_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--triton-url -> the triton backend's ``url`` option (refused with any other backend)."""
+    if not args.triton_url:
+        return {}
+    if args.backend != "triton":
+        raise UserError(f"--triton-url {args.triton_url}: only with --backend triton (not {args.backend})")
+    return {"url": args.triton_url}
 
 
 def parse_engine_options(items: list[str]) -> dict[str, Any]:
@@ -661,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m avloc.stream.inference", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.assignments and not args.worker_name:
+        parser.error("--assignments needs --worker-name (this worker's name in the launcher's table)")
     setup_logging("inference", args.log_file, args.verbose)
     stop = install_stop_handlers()
     with heartbeats_while_starting(args.heartbeat):
@@ -673,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 threads=args.threads,
                 **parse_engine_options(args.engine_option),
+                **_triton_options(args),
             )
             worker = InferenceWorker(
                 engine,
@@ -683,13 +769,19 @@ def main(argv: list[str] | None = None) -> int:
                 heatmap_dtype=args.heatmap_dtype,
                 max_audio_age_s=args.max_audio_age,
                 audio_reuse_s=args.audio_reuse,
+                max_batch=args.max_batch,
+                max_frame_age_s=args.max_frame_age,
                 gate=not args.no_gate,
+                ogl_alpha=_ogl_alpha(args, engine),
+                worker_name=args.worker_name,
+                assignments_endpoint=args.assignments,
+                heatmaps_connect=args.heatmaps_connect,
             )
         except UserError as err:  # a bad engine, option or endpoint: one line, and the launcher does not retry
             log.error("%s", err)
             return USER_ERROR_EXIT
         worker.warm_up()
-    log.info("engine %s (%s) ready", args.engine, args.backend)
+    log.info("engine %s (%s) ready; batches of at most %d", args.engine, args.backend, worker.max_batch)
     worker.run(stop)
     return 0
 

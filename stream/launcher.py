@@ -8,11 +8,17 @@ supervises:
   and engine loading) is killed (SIGKILL) and restarted with back-off; for the inference worker, the gap
   between its last heatmap before the crash and the first after the restart is logged and put in the
   summary;
+- with ``inference_workers`` > 1, the workers share the streams (``avloc.stream.sharding``): the launcher
+  publishes which worker serves which stream, moves the streams of a worker that dies to the live ones at
+  once (its first poll after the exit, not its restart) and gives them back when it is ready again, and
+  runs the proxy through which every worker's heatmaps reach subscribers on one endpoint;
 - a finite source (a replayed file) that ends — its ``end`` control message or its clean exit — stops the
   pipeline: sources first, then the inference worker, then the display (which finishes its recording);
 - Ctrl-C / SIGTERM stop everything the same way. Children run in their own session (the launcher
   orchestrates the order) and get ``PR_SET_PDEATHSIG`` = SIGTERM, so they also stop if the launcher itself
   is SIGKILLed: no orphans.
+
+The processes of a run and their wiring are built by ``avloc.stream.pipeline``.
 
 One log file per process (``RUN_DIR/<name>.log``, plus ``<name>.out`` for anything written to stdout/stderr)
 and ``RUN_DIR/summary.json`` at the end.
@@ -41,6 +47,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml
 from avloc.core.errors import UserError
 from avloc.stream import protocol, security
+from avloc.stream.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
 from avloc.stream.worker import STATE_STALLED, USER_ERROR_EXIT
 
 log = logging.getLogger(__name__)
@@ -69,11 +76,16 @@ class StreamConfig:
     stop_timeout_s: float = 10.0
     display_stop_timeout_s: float = 60.0  # finishing a recording (encoder flush + audio mux)
     audio_hop_s: float = 0.1
-    inference_threads: int = 0  # 0: the engine backend's default
+    inference_threads: int = 0  # 0: the engine backend's default (per worker: cores / inference_workers)
+    inference_workers: int = 1  # > 1: the streams are shared among this many workers (avloc.stream.sharding)
+    max_batch: int = 8  # frames per engine batch (never more than the engine's own max batch)
+    max_frame_age_s: float = 0.0  # older frames are dropped when their turn comes; 0: 50 ms + two batch times
     heatmap_dtype: str = "float16"
     max_audio_age_s: float = 1.5
     audio_reuse_s: float = 0.0  # > 0: when behind, skip audio windows (reuse one this much older)
     gate: bool = True  # apply the engine's silence gate (heatmaps below it marked not_visible), if it has one
+    ogl: bool = False  # object-guided localization (an engine exported with --ogl); --ogl
+    ogl_alpha: float | None = None  # weight of the audio-visual map in the OGL blend; None: the manifest's (0.4)
     alpha: float = 0.45
     colormap: str = "jet"
 
@@ -88,6 +100,14 @@ def load_stream_config(path: Path | None = None) -> StreamConfig:
     config = from_dict(StreamConfig, load_yaml(path), str(path))
     for name in ("frames_endpoint", "audio_endpoint", "heatmaps_endpoint", "heartbeats_endpoint"):
         check_endpoint(getattr(config, name), f"{path}: {name}")
+    for name in ("inference_workers", "max_batch"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{path}: {name}: {value!r}, expected a positive integer")
+    if config.max_frame_age_s < 0:
+        raise UserError(f"{path}: max_frame_age_s: {config.max_frame_age_s!r}, expected >= 0 (0: automatic)")
+    if config.ogl_alpha is not None and not 0.0 <= config.ogl_alpha <= 1.0:
+        raise UserError(f"{path}: ogl_alpha: {config.ogl_alpha!r}, expected a value in [0, 1] (or null)")
     return config
 
 
@@ -125,9 +145,6 @@ def free_tcp_endpoint() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # no free port outside: any free one
         probe.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
-SLOW_STARTUP_GRACE_S = 600.0  # inference start-up allowed for an engine build (TensorRT) or compile warm-up
 
 
 @dataclass
@@ -195,6 +212,7 @@ class Launcher:
         verbose: bool = False,
         keys: Path | None = None,
         insecure: bool = False,
+        shards: ShardPlan | None = None,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -227,12 +245,21 @@ class Launcher:
         # refuse a non-loopback endpoint without keys before anything starts (the workers check again)
         for spec in specs:
             for flag, value in zip(spec.args, spec.args[1:]):
-                if flag in ("--frames", "--audio", "--heatmaps", "--endpoint") and value.startswith("tcp://"):
+                if flag in ("--frames", "--audio", "--heatmaps", "--endpoint") and value.startswith(
+                    ("tcp://", "ipc://")
+                ):
                     security.check_bind(value, loaded, insecure)
         security.check_bind(self.heartbeat_endpoint, loaded, insecure)
         self.unauthenticated: Counter[str] = Counter()
+        self.heartbeat_rejects = protocol.RejectCounter("heartbeats", logger=log)  # malformed, by reason
         self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
+        self.shards = shards
+        if shards is not None:
+            for endpoint in (shards.heatmaps_in, shards.heatmaps_out, shards.assignments_endpoint):
+                security.check_bind(endpoint, loaded, insecure)
+        self._proxy: HeatmapProxy | None = None
+        self._assigner: AssignmentPublisher | None = None
 
     # --- processes ----------------------------------------------------------------------------------
     def _start(self, child: Child) -> None:
@@ -268,6 +295,7 @@ class Launcher:
         child.started = time.monotonic()
         child.ready = False
         child.last_heartbeat = None
+        child.last_stats = {}  # a restarted worker's stats are its own, not the previous process's
         child.exit_code = None
         child.restart_at = None
         log.info("started %s (pid %d): %s", spec.name, child.popen.pid, " ".join(cmd[2:]))
@@ -283,6 +311,10 @@ class Launcher:
         self._ctx = zmq.Context()
         with security.environment(self._security_env):  # this process's own socket follows the same rules
             self._sub = protocol.make_socket(self._ctx, zmq.SUB, self.heartbeat_endpoint, bind=True, hwm=1000)
+            if self.shards is not None:
+                self._proxy = HeatmapProxy(self._ctx, self.shards.heatmaps_in, self.shards.heatmaps_out)
+                self._proxy.start()
+                self._assigner = AssignmentPublisher(self._ctx, self.shards.assignments_endpoint, self.token)
         self._start_time = time.monotonic()
         # Consumers first so the first frames find their subscribers connected; processes with ``after``
         # (the sources) wait until those are ready, so a replay never plays into an engine still loading.
@@ -315,7 +347,7 @@ class Launcher:
             try:
                 msg = protocol.recv(self._sub, timeout_ms=0)
             except protocol.ProtocolError as err:
-                log.warning("heartbeat socket: rejected message (%s)", err)
+                self.heartbeat_rejects.reject(err)
                 continue
             if msg is None:
                 return
@@ -437,8 +469,35 @@ class Launcher:
         child.restart_at = time.monotonic() + backoff
         log.info("%s: restarting in %.1f s", spec.name, backoff)
 
+    def serving_workers(self) -> list[str]:
+        """Inference workers that are up and ready (engine loaded), in the plan's order."""
+        if self.shards is None:
+            return []
+        out = []
+        for name in self.shards.workers:
+            child = self.children.get(name)
+            if (
+                child is not None
+                and child.ready
+                and child.restart_at is None
+                and child.popen is not None
+                and child.popen.poll() is None
+            ):
+                out.append(name)
+        return out
+
+    def _reassign(self) -> None:
+        """Publish who serves which stream (on change at once; else the periodic resend)."""
+        if self.shards is None or self._assigner is None:
+            return
+        table = self.shards.table(self.serving_workers())
+        if self._assigner.update(table):
+            owned = {w: [route[0] for route in routes] for w, routes in table.items()}
+            log.info("stream assignment %d: %s", self._assigner.changes, owned)
+            self._event("assign", "launcher", assignment=owned)
+
     def poll(self) -> None:
-        """One supervision step: heartbeats, exits, silent workers, due restarts."""
+        """One supervision step: heartbeats, exits, silent workers, due restarts, stream assignment."""
         self._read_heartbeats()
         self._start_waiting()
         t = time.monotonic()
@@ -472,6 +531,7 @@ class Launcher:
                 child.popen.kill()
                 child.popen.wait()
                 self._on_exit(child, child.popen.returncode, why)
+        self._reassign()
 
     def finished(self) -> bool:
         """True when every finite source has ended (and there is at least one), or nothing is left alive."""
@@ -502,9 +562,10 @@ class Launcher:
                 crashed = [c.spec.name for c in self.children.values() if c.done and not c.spec.finite]
                 return "failed: " + ", ".join(crashed) if crashed and not self._ended_sources else "ended"
             # the consumers gave up (too many crashes): nothing useful can happen any more
-            given_up = [
-                c.spec.name for c in self.children.values() if c.done and c.spec.role in ("inference", "display")
-            ]
+            given_up = [c.spec.name for c in self.children.values() if c.done and c.spec.role == "display"]
+            inference = [c for c in self.children.values() if c.spec.role == "inference"]
+            if inference and all(c.done for c in inference):  # one of several workers left: its streams move
+                given_up += [c.spec.name for c in inference]
             if given_up:
                 return "failed: " + ", ".join(given_up)
             if deadline is not None and time.monotonic() >= deadline:
@@ -535,6 +596,10 @@ class Launcher:
             self._read_heartbeats()
         if self._sub is not None:
             self._sub.close(0)
+        if self._assigner is not None:
+            self._assigner.close()
+        if self._proxy is not None:
+            self._proxy.stop()
         security.stop_authenticators()  # a ZAP thread's socket would keep term() waiting
         if self._ctx is not None:
             self._ctx.term()
@@ -574,9 +639,25 @@ class Launcher:
                 for name, c in self.children.items()
             },
             "heatmap_gaps": self.gaps,
+            "streams": self.stream_stats(),
+            "assignment": None if self._assigner is None else self._assigner.table,
             "events": self.events,
             "unauthenticated": dict(self.unauthenticated),
+            "heartbeat_rejects": self.heartbeat_rejects.as_dict(),
         }
+
+    def stream_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-stream stats of the inference workers' last heartbeats (several workers: the one that served
+        the stream most, i.e. its owner at the end unless it moved)."""
+        out: dict[str, dict[str, Any]] = {}
+        for child in self.children.values():
+            if child.spec.role != "inference":
+                continue
+            per_stream = child.last_stats.get("per_stream")
+            for stream, stats in (per_stream or {}).items() if isinstance(per_stream, dict) else ():
+                if isinstance(stats, dict) and stats.get("heatmaps", 0) >= out.get(stream, {}).get("heatmaps", -1):
+                    out[stream] = {**stats, "worker": child.spec.name}
+        return out
 
     def run(self, timeout_s: float | None = None) -> dict[str, Any]:
         """start + supervise + shutdown, with SIGINT/SIGTERM stopping the pipeline cleanly."""
@@ -599,160 +680,3 @@ def check_endpoint(value: str, what: str) -> str:
     if not value.startswith(("tcp://", "ipc://", "inproc://")):
         raise UserError(f"{what} endpoint {value!r}: expected tcp://HOST:PORT or ipc:///path")
     return value
-
-
-# ---------------------------------------------------------------------------------------------- pipelines
-
-
-@dataclass
-class Endpoints:
-    """Where each stream lives; ``auto()`` picks free loopback ports so runs (and tests) never collide."""
-
-    frames: list[str]
-    audio: list[str]
-    heatmaps: str
-    heartbeats: str
-
-    @classmethod
-    def defaults(cls, config: StreamConfig, streams: int = 1) -> Endpoints:
-        if streams == 1:
-            return cls(
-                [config.frames_endpoint],
-                [config.audio_endpoint],
-                config.heatmaps_endpoint,
-                config.heartbeats_endpoint,
-            )
-        auto = cls.auto(streams)
-        return cls(auto.frames, auto.audio, config.heatmaps_endpoint, config.heartbeats_endpoint)
-
-    @classmethod
-    def auto(cls, streams: int = 1) -> Endpoints:
-        return cls(
-            [free_tcp_endpoint() for _ in range(streams)],
-            [free_tcp_endpoint() for _ in range(streams)],
-            free_tcp_endpoint(),
-            free_tcp_endpoint(),
-        )
-
-
-def inference_spec(
-    engine: Path,
-    backend: str,
-    endpoints: Endpoints,
-    config: StreamConfig,
-    threads: int | None = None,
-    extra: list[str] | None = None,
-) -> ProcessSpec:
-    args = [
-        "--engine",
-        str(engine),
-        "--backend",
-        backend,
-        "--heatmaps",
-        endpoints.heatmaps,
-        "--heatmap-dtype",
-        config.heatmap_dtype,
-        "--max-audio-age",
-        str(config.max_audio_age_s),
-        "--audio-reuse",
-        str(config.audio_reuse_s),
-    ]
-    for ep in endpoints.frames:
-        args += ["--frames", ep]
-    for ep in endpoints.audio:
-        args += ["--audio", ep]
-    threads = threads or config.inference_threads or None
-    if threads:
-        args += ["--threads", str(threads)]
-    if not config.gate:
-        args.append("--no-gate")
-    args += list(extra or [])
-    # A first TensorRT build or torch.compile of every batch size takes minutes before the worker is ready (its
-    # heartbeats say "loading" meanwhile); the other backends load in seconds.
-    slow_start = backend == "tensorrt" or any("mode=compile" in a for a in args)
-    grace = max(config.startup_grace_s, SLOW_STARTUP_GRACE_S) if slow_start else None
-    return ProcessSpec("inference", "avloc.stream.inference", args, role="inference", startup_grace_s=grace)
-
-
-def display_spec(
-    endpoints: Endpoints,
-    config: StreamConfig,
-    *,
-    headless: bool,
-    record: Path | None = None,
-    audio_source: Path | None = None,
-    latency_log: Path | None = None,
-    snapshot_every: int = 0,
-    fps: float = 30.0,
-    alpha: float | None = None,
-    colormap: str | None = None,
-) -> ProcessSpec:
-    args = [
-        "--heatmaps",
-        endpoints.heatmaps,
-        "--alpha",
-        str(config.alpha if alpha is None else alpha),
-        "--colormap",
-        colormap or config.colormap,
-        "--fps",
-        str(fps),
-    ]
-    for ep in endpoints.frames:
-        args += ["--frames", ep]
-    if headless:
-        args.append("--headless")
-    if record is not None:
-        args += ["--record", str(record)]
-    if audio_source is not None:
-        args += ["--audio-source", str(audio_source)]
-    if latency_log is not None:
-        args += ["--latency-log", str(latency_log)]
-    if snapshot_every:
-        args += ["--snapshot-every", str(snapshot_every)]
-    return ProcessSpec("display", "avloc.stream.display", args, role="display")
-
-
-def replay_specs(
-    video: Path,
-    engine: Path,
-    endpoints: Endpoints,
-    config: StreamConfig,
-    *,
-    speed: str = "1.0",
-    loop: bool = False,
-) -> list[ProcessSpec]:
-    """One replay worker per stream (several streams replay the same file under different ids)."""
-    specs = []
-    for i, (frames_ep, audio_ep) in enumerate(zip(endpoints.frames, endpoints.audio)):
-        args = [
-            str(video),
-            "--frames",
-            frames_ep,
-            "--audio",
-            audio_ep,
-            "--stream-id",
-            f"cam{i}",
-            "--speed",
-            str(speed),
-            "--hop",
-            str(config.audio_hop_s),
-            "--frontend",
-            str(engine),
-            "--wait-subscribers",
-            "2",  # frames: the inference worker and the display (audio: the inference worker)
-            "--wait-timeout",
-            "10",
-        ]
-        if loop:
-            args.append("--loop")
-        specs.append(
-            ProcessSpec(
-                f"replay{i}" if len(endpoints.frames) > 1 else "replay",
-                "avloc.stream.replay",
-                args,
-                role="source",
-                finite=not loop,
-                after=("inference", "display"),
-            )
-        )
-    return specs

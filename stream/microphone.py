@@ -8,7 +8,9 @@ Three stages, each on its own thread:
 2. The consumer (the worker's main thread) takes every new sample from the ring, resamples to the
    front-end's rate when the device cannot capture at it (PyAV's libswresample, stateful across blocks),
    and feeds ``avloc.core.audio.StreamingFrontEnd``, which yields one window every hop (100 ms by default)
-   ending at the newest sample: causal, no look-ahead.
+   ending at the newest sample: causal, no look-ahead. As replay does, the window starts pre-filled with
+   silence (``num_samples - hop`` zeros), so the first window comes one hop after capture starts, not one
+   window length (10 s for ACL's front-end) later.
 3. Each window is published with ``ts.window_end``: the host's monotonic time of the window's last sample.
 
 Clock mapping: PortAudio reports ``inputBufferAdcTime`` (capture time of a block's first sample) on its
@@ -162,6 +164,10 @@ class AudioWindower:
 
     ``max_lag_s``: when the consumer finds more than this much audio waiting beyond one window (after a
     stall), it skips ahead to the newest audio instead of computing stale windows; None never skips.
+    ``prefill``: start with ``num_samples - hop`` samples of silence, as replay does (the worker's setting):
+    the first window ends one hop into the capture. ``end_sample`` still counts captured samples only (a
+    pre-filled window has ``end_sample < num_samples``). A skip-ahead keeps a whole window of real audio and
+    so needs no silence.
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class AudioWindower:
         device_rate: int,
         hop_samples: int,
         max_lag_s: float | None = 1.0,
+        prefill: bool = False,
     ) -> None:
         self.ring = ring
         self.config = config
@@ -179,6 +186,9 @@ class AudioWindower:
         self.hop_samples = int(hop_samples)
         self.max_lag_s = max_lag_s
         self.frontend = StreamingFrontEnd(config, self.hop_samples)
+        # front-end-rate samples of silence ahead of the current run's audio (replay's prefill)
+        self._prefill = max(config.num_samples - self.hop_samples, 0) if prefill else 0
+        self.frontend.push(np.zeros(self._prefill, np.float32))
         needs_resampling = self.device_rate != config.sample_rate
         self._resample = _Resampler(self.device_rate, config.sample_rate) if needs_resampling else None
         self._base = 0  # ring position (device frames) where the current front-end run started
@@ -199,6 +209,7 @@ class AudioWindower:
             self.ring.read(skip)
             self.skipped_frames += skip
             self.frontend.reset()
+            self._prefill = 0  # the kept audio fills a whole window
             self._resample = (
                 _Resampler(self.device_rate, self.config.sample_rate) if self._resample is not None else None
             )
@@ -213,7 +224,9 @@ class AudioWindower:
         ratio = self.device_rate / self.config.sample_rate
         base_samples = round(self._base / ratio)
         for end, spec in self.frontend.push(mono):
-            # end counts front-end-rate samples since _base; map back to ring (device) frames for the time.
+            # end counts front-end-rate samples since _base (after the silence); map back to ring (device)
+            # frames for the time.
+            end -= self._prefill
             ring_pos = self._base + round(end * ratio)
             out.append((base_samples + end, self.ring.time_at(ring_pos, self.device_rate), spec))
         return out
@@ -323,7 +336,7 @@ def run_microphone(
     max_windows: int | None = None,
     wait_subscribers: int = 0,
     ctx: zmq.Context | None = None,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Publish causal front-end windows of a microphone every hop until ``stop``; returns the counters.
 
     A device that stops calling back for 2 s (unplugged) is closed and reopened with exponential back-off.
@@ -342,7 +355,7 @@ def run_microphone(
     capture: MicrophoneCapture | None = None
     windower: AudioWindower | None = None
     backoff = 0.5
-    stats: dict[str, int] = {}
+    stats: dict[str, Any] = {}
     try:
         while not stop.is_set() and (max_windows is None or published < max_windows):
             if capture is None:
@@ -359,7 +372,9 @@ def run_microphone(
                     backoff = min(2 * backoff, 10.0)
                     continue
                 hop = round(hop_seconds * config.sample_rate)
-                windower = AudioWindower(capture.ring, config, device_rate=rate, hop_samples=hop, max_lag_s=max_lag_s)
+                windower = AudioWindower(
+                    capture.ring, config, device_rate=rate, hop_samples=hop, max_lag_s=max_lag_s, prefill=True
+                )
                 log.info(
                     "microphone %r open: %d Hz, %d channel(s), hop %d samples%s",
                     device,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -89,9 +90,61 @@ class Message:
     nbytes: int = 0  # total payload bytes on the wire, header included
 
 
+# --- the one clock -------------------------------------------------------------------------------------
+# Every timestamp is ``now()``: CLOCK_MONOTONIC (shared by all processes of a host) plus this process's offset to
+# the pipeline's reference clock (the inference host's, see stream/clock.py). On one host the offset is 0; a
+# worker on another host measures it at start (and again periodically) so that the timestamps of all hosts are
+# on one clock. AVLOC_CLOCK_SKEW_S shifts this process's local clock by that many seconds: a test hook that
+# makes one host's clock wrong on purpose, to show that the measured offset corrects it.
+CLOCK_SKEW_ENV = "AVLOC_CLOCK_SKEW_S"
+
+
+def _env_skew() -> float:
+    text = os.environ.get(CLOCK_SKEW_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{CLOCK_SKEW_ENV}={text!r}: expected a number of seconds") from None
+    if not math.isfinite(value):
+        raise UserError(f"{CLOCK_SKEW_ENV}={text!r}: expected a finite number of seconds")
+    return value
+
+
+_SKEW_S = _env_skew()
+_offset_s = 0.0  # local clock -> reference clock; set by set_clock_offset (a float store is atomic)
+_now_base = _SKEW_S  # _SKEW_S + _offset_s, precomputed: now() is called for every message
+_clock_info: dict[str, Any] = {"offset_s": 0.0, "uncertainty_s": 0.0, "synced": False}
+
+
+def local_clock() -> float:
+    """This host's own clock (CLOCK_MONOTONIC, plus the injected skew): what clock sync measures."""
+    return time.monotonic() + _SKEW_S
+
+
 def now() -> float:
-    """The host-wide clock every timestamp uses (CLOCK_MONOTONIC, shared by all processes on a host)."""
-    return time.monotonic()
+    """The clock every timestamp uses: this host's monotonic clock on the pipeline's reference clock."""
+    return time.monotonic() + _now_base
+
+
+def set_clock_offset(offset_s: float, uncertainty_s: float, **info: Any) -> None:
+    """Put ``now()`` on the reference clock: ``now() = local_clock() + offset_s`` (stream/clock.py measures it).
+
+    ``info`` (e.g. the reference endpoint, the round-trip time) is reported with the offset by ``clock_stats``.
+    """
+    global _offset_s, _now_base
+    if not (math.isfinite(offset_s) and math.isfinite(uncertainty_s)):
+        raise ValueError(f"clock offset {offset_s} ± {uncertainty_s}: not finite")
+    _offset_s = float(offset_s)
+    _now_base = _SKEW_S + _offset_s
+    _clock_info.clear()
+    _clock_info.update(offset_s=_offset_s, uncertainty_s=float(uncertainty_s), synced=True, **info)
+
+
+def clock_stats() -> dict[str, Any]:
+    """The offset applied to this process's timestamps and its uncertainty (for heartbeats and summaries)."""
+    return dict(_clock_info)
 
 
 def _finite_json(value: str) -> Any:
@@ -360,13 +413,23 @@ def _secure(sock: zmq.Socket, bind: bool, endpoints: list[str]) -> None:
         from avloc.stream import security
     except ImportError:
         return
-    if bind:
-        for ep in endpoints:
+    for ep in endpoints:
+        if bind:
             security.check_bind(ep)
+        else:  # connecting to an ipc socket in a shared folder may reach one another user put there
+            security.check_ipc(ep)
     security.secure_socket(sock, bind=bind)
 
 
-_SOCKET_NAMES = {zmq.PUB: "PUB", zmq.SUB: "SUB", zmq.PUSH: "PUSH", zmq.PULL: "PULL"}
+# DEALER/ROUTER: the clock service's request/reply (stream/clock.py); small messages, like subscriptions.
+_SOCKET_NAMES = {
+    zmq.PUB: "PUB",
+    zmq.SUB: "SUB",
+    zmq.PUSH: "PUSH",
+    zmq.PULL: "PULL",
+    zmq.DEALER: "DEALER",
+    zmq.ROUTER: "ROUTER",
+}
 
 
 def make_socket(
@@ -388,7 +451,7 @@ def make_socket(
     ``recv``/``decode`` check the total size of a message again and count it.
     """
     if socket_type not in _SOCKET_NAMES:
-        raise ValueError(f"socket type {socket_type} not supported; use PUB, SUB, PUSH or PULL")
+        raise ValueError(f"socket type {socket_type} not supported; use one of {sorted(_SOCKET_NAMES.values())}")
     sock = ctx.socket(socket_type)
     sock.setsockopt(zmq.LINGER, linger)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -396,7 +459,7 @@ def make_socket(
     sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
     if socket_type in (zmq.SUB, zmq.PULL):
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    else:  # a PUB still receives subscriptions; a PUSH nothing
+    else:  # a PUB still receives subscriptions, a PUSH nothing, DEALER/ROUTER small clock messages
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
     if socket_type == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, b"")

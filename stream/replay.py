@@ -21,6 +21,10 @@ A file without an audio track still plays: every frame carries ``meta.has_audio 
 ``--loop`` is off) an ``end`` control message goes to the frame subscribers and the launcher, then the
 worker exits 0. A truncated or corrupt file logs an error and ends the same way (``meta.error`` says why).
 
+``--infer-frames EP --infer-size WxH`` also publishes every frame resized to the engine's input size (same stream,
+seq and timestamps, control messages too) for the inference worker, while the display keeps the full frames on
+``--frames`` (docs/multihost.md).
+
 Run as a process: ``python -m avloc.stream.replay VIDEO --frames EP --audio EP --speed 1.0``.
 """
 
@@ -44,6 +48,7 @@ import zmq
 from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import DataError, UserError
 from avloc.stream import protocol, security
+from avloc.stream.camera import add_infer_arguments, infer_output, resize_for_inference
 from avloc.stream.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -227,6 +232,8 @@ class ReplaySource:
         wait_subscribers: int = 1,
         wait_timeout_s: float = 30.0,
         ctx: zmq.Context | None = None,
+        infer_endpoint: str | None = None,
+        infer_size: tuple[int, int] | None = None,
     ) -> None:
         self.path = Path(video)
         if not self.path.is_file():
@@ -244,11 +251,15 @@ class ReplaySource:
         self._frames_endpoint = frames_endpoint
         self._audio_endpoint = audio_endpoint
         self._heartbeat_endpoint = heartbeat_endpoint
+        # a second frame stream at the engine's input size (camera.resize_for_inference), same seq and timestamps
+        self._infer_endpoint = infer_endpoint if infer_size else None
+        self._infer_size = infer_size
+        self._infer_sock: zmq.Socket | None = None
         self._warn = RateLimitedLog(log, 5.0)
         self._token = security.run_token()
         # frames/windows count what was handed to libzmq; a PUB never refuses a send at a finite speed (a slow
         # subscriber's queue drops silently), so drops are counted by consumers from sequence gaps
-        self.stats = {"frames": 0, "windows": 0, "loops": 0, "late_frames": 0}
+        self.stats: dict[str, Any] = {"frames": 0, "windows": 0, "loops": 0, "late_frames": 0}
 
     def _send(self, sock: zmq.Socket, kind: str, **fields: Any) -> bool:
         """Publish; at --speed max wait while the subscriber queue is full (until stopped)."""
@@ -265,6 +276,8 @@ class ReplaySource:
     def run(self, max_frames: int | None = None) -> dict[str, Any]:
         frames_sock = make_publisher(self._ctx, self._frames_endpoint, nodrop=self.speed is None)
         audio_sock = make_publisher(self._ctx, self._audio_endpoint, nodrop=self.speed is None)
+        if self._infer_endpoint:
+            self._infer_sock = make_publisher(self._ctx, self._infer_endpoint, nodrop=self.speed is None)
         heartbeat = Heartbeat(self._ctx, self._heartbeat_endpoint, role="replay", stream=self.stream_id)
         error: str | None = None
         try:
@@ -276,6 +289,9 @@ class ReplaySource:
             # also when the file is unreadable, so that subscribers do get the 'end' (with the error)
             # frames go to the inference worker and the display, audio only to the inference worker
             sockets, needed = [frames_sock], [self.wait_subscribers]
+            if self._infer_sock is not None:  # the inference worker
+                sockets.append(self._infer_sock)
+                needed.append(min(self.wait_subscribers, 1))
             if self.has_audio:
                 sockets.append(audio_sock)
                 needed.append(min(self.wait_subscribers, 1))
@@ -287,28 +303,36 @@ class ReplaySource:
             if ended:
                 self._send_end(frames_sock, error)
                 heartbeat.control(protocol.CONTROL_END, error=error, stats=dict(self.stats))
-            heartbeat.maybe_send(dict(self.stats), force=True)
+            heartbeat.maybe_send(self.stats, force=True)
             heartbeat.close()
             frames_sock.close(linger=500 if ended else 0)  # let the "end" message out
             audio_sock.close()
+            if self._infer_sock is not None:
+                self._infer_sock.close(linger=500 if ended else 0)
         log.info("replay %s finished (error: %s): %s", self.path.name, error, self.stats)
         return {**self.stats, "error": error}
 
     def _send_end(self, sock: zmq.Socket, error: str | None) -> None:
         """The 'end' must not be dropped behind a full subscriber queue: wait for room (at most 2 s)."""
-        sock.setsockopt(zmq.XPUB_NODROP, 1)
         meta = {"command": protocol.CONTROL_END, "error": error, **self.stats}
         deadline = protocol.now() + 2.0
-        while not self._send_control(sock, meta):
-            if protocol.now() > deadline:
-                log.warning("a subscriber is not reading: the 'end' message could not be sent")
-                return
-            time.sleep(0.005)
+        for target in (sock, self._infer_sock):
+            if target is None:
+                continue
+            target.setsockopt(zmq.XPUB_NODROP, 1)
+            while not self._send_control(target, meta, also_infer=False):
+                if protocol.now() > deadline:
+                    log.warning("a subscriber is not reading: the 'end' message could not be sent")
+                    break
+                time.sleep(0.005)
 
-    def _send_control(self, sock: zmq.Socket, meta: dict[str, Any]) -> bool:
-        """A control message tagged with the run token (the inference worker ignores untagged ones)."""
+    def _send_control(self, sock: zmq.Socket, meta: dict[str, Any], also_infer: bool = True) -> bool:
+        """A control message tagged with the run token (the inference worker ignores untagged ones); also on the
+        resized-frame stream, which is where the inference worker listens then."""
         seq, ts = self.stats["frames"], {"send": protocol.now()}
         meta = security.signed_meta(self._token, "control", self.stream_id, seq, ts, meta)
+        if also_infer and self._infer_sock is not None:
+            protocol.send(self._infer_sock, "control", stream=self.stream_id, seq=seq, ts=ts, meta=meta)
         return protocol.send(sock, "control", stream=self.stream_id, seq=seq, ts=ts, meta=meta)
 
     def _probe(self) -> None:
@@ -375,7 +399,8 @@ class ReplaySource:
                         self._send_control(frames_sock, notice)
                     if not self._publish_frame(frames_sock, media, t, image):
                         return None
-                    heartbeat.maybe_send(dict(self.stats))
+                    if heartbeat.due():
+                        heartbeat.maybe_send(self.stats)
                 if last_t is None:
                     return f"{self.path}: no decodable video frames"
                 if not self.loop:
@@ -434,14 +459,30 @@ class ReplaySource:
         }
         if not self.has_audio:
             meta["notice"] = protocol.NOTICE_NO_AUDIO
+        capture = t if self.speed else now
         ok = self._send(
             sock,
             "frame",
             seq=self.stats["frames"],
-            ts={"capture": t if self.speed else now, "send": protocol.now()},
+            ts={"capture": capture, "send": protocol.now()},
             arrays={"frame": image},
             meta=meta,
         )
+        if self._infer_sock is not None and self._infer_size is not None:
+            small = resize_for_inference(image, self._infer_size)
+            self._send(
+                self._infer_sock,
+                "frame",
+                seq=self.stats["frames"],
+                ts={"capture": capture, "send": protocol.now()},
+                arrays={"frame": small},
+                meta={
+                    **meta,
+                    "width": small.shape[1],
+                    "height": small.shape[0],
+                    "full_size": [image.shape[1], image.shape[0]],
+                },
+            )
         self.stats["frames"] += 1
         return ok or self.speed is not None
 
@@ -480,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    add_infer_arguments(parser)
     add_common_arguments(parser, role="replay")
     return parser
 
@@ -490,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one window per hop is cheap; leave the cores to the inference worker
     stop = install_stop_handlers()
     try:
+        infer_endpoint, infer_size = infer_output(args)
         run_replay(
             args.video,
             args.frames,
@@ -504,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_subscribers=args.wait_subscribers,
             wait_timeout_s=args.wait_timeout,
             max_frames=args.max_frames,
+            infer_endpoint=infer_endpoint,
+            infer_size=infer_size,
         )
     except UserError as err:
         log.error("%s", err)

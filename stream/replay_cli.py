@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from avloc.core.errors import UserError
+from avloc.engines.base import known_backends
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,19 @@ def parse_speed(value: str) -> str:
     return "max" if speed is None else str(speed)
 
 
+def add_triton_url_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--triton-url",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --backend triton: the server's gRPC address (docs/engines.md; default 127.0.0.1:8001)",
+    )
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device and --engine-option, passed on to the inference worker."""
+    """--device, --engine-option, --triton-url and --ogl / --ogl-alpha, passed on to the inference worker."""
     parser.add_argument("--device", default="cpu", help="inference device (cpu, cuda, cuda:1)")
+    add_triton_url_argument(parser)
     parser.add_argument(
         "--engine-option",
         action="append",
@@ -43,22 +54,73 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="engine backend option, e.g. precision=int8 (onnxruntime) or mode=cuda_graphs (torch)",
     )
+    parser.add_argument(
+        "--ogl",
+        action="store_true",
+        help="object-guided localization: blend heatmaps with the engine's objectness map (avloc export --ogl)",
+    )
+    parser.add_argument(
+        "--ogl-alpha",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="weight of the audio-visual map in the OGL blend (default: ogl_alpha of the stream config, "
+        "else the engine manifest's, 0.4)",
+    )
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer")
+    return number
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """How many inference workers share the streams, and their batch size (default: the stream config)."""
+    parser.add_argument(
+        "--inference-workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="inference workers sharing the streams (default: inference_workers of the stream config, 1)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="frames per engine batch (default: max_batch of the stream config; never above the engine's)",
+    )
 
 
 def inference_args(args: argparse.Namespace) -> list[str]:
-    """Extra command-line arguments of the inference worker from --device / --engine-option."""
+    """Extra command-line arguments of the inference worker from --device / --engine-option / --ogl(-alpha)."""
     out = ["--device", getattr(args, "device", "cpu")]
     for option in getattr(args, "engine_option", []) or []:
         out += ["--engine-option", option]
+    if getattr(args, "triton_url", None):
+        out += ["--triton-url", args.triton_url]
+    ogl, alpha = getattr(args, "ogl", False), getattr(args, "ogl_alpha", None)
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--ogl-alpha {alpha}: expected a value in [0, 1]")
+    if ogl:
+        out.append("--ogl")
+    if alpha is not None:  # without --ogl here it still applies when the stream config turns OGL on
+        out += ["--ogl-alpha", str(alpha)]
     return out
 
 
 def add_display_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``avloc replay`` and ``avloc run``."""
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--backend", default="onnxruntime", choices=known_backends())
     parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
     add_engine_arguments(parser)
+    add_worker_arguments(parser)
     parser.add_argument("--headless", action="store_true", help="no window (use with --record)")
     parser.add_argument("--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video")
     parser.add_argument("--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG")
@@ -137,11 +199,14 @@ def run_replay(
     insecure: bool = False,
     view: str | None = None,
     view_token: str | None = None,
+    inference_workers: int | None = None,
+    max_batch: int | None = None,
 ) -> dict[str, Any]:
     """Replay ``video`` through the pipeline; returns the launcher summary plus the latency report."""
     from avloc.core.media import probe_video
     from avloc.engines.base import read_manifest
     from avloc.stream import launcher as L
+    from avloc.stream import pipeline as P
     from avloc.stream.bench import summarize_latency_log
 
     info = probe_video(video)  # DataError with the file name if missing / unreadable
@@ -149,13 +214,24 @@ def run_replay(
     config = L.load_stream_config(config_path)
     run_dir = Path(run_dir or default_run_dir("replay"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    endpoints = L.Endpoints.auto(streams) if auto_ports else L.Endpoints.defaults(config, streams)
+    endpoints = P.Endpoints.auto(streams) if auto_ports else P.Endpoints.defaults(config, streams)
     latency_log = run_dir / "latency.jsonl"
     latency_log.unlink(missing_ok=True)
+    inference, shards = P.inference_specs(
+        engine,
+        backend,
+        endpoints,
+        config,
+        workers=inference_workers,
+        threads=threads,
+        extra=extra_inference_args,
+        max_batch=max_batch,
+    )
+    after = (*(s.name for s in inference), "display")
     specs = [
-        *L.replay_specs(video, engine, endpoints, config, speed=speed, loop=loop),
-        L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args),
-        L.display_spec(
+        *P.replay_specs(video, engine, endpoints, config, speed=speed, loop=loop, after=after),
+        *inference,
+        P.display_spec(
             endpoints,
             config,
             headless=headless,
@@ -180,6 +256,7 @@ def run_replay(
         verbose=verbose,
         keys=keys,
         insecure=insecure,
+        shards=shards,
     )
     summary = launcher.run(timeout_s=timeout_s)
     summary["latency"] = summarize_latency_log(latency_log)
@@ -205,6 +282,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"e2e p50 {e2e.get('p50', float('nan')):.1f} ms, p99 {e2e.get('p99', float('nan')):.1f} ms, "
         f"suppressed {lat.get('suppressed', 0)}"
     )
+    per_stream = lat.get("per_stream") or {}
+    if len(per_stream) > 1:
+        for stream, info in per_stream.items():
+            e2e_s = info.get("e2e_ms") or {}
+            print(
+                f"  {stream}: {info.get('heatmaps', 0)} heatmaps at {info.get('fps', 0):.1f} fps, "
+                f"e2e p50 {e2e_s.get('p50', float('nan')):.1f} ms, p99 {e2e_s.get('p99', float('nan')):.1f} ms"
+            )
+        print(f"  fairness (min/max heatmap rate): {lat.get('fairness')}")
     for gap in summary.get("heatmap_gaps", []):
         print(f"  {gap['process']} restarted: heatmaps resumed after a {gap['gap_s']} s gap")
     for name, proc in summary["processes"].items():
@@ -241,6 +327,8 @@ def main(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         view=args.view,
         view_token=args.view_token,
+        inference_workers=args.inference_workers,
+        max_batch=args.max_batch,
     )
     print_summary(summary)
     return 0 if summary["reason"] in ("ended", "stopped", "timeout", "quit") else 1

@@ -48,6 +48,8 @@ def live_specs(
     *,
     threads: int | None,
     extra_inference_args: list[str],
+    inference_workers: int | None = None,
+    max_batch: int | None = None,
     headless: bool,
     record: Path | None,
     latency_log: Path,
@@ -55,8 +57,10 @@ def live_specs(
     fps_limit: float | None,
     alpha: float | None,
     colormap: str | None,
-) -> list[Any]:
+) -> tuple[list[Any], Any]:
+    """The processes of a live run, and the shard plan when several inference workers share the cameras."""
     from avloc.stream import launcher as L
+    from avloc.stream import pipeline as P
 
     specs = []
     for i, (source, frames_ep) in enumerate(zip(cameras, endpoints.frames)):
@@ -87,9 +91,19 @@ def live_specs(
         endpoints.audio = endpoints.audio[:1]
     else:
         endpoints.audio = []
-    specs.append(L.inference_spec(engine, backend, endpoints, config, threads=threads, extra=extra_inference_args))
+    inference, shards = P.inference_specs(
+        engine,
+        backend,
+        endpoints,
+        config,
+        workers=inference_workers,
+        threads=threads,
+        extra=extra_inference_args,
+        max_batch=max_batch,
+    )
+    specs.extend(inference)
     specs.append(
-        L.display_spec(
+        P.display_spec(
             endpoints,
             config,
             headless=headless,
@@ -100,12 +114,13 @@ def live_specs(
             colormap=colormap,
         )
     )
-    return specs
+    return specs, shards
 
 
 def main(args: argparse.Namespace) -> int:
     from avloc.engines.base import read_manifest
     from avloc.stream import launcher as L
+    from avloc.stream import pipeline as P
 
     check_display(args)
     cameras = args.camera or ["0"]
@@ -113,11 +128,11 @@ def main(args: argparse.Namespace) -> int:
     if len(set(cameras)) != len(cameras):
         raise UserError(f"--camera {cameras}: each camera source may be given once")
     config = L.load_stream_config(args.config)
-    endpoints = L.Endpoints.auto(len(cameras)) if args.auto_ports else L.Endpoints.defaults(config, len(cameras))
+    endpoints = P.Endpoints.auto(len(cameras)) if args.auto_ports else P.Endpoints.defaults(config, len(cameras))
     run_dir = Path(args.run_dir or default_run_dir("run"))
     run_dir.mkdir(parents=True, exist_ok=True)
     latency_log = run_dir / "latency.jsonl"
-    specs = live_specs(
+    specs, shards = live_specs(
         cameras,
         args.mic,
         args.engine,
@@ -133,6 +148,8 @@ def main(args: argparse.Namespace) -> int:
         fps_limit=args.fps_limit,
         alpha=args.alpha,
         colormap=args.colormap,
+        inference_workers=args.inference_workers,
+        max_batch=args.max_batch,
     )
     if args.view:
         from avloc.stream.view import view_spec
@@ -146,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
         verbose=getattr(args, "verbose", False),
         keys=args.keys,
         insecure=args.insecure,
+        shards=shards,
     )
     print(f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}")
     summary = launcher.run(timeout_s=args.timeout)

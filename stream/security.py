@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import secrets
+import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +180,13 @@ def stop_authenticators() -> None:
 
 def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | None = None) -> None:
     """Refuse to bind a tcp endpoint other hosts can reach (not loopback) unless CURVE keys are configured or
-    ``AVLOC_INSECURE=1``; warn about an ipc:// endpoint in a folder other local users can enter."""
+    ``AVLOC_INSECURE=1``, and an ipc:// endpoint outside a folder only this user can enter (``check_ipc``)."""
     from avloc.core.errors import UserError
 
     insecure = os.environ.get(INSECURE_ENV) == "1" if insecure is None else insecure
+    if endpoint.startswith("ipc://"):
+        check_ipc(endpoint, insecure)
+        return
     if (keys or configured_keys()) is not None or insecure:
         return
     if endpoint.startswith("tcp://"):
@@ -191,18 +196,61 @@ def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | No
                 f"endpoint {endpoint}: binding a non-loopback address without keys exposes the pipeline "
                 "to the network; make keys (`avloc keys --out DIR`, then --keys DIR) or pass --insecure"
             )
-    elif endpoint.startswith("ipc://"):
-        folder = Path(endpoint[len("ipc://") :]).parent
-        if folder.is_dir() and folder.stat().st_mode & 0o077:
-            log.warning(
-                "endpoint %s: folder %s is open to other users (a 0700 run folder keeps them out: Endpoints.ipc)",
-                endpoint,
-                folder,
-            )
+
+
+def check_ipc(endpoint: str, insecure: bool | None = None) -> None:
+    """Refuse an ipc:// endpoint (bound or connected) whose folder is not this user's alone.
+
+    A unix socket is guarded by its folder: in one that others can write to (``/tmp``), another user can put a
+    socket of their own at the path before the pipeline binds it, and every process connecting then talks to
+    them (CURVE keys or not). Abstract sockets (``ipc://@name``) have no permissions at all. ``--insecure``
+    (``AVLOC_INSECURE=1``) allows them anyway.
+    """
+    from avloc.core.errors import UserError
+
+    insecure = os.environ.get(INSECURE_ENV) == "1" if insecure is None else insecure
+    if insecure or not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    hint = "use a folder of mode 0700 (`mkdir -m 700 DIR`; avloc makes one with security.ipc_run_dir()) or --insecure"
+    if path.startswith("@"):
+        raise UserError(
+            f"endpoint {endpoint}: an abstract unix socket has no permissions, any local user can use it; {hint}"
+        )
+    folder = Path(os.path.abspath(path)).parent
+    try:
+        st = folder.stat()
+    except OSError as err:
+        raise UserError(f"endpoint {endpoint}: folder {folder} cannot be used ({err.strerror}); {hint}") from None
+    if st.st_uid != os.geteuid():
+        raise UserError(f"endpoint {endpoint}: folder {folder} belongs to uid {st.st_uid}, not to this user; {hint}")
+    if st.st_mode & 0o077:
+        raise UserError(
+            f"endpoint {endpoint}: folder {folder} (mode {stat.S_IMODE(st.st_mode):04o}) is open to other users; {hint}"
+        )
+
+
+def ipc_run_dir(prefix: str = "avloc-") -> Path:
+    """A fresh folder of mode 0700 for one run's ipc:// sockets, in ``$XDG_RUNTIME_DIR`` (per user, itself 0700)
+    when it is set and this user's, else in the system's temporary folder."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        try:
+            st = os.stat(base)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077 or not os.access(base, os.W_OK):
+                base = None
+        except OSError:
+            base = None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mkdtemp makes it 0700
+
+
+def ipc_endpoint(folder: str | Path, name: str) -> str:
+    """``ipc://FOLDER/NAME.sock`` (FOLDER from ``ipc_run_dir``)."""
+    return f"ipc://{Path(folder) / name}.sock"
 
 
 def private_dir(path: str | Path) -> Path:
-    """A folder only this user can enter (0700), for ipc:// endpoints."""
+    """A folder only this user can enter (0700), for keys and ipc:// endpoints."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)

@@ -46,7 +46,8 @@ from aiohttp import WSMsgType, web
 from avloc.core.errors import UserError
 from avloc.stream import protocol
 from avloc.stream.display import COLORMAPS, FRAME_BUFFER, STALE_HEATMAP_S, heatmap_to_unit
-from avloc.stream.launcher import Endpoints, ProcessSpec, check_endpoint
+from avloc.stream.launcher import ProcessSpec, check_endpoint
+from avloc.stream.pipeline import Endpoints
 from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)

@@ -105,7 +105,7 @@ class Heartbeat:
         if self._socket is None or (not force and t - self._last < self.interval_s):
             return
         self._last = t
-        meta = {"role": self.role, "pid": os.getpid(), "stats": stats or {}}
+        meta = {"role": self.role, "pid": os.getpid(), "stats": {**(stats or {}), "clock": protocol.clock_stats()}}
         try:
             self._send("heartbeat", {"send": t}, meta)
         except ValueError:  # stats too large for one header (protocol.MAX_HEADER_BYTES): beat without them

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def engine_and_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny engine and 2 s clip of ``proc_helpers.tiny_engine_and_clip``, built once for the whole session
+    (an export costs ~2 s). Read-only: a test that changes either copies it first. A module defining its own
+    ``engine_and_video`` fixture keeps using its own."""
+    from proc_helpers import tiny_engine_and_clip
+
+    return tiny_engine_and_clip(tmp_path_factory.mktemp("shared_engine"), seed=5)

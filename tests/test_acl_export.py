@@ -161,3 +161,66 @@ def test_replay_a_short_clip_through_the_pipeline(constant_acl_engine, tmp_path)
     assert summary["reason"] == "ended" and summary["processes"]["inference"]["restarts"] == 0
     # every frame, whatever it shows and hears: the hand-computed sigmoid(0.5 + 20 / 100)
     assert all(h["confidence"] == pytest.approx(CONSTANT_HEAT, abs=1e-5) for h in served)
+
+
+def test_bicubic_matrix_is_torch_bicubic() -> None:
+    from torch.nn import functional as F
+
+    from avloc.core.acl.model import bicubic_matrix
+
+    torch.manual_seed(4)
+    for src, dst in ((352, 224), (7, 11)):  # the paper's 352 -> 224 heatmap; an enlargement
+        x = torch.randn(2, 1, src, src) * 100
+        resize = bicubic_matrix(src, dst)
+        expected = F.interpolate(x, size=(dst, dst), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(resize @ x @ resize.T, expected, atol=1e-3, rtol=0)  # 1e-5 of the scale
+
+
+def test_heatmap_resize_at_the_paper_ratio_matches_pytorch(tmp_path) -> None:
+    """352 -> 224 (11 : 7) shrunk to 176 -> 112: ONNX Resize(cubic) derives its float32 source coordinates
+    differently from torch, 5e-4 off in this heatmap; the exported graph must compute torch's resize."""
+    import onnxruntime as ort
+
+    config = load_config(ROOT / "configs" / "acl_tiny.yaml")
+    config["model"].update(image_size=176, heatmap_size=112)
+    config["image"]["size"] = 176
+    torch.manual_seed(0)
+    model = build_acl_model(config["model"])  # random decoder logits: std ~26, max ~260
+    with torch.no_grad():
+        model.masker_i.b.zero_()  # threshold at logit 0, the middle of their range: many sensitive pixels
+    checkpoint = save_checkpoint(
+        tmp_path / "acl.pt",
+        model,
+        method="acl",
+        model_config=config["model"],
+        frontend=FrontEndConfig.from_dict(config["frontend"]),
+        image=from_dict(ImageConfig, config["image"], "image"),
+    )
+    engine = export_acl(checkpoint, tmp_path / "engine")
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((2, 3, 176, 176), dtype=np.float32)
+    emb = rng.standard_normal((2, 16), dtype=np.float32)
+    with torch.no_grad():  # the unfrozen model: F.interpolate bicubic, as training and evaluation
+        expected = model.heatmap_from_embedding(torch.from_numpy(image), torch.from_numpy(emb)).numpy()
+    visual = ort.InferenceSession(str(engine / "visual.onnx"), providers=["CPUExecutionProvider"])
+    heat, _ = visual.run(None, {"image": image, "audio_embedding": emb})
+    assert heat.shape == (2, 112, 112)
+    np.testing.assert_allclose(heat, expected, atol=1e-4, rtol=0)
+
+
+def test_parity_relative_to_the_logit_scale_still_catches_a_wrong_graph(acl_engine) -> None:
+    """The heatmap parity is relative to max(1, max|logit| / 4): the engine itself passes far below the bound,
+    and torch graphs whose threshold moved by one logit (b / w + 1) are rejected."""
+    from avloc.engines.acl_export import acl_graphs
+    from avloc.engines.export import PARITY_FAIL, _parity
+
+    checkpoint, engine = acl_engine
+    graphs = acl_graphs(load_model(checkpoint), 48)
+    shape = (1, 98, 128)
+    exact = _parity(graphs, engine / "audio.onnx", engine / "visual.onnx", shape, 48)
+    assert exact["heatmap"] <= 1e-5 and exact["confidence"] <= 1e-5
+    masker = graphs.visual.model.masker_i
+    with torch.no_grad():
+        masker.b.add_(masker.w)
+    wrong = _parity(graphs, engine / "audio.onnx", engine / "visual.onnx", shape, 48)
+    assert wrong["heatmap"] > PARITY_FAIL

@@ -80,3 +80,37 @@ def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):
     assert set(base["stages_ms"]) == {"decode", "spectrogram", "model"}
     assert result["speedup"]["heatmap_fps_ratio"] == pytest.approx(pipe["heatmap_fps"] / base["fps"], abs=0.01)
     assert orphans() == []
+
+
+def test_sweep_finds_the_largest_passing_stream_count():
+    from avloc.stream.bench import sweep_streams
+
+    for limit, upper in ((5, 16), (16, 16), (0, 8), (12, 12), (3, 3)):
+        tried: list[int] = []
+
+        def run(n: int, limit=limit, tried=tried) -> dict:
+            tried.append(n)
+            return {"streams": n, "passed": n <= limit}
+
+        best, points = sweep_streams(run, upper)
+        assert best == limit, (limit, upper, tried)
+        assert len(tried) == len(set(tried)) and [p["streams"] for p in points] == sorted(tried)
+        assert len(tried) <= 2 * upper.bit_length() + 1  # doubling then bisection, not a linear scan
+
+
+def test_per_stream_summary_rates_served_share_and_fairness():
+    from avloc.stream.bench import summarize_records
+
+    def rec(stream: str, seq: int, t: float, e2e: float, notice: str | None = None) -> dict:
+        return {"stream": stream, "seq": seq, "notice": notice, "ts": {"capture": t - e2e, "display": t}}
+
+    # over a 2 s window at a 10 fps source: cam0 gets all 20 frames, cam1 every other one (+ 3 suppressed)
+    records = [rec("cam0", i, 100 + i / 10, 0.01) for i in range(20)]
+    records += [rec("cam1", i, 100 + i / 10, 0.03) for i in range(0, 20, 2)]
+    records += [rec("cam1", i, 100 + i / 10, 0.0, notice="no_audio") for i in (1, 3, 5)]
+    result = summarize_records(records, window_s=2.0, fps=10.0)
+    cam0, cam1 = result["per_stream"]["cam0"], result["per_stream"]["cam1"]
+    assert (cam0["heatmaps"], cam0["fps"], cam0["served"]) == (20, 10.0, 1.0)
+    assert (cam1["heatmaps"], cam1["fps"], cam1["served"]) == (10, 5.0, 0.5)
+    assert cam0["e2e_ms"]["p50"] == pytest.approx(10.0) and cam1["e2e_ms"]["p99"] == pytest.approx(30.0)
+    assert result["fairness"] == 0.5 and result["served_min"] == 0.5

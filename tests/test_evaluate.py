@@ -290,3 +290,59 @@ def test_save_maps_round_trip_through_eval_maps(synth_root: Path, checkpoint: Pa
     # a folder holding other maps is refused rather than mixed
     np.save(maps_dir / "stranger.npy", np.zeros((4, 4), np.float32))
     assert cli_main(argv[:-1] + [str(maps_dir)]) == 2
+
+
+def test_s4_masks_are_scored_as_eval_maps_does(synth_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """A split with ``masks/<split>/<id>.png`` gets ``s4/<mode>/miou|fscore``; ``--save-maps`` -> the index's
+    ``eval-maps`` command (now with ``--masks``) gives the same numbers bit for bit; masks alone need no boxes."""
+    import shutil
+
+    import cv2
+
+    from avloc.cli import main as cli_main
+    from avloc.core.datasets import load_vggss_json
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    ids = (root / "test.txt").read_text().split()
+    boxes = load_vggss_json(root / "test.json")
+    (root / "masks" / "test").mkdir(parents=True)
+    for n, sample_id in enumerate(ids[:-1]):  # the last id keeps no mask: masks may cover part of a split
+        mask = np.zeros((40, 50), np.uint8)  # not 224 x 224: resized with nearest neighbour
+        if n > 0:  # the first mask is empty (AVSBench scores its true negatives)
+            x1, y1, x2, y2 = boxes[sample_id].boxes[0]
+            mask[int(y1 * 40) : int(y2 * 40) + 1, int(x1 * 50) : int(x2 * 50) + 1] = 255
+        cv2.imwrite(str(root / "masks" / "test" / f"{sample_id}.png"), mask)
+
+    def run_eval(name: str) -> tuple[dict, Path]:
+        maps_dir, out = tmp_path / f"maps_{name}", tmp_path / f"{name}.json"
+        argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(root), "--device", "cpu"]
+        assert cli_main([*argv, "--out", str(out), "--save-maps", str(maps_dir)]) == 0
+        return json.loads(out.read_text()), maps_dir
+
+    metrics, maps_dir = run_eval("both")
+    assert metrics["s4/n"] == len(ids) - 1
+    index = json.loads((maps_dir / "index.json").read_text())
+    assert f"--masks {root / 'masks' / 'test'}" in index["eval_maps"]
+    for mode in ("median", "adaptive"):
+        assert 0.0 < metrics[f"s4/{mode}/miou"] < 1.0 and 0.0 <= metrics[f"s4/{mode}/fscore"] <= 1.0
+        again = tmp_path / f"again_{mode}.json"
+        command = index["eval_maps"].split()[1:]
+        command = command[: command.index("--binarize")] + ["--binarize", mode, "--out", str(again)]
+        assert cli_main(command) == 0
+        rescored = json.loads(again.read_text())
+        assert rescored["n_masks"] == metrics["s4/n"]
+        for key in ("miou", "fscore"):
+            assert rescored[key] == metrics[f"s4/{mode}/{key}"], (mode, key)
+        assert rescored["ciou_ap50"] == metrics[f"{mode}/ciou_ap50"]  # boxes win over masks for the cIoU rows
+    assert metrics["s4/median/miou"] != metrics["s4/adaptive/miou"]
+
+    # masks alone (an AVSBench split has no boxes): the same mask rows, no box rows
+    (root / "test.json").unlink()
+    masks_only, _ = run_eval("masks_only")
+    assert not any(k.startswith(("median/", "adaptive/")) for k in masks_only)
+    for key in ("s4/n", "s4/median/miou", "s4/median/fscore", "s4/adaptive/miou"):
+        assert masks_only[key] == metrics[key]
+    # a mask naming an id outside the split is refused (eval-maps would score a different set)
+    cv2.imwrite(str(root / "masks" / "test" / "stranger.png"), np.zeros((4, 4), np.uint8))
+    assert cli_main(["eval", "--checkpoint", str(checkpoint), "--data", str(root), "--out", str(tmp_path / "x")]) == 2

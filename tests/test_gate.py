@@ -38,7 +38,8 @@ from avloc.stream.display import Display, HeatmapView
 from avloc.stream.display import add_arguments as display_arguments
 from avloc.stream.inference import InferenceWorker
 from avloc.stream.inference import add_arguments as inference_arguments
-from avloc.stream.launcher import Endpoints, StreamConfig, inference_spec
+from avloc.stream.launcher import StreamConfig
+from avloc.stream.pipeline import Endpoints, inference_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONTEND = FrontEndConfig(window_seconds=0.1)

@@ -87,8 +87,9 @@ def test_run_sh_cpu_dry_run(tmp_path):
     assert set(steps.values()) == {"0"}
     assert "backends:" in (out / "doctor.txt").read_text()
     report = json.loads((out / "engine_ssl_align.json").read_text())
-    assert {(r["backend"], r["batch"]) for r in report["results"]} == {
-        (b, n) for b in ("onnxruntime", "torch") for n in (1, 2)
+    # --quick measures one batch size (2: the batched path), both graphs, on both CPU backends
+    assert {(r["backend"], r["graph"], r["batch"]) for r in report["results"]} == {
+        (b, g, 2) for b in ("onnxruntime", "torch") for g in ("audio", "visual")
     }
     assert set(report["startup"]) == {"onnxruntime", "torch"}
     for streams in (1, 2):

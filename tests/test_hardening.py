@@ -153,7 +153,7 @@ def test_restart_budget_is_a_rate(dummy_module, tmp_path):
 
 
 def test_many_stream_ids_are_bounded_and_heartbeat_still_encodes():
-    from avloc.stream.inference import MAX_STREAMS
+    from avloc.stream.batching import MAX_STREAMS
 
     worker = _worker(FakeEngine())
     messages = [_frame_msg(f"s{i:05d}-{'x' * 100}", 0, 1.0) for i in range(8000)]
@@ -246,17 +246,17 @@ def test_sigstop_of_each_worker_is_detected_and_restarted(engine_and_video, tmp_
 
     from alsa_helpers import PipeMicrophone
 
-    from avloc.stream import launcher as L
+    from avloc.stream import pipeline as P
 
     engine, video = engine_and_video
     config = replace(FAST, heartbeat_timeout_s=3.0, startup_grace_s=180.0, restart_backoff_s=0.1, max_restarts=5)
-    endpoints = L.Endpoints.auto(1)
+    endpoints = P.Endpoints.auto(1)
     home = tmp_path / "home"
     home.mkdir()
     specs = [
-        *L.replay_specs(video, engine, endpoints, config, loop=True),
-        L.inference_spec(engine, "onnxruntime", endpoints, config, threads=1),
-        L.display_spec(endpoints, config, headless=True),
+        *P.replay_specs(video, engine, endpoints, config, loop=True),
+        P.inference_spec(engine, "onnxruntime", endpoints, config, threads=1),
+        P.display_spec(endpoints, config, headless=True),
         ProcessSpec(
             "camera",
             "avloc.stream.camera",

@@ -324,6 +324,13 @@ def test_stream_config_errors_name_the_file_and_field(tmp_path):
     good = tmp_path / "ok.yaml"
     good.write_text("audio_reuse_s: 0.3\n")
     assert load_stream_config(good).audio_reuse_s == 0.3
+    for line, field in (("inference_workers: 0", "inference_workers"), ("max_batch: -2", "max_batch")):
+        bad.write_text(line + "\n")
+        with pytest.raises(UserError, match=f"stream.yaml: {field}: .*expected a positive integer"):
+            load_stream_config(bad)
+    good.write_text("inference_workers: 2\nmax_batch: 4\n")
+    config = load_stream_config(good)
+    assert (config.inference_workers, config.max_batch) == (2, 4)
 
 
 def test_gap_counts_from_the_crash_when_the_worker_never_reported_a_heatmap(tmp_path):
@@ -393,7 +400,7 @@ def test_a_spec_startup_grace_overrides_the_config(dummy_module, tmp_path):
 
 
 def test_inference_spec_gives_engine_builds_a_long_startup_grace():
-    from avloc.stream.launcher import SLOW_STARTUP_GRACE_S, Endpoints, inference_spec
+    from avloc.stream.pipeline import SLOW_STARTUP_GRACE_S, Endpoints, inference_spec
 
     endpoints = Endpoints.auto(1)
     config = StreamConfig()
@@ -403,3 +410,51 @@ def test_inference_spec_gives_engine_builds_a_long_startup_grace():
     assert compile_spec.startup_grace_s == SLOW_STARTUP_GRACE_S
     eager = inference_spec(Path("e"), "torch", endpoints, config, extra=["--engine-option", "mode=eager"])
     assert eager.startup_grace_s is None
+
+
+def test_ipc_endpoints_checked_before_start_and_restart_and_heartbeat_rejects(dummy_module, tmp_path):
+    """A bad ipc folder is refused before anything starts; a (re)started worker's stats are its own; malformed
+    heartbeats are counted in the summary."""
+    import zmq
+
+    from avloc.core.errors import UserError
+    from avloc.stream import protocol
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # others may write here: a socket in it could be someone else's
+    bad = ProcessSpec("cam", dummy_module, ["--endpoint", f"ipc://{shared}/frames"], role="source")
+    with pytest.raises(UserError, match="ipc://"):
+        Launcher([bad], tmp_path / "refused", config=FAST, heartbeat_endpoint=free_tcp_endpoint())
+    assert not (tmp_path / "refused" / "cam.log").exists()
+
+    hb = free_tcp_endpoint()
+    launcher = Launcher(
+        [ProcessSpec("w", dummy_module, [], role="source")], tmp_path / "run", config=FAST, heartbeat_endpoint=hb
+    )
+    launcher.start()
+    ctx = zmq.Context()
+    garbage = protocol.make_socket(ctx, zmq.PUB, hb, bind=False, hwm=10)
+    try:
+        child = launcher.children["w"]
+        deadline = time.monotonic() + 30
+        while "elapsed" not in child.last_stats:
+            assert time.monotonic() < deadline, "no heartbeat with stats"
+            launcher.poll()
+            time.sleep(0.05)
+        child.popen.kill()
+        child.popen.wait()
+        launcher._start(child)
+        assert child.last_stats == {}  # not the previous process's
+        deadline = time.monotonic() + 10
+        while not launcher.summary()["heartbeat_rejects"]:
+            assert time.monotonic() < deadline, "malformed heartbeats not counted"
+            garbage.send_multipart([b"\xff\xfe not json"])
+            launcher.poll()
+            time.sleep(0.05)
+        assert sum(launcher.summary()["heartbeat_rejects"].values()) == launcher.heartbeat_rejects.total >= 1
+    finally:
+        garbage.close(0)
+        ctx.term()
+        launcher.shutdown("timeout")
+    _assert_no_orphans()

@@ -39,9 +39,15 @@ def _int16(wave: np.ndarray) -> np.ndarray:
     return np.clip(np.round(wave * 32768), -32768, 32767).astype(np.int16)
 
 
+def _window(samples: np.ndarray, end: int, n: int) -> np.ndarray:
+    """``samples[end - n : end]`` with silence before the first sample (the worker pre-fills its window)."""
+    padded = np.concatenate([np.zeros(n, np.float32), samples.astype(np.float32)])
+    return padded[end : end + n]
+
+
 def _offline(frontend, samples: np.ndarray, end: int) -> np.ndarray:
     config, module = frontend
-    return module.compute(samples[end - config.num_samples : end].astype(np.float32))
+    return module.compute(_window(samples, end, config.num_samples))
 
 
 def _peak_bin(spec: np.ndarray) -> int:
@@ -86,6 +92,31 @@ def test_ring_and_windows_match_offline_frontend(frontend):
         # the window's end is stamped with the capture clock of its last sample
         assert t_end == pytest.approx(100.0 + end / SR, abs=1e-6)
     assert ring.dropped_frames == 0 and ring.read_pos == ring.write_pos == len(recording)
+
+
+def test_windows_start_one_hop_in_on_silence_as_replay_does(frontend):
+    """The worker's windower pre-fills its window with silence (replay's ``num_samples - hop`` zeros): the first
+    window ends one hop into the capture, each window equals the offline front-end on silence + the audio
+    before it, ``end_sample`` counts captured samples; a skip-ahead after a stall adds no silence."""
+    config, _ = frontend
+    recording = _int16(load_audio(RECORDING, SR))
+    samples = recording.astype(np.float32) / 32768
+    hop = 4000
+    ring = SampleRing(capacity=SR * 10, channels=1)
+    windower = AudioWindower(ring, config, device_rate=SR, hop_samples=hop, max_lag_s=None, prefill=True)
+    windows = _feed_in_blocks(ring, windower, recording, SR, np.random.default_rng(2))
+    assert [end for end, _, _ in windows] == list(range(hop, len(recording) + 1, hop))
+    for end, t_end, spec in windows:
+        np.testing.assert_allclose(spec, _offline(frontend, samples, end), atol=1e-4)
+        assert t_end == pytest.approx(100.0 + end / SR, abs=1e-6)
+    first = windows[0][2]
+    assert first[0, :, -5:].std() > 0 and np.ptp(first[0, :, :-30]) == 0  # audio at the end, silence before
+
+    skipping = AudioWindower(SampleRing(SR * 10, 1), config, device_rate=SR, hop_samples=hop, prefill=True)
+    skipping.ring.write(recording[:, None], 50.0)  # a stall: 7.9 s at once, more than a window + max_lag
+    end, _, spec = skipping.poll()[-1]
+    assert skipping.skipped_frames > 0 and end == len(recording)
+    np.testing.assert_allclose(spec, _offline(frontend, samples, end), atol=1e-4)
 
 
 def test_ring_wraps_and_counts_overflow_without_corrupting():
@@ -325,14 +356,14 @@ def test_worker_resamples_and_mixes_down_a_stereo_44k_device(frontend, tmp_path)
         end = msg.meta["end_sample"]
         assert msg.meta["sample_rate"] == SR and (end - config.num_samples) % 4000 == 0
         spec = msg.arrays["spec"]
-        ref = module.compute(reference[end - config.num_samples : end])
+        ref = module.compute(_window(reference, end, config.num_samples))
         assert np.corrcoef(spec.ravel(), ref.ravel())[0, 1] > 0.98
         assert np.corrcoef(_band_energy(spec), _band_energy(ref))[0, 1] > 0.99
         assert abs(float((spec - ref).mean())) < 0.03  # the mean of the channels, not their sum (+0.12)
         # the right channel's tone is in the mix at its level: 1/2 of 0.25 amplitude, not missing
         tone = _band_energy(spec)[tone_bin]
         assert 0.5 < tone / _band_energy(ref)[tone_bin] < 2.0
-        assert tone > 100 * _band_energy(module.compute(left_only[end - config.num_samples : end]))[tone_bin]
+        assert tone > 100 * _band_energy(module.compute(_window(left_only, end, config.num_samples)))[tone_bin]
 
 
 def test_worker_reopens_an_unplugged_microphone(tmp_path):

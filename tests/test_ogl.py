@@ -182,36 +182,243 @@ def test_effnet_objectness_is_the_official_reduction_of_its_head_features():
     assert reduce_features(torch.tensor([[[[-2.0]], [[4.0]]]])).item() == 3.0
 
 
-def test_export_ogl_writes_a_third_graph_that_matches_torch(resnet_weights, tmp_path):
-    import onnxruntime as ort
-
+@pytest.fixture(scope="module")
+def ogl_engine(resnet_weights, tmp_path_factory) -> Path:
+    """A tiny SSL-Align engine exported with ``--ogl`` (the random-weight ResNet18 above)."""
     from avloc.cli import main as cli_main
-    from avloc.engines.base import read_manifest, sha256_file
 
+    root = tmp_path_factory.mktemp("ogl_engine")
     torch.manual_seed(0)
-    image = ImageConfig(size=64)
     ckpt = save_checkpoint(
-        tmp_path / "best.pt",
+        root / "best.pt",
         SSLAlign(SSLAlignConfig(width=8)),
         method="ssl_align",
         model_config={"width": 8},
         frontend=FrontEndConfig(window_seconds=1.0),
-        image=image,
+        image=ImageConfig(size=64),
     )
-    out = tmp_path / "engine"
+    out = root / "engine"
     assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--ogl", str(resnet_weights[0])]) == 0
-    manifest = read_manifest(out)
+    return out
+
+
+def test_export_ogl_writes_a_third_graph_that_matches_torch(ogl_engine, resnet_weights):
+    import onnxruntime as ort
+
+    from avloc.engines.base import read_manifest, sha256_file
+
+    image = ImageConfig(size=64)
+    manifest = read_manifest(ogl_engine)
     entry = manifest["ogl"]
     assert entry["file"] == "objectness.onnx" and entry["objectness"] == "resnet18" and entry["alpha"] == 0.4
-    assert entry["sha256"] == sha256_file(out / "objectness.onnx")
+    assert entry["sha256"] == sha256_file(ogl_engine / "objectness.onnx")
     # the graph takes the engine's normalised image: the same frame through eval's path gives the same map
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     x = (rgb.astype(np.float32) / 255 - np.array(image.mean, np.float32)) / np.array(image.std, np.float32)
     x = x.transpose(2, 0, 1)[None].astype(np.float32)
-    session = ort.InferenceSession(str(out / "objectness.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(ogl_engine / "objectness.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": x})[0]
     with torch.no_grad():
         ref = load_objectness(str(resnet_weights[0]))(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)
     assert got.shape == (1, 2, 2) and entry["outputs"][0]["shape"] == ["batch", 2, 2]
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# --- live OGL: the engine's objectness graph, blend_live, bench engine --------------------------------------
+
+
+def _engine_copy(engine: Path, dest: Path, **ogl_changes) -> Path:
+    """A copy of the engine (graphs linked, not copied) whose manifest's ogl entry is changed (None removes it)."""
+    dest.mkdir()
+    for path in engine.iterdir():
+        (dest / path.name).symlink_to(path)
+    (dest / "manifest.json").unlink()
+    manifest = json.loads((engine / "manifest.json").read_text())
+    if ogl_changes.get("ogl", True) is None:
+        manifest.pop("ogl")
+    else:
+        manifest["ogl"].update(ogl_changes)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_engines_run_the_objectness_graph_and_blend_live(ogl_engine, resnet_weights):
+    from avloc.core.ogl import blend_live
+    from avloc.engines.base import load_engine, preprocess_frames
+    from avloc.stream.inference import _normalizer, encode_heatmap
+
+    rng = np.random.default_rng(4)
+    frames = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(3)]  # BGR, as the worker gets
+    with (
+        load_engine(ogl_engine, "onnxruntime", threads=1) as ort_engine,
+        load_engine(ogl_engine, "torch") as torch_engine,
+    ):
+        assert ort_engine.has_objectness and torch_engine.has_objectness
+        images = preprocess_frames(frames, ort_engine.manifest)
+        ort_maps = ort_engine.objectness(images)
+        torch_maps = torch_engine.objectness(images)
+        np.testing.assert_allclose(ort_maps, torch_maps, rtol=1e-4, atol=1e-4)
+        # the same map as eval's path from RGB in [0, 1] at the engine's size
+        rgb = torch.from_numpy(images) * torch.tensor(ImageConfig().std).view(1, 3, 1, 1)
+        rgb = rgb + torch.tensor(ImageConfig().mean).view(1, 3, 1, 1)
+        with torch.no_grad():
+            ref = load_objectness(str(resnet_weights[0]))(rgb).numpy()
+        np.testing.assert_allclose(ort_maps, ref, rtol=1e-4, atol=1e-4)
+        with pytest.raises(UserError, match=r"objectness: image shape \(3, 3, 32, 32\)"):
+            ort_engine.objectness(np.zeros((3, 3, 32, 32), np.float32))
+
+        emb = ort_engine.embed_audio(rng.standard_normal((3, *ort_engine.spec_shape), dtype=np.float32))
+        heatmaps, _ = ort_engine.localize(images, emb)
+        lo, hi = _normalizer(ort_engine.manifest)
+        for alpha in (0.4, 0.0):
+            live = blend_live(ort_engine, images, heatmaps, alpha, value_range=(lo, hi))
+            assert live.shape == heatmaps.shape and live.dtype == np.float32
+            for i in range(3):
+                # what the worker publishes is exactly the official blend, in [0, 1] with its extremes reached
+                published = encode_heatmap(live[i], lo, hi, "float16").astype(np.float32)
+                np.testing.assert_allclose(published, combine(heatmaps[i], ort_maps[i], alpha), atol=1e-3)
+                assert published.min() == 0.0 and published.max() == 1.0
+        # alpha 0: objectness only, so the live map no longer depends on the sound
+        other, _ = ort_engine.localize(images, -emb)
+        np.testing.assert_allclose(blend_live(torch_engine, images, other, 0.0, value_range=(lo, hi)), live, atol=1e-4)
+
+
+def test_objectness_errors_are_one_line(ogl_engine, resnet_weights, tmp_path):
+    from torchvision.models import resnet18
+
+    from avloc.engines.base import load_engine
+
+    image = np.zeros((1, 3, 64, 64), np.float32)
+    from avloc.engines.bench import _runs_objectness
+
+    plain = _engine_copy(ogl_engine, tmp_path / "plain", ogl=None)
+    with load_engine(plain, "onnxruntime", threads=1) as engine:
+        assert not engine.has_objectness
+        with pytest.raises(UserError, match="no OGL objectness graph .*--ogl"):
+            engine.objectness(image)
+    # torch rebuilds the net from its source: a missing file is named, localize keeps working
+    missing = _engine_copy(ogl_engine, tmp_path / "missing", source=str(tmp_path / "gone.pth"))
+    with load_engine(missing, "torch") as engine:
+        with pytest.raises(UserError, match="gone.pth"):
+            engine.objectness(image)
+        emb = np.zeros((1, engine.embed_dim), np.float32)
+        assert engine.localize(image, emb)[0].shape[0] == 1
+        # bench engine then times the other graphs and reports why not this one
+        errors: dict[str, str] = {}
+        assert not _runs_objectness(engine, image, "torch", errors) and "gone.pth" in errors["torch objectness"]
+    # ... and weights changed since the export are caught by the check against objectness.onnx
+    torch.manual_seed(1)
+    changed_path = tmp_path / "other.pth"
+    torch.save(resnet18().state_dict(), changed_path)
+    changed = _engine_copy(ogl_engine, tmp_path / "changed", source=str(changed_path))
+    with load_engine(changed, "torch") as engine, pytest.raises(UserError, match="differs from objectness.onnx"):
+        engine.objectness(image)
+
+
+def test_bench_engine_times_the_objectness_graph(ogl_engine):
+    from avloc.engines.bench import bench_engine
+
+    report = bench_engine(ogl_engine, ["onnxruntime"], [1], threads=1, iters=2, warmup=0)
+    rows = {(r["backend"], r["graph"]) for r in report["results"]}
+    assert rows == {(b, g) for b in ("onnxruntime", "torch") for g in ("audio", "visual", "objectness")}
+    assert not report["errors"]
+    for r in report["results"]:
+        assert r["median_ms"] > 0 and r["speedup_vs_eager_torch"] > 0
+
+
+def test_inference_worker_publishes_the_ogl_blend(ogl_engine, tmp_path):
+    """The worker's batch path with --ogl: each published heatmap is combine(plain map, objectness map)."""
+    import argparse
+    import time
+
+    import zmq
+
+    from avloc.engines.base import load_engine, preprocess_frames
+    from avloc.stream import protocol
+    from avloc.stream.inference import InferenceWorker, _ogl_alpha
+    from avloc.stream.launcher import StreamConfig
+    from avloc.stream.pipeline import Endpoints, inference_spec
+
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(2)]
+    ctx = zmq.Context()
+    endpoint = f"inproc://ogl-{time.monotonic_ns()}"
+    pub = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True, hwm=100)
+    sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=100)
+    try:
+        with load_engine(ogl_engine, "onnxruntime", threads=1) as engine:
+            spec = rng.standard_normal(engine.spec_shape, dtype=np.float32)
+            for dtype, atol in (("float16", 1e-3), ("uint8", 0.5 / 255 + 1e-3)):
+                worker = InferenceWorker(
+                    engine,
+                    frame_endpoints=[],
+                    audio_endpoints=[],
+                    heatmap_endpoint=endpoint,
+                    heartbeat_endpoint=None,
+                    heatmap_dtype=dtype,
+                    ogl_alpha=0.4,
+                )
+                worker.warm_up()
+                t = protocol.now()
+                worker.take_audio(
+                    [protocol.Message("audio", "mic0", 0, {"window_end": t - 0.01}, {"spec": spec}, {})], t
+                )
+                worker.take_frames(
+                    [
+                        protocol.Message("frame", f"cam{i}", 0, {"capture": t, "send": t}, {"frame": f}, {})
+                        for i, f in enumerate(frames)
+                    ],
+                    t,
+                )
+                assert worker.process_pending(pub) == 2 and worker.stats.batches == 1
+                time.sleep(0.05)
+                got = {m.stream: m for m in protocol.drain_latest(sub)}
+                images = preprocess_frames(frames, engine.manifest)
+                plain, _ = engine.localize(images, engine.embed_audio(spec[None].repeat(2, axis=0)))
+                objectness = engine.objectness(images)
+                for i in range(2):
+                    heat = got[f"cam{i}"].arrays["heatmap"]
+                    assert heat.dtype == np.dtype(dtype)
+                    published = heat.astype(np.float32) / (255.0 if dtype == "uint8" else 1.0)
+                    expected = combine(plain[i], objectness[i], 0.4)
+                    np.testing.assert_allclose(published, expected, atol=atol)
+                    # the blend differs from the plain map (objectness is weighted 0.6)
+                    assert np.abs(published - combine(plain[i], objectness[i], 1.0)).max() > 0.01
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+
+    # --ogl-alpha without --ogl is a one-line error: the worker's command line and the launcher's spec
+    with pytest.raises(UserError, match=r"^--ogl-alpha needs --ogl$"):
+        _ogl_alpha(argparse.Namespace(ogl=False, ogl_alpha=0.5), None)
+    endpoints = Endpoints(["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:2"], "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
+    with pytest.raises(UserError, match="--ogl-alpha needs --ogl"):
+        inference_spec(ogl_engine, "onnxruntime", endpoints, StreamConfig(), extra=["--ogl-alpha", "0.5"])
+    args = inference_spec(ogl_engine, "onnxruntime", endpoints, StreamConfig(ogl=True, ogl_alpha=0.3)).args
+    assert args[args.index("--ogl") :][:3] == ["--ogl", "--ogl-alpha", "0.3"]
+    # avloc run / replay pass --ogl / --ogl-alpha on to the worker (after the config's, so they win)
+    from avloc.stream.replay_cli import add_arguments as replay_arguments
+    from avloc.stream.replay_cli import inference_args
+
+    parser = argparse.ArgumentParser()
+    replay_arguments(parser)
+    cli = parser.parse_args(["v.mp4", "--engine", str(ogl_engine), "--ogl", "--ogl-alpha", "0.7"])
+    args = inference_spec(
+        ogl_engine, "onnxruntime", endpoints, StreamConfig(ogl=True, ogl_alpha=0.3), extra=inference_args(cli)
+    ).args
+    assert args[-3:] == ["--ogl", "--ogl-alpha", "0.7"]
+    with pytest.raises(UserError, match="--ogl-alpha 1.5"):
+        inference_args(parser.parse_args(["v.mp4", "--engine", "e", "--ogl", "--ogl-alpha", "1.5"]))
+    # ... and an engine without the objectness graph is refused when the worker is built
+    plain_engine = _engine_copy(ogl_engine, tmp_path / "plain", ogl=None)
+    with load_engine(plain_engine, "onnxruntime", threads=1) as engine, pytest.raises(UserError, match="--ogl"):
+        InferenceWorker(
+            engine,
+            frame_endpoints=[],
+            audio_endpoints=[],
+            heatmap_endpoint="inproc://x",
+            heartbeat_endpoint=None,
+            ogl_alpha=0.4,
+        )

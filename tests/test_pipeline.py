@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from proc_helpers import orphans, tiny_engine_and_clip
+from proc_helpers import orphans
 
 from avloc.core.media import iter_video, probe_video
 from avloc.stream.bench import read_latency_log
@@ -20,10 +20,9 @@ ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_en
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipeline")
-    engine, video = tiny_engine_and_clip(root, seed=5)
-    return {"engine": engine, "video": video, "root": root}
+def assets(engine_and_video: tuple[Path, Path]) -> dict[str, Path]:
+    engine, video = engine_and_video  # conftest's: built once per session, read-only here
+    return {"engine": engine, "video": video}
 
 
 def _remux(src: Path, dst: Path, audio: bool) -> Path:

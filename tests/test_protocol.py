@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from avloc.stream import protocol
+from avloc.stream import protocol, security
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
@@ -243,7 +243,7 @@ def test_sender_refuses_what_receivers_would_reject():
         protocol.encode("frame", stream="s", seq=0, ts={}, meta={"blob": "x" * protocol.MAX_HEADER_BYTES})
 
 
-def test_make_socket_options_and_bind_errors(ctx):
+def test_make_socket_options_and_bind_errors(ctx, tmp_path):
     sub = protocol.make_socket(ctx, zmq.SUB, "tcp://127.0.0.1:*", bind=True, hwm=3, max_message_bytes=1234)
     assert sub.getsockopt(zmq.LINGER) == 0
     assert sub.getsockopt(zmq.RCVHWM) == 3
@@ -251,7 +251,7 @@ def test_make_socket_options_and_bind_errors(ctx):
     taken = sub.getsockopt_string(zmq.LAST_ENDPOINT)
     with pytest.raises(OSError, match="cannot bind"):
         protocol.make_socket(ctx, zmq.PUB, taken, bind=True)
-    ipc = f"ipc:///tmp/avloc-test-{time.monotonic_ns()}.sock"
+    ipc = security.ipc_endpoint(security.private_dir(tmp_path / "ipc"), "test")  # ipc needs a 0700 folder
     ipc_pub = protocol.make_socket(ctx, zmq.PUB, ipc, bind=True)
     ipc_pub.close()
 

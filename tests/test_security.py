@@ -110,3 +110,55 @@ def test_non_loopback_bind_is_refused_without_keys(tmp_path, monkeypatch):
     finally:
         ctx.destroy(linger=0)
     assert stat.S_IMODE(security.private_dir(tmp_path / "sock").stat().st_mode) == 0o700
+
+
+def test_ipc_endpoints_need_a_folder_only_this_user_can_enter(tmp_path, monkeypatch):
+    """ipc:// sockets live in a 0700 run folder (under $XDG_RUNTIME_DIR when usable); one in a folder others can
+    enter, or that someone else owns, is refused with one line, when binding and when connecting."""
+    import os
+
+    monkeypatch.delenv(security.INSECURE_ENV, raising=False)
+    runtime = security.private_dir(tmp_path / "xdg")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    folder = security.ipc_run_dir()
+    assert folder.parent == runtime and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    runtime.chmod(0o755)  # a runtime folder open to others is not used: the system temp folder instead
+    other = security.ipc_run_dir()
+    assert other.parent != runtime and stat.S_IMODE(other.stat().st_mode) == 0o700
+    other.rmdir()
+
+    ctx = zmq.Context()
+    try:
+        endpoint = security.ipc_endpoint(folder, "frames")
+        pub = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True, hwm=10)
+        sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=10)
+        time.sleep(0.3)
+        protocol.send(pub, "frame", stream="cam0", seq=0, ts={"capture": 1.0})
+        assert protocol.recv(sub, timeout_ms=5000) is not None  # the private folder works end to end
+        for s in (pub, sub):
+            s.close(0)
+
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o700)
+        for mode in (0o770, 0o707, 0o1777):
+            shared.chmod(mode)
+            for bind in (True, False):
+                with pytest.raises(UserError, match=f"{shared}.*open to other users") as err:
+                    protocol.make_socket(ctx, zmq.PUB if bind else zmq.SUB, f"ipc://{shared}/x.sock", bind=bind)
+                assert "\n" not in str(err.value)
+        with pytest.raises(UserError, match="abstract unix socket"):
+            security.check_bind("ipc://@avloc-frames")
+        with pytest.raises(UserError, match="cannot be used"):
+            security.check_bind(f"ipc://{tmp_path}/missing/x.sock")
+        if os.geteuid() == 0:  # root can hand a folder to another uid and check the owner test
+            theirs = tmp_path / "theirs"
+            theirs.mkdir(mode=0o700)
+            os.chown(theirs, 12345, 12345)
+            with pytest.raises(UserError, match="belongs to uid 12345"):
+                security.check_bind(f"ipc://{theirs}/x.sock")
+        # --insecure lets a shared folder through, as it does a non-loopback address
+        security.check_bind(f"ipc://{shared}/x.sock", insecure=True)
+        monkeypatch.setenv(security.INSECURE_ENV, "1")
+        protocol.make_socket(ctx, zmq.PUB, f"ipc://{shared}/x.sock", bind=True).close(0)
+    finally:
+        ctx.destroy(linger=0)

@@ -27,6 +27,7 @@ from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.core.errors import UserError
 from avloc.stream import launcher as L
+from avloc.stream import pipeline as P
 from avloc.stream import protocol
 from avloc.stream.view import Client, check_arguments, parse_http, view_spec
 
@@ -73,11 +74,11 @@ def pipeline(tmp_path_factory):
     engine, clip = tiny_engine_and_clip(root, seed=5)
     # a busy 2-core machine can take tens of seconds to import torch and load the engine
     config = L.StreamConfig(heartbeat_timeout_s=60.0, startup_grace_s=300.0)
-    endpoints = L.Endpoints.auto(1)
+    endpoints = P.Endpoints.auto(1)
     port = _free_port()
     specs = [
-        *L.replay_specs(clip, engine, endpoints, config, loop=True),
-        L.inference_spec(engine, "onnxruntime", endpoints, config, threads=1),
+        *P.replay_specs(clip, engine, endpoints, config, loop=True),
+        P.inference_spec(engine, "onnxruntime", endpoints, config, threads=1),
         view_spec(endpoints, f"127.0.0.1:{port}", TOKEN),
     ]
     launcher = L.Launcher(specs, root / "run", config=config, heartbeat_endpoint=endpoints.heartbeats)

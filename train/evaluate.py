@@ -15,6 +15,9 @@ window centred in the clip, as in training validation), upsampled to the input s
   scores them again to the same numbers);
 - with ``--ogl``, every localization row again as ``ogl/<mode>/...``: the heatmap blended with an audio-blind
   ImageNet objectness map as the official SSL-Align ``test.py`` (:mod:`avloc.core.ogl`, ``--ogl-alpha`` 0.4);
+- AVSBench-S4 masks (``ROOT/masks/<split>/<id>.png``, binary, nonzero = sounding object): ``s4/<mode>/miou``
+  and ``s4/<mode>/fscore`` as ``avloc eval-maps --masks`` computes them (also ``abs:0.5`` for ACL's 0..1 maps,
+  and ``ogl/s4/...`` with ``--ogl``); a split with masks needs no boxes;
 - the audio-swap test (the paper's Figure 5 as a number): in scenes with two or more objects that have a
   recording, the image is paired with each object's recording in turn; ``audio_swap_acc`` is the fraction
   of pairs whose heatmap peak falls inside the box of the object being heard.
@@ -395,6 +398,38 @@ def _localization(
     return out
 
 
+MASKS_DIR = "masks"  # ROOT/masks/<split>/<id>.png: AVSBench-S4 binary masks (optional)
+
+
+def split_masks(root: Path, split: str, ids: list[str]) -> Any:
+    """The split's AVSBench-S4 masks (``avloc.core.eval_maps.PngMasks``, read lazily) or None without the
+    folder. Every mask must name an id of the split, so the folder is exactly what ``eval-maps --masks`` scores."""
+    from avloc.core.eval_maps import PngMasks
+
+    folder = root / MASKS_DIR / split
+    if not folder.is_dir():
+        return None
+    masks = PngMasks(folder)
+    known = set(ids)
+    strangers = sorted(k for k in masks if k not in known)
+    if strangers:
+        raise UserError(f"{folder}: masks for ids not in {split}.txt ({', '.join(strangers[:5])}); expected <id>.png")
+    return masks
+
+
+def _mask_metrics(heatmaps: dict[str, np.ndarray], masks: Any, method: str, prefix: str = "") -> dict[str, Any]:
+    """``s4/<mode>/miou`` and ``s4/<mode>/fscore``: :func:`avloc.core.metrics.evaluate_maps` with the masks alone,
+    the code (and so the numbers) of ``avloc eval-maps --masks``."""
+    from avloc.core.metrics import evaluate_maps
+
+    modes = (*BINARIZE_MODES, "abs:0.5") if method == "acl" else BINARIZE_MODES
+    out: dict[str, Any] = {f"{prefix}s4/n": len(masks)}
+    for mode in modes:
+        res = evaluate_maps({k: heatmaps[k] for k in masks}, {}, binarize=mode, masks=masks)
+        out.update({f"{prefix}s4/{mode}/{k}": res[k] for k in ("miou", "fscore")})
+    return out
+
+
 def _abs_sweep(heatmaps: dict[str, np.ndarray], annotations: dict[str, Any], silent: list[str]) -> dict[str, Any]:
     """ACL's protocol: cIoU / AUC at every absolute threshold of the 0..1 map, and the best t by AUC."""
     from avloc.core.metrics import evaluate_maps
@@ -418,12 +453,13 @@ def save_heatmaps(
     maps: dict[str, np.ndarray],
     sounding: list[str],
     silent: list[str],
-    annotations: Path,
+    annotations: Path | None,
     silent_csv: str | None,
     confidences: dict[str, float] | None = None,
+    masks: Path | None = None,
 ) -> Path:
     """``folder/<id>.npy`` (float32, the map as scored) for every id + ``folder/index.json`` naming the ids and
-    the ``avloc eval-maps`` command that scores them again."""
+    the ``avloc eval-maps`` command that scores them again (``annotations`` None: a split with masks only)."""
     folder = Path(folder)
     bad = [k for k in maps if not k or "/" in k or "\\" in k or k.startswith(".")]
     if bad:
@@ -436,7 +472,11 @@ def save_heatmaps(
         )
     for key, value in maps.items():
         np.save(folder / f"{key}.npy", np.asarray(value, dtype=np.float32), allow_pickle=False)
-    command = f"avloc eval-maps --heatmaps {folder} --annotations {annotations}"
+    command = f"avloc eval-maps --heatmaps {folder}"
+    if annotations is not None:
+        command += f" --annotations {annotations}"
+    if masks is not None:
+        command += f" --masks {masks}"
     if silent_csv:
         command += f" --silent {silent_csv}"
     if confidences:  # the model's own Extended confidence is not in the maps: eval-maps reads it from the index
@@ -445,7 +485,8 @@ def save_heatmaps(
         "format": "avloc-heatmaps",
         "ids": sounding,
         "silent_ids": silent,
-        "annotations": str(annotations),
+        "annotations": str(annotations) if annotations is not None else None,
+        "masks": str(masks) if masks is not None else None,
         "silent_csv": silent_csv,
         "confidences": {k: confidences[k] for k in maps} if confidences else None,
         "eval_maps": command + " --binarize median --out metrics.json",
@@ -499,9 +540,13 @@ def evaluate_checkpoint(
     ann_path = root / f"{split}.json"
     annotations_all = load_vggss_json(ann_path) if ann_path.is_file() else {}
     annotations = {i: annotations_all[i] for i in ids if i in annotations_all}
-    if not annotations:
-        raise UserError(f"{ann_path}: no boxes for the {len(ids)} ids of {split}.txt; nothing to score")
-    if len(annotations) < len(ids):
+    masks = split_masks(root, split, ids)
+    if not annotations and masks is None:
+        raise UserError(
+            f"{ann_path}: no boxes for the {len(ids)} ids of {split}.txt (and no {MASKS_DIR}/{split}/<id>.png "
+            "masks); nothing to score"
+        )
+    if annotations and len(annotations) < len(ids):
         log.warning(
             "%d of %d %s ids have no boxes in %s; scored without them",
             len(ids) - len(annotations),
@@ -519,8 +564,9 @@ def evaluate_checkpoint(
     # the protocol's id for a silent row: the image id, or "<video>__<audio>" when that image is also an
     # annotated sounding sample (VGG-SS / Flickr Extended reuse test images with another clip's audio)
     silent_ids = []
+    annotated = set(annotations) | set(masks or ())  # as eval-maps names them (boxes and masks)
     for n, r in enumerate(silent_rows):
-        sample_id = silent_sample_id(r.video, r.audio, annotations)
+        sample_id = silent_sample_id(r.video, r.audio, annotated)
         outputs.heatmaps[sample_id] = outputs.heatmaps.pop(f"silent:{n}")
         if outputs.confidences:
             outputs.confidences[sample_id] = outputs.confidences.pop(f"silent:{n}")
@@ -542,36 +588,36 @@ def evaluate_checkpoint(
     confidences = outputs.confidences or None
     if silent_ids:
         metrics["ext_confidence"] = "cos(v_f, a) (official ACL Eval.py)" if confidences else "top-25% heatmap mean"
-    metrics.update(_localization(outputs.heatmaps, annotations, silent_ids, confidences=confidences))
-    if loaded.method == "acl":
-        metrics.update(_abs_sweep(outputs.heatmaps, annotations, silent_ids))
+    if annotations:
+        metrics.update(_localization(outputs.heatmaps, annotations, silent_ids, confidences=confidences))
+        if loaded.method == "acl":
+            metrics.update(_abs_sweep(outputs.heatmaps, annotations, silent_ids))
+    if masks is not None:
+        metrics.update(_mask_metrics(outputs.heatmaps, masks, loaded.method))
     ogl_maps = None
     if ogl is not None:
         ogl_maps = {k: combine(m, outputs.objectness[k], alpha) for k, m in outputs.heatmaps.items()}
         metrics["ogl"] = {"objectness": str(ogl), "alpha": alpha}
-        metrics.update(_localization(ogl_maps, annotations, silent_ids, prefix="ogl/", confidences=confidences))
+        if annotations:
+            metrics.update(_localization(ogl_maps, annotations, silent_ids, prefix="ogl/", confidences=confidences))
+        if masks is not None:
+            metrics.update(_mask_metrics(ogl_maps, masks, loaded.method, prefix="ogl/"))
     if save_maps is not None:
-        scored = [*annotations, *silent_ids]
+        sounding = list(dict.fromkeys([*annotations, *(masks or ())]))
+        scored = [*sounding, *silent_ids]
         silent_csv_arg = str(silent_csv) if silent_ids else None
-        save_heatmaps(
-            save_maps,
-            {k: outputs.heatmaps[k] for k in scored},
-            list(annotations),
-            silent_ids,
-            ann_path,
-            silent_csv_arg,
-            confidences,
-        )
-        if ogl_maps is not None:
-            save_heatmaps(
-                Path(save_maps) / "ogl",
-                {k: ogl_maps[k] for k in scored},
-                list(annotations),
-                silent_ids,
-                ann_path,
-                silent_csv_arg,
-                confidences,
-            )
+        for folder, maps in ((Path(save_maps), outputs.heatmaps), (Path(save_maps) / "ogl", ogl_maps)):
+            if maps is not None:
+                save_heatmaps(
+                    folder,
+                    {k: maps[k] for k in scored},
+                    sounding,
+                    silent_ids,
+                    ann_path if annotations else None,
+                    silent_csv_arg,
+                    confidences,
+                    masks.folder if masks is not None else None,
+                )
         metrics["saved_maps"] = str(save_maps)
 
     labels = [

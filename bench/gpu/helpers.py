@@ -83,9 +83,11 @@ def _engine_rows(report: dict[str, Any]) -> list[str]:
     rows = []
     for r in report["results"]:
         startup = report.get("startup", {}).get(r["backend"], {})
+        speedup = r.get("speedup_vs_eager_torch")  # None where eager torch cannot run the graph (objectness)
+        speedup_text = "-" if speedup is None else f"{speedup:.2f}x"
         rows.append(
             f"| {report['method']} | {r['backend']} | {r['graph']} | {r['batch']} | {r['median_ms']:.3f} | "
-            f"{r['p99_ms']:.3f} | {r['per_item_ms']:.3f} | {r['speedup_vs_eager_torch']:.2f}x | "
+            f"{r['p99_ms']:.3f} | {r['per_item_ms']:.3f} | {speedup_text} | "
             f"{startup.get('warmup_s', float('nan')):.1f} |"
         )
     return rows

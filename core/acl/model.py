@@ -110,7 +110,7 @@ class ACL(nn.Module):
         self.register_buffer("causal_mask", causal.reshape(1, 1, length, length), persistent=False)
         # Set by freeze_for_export(): constants that replace per-call computations in the graphs (buffers,
         # so .to(device) / .half() carry them; not persistent, so state dicts are unchanged).
-        for name in ("prompt_prefix", "prompt_suffix", "prompt_positions", "vision_positions"):
+        for name in ("prompt_prefix", "prompt_suffix", "prompt_positions", "vision_positions", "heatmap_resize"):
             self.register_buffer(name, None, persistent=False)
         self._static_image_size: int | None = None
 
@@ -257,7 +257,11 @@ class ACL(nn.Module):
         size = int(size or self.config.heatmap_size)
         current = self._static_image_size or int(logits.shape[-1])  # static when exported: no traced branch
         if current != size:
-            logits = F.interpolate(logits, size=(size, size), mode="bicubic", align_corners=False)
+            resize = self.heatmap_resize
+            if resize is not None and tuple(resize.shape) == (size, current):  # frozen copy: see bicubic_matrix
+                logits = resize @ logits @ resize.transpose(0, 1)
+            else:
+                logits = F.interpolate(logits, size=(size, size), mode="bicubic", align_corners=False)
         heat = self.masker_i.heatmap(logits)
         return heat.reshape(heat.shape[0], size, size)
 
@@ -341,7 +345,24 @@ class ACL(nn.Module):
             patch = frozen.av_grounder.config.vision_config.patch_size
             frozen.vision_positions = frozen._vision_positions(size // patch).detach().clone()
             frozen._static_image_size = size // patch * patch
+            heat = int(self.config.heatmap_size)
+            if heat != frozen._static_image_size:
+                frozen.heatmap_resize = bicubic_matrix(frozen._static_image_size, heat)
         return frozen
+
+
+def bicubic_matrix(src: int, dst: int) -> Tensor:
+    """``[dst, src]`` matrix ``R`` with ``R @ x @ R.T == F.interpolate(x, (dst, dst), "bicubic")`` for square
+    ``x`` of side ``src`` (align_corners=False): torch's own weights, read off by resizing the identity along
+    one axis (the other axis keeps scale 1, where the cubic kernel is exactly 0 / 1).
+
+    Why not the exported ``Resize(cubic)``: ONNX Runtime and torch both derive the source coordinate
+    ``(i + 0.5) * src / dst - 0.5`` in float32, but by different arithmetic; for ratios such as 352 -> 224 the
+    kernel weights then differ by ~4e-5, the output by ~2e-4 of the logits' standard deviation (the
+    full-size random ACL: 0.02 in the heatmap). Two matmuls with constant weights compute the same thing in
+    every runtime, to float rounding."""
+    eye = torch.eye(src).reshape(1, 1, src, src)
+    return F.interpolate(eye, size=(dst, src), mode="bicubic", align_corners=False)[0, 0].contiguous()
 
 
 def build_model(model_config: dict[str, Any]) -> ACL:
