@@ -26,3 +26,23 @@ def engine_and_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     from proc_helpers import tiny_engine_and_clip
 
     return tiny_engine_and_clip(tmp_path_factory.mktemp("shared_engine"), seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-8, 64 px SSL-Align engine with a 1 s linear front-end (random weights), exported once."""
+    from avloc.core.audio import FrontEndConfig
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+    from avloc.engines.export import export_engine
+
+    root = tmp_path_factory.mktemp("engine")
+    save_checkpoint(
+        root / "ckpt.pt",
+        SSLAlign(SSLAlignConfig(width=8)),
+        method="ssl_align",
+        model_config={"width": 8},
+        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
+        image=ImageConfig(size=64),
+    )
+    return export_engine(root / "ckpt.pt", root / "engine")

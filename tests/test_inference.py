@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -207,25 +206,6 @@ def test_heatmap_encoding_and_peak():
 
 
 # ---------------------------------------------------------------------------------------------- real process
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory) -> Path:
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.engines.export import export_engine
-
-    root = tmp_path_factory.mktemp("engine")
-    save_checkpoint(
-        root / "ckpt.pt",
-        SSLAlign(SSLAlignConfig(width=8)),
-        method="ssl_align",
-        model_config={"width": 8},
-        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-        image=ImageConfig(size=64),
-    )
-    return export_engine(root / "ckpt.pt", root / "engine")
 
 
 def _fuzz_messages(rng: np.random.Generator) -> list[list[bytes]]:

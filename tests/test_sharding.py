@@ -7,10 +7,8 @@ import os
 import signal
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import pytest
 import zmq
 from proc_helpers import orphans
 
@@ -78,25 +76,6 @@ def test_assignment_messages_are_signed_and_the_proxy_merges_workers():
         publisher.close()
         proxy.stop()
         ctx.term()
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory) -> Path:
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-    from avloc.engines.export import export_engine
-
-    root = tmp_path_factory.mktemp("engine")
-    save_checkpoint(
-        root / "ckpt.pt",
-        SSLAlign(SSLAlignConfig(width=8)),
-        method="ssl_align",
-        model_config={"width": 8},
-        frontend=FrontEndConfig(kind="linear", window_seconds=1.0),
-        image=ImageConfig(size=64),
-    )
-    return export_engine(root / "ckpt.pt", root / "engine")
 
 
 class Sources:
