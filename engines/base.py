@@ -161,6 +161,18 @@ class Engine(ABC):
             self.localize(image, np.asarray(self.embed_audio(spec), np.float32))
         self.synchronize()
 
+    def device_preprocessor(self, max_batch: int) -> Callable[[Sequence[np.ndarray]], Any] | None:
+        """What turns a batch of uint8 BGR frames into the images :meth:`localize` takes, on this engine's device,
+        or None: the caller preprocesses on the host (:func:`preprocess_frames`). Device backends get a
+        :class:`avloc.engines.preprocess.DevicePreprocessor`; their outputs are then device tensors, which
+        :func:`to_host` brings back. Here: torch-backed engines on CUDA (``torch_device``), None otherwise."""
+        device = getattr(self, "torch_device", None)
+        if device is None or device.type != "cuda":
+            return None
+        from avloc.engines.preprocess import DevicePreprocessor
+
+        return DevicePreprocessor(self.manifest, device, max_batch)
+
     def synchronize(self) -> None:  # noqa: B027 - host backends finish inside the call
         """Wait for work queued on a device (timing only; calls never synchronize by themselves)."""
 
@@ -194,6 +206,18 @@ class Engine(ABC):
                 f"localize: audio embedding shape {tuple(audio_emb.shape)}, "
                 f"expected ({image.shape[0]}, {self.embed_dim})"
             )
+
+
+def to_host(array: Any) -> np.ndarray:
+    """NumPy of an engine output: host arrays as they are, torch tensors (CUDA ones included) copied to the host.
+
+    A device tensor cannot be converted implicitly (``np.asarray`` raises on CUDA tensors); ``.cpu()`` waits for
+    the device work that produced it, so a timestamp taken after this call is after the device finished."""
+    if isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "detach"):  # torch.Tensor without importing torch here (host backends do not need it)
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
 
 
 def _resolve_backend(name: str) -> Callable[..., Engine]:

@@ -114,6 +114,46 @@ def _atomic_write(path: Path, data: bytes) -> None:
 _FP32_INPUTS = {("Resize", 1), ("Resize", 2)}
 
 
+# The L2 norms of F.normalize (ReduceL2 -> Clip(min=eps) -> Expand -> Div) stay float32, see _fp32_islands.
+_NORM_OPS = {"ReduceL2", "ReduceSumSquare", "LpNormalization"}
+_ISLAND_PASS = {"Clip", "Max", "Expand", "Unsqueeze", "Reshape", "Sqrt", "Add"}  # carry a norm on
+_ISLAND_END = {"Div", "Mul"}  # x / norm: computed in float32, the (unit-scale) result cast back to float16
+
+
+def _fp32_islands(graph: Any) -> tuple[set[int], set[int]]:
+    """Indices of the nodes that must compute in float32 when the graph is cast to float16, and of those among
+    them whose outputs are cast back to float16.
+
+    An L2 norm in float16 breaks a cosine map twice: ``F.normalize``'s eps (1e-12) is float16 0, so a zero
+    vector gives 0/0 = NaN; and onnx-tensorrt imports ReduceL2 as sqrt(ReduceSumSquare(x)), whose sum passes
+    float16's 65504 once the norm passes 256 (inf, then x/inf = 0: a flat map). So each norm node, the nodes
+    that carry its result (Clip with the eps, Expand, ...) and the Div/Mul that applies it run in float32; only
+    the normalized (|x| <= 1) result goes back to float16."""
+    island: set[int] = set()
+    ends: set[int] = set()
+    values: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if node.op_type in _NORM_OPS:
+            island.add(i)
+            if node.op_type == "LpNormalization":
+                ends.add(i)  # normalizes in one op: its output is unit scale
+            else:
+                values.update(node.output)
+        elif any(name in values for name in node.input):
+            if node.op_type in _ISLAND_PASS:
+                island.add(i)
+                values.update(node.output)
+            elif node.op_type in _ISLAND_END:
+                island.add(i)
+                ends.add(i)
+            else:
+                raise UserError(
+                    f"fp16 cast: a norm feeds {node.op_type} node {node.name!r}, which the float32 island "
+                    f"does not handle; build this graph in fp32"
+                )
+    return island, ends
+
+
 def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     """The graph computing in float16 with float32 inputs/outputs kept, for a strongly typed TensorRT build.
 
@@ -129,6 +169,14 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     model = onnx.load(str(onnx_path))
     graph = model.graph
     del graph.value_info[:]
+    island, ends = _fp32_islands(graph)
+    # float32 values of the constants the islands read (before they are cast below): e.g. the 1e-12 eps
+    originals = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.data_type == TensorProto.FLOAT}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                    originals[node.output[0]] = numpy_helper.to_array(attr.t)
     keep32 = {
         node.input[k] for node in graph.node for (op, k) in _FP32_INPUTS if node.op_type == op and len(node.input) > k
     }
@@ -148,8 +196,13 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
                 attr.i = TensorProto.FLOAT16
     # A float16 value computed in the graph feeding an fp32-only input: cast it back just before its consumer.
     produced = {out for node in graph.node if node.op_type != "Constant" for out in node.output}
+    island_values = {out for i in island for out in graph.node[i].output}
+    graph_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     body = []
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
+        if index in island:
+            body += _to_fp32_island(node, index in ends, island_values, originals, produced | graph_inputs)
+            continue
         for op, k in _FP32_INPUTS:
             if node.op_type == op and len(node.input) > k and node.input[k] in produced:
                 name = node.input[k]
@@ -177,10 +230,41 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
                         node.input[k] = half
             tail.append(helper.make_node("Cast", [half], [value.name], to=TensorProto.FLOAT))
     nodes = head + body + tail
+    used = {name for node in nodes for name in node.input} | {v.name for v in graph.output}
+    # Constants an island replaced by their float32 copies are left unused: drop them (ORT warns otherwise).
+    nodes = [n for n in nodes if n.op_type != "Constant" or any(out in used for out in n.output)]
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _to_fp32_island(
+    node: Any, end: bool, island_values: set[str], originals: dict[str, np.ndarray], float_values: set[str]
+) -> list[Any]:
+    """``node`` of an fp32 island (:func:`_fp32_islands`) with the Casts around it: float16 inputs cast up,
+    constants re-added as their original float32 values, and for an end node the output cast back to float16.
+    Non-float inputs (Expand's shape, Reshape's shape, Clip's absent max) pass as they are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = []
+    for k, name in enumerate(node.input):
+        if not name or name in island_values:
+            continue
+        if name in originals:  # a float constant: its float32 value, not the float16 copy (eps would be 0)
+            const = f"{name}__fp32"
+            value = numpy_helper.from_array(originals[name].astype(np.float32), const)
+            nodes.append(helper.make_node("Constant", [], [const], value=value))
+            node.input[k] = const
+        elif name in float_values and (node.op_type not in ("Expand", "Reshape") or k == 0):
+            up = f"{name}__fp32_{node.name or node.output[0]}"
+            nodes.append(helper.make_node("Cast", [name], [up], to=TensorProto.FLOAT))
+            node.input[k] = up
+    if end:
+        out = node.output[0]
+        node.output[0] = f"{out}__fp32"
+        return [*nodes, node, helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT16)]
+    return [*nodes, node]
 
 
 def _parser_errors(parser: Any) -> str:

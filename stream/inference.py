@@ -54,7 +54,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.engines.base import known_backends
+from avloc.engines.base import known_backends, to_host
 from avloc.stream import protocol, security
 from avloc.stream.batching import (
     DEFAULT_MAX_BATCH,
@@ -189,13 +189,10 @@ class InferenceWorker(StreamScheduler):
         if ogl_alpha is not None and not 0.0 <= ogl_alpha <= 1.0:
             raise UserError(f"--ogl-alpha {ogl_alpha}: expected a value in [0, 1]")
         self.ogl_alpha = ogl_alpha
-        # Frames resized/normalised on the device the engine runs on (uint8 uploads through pinned buffers).
-        self._device_preprocess = None
-        device = getattr(engine, "torch_device", None)
-        if device is not None and device.type == "cuda":
-            from avloc.engines.preprocess import DevicePreprocessor
-
-            self._device_preprocess = DevicePreprocessor(self.manifest, device, self.max_batch)
+        # Frames resized/normalised on the device the engine runs on (uint8 uploads through pinned buffers);
+        # None: on the host. Duck-typed engines (tests) may lack the method.
+        make = getattr(engine, "device_preprocessor", None)
+        self._device_preprocess = make(self.max_batch) if make is not None else None
         # None: no gating (gate disabled, or an engine exported without --gate-data)
         self.gate_threshold = gate_threshold(self.manifest) if gate else None
         if self.gate_threshold is not None:
@@ -321,12 +318,13 @@ class InferenceWorker(StreamScheduler):
             from avloc.core.ogl import blend_live
 
             heatmaps = blend_live(self.engine, images, heatmaps, self.ogl_alpha, value_range=self.range)
+        # Device outputs (torch/TensorRT on CUDA) to the host: the copy waits for the device, so infer_end
+        # is stamped after the GPU work, not when it was queued.
+        heatmaps, confidence = to_host(heatmaps), to_host(confidence).reshape(-1)
         infer_end = protocol.now()
         # a moving average over ~10 batches: the automatic frame deadline follows the engine's real speed
         spent = infer_end - infer_start
         self.batch_time_s = spent if self.batch_time_s == 0.0 else 0.9 * self.batch_time_s + 0.1 * spent
-        heatmaps = np.asarray(heatmaps)
-        confidence = np.asarray(confidence).reshape(-1)
         for i, (item, _emb, window, spent) in enumerate(ready):
             self._publish(
                 pub,
