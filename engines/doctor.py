@@ -11,6 +11,7 @@ import json
 import platform
 import shutil
 import subprocess
+import warnings
 from typing import Any
 
 
@@ -70,22 +71,46 @@ def probe_driver() -> dict[str, Any]:
     return {"nvidia_smi": [line.strip() for line in out.splitlines() if line.strip()]}
 
 
+def _session_providers(ort: Any) -> list[str]:
+    """The providers a real session gets when CUDA is asked for (a one-node graph built in memory): what
+    ``--backend onnxruntime --device cuda`` will run on. ``get_available_providers()`` alone lists CUDA
+    whenever it is compiled in, even when its libraries fail to load and sessions fall back to the CPU."""
+    from onnx import TensorProto, helper
+
+    from avloc.engines.onnxruntime_backend import preload_cuda_libraries
+
+    preload_cuda_libraries(ort)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)  # readable by every onnxruntime avloc supports
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with warnings.catch_warnings():  # "Specified provider ... is not in available provider names"
+        warnings.simplefilter("ignore")
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
+    return list(session.get_providers())
+
+
 def probe_onnxruntime() -> dict[str, Any]:
+    from avloc.engines.onnxruntime_backend import BOTH_WHEELS_HINT, both_wheels_installed
+
     info: dict[str, Any] = {"dists": {d: _version(d) for d in ("onnxruntime", "onnxruntime-gpu")}}
     try:
         import onnxruntime as ort
 
         info["version"] = ort.__version__
         info["providers"] = ort.get_available_providers()
+        info["session_providers"] = _session_providers(ort)
     except Exception as err:  # noqa: BLE001
         info["error"] = _error(err)
-        info["providers"] = []
-    if all(info["dists"].values()):
-        # Both wheels write the same `onnxruntime` package; whichever installed last owns the shared files.
-        info["warning"] = (
-            "onnxruntime and onnxruntime-gpu are both installed and share one package directory; if CUDA is "
-            "missing from the providers: pip install --force-reinstall --no-deps onnxruntime-gpu"
-        )
+        info.setdefault("providers", [])
+        info.setdefault("session_providers", [])
+    if both_wheels_installed():
+        info["warning"] = BOTH_WHEELS_HINT
     return info
 
 
@@ -105,7 +130,7 @@ def probe_faiss() -> dict[str, Any]:
     num_gpus = getattr(faiss, "get_num_gpus", None)
     return {
         "version": getattr(faiss, "__version__", "?"),
-        "dists": {d: _version(d) for d in ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12")},
+        "dists": {d: _version(d) for d in ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu13-cuvs")},
         "gpus": int(num_gpus()) if num_gpus is not None else 0,
     }
 
@@ -114,7 +139,15 @@ def backends(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Which ``--backend``/``--device`` combinations will run here, each with the reason when not."""
     cuda = report["torch"]["cuda_available"]
     no_cuda = "no CUDA GPU visible to torch"
-    ort_cuda = "CUDAExecutionProvider" in report["onnxruntime"].get("providers", [])
+    ort_cuda = "CUDAExecutionProvider" in report["onnxruntime"].get("session_providers", [])
+    ort_built = "CUDAExecutionProvider" in report["onnxruntime"].get("providers", [])
+    ort_note = (
+        "a session asked for CUDA got only "
+        + ", ".join(report["onnxruntime"].get("session_providers", []) or ["nothing"])
+        + " (CUDA/cuDNN libraries not loadable)"
+        if ort_built
+        else "no CUDAExecutionProvider (install onnxruntime-gpu)"
+    )
     trt = report["tensorrt"]
     rows = [
         ("onnxruntime", "cpu", True, ""),
@@ -122,7 +155,7 @@ def backends(report: dict[str, Any]) -> list[dict[str, Any]]:
             "onnxruntime",
             "cuda",
             cuda and ort_cuda,
-            no_cuda if not cuda else "" if ort_cuda else "no CUDAExecutionProvider (install onnxruntime-gpu)",
+            no_cuda if not cuda else "" if ort_cuda else ort_note,
         ),
         ("torch", "cpu", True, ""),
         ("torch eager / cuda_graphs", "cuda", cuda, "" if cuda else no_cuda),
@@ -178,6 +211,7 @@ def format_report(report: dict[str, Any]) -> str:
     smi = report["driver"].get("nvidia_smi")
     lines.append(f"driver      {', '.join(smi) if isinstance(smi, list) else smi or 'nvidia-smi not found'}")
     lines.append(f"onnxrt      {ort.get('version', ort.get('error'))}; providers: {', '.join(ort['providers'])}")
+    lines.append(f"            a session asked for CUDA got: {', '.join(ort.get('session_providers', [])) or '?'}")
     if "warning" in ort:
         lines.append(f"            warning: {ort['warning']}")
     if trt.get("version"):

@@ -8,6 +8,7 @@ do not burn the cores the capture and display processes need (see docs/engines.m
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 
 from avloc.core.errors import UserError
 from avloc.engines.base import Engine, as_float32, graph_file, verified_file
+
+log = logging.getLogger(__name__)
 
 
 def session_options(threads: int | None, spinning: bool = False) -> Any:
@@ -31,21 +34,75 @@ def session_options(threads: int | None, spinning: bool = False) -> Any:
     return options
 
 
+def both_wheels_installed() -> bool:
+    """Whether onnxruntime and onnxruntime-gpu are both installed: they write the same ``onnxruntime`` package
+    directory, so whichever was installed last owns the shared files (the CPU one hides CUDA)."""
+    import importlib.metadata as md
+
+    found = 0
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.version(dist)
+            found += 1
+        except md.PackageNotFoundError:
+            pass
+    return found == 2
+
+
+BOTH_WHEELS_HINT = (
+    "onnxruntime and onnxruntime-gpu are both installed and share one package directory: "
+    "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu"
+)
+_preloaded: list[bool] = []
+
+
+def preload_cuda_libraries(ort: Any) -> None:
+    """``onnxruntime.preload_dlls()`` once per process: ONNX Runtime's documented way (onnxruntime-gpu >= 1.21)
+    to load the CUDA/cuDNN libraries of the nvidia-* pip wheels, which are not on the loader path; without it
+    the CUDA provider may fail to load and the session silently falls back to the CPU."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or _preloaded:
+        return
+    _preloaded.append(True)
+    try:
+        preload()
+    except Exception as err:  # noqa: BLE001 - the session check below reports what did not load
+        log.warning("onnxruntime.preload_dlls() failed: %s", str(err).splitlines()[0][:200] if str(err) else err)
+
+
 def _providers(device: str) -> list[Any]:
     import onnxruntime as ort
 
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device.startswith("cuda"):
+        preload_cuda_libraries(ort)
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available:
+            hint = BOTH_WHEELS_HINT if both_wheels_installed() else "install onnxruntime-gpu or use --device cpu"
             raise UserError(
                 f"device {device!r}: this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+                f"(available: {', '.join(available)}); {hint}"
             )
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     raise UserError(f"device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def check_session_providers(session: Any, device: str, what: str | Path) -> list[str]:
+    """The providers ``session`` really got; a UserError when CUDA was asked for and is not among them.
+
+    ``get_available_providers()`` lists CUDA whenever it is compiled in, even when its libraries (CUDA, cuDNN)
+    fail to load; the session then runs on the CPU with only a log line, and a benchmark would report CPU
+    timings as GPU ones."""
+    got = list(session.get_providers())
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in got:
+        hint = BOTH_WHEELS_HINT if both_wheels_installed() else "see `avloc doctor`"
+        raise UserError(
+            f"{what}: --device {device} asked for ONNX Runtime's CUDAExecutionProvider but the session got only "
+            f"{', '.join(got)} (CUDA/cuDNN libraries not loadable?); {hint}"
+        )
+    return got
 
 
 class OnnxRuntimeEngine(Engine):
@@ -75,12 +132,14 @@ class OnnxRuntimeEngine(Engine):
             paths["objectness"] = verified_file(engine_dir, entry["file"], entry.get("sha256"))
         for graph, path in paths.items():
             try:
-                self._sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+                self._sessions[graph] = session = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as err:  # noqa: BLE001 - ORT raises its own types for unreadable/invalid models
                 raise UserError(
                     f"{path}: ONNX Runtime cannot load this graph ({str(err).splitlines()[0][:200]})"
                 ) from None
+            check_session_providers(session, device, path)
         audio = self._sessions["audio"]
+        self.providers: list[str] = list(audio.get_providers())  # what the sessions really run on
         self._audio_in = audio.get_inputs()[0].name
         self._visual_in = [i.name for i in self._sessions["visual"].get_inputs()]
         # avloc export writes a dynamic batch axis (None: any batch); a graph exported with a fixed one takes
