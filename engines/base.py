@@ -151,14 +151,25 @@ class Engine(ABC):
             raise UserError(f"{self.engine_dir}: engine has no OGL objectness graph (re-export with --ogl)")
         raise UserError(f"backend {self.backend!r} cannot run the OGL objectness graph; use onnxruntime or torch")
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run every graph once per batch size, so lazy set-up (allocations, autotuning, graph capture,
-        compilation) happens before a worker reports ready rather than as a latency spike mid-stream."""
+    def warmup(
+        self, batch_sizes: Sequence[int] = (1,), audio_batch_sizes: Sequence[int] | None = None, calls: int = 1
+    ) -> None:
+        """Run the visual graph for every size in ``batch_sizes`` and the audio graph for every size in
+        ``audio_batch_sizes`` (default: the same), ``calls`` times each, so lazy set-up (allocations, autotuning,
+        graph capture, compilation) happens before a worker reports ready rather than as a latency spike
+        mid-stream. The inference worker embeds one audio window at a time: it passes ``audio_batch_sizes=(1,)``.
+        """
         rng = np.random.default_rng(0)
-        for batch in sorted(set(batch_sizes)):
-            spec = rng.standard_normal((batch, *self.spec_shape), dtype=np.float32)
-            image = rng.standard_normal((batch, *self.image_shape), dtype=np.float32)
-            self.localize(image, np.asarray(self.embed_audio(spec), np.float32))
+        visual = set(batch_sizes)
+        audio = visual if audio_batch_sizes is None else set(audio_batch_sizes)
+        for _ in range(calls):
+            for batch in sorted(visual | audio):
+                emb = rng.standard_normal((batch, self.embed_dim), dtype=np.float32)
+                if batch in audio:
+                    spec = rng.standard_normal((batch, *self.spec_shape), dtype=np.float32)
+                    emb = to_host(self.embed_audio(spec)).astype(np.float32, copy=False)
+                if batch in visual:
+                    self.localize(rng.standard_normal((batch, *self.image_shape), dtype=np.float32), emb)
         self.synchronize()
 
     def device_preprocessor(self, max_batch: int) -> Callable[[Sequence[np.ndarray]], Any] | None:

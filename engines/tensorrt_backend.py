@@ -534,9 +534,11 @@ class TensorRTEngine(Engine):
             self._graphs["objectness"] = self._load_graph(path, entry.get("sha256"))
         return self._run("objectness", [image])[0]
 
-    def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
+    def warmup(
+        self, batch_sizes: Sequence[int] | None = None, audio_batch_sizes: Sequence[int] | None = None, calls: int = 1
+    ) -> None:
         """Default: batch 1 and max_batch (one profile covers every size in between)."""
-        super().warmup(batch_sizes or (1, self.max_batch))
+        super().warmup(batch_sizes or (1, self.max_batch), audio_batch_sizes, calls)
 
     def synchronize(self) -> None:
         self._stream.synchronize()

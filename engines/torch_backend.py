@@ -32,6 +32,10 @@ from avloc.engines.base import Engine, verified_file
 
 log = logging.getLogger(__name__)
 MODES = ("eager", "cuda_graphs", "compile")
+# Calls per batch size in compile mode's warm-up: torch.compile(mode="reduce-overhead") uses CUDA graph trees,
+# which run a function eagerly on its first call for a shape (warm-up), record a CUDA graph on the second and
+# replay from the third (docs: torch.compiler_cudagraph_trees). The third call checks the replay path too.
+COMPILE_CALLS = 3
 
 
 class CudaGraphRunner:
@@ -128,6 +132,7 @@ class TorchEngine(Engine):
         self.mode, self.fp16, self.bf16, self.channels_last = mode, fp16, bf16, channels_last
         self.max_batch = int(max_batch)
         self.warmed_batches: list[int] = []
+        self.warmed_audio_batches: list[int] = []
 
         entry = manifest.get("torch_checkpoint") or {"file": "model.pt"}
         path = verified_file(engine_dir, entry["file"], entry.get("sha256"))
@@ -161,23 +166,37 @@ class TorchEngine(Engine):
         dtype = torch.float16 if self.fp16 else torch.bfloat16
         return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
-    def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
-        """Capture CUDA graphs / compile / autotune for every batch size 1..max_batch (or ``batch_sizes``)
-        before streaming, so the first frame of each batch size costs no capture or recompilation."""
+    def warmup(
+        self,
+        batch_sizes: Sequence[int] | None = None,
+        audio_batch_sizes: Sequence[int] | None = None,
+        calls: int | None = None,
+    ) -> None:
+        """Capture CUDA graphs / compile / autotune for every visual batch size 1..max_batch (or ``batch_sizes``)
+        and every audio batch size in ``audio_batch_sizes`` (default: the same) before streaming, so the first
+        frame of each batch size costs no capture or recompilation.
+
+        ``compile`` calls each size :data:`COMPILE_CALLS` times: reduce-overhead's CUDA graph trees run a function
+        eagerly on its first call for a shape and record it on the second, so one call per size would leave the
+        recording (tens of ms) to the first real frames."""
         sizes = sorted(set(batch_sizes or range(1, self.max_batch + 1)))
+        audio_sizes = sizes if audio_batch_sizes is None else sorted(set(audio_batch_sizes))
         if self.mode == "cuda_graphs":
             rng = np.random.default_rng(0)
-            for batch in sizes:
+            for batch in audio_sizes:
                 spec = self._to_device(rng.standard_normal((batch, *self.spec_shape), dtype=np.float32))
+                self._run_audio.capture([spec])
+            for batch in sizes:
                 image = self._to_device(rng.standard_normal((batch, *self.image_shape), dtype=np.float32))
                 emb = torch.zeros(batch, self.embed_dim, device=self.torch_device)
-                self._run_audio.capture([spec])
                 self._run_visual.capture([image, emb])
             self.synchronize()
         else:
-            super().warmup(sizes)
+            default_calls = COMPILE_CALLS if self.mode == "compile" else 1
+            super().warmup(sizes, audio_sizes, calls or default_calls)
         self.warmed_batches = sizes
-        log.info("torch %s engine warmed up for batch sizes %s", self.mode, sizes)
+        self.warmed_audio_batches = audio_sizes
+        log.info("torch %s engine warmed up for batch sizes %s (audio %s)", self.mode, sizes, audio_sizes)
 
     def _to_device(self, x: Any) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x

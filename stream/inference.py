@@ -440,11 +440,14 @@ class InferenceWorker(StreamScheduler):
     def warm_up(self) -> None:
         """Run the engine before reporting ready, so the first real frame does not pay for lazy set-up. On a
         GPU every batch size up to ``max_batch`` (CUDA graphs are captured and compiled graphs built per
-        size); host backends need one call."""
+        size; audio only at batch 1, the one size this worker embeds); host backends need one call."""
         if self.spec_shape is None:
             return
         on_device = str(getattr(self.engine, "device", "cpu")) != "cpu"
-        self.engine.warmup(range(1, self.max_batch + 1) if on_device else (1,))
+        if on_device:
+            self.engine.warmup(range(1, self.max_batch + 1), audio_batch_sizes=(1,))
+        else:
+            self.engine.warmup((1,))
         if self.ogl_alpha is not None:  # torch builds / TensorRT plans the objectness graph on first use
             self.engine.objectness(np.zeros((1, *self.engine.image_shape), np.float32))
 
