@@ -17,12 +17,17 @@ synchronize (NumPy outputs wait only for their own copy). Every TensorRT call wh
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,9 @@ from avloc.engines.base import Engine, graph_file, sha256_file, verified_file
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "TensorRT is not installed: pip install 'avloc[gpu]' (or pip install tensorrt-cu13)"
-PRECISIONS = ("fp32", "fp16")
+# "fp32" is IEEE float32: TensorRT's TF32 builder flag (on by default) is cleared; "tf32" keeps it (float32
+# tensors, convolutions/matmuls with 10-bit mantissa inputs); "fp16" is the float16-cast graph.
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 def import_tensorrt() -> Any:
@@ -102,9 +109,33 @@ def timing_cache_path(engine_dir: Path, trt_version: str, gpu_name: str) -> Path
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write to a temp file unique to this call, then rename over ``path``: readers see the old file or the
+    whole new one, and two writers never share (or remove) each other's temp file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _build_lock(engine_dir: Path, trt_version: str, gpu_name: str) -> Iterator[None]:
+    """Exclusive lock for building plans of one engine directory, GPU model and TensorRT version: inference
+    workers starting together build each plan once (the others wait, then read it) and never interleave
+    their timing-cache updates. An advisory ``flock``: released by the kernel if the holder dies."""
+    path = Path(engine_dir) / f".tensorrt.{_slug(gpu_name)}.trt{trt_version}.lock"
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -303,6 +334,10 @@ def build_plan(
     if config is None:
         raise RuntimeError("TensorRT could not create a builder config")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None and precision != "tf32":
+        # TF32 is on by default: without this an "fp32" plan would run its convolutions in TF32 on Ampere+.
+        config.clear_flag(tf32)
 
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -348,12 +383,20 @@ def load_or_build_plan(
     cached = plan_path(onnx_path, onnx_sha256, trt.__version__, gpu_name, precision, batches)
     if cached.is_file() and not rebuild:
         return cached.read_bytes(), cached
-    log.info(
-        "building TensorRT %s %s plan for %s (once per graph/GPU/TensorRT version)", onnx_path.name, precision, gpu_name
-    )
-    cache = timing_cache_path(engine_dir, trt.__version__, gpu_name)
-    plan = build_plan(trt, onnx_path, precision, batches, workspace_mb, timing_cache=cache)
-    _atomic_write(cached, plan)
+    asked = time.time()
+    with _build_lock(engine_dir, trt.__version__, gpu_name):
+        # Another worker may have built it while this one waited for the lock (with rebuild: after we asked).
+        if cached.is_file() and (not rebuild or cached.stat().st_mtime >= asked):
+            return cached.read_bytes(), cached
+        log.info(
+            "building TensorRT %s %s plan for %s (once per graph/GPU/TensorRT version)",
+            onnx_path.name,
+            precision,
+            gpu_name,
+        )
+        cache = timing_cache_path(engine_dir, trt.__version__, gpu_name)
+        plan = build_plan(trt, onnx_path, precision, batches, workspace_mb, timing_cache=cache)
+        _atomic_write(cached, plan)
     return plan, cached
 
 
@@ -377,10 +420,47 @@ def _torch_dtypes(trt: Any) -> dict[Any, Any]:
     return {getattr(trt, n): t for n, t in names.items() if hasattr(trt, n)}
 
 
-class _TrtGraph:
-    """One deserialized engine + execution context; I/O bound by tensor name."""
+# IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment." Fresh CUDA caching-
+# allocator blocks are, a slice of a batch (``emb[1:]``) need not be.
+ALIGN_BYTES = 256
 
-    def __init__(self, trt: Any, plan: bytes, device: Any, source: Path) -> None:
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+    """An uninitialized tensor whose data pointer is a multiple of :data:`ALIGN_BYTES` on any device."""
+    import torch
+
+    item = torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape)
+    buffer = torch.empty(count + ALIGN_BYTES // item, dtype=dtype, device=device)
+    offset = (-buffer.data_ptr() % ALIGN_BYTES) // item
+    return buffer[offset : offset + count].view(shape)
+
+
+def _aligned(x: Any) -> Any:
+    """``x`` itself when its data is aligned for TensorRT, else an aligned copy (queued on the current stream)."""
+    if x.data_ptr() % ALIGN_BYTES == 0:
+        return x
+    out = _aligned_empty(tuple(x.shape), x.dtype, x.device)
+    out.copy_(x)
+    return out
+
+
+def onnx_io_names(onnx_path: Path) -> tuple[list[str], list[str]]:
+    """(input names, output names) of an ONNX graph in its order: what the engine's callers pass and expect."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers], [v.name for v in graph.output]
+
+
+class _TrtGraph:
+    """One deserialized engine + execution context; I/O bound by tensor name, never by position: TensorRT does
+    not promise that its I/O index order is the ONNX graph's."""
+
+    def __init__(
+        self, trt: Any, plan: bytes, device: Any, source: Path, io_names: tuple[list[str], list[str]] | None = None
+    ) -> None:
         self.source = source
         self.runtime = trt.Runtime(_logger(trt))
         if self.runtime is None:
@@ -395,18 +475,26 @@ class _TrtGraph:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if io_names is not None and (set(io_names[0]) != set(self.inputs) or set(io_names[1]) != set(self.outputs)):
+            raise UserError(
+                f"{source}: the plan's I/O tensors (inputs {self.inputs}, outputs {self.outputs}) are not the ONNX "
+                f"graph's (inputs {io_names[0]}, outputs {io_names[1]}); delete the plan to rebuild it"
+            )
         dtypes = _torch_dtypes(trt)
         unsupported = [n for n in names if self.engine.get_tensor_dtype(n) not in dtypes]
         if unsupported:
             raise UserError(f"{source}: I/O tensor(s) {unsupported} have a dtype avloc does not bind")
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
 
-    def __call__(self, inputs: list[Any], stream: Any) -> list[Any]:
-        import torch
-
+    def __call__(self, inputs: dict[str, Any], stream: Any) -> dict[str, Any]:
+        """Bind ``inputs`` (name -> tensor on this graph's device) and queue the engine on ``stream``; returns
+        name -> output tensor (queued, not finished)."""
+        missing = [n for n in self.inputs if n not in inputs]
+        if missing:
+            raise RuntimeError(f"{self.source.name}: no tensor given for input(s) {missing}")
         bound = []  # keep converted inputs alive until the engine has been queued
-        for name, x in zip(self.inputs, inputs):
-            x = x.to(self.dtypes[name]).contiguous()
+        for name in self.inputs:
+            x = _aligned(inputs[name].to(self.dtypes[name]).contiguous())
             bound.append(x)
             if not self.context.set_input_shape(name, tuple(x.shape)):
                 raise UserError(
@@ -415,18 +503,25 @@ class _TrtGraph:
                 )
             if not self.context.set_tensor_address(name, x.data_ptr()):
                 raise RuntimeError(f"{self.source.name}: TensorRT refused the address of input {name!r}")
-        outputs = []
+        outputs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise RuntimeError(f"{self.source.name}: TensorRT could not infer output {name!r} shape {shape}")
-            out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            out = _aligned_empty(shape, self.dtypes[name], self.device)
             if not self.context.set_tensor_address(name, out.data_ptr()):
                 raise RuntimeError(f"{self.source.name}: TensorRT refused the address of output {name!r}")
-            outputs.append(out)
+            outputs[name] = out
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.source.name}: TensorRT execute_async_v3 failed (see the TensorRT log)")
         return outputs
+
+    def destroy(self) -> None:
+        """Free the context, then the engine, then the runtime (TensorRT's order). The caller has synchronized
+        the stream the context's work was queued on."""
+        self.context = None
+        self.engine = None
+        self.runtime = None
 
 
 class TensorRTEngine(Engine):
@@ -443,6 +538,7 @@ class TensorRTEngine(Engine):
         opt_batch: int | None = None,
         workspace_mb: int = 1024,
         rebuild: bool = False,
+        tf32: bool = False,
     ) -> None:
         trt = import_tensorrt()
         import torch
@@ -453,8 +549,10 @@ class TensorRTEngine(Engine):
         if not torch.cuda.is_available():
             raise UserError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
         self.torch_device = torch.device(device)
+        if fp16 and tf32:
+            raise UserError("tensorrt: choose one of fp16 and tf32 (tf32 is float32 with TF32 convolutions)")
         self.fp16 = fp16
-        self.precision = "fp16" if fp16 else "fp32"
+        self.precision = "fp16" if fp16 else "tf32" if tf32 else "fp32"
         batches = (1, int(opt_batch or min(4, max_batch)), int(max_batch))
         if not 1 <= batches[1] <= batches[2]:
             raise UserError(f"tensorrt: need 1 <= opt_batch ({batches[1]}) <= max_batch ({batches[2]})")
@@ -462,15 +560,17 @@ class TensorRTEngine(Engine):
         gpu = torch.cuda.get_device_name(self.torch_device)
         self._stream = torch.cuda.Stream(self.torch_device)
         self._graphs: dict[str, _TrtGraph] = {}
+        self._io: dict[str, tuple[list[str], list[str]]] = {}  # graph -> ONNX (input, output) names, in order
         self._build = (trt, gpu, batches, workspace_mb, rebuild)  # also for OGL's objectness graph, on first use
         for graph in ("audio", "visual"):
             onnx_path = graph_file(engine_dir, manifest, graph)
-            self._graphs[graph] = self._load_graph(onnx_path, manifest["graphs"][graph].get("sha256"))
+            self._graphs[graph] = self._load_graph(graph, onnx_path, manifest["graphs"][graph].get("sha256"))
 
-    def _load_graph(self, onnx_path: Path, onnx_sha: str | None) -> _TrtGraph:
+    def _load_graph(self, graph: str, onnx_path: Path, onnx_sha: str | None) -> _TrtGraph:
         import torch
 
         trt, gpu, batches, workspace_mb, rebuild = self._build
+        self._io[graph] = onnx_io_names(onnx_path)
         with torch.cuda.device(self.torch_device):
             plan, cached = load_or_build_plan(
                 trt,
@@ -483,7 +583,7 @@ class TensorRTEngine(Engine):
                 workspace_mb,
                 rebuild,
             )
-            return _TrtGraph(trt, plan, self.torch_device, cached)
+            return _TrtGraph(trt, plan, self.torch_device, cached, self._io[graph])
 
     def _run(self, graph: str, arrays: list[Any]) -> list[Any]:
         import torch
@@ -504,7 +604,12 @@ class TensorRTEngine(Engine):
                 else a.to(self.torch_device)
                 for a in arrays
             ]
-            outputs = self._graphs[graph](tensors, self._stream)
+            for t in tensors:
+                if t.is_cuda:  # made on the caller's stream: not to be reused before our stream has read it
+                    t.record_stream(self._stream)
+            names_in, names_out = self._io[graph]
+            by_name = self._graphs[graph](dict(zip(names_in, tensors, strict=True)), self._stream)
+            outputs = [by_name[name] for name in names_out]
             if as_numpy:
                 return [o.float().cpu().numpy() for o in outputs]
             outputs = [o.float() for o in outputs]
@@ -531,7 +636,7 @@ class TensorRTEngine(Engine):
         if "objectness" not in self._graphs:
             entry = self.manifest["ogl"]
             path = verified_file(self.engine_dir, entry["file"], entry.get("sha256"))
-            self._graphs["objectness"] = self._load_graph(path, entry.get("sha256"))
+            self._graphs["objectness"] = self._load_graph("objectness", path, entry.get("sha256"))
         return self._run("objectness", [image])[0]
 
     def warmup(
@@ -544,4 +649,10 @@ class TensorRTEngine(Engine):
         self._stream.synchronize()
 
     def close(self) -> None:
+        """Wait for queued work, then free contexts/engines: a context destroyed while its work is still queued
+        frees memory the GPU is using."""
+        if self._graphs:
+            self._stream.synchronize()
+        for graph in self._graphs.values():
+            graph.destroy()
         self._graphs.clear()

@@ -8,7 +8,11 @@ that every failure return value becomes a clear error, and how the plan / timing
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -30,7 +34,14 @@ GPU = "NVIDIA H200"
 
 def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
     """A ``tensorrt`` module of the given major version. ``behaviour`` switches failure returns on:
-    parse_ok, plan (bytes or None), cache_match, profile_index, engine_ok, shape_ok, execute_ok."""
+    parse_ok, plan (bytes or None), cache_match, profile_index, engine_ok, shape_ok, execute_ok; and
+    build_s (seconds a build takes), build_log (a file each build appends a line to), io (the engine's I/O in
+    the engine's order: (name, mode, dtype, per-sample shape) tuples) with compute (name -> array inputs ->
+    name -> array outputs, run by execute_async_v3 on the bound addresses, as a real engine reads and writes
+    device memory).
+
+    Like the real API, ``set_tensor_address`` refuses an address that is not 256-byte aligned
+    (IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment")."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = VERSIONS[major]
     trt.calls = []
@@ -42,6 +53,10 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
         "engine_ok": True,
         "shape_ok": True,
         "execute_ok": True,
+        "build_s": 0.0,
+        "build_log": None,
+        "io": (("x", "INPUT", "float32", (None,)), ("y", "OUTPUT", "float32", (2,))),
+        "compute": None,
     } | behaviour
 
     def record(name: str, *args: object) -> None:
@@ -142,6 +157,9 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
         def set_flag(self, flag: str) -> None:
             record("set_flag", flag)
 
+        def clear_flag(self, flag: str) -> None:
+            record("clear_flag", flag)
+
         def create_timing_cache(self, data: bytes) -> TimingCache:
             record("create_timing_cache", bytes(data))
             return TimingCache(bytes(data))
@@ -176,6 +194,12 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
 
         def build_serialized_network(self, network: Network, config: BuilderConfig) -> HostMemory | None:
             record("build_serialized_network")
+            if b["build_log"] is not None:
+                with open(b["build_log"], "a") as f:
+                    f.write(f"build {os.getpid()}\n")
+            time.sleep(b["build_s"])
+            if callable(b["plan"]):  # a plan per graph: e.g. named after its inputs
+                return HostMemory(b["plan"](network))
             return None if b["plan"] is None else HostMemory(b["plan"])
 
     if major == 10:
@@ -184,9 +208,21 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
     # runtime
     float32, float16, int32 = "float32", "float16", "int32"
 
+    def io_of(plan: bytes) -> tuple[dict[str, tuple], object]:
+        """(name -> (mode, dtype, shape), compute) of a plan: one set for all, or per plan (dicts)."""
+        io, compute = b["io"], b["compute"]
+        io = io[bytes(plan)] if isinstance(io, dict) else io
+        compute = compute[bytes(plan)] if isinstance(compute, dict) else compute
+        return {name: (mode, dtype, shape) for name, mode, dtype, shape in io}, compute
+
     class Context:
-        def __init__(self) -> None:
+        def __init__(self, io: dict[str, tuple], compute: object) -> None:
+            self.io, self.compute = io, compute
             self.shapes: dict[str, tuple] = {}
+            self.addresses: dict[str, int] = {}
+
+        def __del__(self) -> None:
+            record("destroy_context")
 
         def set_input_shape(self, name: str, shape: tuple) -> bool:
             record("set_input_shape", name, shape)
@@ -195,30 +231,48 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
 
         def set_tensor_address(self, name: str, address: int) -> bool:
             record("set_tensor_address", name, address)
+            if address % 256:
+                return False
+            self.addresses[name] = address
             return True
 
         def get_tensor_shape(self, name: str) -> tuple:
-            return (self.shapes["x"][0], 2)
+            batch = next(iter(self.shapes.values()))[0]
+            return (batch, *self.io[name][2])
+
+        def _array(self, name: str, shape: tuple) -> np.ndarray:
+            dtype = np.dtype(self.io[name][1])
+            buffer = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(self.addresses[name])
+            return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
         def execute_async_v3(self, stream: int) -> bool:
             record("execute_async_v3", stream)
+            if self.compute is not None:
+                inputs = {n: self._array(n, self.shapes[n]) for n, (mode, *_) in self.io.items() if mode == "INPUT"}
+                for name, value in self.compute(inputs).items():
+                    self._array(name, self.get_tensor_shape(name))[...] = value
             return bool(b["execute_ok"])
 
     class CudaEngine:
-        names = ("x", "y")
-        num_io_tensors = 2
+        def __init__(self, plan: bytes) -> None:
+            self.io, self.compute = io_of(plan)
+            self.names = tuple(self.io)
+            self.num_io_tensors = len(self.io)
+
+        def __del__(self) -> None:
+            record("destroy_engine")
 
         def get_tensor_name(self, i: int) -> str:
             return self.names[i]
 
         def get_tensor_mode(self, name: str) -> str:
-            return TensorIOMode.INPUT if name == "x" else TensorIOMode.OUTPUT
+            return TensorIOMode.INPUT if self.io[name][0] == "INPUT" else TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name: str) -> str:
-            return float32
+            return self.io[name][1]
 
         def create_execution_context(self) -> Context:
-            return Context()
+            return Context(self.io, self.compute)
 
     class Runtime:
         def __init__(self, logger: Logger) -> None:
@@ -226,7 +280,7 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
 
         def deserialize_cuda_engine(self, plan: bytes) -> CudaEngine | None:
             record("deserialize_cuda_engine", plan)
-            return CudaEngine() if b["engine_ok"] else None
+            return CudaEngine(plan) if b["engine_ok"] else None
 
     for obj in (
         Logger,
@@ -332,6 +386,7 @@ def test_fp32_build_is_strongly_typed_with_profile_and_timing_cache(major, onnx_
     assert calls(trt, "create_network") == [(strongly_typed,)]
     assert strongly_typed == (2 if major == 10 else 1)
     assert calls(trt, "set_flag") == []  # precision comes from the graph, never from builder flags
+    assert calls(trt, "clear_flag") == [("TF32",)]  # "fp32" is IEEE float32: TF32 (on by default) is cleared
     ((model, path),) = calls(trt, "parse")
     assert model == onnx_graph.read_bytes() and path == str(onnx_graph)
     assert calls(trt, "set_shape") == [("image", (1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))]
@@ -459,7 +514,7 @@ def test_run_binds_by_name_and_checks_returns(major):
     trt = make_fake_trt(major)
     graph = tb._TrtGraph(trt, b"PLAN", torch.device("cpu"), Path("visual.plan"))
     x = torch.ones(3, 5, dtype=torch.float64)  # converted to the engine's float32
-    (y,) = graph([x], _Stream())
+    y = graph({"x": x}, _Stream())["y"]
     assert y.shape == (3, 2) and y.dtype == torch.float32
     assert calls(trt, "set_input_shape") == [("x", (3, 5))]
     bound = dict(calls(trt, "set_tensor_address"))
@@ -472,7 +527,189 @@ def test_run_failures_are_clear(major):
         tb._TrtGraph(make_fake_trt(major, engine_ok=False), b"PLAN", torch.device("cpu"), Path("v.plan"))
     graph = tb._TrtGraph(make_fake_trt(major, shape_ok=False), b"PLAN", torch.device("cpu"), Path("v.plan"))
     with pytest.raises(UserError, match=r"refused input 'x' shape \(9, 5\).*optimisation profile"):
-        graph([torch.ones(9, 5)], _Stream())
+        graph({"x": torch.ones(9, 5)}, _Stream())
     graph = tb._TrtGraph(make_fake_trt(major, execute_ok=False), b"PLAN", torch.device("cpu"), Path("v.plan"))
     with pytest.raises(RuntimeError, match="v.plan: TensorRT execute_async_v3 failed"):
-        graph([torch.ones(1, 5)], _Stream())
+        graph({"x": torch.ones(1, 5)}, _Stream())
+
+
+# ---------------------------------------------------------------------------------------------- I/O order, alignment
+
+
+def _visual_compute(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stand-in visual graph: heatmap = image channel mean, confidence = embedding sum (distinguishable)."""
+    return {"heatmap": inputs["image"].mean(axis=1), "confidence": inputs["audio_embedding"].sum(axis=1)}
+
+
+# The engine lists its I/O in another order than the ONNX graph (image, audio_embedding -> heatmap, confidence).
+ENGINE_ORDER = (
+    ("confidence", "OUTPUT", "float32", ()),
+    ("audio_embedding", "INPUT", "float32", (4,)),
+    ("heatmap", "OUTPUT", "float32", (2, 2)),
+    ("image", "INPUT", "float32", (3, 2, 2)),
+)
+
+
+def test_io_is_bound_by_name_not_position(major):
+    trt = make_fake_trt(major, io=ENGINE_ORDER, compute=_visual_compute)
+    io_names = (["image", "audio_embedding"], ["heatmap", "confidence"])
+    graph = tb._TrtGraph(trt, b"PLAN", torch.device("cpu"), Path("visual.plan"), io_names)
+    assert graph.inputs == ["audio_embedding", "image"]  # the engine's order, not the ONNX graph's
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.standard_normal((3, 3, 2, 2)).astype(np.float32))
+    emb = torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32))
+    out = graph({"image": image, "audio_embedding": emb}, _Stream())
+    ref = _visual_compute({"image": image.numpy(), "audio_embedding": emb.numpy()})
+    assert set(out) == {"heatmap", "confidence"}
+    np.testing.assert_allclose(out["heatmap"].numpy(), ref["heatmap"], rtol=1e-6)
+    np.testing.assert_allclose(out["confidence"].numpy(), ref["confidence"], rtol=1e-6)
+    # a plan whose I/O names are not the graph's is refused at load, not bound by guesswork
+    with pytest.raises(UserError, match="I/O tensors .* are not the ONNX graph's"):
+        tb._TrtGraph(trt, b"PLAN", torch.device("cpu"), Path("v.plan"), (["image", "emb"], ["heatmap", "confidence"]))
+
+
+def test_unaligned_inputs_are_copied_to_aligned_memory(major):
+    """A slice of a batch (``emb[1:]``) starts mid-allocation; TensorRT needs 256-byte aligned addresses."""
+    trt = make_fake_trt(major, io=ENGINE_ORDER, compute=_visual_compute)
+    graph = tb._TrtGraph(trt, b"PLAN", torch.device("cpu"), Path("visual.plan"))
+    image = tb._aligned_empty((5, 3, 2, 2), torch.float32, "cpu").normal_()
+    emb = tb._aligned_empty((5, 4), torch.float32, "cpu").normal_()
+    image, emb = image[1:4], emb[1:4]  # 48- and 16-byte offsets: unaligned
+    assert image.data_ptr() % 256 and emb.data_ptr() % 256
+    out = graph({"image": image, "audio_embedding": emb}, _Stream())
+    addresses = dict(calls(trt, "set_tensor_address"))
+    assert all(address % 256 == 0 for address in addresses.values())
+    np.testing.assert_allclose(out["confidence"].numpy(), emb.sum(dim=1).numpy(), rtol=1e-6)
+    for dtype in (torch.float16, torch.float32, torch.int64, torch.uint8):
+        assert tb._aligned_empty((7, 3), dtype, "cpu").data_ptr() % 256 == 0
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+class _FakeStream:
+    """torch.cuda.Stream on the CPU: records synchronize() into the fake TensorRT's call log."""
+
+    cuda_stream = 4321
+
+    def __init__(self, trt: types.ModuleType) -> None:
+        self.trt = trt
+
+    def synchronize(self) -> None:
+        self.trt.calls.append(("stream_synchronize", ()))
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def cpu_as_cuda(monkeypatch):
+    """Let TensorRTEngine run its real code on the CPU: torch.cuda calls answered, tensors stay on the CPU."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(types.SimpleNamespace(calls=[])))
+
+
+def _onto_cpu(engine) -> None:
+    """After construction (where "cuda" is only a name): allocate on the CPU, where the fake computes."""
+    engine.torch_device = torch.device("cpu")
+    for graph in engine._graphs.values():
+        graph.device = engine.torch_device
+
+
+def test_engine_binds_the_onnx_order_and_close_syncs_first(major, tiny_engine, tmp_path, monkeypatch, cpu_as_cuda):
+    """TensorRTEngine end to end on the fake: results come back in the ONNX order whatever the engine's order,
+    and close() waits for the stream before destroying contexts (a context freed under queued work frees
+    memory the GPU still uses)."""
+    import shutil
+
+    from avloc.engines.base import load_engine
+
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine_dir)
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    dim = manifest["embed_dim"]
+    size = manifest["image"]["size"]
+    feature = manifest["outputs"]["heatmap"]["feature_size"]
+    visual_io = (
+        ("confidence", "OUTPUT", "float32", ()),
+        ("audio_embedding", "INPUT", "float32", (dim,)),
+        ("heatmap", "OUTPUT", "float32", tuple(feature)),
+        ("image", "INPUT", "float32", (3, size, size)),
+    )
+
+    audio_io = (("audio_embedding", "OUTPUT", "float32", (dim,)), ("spectrogram", "INPUT", "float32", (1, 257, 98)))
+
+    def visual(inputs):
+        batch = inputs["image"].shape[0]
+        heat = np.broadcast_to(inputs["image"][:, 0, :1, :1], (batch, *feature))
+        return {"heatmap": heat, "confidence": inputs["audio_embedding"][:, 0]}
+
+    def audio(inputs):
+        return {"audio_embedding": np.repeat(inputs["spectrogram"][:, 0, :1, 0], dim, axis=1)}
+
+    trt = make_fake_trt(
+        major,
+        plan=lambda network: ",".join(t.name for t in network.inputs).encode(),
+        io={b"image,audio_embedding": visual_io, b"spectrogram": audio_io},
+        compute={b"image,audio_embedding": visual, b"spectrogram": audio},
+    )
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream(trt))
+    engine = load_engine(engine_dir, "tensorrt", device="cuda", fp16=False, max_batch=2)
+    _onto_cpu(engine)
+    image = np.zeros((2, 3, size, size), np.float32)
+    image[:, 0] = [[[1.5]], [[-2.0]]]
+    emb = np.zeros((2, dim), np.float32)
+    emb[:, 0] = [0.25, 0.75]
+    heatmap, confidence = engine.localize(image, emb)
+    assert heatmap.shape == (2, *feature) and np.all(heatmap[0] == 1.5) and np.all(heatmap[1] == -2.0)
+    assert confidence.tolist() == [0.25, 0.75]
+    spec = np.full((1, 1, 257, 98), 0.5, np.float32)
+    assert engine.embed_audio(spec).tolist() == [[0.5] * dim]
+    trt.calls.clear()
+    engine.close()
+    names = [name for name, _ in trt.calls]
+    assert names[0] == "stream_synchronize" and "destroy_context" in names
+    assert names.index("destroy_context") < names.index("destroy_engine")
+    engine.close()  # twice is fine
+
+
+# ---------------------------------------------------------------------------------------------- concurrent builds
+
+
+def _build_in_child(major: int, engine_dir: str, onnx_path: str, log: str, out: str) -> None:
+    trt = make_fake_trt(major, plan=PLAN_BYTES, build_s=1.0, build_log=log)
+    path = Path(onnx_path)
+    plan, cached = tb.load_or_build_plan(trt, Path(engine_dir), path, tb.sha256_file(path), GPU, "fp32", (1, 2, 4))
+    Path(out).write_bytes(plan if plan == cached.read_bytes() else b"torn")
+
+
+PLAN_BYTES = bytes(range(256)) * 16384  # 4 MiB: a torn or half-written plan would show
+
+
+def test_two_processes_building_one_plan_build_once(major, onnx_graph, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    log = tmp_path / "builds.log"
+    procs = [
+        ctx.Process(
+            target=_build_in_child, args=(major, str(tmp_path), str(onnx_graph), str(log), str(tmp_path / f"r{i}"))
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(log.read_text().splitlines()) == 1  # one build; the other process waited and read it
+    assert (tmp_path / "r0").read_bytes() == (tmp_path / "r1").read_bytes() == PLAN_BYTES
+    plans = list(tmp_path.glob("*.plan"))
+    assert len(plans) == 1 and plans[0].read_bytes() == PLAN_BYTES
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
