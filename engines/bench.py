@@ -41,8 +41,9 @@ _OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "bf16": {"bf16": True},
         "channels_last": {"channels_last": True},
         "eager": {"mode": "eager"},
+        "tf32": {"tf32": True},
     },
-    "tensorrt": {"fp16": {"fp16": True}, "fp32": {"fp16": False}},
+    "tensorrt": {"fp16": {"fp16": True}, "fp32": {"fp16": False}, "tf32": {"fp16": False, "tf32": True}},
 }
 
 

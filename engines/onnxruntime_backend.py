@@ -85,7 +85,8 @@ def _providers(device: str) -> list[Any]:
                 f"(available: {', '.join(available)}); {hint}"
             )
         index = int(device.split(":", 1)[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        # use_tf32=0: the CUDA provider's TF32 math mode would make "fp32" convolutions TF32 on Ampere and later
+        return [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
     raise UserError(f"device {device!r}: expected cpu, cuda or cuda:N")
 
 

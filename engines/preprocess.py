@@ -29,7 +29,6 @@ from avloc.core.errors import UserError
 from avloc.engines.base import _image_params
 
 TOLERANCE_LEVELS = 1.0  # max |GPU - CPU| in uint8 levels (before dividing by 255 * std)
-_BGR_TO_RGB = [2, 1, 0]
 
 
 def resize_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -65,11 +64,13 @@ def resize_normalize(
     frames: Tensor,
     manifest: dict[str, Any],
     weights: tuple[Tensor, Tensor] | None = None,
+    affine: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``[B,h,w,3]`` uint8 BGR (any device) -> ``[B,3,H,W]`` float32 RGB normalised as the manifest says.
 
-    ``weights`` (row, column resize matrices as float32 on ``frames``' device) can be passed to skip rebuilding
-    them for every batch.
+    ``weights`` (row, column resize matrices as float32 on ``frames``' device) and ``affine`` (per-channel
+    scale and bias, ``[1,3,1,1]`` float32 there) can be passed to skip rebuilding them for every batch: made
+    from host NumPy, each is a pageable host-to-device copy, which waits for the device.
     """
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise UserError(
@@ -79,13 +80,31 @@ def resize_normalize(
     h, w = int(frames.shape[1]), int(frames.shape[2])
     if weights is None:
         weights = _weights(h, w, height, width, frames.device)
+    if affine is None:
+        affine = _affine(scale, bias, frames.device)
     rows, cols = weights
-    x = frames[..., _BGR_TO_RGB].permute(0, 3, 1, 2).float()  # [B,3,h,w]
+    # BGR -> RGB by flip: indexing with a list ([2, 1, 0]) would upload an index tensor from pageable memory
+    x = frames.flip(-1).permute(0, 3, 1, 2).float()  # [B,3,h,w]
     if (h, w) != (height, width):
         x = torch.matmul(torch.matmul(rows, x), cols.T)  # [H,h] @ [B,3,h,w] @ [w,W]
-    scale_t = torch.as_tensor(scale, device=x.device).view(1, 3, 1, 1)
-    bias_t = torch.as_tensor(bias, device=x.device).view(1, 3, 1, 1)
+    scale_t, bias_t = affine
     return (x * scale_t - bias_t).contiguous()
+
+
+def upload(array: np.ndarray, device: torch.device) -> Tensor:
+    """Float32 copy of a host array on ``device``. To CUDA through pinned memory, asynchronously: a copy from
+    pageable memory (``torch.as_tensor(array, device="cuda")``) blocks the host until the device has reached
+    it, so the host could not queue work ahead. The caching host allocator keeps the pinned block until the
+    copy has run."""
+    host = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _affine(scale: np.ndarray, bias: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    as_t = [torch.as_tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (scale, bias)]
+    return as_t[0], as_t[1]
 
 
 def _weights(h: int, w: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -125,8 +144,9 @@ class DevicePreprocessor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {str(device)!r}: CUDA is not available; use the CPU preprocessing")
         self.max_batch = int(max_batch)
-        self.height, self.width, _, _ = normalize_params(manifest)
+        self.height, self.width, scale, bias = normalize_params(manifest)
         self._pin = self.device.type == "cuda"
+        self._affine = _affine(scale, bias, self.device)  # uploaded once, not per batch
         self._staging: dict[tuple[int, int], _Staging] = {}
         self._weights: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
@@ -145,7 +165,10 @@ class DevicePreprocessor:
             return self._run(size, frames)
         out = torch.empty((len(frames), 3, self.height, self.width), dtype=torch.float32, device=self.device)
         for size, indices in groups.items():
-            out[indices] = self._run(size, [frames[i] for i in indices])
+            images = self._run(size, [frames[i] for i in indices])
+            # slice by slice: `out[indices] = ...` would upload the index list from pageable memory (a sync)
+            for j, i in enumerate(indices):
+                out[i] = images[j]
         return out
 
     def _run(self, size: tuple[int, int], frames: Sequence[np.ndarray]) -> Tensor:
@@ -162,7 +185,7 @@ class DevicePreprocessor:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             staging.events[slot] = event
-        return resize_normalize(batch, self.manifest, self._weights[size])
+        return resize_normalize(batch, self.manifest, self._weights[size], self._affine)
 
 
 def cpu_agreement(frames: Sequence[np.ndarray], manifest: dict[str, Any]) -> tuple[float, float]:

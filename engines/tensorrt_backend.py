@@ -588,6 +588,8 @@ class TensorRTEngine(Engine):
     def _run(self, graph: str, arrays: list[Any]) -> list[Any]:
         import torch
 
+        from avloc.engines.preprocess import upload
+
         batch = int(arrays[0].shape[0])
         if batch > self.max_batch:
             raise UserError(
@@ -599,10 +601,7 @@ class TensorRTEngine(Engine):
         self._stream.wait_stream(caller)  # device inputs produced on the caller's stream must be ready
         with torch.cuda.stream(self._stream):  # allocations, copies and the engine all on one stream
             tensors = [
-                torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.torch_device, non_blocking=True)
-                if isinstance(a, np.ndarray)
-                else a.to(self.torch_device)
-                for a in arrays
+                upload(a, self.torch_device) if isinstance(a, np.ndarray) else a.to(self.torch_device) for a in arrays
             ]
             for t in tensors:
                 if t.is_cuda:  # made on the caller's stream: not to be reused before our stream has read it

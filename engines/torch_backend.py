@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from avloc.core.checkpoint import load_model
 from avloc.core.errors import UserError
 from avloc.engines.base import Engine, verified_file
+from avloc.engines.preprocess import upload
 
 log = logging.getLogger(__name__)
 MODES = ("eager", "cuda_graphs", "compile")
@@ -36,6 +37,16 @@ MODES = ("eager", "cuda_graphs", "compile")
 # which run a function eagerly on its first call for a shape (warm-up), record a CUDA graph on the second and
 # replay from the third (docs: torch.compiler_cudagraph_trees). The third call checks the replay path too.
 COMPILE_CALLS = 3
+
+
+def set_tf32(allowed: bool) -> None:
+    """TF32 for float32 convolutions and matmuls on/off, process-wide (an engine worker owns its process).
+
+    cuDNN allows TF32 by default (``torch.backends.cudnn.allow_tf32 = True``), so on Ampere and later an
+    "fp32" torch engine would run its convolutions with 10-bit mantissa inputs; "fp32" here means IEEE fp32,
+    and TF32 is its own, named precision (``tf32=True``)."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 class CudaGraphRunner:
@@ -106,6 +117,7 @@ class TorchEngine(Engine):
         bf16: bool = False,
         channels_last: bool = False,
         max_batch: int = 8,
+        tf32: bool = False,
     ) -> None:
         from avloc.engines.export import build_graphs
 
@@ -122,10 +134,15 @@ class TorchEngine(Engine):
             raise UserError("torch backend fp16/bf16 needs --device cuda (CPU runs float32)")
         if fp16 and bf16:
             raise UserError("torch backend: choose one of fp16 and bf16")
+        if tf32 and not is_cuda:
+            raise UserError("torch backend tf32 needs --device cuda (TF32 is a GPU tensor-core math mode)")
         if max_batch < 1:
             raise UserError(f"torch backend max_batch={max_batch}: expected >= 1")
         if is_cuda:
             torch.backends.cudnn.benchmark = True  # input shapes are fixed per batch size: tune once
+            set_tf32(tf32)
+        # what the float32 parts compute in: autocast's fp16/bf16, else IEEE fp32 unless TF32 was asked for
+        self.precision = "fp16" if fp16 else "bf16" if bf16 else "tf32" if tf32 else "fp32"
         if threads is not None:
             torch.set_num_threads(int(threads))  # process-wide: an engine worker owns its process
         self.threads = torch.get_num_threads()
@@ -199,8 +216,10 @@ class TorchEngine(Engine):
         log.info("torch %s engine warmed up for batch sizes %s (audio %s)", self.mode, sizes, audio_sizes)
 
     def _to_device(self, x: Any) -> Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x
-        t = t.to(self.torch_device, dtype=torch.float32, non_blocking=True)
+        if isinstance(x, np.ndarray):
+            t = upload(x, self.torch_device)
+        else:
+            t = x.to(self.torch_device, dtype=torch.float32, non_blocking=True)
         if self.channels_last and t.dim() == 4:
             t = t.contiguous(memory_format=torch.channels_last)
         return t

@@ -76,3 +76,24 @@ def test_engine_warmup_calls_per_mode(tiny_engine, mode):
     engine.warmup([1, 2])
     expected = COMPILE_CALLS if mode == "compile" else 1
     assert dict(visual.calls) == dict(audio.calls) == {1: expected, 2: expected}
+
+
+def test_fp32_means_ieee_fp32(tiny_engine):
+    """cuDNN allows TF32 by default: an "fp32" CUDA engine must switch it off, and "tf32" is named as such."""
+    import torch
+
+    from avloc.core.errors import UserError
+    from avloc.engines.torch_backend import set_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+        set_tf32(False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        set_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert load_engine(tiny_engine, "torch", threads=1).precision == "fp32"
+    with pytest.raises(UserError, match="tf32 needs --device cuda"):
+        load_engine(tiny_engine, "torch", tf32=True)
