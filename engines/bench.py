@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
-from avloc.engines.base import load_engine, read_manifest
+from avloc.engines.base import load_engine, read_manifest, to_host
 
 log = logging.getLogger(__name__)
 BASELINE = "torch"  # eager PyTorch, what the papers' inference scripts run
@@ -124,15 +125,18 @@ def bench_engine(
     iters: int = 50,
     warmup: int = 5,
     device: str = "cpu",
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Time every backend spec; the eager baseline first, so that a run cut short still has its ratios.
+
+    ``on_progress`` gets the report so far after each backend (``avloc bench engine --out`` writes it to the
+    JSON file each time: a benchmark killed by a time limit keeps every row measured before)."""
     manifest = read_manifest(engine_dir)
-    specs = list(dict.fromkeys(backends))
-    if BASELINE not in specs:  # the baseline is always measured in the same run
-        specs.append(BASELINE)
+    specs = [BASELINE, *(s for s in dict.fromkeys(backends) if s != BASELINE)]  # always measured, first
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
-    startup: dict[str, dict[str, float]] = {}
+    startup: dict[str, dict[str, Any]] = {}
     for spec in specs:
         name, options = parse_backend_spec(spec)
         if name in ("torch", "tensorrt"):
@@ -146,7 +150,13 @@ def bench_engine(
             except BaseException:
                 engine.close()
                 raise
-            startup[spec] = {"load_s": loaded - start, "warmup_s": time.perf_counter() - loaded}
+            startup[spec] = {
+                "load_s": loaded - start,
+                "warmup_s": time.perf_counter() - loaded,
+                "precision": precision_of(engine),
+            }
+            if hasattr(engine, "providers"):  # ONNX Runtime: what its sessions really run on
+                startup[spec]["providers"] = list(engine.providers)
         except (UserError, ImportError, RuntimeError) as err:
             # A backend this machine cannot run (no TensorRT, no CUDA provider, failed build) is reported and
             # skipped; the eager baseline must run.
@@ -154,12 +164,16 @@ def bench_engine(
                 raise
             log.warning("skipping %s: %s", spec, err)
             errors[spec] = f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err)
+            if on_progress is not None:
+                on_progress(
+                    _report(engine_dir, manifest, device, threads, iters, warmup, batch_sizes, results, startup, errors)
+                )
             continue
         with engine:
             for batch in batch_sizes:
                 spec_in = rng.standard_normal((batch, *engine.spec_shape), dtype=np.float32)
                 image = rng.standard_normal((batch, *engine.image_shape), dtype=np.float32)
-                emb = np.asarray(engine.embed_audio(spec_in), np.float32)
+                emb = to_host(engine.embed_audio(spec_in)).astype(np.float32, copy=False)
                 calls = {
                     "audio": lambda e=engine, s=spec_in: e.embed_audio(s),
                     "visual": lambda e=engine, i=image, a=emb: e.localize(i, a),
@@ -172,6 +186,7 @@ def bench_engine(
                     results.append(
                         {
                             "backend": spec,
+                            "precision": startup[spec]["precision"],
                             "graph": graph,
                             "batch": batch,
                             **stats,
@@ -189,12 +204,37 @@ def bench_engine(
                         stats["median_ms"],
                         stats["median_ms"] / batch,
                     )
+        if on_progress is not None:
+            on_progress(
+                _report(engine_dir, manifest, device, threads, iters, warmup, batch_sizes, results, startup, errors)
+            )
+    return _report(engine_dir, manifest, device, threads, iters, warmup, batch_sizes, results, startup, errors)
+
+
+def precision_of(engine: Any) -> str:
+    """What the engine's float math is: "fp32" (IEEE), "tf32", "fp16", "bf16" or "int8" (the backend's own
+    ``precision`` attribute; a host backend without one computes in fp32)."""
+    return str(getattr(engine, "precision", "fp32"))
+
+
+def _report(
+    engine_dir: str | Path,
+    manifest: dict[str, Any],
+    device: str,
+    threads: int | None,
+    iters: int,
+    warmup: int,
+    batch_sizes: list[int],
+    results: list[dict[str, Any]],
+    startup: dict[str, dict[str, Any]],
+    errors: dict[str, str],
+) -> dict[str, Any]:
+    import torch
+
     baseline = {(r["graph"], r["batch"]): r["median_ms"] for r in results if r["backend"] == BASELINE}
     for r in results:
         base = baseline.get((r["graph"], r["batch"]))  # None: eager torch could not run this graph (objectness)
         r["speedup_vs_eager_torch"] = base / r["median_ms"] if base is not None else None
-    import torch
-
     return {
         "engine": str(engine_dir),
         "method": manifest["method"],
@@ -207,12 +247,13 @@ def bench_engine(
         "iters": iters,
         "warmup": warmup,
         "batch_sizes": batch_sizes,
-        "baseline": f"{BASELINE} (eager PyTorch, same device, same run)",
+        "baseline": f"{BASELINE} (eager PyTorch, same device, same run, measured first)",
         "timing": "wall clock per call, numpy in -> numpy out, warm-up excluded; cpu_* = process CPU time",
+        "precision": "per row: fp32 = IEEE float32 (TF32 off), tf32, fp16, bf16 (autocast) or int8",
         "load_average": list(os.getloadavg()),
-        "results": results,
-        "startup": startup,
-        "errors": errors,
+        "results": list(results),
+        "startup": dict(startup),
+        "errors": dict(errors),
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
@@ -233,6 +274,14 @@ def _runs_objectness(engine: Any, image: np.ndarray, spec: str, errors: dict[str
         errors[key] = str(err)
         return False
     return True
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Atomically (unique temp file + rename): a reader, or a kill mid-write, never sees half a report."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(report, indent=2))
+    os.replace(tmp, path)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -294,6 +343,8 @@ def main(args: argparse.Namespace) -> int:
     backends = [b for b in args.backends.split(",") if b.strip()]
     for spec in backends:
         parse_backend_spec(spec)  # fail fast, before minutes of timing
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = bench_engine(
         args.engine,
         backends,
@@ -302,20 +353,18 @@ def main(args: argparse.Namespace) -> int:
         iters=args.iters,
         warmup=args.warmup,
         device=args.device,
+        on_progress=lambda partial: write_json(out, partial),
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_json(out, report)
     png = out.with_suffix(".png")
     plot(report, png)
-    header = ("backend", "graph", "batch", "median", "min", "p99", "ms/item", "cpu/item", "vs eager")
-    print("{:28s} {:10s} {:>5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s}".format(*header))
+    header = ("backend", "precision", "graph", "batch", "median", "min", "p99", "ms/item", "cpu/item", "vs eager")
+    print("{:28s} {:9s} {:10s} {:>5s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s}".format(*header))
     for r in report["results"]:
         speedup = r["speedup_vs_eager_torch"]
         print(
-            f"{r['backend']:28s} {r['graph']:10s} {r['batch']:5d} {r['median_ms']:8.2f} {r['min_ms']:8.2f} "
+            f"{r['backend']:28s} {r['precision']:9s} {r['graph']:10s} {r['batch']:5d} {r['median_ms']:8.2f} "
+            f"{r['min_ms']:8.2f} "
             f"{r['p99_ms']:8.2f} {r['per_item_ms']:8.2f} {r['cpu_per_item_ms']:8.2f} "
             + (f"{speedup:7.2f}x" if speedup is not None else "      -")
         )

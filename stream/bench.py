@@ -304,8 +304,11 @@ def _wait(launcher: Any, seconds: float) -> None:
 # ---------------------------------------------------------------------------------------------- baseline
 
 
-def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int | None = None) -> dict[str, Any]:
-    """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``."""
+def bench_baseline(
+    video: Path, engine: Path, *, duration_s: float, threads: int | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``, on the
+    pipeline's device (a GPU pipeline compared with a CPU baseline would credit the pipeline with the GPU)."""
     import torch
     import torch.nn.functional as F
 
@@ -318,12 +321,17 @@ def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int
     ckpt = engine / manifest.get("torch_checkpoint", {}).get("file", "model.pt")
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model(ckpt, device="cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        from avloc.engines.torch_backend import set_tf32
+
+        set_tf32(False)  # fp32 as the pipeline's torch engine runs it
+    loaded = load_model(ckpt, device=dev)
     model, frontend_cfg = loaded.model, loaded.frontend
-    frontend = FrontEnd(frontend_cfg).eval()
+    frontend = FrontEnd(frontend_cfg).eval().to(dev)
     size = int(manifest["image"]["size"])
-    mean = torch.tensor(loaded.image.mean).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.image.std).view(1, 3, 1, 1)
+    mean = torch.tensor(loaded.image.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.image.std, device=dev).view(1, 3, 1, 1)
     try:
         wave = read_video_audio(video, frontend_cfg.sample_rate)
     except UserError:
@@ -333,7 +341,10 @@ def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int
     stage: dict[str, list[float]] = {"decode": [], "spectrogram": [], "model": []}
     with torch.inference_mode():  # warm-up: first calls pay for lazy kernel/allocator set-up
         for _ in range(BASELINE_WARMUP):
-            model.heatmap(torch.zeros(1, 3, size, size), frontend(torch.zeros(1, frontend_cfg.num_samples)))
+            model.heatmap(
+                torch.zeros(1, 3, size, size, device=dev),
+                frontend(torch.zeros(1, frontend_cfg.num_samples, device=dev)),
+            )
     start = time.monotonic()
     frames = 0
     with torch.inference_mode():
@@ -344,12 +355,12 @@ def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int
                 t_frame = time.monotonic()
                 stage["decode"].append(t_frame - t_decode)
                 window = frame_window(wave, frontend_cfg, int(round(pts * rate)))
-                spec = frontend(torch.from_numpy(window)[None])
+                spec = frontend(torch.from_numpy(window)[None].to(dev))
                 t_spec = time.monotonic()
-                image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div_(255.0)
+                image = torch.from_numpy(rgb).to(dev).permute(2, 0, 1)[None].float().div_(255.0)
                 image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
                 heat = model.heatmap((image - mean) / std, spec)
-                float(heat.max())  # the result is used (no lazy work left behind)
+                float(heat.max())  # the result is used (no lazy work left behind; on a GPU: a sync)
                 t_done = time.monotonic()
                 stage["spectrogram"].append(t_spec - t_frame)
                 stage["model"].append(t_done - t_spec)
@@ -361,7 +372,8 @@ def bench_baseline(video: Path, engine: Path, *, duration_s: float, threads: int
             it.close()
     elapsed = time.monotonic() - start
     return {
-        "what": "one process, eager PyTorch, frame by frame: decode, spectrogram, full model (both encoders)",
+        "what": f"one process, eager PyTorch on {device}, frame by frame: decode, spectrogram, full model",
+        "device": device,
         "frames": frames,
         "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
         "per_frame_ms": percentiles(per_frame),
@@ -490,7 +502,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     baseline = (
         None
         if args.no_baseline
-        else bench_baseline(args.video, args.engine, duration_s=args.duration, threads=args.threads)
+        else bench_baseline(
+            args.video,
+            args.engine,
+            duration_s=args.duration,
+            threads=args.threads,
+            device=getattr(args, "device", "cpu"),
+        )
     )
     png = plot_histograms(pipeline, baseline, out.with_suffix(".png"))
     result: dict[str, Any] = {
@@ -702,7 +720,7 @@ def main(args: argparse.Namespace) -> int:
     if result.get("baseline"):
         b = result["baseline"]
         print(
-            f"baseline (eager torch, frame by frame): {b['fps']:.1f} fps, "
+            f"baseline (eager torch on {b.get('device', 'cpu')}, frame by frame): {b['fps']:.1f} fps, "
             f"per frame p50 {b['per_frame_ms']['p50']:.1f} ms"
         )
         print(f"speed-up: {result['speedup']}")

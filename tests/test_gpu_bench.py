@@ -25,6 +25,7 @@ def _helpers():
 def _engine_row(backend: str, graph: str, batch: int, median: float) -> dict:
     return {
         "backend": backend,
+        "precision": "fp16" if "fp16" in backend else "fp32",
         "graph": graph,
         "batch": batch,
         "median_ms": median,
@@ -59,8 +60,8 @@ def test_summary_tables_from_reports(tmp_path):
     (tmp_path / "args.txt").write_text("--quick\n")
     md = _helpers().summarize(tmp_path).read_text()
     assert "Device: NVIDIA H200 (cuda). Re-create: `bench/gpu/run.sh --quick`" in md
-    assert "| ssl_align | torch | visual | 4 | 2.000 | 3.000 | 0.500 | 1.00x | 0.2 |" in md
-    assert "| ssl_align | tensorrt:fp16 | visual | 4 | 0.500 | 0.750 | 0.125 | 4.00x | nan |" in md
+    assert "| ssl_align | torch | fp32 | visual | 4 | 2.000 | 3.000 | 0.500 | 1.00x | 0.2 |" in md
+    assert "| ssl_align | tensorrt:fp16 | fp16 | visual | 4 | 0.500 | 0.750 | 0.125 | 4.00x | nan |" in md
     assert "| pipeline_16 | torch | 16 | 479.5 | 4.1 | 9.7 | 1.2 | 2.5 | 3 |" in md
     assert "`torch:compile` skipped: triton missing" in md
     assert "- engine_acl: 124" in md and "- doctor" not in md
@@ -96,5 +97,40 @@ def test_run_sh_cpu_dry_run(tmp_path):
         pipe = json.loads((out / f"pipeline_{streams}.json").read_text())["pipeline"]
         assert pipe["streams"] == streams and pipe["heatmap_fps"] > 0
     md = (out / "summary.md").read_text()
-    assert "| ssl_align | onnxruntime | visual | 2 |" in md and "| pipeline_2 | torch | 2 |" in md
+    assert "| ssl_align | onnxruntime | fp32 | visual | 2 |" in md and "| pipeline_2 | torch | 2 |" in md
     assert (out / "summary.png").is_file() and (out / "engine_ssl_align.png").is_file()
+
+
+def test_bench_engine_writes_each_backend_as_it_finishes(tiny_engine, tmp_path, monkeypatch):
+    """A step killed by its time limit keeps what was measured: the JSON holds the baseline (measured first)
+    before the next backend even loads, and every row names its precision."""
+    from avloc.engines import bench
+    from avloc.engines.base import register_backend
+
+    out = tmp_path / "engine.json"
+    seen: list[set[str]] = []
+
+    def killed(*args, **kwargs):  # what a timeout during the next backend's build looks like to the file
+        seen.append({r["backend"] for r in json.loads(out.read_text())["results"]})
+        raise SystemExit(124)
+
+    register_backend("killed", killed)
+    monkeypatch.setitem(bench._OPTIONS, "killed", {})
+    args = bench.argparse.Namespace(
+        engine=tiny_engine,
+        backends="onnxruntime,killed",
+        batch_sizes=[1],
+        threads=1,
+        iters=2,
+        warmup=1,
+        device="cpu",
+        out=out,
+    )
+    with pytest.raises(SystemExit):
+        bench.main(args)
+    assert seen == [{"torch", "onnxruntime"}]  # baseline and onnxruntime rows were on disk before the kill
+    report = json.loads(out.read_text())
+    assert {r["precision"] for r in report["results"]} == {"fp32"}
+    assert report["startup"]["onnxruntime"]["providers"] == ["CPUExecutionProvider"]
+    assert [r["backend"] for r in report["results"]][0] == "torch"  # the baseline first
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -85,8 +85,10 @@ def _engine_rows(report: dict[str, Any]) -> list[str]:
         startup = report.get("startup", {}).get(r["backend"], {})
         speedup = r.get("speedup_vs_eager_torch")  # None where eager torch cannot run the graph (objectness)
         speedup_text = "-" if speedup is None else f"{speedup:.2f}x"
+        precision = r.get("precision") or startup.get("precision", "?")
         rows.append(
-            f"| {report['method']} | {r['backend']} | {r['graph']} | {r['batch']} | {r['median_ms']:.3f} | "
+            f"| {report['method']} | {r['backend']} | {precision} | {r['graph']} | {r['batch']} | "
+            f"{r['median_ms']:.3f} | "
             f"{r['p99_ms']:.3f} | {r['per_item_ms']:.3f} | {speedup_text} | "
             f"{startup.get('warmup_s', float('nan')):.1f} |"
         )
@@ -125,8 +127,11 @@ def summarize(out: Path) -> Path:
         lines += [
             "## Engines alone (`avloc bench engine`, NumPy in -> NumPy out, median of timed calls)",
             "",
-            "| model | backend | graph | batch | median ms | p99 ms | ms/item | vs eager | warm-up s |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "Precision: fp32 = IEEE float32 (TF32 off), tf32, fp16 (TensorRT: float16 graph with float32 norms; "
+            "torch: autocast), int8.",
+            "",
+            "| model | backend | precision | graph | batch | median ms | p99 ms | ms/item | vs eager | warm-up s |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for report in engine_reports.values():
             lines += _engine_rows(report)
