@@ -83,9 +83,13 @@ def test_run_sh_cpu_dry_run(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    steps = dict(line.split() for line in (out / "steps.txt").read_text().splitlines())
-    assert set(steps) >= {"doctor", "models", "engine_ssl_align", "pipeline_1", "pipeline_2"}
-    assert set(steps.values()) == {"0"}
+    steps = _helpers().read_steps(out)
+    ran = {"doctor", "clip", "models", "engine_ssl_align", "pipeline_1", "pipeline_2"}
+    assert {name for name, (status, _) in steps.items() if status == "0"} >= ran
+    assert steps["install"] == ("skipped", f"PYTHON={sys.executable} given: no venv, nothing installed")
+    assert all(status in ("0", "skipped") for status, _ in steps.values()), steps
+    # the last thing printed: what ran, what was skipped and why
+    assert "steps:" in proc.stdout and "install              skipped" in proc.stdout
     assert "backends:" in (out / "doctor.txt").read_text()
     report = json.loads((out / "engine_ssl_align.json").read_text())
     # --quick measures one batch size (2: the batched path), both graphs, on both CPU backends

@@ -1,8 +1,11 @@
 """Helpers of bench/gpu/run.sh (not part of the library): make the benchmark's models and video, and write the
 markdown + PNG summary of a run folder.
 
-    python bench/gpu/helpers.py models OUT [--quick]   # random-init engines + a 30 fps synth video
+    python bench/gpu/helpers.py clip OUT [--quick]     # OUT/models/clip.mp4, a 30 fps synth video (first)
+    python bench/gpu/helpers.py models OUT [--quick]   # random-init engines under OUT/models
     python bench/gpu/helpers.py summary OUT            # OUT/summary.md + OUT/summary.png from OUT/*.json
+    python bench/gpu/helpers.py steps OUT              # what ran / failed / was skipped, and why
+    python bench/gpu/helpers.py requirements           # avloc's dependencies + the gpu extra (pip download -r)
 
 Random weights are enough: speed does not depend on them.
 """
@@ -45,20 +48,33 @@ def _checkpoint(path: Path, config_name: str, overrides: dict[str, Any]) -> Path
     )
 
 
+def write_clip(out: Path, quick: bool) -> Path:
+    """OUT/models/clip.mp4 (640x480, 30 fps): written before the engines, so that a failed export does not
+    leave the pipeline steps without input."""
+    from avloc.core.data.synth import write_synth_video
+
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    path = models / "clip.mp4"
+    write_synth_video(path, seconds=4.0 if quick else 10.0, fps=30, size=(640, 480), seed=0)
+    return path
+
+
 def make_models(out: Path, quick: bool) -> dict[str, Any]:
     """SSL-Align (full size, or width 8 at 64 px with --quick) and ACL (full or tiny, if transformers is
-    installed) engines under OUT/models, and OUT/models/clip.mp4 (640x480, 30 fps)."""
-    from avloc.core.data.synth import write_synth_video
+    installed) engines under OUT/models; ``models.json`` says what was made and why ACL was not."""
     from avloc.engines.export import export_engine
 
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     made: dict[str, Any] = {}
+    models_json = models / "models.json"
     start = time.perf_counter()
     ssl_overrides = {"model": {"width": 8}, "frontend": {"window_seconds": 1.0}, "image": {"size": 64}} if quick else {}
     ckpt = _checkpoint(models / "ssl_align.pt", "ssl_align", ssl_overrides)
     export_engine(ckpt, models / "ssl_align", force=True)
     made["ssl_align"] = {"engine": str(models / "ssl_align"), "export_s": round(time.perf_counter() - start, 1)}
+    models_json.write_text(json.dumps(made, indent=2))  # before ACL: its export may run out of time
     try:
         import transformers  # noqa: F401 - ACL's CLIPSeg half
 
@@ -70,9 +86,7 @@ def make_models(out: Path, quick: bool) -> dict[str, Any]:
         made["acl"] = {"engine": str(models / "acl"), "export_s": round(time.perf_counter() - start, 1)}
     except ImportError as err:
         made["acl"] = {"skipped": f"transformers is not installed ({err})"}
-    write_synth_video(models / "clip.mp4", seconds=4.0 if quick else 10.0, fps=30, size=(640, 480), seed=0)
-    made["video"] = str(models / "clip.mp4")
-    (models / "models.json").write_text(json.dumps(made, indent=2))
+    models_json.write_text(json.dumps(made, indent=2))
     return made
 
 
@@ -109,9 +123,7 @@ def summarize(out: Path) -> Path:
     """OUT/summary.md (tables of every engine/pipeline JSON in OUT, date, device, doctor) + summary.png."""
     engine_reports = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("engine_*.json"))}
     pipeline_reports = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("pipeline_*.json"))}
-    steps = {}
-    if (out / "steps.txt").is_file():  # "name exit-status" lines written by run.sh
-        steps = dict(line.split(" ", 1) for line in (out / "steps.txt").read_text().splitlines() if " " in line)
+    steps = read_steps(out)
     args = (out / "args.txt").read_text().strip() if (out / "args.txt").is_file() else ""
     device = next(iter(engine_reports.values()), {}).get("device", {})
     lines = [
@@ -149,16 +161,60 @@ def summarize(out: Path) -> Path:
         for name, report in pipeline_reports.items():
             lines += _pipeline_rows(name, report)
         lines.append("")
-    failed = {k: v for k, v in steps.items() if v != "0"}
+    failed = {k: v for k, v in steps.items() if v[0] not in ("0", "skipped")}
     if failed:
         lines += ["## Steps that failed (exit status; see the step's .log)", ""]
-        lines += [f"- {step}: {rc}" for step, rc in failed.items()]
+        lines += [f"- {step}: {rc}{' (' + why + ')' if why else ''}" for step, (rc, why) in failed.items()]
         lines.append("")
+    skipped = {k: v for k, v in steps.items() if v[0] == "skipped"}
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {step}: {why}" for step, (_, why) in skipped.items()] + [""]
     md = out / "summary.md"
     md.write_text("\n".join(lines))
     if engine_reports:
         _plot(engine_reports, out / "summary.png")
     return md
+
+
+def requirements() -> list[str]:
+    """pyproject.toml's dependencies and its ``gpu`` extra: what `pip install -e '.[gpu]'` resolves from."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["gpu"]]
+
+
+def read_steps(out: Path) -> dict[str, tuple[str, str]]:
+    """OUT/steps.txt, written by run.sh: "name status [reason]" lines, status an exit code or "skipped"."""
+    steps: dict[str, tuple[str, str]] = {}
+    path = out / "steps.txt"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        name, _, rest = line.partition(" ")
+        status, _, why = rest.partition(" ")
+        if name and status:
+            steps[name] = (status, why.strip())
+    return steps
+
+
+def steps_table(out: Path) -> str:
+    """What ran, what failed and what was skipped, and why: the last thing run.sh prints."""
+    rows = []
+    for name, (status, why) in read_steps(out).items():
+        verdict = (
+            "ran"
+            if status == "0"
+            else "skipped"
+            if status == "skipped"
+            else "TIMED OUT"
+            if status
+            in (
+                "124",
+                "137",
+            )
+            else f"FAILED (exit {status})"
+        )
+        rows.append(f"  {name:20s} {verdict:18s} {why}".rstrip())
+    return "\n".join(["steps:", *rows])
 
 
 def _plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
@@ -191,15 +247,27 @@ def _plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("clip")
+    p.add_argument("out", type=Path)
+    p.add_argument("--quick", action="store_true")
     p = sub.add_parser("models")
     p.add_argument("out", type=Path)
     p.add_argument("--quick", action="store_true")
     p = sub.add_parser("summary")
     p.add_argument("out", type=Path)
+    p = sub.add_parser("steps")
+    p.add_argument("out", type=Path)
+    sub.add_parser("requirements")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "models":
+    if args.command == "clip":
+        print(f"wrote {write_clip(args.out, args.quick)}")
+    elif args.command == "models":
         print(json.dumps(make_models(args.out, args.quick), indent=2))
+    elif args.command == "steps":
+        print(steps_table(args.out))
+    elif args.command == "requirements":
+        print("\n".join(requirements()))
     else:
         print(f"wrote {summarize(args.out)}")
     return 0
