@@ -56,6 +56,9 @@ CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "stream.yaml"
 _PR_SET_PDEATHSIG = 1
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
+# Messages taken off the heartbeat socket per supervision step (every 50 ms): far more than the workers send
+# (2 per second each), few enough that a flood of them cannot delay the step's deadline checks.
+HEARTBEAT_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,9 @@ class Launcher:
                 ):
                     security.check_bind(value, loaded, insecure)
         security.check_bind(self.heartbeat_endpoint, loaded, insecure)
-        self.unauthenticated: Counter[str] = Counter()
+        self.unauthenticated: Counter[str] = Counter()  # by kind: untagged, wrongly tagged, replayed or stale
+        self.tag_rejects: Counter[str] = Counter()  # the same, by reason (security.Verifier)
+        self.verifier = security.Verifier(self.token)
         self.heartbeat_rejects = protocol.RejectCounter("heartbeats", logger=log)  # malformed, by reason
         self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
@@ -310,7 +315,17 @@ class Launcher:
     def start(self) -> None:
         self._ctx = zmq.Context()
         with security.environment(self._security_env):  # this process's own socket follows the same rules
-            self._sub = protocol.make_socket(self._ctx, zmq.SUB, self.heartbeat_endpoint, bind=True, hwm=1000)
+            try:
+                self._sub = protocol.make_socket(
+                    self._ctx,
+                    zmq.SUB,
+                    self.heartbeat_endpoint,
+                    bind=True,
+                    hwm=1000,
+                    max_message_bytes=protocol.MAX_CONTROL_BYTES,
+                )
+            except protocol.EndpointError as err:
+                raise protocol.EndpointError(f"{err}; `--auto-ports` picks free ones") from None
             if self.shards is not None:
                 self._proxy = HeatmapProxy(self._ctx, self.shards.heatmaps_in, self.shards.heatmaps_out)
                 self._proxy.start()
@@ -340,19 +355,22 @@ class Launcher:
                 self._start(child)
 
     # --- supervision --------------------------------------------------------------------------------
-    def _read_heartbeats(self) -> None:
-        assert self._sub is not None
+    def _read_heartbeats(self, max_messages: int = HEARTBEAT_BATCH) -> None:
+        """Take at most ``max_messages`` messages off the heartbeat socket (any that are left wait for the next
+        poll): a flood of messages, valid or not, cannot keep supervision from its deadlines."""
+        if self._sub is None:  # start() failed before binding it: nothing to read
+            return
         by_pid = {c.popen.pid: c for c in self.children.values() if c.popen is not None}
-        while True:
-            try:
-                msg = protocol.recv(self._sub, timeout_ms=0)
-            except protocol.ProtocolError as err:
-                self.heartbeat_rejects.reject(err)
-                continue
-            if msg is None:
-                return
-            if not security.verify(self.token, msg):
-                self._unauthenticated(msg.kind)
+        messages = protocol.drain_latest(
+            self._sub,
+            rejects=self.heartbeat_rejects,
+            max_messages=max_messages,
+            max_message_bytes=protocol.MAX_CONTROL_BYTES,
+        )
+        for msg in messages:
+            refused = self.verifier.check(msg)
+            if refused is not None:
+                self._unauthenticated(msg.kind, refused)
                 continue
             pid = msg.meta.get("pid")
             child = by_pid.get(pid) if isinstance(pid, int) else None
@@ -376,8 +394,9 @@ class Launcher:
                     self._ended_sources.add(child.spec.name)
                     self._event("end", child.spec.name)
 
-    def _unauthenticated(self, kind: str) -> None:
+    def _unauthenticated(self, kind: str, reason: str = "unauthenticated") -> None:
         self.unauthenticated[kind] += 1
+        self.tag_rejects[reason] += 1
         total = sum(self.unauthenticated.values())
         if total & (total - 1) == 0:  # 1, 2, 4, 8, ...: visible without flooding the log
             log.warning(
@@ -643,6 +662,7 @@ class Launcher:
             "assignment": None if self._assigner is None else self._assigner.table,
             "events": self.events,
             "unauthenticated": dict(self.unauthenticated),
+            "tag_rejects": dict(self.tag_rejects),
             "heartbeat_rejects": self.heartbeat_rejects.as_dict(),
         }
 
@@ -669,6 +689,9 @@ class Launcher:
         try:
             self.start()
             reason = self.supervise(timeout_s)
+        except UserError as err:  # a port in use, a refused endpoint: the summary says which, the caller exits 2
+            reason = f"failed: {err}"
+            raise
         finally:
             summary = self.shutdown(reason)
             for sig, handler in previous.items():

@@ -42,6 +42,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # commands of a few hundred bytes (MAXMSGSIZE applies to them too): a bigger message drops
 # the peer's connection instead of being stored (libzmq keeps every subscription in a trie).
 MAX_SUBSCRIPTION_BYTES = 4096
+# Sockets that carry only headers (heartbeats, control, assignment tables, clock requests): libzmq refuses a
+# bigger frame before storing it, so a peer cannot make such a socket hold data-sized messages (60 parts of
+# 30 MiB each would pass the 32 MiB per-frame limit of a data socket).
+MAX_CONTROL_BYTES = MAX_HEADER_BYTES
 DEFAULT_HWM = 4  # real-time streams: a few messages of slack, then drop rather than queue stale data
 
 # Default endpoints (loopback only). Publishers bind, consumers connect; every one is configurable and
@@ -60,6 +64,8 @@ NOTICE_NO_AUDIO = "no_audio"
 # heatmap computed (array and peak published) but its confidence is below the engine's gate threshold:
 # the sound's source is probably not in view (silent or off-screen); see docs/protocol.md
 NOTICE_NOT_VISIBLE = "not_visible"
+# the engine's map had NaN/inf values: published without array and peak, never as a valid heatmap
+NOTICE_NON_FINITE = "non_finite"
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +259,9 @@ def _check_header(header: Any) -> None:
         raise ProtocolError("too_many_frames", f"{len(arrays)} arrays, at most {MAX_ARRAYS}")
 
 
-def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+def _array_spec(
+    entry: Any, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[str, np.dtype, tuple[int, ...]]:
     if not isinstance(entry, dict):
         raise ProtocolError("bad_array", "array descriptor is not an object")
     name, dtype_name, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
@@ -267,7 +275,19 @@ def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
     ):
         raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r}")
-    return name, np.dtype(dtype_name).newbyteorder("<"), tuple(shape)
+    # A zero-size axis makes prod(shape) 0 whatever the others say ([0, 2**31-1, 2**31-1, 3] with an empty
+    # payload): numpy would still refuse such a shape ("array is too big"). The product of the non-zero axes
+    # must itself fit in a message.
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    if math.prod(d for d in shape if d) * dtype.itemsize > max_message_bytes:
+        raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r} is larger than a message")
+    return name, dtype, tuple(shape)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or inf in ``array`` (integer and bool arrays always): what receivers check before using a float
+    array (audio windows, heatmaps) and the inference worker before publishing a map as valid."""
+    return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
 
 
 def _byte_view(frame: Any) -> memoryview:
@@ -275,8 +295,7 @@ def _byte_view(frame: Any) -> memoryview:
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
-def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
-    """Validate and rebuild a message from received frames (bytes, memoryviews or zmq.Frame)."""
+def _decode(frames: list[Any], max_message_bytes: int) -> Message:
     if not frames:
         raise ProtocolError("empty", "no frames")
     if len(frames) > MAX_ARRAYS + 1:
@@ -292,7 +311,7 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
         raise ProtocolError("bad_json", str(err)[:120]) from None
     _check_header(header)
-    specs = [_array_spec(entry) for entry in header["arrays"]]
+    specs = [_array_spec(entry, max_message_bytes) for entry in header["arrays"]]
     if len(specs) != len(views) - 1:
         raise ProtocolError("frame_count", f"header has {len(specs)} arrays, message has {len(views) - 1}")
     arrays: dict[str, np.ndarray] = {}
@@ -315,6 +334,21 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
         meta=header.get("meta", {}),
         nbytes=total,
     )
+
+
+def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Validate and rebuild a message from received frames (bytes, memoryviews or zmq.Frame).
+
+    Raises only ``ProtocolError``: whatever a peer sends, a receive loop can count it and go on. The checks
+    above are meant to reject everything first; this is the guarantee for what they miss (numpy's own limits,
+    an exotic buffer), counted as ``bad_message``.
+    """
+    try:
+        return _decode(frames, max_message_bytes)
+    except ProtocolError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the one place every malformed message must end up counted
+        raise ProtocolError("bad_message", f"{type(err).__name__}: {err}"[:160]) from None
 
 
 def recv(
@@ -342,17 +376,25 @@ def recv(
 
 
 def drain_latest(
-    socket: zmq.Socket, *, rejects: RejectCounter | None = None, max_messages: int = 1000
+    socket: zmq.Socket,
+    *,
+    rejects: RejectCounter | None = None,
+    max_messages: int = 1000,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Message]:
-    """Every message already queued on ``socket`` (non-blocking), oldest first; for 'newest wins' loops."""
+    """The messages already queued on ``socket`` (non-blocking), oldest first; for 'newest wins' loops.
+
+    At most ``max_messages`` are taken off the socket per call, rejected ones included: a peer flooding the
+    socket with garbage cannot keep the caller's loop here (what is left waits for the next call).
+    """
     out: list[Message] = []
-    while len(out) < max_messages:
+    for _ in range(max_messages):
         try:
             frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             break
         try:
-            out.append(decode(frames))
+            out.append(decode(frames, max_message_bytes=max_message_bytes))
         except ProtocolError as err:
             if rejects is None:
                 raise
@@ -361,14 +403,18 @@ def drain_latest(
 
 
 def drain_stamped(
-    socket: zmq.Socket, *, rejects: RejectCounter | None = None, max_messages: int = 1000
+    socket: zmq.Socket,
+    *,
+    rejects: RejectCounter | None = None,
+    max_messages: int = 1000,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> tuple[list[Message], float]:
     """``drain_latest`` plus the receive time, taken after the drain.
 
     A stamp taken before draining can predate the send stamp of a message that arrived during the drain;
     stamped after, every drained message's ``send`` <= ``received`` on the shared clock.
     """
-    messages = drain_latest(socket, rejects=rejects, max_messages=max_messages)
+    messages = drain_latest(socket, rejects=rejects, max_messages=max_messages, max_message_bytes=max_message_bytes)
     return messages, now()
 
 

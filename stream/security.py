@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 RUN_TOKEN_ENV = "AVLOC_RUN_TOKEN"
 KEYS_ENV = "AVLOC_KEYS"
 AUTH_FIELD = "auth"  # meta key of the HMAC tag
+SENDER_FIELD = "sender"  # meta key: which process signed (a random id per process), for per-sender order
+# A tagged message is fresh when its ts.send is within TAG_WINDOW_S of the receiver's clock (one host: one
+# monotonic clock); a receiver remembers every tag it accepted for twice that, so a captured message sent
+# again is refused as "replayed" while it is fresh and as "stale" after.
+TAG_WINDOW_S = 30.0
+MAX_REMEMBERED_TAGS = 100_000  # bounded memory whatever the senders do (valid tags only reach it)
+_SENDER = secrets.token_hex(8)
 
 
 def new_run_token() -> str:
@@ -71,6 +78,7 @@ def signed_meta(
     if not token:
         return meta
     ts = {str(k): float(v) for k, v in ts.items()}  # as protocol.encode puts them on the wire
+    meta = {**meta, SENDER_FIELD: _SENDER}
     return {**meta, AUTH_FIELD: sign(token, kind, stream, seq, ts, meta)}
 
 
@@ -84,6 +92,52 @@ def verify(token: str, message: Any) -> bool:
     except (TypeError, ValueError):  # meta that cannot be serialized again: not ours
         return False
     return hmac.compare_digest(tag, expected)
+
+
+class Verifier:
+    """Checks tags like ``verify`` and also refuses a message that was already accepted, one older than the
+    last accepted from its sender (``meta.sender``, ``seq``), and one whose ``ts.send`` is not within
+    ``window_s`` of ``clock()``: a captured heartbeat, ``end`` or assignment table cannot be sent again.
+
+    ``check`` returns None for a message to act on, else the reason to count (``unauthenticated``,
+    ``replayed``, ``stale``).
+    """
+
+    def __init__(self, token: str, *, window_s: float = TAG_WINDOW_S, clock: Any = None) -> None:
+        from avloc.stream import protocol
+
+        self.token = token
+        self.window_s = window_s
+        self._clock = clock or protocol.now
+        self._seen: dict[str, float] = {}  # accepted tag -> when (insertion order = time order)
+        self._last_seq: dict[tuple[str, str], int] = {}  # (stream, sender) -> newest accepted seq
+
+    def check(self, message: Any) -> str | None:
+        if not verify(self.token, message):
+            return "unauthenticated"
+        now = self._clock()
+        sent = message.ts.get("send")
+        if not isinstance(sent, float) or abs(now - sent) > self.window_s:
+            return "stale"
+        tag = message.meta[AUTH_FIELD]
+        sender = message.meta.get(SENDER_FIELD)
+        key = (message.stream, sender if isinstance(sender, str) else "")
+        if tag in self._seen or message.seq < self._last_seq.get(key, -1):
+            return "replayed"
+        self._seen[tag] = now
+        self._last_seq[key] = message.seq
+        self._forget(now)
+        return None
+
+    def _forget(self, now: float) -> None:
+        # tags older than two windows can only come back as "stale"; the senders' seqs stay (a few per process)
+        while self._seen:
+            tag, when = next(iter(self._seen.items()))
+            if now - when <= 2 * self.window_s and len(self._seen) <= MAX_REMEMBERED_TAGS:
+                break
+            del self._seen[tag]
+        while len(self._last_seq) > MAX_REMEMBERED_TAGS // 100:
+            del self._last_seq[next(iter(self._last_seq))]
 
 
 # ---------------------------------------------------------------------------------------------- CURVE

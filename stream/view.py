@@ -45,7 +45,7 @@ from aiohttp import WSMsgType, web
 
 from avloc.core.errors import UserError
 from avloc.stream import protocol
-from avloc.stream.display import COLORMAPS, FRAME_BUFFER, STALE_HEATMAP_S, heatmap_to_unit
+from avloc.stream.display import COLORMAPS, FRAME_BUFFER, MAX_STREAMS, STALE_HEATMAP_S, heatmap_to_unit
 from avloc.stream.launcher import ProcessSpec, check_endpoint
 from avloc.stream.pipeline import Endpoints
 from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
@@ -151,6 +151,7 @@ class StreamState:
         self.last_frame_t = -np.inf
         self.last_update_t = -np.inf  # last heatmap update sent to the browsers
         self.sent_frame_seq = -1
+        self.last_heard = -np.inf
         # (arrival time, e2e ms, {stage: ms}) of the last LATENCY_WINDOW_S
         self.latency: deque[tuple[float, float, dict[str, float]]] = deque()
 
@@ -168,6 +169,7 @@ class Ingest(threading.Thread):
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.streams: dict[str, StreamState] = {}
+        self.streams_evicted = 0
         self.rejects = protocol.RejectCounter("view", logger=log)
 
     def run(self) -> None:
@@ -207,7 +209,17 @@ class Ingest(threading.Thread):
 
     def _state(self, stream: str) -> StreamState:
         with self.lock:
-            return self.streams.setdefault(stream, StreamState())
+            state = self.streams.get(stream)
+            if state is None:
+                # bounded like the display's streams: a sender making up ids evicts the least recently heard one,
+                # never grows what every browser is sent
+                while len(self.streams) >= MAX_STREAMS:
+                    oldest = min(self.streams, key=lambda s: self.streams[s].last_heard)
+                    del self.streams[oldest]
+                    self.streams_evicted += 1
+                state = self.streams[stream] = StreamState()
+            state.last_heard = protocol.now()
+            return state
 
     def _on_frame(self, msg: protocol.Message) -> None:
         if msg.kind != "frame" or "frame" not in msg.arrays:
@@ -251,6 +263,8 @@ class Ingest(threading.Thread):
             peak = [x, y]
         notice = msg.meta.get("notice")
         arr = msg.arrays.get("heatmap")
+        if arr is not None and not protocol.all_finite(arr):
+            raise ValueError(f"heatmap {arr.dtype} {arr.shape} has non-finite values")
         heat = b""
         shape = None
         if arr is not None and arr.ndim == 2 and arr.size:
@@ -527,6 +541,7 @@ class Viewer:
             "heatmaps": sum(s["heatmaps"] for s in streams.values()),
             "forbidden": self.forbidden,
             "rejects": self.ingest.rejects.as_dict() if self.ingest is not None else {},
+            "streams_evicted": self.ingest.streams_evicted if self.ingest is not None else 0,
         }
 
     async def serve(self, host: str, port: int, stop: threading.Event, heartbeat: Heartbeat) -> None:
