@@ -818,7 +818,11 @@ def main(argv: list[str] | None = None) -> int:
             return USER_ERROR_EXIT
         worker.warm_up()
     log.info("engine %s (%s) ready; batches of at most %d", args.engine, args.backend, worker.max_batch)
-    worker.run(stop)
+    try:
+        worker.run(stop)
+    except UserError as err:  # its sockets: a port still taken after the retries, a refused endpoint
+        log.error("%s", err)
+        return USER_ERROR_EXIT
     return 0
 
 

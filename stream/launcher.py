@@ -59,6 +59,9 @@ STOP_ORDER = ("source", "inference", "display")
 # Messages taken off the heartbeat socket per supervision step (every 50 ms): far more than the workers send
 # (2 per second each), few enough that a flood of them cannot delay the step's deadline checks.
 HEARTBEAT_BATCH = 200
+# How long a restarted worker waits for its port to be free (protocol.bind_retrying) before it gives up with exit 2;
+# within its startup grace, so the wait is not taken for a hang.
+BIND_RETRY_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ class Launcher:
         keys: Path | None = None,
         insecure: bool = False,
         shards: ShardPlan | None = None,
+        run_keys: bool = False,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -242,6 +246,11 @@ class Launcher:
         # CURVE keys (a folder name, not a secret: the secret keys stay in their 0600 files) and --insecure
         # reach the children, and this process's own heartbeat socket, through the environment
         self._security_env = {security.INSECURE_ENV: "1"} if insecure else {}
+        if run_keys and keys is None and not insecure:
+            # secure by default (avloc run/replay/demo): fresh CURVE keys for this run only, in a 0700 folder; a
+            # process without them can neither read nor inject, nor stand in for a worker's port
+            keys = security.make_run_keys(self.run_dir)
+            log.info("this run's CURVE keys: %s (a subscriber needs them, see docs/protocol.md)", keys)
         loaded = security.load_keys(keys) if keys is not None else None  # a UserError now, not in every child
         if keys is not None:
             self._security_env[security.KEYS_ENV] = str(Path(keys).resolve())
@@ -284,6 +293,9 @@ class Launcher:
         out = open(self.run_dir / f"{spec.name}.out", "ab")  # noqa: SIM115 - handed to the child
         # the token goes in the environment: a command line is readable by every local user
         env = {**os.environ, **spec.env, **self._security_env, security.RUN_TOKEN_ENV: self.token}
+        if child.restarts:  # its port may still be held (by what crashed, or by a squatter): wait, not crash-loop
+            grace = spec.startup_grace_s or self.config.startup_grace_s
+            env[protocol.BIND_RETRY_ENV] = f"{min(BIND_RETRY_S, grace / 2):.1f}"
         try:
             child.popen = subprocess.Popen(
                 cmd,

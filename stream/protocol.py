@@ -12,6 +12,7 @@ This module imports only zmq, numpy and the standard library, so a third party c
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -39,9 +40,11 @@ MAX_DIM = 2**31  # per axis; the byte-size check below catches the rest
 MAX_STREAM_ID_CHARS = 128
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # What a publisher receives is subscriptions (avloc subscribers send one empty topic) and, with CURVE, handshake
-# commands of a few hundred bytes (MAXMSGSIZE applies to them too): a bigger message drops
-# the peer's connection instead of being stored (libzmq keeps every subscription in a trie).
-MAX_SUBSCRIPTION_BYTES = 4096
+# commands of a few hundred bytes (MAXMSGSIZE applies to them too; 256 is too small for INITIATE): a bigger
+# message drops the peer's connection instead of being stored. libzmq keeps every distinct subscription in a trie
+# of ~80 bytes per topic byte: 2,000 distinct 4 KiB topics grew a publisher by 643 MB, 500-byte ones by 79 MB
+# (scripts in docs/reliability.md); only CURVE (the default) keeps strangers from subscribing at all.
+MAX_SUBSCRIPTION_BYTES = 512
 # Sockets that carry only headers (heartbeats, control, assignment tables, clock requests): libzmq refuses a
 # bigger frame before storing it, so a peer cannot make such a socket hold data-sized messages (60 parts of
 # 30 MiB each would pass the 32 MiB per-frame limit of a data socket).
@@ -478,6 +481,36 @@ _SOCKET_NAMES = {
 }
 
 
+BIND_RETRY_ENV = "AVLOC_BIND_RETRY_S"  # set by the launcher for a restarted worker (see bind_retrying)
+
+
+def bind_retrying(sock: zmq.Socket, endpoint: str) -> None:
+    """``sock.bind(endpoint)``; while the address is in use, retried with back-off for up to ``$AVLOC_BIND_RETRY_S``
+    seconds (0 when unset: fail at once).
+
+    A worker restarted after a crash may find its port still taken (the old process's socket, or another process
+    that grabbed it): waiting for it costs no restart of the budget, where failing at once would start the
+    restart loop over. A port still taken after that is an ``EndpointError`` (exit 2: reported, not retried).
+    """
+    try:
+        budget = float(os.environ.get(BIND_RETRY_ENV) or 0.0)
+    except ValueError:
+        budget = 0.0
+    deadline = time.monotonic() + budget
+    delay = 0.1
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as err:
+            if err.errno != errno.EADDRINUSE or time.monotonic() + delay > deadline:
+                raise
+            if delay == 0.1:
+                log.warning("%s is in use; retrying for up to %.0f s", endpoint, budget)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
 def make_socket(
     ctx: zmq.Context,
     socket_type: int,
@@ -516,7 +549,7 @@ def make_socket(
         _secure(sock, bind, endpoints)
         for ep in endpoints:
             if bind:
-                sock.bind(ep)
+                bind_retrying(sock, ep)
             else:
                 sock.connect(ep)
     except UserError:  # refused by the security checks
@@ -526,6 +559,6 @@ def make_socket(
         sock.close(0)
         raise EndpointError(
             f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} socket to "
-            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports)"
+            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports, e.g. --auto-ports)"
         ) from err
     return sock

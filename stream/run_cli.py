@@ -164,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
         keys=args.keys,
         insecure=args.insecure,
         shards=shards,
+        run_keys=True,  # secure by default: per-run CURVE keys unless --keys or --insecure
     )
     print(f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}")
     summary = launcher.run(timeout_s=args.timeout)

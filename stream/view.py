@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -48,6 +48,7 @@ from avloc.stream import protocol
 from avloc.stream.display import COLORMAPS, FRAME_BUFFER, MAX_STREAMS, STALE_HEATMAP_S, heatmap_to_unit
 from avloc.stream.launcher import ProcessSpec, check_endpoint
 from avloc.stream.pipeline import Endpoints
+from avloc.stream.security import is_loopback
 from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ JPEG_QUALITY = 80
 # than a queue of stale ones seconds long.
 SEND_BUFFER_BYTES = 64 * 1024
 WS_WRITER_LIMIT = 64 * 1024
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 # --- arguments ---------------------------------------------------------------------------------------------
@@ -74,15 +74,6 @@ def parse_http(value: str, option: str = "--http") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise UserError(f"{option} {value!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name may resolve to any interface
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,10 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to serve the page (loopback by default; other addresses need --token)",
     )
     parser.add_argument(
-        "--token",
+        "--token-file",
+        type=Path,
         default=None,
-        help=f"required on every request as ?token=, {TOKEN_HEADER} or 'Authorization: Bearer' (default: ${TOKEN_ENV})",
+        metavar="FILE",
+        help=f"file holding the token required on every request as ?token=, {TOKEN_HEADER} or 'Authorization: "
+        f"Bearer' (default: ${TOKEN_ENV}; never on the command line, which `ps` shows to every local user)",
     )
+    parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a hint: see read_token
     parser.add_argument("--alpha", type=float, default=0.45, help="initial heatmap opacity on the page (0..1)")
     parser.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS), help="initial colormap")
     parser.add_argument("--max-clients", type=int, default=64, help="browsers served at once (more get 503)")
@@ -445,12 +440,18 @@ class Viewer:
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         if request.path == "/favicon.ico":  # browsers fetch it without the page's query string
             return await handler(request)
-        if self.loopback and (request.url.host or "") not in LOOPBACK_NAMES:
-            # a loopback server addressed by another name: DNS rebinding from some web page
+        try:
+            host = request.url.host or ""
+            given = self._given_token(request) if self.token is not None else None
+            given_bytes = None if given is None else given.encode("utf-8")
+        except (UnicodeError, ValueError) as err:  # a Host or token header that is not text: the client's error
+            return self._deny(request, 400, f"bad request header ({type(err).__name__})")
+        if self.loopback and not is_loopback(host):
+            # a loopback server addressed by another name: DNS rebinding from some web page. Any loopback address
+            # (127.0.0.2 too, what it may be bound to) and "localhost" are fine; names are not.
             return self._deny(request, 403, f"Host {request.host!r} is not a loopback name")
         if self.token is not None:
-            given = self._given_token(request)
-            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+            if given_bytes is None or not hmac.compare_digest(given_bytes, self.token.encode()):
                 return self._deny(request, 403, "missing token" if given is None else "wrong token")
         origin = request.headers.get("Origin")
         if request.path == "/ws" and origin is not None and origin.split("://", 1)[-1] != request.host:
@@ -601,7 +602,30 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, int, str | None]:
         raise UserError(f"--alpha {args.alpha}: expected a value between 0 and 1")
     if args.max_clients < 1:
         raise UserError(f"--max-clients {args.max_clients}: expected at least 1")
-    return check_http(args.http, args.token)
+    return check_http(args.http, read_token(args.token_file, args.token))
+
+
+def read_token(token_file: Path | None, argv_token: str | None = None, option: str = "--token") -> str | None:
+    """The viewer token: from ``token_file`` (its first line), else ``$AVLOC_VIEW_TOKEN``; None when neither.
+
+    A token on the command line is refused: every local user can read it in ``ps`` / ``/proc/PID/cmdline``.
+    """
+    if argv_token is not None:
+        raise UserError(
+            f"{option}: a token on the command line is visible to every local user (`ps`); "
+            f"put it in ${TOKEN_ENV} or in a file only you can read ({option}-file FILE)"
+        )
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        text = token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{option}-file {token_file}: cannot read it ({err})") from None
+    if not text:
+        raise UserError(f"{option}-file {token_file}: empty; expected the token on its first line")
+    if token_file.stat().st_mode & 0o077:
+        log.warning("%s-file %s: other users can read it (chmod 600)", option, token_file)
+    return text.splitlines()[0].strip()
 
 
 def check_http(http: str, token: str | None, option: str = "--http") -> tuple[str, int, str | None]:

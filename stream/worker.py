@@ -212,14 +212,15 @@ def make_publisher(
     try:
         security.check_bind(endpoint)
         security.secure_socket(sock, bind=True)
-        sock.bind(endpoint)
+        protocol.bind_retrying(sock, endpoint)
     except protocol.UserError:  # refused by the security checks
         sock.close(0)
         raise
     except zmq.ZMQError as err:
         sock.close(0)
         raise protocol.EndpointError(
-            f"cannot bind publisher to {endpoint}: {err} (another pipeline running? choose other ports)"
+            f"cannot bind publisher to {endpoint}: {err} "
+            "(another pipeline running? choose other ports, e.g. --auto-ports)"
         ) from err
     return sock
 

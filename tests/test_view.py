@@ -172,8 +172,19 @@ def test_non_loopback_bind_needs_a_token_and_says_so(tmp_path):
     )
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "needs a token" in refused.stderr, refused.stderr
+    on_argv = subprocess.run(
+        [*cmd, "--http", f"0.0.0.0:{_free_port()}", "--token", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert on_argv.returncode == 2 and "visible to every local user" in on_argv.stderr, on_argv.stderr
     proc = subprocess.Popen(
-        [*cmd, "--http", f"0.0.0.0:{_free_port()}", "--token", "x"], stderr=subprocess.PIPE, text=True, env=env
+        [*cmd, "--http", f"0.0.0.0:{_free_port()}"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "AVLOC_VIEW_TOKEN": "x"},
     )
     try:
         line = proc.stderr.readline()
