@@ -47,6 +47,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml
 from avloc.core.errors import UserError
 from avloc.stream import protocol, security
+from avloc.stream.batching import MAX_STREAMS
 from avloc.stream.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
 from avloc.stream.worker import STATE_STALLED, USER_ERROR_EXIT
 
@@ -687,7 +688,11 @@ class Launcher:
                 continue
             per_stream = child.last_stats.get("per_stream")
             for stream, stats in (per_stream or {}).items() if isinstance(per_stream, dict) else ():
-                if isinstance(stats, dict) and stats.get("heatmaps", 0) >= out.get(stream, {}).get("heatmaps", -1):
+                if not isinstance(stats, dict) or not isinstance(stats.get("heatmaps", 0), int | float):
+                    continue
+                if stream not in out and len(out) >= MAX_STREAMS:  # workers cap theirs too; a report stays small
+                    continue
+                if stats.get("heatmaps", 0) >= out.get(stream, {}).get("heatmaps", -1):
                     out[stream] = {**stats, "worker": child.spec.name}
         return out
 
