@@ -44,7 +44,7 @@ import zmq
 from aiohttp import WSMsgType, web
 
 from avloc.core.errors import UserError
-from avloc.stream import protocol
+from avloc.stream import protocol, security
 from avloc.stream.display import COLORMAPS, FRAME_BUFFER, MAX_STREAMS, STALE_HEATMAP_S, heatmap_to_unit
 from avloc.stream.launcher import ProcessSpec, check_endpoint
 from avloc.stream.pipeline import Endpoints
@@ -100,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"Bearer' (default: ${TOKEN_ENV}; never on the command line, which `ps` shows to every local user)",
     )
     parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a hint: see read_token
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="CURVE keys of the pipeline: RUN_DIR/keys of an `avloc run/replay` (secure by default), or the "
+        "--keys DIR it was started with (default: $AVLOC_KEYS; none for an --insecure pipeline)",
+    )
     parser.add_argument("--alpha", type=float, default=0.45, help="initial heatmap opacity on the page (0..1)")
     parser.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS), help="initial colormap")
     parser.add_argument("--max-clients", type=int, default=64, help="browsers served at once (more get 503)")
@@ -652,6 +660,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     heartbeat: Heartbeat | None = None
     try:
         host, port, token = check_arguments(args)
+        if getattr(args, "keys", None) is not None:  # every socket of this process then uses them (a folder name)
+            security.load_keys(args.keys)  # one line now if they are not there
+            os.environ[security.KEYS_ENV] = str(args.keys.resolve())
         heartbeat = Heartbeat(zmq.Context.instance(), args.heartbeat, role="view", stream="view")
         asyncio.run(Viewer(args, token, host).serve(host, port, stop, heartbeat))
     except UserError as err:
