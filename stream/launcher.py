@@ -251,8 +251,8 @@ class Launcher:
             # secure by default (avloc run/replay/demo): fresh CURVE keys for this run only, in a 0700 folder; a
             # process without them can neither read nor inject, nor stand in for a worker's port
             keys = security.make_run_keys(self.run_dir)
-        self.keys_dir = Path(keys) if keys is not None else None  # what a subscriber needs (None: plain sockets)
             log.info("this run's CURVE keys: %s (a subscriber needs them, see docs/protocol.md)", keys)
+        self.keys_dir = Path(keys) if keys is not None else None  # what a subscriber needs (None: plain sockets)
         loaded = security.load_keys(keys) if keys is not None else None  # a UserError now, not in every child
         if keys is not None:
             self._security_env[security.KEYS_ENV] = str(Path(keys).resolve())
