@@ -45,7 +45,7 @@ SENDER_FIELD = "sender"  # meta key: which process signed (a random id per proce
 # again is refused as "replayed" while it is fresh and as "stale" after.
 TAG_WINDOW_S = 30.0
 MAX_REMEMBERED_TAGS = 100_000  # bounded memory whatever the senders do (valid tags only reach it)
-_SENDER = secrets.token_hex(8)
+_SENDER = secrets.token_hex(8)  # default sender id: this process
 
 
 def new_run_token() -> str:
@@ -72,14 +72,30 @@ def sign(token: str, kind: str, stream: str, seq: int, ts: dict[str, float], met
     return hmac.new(token.encode("utf-8"), _canonical(kind, stream, seq, ts, meta), hashlib.sha256).hexdigest()
 
 
+def new_sender_id() -> str:
+    """An id for one sequence of tagged messages (one ``seq`` counter): receivers keep its order."""
+    return secrets.token_hex(8)
+
+
 def signed_meta(
-    token: str | None, kind: str, stream: str, seq: int, ts: dict[str, float], meta: dict[str, Any]
+    token: str | None,
+    kind: str,
+    stream: str,
+    seq: int,
+    ts: dict[str, float],
+    meta: dict[str, Any],
+    sender: str | None = None,
 ) -> dict[str, Any]:
-    """``meta`` plus its tag (unchanged when there is no token)."""
+    """``meta`` plus its sender id and tag (unchanged when there is no token).
+
+    ``sender`` names the ``seq`` counter the message belongs to (``new_sender_id``; default: one per process). Two
+    counters of one process (the inference worker's start-up heartbeats, then its own) must not share one: a
+    receiver refuses a message older than the last of its sender.
+    """
     if not token:
         return meta
     ts = {str(k): float(v) for k, v in ts.items()}  # as protocol.encode puts them on the wire
-    meta = {**meta, SENDER_FIELD: _SENDER}
+    meta = {**meta, SENDER_FIELD: sender or _SENDER}
     return {**meta, AUTH_FIELD: sign(token, kind, stream, seq, ts, meta)}
 
 

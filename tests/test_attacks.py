@@ -474,6 +474,16 @@ def test_6_stale_repeated_and_older_tags_are_refused_and_old_assignment_tables_i
     forged = tagged(10, now, command="x")
     forged.meta["command"] = "y"
     assert verifier.check(forged) == "unauthenticated"
+    # two counters of one process (the inference worker's start-up heartbeats, then its own) are two senders
+    from avloc.stream.worker import Heartbeat
+
+    early, main = Heartbeat(None, None, role="r", stream="s"), Heartbeat(None, None, role="r", stream="s")
+    beats = []
+    for beat, seq in ((early, 10), (main, 0)):
+        ts = {"send": protocol.now()}
+        meta = security.signed_meta(token, "heartbeat", "s", seq, ts, {"pid": 1}, beat._sender)
+        beats.append(protocol.decode(protocol.encode("heartbeat", stream="s", seq=seq, ts=ts, meta=meta)))
+    assert [verifier.check(b) for b in beats] == [None, None]
     # an assignment table of an earlier epoch re-sent to a worker
     tables = [
         tagged(seq, now, command=ASSIGN_COMMAND, epoch=seq, workers={"i0": [["cam0", "tcp://x:1", None]]})
