@@ -14,7 +14,10 @@ the client stamps t1. Whatever the path's asymmetry, the server read its clock s
 smallest round trip is kept (least queueing, tightest bound): its half round trip is the reported uncertainty.
 
 Messages are ordinary protocol messages of kind ``control`` (``meta.command = "clock"``), over CURVE when keys are
-configured like every other socket.
+configured like every other socket (which authenticates the server: a client never takes a clock from a process
+without the server key). Under a launcher (a run token) replies also carry an HMAC tag and untagged ones are
+ignored. Once synced, a resync that would move the clock by more than ``MAX_JUMP_S`` is refused and counted
+(``rejected_jumps`` in the heartbeat's ``stats.clock``): a reference clock does not jump, a forged one would.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.stream import protocol
+from avloc.stream import protocol, security
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ COMMAND = "clock"
 SAMPLES = 16  # exchanges per measurement: a few ms on a LAN, and one of them nearly always without queueing
 RESYNC_S = 30.0  # monotonic clocks drift by tens of ppm at most: well under 1 ms per resync interval
 REPLY_TIMEOUT_S = 1.0
+# Largest offset change a resync may apply (monotonic clocks drift by microseconds per resync interval). A larger
+# one means the reference process restarted on a rebooted host or someone answers in its place: refused, logged;
+# restart the worker to take the new clock.
+MAX_JUMP_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class ClockServer:
         self._thread = threading.Thread(target=self._run, name="clock-server", daemon=True)
         self.replies = 0
         self.rejects = protocol.RejectCounter("clock", logger=log)
+        self._token = security.run_token()  # under a launcher: replies are tagged
 
     def start(self) -> ClockServer:
         self._thread.start()
@@ -125,13 +133,9 @@ class ClockServer:
         if msg.kind != "control" or msg.meta.get("command") != COMMAND or "t0" not in msg.ts:
             self.rejects.reject(protocol.ProtocolError("unexpected", f"{msg.kind} {msg.meta.get('command')!r}"))
             return
-        reply = protocol.encode(
-            "control",
-            stream=msg.stream,
-            seq=msg.seq,
-            ts={"t0": msg.ts["t0"], "server": server_t},
-            meta={"command": COMMAND},
-        )
+        ts = {"t0": msg.ts["t0"], "server": server_t}
+        meta = security.signed_meta(self._token, "control", msg.stream, msg.seq, ts, {"command": COMMAND})
+        reply = protocol.encode("control", stream=msg.stream, seq=msg.seq, ts=ts, meta=meta)
         try:
             sock.send_multipart([frames[0], *reply], flags=zmq.NOBLOCK)
             self.replies += 1
@@ -155,6 +159,10 @@ def _exchange(sock: zmq.Socket, seq: int, timeout_s: float) -> tuple[float, floa
         if msg is None:
             return None
         if msg.seq == seq and msg.ts.get("t0") == t0 and "server" in msg.ts:
+            token = security.run_token()
+            if token is not None and not security.verify(token, msg):  # t0 echoed makes it fresh; the tag, ours
+                log.warning("clock: reply without a valid run token tag ignored")
+                continue
             return t0, msg.ts["server"], t1
         # a late reply to an earlier exchange: its round trip is not this one's
     return None
@@ -223,6 +231,7 @@ class ClockSync:
         self._thread: threading.Thread | None = None
         self.estimate: ClockEstimate | None = None
         self.resyncs = 0
+        self.rejected_jumps = 0
 
     def sync(self, timeout_s: float = 30.0) -> ClockEstimate:
         """Measure and apply now (before the worker takes its first timestamp)."""
@@ -237,6 +246,20 @@ class ClockSync:
         if old is not None and estimate.uncertainty_s > max(2 * old.uncertainty_s, 0.001):
             log.info(
                 "clock: kept offset %+.6f s (new burst ±%.1f ms is worse)", old.offset_s, estimate.uncertainty_s * 1e3
+            )
+            return
+        if old is not None and abs(estimate.offset_s - old.offset_s) > MAX_JUMP_S:
+            self.rejected_jumps += 1
+            log.error(
+                "clock: refused to move the clock by %+.3f s (more than %.1f s; the reference restarted on another "
+                "boot, or something else answered); keeping offset %+.6f s, restart this worker to take the new clock",
+                estimate.offset_s - old.offset_s,
+                MAX_JUMP_S,
+                old.offset_s,
+            )
+            info = {k: v for k, v in protocol.clock_stats().items() if k not in ("offset_s", "uncertainty_s", "synced")}
+            protocol.set_clock_offset(
+                old.offset_s, old.uncertainty_s, **{**info, "rejected_jumps": self.rejected_jumps}
             )
             return
         if old is not None and abs(estimate.offset_s - old.offset_s) > 0.05:

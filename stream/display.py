@@ -170,9 +170,13 @@ class Display:
         if msg.kind != "heatmap":
             return None
         arr = msg.arrays.get("heatmap")
+        if arr is not None and not protocol.all_finite(arr):  # counted as bad_content by handle()
+            raise ValueError(f"heatmap {arr.dtype} {arr.shape} has non-finite values")
         peak = msg.meta.get("peak")
         if peak is not None:
             peak = (float(peak[0]), float(peak[1])) if isinstance(peak, list) and len(peak) == 2 else None
+            if peak is not None and not all(math.isfinite(v) for v in peak):
+                raise ValueError(f"peak {peak!r}")
         notice = msg.meta.get("notice")
         view = HeatmapView(
             seq=msg.seq,

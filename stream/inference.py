@@ -201,6 +201,14 @@ class InferenceWorker(StreamScheduler):
         self.audio_rejects = protocol.RejectCounter("audio", logger=log)
         self.spec_shape = _spec_shape(self.manifest)
         self._token = security.run_token()
+        self.non_finite_maps = 0  # engine outputs with NaN/inf, published as notice "non_finite"
+        # one per socket: a source may send the same tagged control message on its frame and audio streams
+        self._verifiers = (
+            {}
+            if self._token is None
+            else {id(r): security.Verifier(self._token) for r in (self.frame_rejects, self.audio_rejects)}
+        )
+        self._assignment_verifier = None if self._token is None else security.Verifier(self._token)
 
     # --- receiving --------------------------------------------------------------------------------
     def take_frames(self, messages: list[protocol.Message], received: float) -> None:
@@ -245,8 +253,10 @@ class InferenceWorker(StreamScheduler):
 
     def _on_control(self, msg: protocol.Message, rejects: protocol.RejectCounter) -> None:
         # Started by the launcher (a run token): only the run's own sources may send control messages.
-        if self._token is not None and not security.verify(self._token, msg):
-            rejects.reject(protocol.ProtocolError("unauthenticated", f"control {msg.meta.get('command')!r}"))
+        verifier = self._verifiers.get(id(rejects))
+        refused = verifier.check(msg) if verifier is not None else None
+        if refused is not None:  # unauthenticated, replayed or stale
+            rejects.reject(protocol.ProtocolError(refused, f"control {msg.meta.get('command')!r}"))
             return
         self._heard(msg.stream, protocol.now())
         command = msg.meta.get("command")
@@ -269,6 +279,9 @@ class InferenceWorker(StreamScheduler):
                 self.audio_rejects.reject(
                     protocol.ProtocolError("bad_spec", f"spec {spec.dtype} {spec.shape}, expected float32 {expected}")
                 )
+                continue
+            if not protocol.all_finite(spec):  # NaN/inf samples would make every heatmap of the window garbage
+                self.audio_rejects.reject(protocol.ProtocolError("non_finite", f"{msg.stream} audio seq {msg.seq}"))
                 continue
             self.stats.audio += 1
             self._heard(msg.stream, received)
@@ -358,6 +371,8 @@ class InferenceWorker(StreamScheduler):
         audio_seconds: float,
         batch_size: int,
     ) -> None:
+        if not protocol.all_finite(heatmap):  # a NaN/inf map (a broken engine output) is never published as valid
+            return self._publish_non_finite(pub, item, stage_ts)
         msg = item.message
         encoded = encode_heatmap(heatmap, *self.range, self.heatmap_dtype)
         ts = {**self._base_ts(item), **stage_ts}
@@ -382,6 +397,15 @@ class InferenceWorker(StreamScheduler):
         if "pts" in msg.meta:
             meta["pts"] = msg.meta["pts"]
         self._send(pub, msg, ts, {"heatmap": encoded}, meta)
+
+    def _publish_non_finite(self, pub: zmq.Socket, item: PendingFrame, stage_ts: dict[str, float]) -> None:
+        """The frame's message without a map: ``notice: "non_finite"``, no array, no peak (counted)."""
+        msg = item.message
+        self.non_finite_maps += 1
+        ts = {**self._base_ts(item), **stage_ts}
+        meta = {"peak": None, "confidence": 0.0, "frame_seq": msg.seq, "notice": protocol.NOTICE_NON_FINITE}
+        self._ratelog("non_finite", logging.WARNING, "stream %s: the engine returned a non-finite map", msg.stream)
+        self._send(pub, msg, ts, {}, meta)
 
     def _publish_suppressed(self, pub: zmq.Socket, item: PendingFrame, infer_start: float) -> None:
         msg = item.message
@@ -427,6 +451,7 @@ class InferenceWorker(StreamScheduler):
             **self.stats.as_dict(),
             "rejects": {"frames": self.frame_rejects.as_dict(), "audio": self.audio_rejects.as_dict()},
             "rejects_total": self.frame_rejects.total + self.audio_rejects.total,
+            "non_finite_maps": self.non_finite_maps,
             "streams": sorted(self._last_seq),
             "ended": sorted(self.ended_streams),
             "per_stream": {s: self.per_stream[s].as_dict() for s in sorted(self.per_stream)},
@@ -509,8 +534,10 @@ class InferenceWorker(StreamScheduler):
         from avloc.stream.sharding import parse_assignment
 
         latest = None
-        for msg in protocol.drain_latest(sock, rejects=self.frame_rejects):
-            routes = parse_assignment(msg, self.worker_name or "", self._token)
+        for msg in protocol.drain_latest(
+            sock, rejects=self.frame_rejects, max_message_bytes=protocol.MAX_CONTROL_BYTES
+        ):
+            routes = parse_assignment(msg, self.worker_name or "", self._token, self._assignment_verifier)
             if routes is None:
                 self.frame_rejects.reject(protocol.ProtocolError("bad_assignment", f"{msg.kind} from {msg.stream}"))
             else:
@@ -529,7 +556,16 @@ class InferenceWorker(StreamScheduler):
         audio = self._audio_socket(ctx) if self.audio_endpoints or assigned else None
         pub = protocol.make_socket(ctx, zmq.PUB, self.heatmap_endpoint, bind=not self.heatmaps_connect, hwm=16)
         assignments = (
-            protocol.make_socket(ctx, zmq.SUB, self.assignments_endpoint, bind=False, hwm=16) if assigned else None
+            protocol.make_socket(
+                ctx,
+                zmq.SUB,
+                self.assignments_endpoint,
+                bind=False,
+                hwm=16,
+                max_message_bytes=protocol.MAX_CONTROL_BYTES,
+            )
+            if assigned
+            else None
         )
         poller = zmq.Poller()
         poller.register(frames, zmq.POLLIN)
@@ -783,7 +819,11 @@ def main(argv: list[str] | None = None) -> int:
             return USER_ERROR_EXIT
         worker.warm_up()
     log.info("engine %s (%s) ready; batches of at most %d", args.engine, args.backend, worker.max_batch)
-    worker.run(stop)
+    try:
+        worker.run(stop)
+    except UserError as err:  # its sockets: a port still taken after the retries, a refused endpoint
+        log.error("%s", err)
+        return USER_ERROR_EXIT
     return 0
 
 

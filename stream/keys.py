@@ -16,7 +16,9 @@ from avloc.core.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the keys (created, mode 0700)")
-    parser.add_argument("--force", action="store_true", help="replace keys already in --out")
+    parser.add_argument(
+        "--force", action="store_true", help="replace keys already in --out (and drop every authorized client key)"
+    )
 
 
 def make_keys(out: Path, force: bool = False) -> dict[str, Path]:
@@ -29,6 +31,11 @@ def make_keys(out: Path, force: bool = False) -> dict[str, Path]:
         raise UserError(f"--out {out}: already holds keys (pass --force to replace them)")
     private_dir(out)
     authorized = private_dir(out / "authorized")
+    # new keys replace the old ones everywhere: a client key authorized before (a third party's too) would
+    # otherwise still be admitted by every pipeline using this folder
+    for old in authorized.iterdir():
+        if old.is_file() or old.is_symlink():
+            old.unlink()
     paths = {}
     for name in ("server", "client"):
         public, secret = zmq.auth.create_certificates(out, name)

@@ -47,6 +47,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml
 from avloc.core.errors import UserError
 from avloc.stream import protocol, security
+from avloc.stream.batching import MAX_STREAMS
 from avloc.stream.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
 from avloc.stream.worker import STATE_STALLED, USER_ERROR_EXIT
 
@@ -56,6 +57,12 @@ CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "stream.yaml"
 _PR_SET_PDEATHSIG = 1
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
+# Messages taken off the heartbeat socket per supervision step (every 50 ms): far more than the workers send
+# (2 per second each), few enough that a flood of them cannot delay the step's deadline checks.
+HEARTBEAT_BATCH = 200
+# How long a restarted worker waits for its port to be free (protocol.bind_retrying) before it gives up with exit 2;
+# within its startup grace, so the wait is not taken for a hang.
+BIND_RETRY_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ class Launcher:
         keys: Path | None = None,
         insecure: bool = False,
         shards: ShardPlan | None = None,
+        run_keys: bool = False,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -239,6 +247,12 @@ class Launcher:
         # CURVE keys (a folder name, not a secret: the secret keys stay in their 0600 files) and --insecure
         # reach the children, and this process's own heartbeat socket, through the environment
         self._security_env = {security.INSECURE_ENV: "1"} if insecure else {}
+        if run_keys and keys is None and not insecure:
+            # secure by default (avloc run/replay/demo): fresh CURVE keys for this run only, in a 0700 folder; a
+            # process without them can neither read nor inject, nor stand in for a worker's port
+            keys = security.make_run_keys(self.run_dir)
+            log.info("this run's CURVE keys: %s (a subscriber needs them, see docs/protocol.md)", keys)
+        self.keys_dir = Path(keys) if keys is not None else None  # what a subscriber needs (None: plain sockets)
         loaded = security.load_keys(keys) if keys is not None else None  # a UserError now, not in every child
         if keys is not None:
             self._security_env[security.KEYS_ENV] = str(Path(keys).resolve())
@@ -250,7 +264,9 @@ class Launcher:
                 ):
                     security.check_bind(value, loaded, insecure)
         security.check_bind(self.heartbeat_endpoint, loaded, insecure)
-        self.unauthenticated: Counter[str] = Counter()
+        self.unauthenticated: Counter[str] = Counter()  # by kind: untagged, wrongly tagged, replayed or stale
+        self.tag_rejects: Counter[str] = Counter()  # the same, by reason (security.Verifier)
+        self.verifier = security.Verifier(self.token)
         self.heartbeat_rejects = protocol.RejectCounter("heartbeats", logger=log)  # malformed, by reason
         self._ctx: zmq.Context | None = None
         self._sub: zmq.Socket | None = None
@@ -279,6 +295,9 @@ class Launcher:
         out = open(self.run_dir / f"{spec.name}.out", "ab")  # noqa: SIM115 - handed to the child
         # the token goes in the environment: a command line is readable by every local user
         env = {**os.environ, **spec.env, **self._security_env, security.RUN_TOKEN_ENV: self.token}
+        if child.restarts:  # its port may still be held (by what crashed, or by a squatter): wait, not crash-loop
+            grace = spec.startup_grace_s or self.config.startup_grace_s
+            env[protocol.BIND_RETRY_ENV] = f"{min(BIND_RETRY_S, grace / 2):.1f}"
         try:
             child.popen = subprocess.Popen(
                 cmd,
@@ -310,7 +329,17 @@ class Launcher:
     def start(self) -> None:
         self._ctx = zmq.Context()
         with security.environment(self._security_env):  # this process's own socket follows the same rules
-            self._sub = protocol.make_socket(self._ctx, zmq.SUB, self.heartbeat_endpoint, bind=True, hwm=1000)
+            try:
+                self._sub = protocol.make_socket(
+                    self._ctx,
+                    zmq.SUB,
+                    self.heartbeat_endpoint,
+                    bind=True,
+                    hwm=1000,
+                    max_message_bytes=protocol.MAX_CONTROL_BYTES,
+                )
+            except protocol.EndpointError as err:
+                raise protocol.EndpointError(f"{err}; `--auto-ports` picks free ones") from None
             if self.shards is not None:
                 self._proxy = HeatmapProxy(self._ctx, self.shards.heatmaps_in, self.shards.heatmaps_out)
                 self._proxy.start()
@@ -340,19 +369,22 @@ class Launcher:
                 self._start(child)
 
     # --- supervision --------------------------------------------------------------------------------
-    def _read_heartbeats(self) -> None:
-        assert self._sub is not None
+    def _read_heartbeats(self, max_messages: int = HEARTBEAT_BATCH) -> None:
+        """Take at most ``max_messages`` messages off the heartbeat socket (any that are left wait for the next
+        poll): a flood of messages, valid or not, cannot keep supervision from its deadlines."""
+        if self._sub is None:  # start() failed before binding it: nothing to read
+            return
         by_pid = {c.popen.pid: c for c in self.children.values() if c.popen is not None}
-        while True:
-            try:
-                msg = protocol.recv(self._sub, timeout_ms=0)
-            except protocol.ProtocolError as err:
-                self.heartbeat_rejects.reject(err)
-                continue
-            if msg is None:
-                return
-            if not security.verify(self.token, msg):
-                self._unauthenticated(msg.kind)
+        messages = protocol.drain_latest(
+            self._sub,
+            rejects=self.heartbeat_rejects,
+            max_messages=max_messages,
+            max_message_bytes=protocol.MAX_CONTROL_BYTES,
+        )
+        for msg in messages:
+            refused = self.verifier.check(msg)
+            if refused is not None:
+                self._unauthenticated(msg.kind, refused)
                 continue
             pid = msg.meta.get("pid")
             child = by_pid.get(pid) if isinstance(pid, int) else None
@@ -376,8 +408,9 @@ class Launcher:
                     self._ended_sources.add(child.spec.name)
                     self._event("end", child.spec.name)
 
-    def _unauthenticated(self, kind: str) -> None:
+    def _unauthenticated(self, kind: str, reason: str = "unauthenticated") -> None:
         self.unauthenticated[kind] += 1
+        self.tag_rejects[reason] += 1
         total = sum(self.unauthenticated.values())
         if total & (total - 1) == 0:  # 1, 2, 4, 8, ...: visible without flooding the log
             log.warning(
@@ -643,6 +676,7 @@ class Launcher:
             "assignment": None if self._assigner is None else self._assigner.table,
             "events": self.events,
             "unauthenticated": dict(self.unauthenticated),
+            "tag_rejects": dict(self.tag_rejects),
             "heartbeat_rejects": self.heartbeat_rejects.as_dict(),
         }
 
@@ -655,7 +689,11 @@ class Launcher:
                 continue
             per_stream = child.last_stats.get("per_stream")
             for stream, stats in (per_stream or {}).items() if isinstance(per_stream, dict) else ():
-                if isinstance(stats, dict) and stats.get("heatmaps", 0) >= out.get(stream, {}).get("heatmaps", -1):
+                if not isinstance(stats, dict) or not isinstance(stats.get("heatmaps", 0), int | float):
+                    continue
+                if stream not in out and len(out) >= MAX_STREAMS:  # workers cap theirs too; a report stays small
+                    continue
+                if stats.get("heatmaps", 0) >= out.get(stream, {}).get("heatmaps", -1):
                     out[stream] = {**stats, "worker": child.spec.name}
         return out
 
@@ -669,6 +707,9 @@ class Launcher:
         try:
             self.start()
             reason = self.supervise(timeout_s)
+        except UserError as err:  # a port in use, a refused endpoint: the summary says which, the caller exits 2
+            reason = f"failed: {err}"
+            raise
         finally:
             summary = self.shutdown(reason)
             for sig, handler in previous.items():

@@ -12,6 +12,7 @@ This module imports only zmq, numpy and the standard library, so a third party c
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -39,9 +40,15 @@ MAX_DIM = 2**31  # per axis; the byte-size check below catches the rest
 MAX_STREAM_ID_CHARS = 128
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # What a publisher receives is subscriptions (avloc subscribers send one empty topic) and, with CURVE, handshake
-# commands of a few hundred bytes (MAXMSGSIZE applies to them too): a bigger message drops
-# the peer's connection instead of being stored (libzmq keeps every subscription in a trie).
-MAX_SUBSCRIPTION_BYTES = 4096
+# commands of a few hundred bytes (MAXMSGSIZE applies to them too; 256 is too small for INITIATE): a bigger
+# message drops the peer's connection instead of being stored. libzmq keeps every distinct subscription in a trie
+# of ~80 bytes per topic byte: 2,000 distinct 4 KiB topics grew a publisher by 643 MB, 500-byte ones by 79 MB
+# (scripts in docs/reliability.md); only CURVE (the default) keeps strangers from subscribing at all.
+MAX_SUBSCRIPTION_BYTES = 512
+# Sockets that carry only headers (heartbeats, control, assignment tables, clock requests): libzmq refuses a
+# bigger frame before storing it, so a peer cannot make such a socket hold data-sized messages (60 parts of
+# 30 MiB each would pass the 32 MiB per-frame limit of a data socket).
+MAX_CONTROL_BYTES = MAX_HEADER_BYTES
 DEFAULT_HWM = 4  # real-time streams: a few messages of slack, then drop rather than queue stale data
 
 # Default endpoints (loopback only). Publishers bind, consumers connect; every one is configurable and
@@ -60,6 +67,8 @@ NOTICE_NO_AUDIO = "no_audio"
 # heatmap computed (array and peak published) but its confidence is below the engine's gate threshold:
 # the sound's source is probably not in view (silent or off-screen); see docs/protocol.md
 NOTICE_NOT_VISIBLE = "not_visible"
+# the engine's map had NaN/inf values: published without array and peak, never as a valid heatmap
+NOTICE_NON_FINITE = "non_finite"
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +262,9 @@ def _check_header(header: Any) -> None:
         raise ProtocolError("too_many_frames", f"{len(arrays)} arrays, at most {MAX_ARRAYS}")
 
 
-def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+def _array_spec(
+    entry: Any, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[str, np.dtype, tuple[int, ...]]:
     if not isinstance(entry, dict):
         raise ProtocolError("bad_array", "array descriptor is not an object")
     name, dtype_name, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
@@ -267,7 +278,19 @@ def _array_spec(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
     ):
         raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r}")
-    return name, np.dtype(dtype_name).newbyteorder("<"), tuple(shape)
+    # A zero-size axis makes prod(shape) 0 whatever the others say ([0, 2**31-1, 2**31-1, 3] with an empty
+    # payload): numpy would still refuse such a shape ("array is too big"). The product of the non-zero axes
+    # must itself fit in a message.
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    if math.prod(d for d in shape if d) * dtype.itemsize > max_message_bytes:
+        raise ProtocolError("bad_shape", f"array {name!r}: shape {shape!r} is larger than a message")
+    return name, dtype, tuple(shape)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or inf in ``array`` (integer and bool arrays always): what receivers check before using a float
+    array (audio windows, heatmaps) and the inference worker before publishing a map as valid."""
+    return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
 
 
 def _byte_view(frame: Any) -> memoryview:
@@ -275,8 +298,7 @@ def _byte_view(frame: Any) -> memoryview:
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
-def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
-    """Validate and rebuild a message from received frames (bytes, memoryviews or zmq.Frame)."""
+def _decode(frames: list[Any], max_message_bytes: int) -> Message:
     if not frames:
         raise ProtocolError("empty", "no frames")
     if len(frames) > MAX_ARRAYS + 1:
@@ -292,7 +314,7 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
         raise ProtocolError("bad_json", str(err)[:120]) from None
     _check_header(header)
-    specs = [_array_spec(entry) for entry in header["arrays"]]
+    specs = [_array_spec(entry, max_message_bytes) for entry in header["arrays"]]
     if len(specs) != len(views) - 1:
         raise ProtocolError("frame_count", f"header has {len(specs)} arrays, message has {len(views) - 1}")
     arrays: dict[str, np.ndarray] = {}
@@ -315,6 +337,21 @@ def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BY
         meta=header.get("meta", {}),
         nbytes=total,
     )
+
+
+def decode(frames: list[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Validate and rebuild a message from received frames (bytes, memoryviews or zmq.Frame).
+
+    Raises only ``ProtocolError``: whatever a peer sends, a receive loop can count it and go on. The checks
+    above are meant to reject everything first; this is the guarantee for what they miss (numpy's own limits,
+    an exotic buffer), counted as ``bad_message``.
+    """
+    try:
+        return _decode(frames, max_message_bytes)
+    except ProtocolError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the one place every malformed message must end up counted
+        raise ProtocolError("bad_message", f"{type(err).__name__}: {err}"[:160]) from None
 
 
 def recv(
@@ -342,17 +379,25 @@ def recv(
 
 
 def drain_latest(
-    socket: zmq.Socket, *, rejects: RejectCounter | None = None, max_messages: int = 1000
+    socket: zmq.Socket,
+    *,
+    rejects: RejectCounter | None = None,
+    max_messages: int = 1000,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Message]:
-    """Every message already queued on ``socket`` (non-blocking), oldest first; for 'newest wins' loops."""
+    """The messages already queued on ``socket`` (non-blocking), oldest first; for 'newest wins' loops.
+
+    At most ``max_messages`` are taken off the socket per call, rejected ones included: a peer flooding the
+    socket with garbage cannot keep the caller's loop here (what is left waits for the next call).
+    """
     out: list[Message] = []
-    while len(out) < max_messages:
+    for _ in range(max_messages):
         try:
             frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             break
         try:
-            out.append(decode(frames))
+            out.append(decode(frames, max_message_bytes=max_message_bytes))
         except ProtocolError as err:
             if rejects is None:
                 raise
@@ -361,14 +406,18 @@ def drain_latest(
 
 
 def drain_stamped(
-    socket: zmq.Socket, *, rejects: RejectCounter | None = None, max_messages: int = 1000
+    socket: zmq.Socket,
+    *,
+    rejects: RejectCounter | None = None,
+    max_messages: int = 1000,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> tuple[list[Message], float]:
     """``drain_latest`` plus the receive time, taken after the drain.
 
     A stamp taken before draining can predate the send stamp of a message that arrived during the drain;
     stamped after, every drained message's ``send`` <= ``received`` on the shared clock.
     """
-    messages = drain_latest(socket, rejects=rejects, max_messages=max_messages)
+    messages = drain_latest(socket, rejects=rejects, max_messages=max_messages, max_message_bytes=max_message_bytes)
     return messages, now()
 
 
@@ -432,6 +481,36 @@ _SOCKET_NAMES = {
 }
 
 
+BIND_RETRY_ENV = "AVLOC_BIND_RETRY_S"  # set by the launcher for a restarted worker (see bind_retrying)
+
+
+def bind_retrying(sock: zmq.Socket, endpoint: str) -> None:
+    """``sock.bind(endpoint)``; while the address is in use, retried with back-off for up to ``$AVLOC_BIND_RETRY_S``
+    seconds (0 when unset: fail at once).
+
+    A worker restarted after a crash may find its port still taken (the old process's socket, or another process
+    that grabbed it): waiting for it costs no restart of the budget, where failing at once would start the
+    restart loop over. A port still taken after that is an ``EndpointError`` (exit 2: reported, not retried).
+    """
+    try:
+        budget = float(os.environ.get(BIND_RETRY_ENV) or 0.0)
+    except ValueError:
+        budget = 0.0
+    deadline = time.monotonic() + budget
+    delay = 0.1
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as err:
+            if err.errno != errno.EADDRINUSE or time.monotonic() + delay > deadline:
+                raise
+            if delay == 0.1:
+                log.warning("%s is in use; retrying for up to %.0f s", endpoint, budget)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
 def make_socket(
     ctx: zmq.Context,
     socket_type: int,
@@ -470,7 +549,7 @@ def make_socket(
         _secure(sock, bind, endpoints)
         for ep in endpoints:
             if bind:
-                sock.bind(ep)
+                bind_retrying(sock, ep)
             else:
                 sock.connect(ep)
     except UserError:  # refused by the security checks
@@ -480,6 +559,6 @@ def make_socket(
         sock.close(0)
         raise EndpointError(
             f"cannot {'bind' if bind else 'connect'} {_SOCKET_NAMES[socket_type]} socket to "
-            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports)"
+            f"{', '.join(endpoints)}: {err} (another pipeline running? choose other ports, e.g. --auto-ports)"
         ) from err
     return sock

@@ -140,7 +140,12 @@ def add_display_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="CURVE keys from `avloc keys --out DIR`: every socket encrypted and authenticated",
     )
-    parser.add_argument("--insecure", action="store_true", help="allow binding non-loopback endpoints without --keys")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no CURVE keys (by default each run makes its own in RUN_DIR/keys): any local process can read and "
+        "inject; also allows binding non-loopback endpoints without --keys",
+    )
     parser.add_argument("--config", type=Path, default=None, help="stream config (default configs/stream.yaml)")
     parser.add_argument(
         "--view",
@@ -151,8 +156,13 @@ def add_display_arguments(parser: argparse.ArgumentParser) -> None:
         help="also serve the browser viewer (docs/viewer.md; default 127.0.0.1:8080)",
     )
     parser.add_argument(
-        "--view-token", default=None, help="token a non-loopback --view requires (default $AVLOC_VIEW_TOKEN)"
+        "--view-token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file holding the token a non-loopback --view requires (default $AVLOC_VIEW_TOKEN)",
     )
+    parser.add_argument("--view-token", default=None, help=argparse.SUPPRESS)  # refused: `ps` shows argv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,8 +180,9 @@ def check_display(args: argparse.Namespace) -> None:
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha {args.alpha}: expected a value between 0 and 1")
     if getattr(args, "view", None):
-        from avloc.stream.view import check_http
+        from avloc.stream.view import check_http, read_token
 
+        args.view_token = read_token(args.view_token_file, args.view_token, "--view-token")
         check_http(args.view, args.view_token, "--view")
 
 
@@ -257,6 +268,7 @@ def run_replay(
         keys=keys,
         insecure=insecure,
         shards=shards,
+        run_keys=True,  # secure by default: per-run CURVE keys unless --keys or --insecure
     )
     summary = launcher.run(timeout_s=timeout_s)
     summary["latency"] = summarize_latency_log(latency_log)

@@ -164,8 +164,11 @@ def main(args: argparse.Namespace) -> int:
         keys=args.keys,
         insecure=args.insecure,
         shards=shards,
+        run_keys=True,  # secure by default: per-run CURVE keys unless --keys or --insecure
     )
     print(f"live pipeline running ({len(cameras)} camera(s), mic {args.mic}); Ctrl-C to stop; logs in {run_dir}")
+    if launcher.keys_dir is not None:
+        print(f"CURVE keys of this run (for your own subscribers, docs/protocol.md): {launcher.keys_dir}")
     summary = launcher.run(timeout_s=args.timeout)
     from avloc.stream.bench import summarize_latency_log
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 RUN_TOKEN_ENV = "AVLOC_RUN_TOKEN"
 KEYS_ENV = "AVLOC_KEYS"
 AUTH_FIELD = "auth"  # meta key of the HMAC tag
+SENDER_FIELD = "sender"  # meta key: which process signed (a random id per process), for per-sender order
+# A tagged message is fresh when its ts.send is within TAG_WINDOW_S of the receiver's clock (one host: one
+# monotonic clock); a receiver remembers every tag it accepted for twice that, so a captured message sent
+# again is refused as "replayed" while it is fresh and as "stale" after.
+TAG_WINDOW_S = 30.0
+MAX_REMEMBERED_TAGS = 100_000  # bounded memory whatever the senders do (valid tags only reach it)
+_SENDER = secrets.token_hex(8)  # default sender id: this process
 
 
 def new_run_token() -> str:
@@ -64,13 +72,30 @@ def sign(token: str, kind: str, stream: str, seq: int, ts: dict[str, float], met
     return hmac.new(token.encode("utf-8"), _canonical(kind, stream, seq, ts, meta), hashlib.sha256).hexdigest()
 
 
+def new_sender_id() -> str:
+    """An id for one sequence of tagged messages (one ``seq`` counter): receivers keep its order."""
+    return secrets.token_hex(8)
+
+
 def signed_meta(
-    token: str | None, kind: str, stream: str, seq: int, ts: dict[str, float], meta: dict[str, Any]
+    token: str | None,
+    kind: str,
+    stream: str,
+    seq: int,
+    ts: dict[str, float],
+    meta: dict[str, Any],
+    sender: str | None = None,
 ) -> dict[str, Any]:
-    """``meta`` plus its tag (unchanged when there is no token)."""
+    """``meta`` plus its sender id and tag (unchanged when there is no token).
+
+    ``sender`` names the ``seq`` counter the message belongs to (``new_sender_id``; default: one per process). Two
+    counters of one process (the inference worker's start-up heartbeats, then its own) must not share one: a
+    receiver refuses a message older than the last of its sender.
+    """
     if not token:
         return meta
     ts = {str(k): float(v) for k, v in ts.items()}  # as protocol.encode puts them on the wire
+    meta = {**meta, SENDER_FIELD: sender or _SENDER}
     return {**meta, AUTH_FIELD: sign(token, kind, stream, seq, ts, meta)}
 
 
@@ -86,10 +111,55 @@ def verify(token: str, message: Any) -> bool:
     return hmac.compare_digest(tag, expected)
 
 
+class Verifier:
+    """Checks tags like ``verify`` and also refuses a message that was already accepted, one older than the
+    last accepted from its sender (``meta.sender``, ``seq``), and one whose ``ts.send`` is not within
+    ``window_s`` of ``clock()``: a captured heartbeat, ``end`` or assignment table cannot be sent again.
+
+    ``check`` returns None for a message to act on, else the reason to count (``unauthenticated``,
+    ``replayed``, ``stale``).
+    """
+
+    def __init__(self, token: str, *, window_s: float = TAG_WINDOW_S, clock: Any = None) -> None:
+        from avloc.stream import protocol
+
+        self.token = token
+        self.window_s = window_s
+        self._clock = clock or protocol.now
+        self._seen: dict[str, float] = {}  # accepted tag -> when (insertion order = time order)
+        self._last_seq: dict[tuple[str, str], int] = {}  # (stream, sender) -> newest accepted seq
+
+    def check(self, message: Any) -> str | None:
+        if not verify(self.token, message):
+            return "unauthenticated"
+        now = self._clock()
+        sent = message.ts.get("send")
+        if not isinstance(sent, float) or abs(now - sent) > self.window_s:
+            return "stale"
+        tag = message.meta[AUTH_FIELD]
+        sender = message.meta.get(SENDER_FIELD)
+        key = (message.stream, sender if isinstance(sender, str) else "")
+        if tag in self._seen or message.seq < self._last_seq.get(key, -1):
+            return "replayed"
+        self._seen[tag] = now
+        self._last_seq[key] = message.seq
+        self._forget(now)
+        return None
+
+    def _forget(self, now: float) -> None:
+        # tags older than two windows can only come back as "stale"; the senders' seqs stay (a few per process)
+        while self._seen:
+            tag, when = next(iter(self._seen.items()))
+            if now - when <= 2 * self.window_s and len(self._seen) <= MAX_REMEMBERED_TAGS:
+                break
+            del self._seen[tag]
+        while len(self._last_seq) > MAX_REMEMBERED_TAGS // 100:
+            del self._last_seq[next(iter(self._last_seq))]
+
+
 # ---------------------------------------------------------------------------------------------- CURVE
 
 INSECURE_ENV = "AVLOC_INSECURE"  # "1": allow binding a non-loopback endpoint without keys (--insecure)
-_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
 
 
 @dataclass(frozen=True)
@@ -119,6 +189,9 @@ def load_keys(directory: str | Path) -> CurveKeys:
         path = directory / f"{name}.key_secret"
         if not path.is_file():
             raise UserError(f"--keys {directory}: no {path.name} (make the keys with `avloc keys --out {directory}`)")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:  # a secret other local users can read is no secret: they could join the pipeline
+            raise UserError(f"{path}: mode {mode:04o} lets other users read this secret key; `chmod 600 {path}`")
         try:
             public, secret = zmq.auth.load_certificate(path)
         except (OSError, ValueError) as err:
@@ -178,6 +251,33 @@ def stop_authenticators() -> None:
         auth.stop()
 
 
+def parse_tcp(endpoint: str) -> tuple[str, str]:
+    """``tcp://HOST:PORT`` -> (host, port) with the brackets of an IPv6 host removed; UserError for anything
+    else, including libzmq's ``tcp://SOURCE;HOST:PORT`` form (the part after ``;`` is what gets bound, so a check
+    of the text before it would pass ``tcp://127.0.0.1:0;0.0.0.0:5599``)."""
+    from avloc.core.errors import UserError
+
+    rest = endpoint[len("tcp://") :] if endpoint.startswith("tcp://") else None
+    if rest is None or ";" in rest or "/" in rest or any(c.isspace() for c in rest):
+        raise UserError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT (no source address, no spaces)")
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not (port == "*" or (port.isdigit() and int(port) <= 65535)):
+        raise UserError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT with PORT 0-65535 or *")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (any of 127.0.0.0/8, ::1); a name or ``*`` may be any interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | None = None) -> None:
     """Refuse to bind a tcp endpoint other hosts can reach (not loopback) unless CURVE keys are configured or
     ``AVLOC_INSECURE=1``, and an ipc:// endpoint outside a folder only this user can enter (``check_ipc``)."""
@@ -187,15 +287,16 @@ def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | No
     if endpoint.startswith("ipc://"):
         check_ipc(endpoint, insecure)
         return
+    if not endpoint.startswith("tcp://"):
+        return  # inproc://: inside this process
+    host, _ = parse_tcp(endpoint)  # also with keys: the source;bind form is never what a user meant
     if (keys or configured_keys()) is not None or insecure:
         return
-    if endpoint.startswith("tcp://"):
-        host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-        if not host.startswith(_LOOPBACK_HOSTS):
-            raise UserError(
-                f"endpoint {endpoint}: binding a non-loopback address without keys exposes the pipeline "
-                "to the network; make keys (`avloc keys --out DIR`, then --keys DIR) or pass --insecure"
-            )
+    if not is_loopback(host):
+        raise UserError(
+            f"endpoint {endpoint}: binding a non-loopback address without keys exposes the pipeline "
+            "to the network; make keys (`avloc keys --out DIR`, then --keys DIR) or pass --insecure"
+        )
 
 
 def check_ipc(endpoint: str, insecure: bool | None = None) -> None:
@@ -228,6 +329,35 @@ def check_ipc(endpoint: str, insecure: bool | None = None) -> None:
         raise UserError(
             f"endpoint {endpoint}: folder {folder} (mode {stat.S_IMODE(st.st_mode):04o}) is open to other users; {hint}"
         )
+    # Every folder above it too: in a parent other users can write to (and without the sticky bit, which keeps
+    # them from renaming what is not theirs), another user can move this folder away and put their own in its
+    # place. With every ancestor this user's or root's, the path stays ours, also for libzmq's own reconnects.
+    for ancestor in folder.parents:
+        try:
+            a = ancestor.lstat()
+        except OSError as err:
+            raise UserError(f"endpoint {endpoint}: folder {ancestor} cannot be used ({err.strerror}); {hint}") from None
+        if stat.S_ISLNK(a.st_mode) or a.st_uid not in (0, os.geteuid()):
+            raise UserError(
+                f"endpoint {endpoint}: folder {ancestor} above it belongs to uid {a.st_uid} (or is a link), "
+                f"who could replace {folder}; {hint}"
+            )
+        if a.st_mode & 0o022 and not a.st_mode & stat.S_ISVTX:
+            raise UserError(
+                f"endpoint {endpoint}: folder {ancestor} above it (mode {stat.S_IMODE(a.st_mode):04o}) lets other "
+                f"users rename {folder} away and put their own there; {hint}"
+            )
+
+
+def make_run_keys(run_dir: str | Path) -> Path:
+    """Fresh keys for one run in ``RUN_DIR/keys`` (the run folder made 0700 first: its logs name the sources):
+    what ``avloc run/replay/demo`` use unless ``--keys`` or ``--insecure`` is given. Returns the keys folder."""
+    from avloc.stream.keys import make_keys
+
+    run_dir = private_dir(run_dir)
+    folder = run_dir / "keys"
+    make_keys(folder, force=True)
+    return folder
 
 
 def ipc_run_dir(prefix: str = "avloc-") -> Path:

@@ -78,12 +78,18 @@ class ShardPlan:
         return {w: [by_stream[s].as_list() for s in streams] for w, streams in owned.items()}
 
 
-def parse_assignment(msg: protocol.Message, worker: str, token: str | None) -> list[StreamRoute] | None:
+def parse_assignment(
+    msg: protocol.Message, worker: str, token: str | None, verifier: security.Verifier | None = None
+) -> list[StreamRoute] | None:
     """This worker's routes from an ``assign`` control message; None when it is not a valid one (unsigned
-    while the worker has a run token, malformed). A worker missing from a valid table owns nothing."""
+    while the worker has a run token, an older table sent again — ``verifier`` —, malformed). A worker missing
+    from a valid table owns nothing."""
     if msg.kind != "control" or msg.meta.get("command") != ASSIGN_COMMAND:
         return None
-    if token is not None and not security.verify(token, msg):
+    if verifier is not None:
+        if verifier.check(msg) is not None:
+            return None
+    elif token is not None and not security.verify(token, msg):
         return None
     table = msg.meta.get("workers")
     if not isinstance(table, dict):

@@ -12,7 +12,14 @@ spread over the run, injects:
   both are connected to, as an attacker who took an endpoint would be), the launcher's heartbeat socket (garbage
   and untagged heartbeats / ``end``), and, on every publisher (replay frames and audio, camera, heatmaps),
   made-up and oversized subscriptions from a raw XSUB;
-- ``source_gone``: the camera's file is renamed away and back (a camera that disappears and comes back).
+- ``source_gone``: the camera's file is renamed away and back (a camera that disappears and comes back);
+- ``flood``: another process floods the launcher's heartbeat socket with badly tagged heartbeats (``python -m
+  avloc.stream.fuzz``, as fast as it can, for ``max(10 s, 3 x heartbeat_timeout_s)``) and the display is SIGSTOPped
+  0.5 s into it: the hang must be seen within ``heartbeat_timeout_s + 1 s`` with the flood still on
+  (``deadline_held`` in the fault's details).
+
+The pipeline runs without CURVE keys (as ``--insecure``): with the per-run keys ``avloc run/replay`` use by default
+none of the fuzzers could even connect; the soak shows what the receivers survive from a process that can.
 
 A fault is injected at its planned time once the processes it touches are ready (faults never pile onto one
 process), and followed until it is detected and recovered from. The report (``OUT/soak.json`` + ``OUT/soak.md``)
@@ -31,6 +38,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +154,9 @@ def fault_schedule(duration_s: float, fuzz_targets: dict[str, tuple[str, ...]]) 
     workers = ("replay", "camera", "display", "inference")
     process_faults = [(kind, w, (w,)) for kind in ("kill9", "sigstop") for w in workers]
     process_faults.insert(4, ("source_gone", "camera", ("camera",)))
+    # SIGSTOP of the display while another process floods the launcher's heartbeat socket: the hang must still be
+    # seen within the normal deadline (the launcher reads a bounded number of messages per supervision step)
+    process_faults.append(("flood", "display", ("display",)))
     fuzz = [("fuzz", target, procs) for target, procs in fuzz_targets.items()]
     plan: list[tuple[str, str, tuple[str, ...]]] = []
     while process_faults or fuzz:
@@ -237,6 +249,8 @@ class Soak:
             **{f"{name} (subscriptions)": (proc,) for name, (_, proc) in self.publishers.items()},
         }
         self.faults = fault_schedule(duration_s, fuzz_targets)
+        # long enough that a launcher reading until the socket is empty would miss the hang's deadline by far
+        self.flood_s = max(10.0, 3 * self.config.heartbeat_timeout_s)
         self.t0 = 0.0
         self.ctx: zmq.Context | None = None
         self.fuzz_pubs: dict[str, zmq.Socket] = {}
@@ -307,12 +321,21 @@ class Soak:
         t = self.now()
         fault.injected_s = round(t, 3)
         fault._events_from = len(self.launcher.events)
-        if fault.kind in ("kill9", "sigstop"):
+        if fault.kind in ("kill9", "sigstop", "flood"):
             import psutil
 
             child = self.launcher.children[fault.target]
             fault._pid = child.popen.pid
             fault._proc = psutil.Process(fault._pid)
+            if fault.kind == "flood":
+                fault._baseline = {"counted": self._heartbeat_socket_count()}
+                fault.details["flood_s"] = self.flood_s
+                fault._socket = subprocess.Popen(  # not a socket: the flooding process, ended when the fault is
+                    [sys.executable, "-m", "avloc.stream.fuzz", self.launcher.heartbeat_endpoint, str(self.flood_s)],
+                    stdout=subprocess.DEVNULL,
+                )
+                time.sleep(0.5)  # the flood is on before the worker stops
+                fault.injected_s = round(self.now(), 3)
             os.kill(fault._pid, signal.SIGKILL if fault.kind == "kill9" else signal.SIGSTOP)
             fault.details["pid"] = fault._pid
         elif fault.kind == "source_gone":
@@ -411,13 +434,15 @@ class Soak:
     def _follow(self, fault: Fault) -> None:
         """Advance one injected fault: detection, restart, recovery."""
         t = self.now()
-        if fault.kind in ("kill9", "sigstop"):
+        if fault.kind in ("kill9", "sigstop", "flood"):
             events = self._new_events(fault)
             crash = next((e for e in events if e["event"] == "crash"), None)
             if crash and fault.detected_s is None:
                 fault.detected_s = round(t, 3)
                 fault.details["why"] = crash.get("why")
-                if fault.kind == "sigstop":
+                if fault.kind == "flood":
+                    self._judge_flood(fault)
+                if fault.kind in ("sigstop", "flood"):
                     # the launcher kills a hung worker (SIGKILL works on a stopped process): a SIGCONT can only
                     # reach it if it is somehow still there
                     if fault._proc.is_running():
@@ -435,7 +460,8 @@ class Soak:
             ):
                 fault.ready_s = round(t, 3)
                 fault.details["new_pid"] = pid
-                fault.done = fault.ok = True
+                fault.done = True
+                fault.ok = fault.details.get("deadline_held", True)
         elif fault.kind == "source_gone":
             pid, stats = self._current("camera")
             if pid != fault._pid:
@@ -463,6 +489,26 @@ class Soak:
             fault.details["timeout"] = f"not recovered within {FAULT_TIMEOUT_S:.0f} s"
         if fault.done and fault.kind == "source_gone" and "restored_s" not in fault.details:
             os.replace(self._gone_path(), self.camera_video)
+
+    def _heartbeat_socket_count(self) -> int:
+        return sum(self.launcher.unauthenticated.values()) + self.launcher.heartbeat_rejects.total
+
+    def _judge_flood(self, fault: Fault) -> None:
+        """Was the hang seen within the normal deadline while the flood was still on?"""
+        flooder = fault._socket
+        after = fault.detected_s - fault.injected_s
+        # heartbeat_timeout_s from the last beat (at most one heartbeat interval before the stop), plus the soak's
+        # own step; what the launcher's bounded reads must keep under any flood
+        deadline = self.config.heartbeat_timeout_s + 1.0
+        fault.details.update(
+            flood_on_at_detection=flooder.poll() is None,
+            flood_counted=self._heartbeat_socket_count() - fault._baseline["counted"],
+            detection_deadline_s=deadline,
+            deadline_held=flooder.poll() is None and after <= deadline,
+        )
+        flooder.kill()
+        flooder.wait()
+        fault._socket = None
 
     def _judge_fuzz(self, fault: Fault, t: float) -> None:
         if fault.target == "launcher.heartbeats":
@@ -562,7 +608,10 @@ class Soak:
             for fault in self.faults:
                 if fault.kind == "source_gone" and self._gone_path().exists():
                     os.replace(self._gone_path(), self.camera_video)
-                if fault._socket is not None and fault._socket not in self.fuzz_pubs.values():
+                if isinstance(fault._socket, subprocess.Popen):
+                    fault._socket.kill()
+                    fault._socket.wait()
+                elif fault._socket is not None and fault._socket not in self.fuzz_pubs.values():
                     fault._socket.close(0)
             summary = self.launcher.shutdown(reason)
             for sock in self.fuzz_pubs.values():

@@ -26,6 +26,7 @@ from avloc.stream import protocol
 from avloc.stream.worker import USER_ERROR_EXIT, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)
+MAX_SHAPES = 64  # distinct array shapes counted per endpoint
 
 
 def tap(endpoints: list[str], seconds: float, stop: threading.Event | None = None) -> dict[str, dict[str, Any]]:
@@ -57,7 +58,9 @@ def tap(endpoints: list[str], seconds: float, stop: threading.Event | None = Non
                     s["bytes"] += msg.nbytes
                     s["kinds"][msg.kind] += 1
                     for name, array in msg.arrays.items():
-                        s["shapes"][f"{name} {'x'.join(map(str, array.shape))}"] += 1
+                        key = f"{name} {'x'.join(map(str, array.shape))}"
+                        if key in s["shapes"] or len(s["shapes"]) < MAX_SHAPES:  # made-up shapes cannot grow it
+                            s["shapes"][key] += 1
                     if "capture" in msg.ts:
                         s["age"].append(received - msg.ts["capture"])
                 if messages and deadline is None:

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -44,10 +44,11 @@ import zmq
 from aiohttp import WSMsgType, web
 
 from avloc.core.errors import UserError
-from avloc.stream import protocol
-from avloc.stream.display import COLORMAPS, FRAME_BUFFER, STALE_HEATMAP_S, heatmap_to_unit
+from avloc.stream import protocol, security
+from avloc.stream.display import COLORMAPS, FRAME_BUFFER, MAX_STREAMS, STALE_HEATMAP_S, heatmap_to_unit
 from avloc.stream.launcher import ProcessSpec, check_endpoint
 from avloc.stream.pipeline import Endpoints
+from avloc.stream.security import is_loopback
 from avloc.stream.worker import USER_ERROR_EXIT, Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ JPEG_QUALITY = 80
 # than a queue of stale ones seconds long.
 SEND_BUFFER_BYTES = 64 * 1024
 WS_WRITER_LIMIT = 64 * 1024
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 # --- arguments ---------------------------------------------------------------------------------------------
@@ -74,15 +74,6 @@ def parse_http(value: str, option: str = "--http") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise UserError(f"{option} {value!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name may resolve to any interface
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,9 +92,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to serve the page (loopback by default; other addresses need --token)",
     )
     parser.add_argument(
-        "--token",
+        "--token-file",
+        type=Path,
         default=None,
-        help=f"required on every request as ?token=, {TOKEN_HEADER} or 'Authorization: Bearer' (default: ${TOKEN_ENV})",
+        metavar="FILE",
+        help=f"file holding the token required on every request as ?token=, {TOKEN_HEADER} or 'Authorization: "
+        f"Bearer' (default: ${TOKEN_ENV}; never on the command line, which `ps` shows to every local user)",
+    )
+    parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused with a hint: see read_token
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="CURVE keys of the pipeline: RUN_DIR/keys of an `avloc run/replay` (secure by default), or the "
+        "--keys DIR it was started with (default: $AVLOC_KEYS; none for an --insecure pipeline)",
     )
     parser.add_argument("--alpha", type=float, default=0.45, help="initial heatmap opacity on the page (0..1)")
     parser.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS), help="initial colormap")
@@ -151,6 +154,7 @@ class StreamState:
         self.last_frame_t = -np.inf
         self.last_update_t = -np.inf  # last heatmap update sent to the browsers
         self.sent_frame_seq = -1
+        self.last_heard = -np.inf
         # (arrival time, e2e ms, {stage: ms}) of the last LATENCY_WINDOW_S
         self.latency: deque[tuple[float, float, dict[str, float]]] = deque()
 
@@ -168,6 +172,7 @@ class Ingest(threading.Thread):
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.streams: dict[str, StreamState] = {}
+        self.streams_evicted = 0
         self.rejects = protocol.RejectCounter("view", logger=log)
 
     def run(self) -> None:
@@ -207,7 +212,17 @@ class Ingest(threading.Thread):
 
     def _state(self, stream: str) -> StreamState:
         with self.lock:
-            return self.streams.setdefault(stream, StreamState())
+            state = self.streams.get(stream)
+            if state is None:
+                # bounded like the display's streams: a sender making up ids evicts the least recently heard one,
+                # never grows what every browser is sent
+                while len(self.streams) >= MAX_STREAMS:
+                    oldest = min(self.streams, key=lambda s: self.streams[s].last_heard)
+                    del self.streams[oldest]
+                    self.streams_evicted += 1
+                state = self.streams[stream] = StreamState()
+            state.last_heard = protocol.now()
+            return state
 
     def _on_frame(self, msg: protocol.Message) -> None:
         if msg.kind != "frame" or "frame" not in msg.arrays:
@@ -251,6 +266,8 @@ class Ingest(threading.Thread):
             peak = [x, y]
         notice = msg.meta.get("notice")
         arr = msg.arrays.get("heatmap")
+        if arr is not None and not protocol.all_finite(arr):
+            raise ValueError(f"heatmap {arr.dtype} {arr.shape} has non-finite values")
         heat = b""
         shape = None
         if arr is not None and arr.ndim == 2 and arr.size:
@@ -431,12 +448,18 @@ class Viewer:
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         if request.path == "/favicon.ico":  # browsers fetch it without the page's query string
             return await handler(request)
-        if self.loopback and (request.url.host or "") not in LOOPBACK_NAMES:
-            # a loopback server addressed by another name: DNS rebinding from some web page
+        try:
+            host = request.url.host or ""
+            given = self._given_token(request) if self.token is not None else None
+            given_bytes = None if given is None else given.encode("utf-8")
+        except (UnicodeError, ValueError) as err:  # a Host or token header that is not text: the client's error
+            return self._deny(request, 400, f"bad request header ({type(err).__name__})")
+        if self.loopback and not is_loopback(host):
+            # a loopback server addressed by another name: DNS rebinding from some web page. Any loopback address
+            # (127.0.0.2 too, what it may be bound to) and "localhost" are fine; names are not.
             return self._deny(request, 403, f"Host {request.host!r} is not a loopback name")
         if self.token is not None:
-            given = self._given_token(request)
-            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+            if given_bytes is None or not hmac.compare_digest(given_bytes, self.token.encode()):
                 return self._deny(request, 403, "missing token" if given is None else "wrong token")
         origin = request.headers.get("Origin")
         if request.path == "/ws" and origin is not None and origin.split("://", 1)[-1] != request.host:
@@ -527,6 +550,7 @@ class Viewer:
             "heatmaps": sum(s["heatmaps"] for s in streams.values()),
             "forbidden": self.forbidden,
             "rejects": self.ingest.rejects.as_dict() if self.ingest is not None else {},
+            "streams_evicted": self.ingest.streams_evicted if self.ingest is not None else 0,
         }
 
     async def serve(self, host: str, port: int, stop: threading.Event, heartbeat: Heartbeat) -> None:
@@ -586,7 +610,30 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, int, str | None]:
         raise UserError(f"--alpha {args.alpha}: expected a value between 0 and 1")
     if args.max_clients < 1:
         raise UserError(f"--max-clients {args.max_clients}: expected at least 1")
-    return check_http(args.http, args.token)
+    return check_http(args.http, read_token(args.token_file, args.token))
+
+
+def read_token(token_file: Path | None, argv_token: str | None = None, option: str = "--token") -> str | None:
+    """The viewer token: from ``token_file`` (its first line), else ``$AVLOC_VIEW_TOKEN``; None when neither.
+
+    A token on the command line is refused: every local user can read it in ``ps`` / ``/proc/PID/cmdline``.
+    """
+    if argv_token is not None:
+        raise UserError(
+            f"{option}: a token on the command line is visible to every local user (`ps`); "
+            f"put it in ${TOKEN_ENV} or in a file only you can read ({option}-file FILE)"
+        )
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        text = token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{option}-file {token_file}: cannot read it ({err})") from None
+    if not text:
+        raise UserError(f"{option}-file {token_file}: empty; expected the token on its first line")
+    if token_file.stat().st_mode & 0o077:
+        log.warning("%s-file %s: other users can read it (chmod 600)", option, token_file)
+    return text.splitlines()[0].strip()
 
 
 def check_http(http: str, token: str | None, option: str = "--http") -> tuple[str, int, str | None]:
@@ -613,6 +660,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     heartbeat: Heartbeat | None = None
     try:
         host, port, token = check_arguments(args)
+        if getattr(args, "keys", None) is not None:  # every socket of this process then uses them (a folder name)
+            security.load_keys(args.keys)  # one line now if they are not there
+            os.environ[security.KEYS_ENV] = str(args.keys.resolve())
         heartbeat = Heartbeat(zmq.Context.instance(), args.heartbeat, role="view", stream="view")
         asyncio.run(Viewer(args, token, host).serve(host, port, stop, heartbeat))
     except UserError as err:

@@ -93,6 +93,7 @@ class Heartbeat:
         self._seq = 0
         self._last = -float("inf")
         self._token = security.run_token()  # from the launcher's environment; None when started by hand
+        self._sender = security.new_sender_id()  # this heartbeat's own seq counter (see security.Verifier)
         self.truncated = 0  # heartbeats whose stats did not fit in a header and were cut
 
     def due(self) -> bool:
@@ -122,7 +123,7 @@ class Heartbeat:
 
     def _send(self, kind: str, ts: dict[str, float], meta: dict[str, Any]) -> None:
         assert self._socket is not None
-        meta = security.signed_meta(self._token, kind, self.stream, self._seq, ts, meta)
+        meta = security.signed_meta(self._token, kind, self.stream, self._seq, ts, meta, self._sender)
         protocol.send(self._socket, kind, stream=self.stream, seq=self._seq, ts=ts, meta=meta)
         self._seq += 1
 
@@ -212,14 +213,15 @@ def make_publisher(
     try:
         security.check_bind(endpoint)
         security.secure_socket(sock, bind=True)
-        sock.bind(endpoint)
+        protocol.bind_retrying(sock, endpoint)
     except protocol.UserError:  # refused by the security checks
         sock.close(0)
         raise
     except zmq.ZMQError as err:
         sock.close(0)
         raise protocol.EndpointError(
-            f"cannot bind publisher to {endpoint}: {err} (another pipeline running? choose other ports)"
+            f"cannot bind publisher to {endpoint}: {err} "
+            "(another pipeline running? choose other ports, e.g. --auto-ports)"
         ) from err
     return sock
 

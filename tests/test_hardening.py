@@ -119,7 +119,7 @@ def test_inference_ignores_untagged_control(monkeypatch):
     token = security.new_run_token()
     monkeypatch.setenv(security.RUN_TOKEN_ENV, token)
     worker = _worker(FakeEngine())
-    ts = {"send": 1.0}
+    ts = {"send": protocol.now()}  # a tag is also checked for freshness (security.Verifier)
     forged = protocol.Message("control", "cam0", 5, ts, {}, {"command": "end"})
     worker.take_frames([forged], 1.0)
     assert worker.ended_streams == set() and worker.frame_rejects.as_dict() == {"unauthenticated": 1}

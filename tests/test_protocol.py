@@ -25,6 +25,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 def ctx():
     context = zmq.Context()
     yield context
+    security.stop_authenticators()  # a test that bound a CURVE socket started one on this context
     context.destroy(linger=0)
 
 
@@ -263,17 +264,25 @@ def _doc_example() -> str:
     return match.group(1)
 
 
-def test_doc_subscriber_example_receives_heatmaps(ctx, tmp_path):
+@pytest.mark.parametrize("with_keys", [True, False], ids=["run-keys", "insecure"])
+def test_doc_subscriber_example_receives_heatmaps(ctx, tmp_path, with_keys):
+    """The example works against a pipeline secured by default (the run's keys folder as its 3rd argument, the
+    publisher a CURVE server as every avloc socket then is) and against an --insecure one."""
     code = _doc_example()
     assert "avloc" not in code and "pickle" not in code
     assert len(code.strip().splitlines()) <= 40
     script = tmp_path / "subscriber.py"
     script.write_text(code, encoding="utf-8")
-    pub = protocol.make_socket(ctx, zmq.PUB, "tcp://127.0.0.1:*", bind=True, hwm=100)
+    keys = security.make_run_keys(tmp_path / "run") if with_keys else None
+    with security.environment({security.KEYS_ENV: str(keys)} if keys else {}):
+        pub = protocol.make_socket(ctx, zmq.PUB, "tcp://127.0.0.1:*", bind=True, hwm=100)
     endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
     count = 6
     proc = subprocess.Popen(
-        [sys.executable, str(script), endpoint, str(count)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(script), endpoint, str(count), *([str(keys)] if keys else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         rng = np.random.default_rng(3)

@@ -130,17 +130,29 @@ def test_arguments_and_newest_only_queue():
     with pytest.raises(UserError, match="HOST:PORT"):
         parse_http("8080")
 
-    def args(http: str, token: str | None = None):
+    def args(http: str, token_file: Path | None = None, token: str | None = None):
         import argparse
 
         return argparse.Namespace(
-            frames=None, heatmaps="tcp://127.0.0.1:5552", http=http, token=token, alpha=0.5, max_clients=4
+            frames=None,
+            heatmaps="tcp://127.0.0.1:5552",
+            http=http,
+            token_file=token_file,
+            token=token,
+            alpha=0.5,
+            max_clients=4,
         )
 
     os.environ.pop("AVLOC_VIEW_TOKEN", None)
     with pytest.raises(UserError, match="needs a token"):
         check_arguments(args("0.0.0.0:8080"))
-    assert check_arguments(args("0.0.0.0:8080", "t"))[2] == "t"
+    with tempfile.TemporaryDirectory() as folder:
+        token_file = Path(folder) / "token"
+        token_file.write_text("t\n")
+        token_file.chmod(0o600)
+        assert check_arguments(args("0.0.0.0:8080", token_file))[2] == "t"
+    with pytest.raises(UserError, match="visible to every local user"):  # `ps` shows a command line
+        check_arguments(args("0.0.0.0:8080", token="t"))
     assert check_arguments(args("localhost:0"))[2] is None
 
     async def offers() -> Client:
@@ -172,8 +184,19 @@ def test_non_loopback_bind_needs_a_token_and_says_so(tmp_path):
     )
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "needs a token" in refused.stderr, refused.stderr
+    on_argv = subprocess.run(
+        [*cmd, "--http", f"0.0.0.0:{_free_port()}", "--token", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert on_argv.returncode == 2 and "visible to every local user" in on_argv.stderr, on_argv.stderr
     proc = subprocess.Popen(
-        [*cmd, "--http", f"0.0.0.0:{_free_port()}", "--token", "x"], stderr=subprocess.PIPE, text=True, env=env
+        [*cmd, "--http", f"0.0.0.0:{_free_port()}"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "AVLOC_VIEW_TOKEN": "x"},
     )
     try:
         line = proc.stderr.readline()
