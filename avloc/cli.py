@@ -47,10 +47,6 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
             "acl": ("ACL from local BEATs / CLIPSeg / released ACL weights", "avloc.core.acl.convert"),
         },
     ),
-    "acl-import": (
-        "build an ACL checkpoint from local BEATs / CLIPSeg / released ACL weights",
-        "avloc.core.acl.convert",
-    ),
     "replay": ("replay a video file through the streaming pipeline", "avloc.stream.replay_cli"),
     "run": ("live: camera + microphone through the streaming pipeline", "avloc.stream.run_cli"),
     "devices": ("list cameras and microphones", "avloc.stream.devices"),
