@@ -151,12 +151,28 @@ class _Resampler:
         out = [f.to_ndarray()[0] for f in self._resampler.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
+    def flush(self) -> np.ndarray:
+        """The samples still held in the filter (the end of a finite signal)."""
+        out = [f.to_ndarray()[0] for f in self._resampler.resample(None)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
 
 def _to_float_mono(block: np.ndarray) -> np.ndarray:
     data = block.astype(np.float32)
     if np.issubdtype(block.dtype, np.integer):
         data /= float(-np.iinfo(block.dtype).min)
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+
+
+def as_captured(block: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """A whole ``[frames, channels]`` signal (int or float) as capture hands it to the front-end: float in
+    [-1, 1] (ints scaled by their full range), channels averaged, resampled to ``target_rate`` with the same
+    libswresample filter (flushed at the end)."""
+    mono = _to_float_mono(np.asarray(block).reshape(len(block), -1))
+    if int(rate) == int(target_rate):
+        return mono.astype(np.float32, copy=False)
+    resampler = _Resampler(int(rate), int(target_rate))
+    return np.concatenate([resampler(mono), resampler.flush()]).astype(np.float32, copy=False)
 
 
 class AudioWindower:
