@@ -244,6 +244,8 @@ class Localizer:
                 pending.append((t, bgr))
                 if len(pending) >= size:
                     yield from flush()
+        except DataError as err:
+            raise UserError(str(err)) from None
         except (av.error.FFmpegError, TruncatedError) as err:
             raise UserError(f"{path}: video decoding failed ({err})") from None
         if pending:
