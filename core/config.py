@@ -56,13 +56,16 @@ def resolve_config(value: str | Path) -> Path:
     raise UserError(f"config {value}: no such file, nor a packaged config (packaged: {', '.join(config_names())})")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping (a path, or a packaged config's name: see :func:`resolve_config`).
 
     ``_base: other.yaml`` is merged underneath: relative to this file, else a packaged config of that name
-    (so a user's config can build on ``_base: cpu.yaml`` wherever it lives).
+    (so a user's config can build on ``_base: cpu.yaml`` wherever it lives; a ``stream.yaml`` of one's own
+    with ``_base: stream.yaml`` builds on the packaged one).
     """
     path = resolve_config(path)
+    if path.resolve() in _chain:
+        raise UserError(f"{path}: _base chain loops ({' -> '.join(str(p) for p in (*_chain, path.resolve()))})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -75,10 +78,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             raise UserError(f"{path}: _base: {base!r}, expected a file name (e.g. cpu.yaml)")
         local = path.parent / base
         try:
-            base_path = local if local.is_file() else packaged_config(base)
+            base_path = local if local.is_file() and local.resolve() != path.resolve() else packaged_config(base)
         except UserError:
             raise UserError(f"{path}: _base: {base}: not found next to it nor among the packaged configs") from None
-        data = merge(load_yaml(base_path), data)
+        data = merge(load_yaml(base_path, (*_chain, path.resolve())), data)
     return data
 
 

@@ -47,6 +47,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml, packaged_config, resolve_config
 from avloc.core.errors import UserError
 from avloc.stream import protocol, security
+from avloc.stream.devices import report_problem
 from avloc.stream.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
 from avloc.stream.worker import STATE_STALLED, USER_ERROR_EXIT
 
@@ -358,7 +359,9 @@ class Launcher:
                 continue
             if msg.kind == "heartbeat":
                 stats = msg.meta.get("stats")
+                before = child.last_stats.get("problem")
                 child.last_stats = stats if isinstance(stats, dict) else {}
+                report_problem(log, child.spec.name, before, child.last_stats)  # a device that does not deliver
                 # a worker whose work is stuck (a camera grab that never returns) still beats, as "stalled":
                 # that is not a sign of life, so it is killed after heartbeat_timeout_s like a silent one
                 if child.last_stats.get("state") != STATE_STALLED:

@@ -51,6 +51,14 @@ def test_user_config_bases_on_a_packaged_config_by_name(tmp_path: Path, monkeypa
     # a file next to it wins over the packaged one of the same name
     (tmp_path / "cpu.yaml").write_text("model: {width: 3}\n")
     assert load_config(mine)["model"] == {"width": 3}
+    # one's own stream.yaml on top of the packaged stream.yaml; a real loop is an error
+    (tmp_path / "stream.yaml").write_text("_base: stream.yaml\nstartup_grace_s: 99.0\n")
+    assert load_stream_config(tmp_path / "stream.yaml").startup_grace_s == 99.0
+    assert load_stream_config(tmp_path / "stream.yaml").audio_hop_s == load_stream_config().audio_hop_s
+    (tmp_path / "a.yaml").write_text("_base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base: a.yaml\n")
+    with pytest.raises(UserError, match=r"_base chain loops \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_yaml(tmp_path / "a.yaml")
 
 
 def test_unknown_config_names_are_one_line_errors(tmp_path: Path) -> None:
