@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
     "train": ("train a model from a YAML config", "avloc.train.main"),
     "eval": ("evaluate a checkpoint: localization, retrieval, extended, audio-swap", "avloc.train.evaluate"),
     "eval-maps": ("score saved heatmaps with the evaluation protocol", "avloc.core.eval_maps"),
+    "localize": (
+        "offline, batched: an image + sound, a video or a folder of videos -> overlays and per-frame peaks",
+        "avloc.localize",
+    ),
+    "info": ("what a checkpoint, engine folder or Triton repository is, and what can run it here", "avloc.info"),
     "export": ("export a checkpoint to ONNX engines + manifest", "avloc.engines.export"),
     "import": (
         "import published weights into an avloc checkpoint",
@@ -46,10 +51,6 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
             ),
             "acl": ("ACL from local BEATs / CLIPSeg / released ACL weights", "avloc.core.acl.convert"),
         },
-    ),
-    "acl-import": (
-        "build an ACL checkpoint from local BEATs / CLIPSeg / released ACL weights",
-        "avloc.core.acl.convert",
     ),
     "replay": ("replay a video file through the streaming pipeline", "avloc.stream.replay_cli"),
     "run": ("live: camera + microphone through the streaming pipeline", "avloc.stream.run_cli"),

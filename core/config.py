@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -15,11 +16,56 @@ from avloc.core.errors import UserError
 T = TypeVar("T")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ``_base: other.yaml`` (relative to this file) is merged underneath."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def packaged_config_dir() -> Path:
+    """The folder of the configs shipped with avloc (``configs/`` of the checkout, ``avloc/configs`` of an
+    install), found through importlib.resources so a wheel installed anywhere finds its own."""
+    return Path(str(importlib.resources.files("avloc.configs")))
+
+
+def config_names() -> list[str]:
+    """Names ``--config`` accepts for the packaged configs: ``cpu``, ``demo``, ``ablations/align_only`` ..."""
+    root = packaged_config_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def packaged_config(name: str) -> Path:
+    """Path of the packaged config ``name`` (``stream``, ``ablations/align_only``; ``.yaml`` optional)."""
+    rel = name[: -len(Path(name).suffix)] if Path(name).suffix in CONFIG_SUFFIXES else name
+    path = packaged_config_dir() / f"{rel}.yaml"
+    if rel.startswith(("/", ".")) or not path.is_file():
+        raise UserError(f"config {name!r}: no such packaged config; packaged: {', '.join(config_names())}")
+    return path
+
+
+def resolve_config(value: str | Path) -> Path:
+    """``--config`` value -> a YAML file: an existing path, else the packaged config of that name."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    text = str(value)
+    # a name is what a packaged config is called; anything that looks like a path stays a (missing) path
+    looks_like_name = not path.is_absolute() and not text.startswith(".") and path.suffix in ("", *CONFIG_SUFFIXES)
+    if looks_like_name:
+        try:
+            return packaged_config(text)
+        except UserError:
+            pass
+    raise UserError(f"config {value}: no such file, nor a packaged config (packaged: {', '.join(config_names())})")
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping (a path, or a packaged config's name: see :func:`resolve_config`).
+
+    ``_base: other.yaml`` is merged underneath: relative to this file, else a packaged config of that name
+    (so a user's config can build on ``_base: cpu.yaml`` wherever it lives; a ``stream.yaml`` of one's own
+    with ``_base: stream.yaml`` builds on the packaged one).
+    """
+    path = resolve_config(path)
+    if path.resolve() in _chain:
+        raise UserError(f"{path}: _base chain loops ({' -> '.join(str(p) for p in (*_chain, path.resolve()))})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -28,7 +74,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("_base", None)
     if base is not None:
-        data = merge(load_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise UserError(f"{path}: _base: {base!r}, expected a file name (e.g. cpu.yaml)")
+        local = path.parent / base
+        try:
+            base_path = local if local.is_file() and local.resolve() != path.resolve() else packaged_config(base)
+        except UserError:
+            raise UserError(f"{path}: _base: {base}: not found next to it nor among the packaged configs") from None
+        data = merge(load_yaml(base_path, (*_chain, path.resolve())), data)
     return data
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ MAX_CONSECUTIVE_READ_FAILURES = 5
 OPEN_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0
 STALL_TIMEOUT_S = 15.0  # one OpenCV call running longer than this: the source hangs (beyond its timeouts)
+DEVICES_HINT_CAMERAS = "`avloc devices` lists the cameras of this machine"
 
 
 def parse_source(source: str | int) -> str | int:
@@ -87,6 +89,29 @@ def open_with_timeouts(
         return cap
     cap.release()  # e.g. a GStreamer pipeline string whose backend took no timeouts
     return cv2.VideoCapture(source)
+
+
+def retry_schedule(initial_s: float, max_s: float) -> str:
+    """The back-off of a failing device in words (what the console says the worker will do)."""
+    return f"retrying after {initial_s:g} s, doubling up to every {max_s:g} s"
+
+
+def why_not_open(source: str | int) -> str:
+    """What went wrong opening ``source`` and what was tried, in one clause, for the console: a device index
+    names its ``/dev/videoN`` node and whether it exists or is readable; a file whether it exists."""
+    if isinstance(source, int):
+        node = Path(f"/dev/video{source}")
+        tried = f"tried OpenCV VideoCapture({source}) ({node})"
+        if not node.exists():
+            return f"{node} does not exist; {tried}"
+        if not os.access(node, os.R_OK | os.W_OK):
+            return f"{node} exists but this user may not open it (not in its group, e.g. 'video'); {tried}"
+        return f"{node} exists but does not deliver (in use by another program, or not a capture node); {tried}"
+    if "://" in source:
+        return f"no stream from {source} (tried OpenCV with a {OPEN_TIMEOUT_S:g} s open timeout)"
+    if _is_file(source) and not Path(source).exists():
+        return f"{source}: no such file"
+    return f"OpenCV cannot open or decode {source!r} (tried every OpenCV backend)"
 
 
 def parse_infer_size(value: str) -> tuple[int, int]:
@@ -171,6 +196,9 @@ class LatestFrameGrabber:
         self.open_times: list[float] = []  # when each open attempt happened (for the back-off schedule)
         self._taken_index = -1
         self._busy: tuple[str, float] | None = None  # (OpenCV call, since when) while the thread is inside one
+        # Why the source delivers nothing right now (cannot open / stopped delivering), for the console through
+        # the heartbeat; None while frames flow. Worded without counters, so the launcher says it once.
+        self.problem: str | None = None
 
     def _enter(self, call: str) -> None:
         self._busy = (call, time.monotonic())
@@ -234,6 +262,11 @@ class LatestFrameGrabber:
         while not self._stop.is_set():
             cap = self._open()
             if cap is None:
+                if self.problem is None or self.problem.startswith("stopped"):
+                    self.problem = (
+                        f"cannot open {self._what()}: {why_not_open(self.source)}; "
+                        f"{retry_schedule(self.backoff_initial_s, self.backoff_max_s)}{self._hint()}"
+                    )
                 log.warning("cannot open source %r; retrying in %.1f s", self.source, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
@@ -253,6 +286,12 @@ class LatestFrameGrabber:
             if delivered:
                 backoff = self.backoff_initial_s  # it worked for a while: start the back-off afresh
             if not self._stop.is_set():
+                if not (delivered and _is_file(self.source)):  # a file at its end starts over: not a problem
+                    self.problem = (
+                        f"stopped delivering frames: {self._what()} "
+                        f"({'no frame since it opened' if not delivered else f'after {delivered} frame(s)'}); "
+                        f"reopening, {retry_schedule(self.backoff_initial_s, self.backoff_max_s)}{self._hint()}"
+                    )
                 log.warning("source %r stopped delivering frames; reopening in %.1f s", self.source, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
@@ -285,6 +324,7 @@ class LatestFrameGrabber:
                 continue
             failures = 0
             delivered += 1
+            self.problem = None
             if image.ndim == 2:
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
             with self._cond:
@@ -294,6 +334,12 @@ class LatestFrameGrabber:
                 self.grabbed += 1
                 self._cond.notify_all()
         return delivered
+
+    def _hint(self) -> str:
+        return f"; {DEVICES_HINT_CAMERAS}" if isinstance(self.source, int) else ""
+
+    def _what(self) -> str:
+        return f"camera {self.source}" if isinstance(self.source, int) else f"source {self.source}"
 
     def stats(self) -> dict[str, int]:
         return {
@@ -349,17 +395,22 @@ def run_camera(
         stuck = grabber.stalled(stall_timeout_s)
         if stuck:
             warn("stalled", logging.ERROR, "grab thread stuck in %s: reporting stalled", stuck)
+        # "loading" (not ready, for the launcher) until the source has delivered a frame
+        state = STATE_STALLED if stuck else "ok" if grabber.grabbed else "loading"
         return {
             **grabber.stats(),
             "published": published,
-            "state": STATE_STALLED if stuck else "ok",
+            "state": state,
+            "problem": grabber.problem,
             **({"stalled": stuck} if stuck else {}),
         }
 
+    told: str | None = None  # the problem the last heartbeat carried
     try:
         while not stop.is_set() and (max_frames is None or published < max_frames):
-            if heartbeat.due():
-                heartbeat.maybe_send(stats())
+            if heartbeat.due() or grabber.problem != told:  # a new problem goes out at once
+                told = grabber.problem
+                heartbeat.maybe_send(stats(), force=True)
             if min_period:
                 wait = last_publish + min_period - protocol.now()
                 if wait > 0:

@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from avloc.core.config import packaged_config
 from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = packaged_config("demo")
 VIDEO_SIZE = (640, 480)
 VIDEO_FPS = 30
 # The demo's categories (of tuxpaint-stamps-default): sources whose recordings a listener tells apart at once

@@ -44,16 +44,17 @@ from typing import Any
 
 import zmq
 
-from avloc.core.config import from_dict, load_yaml
+from avloc.core.config import from_dict, load_yaml, packaged_config, resolve_config
 from avloc.core.errors import UserError
 from avloc.stream import protocol, security
 from avloc.stream.batching import MAX_STREAMS
+from avloc.stream.devices import report_problem
 from avloc.stream.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
 from avloc.stream.worker import STATE_STALLED, USER_ERROR_EXIT
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "stream.yaml"
+CONFIG_PATH = packaged_config("stream")
 _PR_SET_PDEATHSIG = 1
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
@@ -99,9 +100,7 @@ class StreamConfig:
 
 def load_stream_config(path: Path | None = None) -> StreamConfig:
     """``configs/stream.yaml`` (defaults when the package has none), or the ``--config`` file given."""
-    if path is not None and not Path(path).is_file():
-        raise UserError(f"--config {path}: no such file")
-    path = Path(path or CONFIG_PATH)
+    path = CONFIG_PATH if path is None else resolve_config(path)  # a path, or a packaged name (stream_acl)
     if not path.is_file():
         return StreamConfig()
     config = from_dict(StreamConfig, load_yaml(path), str(path))
@@ -392,7 +391,9 @@ class Launcher:
                 continue
             if msg.kind == "heartbeat":
                 stats = msg.meta.get("stats")
+                before = child.last_stats.get("problem")
                 child.last_stats = stats if isinstance(stats, dict) else {}
+                report_problem(log, child.spec.name, before, child.last_stats)  # a device that does not deliver
                 # a worker whose work is stuck (a camera grab that never returns) still beats, as "stalled":
                 # that is not a sign of life, so it is killed after heartbeat_timeout_s like a silent one
                 if child.last_stats.get("state") != STATE_STALLED:

@@ -151,12 +151,28 @@ class _Resampler:
         out = [f.to_ndarray()[0] for f in self._resampler.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
+    def flush(self) -> np.ndarray:
+        """The samples still held in the filter (the end of a finite signal)."""
+        out = [f.to_ndarray()[0] for f in self._resampler.resample(None)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
 
 def _to_float_mono(block: np.ndarray) -> np.ndarray:
     data = block.astype(np.float32)
     if np.issubdtype(block.dtype, np.integer):
         data /= float(-np.iinfo(block.dtype).min)
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+
+
+def as_captured(block: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """A whole ``[frames, channels]`` signal (int or float) as capture hands it to the front-end: float in
+    [-1, 1] (ints scaled by their full range), channels averaged, resampled to ``target_rate`` with the same
+    libswresample filter (flushed at the end)."""
+    mono = _to_float_mono(np.asarray(block).reshape(len(block), -1))
+    if int(rate) == int(target_rate):
+        return mono.astype(np.float32, copy=False)
+    resampler = _Resampler(int(rate), int(target_rate))
+    return np.concatenate([resampler(mono), resampler.flush()]).astype(np.float32, copy=False)
 
 
 class AudioWindower:
@@ -355,7 +371,9 @@ def run_microphone(
     capture: MicrophoneCapture | None = None
     windower: AudioWindower | None = None
     backoff = 0.5
-    stats: dict[str, Any] = {}
+    # "loading" (not ready, for the launcher) until the first window went out; ``problem`` says why nothing
+    # comes (on the console, through the launcher) and is worded without counters so it is said once
+    stats: dict[str, Any] = {"windows": 0, "reopens": 0, "state": "loading", "problem": None}
     try:
         while not stop.is_set() and (max_windows is None or published < max_windows):
             if capture is None:
@@ -367,8 +385,17 @@ def run_microphone(
                     if isinstance(err, UserError) and reopens == 0 and published == 0:
                         raise
                     log.warning("cannot open microphone %r (%s); retrying in %.1f s", device, err, backoff)
+                    if capture is not None:
+                        capture.close()
                     capture = None
-                    stop.wait(backoff)
+                    if not (stats["problem"] or "").startswith("cannot open"):
+                        stats["problem"] = why_mic_not_open(device, err)
+                    heartbeat.maybe_send(stats, force=True)
+                    retry_at = time.monotonic() + backoff
+                    while not stop.wait(min(0.1, max(0.0, retry_at - time.monotonic()))):
+                        heartbeat.maybe_send(stats)  # keep beating (the problem, not ready) while waiting
+                        if time.monotonic() >= retry_at:
+                            break
                     backoff = min(2 * backoff, 10.0)
                     continue
                 hop = round(hop_seconds * config.sample_rate)
@@ -403,6 +430,8 @@ def run_microphone(
                 if max_windows is not None and published >= max_windows:
                     break
             ring = capture.ring
+            delivering = capture.active and protocol.now() - capture.last_callback <= 2.0
+            problem = stats["problem"] if published == stats["windows"] else None  # windows flow again: solved
             stats = {
                 "windows": published,
                 "ring_dropped_frames": ring.dropped_frames,
@@ -410,11 +439,16 @@ def run_microphone(
                 "skipped_frames": windower.skipped_frames,
                 "status_flags": capture.status_flags,
                 "reopens": reopens,
+                "state": "ok" if published else "loading",
+                "problem": problem
+                if delivering
+                else f"stopped delivering: {_mic_name(device)} sent no samples "
+                f"for 2 s; reopening, {MIC_RETRY}; {DEVICES_HINT_MICS}",
             }
             if ring.dropped_blocks:
                 warn("overflow", logging.WARNING, "ring overflow: %d frames dropped", ring.dropped_frames)
-            heartbeat.maybe_send(stats)
-            if not capture.active or protocol.now() - capture.last_callback > 2.0:
+            heartbeat.maybe_send(stats, force=stats["problem"] != problem)
+            if not delivering:
                 log.warning("microphone %r stopped delivering; reopening", device)
                 capture.close()
                 capture, windower = None, None
@@ -430,6 +464,34 @@ def run_microphone(
         sock.close()
     log.info("microphone %s stopped: %s", stream_id, stats)
     return stats
+
+
+MIC_RETRY = "retrying after 0.5 s, doubling up to every 10 s"
+DEVICES_HINT_MICS = "`avloc devices` lists the microphones of this machine"
+
+
+def _mic_name(device: str | int | None) -> str:
+    return "the default microphone" if device in (None, "default") else f"microphone {device!r}"
+
+
+def why_mic_not_open(device: str | int | None, err: BaseException) -> str:
+    """Why a microphone does not open and what was tried, in one line for the console."""
+    import sounddevice as sd
+
+    try:
+        inputs = [d for d in sd.query_devices() if d["max_input_channels"] > 0]
+    except Exception:  # noqa: BLE001 - PortAudio itself failing is the answer
+        inputs = []
+    detail = " ".join(str(err).split()) or type(err).__name__
+    if not inputs:
+        why = "PortAudio finds no input device at all (no sound card, or no ALSA/PulseAudio capture device)"
+    else:
+        why = f"PortAudio refused it ({detail})"
+    return (
+        f"cannot open {_mic_name(device)}: {why}; tried PortAudio "
+        f"{'default input' if device in (None, 'default') else f'device {device!r}'} at the front-end rate, "
+        f"then at the device's own rate; {MIC_RETRY}; {DEVICES_HINT_MICS}"
+    )
 
 
 def list_microphones() -> list[dict[str, Any]]:

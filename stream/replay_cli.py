@@ -294,6 +294,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"e2e p50 {e2e.get('p50', float('nan')):.1f} ms, p99 {e2e.get('p99', float('nan')):.1f} ms, "
         f"suppressed {lat.get('suppressed', 0)}"
     )
+    from avloc.stream.devices import why_no_heatmaps
+
+    if explanation := why_no_heatmaps(summary):
+        print(f"  {explanation}")
     per_stream = lat.get("per_stream") or {}
     if len(per_stream) > 1:
         for stream, info in per_stream.items():

@@ -304,3 +304,82 @@ def test_watchdog_sees_a_grab_that_never_returns(ctx, tmp_path):
         sub.close(0)
     assert "ok" in states and states[-1] == "stalled", states
     assert result["grabbed"] == 2 and result["state"] == "ok"  # released: the thread came back
+
+
+def test_worker_is_loading_until_it_delivers_and_says_why_not(ctx):
+    """Heartbeats say ``loading`` (not ready) until the first frame, carry the reason a source delivers
+    nothing (cannot open; stopped delivering) in words that do not change per retry, and clear it once
+    frames flow again."""
+    import threading
+
+    from avloc.stream.camera import run_camera
+
+    class Source:
+        """Fails to open twice, delivers 3 frames, then fails its reads; the next open delivers forever."""
+
+        opens = 0
+
+        def __init__(self, _source):
+            Source.opens += 1
+            self.ok = Source.opens > 2
+            self.left = 3 if Source.opens == 3 else 10**9
+
+        def isOpened(self):  # noqa: N802 (OpenCV's name)
+            return self.ok
+
+        def release(self):
+            pass
+
+        def get(self, *_):
+            return 0.0
+
+        def grab(self):
+            time.sleep(0.01)
+            self.left -= 1
+            return self.left >= 0
+
+        def retrieve(self):
+            return True, np.zeros((4, 4, 3), np.uint8)
+
+    heartbeats = free_tcp_endpoint()
+    sub = protocol.make_socket(ctx, zmq.SUB, heartbeats, bind=True, hwm=1000)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=lambda: run_camera(
+            "fake://cam",
+            free_tcp_endpoint(),
+            heartbeat_endpoint=heartbeats,
+            stop=stop,
+            ctx=ctx,
+            open_capture=Source,
+            backoff_initial_s=0.2,
+            backoff_max_s=0.4,
+        )
+    )
+    thread.start()
+    seen: list[tuple[str, str | None]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = protocol.recv(sub, 200)
+            if msg is not None:
+                stats = msg.meta["stats"]
+                if not seen or seen[-1] != (stats["state"], stats["problem"]):
+                    seen.append((stats["state"], stats["problem"]))
+                if Source.opens >= 4 and stats["problem"] is None and stats["grabbed"] > 10:
+                    break
+    finally:
+        stop.set()
+        thread.join(10)
+        sub.close(0)
+    cannot = "cannot open source fake://cam: no stream from fake://cam (tried OpenCV with a 10 s open timeout); "
+    retry = "retrying after 0.2 s, doubling up to every 0.4 s"
+    stopped = f"stopped delivering frames: source fake://cam (after 3 frame(s)); reopening, {retry}"
+    states = [s for s, _ in seen]
+    assert "ok" in states
+    assert seen[0] in {("loading", None), ("loading", cannot + retry)}, seen
+    assert ("loading", cannot + retry) in seen  # said once, not once per retry
+    assert all(state == "loading" for state, _ in seen[: states.index("ok")])  # not ready before a frame
+    problems = [p for _, p in seen]
+    assert stopped in problems and problems.index(stopped) > states.index("ok")
+    assert problems[-1] is None  # delivering again

@@ -28,3 +28,14 @@ def test_help_renders(path: list[str], capsys: pytest.CaptureFixture[str]) -> No
     assert status == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and len(out.splitlines()) > 2
+
+
+def test_one_spelling_per_command(capsys: pytest.CaptureFixture[str]) -> None:
+    modules: dict[str, list[str]] = {}
+    for name, (_, target) in cli.COMMANDS.items():
+        for sub, module in [("", target)] if isinstance(target, str) else [(s, m) for s, (_, m) in target.items()]:
+            modules.setdefault(module, []).append(f"{name} {sub}".strip())
+    assert {m: p for m, p in modules.items() if len(p) > 1} == {}
+    with pytest.raises(SystemExit):
+        cli.main(["acl-import", "--help"])  # the old spelling is gone; `avloc import acl` stays
+    assert "invalid choice: 'acl-import'" in capsys.readouterr().err

@@ -1,9 +1,9 @@
-"""``avloc acl-import``: local BEATs + CLIPSeg weights (+ the released ACL tokenizer) -> an avloc checkpoint.
+"""``avloc import acl``: local BEATs + CLIPSeg weights (+ the released ACL tokenizer) -> an avloc checkpoint.
 
 The checkpoint carries the paper's preprocessing (fbank 10 s, CLIP mean/std at 352 px) and loads strictly
 with ``avloc.core.checkpoint.load_model``, so ``avloc export`` / ``avloc eval`` take it like a trained run::
 
-    avloc acl-import --beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --clipseg clipseg-rd64-refined/ \
+    avloc import acl --beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt --clipseg clipseg-rd64-refined/ \
         --acl-checkpoint Param_best.pth --out acl.pt
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 
 from avloc.core.audio import FrontEndConfig
 from avloc.core.checkpoint import ImageConfig, save_checkpoint
-from avloc.core.config import from_dict, load_config
+from avloc.core.config import from_dict, load_config, packaged_config
 from avloc.core.errors import UserError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "acl.yaml"
+DEFAULT_CONFIG = packaged_config("acl")
 
 
 def import_checkpoint(
