@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
         "make or check datasets",
         {
             "stamps": ("benchmark of real photo cut-outs with their real recordings", "avloc.core.data.stamps"),
+            "gcompris": ("external test set: new farm-animal photos and recordings", "avloc.core.data.gcompris"),
             "synth": ("procedural benchmark (no apt package needed)", "avloc.core.data.synth"),
             "scan": ("list every problem of a dataset at once", "avloc.core.data.scan"),
             "prepare": (
