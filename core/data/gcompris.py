@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -284,8 +285,6 @@ class GcomprisLibrary:
 
 def _write_groups(out: Path, library: GcomprisLibrary) -> None:
     """test_heard.txt / test_unheard.txt: test scenes whose sounding kind is / is not in the training classes."""
-    import json
-
     overlap = library.overlap()
     if not overlap["seen"] or not overlap["unseen"]:
         return
