@@ -198,6 +198,10 @@ def test_broken_bundles_are_one_line_errors(tmp_path: Path) -> None:
         QtResourceBundle(looped)
     with pytest.raises(DataError, match="no resource 'nope'"):
         bundle.read("nope")
+    for hostile in ("../escape.txt", "/abs.txt"):  # names are free text: extract() must stay inside ``out``
+        with pytest.raises(DataError, match="leaves the output folder"):
+            QtResourceBundle(write_rcc({hostile: b"x"})).extract(tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
     with pytest.raises(DataError, match="cannot read the resource bundle"):
         QtResourceBundle.open(tmp_path / "missing.rcc")
 

@@ -208,9 +208,9 @@ class QtResourceBundle:
         for path in self.paths():
             if not path.startswith(prefix):
                 continue
-            target = Path(out) / path
-            if ".." in Path(path).parts:  # a bundle cannot write outside ``out``
+            if ".." in Path(path).parts or Path(path).is_absolute():  # a bundle cannot write outside ``out``
                 raise self._error(f"resource path {path!r} leaves the output folder")
+            target = Path(out) / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.read(path))
             written.append(target)
