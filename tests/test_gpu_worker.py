@@ -103,3 +103,38 @@ def test_worker_process_publishes_heatmaps_from_device_outputs(tiny_engine, tmp_
         # infer_end is stamped after the (simulated) device finished, not when the work was queued
         assert msg.ts["infer_end"] - msg.ts["visual_start"] >= LATENCY_S * 0.9, msg.ts
         assert msg.ts["infer_end"] <= msg.ts["publish"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "cuda_graphs"])
+def test_worker_with_a_real_cuda_engine_publishes(tiny_engine, mode):
+    """On a real GPU: device preprocessing -> CUDA outputs -> to_host -> a published heatmap."""
+    from avloc.engines.base import load_engine
+    from avloc.stream.inference import InferenceWorker
+
+    engine = load_engine(tiny_engine, "torch", device="cuda", mode=mode, max_batch=2)
+    ctx = zmq.Context()
+    endpoint = f"inproc://gpu-{mode}"
+    pub = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True, hwm=10)
+    sub = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=10)
+    try:
+        worker = InferenceWorker(
+            engine, frame_endpoints=[], audio_endpoints=[], heatmap_endpoint=endpoint, heartbeat_endpoint=None
+        )
+        assert worker._device_preprocess is not None
+        worker.warm_up()
+        time.sleep(0.05)
+        t = protocol.now()
+        spec = np.zeros((1, 257, 98), np.float32)
+        worker.take_audio([protocol.Message("audio", "cam0", 0, {"window_end": t - 0.01}, {"spec": spec}, {})], t)
+        frame = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        worker.take_frames([protocol.Message("frame", "cam0", 0, {"capture": t, "send": t}, {"frame": frame}, {})], t)
+        assert worker.process_pending(pub) == 1
+        time.sleep(0.05)
+        (msg,) = protocol.drain_latest(sub)
+        assert np.isfinite(msg.arrays["heatmap"].astype(np.float32)).all()
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+        engine.close()

@@ -142,3 +142,22 @@ def test_bgr_to_rgb_by_flip_matches_the_cpu_path():
     frames = _frames(48, 64, 2, smooth=True)
     out = DevicePreprocessor(MANIFEST, device="cpu", max_batch=2)(frames).numpy()
     assert np.abs(out - preprocess_frames(frames, MANIFEST)).max() <= TOLERANCE_LEVELS * LEVEL
+
+
+@pytest.mark.gpu
+def test_cuda_resize_normalize_never_syncs():
+    """On a real GPU: the device part (flip, resize matmuls, affine) raises under sync debug mode "error" if
+    anything in it waits for the device (a list index or a NumPy constant uploaded from pageable memory)."""
+    from avloc.engines.preprocess import _affine, _weights, normalize_params
+
+    _, _, scale, bias = normalize_params(MANIFEST)
+    device = torch.device("cuda")
+    frames = torch.from_numpy(np.stack(_frames(480, 640, 2, smooth=False))).to(device)
+    weights, affine = _weights(480, 640, SIZE, SIZE, device), _affine(scale, bias, device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = resize_normalize(frames, MANIFEST, weights, affine)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (2, 3, SIZE, SIZE)

@@ -60,9 +60,9 @@ def write_clip(out: Path, quick: bool) -> Path:
     return path
 
 
-def make_models(out: Path, quick: bool) -> dict[str, Any]:
+def make_models(out: Path, quick: bool, acl: bool = True) -> dict[str, Any]:
     """SSL-Align (full size, or width 8 at 64 px with --quick) and ACL (full or tiny, if transformers is
-    installed) engines under OUT/models; ``models.json`` says what was made and why ACL was not."""
+    installed and ``acl``) engines under OUT/models; ``models.json`` says what was made and why ACL was not."""
     from avloc.engines.export import export_engine
 
     models = out / "models"
@@ -76,6 +76,8 @@ def make_models(out: Path, quick: bool) -> dict[str, Any]:
     made["ssl_align"] = {"engine": str(models / "ssl_align"), "export_s": round(time.perf_counter() - start, 1)}
     models_json.write_text(json.dumps(made, indent=2))  # before ACL: its export may run out of time
     try:
+        if not acl:
+            raise ImportError("not asked for: run.sh --steps without engine_acl")
         import transformers  # noqa: F401 - ACL's CLIPSeg half
 
         start = time.perf_counter()
@@ -85,7 +87,8 @@ def make_models(out: Path, quick: bool) -> dict[str, Any]:
         export_acl(ckpt, models / "acl", force=True)
         made["acl"] = {"engine": str(models / "acl"), "export_s": round(time.perf_counter() - start, 1)}
     except ImportError as err:
-        made["acl"] = {"skipped": f"transformers is not installed ({err})"}
+        why = str(err) if not acl else f"transformers is not installed ({err})"
+        made["acl"] = {"skipped": why}
     models_json.write_text(json.dumps(made, indent=2))
     return made
 
@@ -253,6 +256,7 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("models")
     p.add_argument("out", type=Path)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-acl", action="store_true", help="SSL-Align only (the ACL export takes minutes)")
     p = sub.add_parser("summary")
     p.add_argument("out", type=Path)
     p = sub.add_parser("steps")
@@ -263,7 +267,7 @@ def main(argv: list[str]) -> int:
     if args.command == "clip":
         print(f"wrote {write_clip(args.out, args.quick)}")
     elif args.command == "models":
-        print(json.dumps(make_models(args.out, args.quick), indent=2))
+        print(json.dumps(make_models(args.out, args.quick, acl=not args.no_acl), indent=2))
     elif args.command == "steps":
         print(steps_table(args.out))
     elif args.command == "requirements":

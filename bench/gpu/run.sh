@@ -119,7 +119,8 @@ QUICK_FLAG=(); [ "$QUICK" = 1 ] && QUICK_FLAG=(--quick)
 beside doctor 120 "${AVLOC[@]}" doctor
 step clip 120 "$PY" bench/gpu/helpers.py clip "$OUT" "${QUICK_FLAG[@]}"
 # Full-size exports with their ONNX Runtime parity runs: SSL-Align ~1 min, ACL (CLIPSeg) several.
-step models 900 "$PY" bench/gpu/helpers.py models "$OUT" "${QUICK_FLAG[@]}"
+ACL_FLAG=(); want engine_acl || ACL_FLAG=(--no-acl)
+step models 900 "$PY" bench/gpu/helpers.py models "$OUT" "${QUICK_FLAG[@]}" "${ACL_FLAG[@]}"
 wait
 [ -f "$OUT/doctor.log" ] && cp "$OUT/doctor.log" "$OUT/doctor.txt"
 
