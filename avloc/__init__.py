@@ -18,7 +18,6 @@ from typing import Any
 __version__ = "0.1.0"
 
 # The package's own data, wherever it is installed (a checkout, a wheel in site-packages or --target).
-CONFIGS_DIR = Path(str(files("avloc.configs")))
 ASSETS_DIR = Path(str(files("avloc") / "assets"))
 
 _LAZY = {"Localizer": "avloc.api", "Localization": "avloc.api"}
@@ -26,6 +25,10 @@ __all__ = ["ASSETS_DIR", "CONFIGS_DIR", "Localization", "Localizer", "__version_
 
 
 def __getattr__(name: str) -> Any:
+    if name == "CONFIGS_DIR":  # lazy: an install older than avloc.configs still imports (and says what to do)
+        from avloc.core.config import packaged_config_dir
+
+        return packaged_config_dir()
     if name in _LAZY:
         import importlib
 

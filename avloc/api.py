@@ -164,7 +164,7 @@ class Localizer:
         frames = [_read_frame(f, bgr) for f in frame] if batch else [_read_frame(frame, bgr)]
         if not frames:
             raise UserError("frames: empty batch")
-        times = list(at) if isinstance(at, Sequence) else [at] * len(frames)
+        times = list(at) if isinstance(at, Sequence | np.ndarray) else [at] * len(frames)
         if len(times) != len(frames):
             raise UserError(f"at: {len(times)} times for {len(frames)} frames")
         wave = self.load_audio(audio, sample_rate)

@@ -105,7 +105,11 @@ def _attach(parser: argparse.ArgumentParser, module_name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser(argv)
+    try:
+        parser = _build_parser(argv)  # imports the command's module, which may find the install broken
+    except UserError as err:
+        print(f"avloc: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 OUT_VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
+X264 = {"preset": "veryfast", "crf": "23"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +165,8 @@ class Job:
                         yield cv2.cvtColor(draw(bgr, r, style), cv2.COLOR_BGR2RGB)
 
             if video_tmp is not None:
-                write_video(video_tmp, frames(), info.fps or 30.0, timestamps=timestamps)
+                # the live recorder's encoder settings (stream/recording.py): x264's default preset is ~3x slower
+                write_video(video_tmp, frames(), info.fps or 30.0, timestamps=timestamps, x264_options=X264)
                 with _atomic(self.out) as tmp:
                     mux_audio(video_tmp, self.audio or self.source, tmp)
             else:
@@ -196,14 +198,17 @@ def plan(source: Path, audio: Path | None, out: Path | None, json_path: Path | N
         for folder, flag in ((out, "--out"), (json_path, "--json")):
             if folder is not None and folder.exists() and not folder.is_dir():
                 raise UserError(f"{flag} {folder}: expected a folder for a folder of videos")
+        stems = [clip.stem for clip in clips]
+        # a.mp4 and a.mkv would both write a.mp4: such clips keep their extension in the name (a.mkv.mp4)
+        names = [clip.name if stems.count(clip.stem) > 1 else clip.stem for clip in clips]
         return [
             Job(
                 clip,
                 None,
-                None if out is None else out / f"{clip.stem}.mp4",
-                None if json_path is None else json_path / f"{clip.stem}.jsonl",
+                None if out is None else out / f"{name}.mp4",
+                None if json_path is None else json_path / f"{name}.jsonl",
             )
-            for clip in clips
+            for clip, name in zip(clips, names)
         ]
     if not source.is_file():
         raise UserError(f"{source}: no such file or folder")

@@ -22,7 +22,13 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 def packaged_config_dir() -> Path:
     """The folder of the configs shipped with avloc (``configs/`` of the checkout, ``avloc/configs`` of an
     install), found through importlib.resources so a wheel installed anywhere finds its own."""
-    return Path(str(importlib.resources.files("avloc.configs")))
+    try:
+        return Path(str(importlib.resources.files("avloc.configs")))
+    except ModuleNotFoundError:  # an editable install made before configs/ became the package avloc.configs
+        raise UserError(
+            "avloc.configs is not importable: this avloc install predates the packaged configs; "
+            "reinstall it (bash scripts/setup.sh, or pip install -e .)"
+        ) from None
 
 
 def config_names() -> list[str]:

@@ -79,3 +79,23 @@ def test_missing_camera_and_microphone_are_explained(tiny_engine: Path, tmp_path
     closing = next(line for line in out.splitlines() if "no heatmaps because" in line)
     assert "camera0 never delivered a frame (cannot open camera 7: /dev/video7 does not exist" in closing
     assert "microphone never delivered audio (cannot open the default microphone" in closing
+
+
+def test_closing_line_reasons() -> None:
+    from avloc.stream.devices import why_no_heatmaps
+
+    def summary(heatmaps: int, suppressed: int, **processes: dict) -> dict:
+        procs = {n: {"stats": s, "exit_code": s.pop("exit_code", None)} for n, s in processes.items()}
+        return {"latency": {"heatmaps": heatmaps, "suppressed": suppressed}, "processes": procs}
+
+    assert why_no_heatmaps(summary(5, 0, camera0={"grabbed": 0, "problem": "x"})) is None  # there were some
+    no_audio = why_no_heatmaps(summary(0, 40, replay={"frames": 40}, inference={"frames": 40}))
+    assert no_audio == (
+        "no heatmaps because all 40 frame(s) had no audio to pair with (--mic none, a file without an audio "
+        "track, or audio windows older than max_audio_age_s)"
+    )
+    bad_mic = why_no_heatmaps(summary(0, 0, camera0={"grabbed": 9}, microphone={"windows": 0, "exit_code": 2}))
+    assert bad_mic == "no heatmaps because microphone could not start (see its error above)"
+    assert why_no_heatmaps(summary(0, 0, replay={}, inference={"frames": 0})) == (
+        "no heatmaps because the inference worker received no frames"
+    )

@@ -78,17 +78,18 @@ def test_folder_in_one_call_with_a_bad_clip(
     clips.mkdir()
     shutil.copy(clip, clips / "a.mp4")
     shutil.copy(clip, clips / "b.mkv")
+    shutil.copy(clip, clips / "b.mp4")  # same stem as b.mkv: both keep their extension
     (clips / "broken.mp4").write_bytes(b"not a video")
     (clips / "notes.txt").write_text("ignored")
     out = tmp_path / "out"
     assert _localize(clips, "--engine", engine, "--json", out) == 1  # the good ones are done, the bad one named
     text = capsys.readouterr().out
     assert "1 file(s) failed" in text and "broken.mp4" in text
-    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.jsonl"]
-    assert out.joinpath("a.jsonl").read_text() == out.joinpath("b.jsonl").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.mkv.jsonl", "b.mp4.jsonl"]
+    assert out.joinpath("a.jsonl").read_text() == out.joinpath("b.mkv.jsonl").read_text()
     os.remove(clips / "broken.mp4")
     assert _localize(clips, "--engine", engine, "--json", out) == 0
-    assert "2 of 2 output(s) exist already" in capsys.readouterr().out
+    assert "3 of 3 output(s) exist already" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -387,8 +388,22 @@ def test_worker_reopens_an_unplugged_microphone(tmp_path):
             assert proc.poll() is None, log.read_text()
 
     log = tmp_path / "mic.log"
+    heartbeats = free_tcp_endpoint()
+    beats = protocol.make_socket(ctx, zmq.SUB, heartbeats, bind=True, hwm=10000)
+    said: list[tuple[str | None, str | None]] = []  # the heartbeats' (state, problem), each change once
+    done = threading.Event()
+
+    def listen() -> None:  # read while the worker runs: a disconnected peer's queued messages are dropped
+        while not done.is_set():
+            if (beat := protocol.recv(beats, 100)) is not None:
+                stats = beat.meta["stats"]
+                if not said or said[-1] != (stats.get("state"), stats.get("problem")):
+                    said.append((stats.get("state"), stats.get("problem")))
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
     with PipeMicrophone(tmp_path, recording, SR) as mic:
-        proc = _run_worker(tmp_path, endpoint, "--hop", "0.1", "--frontend", frontend)
+        proc = _run_worker(tmp_path, endpoint, "--hop", "0.1", "--frontend", frontend, "--heartbeat", heartbeats)
         try:
             collect(8, 60)
             mic.unplug()
@@ -402,8 +417,16 @@ def test_worker_reopens_an_unplugged_microphone(tmp_path):
             mic.replug()
             collect(8, 30)
         finally:
+            time.sleep(1.0)  # a heartbeat or two after the recovery
             _stop(proc)
+            done.set()
+            listener.join(5)
             ctx.destroy(linger=0)
+    stopped = (
+        "stopped delivering: the default microphone sent no samples for 2 s; reopening, retrying after 0.5 s, "
+        "doubling up to every 10 s; `avloc devices` lists the microphones of this machine"
+    )
+    assert ("ok", None) in said and ("ok", stopped) in said and said[-1] == ("ok", None), said
     log_text = log.read_text()
     assert proc.returncode == 0, log_text
     assert orphans(timeout=0) == []

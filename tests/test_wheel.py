@@ -82,7 +82,8 @@ def test_wheel_is_a_complete_install(tmp_path: Path) -> None:
         return done
 
     avloc_bin = [sys.executable, str(target / "bin" / "avloc")]
-    assert "replay" in run(*avloc_bin, "--help").stdout
+    commands = run(*avloc_bin, "--help").stdout
+    assert all(c in commands for c in ("localize", "info", "replay", "demo"))
     assert "--minutes-budget" in run(*avloc_bin, "demo", "--help").stdout
 
     info = json.loads(run(sys.executable, "-c", PREPARE, str(work)).stdout.splitlines()[-1])
