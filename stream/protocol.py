@@ -60,6 +60,9 @@ NOTICE_NO_AUDIO = "no_audio"
 # heatmap computed (array and peak published) but its confidence is below the engine's gate threshold:
 # the sound's source is probably not in view (silent or off-screen); see docs/protocol.md
 NOTICE_NOT_VISIBLE = "not_visible"
+# heatmap computed, but its audio window is still mostly the start-up silence (less than the worker's
+# WARMING_UP_SHARE of captured audio): the first seconds of a stream, not to be trusted yet
+NOTICE_WARMING_UP = "warming_up"
 
 log = logging.getLogger(__name__)
 
