@@ -53,7 +53,10 @@ def score(engine: Any, evaluator: Any, annotations: dict[str, Any], scenes: dict
             maps[i] = m
     res = evaluate_maps(maps, annotations, binarize="adaptive", per_sample=True)
     ciou = np.array([res["per_sample"][i]["ciou"] for i in ids])
-    pointing = np.array([peak_inside(maps[i], np.asarray(annotations[i].bbox)) for i in ids], dtype=np.float64)
+    # the pointing game: the peak inside any box of the sounding object (an annotation may list several)
+    pointing = np.array(
+        [any(peak_inside(maps[i], np.asarray(box)) for box in annotations[i].boxes) for i in ids], dtype=np.float64
+    )
     rate = evaluator.loaded.frontend.sample_rate
     swap = []
     for sid in sorted(scenes):

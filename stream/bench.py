@@ -633,7 +633,9 @@ def _sweep_point(args: argparse.Namespace, fps: float, streams: int, workers: in
         "inference_workers": workers,
         "served_min": served,
         "fairness": run["fairness"],
-        "heatmap_fps": run["heatmap_fps"],
+        # heatmaps computed in the measured window / its length: the span between the first and last heatmap
+        # (summarize_records' heatmap_fps) is meaningless when an overloaded run computes only a handful
+        "heatmap_fps": round(run["heatmaps"] / run["measured_s"], 2) if run["measured_s"] else 0.0,
         "e2e_p50_ms": run["e2e_ms"]["p50"],
         "e2e_p99_ms": p99,
         "worker_drops": run["worker_drops"],

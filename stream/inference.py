@@ -746,6 +746,21 @@ def parse_engine_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def default_precision(engine_dir: Path) -> str:
+    """The CPU worker's ONNX Runtime precision when ``--engine-option precision=`` is not given: "int8" when the
+    engine holds an int8 variant of a graph (``avloc export`` with calibration data keeps one only where its
+    heatmaps agree with fp32; its accuracy on the test split is in docs/performance.md), else "fp32".
+    ``--engine-option precision=fp32`` turns it off."""
+    from avloc.engines.base import read_manifest
+
+    try:
+        graphs = read_manifest(engine_dir).get("graphs") or {}
+    except UserError:
+        return "fp32"  # load_engine reports the bad engine itself
+    has_int8 = any("int8" in ((g or {}).get("variants") or {}) for g in graphs.values() if isinstance(g, dict))
+    return "int8" if has_int8 else "fp32"
+
+
 @contextlib.contextmanager
 def heartbeats_while_starting(endpoint: str | None) -> Iterator[None]:
     """A thread sends ``state: loading`` heartbeats while the block runs (imports, engine sessions and the
@@ -780,12 +795,15 @@ def main(argv: list[str] | None = None) -> int:
         from avloc.engines.base import load_engine
 
         try:
+            options = parse_engine_options(args.engine_option)
+            if args.backend == "onnxruntime" and args.device == "cpu" and "precision" not in options:
+                options["precision"] = default_precision(args.engine)
             engine = load_engine(
                 args.engine,
                 backend=args.backend,
                 device=args.device,
                 threads=args.threads,
-                **parse_engine_options(args.engine_option),
+                **options,
                 **_triton_options(args),
             )
             worker = InferenceWorker(
