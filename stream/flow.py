@@ -80,8 +80,9 @@ class FlowControl:
         return False
 
     def stats(self, t: float) -> dict[str, Any]:
+        """For the capture's heartbeat: the frames/s it may send now (None: no feedback, every frame)."""
         rate = self.allowance(t)
-        return {"flow_skipped": self.skipped, "flow_allowance_fps": None if rate is None else round(rate, 1)}
+        return {"flow_allowance_fps": None if rate is None else round(rate, 1)}
 
 
 class FlowFeedback:

@@ -420,7 +420,8 @@ class ReplaySource:
                     elif not self._publish_frame(frames_sock, media, t, decoded.to_ndarray(format="bgr24")):
                         return None
                     if heartbeat.due():
-                        heartbeat.maybe_send(self.stats)
+                        flow = self._flow.control.stats(protocol.now()) if self._flow is not None else {}
+                        heartbeat.maybe_send({**self.stats, **flow})
                 if last_t is None:
                     return f"{self.path}: no decodable video frames"
                 if not self.loop:

@@ -57,6 +57,7 @@ def test_flow_control_sends_what_is_served_and_recovers():
     for i in range(60):
         flow.heard([_heatmap("cam1")], start + i * 0.05)
     assert flow.allowance(start + 3.0 - 0.05) == pytest.approx(max(MIN_FPS, STEP_UP))
+    assert flow.stats(start + 3.0 - 0.05) == {"flow_allowance_fps": max(MIN_FPS, STEP_UP)}
     # the worker goes silent (restart): no feedback, every frame again
     assert flow.allowance(start + 3.0 + 2.5) is None
 
