@@ -772,6 +772,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> Path:
     ax_good.set(
         xlabel="streams", ylabel="heatmaps/s (all streams)", title=f"goodput (dotted: {GOODPUT_TARGET:.0%} of the peak)"
     )
+    ax_good.set_ylim(bottom=0)  # a collapse reads as one
     for ax in (ax_served, ax_p99, ax_good):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
