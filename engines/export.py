@@ -545,15 +545,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--int8",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also write audio/visual.int8.onnx (ONNX Runtime static int8, calibrated on --calibration), "
-        "each kept only if its heatmaps agree with fp32",
+        "each kept only if its heatmaps agree with fp32; the CPU worker then uses them (docs/performance.md, "
+        "int8). Default: on when --calibration is given; --no-int8: fp32 only",
     )
     parser.add_argument(
         "--calibration",
         type=Path,
         default=None,
-        help="with --int8: dataset root (split lists, frames/, audio/) whose frames and sounds calibrate it",
+        help="dataset root (split lists, frames/, audio/) whose frames and sounds calibrate the int8 graphs",
     )
     parser.add_argument(
         "--gate-data",
@@ -624,7 +626,7 @@ def main(args: argparse.Namespace) -> int:
         args.out,
         opset=args.opset,
         image_size=args.image_size,
-        int8=args.int8,
+        int8=args.calibration is not None if args.int8 is None else args.int8,  # int8 by default with data
         calibration=args.calibration,
         force=args.force,
         gate_data=args.gate_data,

@@ -3,7 +3,7 @@
 - the newest pending frame per stream (a frame replaced before its turn is counted in ``drops``);
 - each stream's recent audio windows and their embeddings, computed once per window (``AudioTrack``), the
   causal pairing of a frame with the newest window ending at or before its capture, and the reuse of an older
-  embedded window when the worker falls behind (``audio_reuse_s``);
+  embedded window while the worker is behind (``audio_reuse_s``, ``DEFAULT_AUDIO_REUSE_S``; ``behind``);
 - the turn order of batches: streams served longest ago first (then the oldest capture), at most
   ``max_batch`` frames, so every stream is served in rotation and none starves;
 - the frame deadline (``max_frame_age_s``, automatically 50 ms + two batch times) past which a frame is dropped
@@ -32,12 +32,20 @@ EMBED_CACHE = 16  # audio embeddings kept per stream
 MAX_STREAMS = 64
 STREAM_SILENCE_S = 60.0
 DEFAULT_MAX_BATCH = 8  # when neither the command line nor the engine sets one
+# Audio reuse (audio_reuse_s) by default: a worker that is BEHIND (it replaced or dropped frames since its last
+# batch, or streams wait beyond this batch) pairs a frame with an embedded window up to this much older than
+# the newest instead of paying an embedding per stream per hop; a worker that keeps up always uses the newest.
+DEFAULT_AUDIO_REUSE_S = 0.3
 AGE_FLOOR_S = 0.05  # automatic max frame age: this + AGE_BATCHES batch times
 AGE_BATCHES = 2.0
 # A stream whose frames arrive more than this "old" (or from the future) at their best is stamped by another
 # clock (another host): its frames' age is then measured from their reception.
 CLOCK_MISMATCH_S = 1.0
 STREAM_LATENCIES = 256  # capture->publish samples kept per stream (p50/p99 in the stats)
+# A heatmap whose audio window holds less than this share of captured audio (the rest is the silence a replay or
+# microphone pre-fills its first window with) is published with notice "warming_up": in the first seconds the
+# window is mostly the log floor, lower than anything seen in training, and its maps point elsewhere (issue 25).
+WARMING_UP_SHARE = 0.5
 
 
 @dataclass
@@ -45,6 +53,17 @@ class AudioWindow:
     seq: int
     end_ts: float  # clock time of the window's last sample
     spec: np.ndarray  # [1, F, T] float32
+    real: float = 1.0  # share of the window that is captured audio, not start-up silence (real_share)
+
+
+def real_share(meta: dict[str, Any], window_samples: int | None) -> float:
+    """Share of an audio window that holds captured audio: ``end_sample`` (samples captured when the window
+    ends; replay and microphone pre-fill the first window with silence, docs/protocol.md) over the window's
+    length. 1.0 when either is unknown (a sender that does not pre-fill need not say)."""
+    end = meta.get("end_sample")
+    if not window_samples or not isinstance(end, int | float) or isinstance(end, bool) or not math.isfinite(end):
+        return 1.0
+    return float(min(1.0, max(0.0, end / window_samples)))
 
 
 @dataclass
@@ -90,6 +109,7 @@ class WorkerStats:
     gaps: int = 0  # frames missing in the sequence numbers (dropped upstream by the HWM)
     suppressed: int = 0  # heatmaps suppressed for lack of audio
     not_visible: int = 0  # heatmaps published with notice not_visible (confidence below the gate)
+    warming_up: int = 0  # heatmaps published with notice warming_up (window mostly start-up silence)
     audio_embeds: int = 0
     audio_reused: int = 0  # frames paired with an older, already embedded window (audio_reuse_s)
     batches: int = 0
@@ -171,6 +191,9 @@ class StreamScheduler:
         self._last_seq: dict[str, int] = {}
         self.per_stream: dict[str, StreamStats] = {}
         self._turns = 0
+        # behind: frames were replaced or dropped late since the previous batch, or streams wait beyond it
+        self.behind = False
+        self._losses_seen = 0
         self._last_heard: OrderedDict[str, float] = OrderedDict()  # stream -> last message time, oldest first
         self._ratelog = ratelog
 
@@ -224,10 +247,10 @@ class StreamScheduler:
 
     def _reusable(self, track: AudioTrack, window: AudioWindow) -> AudioWindow:
         """``window``, or when it is not embedded yet an already embedded window at most ``audio_reuse_s``
-        older (0 = never): when the worker falls behind it skips audio windows like it skips frames,
+        older (0 = never) while the worker is ``behind``: then it skips audio windows like it skips frames,
         instead of paying an audio embedding on nearly every frame. Idle time still embeds the newest
         window ahead (``embed_ahead``), so a worker that keeps up always uses the newest window."""
-        if self.audio_reuse_s <= 0 or window.seq in track.embeddings:
+        if self.audio_reuse_s <= 0 or not self.behind or window.seq in track.embeddings:
             return window
         for older in reversed(track.windows):
             if older.end_ts < window.end_ts - self.audio_reuse_s:
@@ -278,4 +301,8 @@ class StreamScheduler:
             served = self.per_stream.get(stream, never).served_turn
             return served, self.pending[stream].message.ts["capture"]
 
-        return sorted(self.pending, key=turn)[: self.max_batch]
+        chosen = sorted(self.pending, key=turn)[: self.max_batch]
+        losses = self.stats.drops + self.stats.late
+        self.behind = len(self.pending) > len(chosen) or losses > self._losses_seen
+        self._losses_seen = losses
+        return chosen

@@ -57,13 +57,16 @@ from avloc.core.errors import UserError
 from avloc.engines.base import known_backends, to_host
 from avloc.stream import protocol, security
 from avloc.stream.batching import (
+    DEFAULT_AUDIO_REUSE_S,
     DEFAULT_MAX_BATCH,
+    WARMING_UP_SHARE,
     AudioTrack,
     AudioWindow,
     PendingFrame,
     StreamScheduler,
     StreamStats,
     effective_max_batch,
+    real_share,
 )
 from avloc.stream.worker import (
     USER_ERROR_EXIT,
@@ -102,6 +105,19 @@ def _spec_shape(manifest: dict[str, Any]) -> tuple[int, ...] | None:
         return None
 
 
+def _window_samples(manifest: dict[str, Any]) -> int | None:
+    """Samples in one audio window of the engine's front-end (None when the manifest does not say)."""
+    frontend = manifest.get("frontend")
+    if not isinstance(frontend, dict):
+        return None
+    from avloc.core.audio import FrontEndConfig
+
+    try:
+        return int(FrontEndConfig.from_dict(frontend).num_samples)
+    except UserError:
+        return None
+
+
 def encode_heatmap(heatmap: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
     """Map ``[lo, hi]`` onto ``[0, 1]``; float16, or uint8 holding ``round(255 * v)`` (docs/protocol.md)."""
     unit = np.clip((heatmap.astype(np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
@@ -137,7 +153,7 @@ class InferenceWorker(StreamScheduler):
         heartbeat_endpoint: str | None,
         heatmap_dtype: str = "float16",
         max_audio_age_s: float = 1.5,
-        audio_reuse_s: float = 0.0,
+        audio_reuse_s: float = DEFAULT_AUDIO_REUSE_S,
         max_batch: int | None = None,
         max_frame_age_s: float = 0.0,
         gate: bool = True,
@@ -200,6 +216,7 @@ class InferenceWorker(StreamScheduler):
         self.frame_rejects = protocol.RejectCounter("frames", logger=log)
         self.audio_rejects = protocol.RejectCounter("audio", logger=log)
         self.spec_shape = _spec_shape(self.manifest)
+        self.window_samples = _window_samples(self.manifest)
         self._token = security.run_token()
         self.non_finite_maps = 0  # engine outputs with NaN/inf, published as notice "non_finite"
         # one per socket: a source may send the same tagged control message on its frame and audio streams
@@ -286,7 +303,7 @@ class InferenceWorker(StreamScheduler):
             self.stats.audio += 1
             self._heard(msg.stream, received)
             self.tracks.setdefault(msg.stream, AudioTrack()).add(
-                AudioWindow(msg.seq, msg.ts["window_end"], spec), received
+                AudioWindow(msg.seq, msg.ts["window_end"], spec, real_share(msg.meta, self.window_samples)), received
             )
             self.no_audio_streams.discard(msg.stream)
 
@@ -379,8 +396,17 @@ class InferenceWorker(StreamScheduler):
         confidence = confidence if math.isfinite(confidence) else 0.0
         # gated on the value we publish, so a subscriber can redo the decision from meta alone
         not_visible = self.gate_threshold is not None and confidence < self.gate_threshold
-        if not_visible:
+        # a window still mostly start-up silence: the map is computed and published, but marked (and counted)
+        # as not trustworthy yet; this notice wins over the gate's, whose threshold was set on full windows
+        warming_up = window.real < WARMING_UP_SHARE
+        if warming_up:
+            self.stats.warming_up += 1
+            notice = protocol.NOTICE_WARMING_UP
+        elif not_visible:
             self.stats.not_visible += 1
+            notice = protocol.NOTICE_NOT_VISIBLE
+        else:
+            notice = None
         meta = {
             "peak": list(peak_of(heatmap)),
             "confidence": confidence,
@@ -389,7 +415,8 @@ class InferenceWorker(StreamScheduler):
             "audio_seq": window.seq,
             "audio_ms": round(audio_seconds * 1000.0, 3),
             "batch": batch_size,
-            "notice": protocol.NOTICE_NOT_VISIBLE if not_visible else None,
+            "notice": notice,
+            "audio_real": round(window.real, 3),
             "drops": self.stats.drops,
         }
         if self.gate_threshold is not None:
@@ -677,9 +704,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--audio-reuse",
         type=float,
-        default=0.0,
+        default=DEFAULT_AUDIO_REUSE_S,
         metavar="SECONDS",
-        help="when behind, reuse an embedded audio window up to this much older than the newest (0: never)",
+        help="while behind (frames replaced or dropped), reuse an embedded audio window up to this much older "
+        f"than the newest (default {DEFAULT_AUDIO_REUSE_S}; 0: never)",
     )
     parser.add_argument(
         "--no-gate",
@@ -755,6 +783,21 @@ def parse_engine_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def default_precision(engine_dir: Path) -> str:
+    """The CPU worker's ONNX Runtime precision when ``--engine-option precision=`` is not given: "int8" when the
+    engine holds an int8 variant of a graph (``avloc export`` with calibration data keeps one only where its
+    heatmaps agree with fp32; its accuracy on the test split is in docs/performance.md), else "fp32".
+    ``--engine-option precision=fp32`` turns it off."""
+    from avloc.engines.base import read_manifest
+
+    try:
+        graphs = read_manifest(engine_dir).get("graphs") or {}
+    except UserError:
+        return "fp32"  # load_engine reports the bad engine itself
+    has_int8 = any("int8" in ((g or {}).get("variants") or {}) for g in graphs.values() if isinstance(g, dict))
+    return "int8" if has_int8 else "fp32"
+
+
 @contextlib.contextmanager
 def heartbeats_while_starting(endpoint: str | None) -> Iterator[None]:
     """A thread sends ``state: loading`` heartbeats while the block runs (imports, engine sessions and the
@@ -789,12 +832,15 @@ def main(argv: list[str] | None = None) -> int:
         from avloc.engines.base import load_engine
 
         try:
+            options = parse_engine_options(args.engine_option)
+            if args.backend == "onnxruntime" and args.device == "cpu" and "precision" not in options:
+                options["precision"] = default_precision(args.engine)
             engine = load_engine(
                 args.engine,
                 backend=args.backend,
                 device=args.device,
                 threads=args.threads,
-                **parse_engine_options(args.engine_option),
+                **options,
                 **_triton_options(args),
             )
             worker = InferenceWorker(

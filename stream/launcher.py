@@ -90,7 +90,7 @@ class StreamConfig:
     max_frame_age_s: float = 0.0  # older frames are dropped when their turn comes; 0: 50 ms + two batch times
     heatmap_dtype: str = "float16"
     max_audio_age_s: float = 1.5
-    audio_reuse_s: float = 0.0  # > 0: when behind, skip audio windows (reuse one this much older)
+    audio_reuse_s: float = 0.3  # > 0: while behind, skip audio windows (reuse one this much older; batching)
     gate: bool = True  # apply the engine's silence gate (heatmaps below it marked not_visible), if it has one
     ogl: bool = False  # object-guided localization (an engine exported with --ogl); --ogl
     ogl_alpha: float | None = None  # weight of the audio-visual map in the OGL blend; None: the manifest's (0.4)

@@ -204,6 +204,7 @@ def replay_specs(
     speed: str = "1.0",
     loop: bool = False,
     after: tuple[str, ...] = ("inference", "display"),
+    flow_control: bool = True,
 ) -> list[ProcessSpec]:
     """One replay worker per stream (several streams replay the same file under different ids); each starts
     once the processes in ``after`` (the inference workers and the display) are ready."""
@@ -228,6 +229,8 @@ def replay_specs(
             "--wait-timeout",
             "10",
         ]
+        if flow_control:  # past capacity, send about what the worker serves (avloc.stream.flow)
+            args += ["--flow-control", endpoints.heatmaps]
         if loop:
             args.append("--loop")
         specs.append(

@@ -69,6 +69,9 @@ NOTICE_NO_AUDIO = "no_audio"
 NOTICE_NOT_VISIBLE = "not_visible"
 # the engine's map had NaN/inf values: published without array and peak, never as a valid heatmap
 NOTICE_NON_FINITE = "non_finite"
+# heatmap computed, but its audio window is still mostly the start-up silence (less than the worker's
+# WARMING_UP_SHARE of captured audio): the first seconds of a stream, not to be trusted yet
+NOTICE_WARMING_UP = "warming_up"
 
 log = logging.getLogger(__name__)
 

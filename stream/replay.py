@@ -21,6 +21,10 @@ A file without an audio track still plays: every frame carries ``meta.has_audio 
 ``--loop`` is off) an ``end`` control message goes to the frame subscribers and the launcher, then the
 worker exits 0. A truncated or corrupt file logs an error and ends the same way (``meta.error`` says why).
 
+``--flow-control ENDPOINT`` (the heatmap publisher; ``avloc.stream.pipeline`` passes it): past the worker's capacity
+the replay sends about as many frames as the worker serves of its stream and skips the others before they are
+converted to BGR, copied or sent (``avloc.stream.flow``); the skipped frames are counted in ``flow_skipped``.
+
 ``--infer-frames EP --infer-size WxH`` also publishes every frame resized to the engine's input size (same stream,
 seq and timestamps, control messages too) for the inference worker, while the display keeps the full frames on
 ``--frames`` (docs/multihost.md).
@@ -49,6 +53,7 @@ from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.core.errors import DataError, UserError
 from avloc.stream import protocol, security
 from avloc.stream.camera import add_infer_arguments, infer_output, resize_for_inference
+from avloc.stream.flow import FlowFeedback
 from avloc.stream.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -188,8 +193,9 @@ def _claimed_seconds(container: Any, stream: Any) -> float | None:
     return None
 
 
-def _iter_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
-    """(media seconds, BGR frame) of the first video stream.
+def _iter_frames(path: Path) -> Iterator[tuple[float, Any]]:
+    """(media seconds, decoded ``av.VideoFrame``) of the first video stream; the caller converts the frames
+    it sends (``to_ndarray(format="bgr24")``: about as much CPU as decoding) and skips the others.
 
     Raises av.error.FFmpegError on corrupt data and TruncatedError when a file cut short (Matroska/WebM
     decode up to the cut without any FFmpeg error) ends before the duration in its header.
@@ -204,7 +210,7 @@ def _iter_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
             if t is None:  # no timestamp: continue from the previous frame
                 t = 0.0 if last is None else last + 1.0 / rate
             last = t
-            yield t, frame.to_ndarray(format="bgr24")
+            yield t, frame
         claimed = _claimed_seconds(container, stream)
         decoded = 0.0 if last is None else last + 1.0 / rate
         if claimed is not None and decoded < claimed - (0.25 + 0.02 * claimed):
@@ -234,6 +240,7 @@ class ReplaySource:
         ctx: zmq.Context | None = None,
         infer_endpoint: str | None = None,
         infer_size: tuple[int, int] | None = None,
+        flow_endpoint: str | None = None,
     ) -> None:
         self.path = Path(video)
         if not self.path.is_file():
@@ -255,11 +262,14 @@ class ReplaySource:
         self._infer_endpoint = infer_endpoint if infer_size else None
         self._infer_size = infer_size
         self._infer_sock: zmq.Socket | None = None
+        # flow control from the worker's heatmaps (real-time speeds only: at --speed max back-pressure paces)
+        self._flow_endpoint = flow_endpoint if speed is not None else None
+        self._flow: FlowFeedback | None = None
         self._warn = RateLimitedLog(log, 5.0)
         self._token = security.run_token()
         # frames/windows count what was handed to libzmq; a PUB never refuses a send at a finite speed (a slow
         # subscriber's queue drops silently), so drops are counted by consumers from sequence gaps
-        self.stats: dict[str, Any] = {"frames": 0, "windows": 0, "loops": 0, "late_frames": 0}
+        self.stats: dict[str, Any] = {"frames": 0, "windows": 0, "loops": 0, "late_frames": 0, "flow_skipped": 0}
 
     def _send(self, sock: zmq.Socket, kind: str, **fields: Any) -> bool:
         """Publish; at --speed max wait while the subscriber queue is full (until stopped)."""
@@ -278,6 +288,8 @@ class ReplaySource:
         audio_sock = make_publisher(self._ctx, self._audio_endpoint, nodrop=self.speed is None)
         if self._infer_endpoint:
             self._infer_sock = make_publisher(self._ctx, self._infer_endpoint, nodrop=self.speed is None)
+        if self._flow_endpoint:
+            self._flow = FlowFeedback(self._ctx, self._flow_endpoint, self.stream_id)
         heartbeat = Heartbeat(self._ctx, self._heartbeat_endpoint, role="replay", stream=self.stream_id)
         error: str | None = None
         try:
@@ -309,6 +321,8 @@ class ReplaySource:
             audio_sock.close()
             if self._infer_sock is not None:
                 self._infer_sock.close(linger=500 if ended else 0)
+            if self._flow is not None:
+                self._flow.close()
         log.info("replay %s finished (error: %s): %s", self.path.name, error, self.stats)
         return {**self.stats, "error": error}
 
@@ -377,7 +391,7 @@ class ReplaySource:
             last_t = None
             frame_step = 1.0 / 30
             try:
-                for t, image in _iter_frames(self.path):
+                for t, decoded in _iter_frames(self.path):
                     if self.stop.is_set() or (max_frames is not None and self.stats["frames"] >= max_frames):
                         return None
                     if last_t is not None and t > last_t:
@@ -397,10 +411,17 @@ class ReplaySource:
                         last_notice = protocol.now()
                         notice = {"command": protocol.CONTROL_NOTICE, "notice": protocol.NOTICE_NO_AUDIO}
                         self._send_control(frames_sock, notice)
-                    if not self._publish_frame(frames_sock, media, t, image):
+                    if self._flow is not None and not self._flow.admit(frame_step):
+                        # the worker serves fewer frames of this stream than it is sent: skip this one
+                        # before it costs a conversion and a copy to every subscriber (keeping the clock)
+                        self.stats["flow_skipped"] += 1
+                        if not self._wait_until(self._clock(media)):
+                            return None
+                    elif not self._publish_frame(frames_sock, media, t, decoded.to_ndarray(format="bgr24")):
                         return None
                     if heartbeat.due():
-                        heartbeat.maybe_send(self.stats)
+                        flow = self._flow.control.stats(protocol.now()) if self._flow is not None else {}
+                        heartbeat.maybe_send({**self.stats, **flow})
                 if last_t is None:
                     return f"{self.path}: no decodable video frames"
                 if not self.loop:
@@ -521,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    parser.add_argument(
+        "--flow-control",
+        default=None,
+        metavar="ENDPOINT",
+        help="heatmap publisher to watch: send about as many frames as the inference worker serves of this "
+        "stream, skipping the rest (past its capacity)",
+    )
     add_infer_arguments(parser)
     add_common_arguments(parser, role="replay")
     return parser
@@ -549,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             max_frames=args.max_frames,
             infer_endpoint=infer_endpoint,
             infer_size=infer_size,
+            flow_endpoint=args.flow_control,
         )
     except UserError as err:
         log.error("%s", err)

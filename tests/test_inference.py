@@ -124,21 +124,23 @@ def test_audio_reuse_skips_windows_only_when_behind(pub_sub):
     worker.take_audio([_audio_msg("cam0", 0, 10.0, 0.1)], received=10.0)
     worker.embed_ahead()  # idle: window 0 embedded ahead of need
     assert engine.embed_calls == 1
-    # behind: windows 1..3 arrived while busy; a frame at 10.32 pairs with window 3 (10.3) by rule, but
-    # window 0 is 0.3 s older (> 0.25): too old to reuse -> window 3 is embedded
+    # behind (a frame replaced unseen): windows 1..3 arrived while busy; a frame at 10.32 pairs with window 3
+    # (10.3) by rule, but window 0 is 0.3 s older (> 0.25): too old to reuse -> window 3 is embedded
     worker.take_audio([_audio_msg("cam0", s, 10.0 + s / 10, 0.1 + s / 10) for s in (1, 2, 3)], received=10.3)
-    worker.take_frames([_frame_msg("cam0", 0, 10.32)], received=10.32)
+    worker.take_frames([_frame_msg("cam0", 0, 10.31), _frame_msg("cam0", 1, 10.32)], received=10.32)
     worker.process_pending(pub)
-    assert engine.embed_calls == 2 and worker.stats.audio_reused == 0
-    # window 4 arrives; the next frame reuses window 3 (0.1 s older, embedded) instead of embedding 4
+    assert worker.behind and engine.embed_calls == 2 and worker.stats.audio_reused == 0
+    # window 4 arrives with two frames, the first replaced unseen: the worker is behind, so the next frame
+    # reuses window 3 (0.1 s older, embedded) instead of embedding 4
     worker.take_audio([_audio_msg("cam0", 4, 10.4, 0.5)], received=10.4)
-    worker.take_frames([_frame_msg("cam0", 1, 10.42)], received=10.42)
+    worker.take_frames([_frame_msg("cam0", 2, 10.41), _frame_msg("cam0", 3, 10.42)], received=10.42)
     worker.process_pending(pub)
-    assert engine.embed_calls == 2 and worker.stats.audio_reused == 1
-    worker.embed_ahead()  # idle again: the newest window gets embedded, so the next frame uses it
-    worker.take_frames([_frame_msg("cam0", 2, 10.45)], received=10.45)
+    assert worker.behind and engine.embed_calls == 2 and worker.stats.audio_reused == 1
+    # keeping up again (nothing replaced since): window 5 is embedded for the next frame, never reused
+    worker.take_audio([_audio_msg("cam0", 5, 10.5, 0.6)], received=10.5)
+    worker.take_frames([_frame_msg("cam0", 4, 10.52)], received=10.52)
     worker.process_pending(pub)
-    assert engine.embed_calls == 3 and worker.stats.audio_reused == 1
+    assert not worker.behind and engine.embed_calls == 3 and worker.stats.audio_reused == 1
 
 
 def test_streams_are_batched_and_old_frames_dropped(pub_sub):
