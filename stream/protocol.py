@@ -42,8 +42,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # What a publisher receives is subscriptions (avloc subscribers send one empty topic) and, with CURVE, handshake
 # commands of a few hundred bytes (MAXMSGSIZE applies to them too; 256 is too small for INITIATE): a bigger
 # message drops the peer's connection instead of being stored. libzmq keeps every distinct subscription in a trie
-# of ~80 bytes per topic byte: 2,000 distinct 4 KiB topics grew a publisher by 643 MB, 500-byte ones by 79 MB
-# (scripts in docs/reliability.md); only CURVE (the default) keeps strangers from subscribing at all.
+# of ~50 bytes per topic byte: 2,000 distinct 4 kB topics grew a publisher by 374 MB under the old 4 KiB limit,
+# 500-byte ones by 47 MB under this one (scripts/subscription_rss.py); only CURVE (the default) keeps strangers
+# from subscribing at all.
 MAX_SUBSCRIPTION_BYTES = 512
 # Sockets that carry only headers (heartbeats, control, assignment tables, clock requests): libzmq refuses a
 # bigger frame before storing it, so a peer cannot make such a socket hold data-sized messages (60 parts of

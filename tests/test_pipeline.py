@@ -79,6 +79,12 @@ def test_replay_two_streams_end_to_end(assets, tmp_path):
     for name in ("replay0", "replay1", "inference", "display"):
         assert (tmp_path / "run" / f"{name}.log").is_file()
         assert summary["processes"][name]["restarts"] == 0
+    # secure by default (issue 22): the run made its own CURVE keys, private to this user, and ran end to end with
+    # every socket a CURVE server or client (that a plain subscriber then gets nothing: tests/test_attacks.py)
+    keys = tmp_path / "run" / "keys"
+    assert (keys / "server.key_secret").is_file() and (keys.stat().st_mode & 0o077) == 0
+    assert (tmp_path / "run").stat().st_mode & 0o077 == 0
+    assert summary["unauthenticated"] == {}
     _no_orphans()
 
 
