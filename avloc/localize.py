@@ -197,6 +197,19 @@ class Job:
 
 def plan(source: Path, audio: Path | None, out: Path | None, json_path: Path | None) -> list[Job]:
     """The jobs of one call, every argument problem as a one-line UserError before any work starts."""
+    jobs = _plan(source, audio, out, json_path)
+    inputs = {p.resolve() for job in jobs for p in (job.source, job.audio) if p is not None}
+    for job in jobs:
+        for flag, path in (("--out", job.out), ("--json", job.json)):
+            # an output named like an input was "done" (skipped) and, with --force, replaced the input itself
+            if path is not None and path.resolve() in inputs:
+                raise UserError(f"{flag} {path}: is an input of this call; write the output under another name")
+        if job.out is not None and job.json is not None and job.out.resolve() == job.json.resolve():
+            raise UserError(f"--out and --json are the same file {job.out}")
+    return jobs
+
+
+def _plan(source: Path, audio: Path | None, out: Path | None, json_path: Path | None) -> list[Job]:
     if out is None and json_path is None:
         raise UserError("nothing to write: pass --out and/or --json")
     if source.is_dir():

@@ -165,6 +165,10 @@ def test_folder_in_one_call_with_a_bad_clip(
         (["{dir}/missing.mp4", "--out", "x.mp4"], "missing.mp4: no such file or folder"),
         (["{dir}", "--out", "x"], "no videos"),
         (["{clip}", "--out", "x.mp4", "--batch", "0"], "--batch 0: expected a positive"),
+        (["{clip}", "--out", "{clip}", "--force"], "is an input of this call"),  # --force replaced the input
+        (["{img}", "{dir}/s.wav", "--json", "{dir}/s.wav"], "is an input of this call"),
+        (["{dir}/c", "--out", "{dir}/c"], "c/a.mp4: is an input of this call"),
+        (["{clip}", "--out", "o.mkv", "--json", "o.mkv"], "--out and --json are the same file"),
     ],
 )
 def test_argument_errors_are_one_line(
@@ -176,6 +180,9 @@ def test_argument_errors_are_one_line(
 ) -> None:
     engine, clip = engine_and_video
     (tmp_path / "still.png").write_bytes(b"")
+    (tmp_path / "s.wav").write_bytes(b"")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.mp4").write_bytes(b"")
     values = {"clip": clip, "img": tmp_path / "still.png", "dir": tmp_path}
     assert _localize(*[a.format(**values) for a in args], "--engine", engine) == 2
     err = capsys.readouterr().err.strip()
