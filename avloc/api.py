@@ -122,7 +122,12 @@ class Localizer:
             raise UserError(f"audio shape {wave.shape}: expected [N], [N, C] or [C, N] with C <= {_MAX_CHANNELS}")
         if wave.dtype.kind == "f" and not np.isfinite(wave).all():
             raise UserError("audio: samples contain NaN or infinity")
-        return as_captured(wave.reshape(len(wave), -1), int(sample_rate), self.sample_rate)
+        mono = as_captured(wave.reshape(len(wave), -1), int(sample_rate), self.sample_rate)
+        if mono.size == 0:  # e.g. one sample at 48 kHz: nothing left at the front-end's rate
+            raise UserError(
+                f"audio: {len(wave)} sample(s) at {sample_rate} Hz is less than one sample at {self.sample_rate} Hz"
+            )
+        return mono
 
     def window(self, wave: np.ndarray, at: float | None = None) -> np.ndarray:
         """The front-end window paired with a frame at ``at`` seconds of ``wave`` (mono, :attr:`sample_rate`);
@@ -164,10 +169,11 @@ class Localizer:
         frames = [_read_frame(f, bgr) for f in frame] if batch else [_read_frame(frame, bgr)]
         if not frames:
             raise UserError("frames: empty batch")
-        times = list(at) if isinstance(at, Sequence | np.ndarray) else [at] * len(frames)
+        times = list(at) if isinstance(at, Sequence | np.ndarray) and not isinstance(at, str) else [at] * len(frames)
         if len(times) != len(frames):
             raise UserError(f"at: {len(times)} times for {len(frames)} frames")
         wave = self.load_audio(audio, sample_rate)
+        _check_times(times, len(wave) / self.sample_rate)
         windows = np.stack([self.window(wave, t) for t in times])
         unique, index = np.unique(windows, axis=0, return_inverse=True)  # one embedding per distinct window
         embeddings = self.embed(unique)[np.asarray(index).reshape(-1)]
@@ -261,6 +267,18 @@ class Localizer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_times(times: Sequence[Any], duration: float) -> None:
+    """Each ``at`` is None or a time inside the sound, in seconds: a time outside it (milliseconds passed for
+    seconds, a frame index) would silently be clamped to the sound's end by :func:`frame_window`."""
+    for t in times:
+        if t is None:
+            continue
+        if isinstance(t, bool) or not isinstance(t, int | float | np.integer | np.floating) or not np.isfinite(t):
+            raise UserError(f"at {t!r}: expected the frame's time in the sound, in seconds")
+        if not 0.0 <= float(t) <= duration + 1e-6:
+            raise UserError(f"at {t!r}: outside the sound (0 to {duration:.3f} s); times are in seconds")
 
 
 def _checkpoint_engine(path: Path) -> tuple[Any, dict[str, Any]]:

@@ -25,7 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     info = describe(args.path)
     print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
-    return 0 if all(g.get("checksum") != "MISMATCH" for g in info.get("graphs", {}).values()) else 1
+    return 0 if intact(info) else 1
+
+
+def intact(info: dict[str, Any]) -> bool:
+    """Whether what ``info`` describes can run as it is: no graph file missing or changed since the export, a
+    Triton repository that validates and holds every model its manifest names (else ``avloc info`` exits 1)."""
+    broken = {"MISMATCH", "missing"}
+    return info.get("valid", True) and all(g.get("checksum") not in broken for g in info.get("graphs", {}).values())
 
 
 # ---------------------------------------------------------------------------------------------- describe
@@ -193,12 +200,21 @@ def _backends(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def _triton(path: Path) -> dict[str, Any]:
     from avloc.engines.triton_export import REPO_MANIFEST, validate_repository
 
-    manifest = json.loads((path / REPO_MANIFEST).read_text())
+    manifest_path = path / REPO_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        triton = manifest.get("triton", {})
+        for key in ("method", "frontend", "image"):
+            manifest[key]  # noqa: B018 - a KeyError here is a corrupt manifest
+    except (ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"{manifest_path}: corrupt Triton repository manifest ({type(err).__name__}: {err})") from None
     try:
         models, problem = validate_repository(path), None
     except UserError as err:
         models, problem = [], str(err)
-    triton = manifest.get("triton", {})
+    expected = sorted(str(v.get("model")) for v in models_of(triton).values())
+    if problem is None and (absent := [m for m in expected if m not in models]):
+        problem = f"{path}: model(s) {', '.join(absent)} named in {REPO_MANIFEST} have no model directory"
     return {
         "kind": "triton repository",
         "path": str(path),

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,14 +75,19 @@ def main(args: argparse.Namespace) -> int:
     failed: list[str] = []
     frames = 0
     started = time.monotonic()
-    for job in todo:
-        try:
-            frames += job.run(loc, style, args.batch, progress=not args.no_progress)
-        except UserError as err:
-            if len(jobs) == 1:
-                raise
-            failed.append(str(err))
-            log.error("%s", err)
+    # SIGTERM (kill, timeout, a batch scheduler) ends like Ctrl-C: the jobs' cleanup removes their partial files
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for job in todo:
+            try:
+                frames += job.run(loc, style, args.batch, progress=not args.no_progress)
+            except UserError as err:
+                if len(jobs) == 1:
+                    raise
+                failed.append(str(err))
+                log.error("%s", err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     seconds = time.monotonic() - started
     print(
         f"avloc localize: {len(todo) - len(failed)} file(s), {frames} frame(s) in {seconds:.1f} s "
@@ -91,6 +97,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"avloc localize: {len(failed)} file(s) failed:\n  " + "\n  ".join(failed))
         return 1
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _outputs(jobs: list[Job]) -> list[str]:
@@ -187,6 +197,19 @@ class Job:
 
 def plan(source: Path, audio: Path | None, out: Path | None, json_path: Path | None) -> list[Job]:
     """The jobs of one call, every argument problem as a one-line UserError before any work starts."""
+    jobs = _plan(source, audio, out, json_path)
+    inputs = {p.resolve() for job in jobs for p in (job.source, job.audio) if p is not None}
+    for job in jobs:
+        for flag, path in (("--out", job.out), ("--json", job.json)):
+            # an output named like an input was "done" (skipped) and, with --force, replaced the input itself
+            if path is not None and path.resolve() in inputs:
+                raise UserError(f"{flag} {path}: is an input of this call; write the output under another name")
+        if job.out is not None and job.json is not None and job.out.resolve() == job.json.resolve():
+            raise UserError(f"--out and --json are the same file {job.out}")
+    return jobs
+
+
+def _plan(source: Path, audio: Path | None, out: Path | None, json_path: Path | None) -> list[Job]:
     if out is None and json_path is None:
         raise UserError("nothing to write: pass --out and/or --json")
     if source.is_dir():
@@ -256,30 +279,55 @@ def draw(bgr: np.ndarray, r: Any, style: dict[str, Any]) -> np.ndarray:
     return image
 
 
+# Audio codecs copied as they are into each output container; anything else is re-encoded (the recorder's AAC,
+# Opus for webm). MP4 could technically hold PCM or Vorbis, but browsers and most players do not play them there.
+COPY_AUDIO = {
+    ".mp4": {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"},
+    ".mkv": None,  # Matroska holds (and players play) any of them
+    ".webm": {"opus", "vorbis"},
+}
+TAIL_S = 0.1  # audio kept past the last frame (the recorder's join keeps the same)
+
+
 def mux_audio(video: Path, audio_source: Path, out: Path) -> Path:
-    """``video``'s stream plus ``audio_source``'s first audio track into ``out``, both copied packet by packet
-    (PyAV remux, no re-encode); when the container cannot hold the audio codec (e.g. PCM in MP4) the audio
-    is re-encoded by the recorder's join (``avloc.stream.recording.join_segments``)."""
+    """``video``'s stream plus ``audio_source``'s first audio track, cut to the video's length, into ``out``:
+    audio packets copied (PyAV remux, no re-encode) when the container plays that codec (:data:`COPY_AUDIO`),
+    else re-encoded by the recorder's join (``avloc.stream.recording.join_segments``). An output without the
+    audio it was asked to keep is an error, not a silent video-only file."""
     import av
 
     try:
-        with av.open(str(video)) as vin, av.open(str(audio_source)) as ain, av.open(str(out), "w") as dst:
+        with av.open(str(video)) as vin, av.open(str(audio_source)) as ain:
             if not ain.streams.audio:
                 raise UserError(f"{audio_source}: no audio track to keep")
             vsrc, asrc = vin.streams.video[0], ain.streams.audio[0]
-            vdst, adst = dst.add_stream_from_template(vsrc), dst.add_stream_from_template(asrc)
-            for src, dst_stream, container in ((vsrc, vdst, vin), (asrc, adst, ain)):
-                for packet in container.demux(src):
-                    if packet.dts is None:  # the demuxer's flush packet
+            allowed = COPY_AUDIO.get(out.suffix.lower(), set())
+            if allowed is not None and asrc.codec_context.name not in allowed:
+                raise ValueError(f"{asrc.codec_context.name} audio is not played from {out.suffix} files")
+            video_packets = [p for p in vin.demux(vsrc) if p.dts is not None]  # skip the demuxer's flush packet
+            end = max((float((p.pts + (p.duration or 0)) * p.time_base) for p in video_packets), default=0.0)
+            with av.open(str(out), "w") as dst:
+                vdst, adst = dst.add_stream_from_template(vsrc), dst.add_stream_from_template(asrc)
+                for packet in video_packets:
+                    packet.stream = vdst
+                    dst.mux(packet)
+                for packet in ain.demux(asrc):
+                    if packet.dts is None:
                         continue
-                    packet.stream = dst_stream
+                    if packet.pts is not None and float(packet.pts * packet.time_base) >= end + TAIL_S:
+                        break  # a longer sound than the clip: the overlay ends with its last frame
+                    packet.stream = adst
                     dst.mux(packet)
         return out
     except (av.error.FFmpegError, ValueError) as err:
         log.info("audio of %s cannot be copied into %s (%s): re-encoding it", audio_source, out.suffix, err)
     from avloc.stream.recording import join_segments
 
-    return join_segments([video], out, audio_source=audio_source)
+    join_segments([video], out, audio_source=audio_source)
+    with av.open(str(out)) as check:
+        if not check.streams.audio:
+            raise UserError(f"--out {out}: the audio of {audio_source} could not be written into a {out.suffix} file")
+    return out
 
 
 class _atomic:

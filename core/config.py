@@ -41,7 +41,7 @@ def packaged_config(name: str) -> Path:
     """Path of the packaged config ``name`` (``stream``, ``ablations/align_only``; ``.yaml`` optional)."""
     rel = name[: -len(Path(name).suffix)] if Path(name).suffix in CONFIG_SUFFIXES else name
     path = packaged_config_dir() / f"{rel}.yaml"
-    if rel.startswith(("/", ".")) or not path.is_file():
+    if rel.startswith(("/", ".")) or ".." in Path(rel).parts or not path.is_file():
         raise UserError(f"config {name!r}: no such packaged config; packaged: {', '.join(config_names())}")
     return path
 
@@ -59,6 +59,8 @@ def resolve_config(value: str | Path) -> Path:
             return packaged_config(text)
         except UserError:
             pass
+    if path.is_dir():  # after the names: `--config stream` in a checkout is the config, not the stream/ folder
+        raise UserError(f"config {value}: is a folder, expected a YAML file or a packaged config's name")
     raise UserError(f"config {value}: no such file, nor a packaged config (packaged: {', '.join(config_names())})")
 
 
@@ -83,10 +85,12 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         if not isinstance(base, str):
             raise UserError(f"{path}: _base: {base!r}, expected a file name (e.g. cpu.yaml)")
         local = path.parent / base
+        itself = local.is_file() and local.resolve() == path.resolve()
         try:
-            base_path = local if local.is_file() and local.resolve() != path.resolve() else packaged_config(base)
+            base_path = local if local.is_file() and not itself else packaged_config(base)
         except UserError:
-            raise UserError(f"{path}: _base: {base}: not found next to it nor among the packaged configs") from None
+            why = "is this file itself" if itself else "not found next to it nor among the packaged configs"
+            raise UserError(f"{path}: _base: {base}: {why}") from None
         data = merge(load_yaml(base_path, (*_chain, path.resolve())), data)
     return data
 

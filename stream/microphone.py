@@ -159,7 +159,10 @@ class _Resampler:
 
 def _to_float_mono(block: np.ndarray) -> np.ndarray:
     data = block.astype(np.float32)
-    if np.issubdtype(block.dtype, np.integer):
+    if np.issubdtype(block.dtype, np.unsignedinteger):  # offset binary (8-bit PCM): silence is the mid value
+        half = float(np.iinfo(block.dtype).max // 2 + 1)
+        data = (data - half) / half
+    elif np.issubdtype(block.dtype, np.integer):
         data /= float(-np.iinfo(block.dtype).min)
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
 

@@ -230,7 +230,8 @@ def join_segments(segments: list[Path], out_path: Path, audio_source: Path | Non
 
 
 class _AudioTrack:
-    """The source's first audio track, re-encoded (AAC) into ``out`` up to a duration (+0.1 s)."""
+    """The source's first audio track, re-encoded into ``out`` up to a duration (+0.1 s): AAC, or Opus for a
+    webm file (which cannot hold AAC)."""
 
     def __init__(self, out: Any, audio_source: Path) -> None:
         import av
@@ -241,10 +242,14 @@ class _AudioTrack:
             if not self._in.streams.audio:
                 raise ValueError("no audio track")
             self._src = self._in.streams.audio[0]
+            codec = av.codec.Codec("libopus" if "webm" in out.format.name else "aac", "w")
             self.rate = int(self._src.codec_context.sample_rate or 48000)
+            if codec.audio_rates and self.rate not in codec.audio_rates:
+                self.rate = max(codec.audio_rates)  # Opus: 48 kHz (and a few lower rates) only
             layout = "stereo" if (self._src.codec_context.channels or 1) >= 2 else "mono"
-            self._stream = out.add_stream("aac", rate=self.rate, layout=layout)
-            self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
+            self._stream = out.add_stream(codec.name, rate=self.rate, layout=layout)
+            fmt = codec.audio_formats[0].name if codec.audio_formats else "fltp"
+            self._resampler = av.AudioResampler(format=fmt, layout=layout, rate=self.rate)
             self._out = out
         except Exception:
             self._in.close()

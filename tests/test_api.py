@@ -146,8 +146,25 @@ def test_errors_are_one_line(tiny_engine: Path, tmp_path: Path) -> None:
         (lambda: loc(frame, tmp_path / "none.wav"), "none.wav: audio file not found"),
         (lambda: loc([frame, frame], stereo, 48000, at=[1.0]), "1 times for 2 frames"),
         (lambda: list(loc.video(tmp_path / "none.mp4")), "none.mp4: video file not found"),
+        (lambda: loc(frame, stereo[:1], 48000), r"1 sample\(s\) at 48000 Hz is less than one sample at 16000"),
+        (lambda: loc(frame, stereo, 48000, at=float("nan")), "at nan: expected the frame's time"),
+        (lambda: loc(frame, stereo, 48000, at="1.0"), "at '1.0': expected the frame's time"),
+        (lambda: loc(frame, stereo, 48000, at=1500), r"at 1500: outside the sound \(0 to 2.000 s\)"),
+        (lambda: loc([frame, frame], stereo, 48000, at=[0.5, -1.0]), "at -1.0: outside the sound"),
     ]
     for call, message in cases:
         with pytest.raises(UserError, match=message) as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_unsigned_8_bit_audio_is_offset_binary(tiny_engine: Path) -> None:
+    """8-bit PCM is unsigned with silence at 128: the same sound as its signed 16-bit version (it divided by
+    zero and localized NaNs as confidence 0 before)."""
+    frame, stereo = _scene()
+    loc = avloc.Localizer(tiny_engine, threads=1)
+    as_u8 = (stereo.astype(np.int32) // 256 + 128).astype(np.uint8)
+    as_i16 = (as_u8.astype(np.int16) - 128) * 256
+    np.testing.assert_allclose(loc.load_audio(as_u8, 48000), loc.load_audio(as_i16, 48000), atol=1e-6)
+    assert abs(loc.load_audio(np.full(4800, 128, np.uint8), 48000)).max() == 0.0
+    assert loc(frame, as_u8, 48000).confidence == pytest.approx(loc(frame, as_i16, 48000).confidence, abs=1e-5)

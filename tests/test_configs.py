@@ -72,3 +72,10 @@ def test_unknown_config_names_are_one_line_errors(tmp_path: Path) -> None:
     bad.write_text("_base: nothere.yaml\n")
     with pytest.raises(UserError, match="_base: nothere.yaml: not found next to it nor among the packaged configs"):
         load_yaml(bad)
+    (tmp_path / "self.yaml").write_text("_base: self.yaml\n")  # not a packaged name either: itself, said so
+    with pytest.raises(UserError, match="_base: self.yaml: is this file itself"):
+        load_yaml(tmp_path / "self.yaml")
+    with pytest.raises(UserError, match="is a folder, expected a YAML file"):
+        load_yaml(tmp_path)
+    with pytest.raises(UserError, match="no such file, nor a packaged config"):
+        load_yaml("ablations/../cpu")  # a packaged name never climbs out of its folder

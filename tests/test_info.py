@@ -68,6 +68,10 @@ def test_checkpoint_and_engine(trained: tuple[Path, Path], tmp_path: Path, capsy
     data = json.loads(out)
     assert data["graphs"]["visual"]["checksum"] == "MISMATCH" and data["graphs"]["audio"]["checksum"] == "ok"
     assert data["preprocessing"]["audio"]["window_samples"] == 16000 and data["training"]["step"] == 120
+    shutil.copy(engine / "visual.onnx", bad / "visual.onnx")
+    (bad / "audio.onnx").unlink()  # a graph gone is as broken as a changed one
+    status, out = _info(bad, capsys)
+    assert status == 1 and "audio.onnx: sha256" in out and "missing" in out
 
 
 def test_triton_repository(trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,6 +81,16 @@ def test_triton_repository(trained: tuple[Path, Path], tmp_path: Path, capsys: p
     status, out = _info(repo, capsys)
     assert status == 0 and "triton repository" in out
     assert "repository    valid; models: avloc_audio, avloc_visual" in out and "--backend triton" in out
+    # a model directory deleted: what is left validates, but the repository cannot serve the engine
+    broken = tmp_path / "broken"
+    shutil.copytree(repo, broken)
+    shutil.rmtree(broken / "avloc_audio")
+    status, out = _info(broken, capsys)
+    assert status == 1 and "INVALID: " in out and "avloc_audio named in avloc_engine.json have no model" in out
+    (broken / "avloc_engine.json").write_text("{garbage")
+    status, out = _info(broken, capsys)
+    assert status == 2 and "avloc_engine.json: corrupt Triton repository manifest" in out
+    assert len(out.strip().splitlines()) == 1
 
 
 def test_other_paths_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,6 +57,69 @@ def test_video_overlay_keeps_audio_and_json_matches_the_api(
     assert peaks.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["overlay.mp4", "peaks.jsonl"]
 
 
+def test_audio_is_kept_playable_and_cut_to_the_video(
+    engine_and_video: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """webm cannot hold AAC (the audio was dropped with only a log line), MP4 gets no PCM (players do not play
+    it), and a sound longer than the clip ends with its last frame."""
+    import soundfile
+
+    engine, clip = engine_and_video
+    assert _localize(clip, "--engine", engine, "--out", tmp_path / "o.webm") == 0
+    with av.open(str(tmp_path / "o.webm")) as out:
+        assert [s.codec_context.name for s in out.streams.audio] == ["opus"]
+    t = np.arange(10 * 16000) / 16000
+    soundfile.write(tmp_path / "long.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 16000)  # 10 s, the clip is 2 s
+    assert _localize(clip, tmp_path / "long.wav", "--engine", engine, "--out", tmp_path / "o.mp4") == 0
+    with av.open(str(tmp_path / "o.mp4")) as out:
+        (audio,) = out.streams.audio
+        assert audio.codec_context.name == "aac"
+        assert float(audio.duration * audio.time_base) < 2.5
+    assert _localize(clip, tmp_path / "long.wav", "--engine", engine, "--out", tmp_path / "o.mkv") == 0
+    with av.open(str(tmp_path / "o.mkv")) as out:  # Matroska plays PCM: copied, but only the clip's length
+        (audio,) = out.streams.audio
+        samples = sum(f.samples for f in out.decode(audio))
+    assert audio.codec_context.name == "pcm_s16le" and 2.0 * 16000 <= samples <= 2.2 * 16000
+    capsys.readouterr()
+
+
+def test_sigterm_leaves_no_partial_files(
+    engine_and_video: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill / timeout / a scheduler's SIGTERM mid-clip ends like Ctrl-C: no hidden partial outputs left behind
+    (SIGTERM's default action skipped every cleanup), and the handler is restored afterwards."""
+    import signal
+
+    engine, clip = engine_and_video
+    calls = []
+    original = avloc.Localizer.localize
+
+    def terminated_mid_clip(self, frames, embeddings):  # noqa: ANN001, ANN202
+        calls.append(len(frames))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, frames, embeddings)
+
+    class Killed(Exception):
+        pass
+
+    def killed(signum: int, frame: object) -> None:
+        raise Killed  # what SIGTERM does to this test if localize does not handle it
+
+    monkeypatch.setattr(avloc.Localizer, "localize", terminated_mid_clip)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        out = tmp_path / "o"
+        assert (
+            _localize(clip, "--engine", engine, "--out", out / "x.mp4", "--json", out / "x.jsonl", "--batch", "4")
+            == 130
+        )
+        assert signal.getsignal(signal.SIGTERM) is killed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(calls) == 2 and list(out.iterdir()) == []
+
+
 def test_image_with_a_sound(engine_and_video: tuple[Path, Path], tmp_path: Path) -> None:
     engine, clip = engine_and_video
     _, bgr = next(iter(_iter_frames(clip)))
@@ -102,6 +165,10 @@ def test_folder_in_one_call_with_a_bad_clip(
         (["{dir}/missing.mp4", "--out", "x.mp4"], "missing.mp4: no such file or folder"),
         (["{dir}", "--out", "x"], "no videos"),
         (["{clip}", "--out", "x.mp4", "--batch", "0"], "--batch 0: expected a positive"),
+        (["{clip}", "--out", "{clip}", "--force"], "is an input of this call"),  # --force replaced the input
+        (["{img}", "{dir}/s.wav", "--json", "{dir}/s.wav"], "is an input of this call"),
+        (["{dir}/c", "--out", "{dir}/c"], "c/a.mp4: is an input of this call"),
+        (["{clip}", "--out", "o.mkv", "--json", "o.mkv"], "--out and --json are the same file"),
     ],
 )
 def test_argument_errors_are_one_line(
@@ -113,6 +180,9 @@ def test_argument_errors_are_one_line(
 ) -> None:
     engine, clip = engine_and_video
     (tmp_path / "still.png").write_bytes(b"")
+    (tmp_path / "s.wav").write_bytes(b"")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.mp4").write_bytes(b"")
     values = {"clip": clip, "img": tmp_path / "still.png", "dir": tmp_path}
     assert _localize(*[a.format(**values) for a in args], "--engine", engine) == 2
     err = capsys.readouterr().err.strip()
