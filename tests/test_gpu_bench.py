@@ -71,6 +71,36 @@ def test_summary_tables_from_reports(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
+@pytest.mark.parametrize(
+    ("args", "python", "message"),
+    [
+        (["--device"], None, "--device needs a value"),
+        (["--budget", "abc"], None, "--budget abc: expected a whole number of seconds > 0"),
+        (["--device", "gpu"], None, "--device gpu: expected cpu, cuda or cuda:N"),
+        (["--steps", "engine_ssl_align,pipline_1"], None, "--steps: unknown step 'pipline_1'; known: install,"),
+        (["--steps", "*"], None, "--steps: unknown step '*'"),
+        (["--quick", "--steps", "pipeline_16"], None, "unknown step 'pipeline_16'; known: .*pipeline_2"),
+        (["--steps", ","], None, "--steps: no step named"),
+        (["--frobnicate"], None, "unknown argument --frobnicate"),
+        ([], "/nonexistent/python", "PYTHON=/nonexistent/python: not an executable interpreter"),
+    ],
+)
+def test_run_sh_refuses_bad_arguments_before_doing_anything(tmp_path, args, python, message):
+    """A typo must not cost a GPU session: one line, exit 2, nothing created (a misspelt --steps used to run
+    nothing and exit 0; --budget abc and --device gpu ran every step to its failure)."""
+    import re
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": python or sys.executable}
+    proc = subprocess.run(
+        ["bash", str(RUN), *args, "--out", str(out)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not out.exists()
+
+
 def test_run_sh_cpu_dry_run(tmp_path):
     """The whole script on CPU with a tiny model: every step runs and lands in one folder."""
     out = tmp_path / "gpu-bench"
