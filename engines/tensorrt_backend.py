@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
-from avloc.engines.base import Engine, graph_file, sha256_file, verified_file
+from avloc.engines.base import Engine, check_device, graph_file, sha256_file, verified_file
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "TensorRT is not installed: pip install 'avloc[gpu]' (or pip install tensorrt-cu13)"
@@ -611,7 +611,7 @@ class TensorRTEngine(Engine):
         super().__init__(engine_dir, manifest, device)
         if not torch.cuda.is_available():
             raise UserError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
-        self.torch_device = torch.device(device)
+        self.torch_device = torch.device(check_device(device))
         if fp16 and tf32:
             raise UserError("tensorrt: choose one of fp16 and tf32 (tf32 is float32 with TF32 convolutions)")
         self.fp16 = fp16

@@ -848,3 +848,11 @@ def test_device_inputs_give_device_outputs_ordered_after_the_engine(
     assert names.index("execute_async_v3") < len(names) - 1 - names[::-1].index("wait_stream")
     assert {(heatmap.data_ptr(), "caller"), (confidence.data_ptr(), "caller")} <= set(recorded)
     engine.close()
+
+
+def test_engine_refuses_a_bad_device_in_one_line(major, tiny_engine, monkeypatch, cpu_as_cuda):
+    from avloc.engines.base import load_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(major))
+    with pytest.raises(UserError, match="device 'gpu': expected cpu, cuda or cuda:N"):
+        load_engine(tiny_engine, "tensorrt", device="gpu")
