@@ -260,7 +260,7 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     for value in graph.input:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             half = f"{value.name}__fp16"
-            for node in graph.node:
+            for node in body:  # body, not graph.node: the islands' Casts read graph inputs/outputs too
                 for k, name in enumerate(node.input):
                     if name == value.name:
                         node.input[k] = half
@@ -268,7 +268,7 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     for value in graph.output:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             half = f"{value.name}__fp16"
-            for node in graph.node:
+            for node in body:  # e.g. an L2-normalized embedding output: the island's Cast back produces it
                 for k, name in enumerate(node.output):
                     if name == value.name:
                         node.output[k] = half
@@ -282,6 +282,9 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     nodes = [n for n in nodes if n.op_type != "Constant" or any(out in used for out in n.output)]
     del graph.node[:]
     graph.node.extend(nodes)
+    initializers = [i for i in graph.initializer if i.name in used]  # likewise initializers (e.g. the eps)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
