@@ -54,12 +54,17 @@ def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if name not in _OPTIONS:
         raise UserError(f"--backends: unknown backend {name!r} in {spec!r}; known: {', '.join(sorted(_OPTIONS))}")
     options: dict[str, Any] = {}
+    given: dict[str, str] = {}  # keyword -> the option that set it
     for opt in filter(None, opts.split("+")):
         if opt not in _OPTIONS[name]:
             raise UserError(
                 f"--backends: unknown option {opt!r} for {name}; known: {', '.join(sorted(_OPTIONS[name]))}"
             )
-        options.update(_OPTIONS[name][opt])
+        for key, value in _OPTIONS[name][opt].items():
+            # e.g. tensorrt:fp16+tf32 ({fp16: True} then {fp16: False, tf32: True}) would silently be a tf32 run
+            if key in options and options[key] != value:
+                raise UserError(f"--backends: {spec!r}: options {given[key]!r} and {opt!r} conflict; choose one")
+            options[key], given[key] = value, opt
     return name, options
 
 

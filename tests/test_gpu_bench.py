@@ -168,3 +168,24 @@ def test_bench_engine_writes_each_backend_as_it_finishes(tiny_engine, tmp_path, 
     assert report["startup"]["onnxruntime"]["providers"] == ["CPUExecutionProvider"]
     assert [r["backend"] for r in report["results"]][0] == "torch"  # the baseline first
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "second"),
+    [
+        ("tensorrt:fp16+tf32", "fp16", "tf32"),
+        ("tensorrt:fp32+fp16", "fp32", "fp16"),
+        ("torch:eager+compile", "eager", "compile"),
+    ],
+)
+def test_backend_specs_with_conflicting_options_are_refused(spec, first, second):
+    """tensorrt:fp16+tf32 used to merge into {fp16: False, tf32: True}: a tf32 run reported under an fp16 name."""
+    import re
+
+    from avloc.core.errors import UserError
+    from avloc.engines.bench import parse_backend_spec
+
+    with pytest.raises(UserError, match=re.escape(f"{spec!r}: options {first!r} and {second!r} conflict; choose one")):
+        parse_backend_spec(spec)
+    assert parse_backend_spec("tensorrt:tf32") == ("tensorrt", {"fp16": False, "tf32": True})
+    assert parse_backend_spec("torch:cuda_graphs+fp16") == ("torch", {"mode": "cuda_graphs", "fp16": True})
