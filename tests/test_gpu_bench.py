@@ -69,8 +69,6 @@ def test_summary_tables_from_reports(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
 @pytest.mark.parametrize(
     ("args", "python", "message"),
     [
@@ -101,6 +99,8 @@ def test_run_sh_refuses_bad_arguments_before_doing_anything(tmp_path, args, pyth
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_run_sh_cpu_dry_run(tmp_path):
     """The whole script on CPU with a tiny model: every step runs and lands in one folder."""
     out = tmp_path / "gpu-bench"
