@@ -14,6 +14,7 @@ under ``startup``. An engine exported with ``--ogl`` also gets its objectness gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -284,9 +285,14 @@ def _runs_objectness(engine: Any, image: np.ndarray, spec: str, errors: dict[str
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Atomically (unique temp file + rename): a reader, or a kill mid-write, never sees half a report."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(report, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -349,7 +355,12 @@ def main(args: argparse.Namespace) -> int:
     for spec in backends:
         parse_backend_spec(spec)  # fail fast, before minutes of timing
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():  # found before minutes of timing, not by the first write after the baseline
+        raise UserError(f"--out {out}: is a directory; give the JSON file to write, e.g. {out / 'bench.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create its folder ({err.strerror or err})") from None
     report = bench_engine(
         args.engine,
         backends,

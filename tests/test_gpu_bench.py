@@ -189,3 +189,22 @@ def test_backend_specs_with_conflicting_options_are_refused(spec, first, second)
         parse_backend_spec(spec)
     assert parse_backend_spec("tensorrt:tf32") == ("tensorrt", {"fp16": False, "tf32": True})
     assert parse_backend_spec("torch:cuda_graphs+fp16") == ("torch", {"mode": "cuda_graphs", "fp16": True})
+
+
+def test_bench_engine_out_as_a_directory_is_refused_before_timing(tiny_engine, tmp_path, monkeypatch):
+    """--out DIR used to fail in the first write after the baseline (minutes in, on a GPU): an IsADirectoryError
+    traceback and a temp file left behind."""
+    from avloc.core.errors import UserError
+    from avloc.engines import bench
+
+    monkeypatch.setattr(bench, "bench_engine", lambda *a, **k: pytest.fail("timed before checking --out"))
+    args = bench.argparse.Namespace(
+        engine=tiny_engine, backends="onnxruntime", batch_sizes=[1], threads=1, iters=2, warmup=1, device="cpu"
+    )
+    with pytest.raises(UserError, match="is a directory; give the JSON file to write"):
+        bench.main(bench.argparse.Namespace(**vars(args), out=tmp_path))
+    target = tmp_path / "out.json"
+    target.mkdir()
+    with pytest.raises(OSError):  # a failed write (here: onto a directory) leaves no temp file
+        bench.write_json(target, {"results": []})
+    assert not list(tmp_path.glob(".out.json.*.tmp"))
