@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -217,6 +218,14 @@ class Engine(ABC):
                 f"localize: audio embedding shape {tuple(audio_emb.shape)}, "
                 f"expected ({image.shape[0]}, {self.embed_dim})"
             )
+
+
+def check_device(device: str) -> str:
+    """``device`` when it is "cpu", "cuda" or "cuda:N", else a one-line UserError (``torch.device("gpu")`` would
+    be a RuntimeError traceback)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise UserError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    return str(device)
 
 
 def to_host(array: Any) -> np.ndarray:

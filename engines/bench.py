@@ -14,6 +14,7 @@ under ``startup``. An engine exported with ``--ogl`` also gets its objectness gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -54,12 +55,17 @@ def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if name not in _OPTIONS:
         raise UserError(f"--backends: unknown backend {name!r} in {spec!r}; known: {', '.join(sorted(_OPTIONS))}")
     options: dict[str, Any] = {}
+    given: dict[str, str] = {}  # keyword -> the option that set it
     for opt in filter(None, opts.split("+")):
         if opt not in _OPTIONS[name]:
             raise UserError(
                 f"--backends: unknown option {opt!r} for {name}; known: {', '.join(sorted(_OPTIONS[name]))}"
             )
-        options.update(_OPTIONS[name][opt])
+        for key, value in _OPTIONS[name][opt].items():
+            # e.g. tensorrt:fp16+tf32 ({fp16: True} then {fp16: False, tf32: True}) would silently be a tf32 run
+            if key in options and options[key] != value:
+                raise UserError(f"--backends: {spec!r}: options {given[key]!r} and {opt!r} conflict; choose one")
+            options[key], given[key] = value, opt
     return name, options
 
 
@@ -279,9 +285,14 @@ def _runs_objectness(engine: Any, image: np.ndarray, spec: str, errors: dict[str
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Atomically (unique temp file + rename): a reader, or a kill mid-write, never sees half a report."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(report, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -344,7 +355,12 @@ def main(args: argparse.Namespace) -> int:
     for spec in backends:
         parse_backend_spec(spec)  # fail fast, before minutes of timing
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():  # found before minutes of timing, not by the first write after the baseline
+        raise UserError(f"--out {out}: is a directory; give the JSON file to write, e.g. {out / 'bench.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create its folder ({err.strerror or err})") from None
     report = bench_engine(
         args.engine,
         backends,

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from avloc.core.errors import UserError
-from avloc.engines.base import Engine, graph_file, sha256_file, verified_file
+from avloc.engines.base import Engine, check_device, graph_file, sha256_file, verified_file
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "TensorRT is not installed: pip install 'avloc[gpu]' (or pip install tensorrt-cu13)"
@@ -130,12 +130,28 @@ def _build_lock(engine_dir: Path, trt_version: str, gpu_name: str) -> Iterator[N
     workers starting together build each plan once (the others wait, then read it) and never interleave
     their timing-cache updates. An advisory ``flock``: released by the kernel if the holder dies."""
     path = Path(engine_dir) / f".tensorrt.{_slug(gpu_name)}.trt{trt_version}.lock"
-    with open(path, "a+b") as f:
+    try:
+        f = open(path, "a+b")  # noqa: SIM115 - closed below, after the unlock
+    except OSError as err:
+        raise UserError(f"{engine_dir}: {_UNWRITABLE} ({err.strerror or err})") from None
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+_UNWRITABLE = "cannot write TensorRT plans in this engine directory; make it writable (plans are built once per GPU)"
+
+
+def _remove_dead_temp_files(engine_dir: Path, trt_version: str, gpu_name: str) -> None:
+    """Temp files of plan/timing-cache writes for this GPU and TensorRT version whose writer was killed mid-write
+    (the rename never happened). Called under :func:`_build_lock`: only its holder writes these files, so every
+    one found is dead (a plan's is as large as the plan)."""
+    for tmp in Path(engine_dir).glob(f".*.{_slug(gpu_name)}.trt{trt_version}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -244,7 +260,7 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     for value in graph.input:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             half = f"{value.name}__fp16"
-            for node in graph.node:
+            for node in body:  # body, not graph.node: the islands' Casts read graph inputs/outputs too
                 for k, name in enumerate(node.input):
                     if name == value.name:
                         node.input[k] = half
@@ -252,7 +268,7 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     for value in graph.output:
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             half = f"{value.name}__fp16"
-            for node in graph.node:
+            for node in body:  # e.g. an L2-normalized embedding output: the island's Cast back produces it
                 for k, name in enumerate(node.output):
                     if name == value.name:
                         node.output[k] = half
@@ -266,6 +282,9 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     nodes = [n for n in nodes if n.op_type != "Constant" or any(out in used for out in n.output)]
     del graph.node[:]
     graph.node.extend(nodes)
+    initializers = [i for i in graph.initializer if i.name in used]  # likewise initializers (e.g. the eps)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -341,8 +360,12 @@ def build_plan(
 
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
+    if cache is None and cache_bytes:
+        # Unreadable (damaged) cache file: it only saves build time, so start a new one rather than fail.
+        log.warning("timing cache %s is unreadable; starting a new one", timing_cache)
+        cache = config.create_timing_cache(b"")
     if cache is None:
-        raise RuntimeError(f"TensorRT could not create a timing cache from {timing_cache}")
+        raise RuntimeError("TensorRT could not create an empty timing cache (see the TensorRT log)")
     if not config.set_timing_cache(cache, False):
         # A cache from another device/version is refused rather than silently mixed in: start a fresh one.
         log.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", timing_cache)
@@ -364,7 +387,10 @@ def build_plan(
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+        try:
+            _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+        except OSError as err:  # the plan is good; only the next build's speed-up is lost
+            log.warning("could not write timing cache %s: %s", timing_cache, err)
     return bytes(plan)
 
 
@@ -394,10 +420,50 @@ def load_or_build_plan(
             precision,
             gpu_name,
         )
+        _remove_dead_temp_files(engine_dir, trt.__version__, gpu_name)
         cache = timing_cache_path(engine_dir, trt.__version__, gpu_name)
         plan = build_plan(trt, onnx_path, precision, batches, workspace_mb, timing_cache=cache)
-        _atomic_write(cached, plan)
+        try:
+            _atomic_write(cached, plan)
+        except OSError as err:  # disk full, read-only: one line, not a traceback after minutes of building
+            raise UserError(f"{cached}: {_UNWRITABLE} ({err.strerror or err})") from None
     return plan, cached
+
+
+class PlanUnreadable(UserError):
+    """TensorRT could not deserialize a plan (damaged file, or built by an incompatible TensorRT)."""
+
+
+def load_graph(
+    trt: Any,
+    engine_dir: Path,
+    onnx_path: Path,
+    onnx_sha256: str,
+    gpu_name: str,
+    precision: str,
+    batches: tuple[int, int, int],
+    device: Any,
+    io_names: tuple[list[str], list[str]] | None = None,
+    workspace_mb: int = 1024,
+    rebuild: bool = False,
+) -> _TrtGraph:
+    """The plan from the cache (built when missing) deserialized into a :class:`_TrtGraph`. A cached plan that
+    TensorRT cannot read (truncated by a full disk or a copy, damaged) is rebuilt once, under the build lock,
+    instead of failing every start until someone deletes it; a plan built just now that fails is an error."""
+    asked = time.time()
+    plan, cached = load_or_build_plan(
+        trt, engine_dir, onnx_path, onnx_sha256, gpu_name, precision, batches, workspace_mb, rebuild
+    )
+    try:
+        return _TrtGraph(trt, plan, device, cached, io_names)
+    except PlanUnreadable:
+        if rebuild or cached.stat().st_mtime >= asked:  # built during this call: rebuilding would not help
+            raise
+        log.warning("%s: TensorRT cannot deserialize this cached plan; rebuilding it", cached)
+    plan, cached = load_or_build_plan(
+        trt, engine_dir, onnx_path, onnx_sha256, gpu_name, precision, batches, workspace_mb, rebuild=True
+    )
+    return _TrtGraph(trt, plan, device, cached, io_names)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -467,7 +533,7 @@ class _TrtGraph:
             raise RuntimeError("TensorRT could not create a runtime (see the TensorRT log)")
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise UserError(f"{source}: TensorRT could not deserialize the cached plan; delete it to rebuild")
+            raise PlanUnreadable(f"{source}: TensorRT could not deserialize the cached plan; delete it to rebuild")
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise RuntimeError(f"{source}: TensorRT could not create an execution context (out of GPU memory?)")
@@ -548,7 +614,7 @@ class TensorRTEngine(Engine):
         super().__init__(engine_dir, manifest, device)
         if not torch.cuda.is_available():
             raise UserError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
-        self.torch_device = torch.device(device)
+        self.torch_device = torch.device(check_device(device))
         if fp16 and tf32:
             raise UserError("tensorrt: choose one of fp16 and tf32 (tf32 is float32 with TF32 convolutions)")
         self.fp16 = fp16
@@ -572,7 +638,7 @@ class TensorRTEngine(Engine):
         trt, gpu, batches, workspace_mb, rebuild = self._build
         self._io[graph] = onnx_io_names(onnx_path)
         with torch.cuda.device(self.torch_device):
-            plan, cached = load_or_build_plan(
+            return load_graph(
                 trt,
                 self.engine_dir,
                 onnx_path,
@@ -580,10 +646,11 @@ class TensorRTEngine(Engine):
                 gpu,
                 self.precision,
                 batches,
+                self.torch_device,
+                self._io[graph],
                 workspace_mb,
                 rebuild,
             )
-            return _TrtGraph(trt, plan, self.torch_device, cached, self._io[graph])
 
     def _run(self, graph: str, arrays: list[Any]) -> list[Any]:
         import torch

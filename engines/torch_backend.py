@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from avloc.core.checkpoint import load_model
 from avloc.core.errors import UserError
-from avloc.engines.base import Engine, verified_file
+from avloc.engines.base import Engine, check_device, verified_file
 from avloc.engines.preprocess import upload
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class TorchEngine(Engine):
         super().__init__(engine_dir, manifest, device)
         if mode not in MODES:
             raise UserError(f"torch backend mode {mode!r}: expected one of {', '.join(MODES)}")
-        self.torch_device = torch.device(device)
+        self.torch_device = torch.device(check_device(device))
         is_cuda = self.torch_device.type == "cuda"
         if is_cuda and not torch.cuda.is_available():
             raise UserError(f"device {device!r}: CUDA is not available in this torch build/machine; use --device cpu")

@@ -135,3 +135,38 @@ def test_island_refuses_what_it_cannot_keep_in_float32(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(tb.UserError, match="norm feeds Softmax"):
         tb.onnx_fp16_bytes(path)
+
+
+@pytest.mark.parametrize("emulate_tensorrt", [False, True], ids=["onnxruntime", "tensorrt_reduce_l2"])
+def test_a_normalized_graph_output_survives_the_cast(tmp_path, emulate_tensorrt):
+    """F.normalize as the graph's last op (an L2-normalized embedding output): the island's Cast back to float16
+    produces the graph output, which the float32 output Cast must then read. The cast graph used to fail
+    onnx's checker ("input 'y__fp16' ... is not output of any previous nodes") and TensorRT builds with it."""
+    eps = numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
+    graph = helper.make_graph(
+        [  # what torch.onnx exports for F.normalize(x, dim=1)
+            helper.make_node("ReduceL2", ["x"], ["n"], axes=[1], keepdims=1),
+            helper.make_node("Clip", ["n", "eps"], ["c"]),
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Expand", ["c", "s"], ["e"]),
+            helper.make_node("Div", ["x", "e"], ["y"]),
+        ],
+        "normalized",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        initializer=[eps],
+    )
+    path = tmp_path / "normalized.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    half, fp32 = tb.onnx_fp16_bytes(path), path.read_bytes()
+    if emulate_tensorrt:
+        half, fp32 = tensorrt_like(half), tensorrt_like(fp32)
+    x = np.array([[0, 0, 0, 0], [1000, 2000, -500, 0], [3e4, 4e4, 0, 0]], np.float32)  # norms 0, ~2300, 5e4
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    (ref,) = ort.InferenceSession(fp32, options, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    session = ort.InferenceSession(half, options, providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].type == "tensor(float)"
+    (got,) = session.run(None, {"x": x})
+    assert np.isfinite(got).all() and np.all(got[0] == 0.0)
+    assert np.abs(got - ref).max() < 2e-3 and np.abs(np.linalg.norm(got[1:], axis=1) - 1).max() < 2e-3

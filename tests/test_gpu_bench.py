@@ -69,6 +69,36 @@ def test_summary_tables_from_reports(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize(
+    ("args", "python", "message"),
+    [
+        (["--device"], None, "--device needs a value"),
+        (["--budget", "abc"], None, "--budget abc: expected a whole number of seconds > 0"),
+        (["--device", "gpu"], None, "--device gpu: expected cpu, cuda or cuda:N"),
+        (["--steps", "engine_ssl_align,pipline_1"], None, "--steps: unknown step 'pipline_1'; known: install,"),
+        (["--steps", "*"], None, "--steps: unknown step '*'"),
+        (["--quick", "--steps", "pipeline_16"], None, "unknown step 'pipeline_16'; known: .*pipeline_2"),
+        (["--steps", ","], None, "--steps: no step named"),
+        (["--frobnicate"], None, "unknown argument --frobnicate"),
+        ([], "/nonexistent/python", "PYTHON=/nonexistent/python: not an executable interpreter"),
+    ],
+)
+def test_run_sh_refuses_bad_arguments_before_doing_anything(tmp_path, args, python, message):
+    """A typo must not cost a GPU session: one line, exit 2, nothing created (a misspelt --steps used to run
+    nothing and exit 0; --budget abc and --device gpu ran every step to its failure)."""
+    import re
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": python or sys.executable}
+    proc = subprocess.run(
+        ["bash", str(RUN), *args, "--out", str(out)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_run_sh_cpu_dry_run(tmp_path):
@@ -138,3 +168,43 @@ def test_bench_engine_writes_each_backend_as_it_finishes(tiny_engine, tmp_path, 
     assert report["startup"]["onnxruntime"]["providers"] == ["CPUExecutionProvider"]
     assert [r["backend"] for r in report["results"]][0] == "torch"  # the baseline first
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "second"),
+    [
+        ("tensorrt:fp16+tf32", "fp16", "tf32"),
+        ("tensorrt:fp32+fp16", "fp32", "fp16"),
+        ("torch:eager+compile", "eager", "compile"),
+    ],
+)
+def test_backend_specs_with_conflicting_options_are_refused(spec, first, second):
+    """tensorrt:fp16+tf32 used to merge into {fp16: False, tf32: True}: a tf32 run reported under an fp16 name."""
+    import re
+
+    from avloc.core.errors import UserError
+    from avloc.engines.bench import parse_backend_spec
+
+    with pytest.raises(UserError, match=re.escape(f"{spec!r}: options {first!r} and {second!r} conflict; choose one")):
+        parse_backend_spec(spec)
+    assert parse_backend_spec("tensorrt:tf32") == ("tensorrt", {"fp16": False, "tf32": True})
+    assert parse_backend_spec("torch:cuda_graphs+fp16") == ("torch", {"mode": "cuda_graphs", "fp16": True})
+
+
+def test_bench_engine_out_as_a_directory_is_refused_before_timing(tiny_engine, tmp_path, monkeypatch):
+    """--out DIR used to fail in the first write after the baseline (minutes in, on a GPU): an IsADirectoryError
+    traceback and a temp file left behind."""
+    from avloc.core.errors import UserError
+    from avloc.engines import bench
+
+    monkeypatch.setattr(bench, "bench_engine", lambda *a, **k: pytest.fail("timed before checking --out"))
+    args = bench.argparse.Namespace(
+        engine=tiny_engine, backends="onnxruntime", batch_sizes=[1], threads=1, iters=2, warmup=1, device="cpu"
+    )
+    with pytest.raises(UserError, match="is a directory; give the JSON file to write"):
+        bench.main(bench.argparse.Namespace(**vars(args), out=tmp_path))
+    target = tmp_path / "out.json"
+    target.mkdir()
+    with pytest.raises(OSError):  # a failed write (here: onto a directory) leaves no temp file
+        bench.write_json(target, {"results": []})
+    assert not list(tmp_path.glob(".out.json.*.tmp"))

@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from avloc.core.errors import UserError
 from avloc.engines.base import load_engine
 from avloc.engines.torch_backend import COMPILE_CALLS
 from avloc.stream.inference import InferenceWorker
@@ -97,3 +98,11 @@ def test_fp32_means_ieee_fp32(tiny_engine):
     assert load_engine(tiny_engine, "torch", threads=1).precision == "fp32"
     with pytest.raises(UserError, match="tf32 needs --device cuda"):
         load_engine(tiny_engine, "torch", tf32=True)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "CUDA"])
+def test_torch_engine_refuses_a_bad_device_in_one_line(tiny_engine, device):
+    """`avloc bench engine --device gpu` used to end in torch.device's RuntimeError traceback (the eager baseline
+    always runs, so every bench with a typo'd device crashed)."""
+    with pytest.raises(UserError, match=f"device '{device}': expected cpu, cuda or cuda:N"):
+        load_engine(tiny_engine, "torch", device=device)

@@ -15,6 +15,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,7 +39,8 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
     build_s (seconds a build takes), build_log (a file each build appends a line to), io (the engine's I/O in
     the engine's order: (name, mode, dtype, per-sample shape) tuples) with compute (name -> array inputs ->
     name -> array outputs, run by execute_async_v3 on the bound addresses, as a real engine reads and writes
-    device memory).
+    device memory); readable (plan bytes -> whether deserialize_cuda_engine can read them: a real TensorRT
+    returns None for a truncated or damaged plan) and cache_readable (the same for create_timing_cache).
 
     Like the real API, ``set_tensor_address`` refuses an address that is not 256-byte aligned
     (IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment")."""
@@ -57,6 +59,8 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
         "build_log": None,
         "io": (("x", "INPUT", "float32", (None,)), ("y", "OUTPUT", "float32", (2,))),
         "compute": None,
+        "readable": lambda plan: True,
+        "cache_readable": lambda data: True,
     } | behaviour
 
     def record(name: str, *args: object) -> None:
@@ -162,7 +166,7 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
 
         def create_timing_cache(self, data: bytes) -> TimingCache:
             record("create_timing_cache", bytes(data))
-            return TimingCache(bytes(data))
+            return TimingCache(bytes(data)) if b["cache_readable"](bytes(data)) else None
 
         def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
             record("set_timing_cache", cache.data, ignore_mismatch)
@@ -280,7 +284,7 @@ def make_fake_trt(major: int, **behaviour: object) -> types.ModuleType:
 
         def deserialize_cuda_engine(self, plan: bytes) -> CudaEngine | None:
             record("deserialize_cuda_engine", plan)
-            return CudaEngine(plan) if b["engine_ok"] else None
+            return CudaEngine(plan) if b["engine_ok"] and b["readable"](bytes(plan)) else None
 
     for obj in (
         Logger,
@@ -592,14 +596,14 @@ class _FakeStream:
 
     cuda_stream = 4321
 
-    def __init__(self, trt: types.ModuleType) -> None:
-        self.trt = trt
+    def __init__(self, trt: types.ModuleType, name: str = "engine") -> None:
+        self.trt, self.name = trt, name
 
     def synchronize(self) -> None:
         self.trt.calls.append(("stream_synchronize", ()))
 
-    def wait_stream(self, other: object) -> None:
-        pass
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.trt.calls.append(("wait_stream", (self.name, other.name)))
 
 
 @pytest.fixture()
@@ -621,10 +625,10 @@ def _onto_cpu(engine) -> None:
         graph.device = engine.torch_device
 
 
-def test_engine_binds_the_onnx_order_and_close_syncs_first(major, tiny_engine, tmp_path, monkeypatch, cpu_as_cuda):
-    """TensorRTEngine end to end on the fake: results come back in the ONNX order whatever the engine's order,
-    and close() waits for the stream before destroying contexts (a context freed under queued work frees
-    memory the GPU still uses)."""
+def _fake_engine(major: int, tiny_engine: Path, tmp_path: Path, monkeypatch) -> tuple[Any, types.ModuleType]:
+    """A real TensorRTEngine (max_batch 2, fp32) over the fake, its I/O listed in another order than the ONNX
+    graphs'. Visual: heatmap = image[:, 0, 0, 0] everywhere, confidence = embedding[:, 0]; audio: the
+    embedding = spectrogram[:, 0, 0, 0] everywhere."""
     import shutil
 
     from avloc.engines.base import load_engine
@@ -662,6 +666,15 @@ def test_engine_binds_the_onnx_order_and_close_syncs_first(major, tiny_engine, t
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream(trt))
     engine = load_engine(engine_dir, "tensorrt", device="cuda", fp16=False, max_batch=2)
     _onto_cpu(engine)
+    return engine, trt
+
+
+def test_engine_binds_the_onnx_order_and_close_syncs_first(major, tiny_engine, tmp_path, monkeypatch, cpu_as_cuda):
+    """TensorRTEngine end to end on the fake: results come back in the ONNX order whatever the engine's order,
+    and close() waits for the stream before destroying contexts (a context freed under queued work frees
+    memory the GPU still uses)."""
+    engine, trt = _fake_engine(major, tiny_engine, tmp_path, monkeypatch)
+    dim, size, feature = engine.embed_dim, engine.image_shape[-1], engine.manifest["outputs"]["heatmap"]["feature_size"]
     image = np.zeros((2, 3, size, size), np.float32)
     image[:, 0] = [[[1.5]], [[-2.0]]]
     emb = np.zeros((2, dim), np.float32)
@@ -713,3 +726,133 @@ def test_two_processes_building_one_plan_build_once(major, onnx_graph, tmp_path)
     plans = list(tmp_path.glob("*.plan"))
     assert len(plans) == 1 and plans[0].read_bytes() == PLAN_BYTES
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+
+
+# ---------------------------------------------------------------------------------------------- damaged caches
+
+
+def test_a_damaged_cached_plan_is_rebuilt_once(major, onnx_graph, tmp_path):
+    """A cached plan TensorRT cannot read (cut short by a full disk or an interrupted copy) is rebuilt under the
+    lock instead of failing every start until someone deletes it; a plan built just now that TensorRT cannot
+    read is an error, not a rebuild loop."""
+    trt = make_fake_trt(major, plan=PLAN_BYTES, readable=lambda plan: plan == PLAN_BYTES)
+    sha = tb.sha256_file(onnx_graph)
+    _, path = tb.load_or_build_plan(trt, tmp_path, onnx_graph, sha, GPU, "fp32", (1, 2, 4))
+    path.write_bytes(PLAN_BYTES[: len(PLAN_BYTES) // 2])
+    os.utime(path, (time.time() - 60, time.time() - 60))  # written by an earlier run
+    trt.calls.clear()
+    graph = tb.load_graph(trt, tmp_path, onnx_graph, sha, GPU, "fp32", (1, 2, 4), torch.device("cpu"))
+    assert graph.engine is not None and len(calls(trt, "build_serialized_network")) == 1
+    assert path.read_bytes() == PLAN_BYTES
+    never = make_fake_trt(major, readable=lambda plan: False)
+    with pytest.raises(UserError, match="could not deserialize the cached plan"):
+        tb.load_graph(never, tmp_path, onnx_graph, sha, GPU, "fp16", (1, 2, 4), torch.device("cpu"))
+    assert len(calls(never, "build_serialized_network")) == 1
+
+
+def test_an_unreadable_timing_cache_starts_a_new_one(major, onnx_graph, tmp_path):
+    """The timing cache only saves build time: a damaged one (create_timing_cache returns None) is replaced, the
+    build goes on."""
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"torn")
+    trt = make_fake_trt(major, cache_readable=lambda data: data == b"")
+    assert tb.build_plan(trt, onnx_graph, "fp32", (1, 1, 1), 64, timing_cache=cache) == b"PLAN"
+    assert calls(trt, "create_timing_cache") == [(b"torn",), (b"",)]
+    assert cache.read_bytes() == b"+tuned"
+
+
+def test_unwritable_plan_cache_is_a_one_line_error(major, onnx_graph, tmp_path, monkeypatch):
+    sha = tb.sha256_file(onnx_graph)
+    not_a_dir = tmp_path / "engine-file"
+    not_a_dir.write_text("")
+    with pytest.raises(UserError, match="engine-file: cannot write TensorRT plans in this engine directory"):
+        tb.load_or_build_plan(make_fake_trt(major), not_a_dir, onnx_graph, sha, GPU, "fp32", (1, 1, 1))
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tb, "_atomic_write", disk_full)
+    with pytest.raises(UserError, match=r"\.plan: cannot write TensorRT plans .*No space left on device"):
+        tb.load_or_build_plan(make_fake_trt(major), tmp_path, onnx_graph, sha, GPU, "fp32", (1, 1, 1))
+
+
+def _die_holding_the_lock(engine_dir: str, version: str) -> None:
+    import signal
+
+    with tb._build_lock(Path(engine_dir), version, GPU):
+        os.kill(os.getpid(), signal.SIGKILL)  # no unlock, no cleanup: as a worker killed mid-build
+
+
+def test_a_builder_killed_mid_build_leaves_nothing_that_blocks(major, onnx_graph, tmp_path):
+    """The lock file of a killed builder stays on disk but holds no lock (flock dies with its process), and the
+    temp file a kill mid-write leaves (as large as a plan) is removed by the next builder."""
+    import multiprocessing
+    import signal
+    import threading
+
+    trt = make_fake_trt(major)
+    child = multiprocessing.get_context("fork").Process(
+        target=_die_holding_the_lock, args=(str(tmp_path), trt.__version__)
+    )
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL
+    assert list(tmp_path.glob(".tensorrt.*.lock"))  # stale lock file left behind
+    slug = tb._slug(GPU)
+    dead = tmp_path / f".visual.{slug}.trt{trt.__version__}.fp32.b1-1-1.0123456789abcdef.plan.x1y2z3.tmp"
+    dead.write_bytes(b"half a plan")
+    other = tmp_path / f".visual.{slug}.trt9.9.9.fp32.b1-1-1.0123456789abcdef.plan.x1y2z3.tmp"  # another version's
+    other.write_bytes(b"in progress")
+    done: list[tuple[bytes, Path]] = []
+    sha = tb.sha256_file(onnx_graph)
+    worker = threading.Thread(
+        target=lambda: done.append(tb.load_or_build_plan(trt, tmp_path, onnx_graph, sha, GPU, "fp32", (1, 1, 1))),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the stale lock blocked the next build"
+    assert done[0][0] == b"PLAN" and done[0][1].read_bytes() == b"PLAN"
+    assert not dead.exists() and other.exists()
+
+
+# ---------------------------------------------------------------------------------------------- device inputs
+
+
+def test_device_inputs_give_device_outputs_ordered_after_the_engine(
+    major, tiny_engine, tmp_path, monkeypatch, cpu_as_cuda
+):
+    """The worker's GPU path: images already on the device (DevicePreprocessor), embeddings from the host. The
+    outputs stay tensors (no host copy, no sync), the caller's stream waits for the engine's stream before it
+    may read them, and each output is recorded as used on the caller's stream (else the caching allocator could
+    hand its memory out while the caller still reads it)."""
+    engine, trt = _fake_engine(major, tiny_engine, tmp_path, monkeypatch)
+    caller = _FakeStream(trt, "caller")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    recorded: list[tuple[int, str]] = []
+    monkeypatch.setattr(
+        torch.Tensor, "record_stream", lambda self, stream: recorded.append((self.data_ptr(), stream.name))
+    )
+    size, dim = engine.image_shape[-1], engine.embed_dim
+    image = torch.zeros(2, 3, size, size)
+    image[:, 0] = torch.tensor([1.5, -2.0]).view(2, 1, 1)
+    emb = np.zeros((2, dim), np.float32)
+    emb[:, 0] = [0.25, 0.75]
+    trt.calls.clear()
+    heatmap, confidence = engine.localize(image, emb)
+    assert isinstance(heatmap, torch.Tensor) and isinstance(confidence, torch.Tensor)
+    assert torch.all(heatmap[0] == 1.5) and torch.all(heatmap[1] == -2.0)
+    assert confidence.tolist() == [0.25, 0.75]
+    names = [name for name, _ in trt.calls]
+    assert calls(trt, "wait_stream") == [("engine", "caller"), ("caller", "engine")]
+    assert names.index("execute_async_v3") < len(names) - 1 - names[::-1].index("wait_stream")
+    assert {(heatmap.data_ptr(), "caller"), (confidence.data_ptr(), "caller")} <= set(recorded)
+    engine.close()
+
+
+def test_engine_refuses_a_bad_device_in_one_line(major, tiny_engine, monkeypatch, cpu_as_cuda):
+    from avloc.engines.base import load_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(major))
+    with pytest.raises(UserError, match="device 'gpu': expected cpu, cuda or cuda:N"):
+        load_engine(tiny_engine, "tensorrt", device="gpu")

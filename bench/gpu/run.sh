@@ -14,7 +14,8 @@
 #
 # Options: --out DIR (default bench/gpu-YYYY-MM-DD), --device cpu|cuda (default cuda), --quick (tiny model, few
 #          iterations: the CPU dry run of the tests), --steps a,b,... (only these; e.g. to split the run over
-#          several calls of a time-limited session: OUT is reused), --budget S (overall seconds, default 3600).
+#          several calls of a time-limited session: OUT is reused; the venv is made first if it is missing),
+#          --budget S (overall seconds, default 3600). A bad option, step name or $PYTHON: one line, exit 2.
 # $PYTHON: use this interpreter, no venv and no install (the tests); $AVLOC_BENCH_VENV: where the venv goes.
 # Every step has a time limit sized to its builds (capped by what is left of the budget); a step that fails or
 # runs out of time is listed and the next step still runs. Exit status 0 only if no step failed.
@@ -28,18 +29,35 @@ OUT="bench/gpu-$(date -u +%F)"
 STEPS=""
 BUDGET=""
 ARGS="$*"
+# Bad arguments: one line, exit 2, before anything is created or run (a typo must not cost a GPU session).
+die() { echo "run.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
+    case "$1" in
+        --device|--out|--steps|--budget) [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]] || die "$1 needs a value (see --help)" ;;
+    esac
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
         --out) OUT="$2"; shift 2 ;;
         --steps) STEPS=",$2,"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
-        *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
+        *) die "unknown argument $1 (see --help)" ;;
     esac
 done
-mkdir -p "$OUT"
+[[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || die "--device $DEVICE: expected cpu, cuda or cuda:N"
+[ -z "$BUDGET" ] || [[ "$BUDGET" =~ ^[1-9][0-9]*$ ]] || die "--budget $BUDGET: expected a whole number of seconds > 0"
+STREAMS_MANY=16; [ "$QUICK" = 1 ] && STREAMS_MANY=2
+KNOWN_STEPS="install doctor clip models engine_ssl_align engine_acl pipeline_1 pipeline_$STREAMS_MANY"
+IFS=, read -ra ASKED <<< "$STEPS"  # not an unquoted expansion: --steps '*' must not glob
+for s in "${ASKED[@]}"; do
+    [ -z "$s" ] || [[ " $KNOWN_STEPS " == *" $s "* ]] || die "--steps: unknown step '$s'; known: ${KNOWN_STEPS// /,}"
+done
+[ -z "$STEPS" ] || [ -n "${STEPS//,/}" ] || die "--steps: no step named; known: ${KNOWN_STEPS// /,}"
+if [ -n "${PYTHON:-}" ] && ! [ -x "$(command -v "$PYTHON")" ]; then
+    die "PYTHON=$PYTHON: not an executable interpreter"
+fi
+mkdir -p "$OUT" || die "--out $OUT: cannot create this folder"
 OUT="$(cd "$OUT" && pwd)"
 touch "$OUT/steps.txt"
 echo "$ARGS" > "$OUT/args.txt"
@@ -48,9 +66,8 @@ if [ "$QUICK" = 1 ]; then
     # The dry run proves every step runs and lands in OUT, not speed: one (batched) size, a few calls, 2 s
     # pipelines. Its time is mostly process start-up (each step imports torch), which these cannot shorten.
     BUDGET=${BUDGET:-${AVLOC_BENCH_BUDGET:-900}}; BATCHES=2; ITERS=3; WARMUP=1; PIPE_S=2; PIPE_WARM=0.5
-    STREAMS_MANY=2
 else
-    BUDGET=${BUDGET:-3600}; BATCHES=1,4,16; ITERS=200; WARMUP=20; PIPE_S=20; PIPE_WARM=3; STREAMS_MANY=16
+    BUDGET=${BUDGET:-3600}; BATCHES=1,4,16; ITERS=200; WARMUP=20; PIPE_S=20; PIPE_WARM=3
 fi
 START=$SECONDS
 
@@ -93,9 +110,17 @@ if [ -n "${PYTHON:-}" ]; then
     skip install "PYTHON=$PYTHON given: no venv, nothing installed"
 else
     VENV="${AVLOC_BENCH_VENV:-$ROOT/.venv-gpu}"
+    if [ ! -x "$VENV/bin/python" ] && ! want install; then
+        # e.g. the second call of a split run on a fresh machine: the steps asked for need the venv
+        echo "== no venv at $VENV: running the install step first"
+        STEPS="$STEPS,install,"
+    fi
     step install 1800 bash "$ROOT/bench/gpu/install.sh" "$VENV"
     PY="$VENV/bin/python"
-    [ -x "$PY" ] || PY=python3
+    if [ ! -x "$PY" ]; then
+        echo "== no venv at $VENV (see install.log): the steps run with $(command -v python3) as it is"
+        PY=python3
+    fi
 fi
 # Without an installed avloc (install failed, or $PYTHON without it) a shim folder of symlinks makes
 # `import avloc.engines` work from the checkout (pyproject maps avloc's packages to core/, engines/, ...).
