@@ -5,6 +5,10 @@ sequence number and draws the heatmap over the frame it was computed on (colorma
 adjustable alpha), with a HUD: heatmap fps, end-to-end latency p50 and drops, and a "no audio" notice.
 A heatmap marked ``not_visible`` by the engine's silence gate is not drawn (no overlay, no peak: a faint map
 would still point at something that is probably not there); the frame shows a "NOT VISIBLE" notice instead.
+A ``warming_up`` map (its audio window still mostly the start-up silence) is drawn with a "WARMING UP 40%"
+notice (``meta.audio_real``, the share of captured audio in the window); a ``non_finite`` one has no map and
+says so. :func:`notice_text` is the one wording, shared with the browser viewer. The ``notices`` count per kind
+is in the display's stats (the run's summary.json) and every notice is in the latency log.
 
 - window mode (``cv2.imshow``): ``q``/Esc quits, ``+``/``-`` change alpha, ``c`` toggles the colormap;
 - ``--headless``: no window; ``--record out.mp4`` encodes the overlaid frames with PyAV (libx264), timed by
@@ -47,6 +51,13 @@ RECORD_WAIT_S = 0.6  # a recorded frame waits this long for its heatmap before t
 # STREAM_SILENCE_S is forgotten
 MAX_STREAMS = 16
 STREAM_SILENCE_S = 60.0
+LOGGED_META = ("peak", "confidence", "notice", "audio_real", "pts", "audio_ms", "batch", "drops")  # latency log
+KNOWN_NOTICES = (
+    protocol.NOTICE_NO_AUDIO,
+    protocol.NOTICE_NOT_VISIBLE,
+    protocol.NOTICE_NON_FINITE,
+    protocol.NOTICE_WARMING_UP,
+)
 
 
 def heatmap_to_unit(arr: np.ndarray) -> np.ndarray:
@@ -76,6 +87,20 @@ def overlay(
     return out
 
 
+def notice_text(notice: str | None, audio_real: Any = None) -> str | None:
+    """What a person reads for a heatmap's notice: ``WARMING UP 40%`` (share of captured audio in the window,
+    so they see it fill), ``NOT VISIBLE``, ``NO AUDIO``, ``NO MAP (NON-FINITE)``; None when there is none."""
+    if not notice:
+        return None
+    if notice == protocol.NOTICE_WARMING_UP:
+        if isinstance(audio_real, int | float) and not isinstance(audio_real, bool) and math.isfinite(audio_real):
+            return f"WARMING UP {round(100 * min(1.0, max(0.0, float(audio_real))))}%"
+        return "WARMING UP"
+    if notice == protocol.NOTICE_NON_FINITE:
+        return "NO MAP (NON-FINITE)"
+    return notice.replace("_", " ").upper()
+
+
 def draw_hud(image: np.ndarray, lines: list[str], notice: str | None = None) -> None:
     """White text on a dark box (OpenCV's glyph advance depends on thickness, so no outlined text)."""
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.5
@@ -87,7 +112,7 @@ def draw_hud(image: np.ndarray, lines: list[str], notice: str | None = None) -> 
             cv2.putText(image, text, (12, 22 + 20 * i), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
     if notice:
         h, w = image.shape[:2]
-        text = notice.replace("_", " ").upper()
+        text = notice
         (tw, th), _ = cv2.getTextSize(text, font, 0.9, 2)
         x, y = (w - tw) // 2, h - 20
         region = image[max(0, y - th - 8) : y + 8, max(0, x - 8) : x + tw + 8]
@@ -102,6 +127,7 @@ class HeatmapView:
     peak: tuple[float, float] | None
     notice: str | None
     confidence: float
+    audio_real: float | None = None  # share of captured audio in the window (meta.audio_real)
 
 
 class Display:
@@ -133,6 +159,7 @@ class Display:
         self.rejects = protocol.RejectCounter("display", logger=log)
         self._log_file = open(args.latency_log, "a", encoding="utf-8", buffering=1) if args.latency_log else None  # noqa: SIM115
         self.heatmaps_received = 0
+        self.notices: dict[str, int] = {}  # heatmaps received per notice (summary.json: what a person was told)
         self._last_shown: dict[str, float] = {}
         self._shown_frame: dict[str, protocol.Message] = {}
         self._heartbeat: Heartbeat | None = None  # set by run()
@@ -178,13 +205,18 @@ class Display:
             if peak is not None and not all(math.isfinite(v) for v in peak):
                 raise ValueError(f"peak {peak!r}")
         notice = msg.meta.get("notice")
+        audio_real = msg.meta.get("audio_real")
         view = HeatmapView(
             seq=msg.seq,
             unit=heatmap_to_unit(arr) if arr is not None and arr.ndim == 2 and arr.size else None,
             peak=peak,
             notice=notice if isinstance(notice, str) else None,
             confidence=float(msg.meta.get("confidence") or 0.0),
+            audio_real=float(audio_real) if isinstance(audio_real, int | float) else None,
         )
+        if view.notice:  # bounded: only the protocol's notice names get a counter of their own
+            kind = view.notice if view.notice in KNOWN_NOTICES else "other"
+            self.notices[kind] = self.notices.get(kind, 0) + 1
         drops = int(msg.meta.get("drops") or 0)
         self._heard(msg.stream)
         self.heatmaps[msg.stream] = view
@@ -207,7 +239,10 @@ class Display:
             "stream": msg.stream,
             "seq": msg.seq,
             "ts": {**msg.ts, "display": display_ts},
-            **{k: msg.meta.get(k) for k in ("peak", "confidence", "notice", "pts", "audio_ms", "batch", "drops")},
+            **{
+                k: msg.meta.get(k)
+                for k in ("peak", "confidence", "notice", "audio_real", "pts", "audio_ms", "batch", "drops")
+            },
         }
         self._log_file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
@@ -229,11 +264,11 @@ class Display:
 
     def compose(self, stream: str, frame_msg: protocol.Message, view: HeatmapView | None) -> np.ndarray:
         bgr = np.array(frame_msg.arrays["frame"])  # writable copy of the received buffer
-        notice = None
         if view is not None and view.unit is not None and view.notice != protocol.NOTICE_NOT_VISIBLE:
+            # warming_up maps are drawn too (computed, just not to be trusted yet): the notice says so
             bgr = overlay(bgr, view.unit, self.alpha, COLORMAPS[self.colormap_name], view.peak)
-        elif view is not None:
-            notice = view.notice  # no_audio (no map) or not_visible (map below the gate: not drawn)
+        # not_visible (map below the gate: not drawn), no_audio / non_finite (no map), warming_up (drawn)
+        notice = notice_text(view.notice, view.audio_real) if view is not None else None
         draw_hud(bgr, [stream, *self.hud_lines()], notice)
         return bgr
 
@@ -425,6 +460,7 @@ class Display:
             "rejects": self.rejects.as_dict(),
             "snapshots": self.snapshots,
             "streams_evicted": self.streams_evicted,
+            "notices": dict(self.notices),
         }
 
 

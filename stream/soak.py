@@ -68,6 +68,15 @@ STREAMS = ("cam0", "cam1")
 STREAMS_OF = {"replay": STREAMS, "camera": ("cam1",), "inference": STREAMS, "display": STREAMS}
 
 
+def computed_heatmaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Latency-log records of heatmaps the engine computed: a fault is over when these come back. ``warming_up``
+    (a restarted replay's first seconds) and ``not_visible`` maps were computed; ``no_audio`` / ``non_finite``
+    were not (the bench's rule, :func:`avloc.stream.bench.suppressed`)."""
+    from avloc.stream.bench import suppressed  # imported where used, as read_latency_log below
+
+    return [r for r in records if not suppressed(r)]
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 
 
@@ -637,7 +646,7 @@ class Soak:
         for r in records:
             r["t"] = r["ts"]["display"] - self.t0
         records = [r for r in records if 0.0 <= r["t"] <= self.end_s]
-        computed = [r for r in records if r.get("notice") in (None, protocol.NOTICE_NOT_VISIBLE)]
+        computed = computed_heatmaps(records)
         for fault in self.faults:
             if fault.ready_s is None or fault.kind == "fuzz":
                 continue

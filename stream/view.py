@@ -45,7 +45,14 @@ from aiohttp import WSMsgType, web
 
 from avloc.core.errors import UserError
 from avloc.stream import protocol, security
-from avloc.stream.display import COLORMAPS, FRAME_BUFFER, MAX_STREAMS, STALE_HEATMAP_S, heatmap_to_unit
+from avloc.stream.display import (
+    COLORMAPS,
+    FRAME_BUFFER,
+    MAX_STREAMS,
+    STALE_HEATMAP_S,
+    heatmap_to_unit,
+    notice_text,
+)
 from avloc.stream.launcher import ProcessSpec, check_endpoint
 from avloc.stream.pipeline import Endpoints
 from avloc.stream.security import is_loopback
@@ -265,6 +272,9 @@ class Ingest(threading.Thread):
                 raise ValueError(f"peak {peak!r}")
             peak = [x, y]
         notice = msg.meta.get("notice")
+        audio_real = msg.meta.get("audio_real")
+        if not isinstance(audio_real, int | float) or isinstance(audio_real, bool) or not np.isfinite(audio_real):
+            audio_real = None  # JSON to the browser: never NaN/inf
         arr = msg.arrays.get("heatmap")
         if arr is not None and not protocol.all_finite(arr):
             raise ValueError(f"heatmap {arr.dtype} {arr.shape} has non-finite values")
@@ -280,6 +290,9 @@ class Ingest(threading.Thread):
             "peak": peak,
             "confidence": float(msg.meta.get("confidence") or 0.0),
             "notice": notice if isinstance(notice, str) else None,
+            # the display's wording ("WARMING UP 40%"), so page and window say the same thing
+            "notice_text": notice_text(notice if isinstance(notice, str) else None, audio_real),
+            "audio_real": audio_real,
             "gate": msg.meta.get("gate") if isinstance(msg.meta.get("gate"), int | float) else None,
             "pipeline_drops": msg.meta.get("drops") if isinstance(msg.meta.get("drops"), int) else None,
         }
@@ -306,6 +319,7 @@ class Ingest(threading.Thread):
             "peak": None,
             "confidence": None,
             "notice": notice if isinstance(notice, str) else None,
+            "notice_text": notice_text(notice if isinstance(notice, str) else None),
             "gate": None,
         }
         self._emit(state, frame, header, b"")

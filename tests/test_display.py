@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 
 from avloc.stream import protocol
-from avloc.stream.display import Display, add_arguments
+from avloc.stream.display import Display, add_arguments, notice_text
 
 
 def _msg(kind: str, arrays: dict | None = None, **meta) -> protocol.Message:
@@ -39,3 +40,55 @@ def test_bad_content_is_rejected_and_the_display_keeps_going(tmp_path) -> None:
     display.log_latency(_msg("heatmap", heatmap, peak=[0.25, 0.75]), 1.01)
     # line-buffered: the record is on disk before the display closes the log
     assert (tmp_path / "lat.jsonl").read_text().count("\n") == 1
+
+
+def _display(tmp_path) -> Display:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return Display(parser.parse_args(["--headless", "--latency-log", str(tmp_path / "lat.jsonl")]))
+
+
+def _notice_pixels(image: np.ndarray) -> int:
+    """Pixels of the notice's red text (BGR (60, 60, 255)) in the bottom band where draw_hud puts it."""
+    band = image[-40:].astype(int)
+    return int(((band[..., 2] > 200) & (band[..., 0] < 120) & (band[..., 1] < 120)).sum())
+
+
+def test_warming_up_and_non_finite_are_shown_and_counted(tmp_path) -> None:
+    """A warming_up map is drawn *and* says "WARMING UP 40%"; non_finite says it has no map; both counted."""
+    assert notice_text(protocol.NOTICE_WARMING_UP, 0.4) == "WARMING UP 40%"
+    assert notice_text(protocol.NOTICE_WARMING_UP, float("nan")) == "WARMING UP"
+    assert notice_text(protocol.NOTICE_NON_FINITE) == "NO MAP (NON-FINITE)"
+    assert notice_text(protocol.NOTICE_NOT_VISIBLE) == "NOT VISIBLE" and notice_text(None) is None
+
+    display = _display(tmp_path)
+    frame = _msg("frame", {"frame": np.full((120, 160, 3), 128, np.uint8)})
+    display.handle(display.on_frame, frame)
+    heat = np.zeros((4, 4), np.float16)
+    heat[1, 2] = 1.0
+    arrays = {"heatmap": heat}
+    warming = display.handle(
+        display.on_heatmap, _msg("heatmap", arrays, peak=[0.6, 0.4], notice="warming_up", audio_real=0.4)
+    )
+    settled = display.handle(display.on_heatmap, _msg("heatmap", arrays, peak=[0.6, 0.4], notice=None))
+    broken = display.handle(display.on_heatmap, _msg("heatmap", None, peak=None, notice="non_finite"))
+    assert warming.audio_real == 0.4 and warming.unit is not None
+
+    plain = display.compose("cam0", frame, None)
+    with_warming = display.compose("cam0", frame, warming)
+    with_settled = display.compose("cam0", frame, settled)
+    with_broken = display.compose("cam0", frame, broken)
+    # the map is drawn while warming up (the overlay changes the frame as much as a settled one) ...
+    body = slice(30, 60)  # above the notice band
+    assert np.array_equal(with_warming[body], with_settled[body]) and not np.array_equal(
+        with_warming[body], plain[body]
+    )
+    # ... and the notice is written on it; a settled map has none; a non-finite one: notice, no map
+    assert _notice_pixels(with_warming) > 50 and _notice_pixels(with_settled) == 0
+    assert _notice_pixels(with_broken) > 50 and np.array_equal(with_broken[body], plain[body])
+
+    stats = display.stats()
+    assert stats["notices"] == {"warming_up": 1, "non_finite": 1}
+    display.log_latency(_msg("heatmap", arrays, notice="warming_up", audio_real=0.4), 1.0)
+    record = json.loads((tmp_path / "lat.jsonl").read_text().splitlines()[-1])
+    assert record["notice"] == "warming_up" and record["audio_real"] == 0.4

@@ -221,8 +221,11 @@ class GateEngine:
         return np.tanh(image.mean(axis=1)[:, ::4, ::4]), emb[:, 0].copy()
 
 
-def _run_frames(engine: GateEngine, values: list[float], gate: bool = True) -> tuple[list, InferenceWorker]:
-    """One frame per audio value (each paired with a window holding that value); the published heatmaps."""
+def _run_frames(
+    engine: GateEngine, values: list[float], gate: bool = True, real: list[float] | None = None
+) -> tuple[list, InferenceWorker]:
+    """One frame per audio value (each paired with a window holding that value); the published heatmaps.
+    ``real``: each window's share of captured audio (``meta.end_sample``; the rest is start-up silence)."""
     ctx = zmq.Context()
     endpoint = f"inproc://gate-{time.monotonic_ns()}"
     pub = protocol.make_socket(ctx, zmq.PUB, endpoint, bind=True, hwm=100)
@@ -241,7 +244,8 @@ def _run_frames(engine: GateEngine, values: list[float], gate: bool = True) -> t
         for seq, value in enumerate(values):
             t = 10.0 + seq
             spec = np.full(spec_shape, value, np.float32)
-            worker.take_audio([protocol.Message("audio", "cam0", seq, {"window_end": t}, {"spec": spec}, {})], t)
+            meta = {} if real is None else {"end_sample": round(real[seq] * worker.window_samples)}
+            worker.take_audio([protocol.Message("audio", "cam0", seq, {"window_end": t}, {"spec": spec}, meta)], t)
             frame = np.zeros((32, 32, 3), np.uint8)
             frame[8:12, 20:24] = 255
             worker.take_frames(
@@ -265,6 +269,21 @@ def test_worker_marks_heatmaps_below_the_gate_not_visible():
     for m in out:
         assert m.arrays["heatmap"].shape == (8, 8) and m.meta["peak"] is not None
     assert worker.stats.not_visible == 2 and worker.stats.suppressed == 0 and worker.stats.published == 4
+
+
+def test_mostly_start_up_silence_always_carries_warming_up_never_the_gates_verdict():
+    """The gate is calibrated at export on full windows of real audio (val pairs, engines/gate.py); a window
+    that is mostly the start-up silence is outside that calibration, so the worker never lets the gate judge
+    it: below *or* above the threshold it carries ``warming_up`` (with ``gate`` and ``confidence``, so a
+    subscriber still sees both). From half real audio on, the gate decides as on any window."""
+    gate = {"threshold": 0.5, "statistic": "confidence"}
+    values, real = [0.25, 0.75, 0.25, 0.25, 0.75], [0.0, 0.3, 0.49, 0.5, 1.0]
+    out, worker = _run_frames(GateEngine(gate), values, real=real)
+    assert worker.window_samples  # the share is known, so warming_up can be decided
+    assert [m.meta["notice"] for m in out] == ["warming_up", "warming_up", "warming_up", "not_visible", None]
+    assert [m.meta["audio_real"] for m in out] == pytest.approx(real, abs=1e-3)
+    assert all(m.meta["gate"] == 0.5 and m.meta["peak"] is not None for m in out)
+    assert worker.stats.warming_up == 3 and worker.stats.not_visible == 1
 
 
 def test_worker_without_gate_or_with_no_gate_never_marks():

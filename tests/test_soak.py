@@ -51,6 +51,13 @@ def test_gaps_are_matched_to_fault_windows():
     assert windows == [{"fault": "kill9 inference", "start_s": 9.5, "end_s": 15.0}]
 
 
+def test_warming_up_heatmaps_count_as_computed():
+    """A restarted replay's first heatmaps carry warming_up: they end its fault like any computed map."""
+    notices = [None, protocol.NOTICE_NOT_VISIBLE, protocol.NOTICE_WARMING_UP, protocol.NOTICE_NO_AUDIO, "non_finite"]
+    records = [{"stream": "cam0", "t": float(i), "notice": n} for i, n in enumerate(notices)]
+    assert [r["notice"] for r in soak.computed_heatmaps(records)] == notices[:3]
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="--minutes"):
         soak.run_soak(tmp_path, minutes=0)

@@ -458,3 +458,36 @@ def test_page_in_headless_chromium(pipeline, tmp_path):
     assert image is not None and image.std() > 10
     assert out.get("stalled_after") is not None and out["stalled_after"] < 5.0, out
     assert out["stalled_text"].startswith("stalled")
+
+
+def test_warming_up_and_non_finite_reach_the_page_json():
+    """The JSON header each browser gets says what the display says: "WARMING UP 40%" with the map and its
+    peak (computed, not trusted yet), "NO MAP (NON-FINITE)" without one; a NaN audio_real is never sent."""
+    from avloc.stream.view import Ingest
+
+    sent: list[bytes] = []
+    ingest = Ingest([L.free_tcp_endpoint()], L.free_tcp_endpoint(), lambda stream, data: sent.append(data))
+    try:
+
+        def msg(kind, arrays=None, **meta):
+            frames = protocol.encode(kind, stream="cam0", seq=7, ts={"capture": 1.0}, arrays=arrays, meta=meta)
+            return protocol.decode([bytes(np.asarray(f).data) if isinstance(f, np.ndarray) else f for f in frames])
+
+        ingest._on_frame(msg("frame", {"frame": np.full((24, 32, 3), 100, np.uint8)}))
+        heat = {"heatmap": np.eye(4, dtype=np.float16)}
+        ingest._send_heatmap(msg("heatmap", heat, peak=[0.5, 0.5], notice="warming_up", audio_real=0.4))
+        ingest._send_heatmap(msg("heatmap", None, peak=None, notice="non_finite"))
+        nan = msg("heatmap", heat, peak=[0.5, 0.5], notice="warming_up", audio_real=0.4)
+        nan.meta["audio_real"] = float("nan")  # a foreign sender's JSON may hold NaN; protocol.encode cannot
+        ingest._send_heatmap(nan)
+        ingest._send_heatmap(msg("heatmap", heat, peak=[0.5, 0.5], notice=None, audio_real=1.0))
+    finally:
+        ingest.close()
+    (warming, w_heat), (broken, b_heat), (nan, _), (settled, _) = [
+        (h, heat) for h, _, heat in map(_decode_update, sent)
+    ]
+    assert warming["notice"] == "warming_up" and warming["notice_text"] == "WARMING UP 40%"
+    assert warming["audio_real"] == 0.4 and warming["peak"] == [0.5, 0.5] and w_heat is not None
+    assert broken["notice_text"] == "NO MAP (NON-FINITE)" and broken["hm"] is None and b_heat is None
+    assert nan["audio_real"] is None and nan["notice_text"] == "WARMING UP"
+    assert settled["notice_text"] is None and settled["audio_real"] == 1.0

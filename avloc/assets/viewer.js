@@ -143,9 +143,12 @@ function draw(t) {
     t.peak.style.display = "none";
     delete t.root.dataset.peak;
   }
-  t.notice.textContent = header.notice ? header.notice.replace("_", " ").toUpperCase() : "";
+  // the server's wording (stream/display.py notice_text: "WARMING UP 40%"), the raw name as a fallback
+  t.notice.classList.toggle("warming", header.notice === "warming_up");  // drawn, but not to be trusted yet
+  t.notice.textContent = header.notice_text || (header.notice ? header.notice.replace("_", " ").toUpperCase() : "");
   Object.assign(t.root.dataset, {frames: t.frames, heatmaps: t.heatmaps, seq: header.seq,
-                                 notice: header.notice || "", colormap, alpha});
+                                 notice: header.notice || "", noticeText: t.notice.textContent,
+                                 colormap, alpha});
   t.root.dataset.confidence = header.confidence === null ? "" : header.confidence;
   info(t);
 }
