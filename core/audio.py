@@ -8,6 +8,14 @@ Three spectrogram kinds, all computed in torch:
 - ``mel``: log-mel (``torchaudio.transforms.MelSpectrogram``), ``log(M + 1e-6)``, for live use.
 - ``fbank``: ACL, ``torchaudio.compliance.kaldi.fbank`` of ``wave * 2**15`` (128 bins, 25/10 ms),
   normalized ``(fbank - 15.41663) / (2 * 6.55582)``: 10 s -> 1x998x128 (time-major).
+- ``yamnet``: YAMNet's own log-mel (AudioSet; ``avloc.core.pretrained``): 25 ms periodic-Hann STFT magnitude,
+  64 HTK mel bands 125-7500 Hz, ``log(mel + 0.001)``, no centre padding: 3 s -> 1x64x297.
+
+``level: window_rms`` (any kind) makes the front-end insensitive to the input level: each window is scaled to
+an RMS of ``LEVEL_TARGET_RMS`` before the spectrogram (a gain cancels exactly), the gain capped at
+``LEVEL_MAX_GAIN`` so that near-silence (quieter than ``LEVEL_TARGET_RMS / LEVEL_MAX_GAIN``) is not blown up
+to a full-level noise: the silence gate still sees a silent window as silent. ``raw`` (the default) leaves
+the level alone.
 
 The config is stored with every checkpoint and engine so live capture computes what the model was trained on.
 """
@@ -39,6 +47,9 @@ _LINEAR_EPS = 1e-7
 _LINEAR_SCALE = 12.0
 _MEL_EPS = 1e-6
 _FBANK_BINS = 128
+_YAMNET_EPS = 1e-3
+LEVEL_TARGET_RMS = 0.1  # about the RMS of a clip peaking at 0.3-0.9, the level training clips have
+LEVEL_MAX_GAIN = 10 ** (50 / 20)  # +50 dB: a -30 dB (or -40 dB) microphone is normalized fully, silence is not
 _FBANK_MEAN = 15.41663
 _FBANK_STD = 6.55582
 
@@ -47,7 +58,7 @@ _FBANK_STD = 6.55582
 class FrontEndConfig:
     """Which spectrogram a model consumes; serialized into checkpoints and engine manifests."""
 
-    kind: Literal["linear", "mel", "fbank"] = "linear"
+    kind: Literal["linear", "mel", "fbank", "yamnet"] = "linear"
     sample_rate: int = 16000
     window_seconds: float = 3.0  # linear: 3 s -> 1x257x299; fbank: 10 s -> 1x998x128
     n_mels: int = 64  # mel only
@@ -58,24 +69,28 @@ class FrontEndConfig:
     # capture can do: only past audio exists), "center" = centred on it (the papers' loaders). One
     # definition for training, evaluation, export and the inference worker (see frame_window).
     anchor: Literal["end", "center"] = "end"
+    # "window_rms": each window scaled to LEVEL_TARGET_RMS before the spectrogram (see the module doc)
+    level: Literal["raw", "window_rms"] = "raw"
 
     def __post_init__(self) -> None:
+        if self.level not in ("raw", "window_rms"):
+            raise UserError(f"front-end level {self.level!r}: expected one of raw, window_rms")
         if self.anchor not in ("end", "center"):
             raise UserError(f"front-end anchor {self.anchor!r}: expected one of end, center")
-        if self.kind not in ("linear", "mel", "fbank"):
-            raise UserError(f"front-end kind {self.kind!r}: expected one of linear, mel, fbank")
+        if self.kind not in ("linear", "mel", "fbank", "yamnet"):
+            raise UserError(f"front-end kind {self.kind!r}: expected one of linear, mel, fbank, yamnet")
         if self.sample_rate <= 0 or self.window_seconds <= 0:
             raise UserError(
                 f"front-end sample_rate={self.sample_rate}, window_seconds={self.window_seconds}: must be > 0"
             )
-        if self.kind in ("linear", "fbank") and self.sample_rate != 16000:
+        if self.kind in ("linear", "fbank", "yamnet") and self.sample_rate != 16000:
             raise UserError(f"front-end kind {self.kind!r} is defined at 16000 Hz, got sample_rate={self.sample_rate}")
         if self.kind == "mel" and not (0 < self.mel_win_length <= self.mel_n_fft and self.mel_hop_length > 0):
             raise UserError(
                 f"front-end mel: need 0 < mel_win_length ({self.mel_win_length})"
                 f" <= mel_n_fft ({self.mel_n_fft}) and mel_hop_length ({self.mel_hop_length}) > 0"
             )
-        min_samples = {"linear": _LINEAR_NPERSEG, "mel": 1, "fbank": 400}[self.kind]
+        min_samples = {"linear": _LINEAR_NPERSEG, "mel": 1, "fbank": 400, "yamnet": 512 + 160 * 95}[self.kind]
         if self.num_samples < min_samples:
             raise UserError(
                 f"front-end window_seconds={self.window_seconds}: shorter than one {self.kind} frame "
@@ -99,6 +114,8 @@ class FrontEndConfig:
             return (1, _LINEAR_NPERSEG // 2 + 1, (n - _LINEAR_NPERSEG) // _LINEAR_HOP + 1)
         if self.kind == "mel":
             return (1, self.n_mels, n // self.mel_hop_length + 1)  # center=True framing
+        if self.kind == "yamnet":
+            return (1, 64, (n - 512) // 160 + 1)  # center=False framing
         frame, shift = 400, 160  # 25 ms / 10 ms at 16 kHz, snip_edges=True
         return (1, (n - frame) // shift + 1, _FBANK_BINS)
 
@@ -244,10 +261,34 @@ class FrontEnd(torch.nn.Module):
                 hop_length=config.mel_hop_length,
                 n_mels=config.n_mels,
             )
+        elif config.kind == "yamnet":
+            self.mel = torchaudio.transforms.MelSpectrogram(
+                sample_rate=16000,
+                n_fft=512,
+                win_length=400,
+                hop_length=160,
+                f_min=125.0,
+                f_max=7500.0,
+                n_mels=64,
+                power=1.0,
+                center=False,
+                mel_scale="htk",
+                norm=None,
+            )
+
+    def level_normalize(self, wave: torch.Tensor) -> torch.Tensor:
+        """``level: window_rms``: each window [B, N] scaled to LEVEL_TARGET_RMS (gain capped); else as is."""
+        if self.config.level == "raw":
+            return wave
+        rms = wave.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return wave * (LEVEL_TARGET_RMS / rms.clamp_min(LEVEL_TARGET_RMS / LEVEL_MAX_GAIN)).to(wave.dtype)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.ndim != 2:
             raise ValueError(f"FrontEnd expects a waveform batch [B, N], got shape {tuple(wave.shape)}")
+        wave = self.level_normalize(wave)
+        if self.config.kind == "yamnet":
+            return torch.log(self.mel(wave.float()) + _YAMNET_EPS).unsqueeze(1)
         if self.config.kind == "linear":
             return self._linear(wave)
         if self.config.kind == "mel":

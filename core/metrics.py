@@ -243,6 +243,46 @@ def auc_of(values: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Audio-swap (pointing game per heard object)
+# --------------------------------------------------------------------------------------------
+def peak_point(heatmap: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the heatmap's maximum, the pixel centre normalized to 0..1."""
+    h, w = heatmap.shape
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return (x + 0.5) / w, (y + 0.5) / h
+
+
+def point_in_box(point: tuple[float, float], box: Sequence[float] | np.ndarray) -> bool:
+    return bool(box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3])
+
+
+def peak_inside(heatmap: np.ndarray, box: Sequence[float] | np.ndarray) -> bool:
+    """Whether the heatmap's maximum lies in ``box`` (x1, y1, x2, y2 in 0..1)."""
+    return point_in_box(peak_point(heatmap), box)
+
+
+def swap_hits(maps: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[Sequence[float] | np.ndarray]) -> list[bool]:
+    """The audio-swap rule: ``maps[k]`` (the scene heard with object k's recording) scores when its peak lies
+    in object k's box and in NO other object's box. Scene boxes may overlap (IoU up to 0.3); a peak in an
+    overlap says nothing about which sound was heard, so it never scores. Consequence: one map shared by
+    every sound (audio-blind) scores on at most one object per scene."""
+    points = [peak_point(np.asarray(m)) for m in maps]
+    return [
+        point_in_box(p, boxes[k]) and not any(point_in_box(p, b) for j, b in enumerate(boxes) if j != k)
+        for k, p in enumerate(points)
+    ]
+
+
+def audio_blind_swap_hits(
+    maps: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[Sequence[float] | np.ndarray]
+) -> list[bool]:
+    """The same rule for the scene's audio-blind map: the mean of its K maps used for every heard object
+    (what the model shows whatever it hears). Its score is the floor the audio must lift the model above."""
+    blind = np.mean(np.stack([np.asarray(m, dtype=np.float64) for m in maps]), axis=0)
+    return swap_hits([blind] * len(boxes), boxes)
+
+
+# --------------------------------------------------------------------------------------------
 # Cross-modal retrieval
 # --------------------------------------------------------------------------------------------
 def retrieval_recall(

@@ -3,8 +3,15 @@
 Model only: encoders, the localization similarity s_L, the alignment similarity s_A and the heatmap.
 The contrastive loss lives in :mod:`avloc.core.losses`, training in :mod:`avloc.train`.
 
-Both encoders are ResNet18s trained from scratch (torchvision's BasicBlock and module names, so
-torchvision weights would load); ``width`` scales the channels (64 = the paper, 512-d embeddings).
+``backbone: resnet18`` (the paper): both encoders are ResNet18s trained from scratch (torchvision's BasicBlock
+and module names, so torchvision weights would load); ``width`` scales the channels (64 = the paper, 512-d
+embeddings).
+
+``backbone: pretrained`` (the open-set recipe, configs/cpu_pretrained.yaml): frozen ImageNet EfficientNet-Lite0
+for vision (1280-channel head features, output stride 16 with ``visual_layer4_stride: 1``) and frozen AudioSet
+YAMNet for audio (1024-d per 0.96 s patch, max over the window's patches; the ``yamnet`` front-end), each
+with a learned head into the shared 8 * width space (:mod:`avloc.core.pretrained`). The frozen weights are
+part of the state dict, so checkpoints and exported engines hold the whole model.
 """
 
 from __future__ import annotations
@@ -31,8 +38,12 @@ class SSLAlignConfig:
     # Separate Linear s_A heads (avloc training). The official release defines none: an import without
     # fitting head weights sets False and s_A is the cosine of the max-pooled embeddings themselves.
     projection: bool = True
+    backbone: str = "resnet18"  # or "pretrained" (see the module doc)
+    head_hidden: int = 0  # pretrained: hidden width of the 2-layer heads (0 = one linear layer)
 
     def __post_init__(self) -> None:
+        if self.backbone not in ("resnet18", "pretrained"):
+            raise UserError(f"model backbone={self.backbone!r}: expected resnet18 or pretrained")
         for name in ("visual_layer4_stride", "audio_layer4_stride"):
             if getattr(self, name) not in (1, 2):
                 raise UserError(f"model {name}={getattr(self, name)}: expected 1 or 2")
@@ -79,13 +90,70 @@ class ResNet18Trunk(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+def _head(cin: int, dim: int, hidden: int, conv: bool) -> nn.Module:
+    layer = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+    if not hidden:
+        return layer(cin, dim)
+    return nn.Sequential(layer(cin, hidden), nn.ReLU(inplace=True), layer(hidden, dim))
+
+
+class PretrainedVisual(nn.Module):
+    """Frozen EfficientNet-Lite0 -> learned 1x1 head: [B,3,H,W] -> [B,D,H/16,W/16] (or /32)."""
+
+    def __init__(self, dim: int, layer4_stride: int, hidden: int) -> None:
+        super().__init__()
+        from avloc.core.pretrained import LITE0_DIM, FrozenLite0, freeze
+
+        self.trunk = freeze(FrozenLite0(16 if layer4_stride == 1 else 32).load_packaged())
+        self.head = _head(LITE0_DIM, dim, hidden, conv=True)
+
+    def train(self, mode: bool = True) -> PretrainedVisual:
+        super().train(mode)
+        self.trunk.eval()  # frozen: batch norm keeps its ImageNet statistics
+        return self
+
+    def forward(self, image: Tensor) -> Tensor:
+        with torch.no_grad():
+            feats = self.trunk(image)
+        return self.head(feats)
+
+
+class PretrainedAudio(nn.Module):
+    """Frozen YAMNet over the window's 0.96 s patches -> max over patches -> learned head: [B,1,64,T] -> [B,D]."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        from avloc.core.pretrained import YAMNET_DIM, YAMNetTrunk, freeze
+
+        self.trunk = freeze(YAMNetTrunk().load_packaged())
+        self.head = _head(YAMNET_DIM, dim, hidden, conv=False)
+
+    def train(self, mode: bool = True) -> PretrainedAudio:
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+    def forward(self, spec: Tensor) -> Tensor:
+        from avloc.core.pretrained import yamnet_patches
+
+        with torch.no_grad():
+            patches, p = yamnet_patches(spec)
+            emb = self.trunk(patches)
+            emb = emb.reshape(spec.shape[0], p, emb.shape[1]).amax(dim=1)
+        return self.head(emb)
+
+
 class SSLAlign(nn.Module):
     def __init__(self, config: SSLAlignConfig | None = None) -> None:
         super().__init__()
         self.config = config or SSLAlignConfig()
         dim = self.config.embed_dim
-        self.visual = ResNet18Trunk(3, self.config.width, self.config.visual_layer4_stride)
-        self.audio = ResNet18Trunk(1, self.config.width, layer4_stride=self.config.audio_layer4_stride)
+        if self.config.backbone == "pretrained":
+            self.visual = PretrainedVisual(dim, self.config.visual_layer4_stride, self.config.head_hidden)
+            self.audio = PretrainedAudio(dim, self.config.head_hidden)
+        else:
+            self.visual = ResNet18Trunk(3, self.config.width, self.config.visual_layer4_stride)
+            self.audio = ResNet18Trunk(1, self.config.width, layer4_stride=self.config.audio_layer4_stride)
         # Separate projection heads for s_A so alignment does not smooth out the localization space.
         self.visual_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
         self.audio_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
@@ -97,6 +165,8 @@ class SSLAlign(nn.Module):
 
     def encode_audio(self, spec: Tensor) -> Tensor:
         """[B,1,F,T] spectrogram -> [B,D] audio embedding (adaptive max pool, not normalized)."""
+        if isinstance(self.audio, PretrainedAudio):
+            return self.audio(spec)
         return torch.amax(self.audio(spec), dim=(2, 3))
 
     # --- similarities ---------------------------------------------------------------------------

@@ -281,9 +281,9 @@ def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
     a centre prior (a Gaussian bump in the middle), and an audio-blind objectness map (EfficientNet-Lite0
     ImageNet feature norm: finds objects, cannot know which one sounds)."""
     from avloc.core.datasets import AVDataset, load_silent_csv, load_vggss_json, read_labels, read_split
-    from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps
+    from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps, swap_hits
     from avloc.train.encoders import load_effnet_lite0, objectness_maps
-    from avloc.train.evaluate import BINARIZE_MODES, peak_inside, swap_intervals, swap_scenes
+    from avloc.train.evaluate import BINARIZE_MODES, swap_intervals, swap_scenes
 
     ids = read_split(data, "test")
     annotations = {i: a for i, a in load_vggss_json(data / "test.json").items() if i in set(ids)}
@@ -329,8 +329,11 @@ def baseline_metrics(data: Path, seed: int = 0) -> dict[str, dict[str, Any]]:
                 if subset:
                     g = evaluate_maps({i: maps[i] for i in subset}, subset, binarize=mode)
                     row[f"{group}/{mode}/ciou_ap50"] = g["ciou_ap50"]
-        # the same map whatever is heard: a pair is right when that map's peak is in the heard object's box
-        per_scene = {sid: [peak_inside(np.asarray(make(sid)), o.bbox) for o in objs] for sid, objs in scenes.items()}
+        # the same map whatever is heard: a pair is right when that map's peak is in the heard object's box and
+        # no other (the audio-swap rule, avloc.core.metrics.swap_hits): at most one object per scene
+        per_scene = {
+            sid: swap_hits([np.asarray(make(sid))] * len(objs), [o.bbox for o in objs]) for sid, objs in scenes.items()
+        }
         if per_scene:
             pairs = [h for v in per_scene.values() for h in v]
             row["audio_swap_acc"] = float(np.mean(pairs))

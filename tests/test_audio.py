@@ -231,3 +231,57 @@ def test_frame_window_ends_at_or_centres_on_the_frame():
     np.testing.assert_array_equal(frame_window(wave, end, 5000), wave[:16000])
     with pytest.raises(UserError, match="anchor"):
         FrontEndConfig(anchor="start")
+
+
+def _tone_mix(seconds: float = 3.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    wave = 0.4 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
+    return np.clip(wave, -1, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["mel", "yamnet", "linear"])
+def test_level_window_rms_cancels_gain(kind: str) -> None:
+    """level: window_rms -- the spectrogram of a clip at -30 dB equals the 0 dB one (the gain cancels); the
+    raw front-end (the old behaviour) moves by the gain in log space."""
+    wave = _tone_mix()
+    quiet = wave * np.float32(10 ** (-30 / 20))
+    norm = FrontEnd(FrontEndConfig(kind=kind, level="window_rms"))
+    raw = FrontEnd(FrontEndConfig(kind=kind))
+    a, b = norm.compute(wave), norm.compute(quiet)
+    np.testing.assert_allclose(b, a, atol=2e-3 if kind == "linear" else 1e-4)
+    assert np.abs(raw.compute(wave) - raw.compute(quiet)).mean() > 0.1
+
+
+def test_level_window_rms_leaves_silence_quiet() -> None:
+    """Near-silence is not blown up to a full-level window (the gain is capped), and digital silence stays
+    the front-end's floor: the silence gate sees a silent window as silent."""
+    from avloc.core.audio import LEVEL_MAX_GAIN, LEVEL_TARGET_RMS
+
+    fe = FrontEnd(FrontEndConfig(kind="yamnet", level="window_rms"))
+    hiss = (1e-6 * np.random.default_rng(1).standard_normal(48000)).astype(np.float32)
+    scaled = fe.level_normalize(torch.from_numpy(hiss)[None])
+    rms = float(scaled.pow(2).mean().sqrt())
+    assert rms == pytest.approx(1e-6 * LEVEL_MAX_GAIN, rel=0.05) and rms < LEVEL_TARGET_RMS / 100
+    zeros = np.zeros(48000, np.float32)
+    np.testing.assert_array_equal(fe.compute(zeros), FrontEnd(FrontEndConfig(kind="yamnet")).compute(zeros))
+    loud = fe.compute(_tone_mix())
+    assert fe.compute(hiss).mean() < loud.mean() - 3  # far below a sounding window in log-mel
+
+
+def test_level_streaming_matches_offline_at_any_gain() -> None:
+    """The live path (StreamingFrontEnd, microphone / replay) runs the same level normalization."""
+    cfg = FrontEndConfig(kind="mel", window_seconds=1.0, level="window_rms")
+    wave = _tone_mix(2.0) * np.float32(0.03)
+    stream = StreamingFrontEnd(cfg, hop_samples=4000)
+    got = [spec for block in np.array_split(wave, 7) for _, spec in stream.push(block)]
+    offline = FrontEnd(cfg)
+    ends = [16000 + 4000 * k for k in range(len(got))]
+    for end, spec in zip(ends, got):
+        np.testing.assert_allclose(spec, offline.compute(wave[end - 16000 : end] / 0.03), atol=1e-4)
+
+
+def test_level_config_validated() -> None:
+    with pytest.raises(UserError, match="front-end level 'loud'"):
+        FrontEndConfig(level="loud")
+    assert FrontEndConfig(kind="yamnet").output_shape() == (1, 64, 297)

@@ -383,3 +383,34 @@ def test_evaluate_maps_with_masks_and_sweep():
 def test_silent_sample_id_names():
     assert M.silent_sample_id("s7", "a3", {"a1", "a3"}) == "s7"  # avloc layout: silent image ids are new
     assert M.silent_sample_id("a1", "a3", {"a1", "a3"}) == "a1__a3"  # VGG-SS Extended reuses test images
+
+
+def test_audio_swap_rule_needs_the_audio() -> None:
+    """Hand-worked: two boxes overlapping in x 0.4..0.6. The old rule (peak in the heard box) counted a peak
+    in the overlap for both objects; the audio-swap rule counts it for neither, and a map that ignores the
+    audio (the same map whatever is heard) scores on at most one of the two."""
+    from avloc.core.metrics import audio_blind_swap_hits, peak_inside, swap_hits
+
+    left, right = np.array([0.0, 0.0, 0.6, 1.0]), np.array([0.4, 0.0, 1.0, 1.0])
+
+    def peak_at(col: int) -> np.ndarray:  # a 10x10 map, peak in row 5 at ``col`` (centre (col + 0.5) / 10)
+        m = np.zeros((10, 10), np.float32)
+        m[5, col] = 1.0
+        return m
+
+    overlap = peak_at(5)  # x = 0.55: inside both boxes
+    assert peak_inside(overlap, left) and peak_inside(overlap, right)
+    assert swap_hits([overlap, overlap], [left, right]) == [False, False]
+    # audio-driven maps: peak on the left box's own part when it is heard, on the right box's when that is
+    assert swap_hits([peak_at(1), peak_at(8)], [left, right]) == [True, True]
+    assert swap_hits([peak_at(8), peak_at(1)], [left, right]) == [False, False]  # swapped: both wrong
+    # audio-blind: the mean of the two maps is the same map for both sounds -> at most one object scores
+    assert sum(audio_blind_swap_hits([peak_at(1), peak_at(8)], [left, right])) <= 1
+    saliency = peak_at(2) + 0.5 * peak_at(8)  # the model shows the same saliency whatever it hears
+    assert swap_hits([saliency, saliency], [left, right]) == [True, False]
+    assert audio_blind_swap_hits([saliency, saliency], [left, right]) == [True, False]
+    # three objects, one box inside another's overlap region: only exclusive peaks count
+    top = np.array([0.0, 0.0, 1.0, 0.3])
+    m_top = np.zeros((10, 10), np.float32)
+    m_top[1, 5] = 1.0  # (0.55, 0.15): in top, left and right
+    assert swap_hits([peak_at(1), peak_at(8), m_top], [left, right, top]) == [True, True, False]

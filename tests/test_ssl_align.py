@@ -120,3 +120,56 @@ def test_missing_and_unexpected_keys_are_user_errors_naming_them(tmp_path, tiny)
     )
     with pytest.raises(UserError, match="shape mismatch"):
         load_model(path)
+
+
+def test_localization_and_gate_unchanged_at_minus_30_db() -> None:
+    """With level: window_rms the heatmap of a scene heard at -30 dB equals the 0 dB one, and so does the
+    engine's confidence (top-k mean of the map): the silence gate decides the same at any threshold."""
+    import numpy as np
+
+    from avloc.core.audio import FrontEnd
+    from avloc.engines.export import SSLAlignVisualGraph, top_fraction_k
+
+    torch.manual_seed(0)
+    model = SSLAlign(SSLAlignConfig(width=8)).eval()
+    fe = FrontEnd(FrontEndConfig(kind="mel", level="window_rms"))
+    rng = np.random.default_rng(0)
+    waves = torch.from_numpy((0.3 * rng.standard_normal((6, 48000))).astype(np.float32))
+    images = torch.randn(6, 3, 64, 64)
+    graph = SSLAlignVisualGraph(model, top_fraction_k((4, 4)))
+    with torch.no_grad():
+        loud = graph(images, model.encode_audio(fe(waves)))
+        quiet = graph(images, model.encode_audio(fe(waves * 10 ** (-30 / 20))))
+    torch.testing.assert_close(quiet[0], loud[0], atol=1e-4, rtol=0)
+    for threshold in loud[1].tolist():
+        assert ((quiet[1] >= threshold) == (loud[1] >= threshold)).all() or torch.allclose(quiet[1], loud[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pretrained_backbone_exports_whole(tmp_path) -> None:
+    """backbone: pretrained (frozen Lite0 + YAMNet, learned heads): 16x16 map at 256 px, only the heads train,
+    and the exported ONNX engine holds the whole model (export's own parity check: ORT = torch). Slow (~1 min
+    on 2 busy cores): two ImageNet/AudioSet trunks are exported."""
+    import json
+
+    from avloc.engines.export import export_engine
+
+    cfg = SSLAlignConfig(backbone="pretrained", width=8, visual_layer4_stride=1)
+    model = SSLAlign(cfg).train()
+    assert not model.visual.trunk.training and not model.audio.trunk.training  # frozen batch norm
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head", "weight", "bias"} or trainable <= {"head", "weight", "bias"}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".trunk." in n)
+    fe = FrontEndConfig(kind="yamnet", level="window_rms")
+    image = ImageConfig(size=256, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    ckpt = save_checkpoint(
+        tmp_path / "m.pt", model, method="ssl_align", model_config=to_dict(cfg), frontend=fe, image=image
+    )
+    with torch.no_grad():
+        vmap = model.encode_image(torch.zeros(1, 3, 256, 256))
+        emb = model.encode_audio(torch.zeros(2, 1, 64, 297))
+    assert vmap.shape == (1, 64, 16, 16) and emb.shape == (2, 64)
+    out = export_engine(ckpt, tmp_path / "engine")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frontend"]["kind"] == "yamnet" and manifest["frontend"]["level"] == "window_rms"
+    assert max(manifest["parity_max_abs_diff"].values()) < 1e-3

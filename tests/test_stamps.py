@@ -233,3 +233,59 @@ def test_category_subset(fake_stamps: Path, tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "unknown category 'zebra'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "cli").exists()
+
+
+def test_holdout_assets_open_set_split(fake_stamps: Path, tmp_path: Path, capsys) -> None:
+    """--holdout-assets: held-out stamps (picture and recording) appear only as the sounding object of
+    val_unseen / test_unseen scenes, val and test hold disjoint stamps, the split follows --seed."""
+    library = StampLibrary(fake_stamps, max_side=64)
+    held = library.holdout(seed=3, frac=0.67)
+    assert held == library.holdout(seed=3, frac=0.67)  # deterministic
+    val_stamps = {s for ms in held["val_unseen"].values() for s in ms}
+    test_stamps = {s for ms in held["test_unseen"].values() for s in ms}
+    assert val_stamps and test_stamps and not val_stamps & test_stamps
+    # cow / cow_white (distinct recordings) loses one stamp; dog / wolf share a recording: never split
+    assert sum(c == "cow" for split in held.values() for c in split) == 1
+    assert all(c != "dog_wolf" for split in held.values() for c in split)
+    assert sum(len(split) for split in held.values()) == 1 + round(0.67 * 3)  # cow's stamp + 2 of cat/car/bus
+
+    kwargs = dict(n_train=6, n_val=3, n_test=3, silent_frac=0.0, image_size=64, clip_seconds=0.5, workers=1)
+    kwargs["stamps_root"] = fake_stamps
+    root = make_stamps(tmp_path / "ds", seed=3, holdout_assets=0.67, n_unseen=4, **kwargs)
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["holdout_assets"] == held and meta["counts"]["val_unseen"] == meta["counts"]["test_unseen"] == 4
+    views = scene_dataset.AssetViews(library, held)
+    seen_stamps = {s for ms in views.seen.members.values() for s in ms}
+    assert not seen_stamps & (val_stamps | test_stamps)
+    whole = {c for split in held.values() for c in split if c != "cow"}  # unseen categories
+    for split in ("train", "val", "test"):
+        labels = {r["class"] for r in json.loads((root / f"{split}.json").read_text())} if split != "train" else set()
+        objects = (
+            {o["class"] for r in json.loads((root / f"{split}.json").read_text()) for o in r["objects"]}
+            if split != "train"
+            else set()
+        )
+        assert not (labels | objects) & whole
+    train_labels = {row["class"] for row in csv.DictReader(open(root / "labels.csv")) if row["id"].startswith("train")}
+    assert train_labels and not train_labels & whole
+    for split in ("val_unseen", "test_unseen"):
+        entries = json.loads((root / f"{split}.json").read_text())
+        assert {e["class"] for e in entries} <= set(held[split]) and len(entries) == 4
+        for e in entries:  # the distractors are seen categories; the sounding object a held-out one
+            assert all(o["class"] not in whole for o in e["objects"] if not o["sounding"])
+            spec = scene_dataset.SampleSpec(e["file"], split, 0, e["class"], e["class"])
+            assert views.for_spec(spec).members[e["class"]] == held[split][e["class"]]
+        new = (root / f"{split}_new_instance.txt").read_text().split()
+        cat = (root / f"{split}_unseen_category.txt").read_text().split()
+        assert sorted(new + cat) == sorted(e["file"] for e in entries)
+        assert all((e["class"] == "cow") == (e["file"] in new) for e in entries)
+    assert set((root / "classes.txt").read_text().split()) == set(library.categories)
+    # the seen splits do not depend on n_unseen; another seed holds out other stamps
+    again = make_stamps(tmp_path / "ds2", seed=3, holdout_assets=0.67, n_unseen=2, **kwargs)
+    assert (again / "val.json").read_bytes() == (root / "val.json").read_bytes()
+    assert any(StampLibrary(fake_stamps, max_side=64).holdout(seed=s, frac=0.67) != held for s in range(4, 10))
+    with pytest.raises(UserError, match="pick one open-set protocol"):
+        make_stamps(tmp_path / "x", holdout_assets=0.5, unheard_frac=0.3, **kwargs)
+    code = cli.main(["data", "synth", "--out", str(tmp_path / "s"), "--n-train", "3", "--holdout-assets", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "only `avloc data stamps`" in err and len(err.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ from avloc.core.checkpoint import ImageConfig, load_model, read_checkpoint
 from avloc.core.config import load_config, merge
 from avloc.core.datasets import load_vggss_json, read_split
 from avloc.core.errors import UserError
+from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.train.data import EpochSampler, EvalViews, TrainViews, load_nn_index, load_split
 from avloc.train.trainer import compute_heatmaps, train
 
@@ -314,3 +315,41 @@ def test_false_negative_mask_and_audio_guided_nn_train(synth, tmp_path):
     with pytest.raises(UserError, match="false_negative_k needs train.nn_index"):
         train(tiny_config(train={"false_negative_k": 2}), synth, tmp_path / "fn2")
     (synth / "nn_test.npz").unlink()
+
+
+@pytest.mark.slow
+def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_path):
+    """backbone: pretrained: trunk features cached once under DATA/.cache (a second run reuses them), only the
+    heads change, best.pt is a whole model that `avloc eval` loads, and the val audio-swap (with its
+    audio-blind floor) is logged. Slow (~1 min on 2 busy cores): two pretrained trunks are exported to ONNX."""
+    from avloc.train.frozen import augment_wave
+
+    config = merge(
+        load_config(CONFIGS / "cpu_pretrained.yaml"),
+        {
+            "model": {"width": 4},
+            "frontend": {"window_seconds": 1.0},
+            "image": {"size": 64},
+            "train": {"epochs": 2, "batch_size": 8, "budget_minutes": None, "seed": 3, "threads": 1},
+        },
+    )
+    best = train(config, synth, tmp_path / "run")
+    loaded = load_model(best)
+    assert loaded.frontend.kind == "yamnet" and loaded.frontend.level == "window_rms"
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["train/loss"]) for r in records)
+    assert "val/ciou_ap50" in records[0]
+    cache = list((synth / ".cache").glob("frozen-*/train.npz"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    fresh = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=1))
+    trunk = {k: v for k, v in fresh.state_dict().items() if ".trunk." in k}
+    for k, v in trunk.items():  # frozen trunks: exactly the packaged weights
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    train(config, synth, tmp_path / "run2")  # same data + preprocessing: the cached features are reused
+    assert cache[0].stat().st_mtime_ns == stamp
+    # the audio augmentation: same length, bounded, not the clean window
+    rng = np.random.default_rng(0)
+    wave = np.sin(np.arange(32000) / 10).astype(np.float32) * 0.5
+    aug = augment_wave(wave, np.ones(8000, np.float32) * 0.1, 16000, rng)
+    assert aug.shape == (16000,) and np.abs(aug).max() <= 1.0

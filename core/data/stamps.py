@@ -187,6 +187,7 @@ class StampLibrary:
                 f"(or set {STAMPS_DIR_ENV} to a stamps folder)"
             )
         self.members = _group(images, digests)
+        self.digests = digests
         self.excluded: list[str] = []
         if names is not None:
             selected = select_categories(self.members, names)
@@ -196,6 +197,49 @@ class StampLibrary:
         used = {m for ms in self.members.values() for m in ms}
         self._images = {n: v for n, v in images.items() if n in used}
         self._sounds = {n: v for n, v in sounds.items() if n in used}
+
+    def restricted(self, members: dict[str, list[str]]) -> StampLibrary:
+        """A view holding only ``members`` (category -> its stamps, a subset of this library's): the seen
+        assets of an open-set benchmark, or the held-out stamps a scene's sounding object is drawn from."""
+        view = object.__new__(StampLibrary)
+        view.__dict__.update(self.__dict__)
+        view.members = {c: list(m) for c, m in sorted(members.items()) if m}
+        view.categories = sorted(view.members)
+        return view
+
+    def holdout(self, seed: int, frac: float) -> dict[str, dict[str, list[str]]]:
+        """The open-set split by asset: ``{"val_unseen": {category: [stamp]}, "test_unseen": {...}}``.
+
+        Held out (picture and recording both), deterministic from ``seed``:
+        - one stamp of every category whose stamps have distinct recordings (cow / cow_white, pig / ...):
+          the category stays in training through its other stamps, so its held-out stamp is a *new
+          instance* of a known category (a category whose stamps share one recording is never split:
+          its recording would still be heard in training);
+        - ``frac`` of the single-stamp categories, whole: an *unseen category*.
+        The held-out stamps alternate between val_unseen and test_unseen (disjoint stamp sets).
+        """
+        if not 0 < frac < 1:
+            raise UserError(f"--holdout-assets {frac}: expected a fraction in (0, 1)")
+        rng = np.random.default_rng([seed, 7, 1 << 30])
+        splittable = [
+            c for c, m in sorted(self.members.items()) if len(m) > 1 and len({self.digests[n] for n in m}) == len(m)
+        ]
+        singles = [c for c, m in sorted(self.members.items()) if len(m) == 1]
+        instances = [(c, sorted(self.members[c])[int(rng.integers(len(self.members[c])))]) for c in splittable]
+        n_single = round(frac * len(singles))
+        whole = [str(c) for c in rng.choice(singles, size=n_single, replace=False)] if n_single else []
+        out: dict[str, dict[str, list[str]]] = {"val_unseen": {}, "test_unseen": {}}
+        for k, i in enumerate(rng.permutation(len(instances))):
+            c, stamp = instances[int(i)]
+            out[("val_unseen", "test_unseen")[k % 2]][c] = [stamp]
+        for k, c in enumerate(whole):
+            out[("test_unseen", "val_unseen")[k % 2]][c] = list(self.members[c])
+        if not out["val_unseen"] or not out["test_unseen"]:
+            raise UserError(
+                f"--holdout-assets {frac}: holds out {len(instances) + n_single} stamp group(s); "
+                "need at least one for val_unseen and one for test_unseen (raise the fraction)"
+            )
+        return out
 
     def sprite(self, category: str, rng: np.random.Generator) -> np.ndarray:
         members = self.members[category]
@@ -272,6 +316,8 @@ def make_stamps(
     stamps_root: str | Path | None = None,
     progress: bool = False,
     categories: Sequence[str] | None = None,
+    holdout_assets: float = 0.0,
+    n_unseen: int = 200,
 ) -> Path:
     """Write the stamps benchmark to ``out``; returns ``out``. ``categories``: a subset (None = all)."""
     params = scenes.SceneParams(
@@ -301,6 +347,8 @@ def make_stamps(
         overwrite=overwrite,
         params=params,
         progress=progress,
+        holdout_assets=holdout_assets,
+        n_unseen=n_unseen,
     )
 
 
@@ -346,6 +394,8 @@ def main(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         params=params,
+        holdout_assets=args.holdout_assets,
+        n_unseen=args.n_unseen,
     )
     print(f"wrote {out}")
     return 0

@@ -290,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         params=params,
+        holdout_assets=args.holdout_assets,  # a clear error: synth has no assets to hold out
     )
     print(f"wrote {out}")
     return 0
