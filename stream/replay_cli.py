@@ -218,13 +218,14 @@ def run_replay(
     from avloc.engines.base import read_manifest
     from avloc.stream import launcher as L
     from avloc.stream import pipeline as P
+    from avloc.stream import security
     from avloc.stream.bench import summarize_latency_log
 
     info = probe_video(video)  # DataError with the file name if missing / unreadable
     read_manifest(engine)  # UserError if not an engine directory
     config = L.load_stream_config(config_path)
     run_dir = Path(run_dir or default_run_dir("replay"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = security.private_dir(run_dir)  # its logs name the sources; its keys/ must stay ours
     endpoints = P.Endpoints.auto(streams) if auto_ports else P.Endpoints.defaults(config, streams)
     latency_log = run_dir / "latency.jsonl"
     latency_log.unlink(missing_ok=True)

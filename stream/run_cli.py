@@ -121,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
     from avloc.engines.base import read_manifest
     from avloc.stream import launcher as L
     from avloc.stream import pipeline as P
+    from avloc.stream import security
 
     check_display(args)
     cameras = args.camera or ["0"]
@@ -130,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     config = L.load_stream_config(args.config)
     endpoints = P.Endpoints.auto(len(cameras)) if args.auto_ports else P.Endpoints.defaults(config, len(cameras))
     run_dir = Path(args.run_dir or default_run_dir("run"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = security.private_dir(run_dir)  # its logs name the sources; its keys/ must stay ours
     latency_log = run_dir / "latency.jsonl"
     specs, shards = live_specs(
         cameras,

@@ -737,3 +737,75 @@ def test_10_a_plain_subscriber_gets_nothing_from_a_run_with_default_keys(tmp_pat
     finally:
         for sock in (pub, member, stranger):
             sock.close(0)
+
+
+# ------------------------------------------------- review of the default mode (notes/sec-review.md)
+
+
+def _as_another_user(monkeypatch) -> None:
+    """What this user made looks like another user's: the ownership checks see a foreign uid (any test user)."""
+    real = os.geteuid()
+    monkeypatch.setattr(security.os, "geteuid", lambda: real + 1)
+
+
+def test_10_a_run_folder_another_user_made_first_is_refused(tmp_path, monkeypatch):
+    """Before: a run folder another user had made (run names are predictable: runs/replay-<time>) was chmodded
+    and used (as root it worked), so they could move the keys away, put theirs in, or plant links for the logs."""
+    theirs = tmp_path / "replay-20261207-105200"
+    theirs.mkdir(mode=0o777)
+    _as_another_user(monkeypatch)
+    with pytest.raises(UserError, match=r"belongs to uid \d+, not to this user"):
+        security.make_run_keys(theirs)
+    assert not (theirs / "keys").exists()
+
+
+def test_10_a_link_at_the_run_folder_path_is_refused(tmp_path):
+    """Before: a link at the run folder's path was followed (keys and logs written wherever it pointed)."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "run").symlink_to(target)
+    with pytest.raises(UserError, match="a link, or not a folder"):
+        security.private_dir(tmp_path / "run")
+    assert not (target / "keys").exists()
+
+
+def test_10_run_folder_is_private_from_the_start_under_umask_000(tmp_path, monkeypatch):
+    """Before: mkdir then chmod: under umask 000 the run folder was 0777 until the chmod, long enough for another
+    user to create files (or links) in it. ``os.mkdir`` itself is recorded here: its mode must be 0700."""
+    modes = []
+    real_mkdir = os.mkdir
+
+    def spy(path, mode=0o777, *args, **kwargs):
+        modes.append((str(path), mode))
+        return real_mkdir(path, mode, *args, **kwargs)
+
+    old = os.umask(0)
+    try:
+        monkeypatch.setattr(security.os, "mkdir", spy)
+        run = security.private_dir(tmp_path / "run")
+    finally:
+        os.umask(old)
+    assert [m for p, m in modes if p == str(run)] == [0o700] and stat.S_IMODE(run.stat().st_mode) == 0o700
+
+
+def test_10_keys_another_user_owns_are_refused(tmp_path, monkeypatch):
+    """Before: only the mode was checked, so another user's 0600 keys moved in where ours were passed (and root
+    reads them): they would know every secret key of the run."""
+    from avloc.stream.keys import make_keys
+
+    make_keys(tmp_path / "keys")
+    security.load_keys(tmp_path / "keys")
+    _as_another_user(monkeypatch)
+    with pytest.raises(UserError, match=r"belongs to uid \d+, not to this user"):
+        security.load_keys(tmp_path / "keys")
+
+
+def test_10_insecure_says_so(tmp_path, caplog):
+    """Before: --insecure started a readable, injectable pipeline without a word."""
+    with caplog.at_level("WARNING", logger="avloc.stream.launcher"):
+        Launcher([], tmp_path / "r", config=FAST, heartbeat_endpoint=free_tcp_endpoint(), run_keys=True, insecure=True)
+    assert any("--insecure" in r.getMessage() and "any local process" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="avloc.stream.launcher"):
+        Launcher([], tmp_path / "s", config=FAST, heartbeat_endpoint=free_tcp_endpoint(), run_keys=True)
+    assert not any("--insecure" in r.getMessage() for r in caplog.records)
