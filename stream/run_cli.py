@@ -18,6 +18,7 @@ from avloc.stream.replay_cli import (
     default_run_dir,
     inference_args,
     print_summary,
+    run_view_token,
 )
 
 
@@ -155,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
     if args.view:
         from avloc.stream.view import view_spec
 
-        specs.append(view_spec(endpoints, args.view, args.view_token))
+        token = run_view_token(run_dir, args.view, args.view_token, args.insecure)
+        specs.append(view_spec(endpoints, args.view, token))
     launcher = L.Launcher(
         specs,
         run_dir,
