@@ -829,3 +829,20 @@ def test_10_a_runs_own_viewer_needs_a_token_unless_insecure(tmp_path, monkeypatc
     assert run_view_token(run, "127.0.0.1:8080", "mine", insecure=False) == "mine"  # --view-token-file
     monkeypatch.setenv(TOKEN_ENV, "env")
     assert run_view_token(run, "127.0.0.1:8080", None, insecure=False) == "env"
+
+
+def test_forged_heatmaps_throttle_a_replay_no_lower_than_min_fps():
+    """The --insecure case of flow control (a squatter on the heatmap port after a crash publishes heatmaps of
+    other streams only, 50/s): the replay still sends MIN_FPS frames/s, not 0. Measured live: 15 -> 2.0 fps
+    with --insecure, unchanged with the run's keys (the squatter cannot complete the handshake)."""
+    from avloc.stream.flow import MIN_FPS, FlowControl
+
+    flow = FlowControl("cam0")
+    forged = protocol.Message(kind="heatmap", stream="ghost", seq=0, ts={})
+    sent = 0
+    for i in range(30 * 10):  # 10 s of a 30 fps source, a forged heatmap every 20 ms
+        t = i / 30
+        flow.heard([forged, forged], t)
+        sent += flow.admit(t, 1 / 30) and t >= 5  # the last 5 s: past the first window of evidence
+    assert flow.allowance(9.9) == MIN_FPS
+    assert abs(sent / 5 - MIN_FPS) <= 0.5, sent
