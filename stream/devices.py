@@ -73,6 +73,16 @@ def why_no_heatmaps(summary: dict[str, Any]) -> str | None:
             reasons.append(f"{name} never delivered audio ({stats.get('problem') or 'no problem reported'})")
         elif stats.get("problem"):
             reasons.append(f"{name}: {stats['problem']}")
+    non_finite = sum(
+        ((p.get("stats") or {}).get("rejects") or {}).get("audio", {}).get("non_finite", 0)
+        for n, p in processes.items()
+        if n.startswith("inference")
+    )
+    if not reasons and latency.get("suppressed") and non_finite:  # e.g. a pcm_f32le track holding NaN/inf
+        reasons.append(
+            f"all {latency['suppressed']} frame(s) had no audio to pair with: the inference worker refused "
+            f"{non_finite} audio window(s) holding NaN or infinite samples (a damaged or float audio track)"
+        )
     if not reasons and latency.get("suppressed"):
         reasons.append(
             f"all {latency['suppressed']} frame(s) had no audio to pair with (--mic none, a file without an "

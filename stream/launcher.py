@@ -246,6 +246,11 @@ class Launcher:
         # CURVE keys (a folder name, not a secret: the secret keys stay in their 0600 files) and --insecure
         # reach the children, and this process's own heartbeat socket, through the environment
         self._security_env = {security.INSECURE_ENV: "1"} if insecure else {}
+        if insecure:  # said where the user sees it: the opt-out must never look like the default
+            log.warning(
+                "--insecure: no CURVE keys; any local process can read this run's video and audio, inject "
+                "frames, audio and heatmaps, and stand in for a crashed worker (docs/protocol.md#security)"
+            )
         if run_keys and keys is None and not insecure:
             # secure by default (avloc run/replay/demo): fresh CURVE keys for this run only, in a 0700 folder; a
             # process without them can neither read nor inject, nor stand in for a worker's port

@@ -23,6 +23,29 @@ def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def run_view_token(run_dir: Path, view: str, token: str | None, insecure: bool) -> str | None:
+    """The token of a run's own ``--view``. With keys (the default) a viewer without a token would serve the
+    streams to any local user over HTTP, around the keys: it gets a fresh one, kept in ``RUN_DIR/view-token``
+    (0600, in the 0700 run folder) and printed in the address to open. ``--insecure``, or a token of the
+    user's own (``--view-token-file``, ``$AVLOC_VIEW_TOKEN``), keep what they say."""
+    import secrets
+
+    from avloc.stream.view import TOKEN_ENV, parse_http
+
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is not None or insecure:
+        return token
+    token = secrets.token_urlsafe(24)
+    path = run_dir / "view-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    host, port = parse_http(view, "--view")
+    host = f"[{host}]" if ":" in host else host
+    print(f"viewer: http://{host}:{port}/?token={token} (this run's token, also in {path})", flush=True)
+    return token
+
+
 def parse_speed(value: str) -> str:
     """Checked here (the replay worker's own rule) so a bad value fails before any process starts."""
     from avloc.stream.replay import parse_speed as worker_speed
@@ -218,13 +241,14 @@ def run_replay(
     from avloc.engines.base import read_manifest
     from avloc.stream import launcher as L
     from avloc.stream import pipeline as P
+    from avloc.stream import security
     from avloc.stream.bench import summarize_latency_log
 
     info = probe_video(video)  # DataError with the file name if missing / unreadable
     read_manifest(engine)  # UserError if not an engine directory
     config = L.load_stream_config(config_path)
     run_dir = Path(run_dir or default_run_dir("replay"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = security.private_dir(run_dir)  # its logs name the sources; its keys/ must stay ours
     endpoints = P.Endpoints.auto(streams) if auto_ports else P.Endpoints.defaults(config, streams)
     latency_log = run_dir / "latency.jsonl"
     latency_log.unlink(missing_ok=True)
@@ -258,7 +282,7 @@ def run_replay(
     if view:
         from avloc.stream.view import view_spec
 
-        specs.append(view_spec(endpoints, view, view_token))
+        specs.append(view_spec(endpoints, view, run_view_token(run_dir, view, view_token, insecure)))
     launcher = L.Launcher(
         specs,
         run_dir,

@@ -18,6 +18,7 @@ from avloc.stream.replay_cli import (
     default_run_dir,
     inference_args,
     print_summary,
+    run_view_token,
 )
 
 
@@ -121,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
     from avloc.engines.base import read_manifest
     from avloc.stream import launcher as L
     from avloc.stream import pipeline as P
+    from avloc.stream import security
 
     check_display(args)
     cameras = args.camera or ["0"]
@@ -130,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
     config = L.load_stream_config(args.config)
     endpoints = P.Endpoints.auto(len(cameras)) if args.auto_ports else P.Endpoints.defaults(config, len(cameras))
     run_dir = Path(args.run_dir or default_run_dir("run"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = security.private_dir(run_dir)  # its logs name the sources; its keys/ must stay ours
     latency_log = run_dir / "latency.jsonl"
     specs, shards = live_specs(
         cameras,
@@ -154,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
     if args.view:
         from avloc.stream.view import view_spec
 
-        specs.append(view_spec(endpoints, args.view, args.view_token))
+        token = run_view_token(run_dir, args.view, args.view_token, args.insecure)
+        specs.append(view_spec(endpoints, args.view, token))
     launcher = L.Launcher(
         specs,
         run_dir,

@@ -189,6 +189,7 @@ def load_keys(directory: str | Path) -> CurveKeys:
         path = directory / f"{name}.key_secret"
         if not path.is_file():
             raise UserError(f"--keys {directory}: no {path.name} (make the keys with `avloc keys --out {directory}`)")
+        _check_own(path)
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:  # a secret other local users can read is no secret: they could join the pipeline
             raise UserError(f"{path}: mode {mode:04o} lets other users read this secret key; `chmod 600 {path}`")
@@ -201,7 +202,22 @@ def load_keys(directory: str | Path) -> CurveKeys:
         pairs.append((public, secret))
     if not (directory / "authorized").is_dir():
         raise UserError(f"--keys {directory}: no authorized/ folder of client public keys")
+    _check_own(directory)
+    _check_own(directory / "authorized")  # whoever can write there admits their own client key
     return CurveKeys(directory, pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1])
+
+
+def _check_own(path: Path) -> None:
+    """UserError unless ``path`` belongs to this user. The mode check alone does not do: another user's 0600 key
+    (moved in where ours were, e.g. in a run folder they made) passes it, and root reads it anyway."""
+    from avloc.core.errors import UserError
+
+    owner = path.stat().st_uid
+    if owner != os.geteuid():
+        raise UserError(
+            f"{path}: belongs to uid {owner}, not to this user (uid {os.geteuid()}); keys must be your own "
+            f"(another user could know the secret keys or admit their own), `chown` them or make new ones"
+        )
 
 
 def configured_keys() -> CurveKeys | None:
@@ -380,10 +396,34 @@ def ipc_endpoint(folder: str | Path, name: str) -> str:
 
 
 def private_dir(path: str | Path) -> Path:
-    """A folder only this user can enter (0700), for keys and ipc:// endpoints."""
+    """A folder only this user can enter (0700), for run folders, keys and ipc:// endpoints.
+
+    Made 0700 in one step (``os.mkdir``'s mode can only lose bits to the umask: under ``umask 000`` a plain mkdir
+    then chmod leaves it open to everyone in between). A folder already there must be this user's and not a link:
+    another user who made it first (a run folder's name is predictable) keeps the right to chmod it back, and to
+    move our keys away and put theirs in their place, or to plant links where our logs will be written.
+    UserError (one line) otherwise.
+    """
+    from avloc.core.errors import UserError
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:  # O_NOFOLLOW + fstat/fchmod: what is checked is what gets chmodded (no swap in between)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        raise UserError(f"{path}: cannot be a private folder (a link, or not a folder? {err.strerror})") from None
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            raise UserError(
+                f"{path}: belongs to uid {owner}, not to this user (uid {os.geteuid()}), who could replace what "
+                "avloc writes there (keys, logs); use a folder of your own"
+            )
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 

@@ -737,3 +737,112 @@ def test_10_a_plain_subscriber_gets_nothing_from_a_run_with_default_keys(tmp_pat
     finally:
         for sock in (pub, member, stranger):
             sock.close(0)
+
+
+# ------------------------------------------------- review of the default mode (notes/sec-review.md)
+
+
+def _as_another_user(monkeypatch) -> None:
+    """What this user made looks like another user's: the ownership checks see a foreign uid (any test user)."""
+    real = os.geteuid()
+    monkeypatch.setattr(security.os, "geteuid", lambda: real + 1)
+
+
+def test_10_a_run_folder_another_user_made_first_is_refused(tmp_path, monkeypatch):
+    """Before: a run folder another user had made (run names are predictable: runs/replay-<time>) was chmodded
+    and used (as root it worked), so they could move the keys away, put theirs in, or plant links for the logs."""
+    theirs = tmp_path / "replay-20261207-105200"
+    theirs.mkdir(mode=0o777)
+    _as_another_user(monkeypatch)
+    with pytest.raises(UserError, match=r"belongs to uid \d+, not to this user"):
+        security.make_run_keys(theirs)
+    assert not (theirs / "keys").exists()
+
+
+def test_10_a_link_at_the_run_folder_path_is_refused(tmp_path):
+    """Before: a link at the run folder's path was followed (keys and logs written wherever it pointed)."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "run").symlink_to(target)
+    with pytest.raises(UserError, match="a link, or not a folder"):
+        security.private_dir(tmp_path / "run")
+    assert not (target / "keys").exists()
+
+
+def test_10_run_folder_is_private_from_the_start_under_umask_000(tmp_path, monkeypatch):
+    """Before: mkdir then chmod: under umask 000 the run folder was 0777 until the chmod, long enough for another
+    user to create files (or links) in it. ``os.mkdir`` itself is recorded here: its mode must be 0700."""
+    modes = []
+    real_mkdir = os.mkdir
+
+    def spy(path, mode=0o777, *args, **kwargs):
+        modes.append((str(path), mode))
+        return real_mkdir(path, mode, *args, **kwargs)
+
+    old = os.umask(0)
+    try:
+        monkeypatch.setattr(security.os, "mkdir", spy)
+        run = security.private_dir(tmp_path / "run")
+    finally:
+        os.umask(old)
+    assert [m for p, m in modes if p == str(run)] == [0o700] and stat.S_IMODE(run.stat().st_mode) == 0o700
+
+
+def test_10_keys_another_user_owns_are_refused(tmp_path, monkeypatch):
+    """Before: only the mode was checked, so another user's 0600 keys moved in where ours were passed (and root
+    reads them): they would know every secret key of the run."""
+    from avloc.stream.keys import make_keys
+
+    make_keys(tmp_path / "keys")
+    security.load_keys(tmp_path / "keys")
+    _as_another_user(monkeypatch)
+    with pytest.raises(UserError, match=r"belongs to uid \d+, not to this user"):
+        security.load_keys(tmp_path / "keys")
+
+
+def test_10_insecure_says_so(tmp_path, caplog):
+    """Before: --insecure started a readable, injectable pipeline without a word."""
+    with caplog.at_level("WARNING", logger="avloc.stream.launcher"):
+        Launcher([], tmp_path / "r", config=FAST, heartbeat_endpoint=free_tcp_endpoint(), run_keys=True, insecure=True)
+    assert any("--insecure" in r.getMessage() and "any local process" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="avloc.stream.launcher"):
+        Launcher([], tmp_path / "s", config=FAST, heartbeat_endpoint=free_tcp_endpoint(), run_keys=True)
+    assert not any("--insecure" in r.getMessage() for r in caplog.records)
+
+
+def test_10_a_runs_own_viewer_needs_a_token_unless_insecure(tmp_path, monkeypatch, capsys):
+    """Before: `avloc replay/run --view` (loopback, no token) served the frames and heatmaps of a keyed run to
+    any local user over HTTP (measured: 78 WebSocket messages, 212 kB in 5 s), around the run's keys."""
+    from avloc.stream.replay_cli import run_view_token
+    from avloc.stream.view import TOKEN_ENV, check_http
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    run = security.private_dir(tmp_path / "run")
+    token = run_view_token(run, "127.0.0.1:8080", None, insecure=False)
+    assert token and len(token) >= 24
+    saved = run / "view-token"
+    assert saved.read_text().strip() == token and stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert f"http://127.0.0.1:8080/?token={token}" in capsys.readouterr().out
+    assert check_http("127.0.0.1:8080", token)[2] == token  # what the viewer then requires on every request
+    assert run_view_token(run, "[::1]:8080", None, insecure=True) is None  # --insecure: as before
+    assert run_view_token(run, "127.0.0.1:8080", "mine", insecure=False) == "mine"  # --view-token-file
+    monkeypatch.setenv(TOKEN_ENV, "env")
+    assert run_view_token(run, "127.0.0.1:8080", None, insecure=False) == "env"
+
+
+def test_forged_heatmaps_throttle_a_replay_no_lower_than_min_fps():
+    """The --insecure case of flow control (a squatter on the heatmap port after a crash publishes heatmaps of
+    other streams only, 50/s): the replay still sends MIN_FPS frames/s, not 0. Measured live: 15 -> 2.0 fps
+    with --insecure, unchanged with the run's keys (the squatter cannot complete the handshake)."""
+    from avloc.stream.flow import MIN_FPS, FlowControl
+
+    flow = FlowControl("cam0")
+    forged = protocol.Message(kind="heatmap", stream="ghost", seq=0, ts={})
+    sent = 0
+    for i in range(30 * 10):  # 10 s of a 30 fps source, a forged heatmap every 20 ms
+        t = i / 30
+        flow.heard([forged, forged], t)
+        sent += flow.admit(t, 1 / 30) and t >= 5  # the last 5 s: past the first window of evidence
+    assert flow.allowance(9.9) == MIN_FPS
+    assert abs(sent / 5 - MIN_FPS) <= 0.5, sent

@@ -94,6 +94,12 @@ def test_closing_line_reasons() -> None:
         "no heatmaps because all 40 frame(s) had no audio to pair with (--mic none, a file without an audio "
         "track, or audio windows older than max_audio_age_s)"
     )
+    # before: a pcm_f32le track of NaNs was blamed on a missing track / --mic none
+    nan_audio = {"frames": 30, "rejects": {"frames": {}, "audio": {"non_finite": 19}}}
+    assert why_no_heatmaps(summary(0, 30, replay={"frames": 30}, inference0=nan_audio)) == (
+        "no heatmaps because all 30 frame(s) had no audio to pair with: the inference worker refused 19 audio "
+        "window(s) holding NaN or infinite samples (a damaged or float audio track)"
+    )
     bad_mic = why_no_heatmaps(summary(0, 0, camera0={"grabbed": 9}, microphone={"windows": 0, "exit_code": 2}))
     assert bad_mic == "no heatmaps because microphone could not start (see its error above)"
     assert why_no_heatmaps(summary(0, 0, replay={}, inference={"frames": 0})) == (
