@@ -7,7 +7,7 @@ rule (:func:`avloc.core.metrics.swap_hits`, peak in the heard object's box and n
 and the swap score of the variant's audio-blind map (mean of the scene's K maps,
 :func:`avloc.core.metrics.audio_blind_swap_hits`). Floors on the same scenes: a centre prior and audio-blind
 objectness (L2 norm over channels of the same EfficientNet-Lite0 head features). Breakdowns by
-``<split>_<group>.txt`` (new_instance / unseen_category) where the dataset has them.
+``<split>_<group>.txt`` (heard / unheard, new_instance / unseen_category) where the dataset has them.
 
 Variants (``--variants``, all by default): ``<vision>-s<stride>`` with vision ``softmax`` / ``logits_mean``
 (:class:`avloc.core.labelspace.LabelSpaceMap`) and EfficientNet-Lite0 at output stride 32 (8x8 at 256 px) or
@@ -165,7 +165,7 @@ def evaluate(
     ids = [str(s) for s in feats["ids"]]
     offsets = np.concatenate([[0], np.cumsum(feats["n_audio"])])
     groups = {}
-    for group in ("new_instance", "unseen_category"):
+    for group in ("heard", "unheard", "new_instance", "unseen_category"):
         path = data / f"{split}_{group}.txt"
         if path.is_file():
             groups[group] = set(path.read_text().split())
