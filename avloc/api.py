@@ -222,7 +222,7 @@ class Localizer:
         :meth:`window` pairs with its time in the file's own audio track (or ``audio``, a separate file)."""
         import av
 
-        from avloc.stream.replay import TruncatedError, _iter_frames
+        from avloc.stream.replay import TruncatedError, iter_bgr_frames
 
         path = Path(path)
         if not path.is_file():
@@ -246,7 +246,7 @@ class Localizer:
             pending.clear()
 
         try:
-            for t, bgr in _iter_frames(path):
+            for t, bgr in iter_bgr_frames(path):
                 pending.append((t, bgr))
                 if len(pending) >= size:
                     yield from flush()

@@ -219,6 +219,13 @@ def _iter_frames(path: Path) -> Iterator[tuple[float, Any]]:
         container.close()
 
 
+def iter_bgr_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
+    """(media seconds, HxWx3 BGR uint8) of every frame: the offline readers' view of :func:`_iter_frames`
+    (``avloc localize``, ``avloc.Localizer.video``), converted exactly as a replay converts the frames it sends."""
+    for t, decoded in _iter_frames(path):
+        yield t, decoded.to_ndarray(format="bgr24")
+
+
 class ReplaySource:
     """Publishes one file's frames and audio windows on two PUB (XPUB) sockets; see the module docstring."""
 

@@ -15,7 +15,7 @@ import pytest
 
 import avloc
 from avloc import cli
-from avloc.stream.replay import _iter_frames
+from avloc.stream.replay import iter_bgr_frames
 
 
 def _packets(path: Path, kind: str) -> list[bytes]:
@@ -40,7 +40,7 @@ def test_video_overlay_keeps_audio_and_json_matches_the_api(
     lines = [json.loads(line) for line in peaks.read_text().splitlines()]
     assert [r["frame"] for r in lines] == list(range(30))
     loc = avloc.Localizer(engine, threads=1)
-    frames = list(_iter_frames(clip))
+    frames = list(iter_bgr_frames(clip))
     for i in (0, 13, 29):  # the single-frame API, same frame, same time in the same audio
         t, bgr = frames[i]
         r = loc(bgr, clip, at=t, bgr=True)
@@ -122,7 +122,7 @@ def test_sigterm_leaves_no_partial_files(
 
 def test_image_with_a_sound(engine_and_video: tuple[Path, Path], tmp_path: Path) -> None:
     engine, clip = engine_and_video
-    _, bgr = next(iter(_iter_frames(clip)))
+    _, bgr = next(iter(iter_bgr_frames(clip)))
     cv2.imwrite(str(tmp_path / "still.png"), bgr)
     out, peaks = tmp_path / "overlay.jpg", tmp_path / "peak.jsonl"
     assert _localize(tmp_path / "still.png", clip, "--engine", engine, "--out", out, "--json", peaks) == 0
