@@ -5,12 +5,12 @@
 >>> r.peak_px, r.confidence, r.visible, r.heatmap.shape  # heatmap at the frame's resolution, in [0, 1]
 
 Every step is the live pipeline's own (no second implementation): the audio is made mono and resampled as
-capture does (:func:`avloc.stream.microphone.as_captured`; files are read with
+capture does (:func:`avloc.stream.capture.microphone.as_captured`; files are read with
 :func:`avloc.core.audio.load_audio`), the window paired with a frame is :func:`avloc.core.audio.frame_window`
 of the engine's front-end config, the spectrogram is :class:`avloc.core.audio.FrontEnd`, frames go through
 :func:`avloc.engines.base.preprocess_frame`, the heatmap is encoded as the inference worker publishes it
-(:func:`avloc.stream.inference.encode_heatmap`, float16 in [0, 1]), the peak is its
-:func:`~avloc.stream.inference.peak_of` and ``visible`` is the engine's silence gate
+(:func:`avloc.stream.serve.inference.encode_heatmap`, float16 in [0, 1]), the peak is its
+:func:`~avloc.stream.serve.inference.peak_of` and ``visible`` is the engine's silence gate
 (:func:`avloc.engines.gate.gate_threshold`).
 
 One difference from a live run, on purpose: live audio after a frame does not exist yet, so the live worker
@@ -68,7 +68,7 @@ class Localizer:
     ) -> None:
         from avloc.core.audio import FrontEnd, FrontEndConfig
         from avloc.engines.gate import gate_threshold
-        from avloc.stream.inference import _normalizer
+        from avloc.stream.serve.inference import _normalizer
 
         path = Path(model)
         if path.is_dir():
@@ -107,7 +107,7 @@ class Localizer:
                 return load_audio(audio, self.sample_rate)
             except DataError as err:
                 raise UserError(str(err)) from None
-        from avloc.stream.microphone import as_captured
+        from avloc.stream.capture.microphone import as_captured
 
         if sample_rate is None:
             raise UserError("audio samples given without sample_rate: pass loc(frame, samples, sample_rate)")
@@ -196,8 +196,8 @@ class Localizer:
         return out
 
     def _result(self, frame: np.ndarray, heatmap: np.ndarray, confidence: float) -> Localization:
-        from avloc.stream.inference import encode_heatmap, peak_of
-        from avloc.stream.protocol import NOTICE_NOT_VISIBLE
+        from avloc.stream.serve.inference import encode_heatmap, peak_of
+        from avloc.stream.wire.protocol import NOTICE_NOT_VISIBLE
 
         confidence = confidence if np.isfinite(confidence) else 0.0  # as the worker publishes it
         visible = self.gate is None or confidence >= self.gate
@@ -222,7 +222,7 @@ class Localizer:
         :meth:`window` pairs with its time in the file's own audio track (or ``audio``, a separate file)."""
         import av
 
-        from avloc.stream.replay import TruncatedError, iter_bgr_frames
+        from avloc.stream.capture.replay import TruncatedError, iter_bgr_frames
 
         path = Path(path)
         if not path.is_file():

@@ -16,7 +16,7 @@ from avloc.core.errors import UserError
 
 # command -> (help, module) or command -> (help, {subcommand: (help, module)})
 COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
-    "demo": ("run the whole chain on an embedded default (no camera, no dataset needed)", "avloc.stream.demo"),
+    "demo": ("run the whole chain on an embedded default (no camera, no dataset needed)", "avloc.stream.tools.demo"),
     "data": (
         "make or check datasets",
         {
@@ -53,14 +53,14 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
             "acl": ("ACL from local BEATs / CLIPSeg / released ACL weights", "avloc.core.acl.convert"),
         },
     ),
-    "replay": ("replay a video file through the streaming pipeline", "avloc.stream.replay_cli"),
-    "run": ("live: camera + microphone through the streaming pipeline", "avloc.stream.run_cli"),
-    "devices": ("list cameras and microphones", "avloc.stream.devices"),
-    "view": ("browser viewer: serve the live overlay of a running pipeline over HTTP", "avloc.stream.view"),
-    "keys": ("make CURVE keypairs for an authenticated pipeline", "avloc.stream.keys"),
+    "replay": ("replay a video file through the streaming pipeline", "avloc.stream.run.replay_cli"),
+    "run": ("live: camera + microphone through the streaming pipeline", "avloc.stream.run.run_cli"),
+    "devices": ("list cameras and microphones", "avloc.stream.capture.devices"),
+    "view": ("browser viewer: serve the live overlay of a running pipeline over HTTP", "avloc.stream.clients.view"),
+    "keys": ("make CURVE keypairs for an authenticated pipeline", "avloc.stream.wire.keys"),
     "worker": (
         "one pipeline process on its own (camera, mic, replay, inference, display; tap), for several hosts",
-        "avloc.stream.worker_cli",
+        "avloc.stream.run.worker_cli",
     ),
     "doctor": (
         "what this machine has (CUDA, GPU, TensorRT, ORT providers, faiss) and which backends run",
@@ -70,8 +70,11 @@ COMMANDS: dict[str, tuple[str, str | dict[str, tuple[str, str]]]] = {
         "benchmarks (JSON + plots)",
         {
             "engine": ("time engines alone per backend and batch size", "avloc.engines.bench"),
-            "pipeline": ("per-stage latency of the streaming pipeline vs an eager baseline", "avloc.stream.bench"),
-            "soak": ("long run with a fault schedule: memory, delivery, restarts", "avloc.stream.soak"),
+            "pipeline": (
+                "per-stage latency of the streaming pipeline vs an eager baseline",
+                "avloc.stream.tools.bench",
+            ),
+            "soak": ("long run with a fault schedule: memory, delivery, restarts", "avloc.stream.tools.soak"),
         },
     ),
 }

@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     from avloc.api import Localizer
-    from avloc.stream.display import COLORMAPS
+    from avloc.stream.clients.display import COLORMAPS
 
     loc = Localizer(args.engine, backend=args.backend, device=args.device, threads=args.threads, gate=not args.no_gate)
     style = {"alpha": args.alpha, "colormap": COLORMAPS[args.colormap]}
@@ -175,7 +175,8 @@ class Job:
                         yield cv2.cvtColor(draw(bgr, r, style), cv2.COLOR_BGR2RGB)
 
             if video_tmp is not None:
-                # the live recorder's encoder settings (stream/recording.py): x264's default preset is ~3x slower
+                # the live recorder's encoder settings (stream/clients/recording.py): x264's default preset is ~3x
+                # slower
                 write_video(video_tmp, frames(), info.fps or 30.0, timestamps=timestamps, x264_options=X264)
                 with _atomic(self.out) as tmp:
                     mux_audio(video_tmp, self.audio or self.source, tmp)
@@ -271,7 +272,7 @@ def record(r: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 def draw(bgr: np.ndarray, r: Any, style: dict[str, Any]) -> np.ndarray:
     """The display's own overlay (heatmap stretched to its range, peak marker, gate notice)."""
-    from avloc.stream.display import draw_hud, overlay
+    from avloc.stream.clients.display import draw_hud, overlay
 
     image = overlay(bgr, r.feature_map.astype(np.float32), style["alpha"], style["colormap"], r.peak)
     if r.notice:
@@ -292,7 +293,7 @@ TAIL_S = 0.1  # audio kept past the last frame (the recorder's join keeps the sa
 def mux_audio(video: Path, audio_source: Path, out: Path) -> Path:
     """``video``'s stream plus ``audio_source``'s first audio track, cut to the video's length, into ``out``:
     audio packets copied (PyAV remux, no re-encode) when the container plays that codec (:data:`COPY_AUDIO`),
-    else re-encoded by the recorder's join (``avloc.stream.recording.join_segments``). An output without the
+    else re-encoded by the recorder's join (``avloc.stream.clients.recording.join_segments``). An output without the
     audio it was asked to keep is an error, not a silent video-only file."""
     import av
 
@@ -321,7 +322,7 @@ def mux_audio(video: Path, audio_source: Path, out: Path) -> Path:
         return out
     except (av.error.FFmpegError, ValueError) as err:
         log.info("audio of %s cannot be copied into %s (%s): re-encoding it", audio_source, out.suffix, err)
-    from avloc.stream.recording import join_segments
+    from avloc.stream.clients.recording import join_segments
 
     join_segments([video], out, audio_source=audio_source)
     with av.open(str(out)) as check:

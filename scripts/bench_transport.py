@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from avloc.stream import protocol, security
-from avloc.stream.keys import make_keys
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import protocol, security
+from avloc.stream.wire.keys import make_keys
 
 
 def one(transport: str, payload: np.ndarray, count: int, folder: Path) -> dict[str, float]:

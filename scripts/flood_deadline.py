@@ -1,9 +1,10 @@
 """How long the launcher takes to see a SIGSTOPped worker, with and without a flood on its heartbeat socket.
 
-A worker that only beats (``avloc.stream.worker.Heartbeat``, 0.1 s interval) runs under the launcher
+A worker that only beats (``avloc.stream.runtime.worker.Heartbeat``, 0.1 s interval) runs under the launcher
 (``heartbeat_timeout_s`` 2 s); it is SIGSTOPped, and the time until the launcher's crash event is measured, ``--runs``
-times without and with another process flooding the heartbeat socket (``python -m avloc.stream.fuzz``: badly tagged
-heartbeats as fast as one process sends them). Prints one JSON line per run and the medians (docs/reliability.md).
+times without and with another process flooding the heartbeat socket (``python -m avloc.stream.tools.fuzz``: badly
+tagged heartbeats as fast as one process sends them).
+Prints one JSON line per run and the medians (docs/reliability.md).
 
     python scripts/flood_deadline.py [--runs 3]
 """
@@ -22,11 +23,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
+from avloc.stream.run.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
 
 BEATER = """
 import argparse, time, zmq
-from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers
+from avloc.stream.runtime.worker import Heartbeat, add_common_arguments, install_stop_handlers
 p = argparse.ArgumentParser(); add_common_arguments(p, role="beater"); a = p.parse_args()
 stop = install_stop_handlers()
 hb = Heartbeat(zmq.Context.instance(), a.heartbeat, role="beater", stream="beater", interval_s=0.1)
@@ -54,7 +55,7 @@ def one(folder: Path, flood: bool) -> dict[str, float | bool | int]:
             time.sleep(0.05)
         if flood:
             flooder = subprocess.Popen(
-                [sys.executable, "-m", "avloc.stream.fuzz", endpoint, "15"], stdout=subprocess.PIPE
+                [sys.executable, "-m", "avloc.stream.tools.fuzz", endpoint, "15"], stdout=subprocess.PIPE
             )
             time.sleep(1.0)  # the flood is on (the launcher's first poll then shows how long one step takes)
         counted0 = sum(launcher.unauthenticated.values())

@@ -1,7 +1,7 @@
 """What audio-embedding reuse (``audio_reuse_s``) costs in localization on replayed clips.
 
 A worker that is behind pairs a frame with an already embedded window ending up to ``audio_reuse_s`` before
-the newest one (avloc.stream.batching). This replays that offline: every frame of each clip heard with the
+the newest one (avloc.stream.serve.batching). This replays that offline: every frame of each clip heard with the
 end-anchored window ending at its time (what a worker that keeps up pairs) and with the window ending
 ``lag`` seconds earlier, for each ``--lag``; peak-in-box over frames (the clip's per-frame boxes) and the share
 of frames whose peak stays in the same pixel. Frames before one full window of real audio are left out (the

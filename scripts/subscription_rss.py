@@ -19,9 +19,9 @@ import time
 import psutil
 import zmq
 
-from avloc.stream import protocol
-from avloc.stream.launcher import free_tcp_endpoint
-from avloc.stream.worker import make_publisher
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.runtime.worker import make_publisher
+from avloc.stream.wire import protocol
 
 ATTACKER = """
 import os, sys, time, zmq

@@ -8,7 +8,7 @@
   returns FakeCudaTensor outputs whose work is still queued (``latency_s``) when it returns, as an
   asynchronous CUDA launch is.
 
-``python tests/fake_cuda.py ARGS`` is the real inference worker (``avloc.stream.inference.main``) with this
+``python tests/fake_cuda.py ARGS`` is the real inference worker (``avloc.stream.serve.inference.main``) with this
 backend registered as ``fake_cuda``.
 """
 
@@ -113,6 +113,6 @@ def register() -> None:
 
 if __name__ == "__main__":
     register()
-    from avloc.stream.inference import main
+    from avloc.stream.serve.inference import main
 
     sys.exit(main(sys.argv[1:]))

@@ -137,7 +137,7 @@ def test_torch_backend_serves_the_same_engine(acl_engine) -> None:
 @pytest.mark.slow
 def test_replay_a_short_clip_through_the_pipeline(constant_acl_engine, tmp_path) -> None:
     from avloc.core.data.synth import write_synth_video
-    from avloc.stream.replay_cli import run_replay
+    from avloc.stream.run.replay_cli import run_replay
 
     engine = constant_acl_engine
     video = tmp_path / "clip.mp4"

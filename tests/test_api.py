@@ -18,9 +18,9 @@ import avloc
 from avloc.core.audio import StreamingFrontEnd
 from avloc.core.errors import UserError
 from avloc.engines.base import load_engine
-from avloc.stream import protocol
-from avloc.stream.inference import InferenceWorker
-from avloc.stream.microphone import as_captured
+from avloc.stream.capture.microphone import as_captured
+from avloc.stream.serve.inference import InferenceWorker
+from avloc.stream.wire import protocol
 
 RATE = 16000
 

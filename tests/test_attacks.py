@@ -26,9 +26,9 @@ from test_inference import SPEC_SHAPE, FakeEngine, _frame_msg, _worker
 from test_launcher import DUMMY_WORKER, FAST, _assert_no_orphans
 
 from avloc.core.errors import UserError
-from avloc.stream import clock, protocol, security
-from avloc.stream.launcher import Launcher, ProcessSpec, free_tcp_endpoint
-from avloc.stream.worker import make_publisher
+from avloc.stream.run.launcher import Launcher, ProcessSpec, free_tcp_endpoint
+from avloc.stream.runtime.worker import make_publisher
+from avloc.stream.wire import clock, protocol, security
 
 ATTACK = [ATTACK_HEADER, b""]  # 162 bytes: shape [0, 2**31-1, 2**31-1, 3], empty payload
 
@@ -93,8 +93,8 @@ def test_1_attack_message_is_counted_by_the_launcher(dummy_module, tmp_path, ctx
 
 def test_1_attack_message_is_counted_by_the_inference_loop_clock_thread_tap_and_viewer(ctx):
     """Before: the inference worker, the clock server thread, the tap and the viewer's ingest thread died."""
-    from avloc.stream.tap import tap
-    from avloc.stream.view import Ingest
+    from avloc.stream.clients.tap import tap
+    from avloc.stream.clients.view import Ingest
 
     frames_ep, audio_ep, clock_ep = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
     frames = protocol.make_socket(ctx, zmq.PUB, frames_ep, bind=True, hwm=100)
@@ -155,7 +155,7 @@ def test_1_attack_message_is_counted_by_the_display_process(tmp_path, ctx):
         [
             sys.executable,
             "-m",
-            "avloc.stream.display",
+            "avloc.stream.clients.display",
             "--frames",
             frames_ep,
             "--heatmaps",
@@ -203,7 +203,9 @@ def test_2_flooded_heartbeat_socket_still_detects_a_stopped_worker_in_time(dummy
             assert time.monotonic() < deadline, "worker never ready"
             launcher.poll()
             time.sleep(0.05)
-        flooder = subprocess.Popen([sys.executable, "-m", "avloc.stream.fuzz", endpoint, "12"], stdout=subprocess.PIPE)
+        flooder = subprocess.Popen(
+            [sys.executable, "-m", "avloc.stream.tools.fuzz", endpoint, "12"], stdout=subprocess.PIPE
+        )
         end = time.monotonic() + 2.0  # the flood is running
         while time.monotonic() < end:
             launcher.poll()
@@ -291,7 +293,7 @@ def test_3_distinct_subscriptions_cannot_grow_a_publisher_without_bound(ctx):
 def test_4_heatmap_proxy_inbound_refuses_a_process_without_the_run_keys(tmp_path, ctx):
     """With --inference-workers 2 the proxy's inbound port took forged heatmaps from anyone. By default each run
     has CURVE keys (RUN_DIR/keys): a worker with them gets through, a process without them does not."""
-    from avloc.stream.sharding import HeatmapProxy
+    from avloc.stream.serve.sharding import HeatmapProxy
 
     keys = security.make_run_keys(tmp_path / "run")
     inbound, outbound = free_tcp_endpoint(), free_tcp_endpoint()
@@ -330,9 +332,9 @@ def test_4_heatmap_proxy_inbound_refuses_a_process_without_the_run_keys(tmp_path
 
 def test_4_made_up_stream_ids_are_capped_in_viewer_display_inference_and_report(ctx, tmp_path):
     """2,000 made-up stream ids: the viewer kept them all (508 kB of stats to each browser every 0.5 s)."""
-    from avloc.stream.batching import MAX_STREAMS as INFERENCE_MAX
-    from avloc.stream.display import MAX_STREAMS as DISPLAY_MAX
-    from avloc.stream.view import Ingest
+    from avloc.stream.clients.display import MAX_STREAMS as DISPLAY_MAX
+    from avloc.stream.clients.view import Ingest
+    from avloc.stream.serve.batching import MAX_STREAMS as INFERENCE_MAX
 
     ingest = Ingest([free_tcp_endpoint()], free_tcp_endpoint(), lambda stream, data: None)
     try:
@@ -455,7 +457,7 @@ def test_6_a_captured_heartbeat_sent_again_does_not_keep_a_stopped_worker_alive(
 
 
 def test_6_stale_repeated_and_older_tags_are_refused_and_old_assignment_tables_ignored():
-    from avloc.stream.sharding import ASSIGN_COMMAND, parse_assignment
+    from avloc.stream.serve.sharding import ASSIGN_COMMAND, parse_assignment
 
     token = security.new_run_token()
     verifier = security.Verifier(token)
@@ -475,7 +477,7 @@ def test_6_stale_repeated_and_older_tags_are_refused_and_old_assignment_tables_i
     forged.meta["command"] = "y"
     assert verifier.check(forged) == "unauthenticated"
     # two counters of one process (the inference worker's start-up heartbeats, then its own) are two senders
-    from avloc.stream.worker import Heartbeat
+    from avloc.stream.runtime.worker import Heartbeat
 
     early, main = Heartbeat(None, None, role="r", stream="s"), Heartbeat(None, None, role="r", stream="s")
     beats = []
@@ -574,7 +576,7 @@ def test_9_a_second_launcher_on_taken_ports_is_one_line_and_names_auto_ports(tmp
         "import sys\n"
         "from pathlib import Path\n"
         "from avloc.core.errors import UserError\n"
-        "from avloc.stream.launcher import Launcher\n"
+        "from avloc.stream.run.launcher import Launcher\n"
         f"try:\n    Launcher([], Path({str(tmp_path / 'run')!r}), heartbeat_endpoint={endpoint!r}).run(timeout_s=5)\n"
         "except UserError as err:\n    print(f'avloc: error: {err}', file=sys.stderr)\n    sys.exit(2)\n"
     )
@@ -629,7 +631,7 @@ def test_10_ipc_folder_is_checked_at_every_ancestor(tmp_path):
 
 
 def test_10_keys_force_drops_old_authorized_keys_and_readable_secrets_are_refused(tmp_path):
-    from avloc.stream.keys import make_keys
+    from avloc.stream.wire.keys import make_keys
 
     out = tmp_path / "keys"
     make_keys(out)
@@ -667,7 +669,7 @@ def test_10_viewer_on_127_0_0_2_serves_its_own_address_and_bad_headers_are_400(t
         [
             sys.executable,
             "-m",
-            "avloc.stream.view",
+            "avloc.stream.clients.view",
             "--frames",
             free_tcp_endpoint(),
             "--heatmaps",
@@ -791,7 +793,7 @@ def test_10_run_folder_is_private_from_the_start_under_umask_000(tmp_path, monke
 def test_10_keys_another_user_owns_are_refused(tmp_path, monkeypatch):
     """Before: only the mode was checked, so another user's 0600 keys moved in where ours were passed (and root
     reads them): they would know every secret key of the run."""
-    from avloc.stream.keys import make_keys
+    from avloc.stream.wire.keys import make_keys
 
     make_keys(tmp_path / "keys")
     security.load_keys(tmp_path / "keys")
@@ -802,11 +804,11 @@ def test_10_keys_another_user_owns_are_refused(tmp_path, monkeypatch):
 
 def test_10_insecure_says_so(tmp_path, caplog):
     """Before: --insecure started a readable, injectable pipeline without a word."""
-    with caplog.at_level("WARNING", logger="avloc.stream.launcher"):
+    with caplog.at_level("WARNING", logger="avloc.stream.run.launcher"):
         Launcher([], tmp_path / "r", config=FAST, heartbeat_endpoint=free_tcp_endpoint(), run_keys=True, insecure=True)
     assert any("--insecure" in r.getMessage() and "any local process" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="avloc.stream.launcher"):
+    with caplog.at_level("WARNING", logger="avloc.stream.run.launcher"):
         Launcher([], tmp_path / "s", config=FAST, heartbeat_endpoint=free_tcp_endpoint(), run_keys=True)
     assert not any("--insecure" in r.getMessage() for r in caplog.records)
 
@@ -814,8 +816,8 @@ def test_10_insecure_says_so(tmp_path, caplog):
 def test_10_a_runs_own_viewer_needs_a_token_unless_insecure(tmp_path, monkeypatch, capsys):
     """Before: `avloc replay/run --view` (loopback, no token) served the frames and heatmaps of a keyed run to
     any local user over HTTP (measured: 78 WebSocket messages, 212 kB in 5 s), around the run's keys."""
-    from avloc.stream.replay_cli import run_view_token
-    from avloc.stream.view import TOKEN_ENV, check_http
+    from avloc.stream.clients.view import TOKEN_ENV, check_http
+    from avloc.stream.run.replay_cli import run_view_token
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     run = security.private_dir(tmp_path / "run")
@@ -835,7 +837,7 @@ def test_forged_heatmaps_throttle_a_replay_no_lower_than_min_fps():
     """The --insecure case of flow control (a squatter on the heatmap port after a crash publishes heatmaps of
     other streams only, 50/s): the replay still sends MIN_FPS frames/s, not 0. Measured live: 15 -> 2.0 fps
     with --insecure, unchanged with the run's keys (the squatter cannot complete the handshake)."""
-    from avloc.stream.flow import MIN_FPS, FlowControl
+    from avloc.stream.wire.flow import MIN_FPS, FlowControl
 
     flow = FlowControl("cam0")
     forged = protocol.Message(kind="heatmap", stream="ghost", seq=0, ts={})

@@ -9,7 +9,7 @@ import pytest
 from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.cli import main as cli_main
-from avloc.stream.bench import STAGES
+from avloc.stream.tools.bench import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):
 
 
 def test_sweep_finds_the_largest_passing_stream_count():
-    from avloc.stream.bench import sweep_streams
+    from avloc.stream.tools.bench import sweep_streams
 
     for limit, upper in ((5, 16), (16, 16), (0, 8), (12, 12), (3, 3)):
         tried: list[int] = []
@@ -99,7 +99,7 @@ def test_sweep_finds_the_largest_passing_stream_count():
 
 
 def test_per_stream_summary_rates_served_share_and_fairness():
-    from avloc.stream.bench import summarize_records
+    from avloc.stream.tools.bench import summarize_records
 
     def rec(stream: str, seq: int, t: float, e2e: float, notice: str | None = None) -> dict:
         return {"stream": stream, "seq": seq, "notice": notice, "ts": {"capture": t - e2e, "display": t}}

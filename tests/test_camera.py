@@ -19,9 +19,9 @@ import pytest
 import zmq
 from proc_helpers import orphans
 
-from avloc.stream import protocol
-from avloc.stream.camera import LatestFrameGrabber
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.capture.camera import LatestFrameGrabber
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import protocol
 
 FPS = 30
 FRAMES = 90
@@ -60,7 +60,9 @@ def ctx():
 
 def _start_worker(args: list[str], log_file: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "avloc.stream.camera", *args, "--log-file", str(log_file)], env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "avloc.stream.capture.camera", *args, "--log-file", str(log_file)], env=env
+    )
 
 
 def _stop_worker(proc: subprocess.Popen) -> int:
@@ -223,7 +225,7 @@ def test_camera_worker_waits_for_a_missing_source_then_streams(video, tmp_path, 
 
 def test_url_open_times_out_instead_of_hanging():
     """A server that accepts the connection and then says nothing: OpenCV's open timeout ends the wait."""
-    from avloc.stream.camera import open_with_timeouts
+    from avloc.stream.capture.camera import open_with_timeouts
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -270,7 +272,7 @@ def test_watchdog_sees_a_grab_that_never_returns(ctx, tmp_path):
     """The camera worker's loop keeps beating, but reports ``stalled`` once a grab hangs past the limit."""
     import threading
 
-    from avloc.stream.camera import run_camera
+    from avloc.stream.capture.camera import run_camera
 
     release, stop = threading.Event(), threading.Event()
     heartbeats = free_tcp_endpoint()
@@ -312,7 +314,7 @@ def test_worker_is_loading_until_it_delivers_and_says_why_not(ctx):
     frames flow again."""
     import threading
 
-    from avloc.stream.camera import run_camera
+    from avloc.stream.capture.camera import run_camera
 
     class Source:
         """Fails to open twice, delivers 3 frames, then fails its reads; the next open delivers forever."""

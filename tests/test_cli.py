@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from avloc import cli
-from avloc.stream import worker_cli
+from avloc.stream.run import worker_cli
 
 
 def _command_paths() -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""Clock offset between hosts (stream/clock.py): the NTP-style estimate, the service, the skew test hook."""
+"""Clock offset between hosts (stream/wire/clock.py): the NTP-style estimate, the service, the skew test hook."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from avloc.core.errors import UserError
-from avloc.stream import clock, protocol
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import clock, protocol
 
 
 def test_min_rtt_estimate_is_within_its_uncertainty_of_the_true_offset():
@@ -37,7 +37,7 @@ def test_a_process_with_a_skewed_clock_measures_and_applies_the_offset():
     server = clock.ClockServer(endpoint).start()
     child = (
         "import json, time\n"
-        "from avloc.stream import clock, protocol\n"
+        "from avloc.stream.wire import clock, protocol\n"
         f"est = clock.ClockSync({endpoint!r}).sync(timeout_s=60)\n"
         "print(json.dumps({'offset': est.offset_s, 'unc': est.uncertainty_s,"
         " 'skew': protocol.local_clock() - time.monotonic(), 'applied': protocol.now() - protocol.local_clock(),"

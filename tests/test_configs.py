@@ -9,7 +9,7 @@ import pytest
 
 from avloc.core.config import config_names, load_config, load_yaml, packaged_config, packaged_config_dir
 from avloc.core.errors import UserError
-from avloc.stream.launcher import StreamConfig, load_stream_config
+from avloc.stream.run.launcher import StreamConfig, load_stream_config
 
 CONFIGS = packaged_config_dir()
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from avloc.core.audio import FrontEndConfig
 from avloc.core.losses import LossConfig
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import free_tcp_endpoint
 from avloc.train.trainer import TrainStep, gather_with_grad
 
 PER_RANK = 4

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from avloc.stream import protocol
-from avloc.stream.display import Display, add_arguments, notice_text
+from avloc.stream.clients.display import Display, add_arguments, notice_text
+from avloc.stream.wire import protocol
 
 
 def _msg(kind: str, arrays: dict | None = None, **meta) -> protocol.Message:

@@ -10,7 +10,8 @@ import pytest
 import zmq
 from test_inference import FakeEngine, _audio_msg, _frame_msg, _worker
 
-from avloc.stream import batching, inference, protocol
+from avloc.stream.serve import batching, inference
+from avloc.stream.wire import protocol
 
 
 @pytest.fixture()

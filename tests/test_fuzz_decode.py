@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avloc.stream import protocol
+from avloc.stream.wire import protocol
 
 # The 162-byte message of the attack report: prod(shape) is 0, so the size check passed and reshape raised.
 ATTACK_HEADER = json.dumps(

@@ -33,13 +33,13 @@ from avloc.engines.gate import (
     gate_threshold,
     pair_confidences,
 )
-from avloc.stream import protocol
-from avloc.stream.display import Display, HeatmapView
-from avloc.stream.display import add_arguments as display_arguments
-from avloc.stream.inference import InferenceWorker
-from avloc.stream.inference import add_arguments as inference_arguments
-from avloc.stream.launcher import StreamConfig
-from avloc.stream.pipeline import Endpoints, inference_spec
+from avloc.stream.clients.display import Display, HeatmapView
+from avloc.stream.clients.display import add_arguments as display_arguments
+from avloc.stream.run.launcher import StreamConfig
+from avloc.stream.run.pipeline import Endpoints, inference_spec
+from avloc.stream.serve.inference import InferenceWorker
+from avloc.stream.serve.inference import add_arguments as inference_arguments
+from avloc.stream.wire import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONTEND = FrontEndConfig(window_seconds=0.1)
@@ -309,7 +309,7 @@ def test_no_gate_switch_reaches_the_worker():
     endpoints = Endpoints(["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:2"], "tcp://127.0.0.1:3", "tcp://127.0.0.1:4")
     assert "--no-gate" in inference_spec(Path("e"), "onnxruntime", endpoints, StreamConfig(gate=False)).args
     assert "--no-gate" not in inference_spec(Path("e"), "onnxruntime", endpoints, StreamConfig()).args
-    from avloc.stream.launcher import load_stream_config
+    from avloc.stream.run.launcher import load_stream_config
 
     assert load_stream_config(ROOT / "configs" / "stream.yaml").gate is True
 
@@ -368,7 +368,7 @@ def test_gate_effect_script_reports_val_and_test_rows(gated_engine, synth):
 
 
 def test_pipeline_bench_counts_not_visible_heatmaps_as_computed():
-    from avloc.stream.bench import summarize_records
+    from avloc.stream.tools.bench import summarize_records
 
     def record(seq: int, notice: str | None) -> dict:
         ts = {"capture": seq, "publish": seq + 0.01, "display": seq + 0.02}

@@ -20,8 +20,8 @@ from fake_cuda import CUDA_NUMPY_ERROR, FakeCudaEngine, on_device, queue_work
 
 from avloc.engines.base import preprocess_frames, read_manifest, to_host
 from avloc.engines.onnxruntime_backend import OnnxRuntimeEngine
-from avloc.stream import protocol
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import protocol
 
 FAKE_CUDA = Path(__file__).with_name("fake_cuda.py")
 LATENCY_S = 0.08
@@ -30,7 +30,7 @@ LATENCY_S = 0.08
 def test_fake_cuda_tensor_refuses_numpy_and_to_host_waits_for_the_device():
     t = on_device(np.arange(6, dtype=np.float32).reshape(2, 3))
     with pytest.raises(TypeError, match="can't convert cuda"):
-        np.asarray(t)  # what stream/inference.py did with the engine's outputs
+        np.asarray(t)  # what stream/serve/inference.py did with the engine's outputs
     with pytest.raises(TypeError, match="can't convert cuda"):
         t.float().numpy()
     assert t.device.type == "cuda" and CUDA_NUMPY_ERROR.startswith("can't")
@@ -110,7 +110,7 @@ def test_worker_process_publishes_heatmaps_from_device_outputs(tiny_engine, tmp_
 def test_worker_with_a_real_cuda_engine_publishes(tiny_engine, mode):
     """On a real GPU: device preprocessing -> CUDA outputs -> to_host -> a published heatmap."""
     from avloc.engines.base import load_engine
-    from avloc.stream.inference import InferenceWorker
+    from avloc.stream.serve.inference import InferenceWorker
 
     engine = load_engine(tiny_engine, "torch", device="cuda", mode=mode, max_batch=2)
     ctx = zmq.Context()

@@ -12,8 +12,8 @@ import zmq
 from test_inference import FakeEngine, _frame_msg, _worker
 from test_launcher import DUMMY_WORKER, FAST, _assert_no_orphans
 
-from avloc.stream import protocol, security
-from avloc.stream.launcher import Launcher, ProcessSpec, free_tcp_endpoint
+from avloc.stream.run.launcher import Launcher, ProcessSpec, free_tcp_endpoint
+from avloc.stream.wire import protocol, security
 
 
 @pytest.fixture()
@@ -153,7 +153,7 @@ def test_restart_budget_is_a_rate(dummy_module, tmp_path):
 
 
 def test_many_stream_ids_are_bounded_and_heartbeat_still_encodes():
-    from avloc.stream.batching import MAX_STREAMS
+    from avloc.stream.serve.batching import MAX_STREAMS
 
     worker = _worker(FakeEngine())
     messages = [_frame_msg(f"s{i:05d}-{'x' * 100}", 0, 1.0) for i in range(8000)]
@@ -165,7 +165,7 @@ def test_many_stream_ids_are_bounded_and_heartbeat_still_encodes():
 
 
 def test_heartbeat_with_oversized_stats_still_beats():
-    from avloc.stream.worker import Heartbeat
+    from avloc.stream.runtime.worker import Heartbeat
 
     ctx = zmq.Context()
     endpoint = f"inproc://hb-{time.monotonic_ns()}"
@@ -185,7 +185,7 @@ def test_heartbeat_with_oversized_stats_still_beats():
 
 def test_publishers_refuse_oversized_subscriptions():
     """A subscription message larger than the publisher's MAXMSGSIZE drops that peer instead of being stored."""
-    from avloc.stream.worker import make_publisher
+    from avloc.stream.runtime.worker import make_publisher
 
     ctx = zmq.Context()
     endpoint = free_tcp_endpoint()
@@ -246,7 +246,7 @@ def test_sigstop_of_each_worker_is_detected_and_restarted(engine_and_video, tmp_
 
     from alsa_helpers import PipeMicrophone
 
-    from avloc.stream import pipeline as P
+    from avloc.stream.run import pipeline as P
 
     engine, video = engine_and_video
     config = replace(FAST, heartbeat_timeout_s=3.0, startup_grace_s=180.0, restart_backoff_s=0.1, max_restarts=5)
@@ -259,12 +259,12 @@ def test_sigstop_of_each_worker_is_detected_and_restarted(engine_and_video, tmp_
         P.display_spec(endpoints, config, headless=True),
         ProcessSpec(
             "camera",
-            "avloc.stream.camera",
+            "avloc.stream.capture.camera",
             ["--source", str(video), "--endpoint", free_tcp_endpoint(), "--stream-id", "cam9"],
         ),
         ProcessSpec(
             "microphone",
-            "avloc.stream.microphone",
+            "avloc.stream.capture.microphone",
             ["--endpoint", free_tcp_endpoint(), "--frontend", str(engine)],
             env={"HOME": str(home)},
         ),

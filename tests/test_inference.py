@@ -13,10 +13,10 @@ import pytest
 import zmq
 from proc_helpers import orphans
 
-from avloc.stream import protocol
-from avloc.stream.batching import AudioTrack, AudioWindow
-from avloc.stream.inference import InferenceWorker, encode_heatmap, peak_of
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.serve.batching import AudioTrack, AudioWindow
+from avloc.stream.serve.inference import InferenceWorker, encode_heatmap, peak_of
+from avloc.stream.wire import protocol
 
 SPEC_SHAPE = (1, 257, 98)  # linear front-end, 1 s window
 
@@ -212,7 +212,7 @@ def test_heatmap_encoding_and_peak():
 
 def _fuzz_messages(rng: np.random.Generator) -> list[list[bytes]]:
     """Ten malformed messages (broken headers, sizes, layouts): the soak test's generator."""
-    from avloc.stream.fuzz import fuzz_messages
+    from avloc.stream.tools.fuzz import fuzz_messages
 
     return fuzz_messages(rng, 10)
 
@@ -233,7 +233,7 @@ def test_worker_process_serves_through_fuzzing(tiny_engine, tmp_path):
         [
             sys.executable,
             "-m",
-            "avloc.stream.inference",
+            "avloc.stream.serve.inference",
             "--engine",
             str(tiny_engine),
             "--frames",

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from avloc.engines import export as export_mod
-from avloc.stream.inference import default_precision
+from avloc.stream.serve.inference import default_precision
 
 
 def test_worker_default_precision_follows_the_engine(tiny_engine, tmp_path):

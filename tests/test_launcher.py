@@ -17,13 +17,13 @@ import pytest
 import zmq
 from proc_helpers import orphans, tiny_engine_and_clip, worker_processes
 
-from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
+from avloc.stream.run.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
 
 DUMMY_WORKER = textwrap.dedent('''
     """A worker that beats, then (by --mode) keeps going, crashes, hangs without heartbeats or beats "stalled"."""
     import argparse, os, time
     import zmq
-    from avloc.stream.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
+    from avloc.stream.runtime.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="ok")
@@ -200,7 +200,7 @@ def test_pipeline_fails_when_inference_keeps_crashing(dummy_module, tmp_path):
 def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from avloc.stream.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
+        from avloc.stream.run.launcher import Launcher, ProcessSpec, StreamConfig, free_tcp_endpoint
         specs = [ProcessSpec(f"w{{i}}", {dummy_module!r}, []) for i in range(3)]
         Launcher(specs, Path({str(tmp_path / "run")!r}), config=StreamConfig(),
                  heartbeat_endpoint=free_tcp_endpoint()).run()
@@ -229,7 +229,7 @@ def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
 def _inference_pid(launcher: psutil.Process) -> int | None:
     for child in launcher.children():
         try:
-            if "avloc.stream.inference" in child.cmdline():
+            if "avloc.stream.serve.inference" in child.cmdline():
                 return child.pid
         except psutil.Error:
             continue
@@ -313,7 +313,7 @@ def test_kill9_inference_recovers_and_ctrl_c_stops_cleanly(engine_and_video, tmp
 
 def test_stream_config_errors_name_the_file_and_field(tmp_path):
     from avloc.core.errors import UserError
-    from avloc.stream.launcher import load_stream_config
+    from avloc.stream.run.launcher import load_stream_config
 
     with pytest.raises(UserError, match="no such file"):
         load_stream_config(tmp_path / "missing.yaml")
@@ -335,7 +335,7 @@ def test_stream_config_errors_name_the_file_and_field(tmp_path):
 
 def test_gap_counts_from_the_crash_when_the_worker_never_reported_a_heatmap(tmp_path):
     """kill -9 within a heartbeat interval of the first heatmap: the gap is still measured (from the crash)."""
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     launcher = Launcher(
         [ProcessSpec("inference", "unused", [], role="inference")],
@@ -400,7 +400,7 @@ def test_a_spec_startup_grace_overrides_the_config(dummy_module, tmp_path):
 
 
 def test_inference_spec_gives_engine_builds_a_long_startup_grace():
-    from avloc.stream.pipeline import SLOW_STARTUP_GRACE_S, Endpoints, inference_spec
+    from avloc.stream.run.pipeline import SLOW_STARTUP_GRACE_S, Endpoints, inference_spec
 
     endpoints = Endpoints.auto(1)
     config = StreamConfig()
@@ -418,7 +418,7 @@ def test_ipc_endpoints_checked_before_start_and_restart_and_heartbeat_rejects(du
     import zmq
 
     from avloc.core.errors import UserError
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)

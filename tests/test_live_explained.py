@@ -82,7 +82,7 @@ def test_missing_camera_and_microphone_are_explained(tiny_engine: Path, tmp_path
 
 
 def test_closing_line_reasons() -> None:
-    from avloc.stream.devices import why_no_heatmaps
+    from avloc.stream.capture.devices import why_no_heatmaps
 
     def summary(heatmaps: int, suppressed: int, **processes: dict) -> dict:
         procs = {n: {"stats": s, "exit_code": s.pop("exit_code", None)} for n, s in processes.items()}

@@ -15,7 +15,7 @@ import pytest
 
 import avloc
 from avloc import cli
-from avloc.stream.replay import iter_bgr_frames
+from avloc.stream.capture.replay import iter_bgr_frames
 
 
 def _packets(path: Path, kind: str) -> list[bytes]:

@@ -20,9 +20,9 @@ from alsa_helpers import PipeMicrophone, file_microphone
 from proc_helpers import orphans
 
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
-from avloc.stream import protocol
-from avloc.stream.launcher import free_tcp_endpoint
-from avloc.stream.microphone import AudioWindower, SampleRing
+from avloc.stream.capture.microphone import AudioWindower, SampleRing
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import protocol
 
 RECORDING = Path("/usr/share/tuxpaint/stamps/animals/birds/blackbird.ogg")  # 44.1 kHz mono, 7.9 s birdsong
 SR = 16000
@@ -193,7 +193,7 @@ def test_worker_through_a_real_portaudio_stream(frontend, tmp_path):
         [
             sys.executable,
             "-m",
-            "avloc.stream.microphone",
+            "avloc.stream.capture.microphone",
             "--device",
             "default",
             "--endpoint",
@@ -255,7 +255,7 @@ def test_devices_are_listed_and_selected_by_name(tmp_path):
     code = (
         "import json\n"
         "from avloc.core.errors import UserError\n"
-        "from avloc.stream.microphone import list_devices, resolve_input_device\n"
+        "from avloc.stream.capture.microphone import list_devices, resolve_input_device\n"
         "devices = list_devices()\n"
         "try:\n"
         "    resolve_input_device('no such mic')\n"
@@ -277,9 +277,9 @@ def test_devices_are_listed_and_selected_by_name(tmp_path):
 
 def _run_worker(home: Path, endpoint: str, *args: str, code: str | None = None) -> subprocess.Popen:
     """The microphone worker process with ``HOME=home`` (its ALSA config); ``code``: a driver to run instead
-    of ``python -m avloc.stream.microphone`` (it gets the same arguments)."""
+    of ``python -m avloc.stream.capture.microphone`` (it gets the same arguments)."""
     env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1"}
-    head = ["-c", code] if code else ["-m", "avloc.stream.microphone"]
+    head = ["-c", code] if code else ["-m", "avloc.stream.capture.microphone"]
     return subprocess.Popen(
         [
             sys.executable,
@@ -328,7 +328,7 @@ def test_worker_resamples_and_mixes_down_a_stereo_44k_device(frontend, tmp_path)
     reference = resample(mix, rate, SR)
     left_only = resample(left.astype(np.float32) / 2 / 32768, rate, SR)
     driver = (
-        "import sys\nfrom avloc.stream import microphone\n"
+        "import sys\nfrom avloc.stream.capture import microphone\n"
         "microphone._pick_rate_and_channels = lambda device, wanted: (44100, 2)  # all the device offers\n"
         "sys.exit(microphone.main(sys.argv[1:]))\n"
     )

@@ -22,9 +22,9 @@ from proc_helpers import tiny_engine_and_clip
 
 from avloc.core.errors import UserError
 from avloc.core.media import probe_video
-from avloc.stream.bench import read_latency_log
-from avloc.stream.camera import parse_infer_size, resize_for_inference
-from avloc.stream.keys import make_keys
+from avloc.stream.capture.camera import parse_infer_size, resize_for_inference
+from avloc.stream.tools.bench import read_latency_log
+from avloc.stream.wire.keys import make_keys
 
 REPO = Path(__file__).resolve().parents[1]
 SKEW_S = 5.0
@@ -163,9 +163,9 @@ def test_tap_reports_rate_bytes_and_shapes_of_what_arrives():
 
     import zmq
 
-    from avloc.stream import protocol
-    from avloc.stream.launcher import free_tcp_endpoint
-    from avloc.stream.tap import tap
+    from avloc.stream.clients.tap import tap
+    from avloc.stream.run.launcher import free_tcp_endpoint
+    from avloc.stream.wire import protocol
 
     endpoint = free_tcp_endpoint()
     pub = protocol.make_socket(zmq.Context.instance(), zmq.PUB, endpoint, bind=True, hwm=100)

@@ -246,7 +246,7 @@ def _engine_copy(engine: Path, dest: Path, **ogl_changes) -> Path:
 def test_engines_run_the_objectness_graph_and_blend_live(ogl_engine, resnet_weights):
     from avloc.core.ogl import blend_live
     from avloc.engines.base import load_engine, preprocess_frames
-    from avloc.stream.inference import _normalizer, encode_heatmap
+    from avloc.stream.serve.inference import _normalizer, encode_heatmap
 
     rng = np.random.default_rng(4)
     frames = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(3)]  # BGR, as the worker gets
@@ -335,10 +335,10 @@ def test_inference_worker_publishes_the_ogl_blend(ogl_engine, tmp_path):
     import zmq
 
     from avloc.engines.base import load_engine, preprocess_frames
-    from avloc.stream import protocol
-    from avloc.stream.inference import InferenceWorker, _ogl_alpha
-    from avloc.stream.launcher import StreamConfig
-    from avloc.stream.pipeline import Endpoints, inference_spec
+    from avloc.stream.run.launcher import StreamConfig
+    from avloc.stream.run.pipeline import Endpoints, inference_spec
+    from avloc.stream.serve.inference import InferenceWorker, _ogl_alpha
+    from avloc.stream.wire import protocol
 
     rng = np.random.default_rng(5)
     frames = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(2)]
@@ -399,8 +399,8 @@ def test_inference_worker_publishes_the_ogl_blend(ogl_engine, tmp_path):
     args = inference_spec(ogl_engine, "onnxruntime", endpoints, StreamConfig(ogl=True, ogl_alpha=0.3)).args
     assert args[args.index("--ogl") :][:3] == ["--ogl", "--ogl-alpha", "0.3"]
     # avloc run / replay pass --ogl / --ogl-alpha on to the worker (after the config's, so they win)
-    from avloc.stream.replay_cli import add_arguments as replay_arguments
-    from avloc.stream.replay_cli import inference_args
+    from avloc.stream.run.replay_cli import add_arguments as replay_arguments
+    from avloc.stream.run.replay_cli import inference_args
 
     parser = argparse.ArgumentParser()
     replay_arguments(parser)

@@ -11,10 +11,10 @@ import time
 import pytest
 import zmq
 
-from avloc.stream import protocol
-from avloc.stream.flow import HEADROOM, MIN_FPS, STEP_UP, WINDOW_S, FlowControl
-from avloc.stream.launcher import free_tcp_endpoint
-from avloc.stream.replay import ReplaySource
+from avloc.stream.capture.replay import ReplaySource
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import protocol
+from avloc.stream.wire.flow import HEADROOM, MIN_FPS, STEP_UP, WINDOW_S, FlowControl
 
 
 def _heatmap(stream: str) -> protocol.Message:
@@ -112,7 +112,7 @@ def test_overload_points_judge_goodput_fairness_and_p99(monkeypatch, tmp_path):
     """The sweep's overload runs: total heatmaps/s against the peak of every run, fairness, p99 bound."""
     import argparse
 
-    from avloc.stream import bench
+    from avloc.stream.tools import bench
 
     runs = {  # streams -> (total heatmaps/s, fairness, p99 ms, frame deadline ms)
         3: (88.0, 1.0, 60.0, 70.0),

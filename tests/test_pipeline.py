@@ -13,8 +13,8 @@ import pytest
 from proc_helpers import orphans
 
 from avloc.core.media import iter_video, probe_video
-from avloc.stream.bench import read_latency_log
-from avloc.stream.replay_cli import run_replay
+from avloc.stream.run.replay_cli import run_replay
+from avloc.stream.tools.bench import read_latency_log
 
 ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_end", "publish", "display")
 
@@ -147,7 +147,7 @@ def test_latency_log_survives_a_cut_line(tmp_path):
     path = tmp_path / "lat.jsonl"
     good = {"stream": "cam0", "seq": 1, "ts": {k: float(i) for i, k in enumerate(ORDER)}, "notice": None}
     path.write_text(json.dumps(good) + "\n" + '{"stream": "cam0", "se')
-    from avloc.stream.bench import summarize_latency_log
+    from avloc.stream.tools.bench import summarize_latency_log
 
     summary = summarize_latency_log(path)
     assert summary["heatmaps"] == 1
@@ -208,7 +208,7 @@ def _heatmap_code(image: np.ndarray) -> int:
 def _display(tmp_path):
     import argparse
 
-    from avloc.stream import display as D
+    from avloc.stream.clients import display as D
 
     args = argparse.Namespace(
         alpha=0.5,
@@ -225,13 +225,13 @@ def _display(tmp_path):
 
 
 def _frame_msg(seq: int, capture: float = 99.0):
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     return protocol.Message("frame", "cam0", seq, {"capture": capture}, {"frame": _coded_frame(seq)}, {"pts": seq / 30})
 
 
 def _heatmap_msg(seq: int, peak=None):
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     return protocol.Message(
         "heatmap",
@@ -244,7 +244,7 @@ def _heatmap_msg(seq: int, peak=None):
 
 
 def test_coded_frames_and_heatmaps_read_back() -> None:
-    from avloc.stream.display import COLORMAPS, heatmap_to_unit, overlay
+    from avloc.stream.clients.display import COLORMAPS, heatmap_to_unit, overlay
 
     for seq in (0, 1, 5, 22, 31):
         assert _frame_code(_coded_frame(seq)) == seq
@@ -255,7 +255,7 @@ def test_coded_frames_and_heatmaps_read_back() -> None:
 def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monkeypatch, tmp_path):
     import cv2
 
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     shown: list[np.ndarray] = []
     monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
@@ -290,7 +290,7 @@ def test_display_window_shows_matched_heatmap_then_plain_frames_when_stale(monke
 def test_recording_puts_each_heatmap_on_its_own_frame(monkeypatch, tmp_path):
     """Frames wait in the buffer for their heatmap: each recorded frame carries the heatmap computed on it; a
     frame whose heatmap was dropped (2) gets the next one; times are the frames' pts."""
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     class Recorder:
         frames = 0
@@ -329,7 +329,7 @@ def test_recording_puts_each_heatmap_on_its_own_frame(monkeypatch, tmp_path):
 
 def test_recording_keeps_each_heatmap_when_several_arrive_in_one_drain(monkeypatch, tmp_path):
     """What Display.run does with the heatmaps of one drain: every one through on_heatmap, then one flush."""
-    from avloc.stream import protocol
+    from avloc.stream.wire import protocol
 
     written: list[tuple[int, int]] = []
 

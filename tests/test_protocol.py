@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from avloc.stream import protocol, security
+from avloc.stream.wire import protocol, security
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
@@ -163,7 +163,7 @@ ctx.term()
 
     rejects = protocol.RejectCounter("test-pull", interval_s=60.0)
     good_seen = 0
-    with caplog.at_level(logging.WARNING, logger="avloc.stream.protocol"):
+    with caplog.at_level(logging.WARNING, logger="avloc.stream.wire.protocol"):
         for _ in sequence:
             msg = protocol.recv(receiver, timeout_ms=10000, max_message_bytes=2 << 20, rejects=rejects)
             if msg is not None:
@@ -226,7 +226,7 @@ def test_drain_stamped_never_receives_before_send(ctx):
 
 def test_reject_counter_logs_at_most_once_per_interval(caplog):
     counter = protocol.RejectCounter("rl", interval_s=0.2)
-    with caplog.at_level(logging.WARNING, logger="avloc.stream.protocol"):
+    with caplog.at_level(logging.WARNING, logger="avloc.stream.wire.protocol"):
         for _ in range(50):
             counter.reject(protocol.ProtocolError("bad_json", "x"))
         time.sleep(0.25)

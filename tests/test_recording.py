@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from avloc.core.media import iter_video, probe_video
-from avloc.stream.recording import Recorder, segment_paths
+from avloc.stream.clients.recording import Recorder, segment_paths
 
 FPS = 30
 
@@ -23,7 +23,7 @@ RECORDING_PROCESS = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import numpy as np
-    from avloc.stream.recording import Recorder
+    from avloc.stream.clients.recording import Recorder
 
     rec = Recorder(Path(sys.argv[1]), fps=30, run="crash")
     start, i = time.monotonic(), 0
@@ -95,7 +95,7 @@ def test_join_shifts_a_segment_whose_clock_started_over(tmp_path):
             rec.write(np.zeros((48, 64, 3), np.uint8), i / FPS)
         paths.append(rec.close(join=False))
     done = subprocess.run(
-        [sys.executable, "-m", "avloc.stream.recording", str(out), *map(str, paths)],
+        [sys.executable, "-m", "avloc.stream.clients.recording", str(out), *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=120,

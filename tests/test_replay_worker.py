@@ -19,9 +19,9 @@ import zmq
 from proc_helpers import orphans
 
 from avloc.core.audio import FrontEnd, FrontEndConfig, load_audio
-from avloc.stream import protocol
-from avloc.stream.launcher import free_tcp_endpoint
-from avloc.stream.replay import ReplaySource
+from avloc.stream.capture.replay import ReplaySource
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.wire import protocol
 
 FPS = 30
 STEP = 4  # frame i is flat grey STEP * i: a received frame tells its index
@@ -107,7 +107,7 @@ def _start(video: Path, frames_ep: str, audio_ep: str, log_file: Path, *extra: s
     command = [
         sys.executable,
         "-m",
-        "avloc.stream.replay",
+        "avloc.stream.capture.replay",
         str(video),
         "--frames",
         frames_ep,

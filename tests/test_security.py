@@ -9,9 +9,9 @@ import pytest
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.stream import protocol, security
-from avloc.stream.keys import make_keys
-from avloc.stream.launcher import Launcher, ProcessSpec, free_tcp_endpoint
+from avloc.stream.run.launcher import Launcher, ProcessSpec, free_tcp_endpoint
+from avloc.stream.wire import protocol, security
+from avloc.stream.wire.keys import make_keys
 
 
 @pytest.fixture()
@@ -99,7 +99,7 @@ def test_non_loopback_bind_is_refused_without_keys(tmp_path, monkeypatch):
         security.check_bind("tcp://0.0.0.0:5550")
     security.check_bind("tcp://127.0.0.1:5550")
     security.check_bind("tcp://0.0.0.0:5550", insecure=True)
-    spec = ProcessSpec("camera", "avloc.stream.camera", ["--endpoint", "tcp://0.0.0.0:5550"])
+    spec = ProcessSpec("camera", "avloc.stream.capture.camera", ["--endpoint", "tcp://0.0.0.0:5550"])
     with pytest.raises(UserError, match="tcp://0.0.0.0:5550"):
         Launcher([spec], tmp_path / "run", heartbeat_endpoint=free_tcp_endpoint())
     Launcher([spec], tmp_path / "run", heartbeat_endpoint=free_tcp_endpoint(), insecure=True)

@@ -12,10 +12,10 @@ import numpy as np
 import zmq
 from proc_helpers import orphans
 
-from avloc.stream import protocol, security
-from avloc.stream.launcher import Launcher, StreamConfig, free_tcp_endpoint
-from avloc.stream.pipeline import Endpoints, inference_specs
-from avloc.stream.sharding import AssignmentPublisher, HeatmapProxy, assign, parse_assignment
+from avloc.stream.run.launcher import Launcher, StreamConfig, free_tcp_endpoint
+from avloc.stream.run.pipeline import Endpoints, inference_specs
+from avloc.stream.serve.sharding import AssignmentPublisher, HeatmapProxy, assign, parse_assignment
+from avloc.stream.wire import protocol, security
 
 SPEC_SHAPE = (1, 257, 98)  # the tiny engine's linear front-end, 1 s window
 STREAMS = [f"cam{i}" for i in range(4)]

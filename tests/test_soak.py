@@ -10,7 +10,8 @@ import pytest
 from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.core.errors import UserError
-from avloc.stream import fuzz, protocol, soak, soak_report
+from avloc.stream.tools import fuzz, soak, soak_report
+from avloc.stream.wire import protocol
 
 FAST_CONFIG = """\
 heartbeat_timeout_s: 2.0

@@ -28,8 +28,8 @@ from avloc.engines.triton_export import (
     parse_pbtxt,
     validate_repository,
 )
-from avloc.stream.bench import read_latency_log
-from avloc.stream.replay_cli import run_replay
+from avloc.stream.run.replay_cli import run_replay
+from avloc.stream.tools.bench import read_latency_log
 
 HAVE_CLIENT = importlib.util.find_spec("tritonclient") is not None and importlib.util.find_spec("rapidjson") is not None
 

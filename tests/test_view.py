@@ -26,10 +26,10 @@ import zmq
 from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.core.errors import UserError
-from avloc.stream import launcher as L
-from avloc.stream import pipeline as P
-from avloc.stream import protocol
-from avloc.stream.view import Client, check_arguments, parse_http, view_spec
+from avloc.stream.clients.view import Client, check_arguments, parse_http, view_spec
+from avloc.stream.run import launcher as L
+from avloc.stream.run import pipeline as P
+from avloc.stream.wire import protocol
 
 TOKEN = "s3cret-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -173,7 +173,7 @@ def test_non_loopback_bind_needs_a_token_and_says_so(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "avloc.stream.view",
+        "avloc.stream.clients.view",
         "--frames",
         L.free_tcp_endpoint(),
         "--heatmaps",
@@ -463,7 +463,7 @@ def test_page_in_headless_chromium(pipeline, tmp_path):
 def test_warming_up_and_non_finite_reach_the_page_json():
     """The JSON header each browser gets says what the display says: "WARMING UP 40%" with the map and its
     peak (computed, not trusted yet), "NO MAP (NON-FINITE)" without one; a NaN audio_real is never sent."""
-    from avloc.stream.view import Ingest
+    from avloc.stream.clients.view import Ingest
 
     sent: list[bytes] = []
     ingest = Ingest([L.free_tcp_endpoint()], L.free_tcp_endpoint(), lambda stream, data: sent.append(data))

@@ -15,9 +15,9 @@ import pytest
 import zmq
 from proc_helpers import orphans
 
-from avloc.stream import protocol
-from avloc.stream.batching import WARMING_UP_SHARE, real_share
-from avloc.stream.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.serve.batching import WARMING_UP_SHARE, real_share
+from avloc.stream.wire import protocol
 
 
 def test_real_share_from_end_sample():
@@ -41,7 +41,7 @@ def test_first_seconds_are_marked_warming_up_by_the_real_worker(engine_and_video
     ctx = zmq.Context()
     heat = protocol.make_socket(ctx, zmq.SUB, heat_ep, bind=False, hwm=1000)
     worker = _spawn(
-        "avloc.stream.inference",
+        "avloc.stream.serve.inference",
         "--engine",
         str(engine),
         "--frames",
@@ -60,7 +60,7 @@ def test_first_seconds_are_marked_warming_up_by_the_real_worker(engine_and_video
     got: list[protocol.Message] = []
     try:
         replay = _spawn(
-            "avloc.stream.replay",
+            "avloc.stream.capture.replay",
             str(video),
             "--frames",
             frames_ep,

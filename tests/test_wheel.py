@@ -28,7 +28,7 @@ from avloc.core.checkpoint import ImageConfig, save_checkpoint
 from avloc.core.config import config_names, load_config
 from avloc.core.data.synth import write_synth_video
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
-from avloc.stream.launcher import CONFIG_PATH, load_stream_config
+from avloc.stream.run.launcher import CONFIG_PATH, load_stream_config
 
 out = Path(sys.argv[1])
 save_checkpoint(

@@ -1,4 +1,4 @@
-// avloc view: one tile per stream; frames arrive as JPEG + heatmap bytes over one WebSocket (see stream/view.py).
+// avloc view: one tile per stream; frames arrive as JPEG + heatmap bytes over one WebSocket (see stream/clients/view.py).
 "use strict";
 
 const grid = document.getElementById("grid");
@@ -143,7 +143,7 @@ function draw(t) {
     t.peak.style.display = "none";
     delete t.root.dataset.peak;
   }
-  // the server's wording (stream/display.py notice_text: "WARMING UP 40%"), the raw name as a fallback
+  // the server's wording (stream/clients/display.py notice_text: "WARMING UP 40%"), the raw name as a fallback
   t.notice.classList.toggle("warming", header.notice === "warming_up");  // drawn, but not to be trusted yet
   t.notice.textContent = header.notice_text || (header.notice ? header.notice.replace("_", " ").toUpperCase() : "");
   Object.assign(t.root.dataset, {frames: t.frames, heatmaps: t.heatmaps, seq: header.seq,
