@@ -59,7 +59,7 @@ def count_gated(records: list[dict[str, Any]], stretches: dict[str, tuple[float,
 
 def measure(engine: Path, clip: Path, run_dir: Path, stretch_s: float, speed: str) -> dict[str, Any]:
     from avloc.stream.run.replay_cli import run_replay
-    from avloc.stream.tools.bench import read_latency_log
+    from avloc.stream.run.report import read_latency_log
 
     manifest = read_manifest(engine)
     threshold = gate_threshold(manifest)

@@ -817,7 +817,7 @@ def test_10_a_runs_own_viewer_needs_a_token_unless_insecure(tmp_path, monkeypatc
     """Before: `avloc replay/run --view` (loopback, no token) served the frames and heatmaps of a keyed run to
     any local user over HTTP (measured: 78 WebSocket messages, 212 kB in 5 s), around the run's keys."""
     from avloc.stream.clients.view import TOKEN_ENV, check_http
-    from avloc.stream.run.replay_cli import run_view_token
+    from avloc.stream.run.args import run_view_token
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     run = security.private_dir(tmp_path / "run")

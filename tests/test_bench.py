@@ -9,7 +9,7 @@ import pytest
 from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.cli import main as cli_main
-from avloc.stream.tools.bench import STAGES
+from avloc.stream.run.report import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_sweep_finds_the_largest_passing_stream_count():
 
 
 def test_per_stream_summary_rates_served_share_and_fairness():
-    from avloc.stream.tools.bench import summarize_records
+    from avloc.stream.run.report import summarize_records
 
     def rec(stream: str, seq: int, t: float, e2e: float, notice: str | None = None) -> dict:
         return {"stream": stream, "seq": seq, "notice": notice, "ts": {"capture": t - e2e, "display": t}}

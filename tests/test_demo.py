@@ -16,12 +16,11 @@ from proc_helpers import orphans
 from avloc.core.data import scene_video, scenes
 from avloc.core.data.stamps import DEFAULT_STAMPS_DIR, NAME_GROUPS, find_stamps
 from avloc.core.errors import UserError
+from avloc.stream.run.report import box_area_fraction, peak_hits
 from avloc.stream.tools.demo import (
     AFTER_TRAIN_S,
     DEMO_CATEGORIES,
     MIN_TRAIN_S,
-    box_area_fraction,
-    peak_hits,
     run_demo,
     train_budget_s,
 )

@@ -368,7 +368,7 @@ def test_gate_effect_script_reports_val_and_test_rows(gated_engine, synth):
 
 
 def test_pipeline_bench_counts_not_visible_heatmaps_as_computed():
-    from avloc.stream.tools.bench import summarize_records
+    from avloc.stream.run.report import summarize_records
 
     def record(seq: int, notice: str | None) -> dict:
         ts = {"capture": seq, "publish": seq + 0.01, "display": seq + 0.02}

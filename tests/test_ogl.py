@@ -399,8 +399,8 @@ def test_inference_worker_publishes_the_ogl_blend(ogl_engine, tmp_path):
     args = inference_spec(ogl_engine, "onnxruntime", endpoints, StreamConfig(ogl=True, ogl_alpha=0.3)).args
     assert args[args.index("--ogl") :][:3] == ["--ogl", "--ogl-alpha", "0.3"]
     # avloc run / replay pass --ogl / --ogl-alpha on to the worker (after the config's, so they win)
+    from avloc.stream.run.args import inference_args
     from avloc.stream.run.replay_cli import add_arguments as replay_arguments
-    from avloc.stream.run.replay_cli import inference_args
 
     parser = argparse.ArgumentParser()
     replay_arguments(parser)

@@ -14,7 +14,7 @@ from proc_helpers import orphans
 
 from avloc.core.media import iter_video, probe_video
 from avloc.stream.run.replay_cli import run_replay
-from avloc.stream.tools.bench import read_latency_log
+from avloc.stream.run.report import read_latency_log
 
 ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_end", "publish", "display")
 
@@ -147,7 +147,7 @@ def test_latency_log_survives_a_cut_line(tmp_path):
     path = tmp_path / "lat.jsonl"
     good = {"stream": "cam0", "seq": 1, "ts": {k: float(i) for i, k in enumerate(ORDER)}, "notice": None}
     path.write_text(json.dumps(good) + "\n" + '{"stream": "cam0", "se')
-    from avloc.stream.tools.bench import summarize_latency_log
+    from avloc.stream.run.report import summarize_latency_log
 
     summary = summarize_latency_log(path)
     assert summary["heatmaps"] == 1

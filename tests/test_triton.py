@@ -29,7 +29,7 @@ from avloc.engines.triton_export import (
     validate_repository,
 )
 from avloc.stream.run.replay_cli import run_replay
-from avloc.stream.tools.bench import read_latency_log
+from avloc.stream.run.report import read_latency_log
 
 HAVE_CLIENT = importlib.util.find_spec("tritonclient") is not None and importlib.util.find_spec("rapidjson") is not None
 

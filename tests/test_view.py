@@ -26,9 +26,10 @@ import zmq
 from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.core.errors import UserError
-from avloc.stream.clients.view import Client, check_arguments, parse_http, view_spec
+from avloc.stream.clients.view import Client, check_arguments, parse_http
 from avloc.stream.run import launcher as L
 from avloc.stream.run import pipeline as P
+from avloc.stream.run.pipeline import view_spec
 from avloc.stream.wire import protocol
 
 TOKEN = "s3cret-token"

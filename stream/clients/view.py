@@ -17,7 +17,7 @@ docs/viewer.md.
   and one log line.
 
 Run: ``avloc view --frames EP --heatmaps EP [--http 127.0.0.1:8080] [--token T]``, or under the launcher
-as ``python -m avloc.stream.clients.view`` (then with ``--heartbeat``, see :func:`view_spec`).
+as ``python -m avloc.stream.clients.view`` (then with ``--heartbeat``, see :func:`avloc.stream.run.pipeline.view_spec`).
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ from avloc.stream.clients.display import (
     heatmap_to_unit,
     notice_text,
 )
-from avloc.stream.run.launcher import ProcessSpec, check_endpoint
-from avloc.stream.run.pipeline import Endpoints
 from avloc.stream.runtime.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -62,7 +60,7 @@ from avloc.stream.runtime.worker import (
     setup_logging,
 )
 from avloc.stream.wire import protocol, security
-from avloc.stream.wire.security import is_loopback
+from avloc.stream.wire.security import check_endpoint, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +123,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colormap", default="jet", choices=sorted(COLORMAPS), help="initial colormap")
     parser.add_argument("--max-clients", type=int, default=64, help="browsers served at once (more get 503)")
     add_common_arguments(parser, role="view")
-
-
-def view_spec(endpoints: Endpoints, http: str = DEFAULT_HTTP, token: str | None = None) -> ProcessSpec:
-    """The viewer as a launcher process (``avloc run/replay --view``): stopped last, with the displays.
-
-    The token travels in the child's environment (``$AVLOC_VIEW_TOKEN``), not on its command line, which every
-    local user can read; without one the child inherits the launcher's ``$AVLOC_VIEW_TOKEN``, if any.
-    """
-    args = ["--heatmaps", endpoints.heatmaps, "--http", http]
-    for ep in endpoints.frames:
-        args += ["--frames", ep]
-    return ProcessSpec(
-        "view", "avloc.stream.clients.view", args, role="display", env={TOKEN_ENV: token} if token else {}
-    )
 
 
 # --- ingest: ZeroMQ -> one binary message per update -------------------------------------------------------

@@ -105,7 +105,7 @@ def load_stream_config(path: Path | None = None) -> StreamConfig:
         return StreamConfig()
     config = from_dict(StreamConfig, load_yaml(path), str(path))
     for name in ("frames_endpoint", "audio_endpoint", "heatmaps_endpoint", "heartbeats_endpoint"):
-        check_endpoint(getattr(config, name), f"{path}: {name}")
+        security.check_endpoint(getattr(config, name), f"{path}: {name}")
     for name in ("inference_workers", "max_batch"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -721,9 +721,3 @@ class Launcher:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return summary
-
-
-def check_endpoint(value: str, what: str) -> str:
-    if not value.startswith(("tcp://", "ipc://", "inproc://")):
-        raise UserError(f"{what} endpoint {value!r}: expected tcp://HOST:PORT or ipc:///path")
-    return value

@@ -4,7 +4,8 @@
 ``auto()``); ``inference_specs`` / ``display_spec`` / ``replay_specs`` turn them and the stream config
 (``avloc.stream.run.launcher.StreamConfig``) into the ``ProcessSpec`` list the ``Launcher`` supervises, plus the
 shard plan when several inference workers share the streams (``avloc.stream.serve.sharding``). ``avloc replay``,
-``avloc run``, ``avloc bench pipeline``, the viewer and the soak test build their runs from these.
+``avloc run``, ``avloc bench pipeline`` and the soak test build their runs from these; ``view_spec`` adds the browser
+viewer.
 """
 
 from __future__ import annotations
@@ -244,3 +245,21 @@ def replay_specs(
             )
         )
     return specs
+
+
+def view_spec(endpoints: Endpoints, http: str | None = None, token: str | None = None) -> ProcessSpec:
+    """The viewer as a launcher process (``avloc run/replay --view``): stopped last, with the displays.
+
+    The token travels in the child's environment (``$AVLOC_VIEW_TOKEN``), not on its command line, which every
+    local user can read; without one the child inherits the launcher's ``$AVLOC_VIEW_TOKEN``, if any. ``http``
+    defaults to the viewer's own default address.
+    """
+    from avloc.stream.clients.view import DEFAULT_HTTP, TOKEN_ENV  # why: the viewer pulls in aiohttp and cv2
+
+    http = DEFAULT_HTTP if http is None else http
+    args = ["--heatmaps", endpoints.heatmaps, "--http", http]
+    for ep in endpoints.frames:
+        args += ["--frames", ep]
+    return ProcessSpec(
+        "view", "avloc.stream.clients.view", args, role="display", env={TOKEN_ENV: token} if token else {}
+    )

@@ -8,42 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 from avloc.core.errors import UserError
-from avloc.engines.base import known_backends
+from avloc.stream.run.args import add_display_arguments, check_display, default_run_dir, inference_args, run_view_token
+from avloc.stream.run.report import print_summary, summarize_latency_log
 
 log = logging.getLogger(__name__)
-
-
-def default_run_dir(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def run_view_token(run_dir: Path, view: str, token: str | None, insecure: bool) -> str | None:
-    """The token of a run's own ``--view``. With keys (the default) a viewer without a token would serve the
-    streams to any local user over HTTP, around the keys: it gets a fresh one, kept in ``RUN_DIR/view-token``
-    (0600, in the 0700 run folder) and printed in the address to open. ``--insecure``, or a token of the
-    user's own (``--view-token-file``, ``$AVLOC_VIEW_TOKEN``), keep what they say."""
-    import secrets
-
-    from avloc.stream.clients.view import TOKEN_ENV, parse_http
-
-    token = token or os.environ.get(TOKEN_ENV) or None
-    if token is not None or insecure:
-        return token
-    token = secrets.token_urlsafe(24)
-    path = run_dir / "view-token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
-    host, port = parse_http(view, "--view")
-    host = f"[{host}]" if ":" in host else host
-    print(f"viewer: http://{host}:{port}/?token={token} (this run's token, also in {path})", flush=True)
-    return token
 
 
 def parse_speed(value: str) -> str:
@@ -57,156 +29,11 @@ def parse_speed(value: str) -> str:
     return "max" if speed is None else str(speed)
 
 
-def add_triton_url_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--triton-url",
-        default=None,
-        metavar="HOST:PORT",
-        help="with --backend triton: the server's gRPC address (docs/engines.md; default 127.0.0.1:8001)",
-    )
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --engine-option, --triton-url and --ogl / --ogl-alpha, passed on to the inference worker."""
-    parser.add_argument("--device", default="cpu", help="inference device (cpu, cuda, cuda:1)")
-    add_triton_url_argument(parser)
-    parser.add_argument(
-        "--engine-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="engine backend option, e.g. precision=int8 (onnxruntime) or mode=cuda_graphs (torch)",
-    )
-    parser.add_argument(
-        "--ogl",
-        action="store_true",
-        help="object-guided localization: blend heatmaps with the engine's objectness map (avloc export --ogl)",
-    )
-    parser.add_argument(
-        "--ogl-alpha",
-        type=float,
-        default=None,
-        metavar="ALPHA",
-        help="weight of the audio-visual map in the OGL blend (default: ogl_alpha of the stream config, "
-        "else the engine manifest's, 0.4)",
-    )
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer")
-    return number
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """How many inference workers share the streams, and their batch size (default: the stream config)."""
-    parser.add_argument(
-        "--inference-workers",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="inference workers sharing the streams (default: inference_workers of the stream config, 1)",
-    )
-    parser.add_argument(
-        "--max-batch",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="frames per engine batch (default: max_batch of the stream config; never above the engine's)",
-    )
-
-
-def inference_args(args: argparse.Namespace) -> list[str]:
-    """Extra command-line arguments of the inference worker from --device / --engine-option / --ogl(-alpha)."""
-    out = ["--device", getattr(args, "device", "cpu")]
-    for option in getattr(args, "engine_option", []) or []:
-        out += ["--engine-option", option]
-    if getattr(args, "triton_url", None):
-        out += ["--triton-url", args.triton_url]
-    ogl, alpha = getattr(args, "ogl", False), getattr(args, "ogl_alpha", None)
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise UserError(f"--ogl-alpha {alpha}: expected a value in [0, 1]")
-    if ogl:
-        out.append("--ogl")
-    if alpha is not None:  # without --ogl here it still applies when the stream config turns OGL on
-        out += ["--ogl-alpha", str(alpha)]
-    return out
-
-
-def add_display_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``avloc replay`` and ``avloc run``."""
-    parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
-    parser.add_argument("--backend", default="onnxruntime", choices=known_backends())
-    parser.add_argument("--threads", type=int, default=None, help="inference intra-op threads")
-    add_engine_arguments(parser)
-    add_worker_arguments(parser)
-    parser.add_argument("--headless", action="store_true", help="no window (use with --record)")
-    parser.add_argument("--record", type=Path, default=None, metavar="OUT.mp4", help="record the overlaid video")
-    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N", help="save every N-th frame as PNG")
-    parser.add_argument("--alpha", type=float, default=None, help="heatmap opacity 0..1")
-    parser.add_argument("--colormap", choices=("jet", "inferno"), default=None)
-    parser.add_argument("--run-dir", type=Path, default=None, help="logs + latency log + summary (default runs/...)")
-    parser.add_argument(
-        "--auto-ports",
-        action="store_true",
-        help="use free loopback ports instead of the default endpoints (parallel runs)",
-    )
-    parser.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    parser.add_argument(
-        "--keys",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="CURVE keys from `avloc keys --out DIR`: every socket encrypted and authenticated",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="no CURVE keys (by default each run makes its own in RUN_DIR/keys): any local process can read and "
-        "inject; also allows binding non-loopback endpoints without --keys",
-    )
-    parser.add_argument("--config", type=Path, default=None, help="stream config (default configs/stream.yaml)")
-    parser.add_argument(
-        "--view",
-        nargs="?",
-        const="127.0.0.1:8080",
-        default=None,
-        metavar="HOST:PORT",
-        help="also serve the browser viewer (docs/viewer.md; default 127.0.0.1:8080)",
-    )
-    parser.add_argument(
-        "--view-token-file",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="file holding the token a non-loopback --view requires (default $AVLOC_VIEW_TOKEN)",
-    )
-    parser.add_argument("--view-token", default=None, help=argparse.SUPPRESS)  # refused: `ps` shows argv
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", type=Path, help="mp4/mkv/webm file (audio track optional)")
     add_display_arguments(parser)
     parser.add_argument("--speed", type=parse_speed, default="1.0", help="1.0 = real time, 'max' = unpaced")
     parser.add_argument("--loop", action="store_true", help="start over at the end (stop with Ctrl-C)")
-
-
-def check_display(args: argparse.Namespace) -> None:
-    if not args.headless and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        raise UserError("no display available (DISPLAY is not set): pass --headless, e.g. with --record out.mp4")
-    if args.record is not None and args.record.suffix.lower() not in (".mp4", ".mkv", ".mov"):
-        raise UserError(f"--record {args.record}: expected an .mp4, .mkv or .mov file name")
-    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
-        raise UserError(f"--alpha {args.alpha}: expected a value between 0 and 1")
-    if getattr(args, "view", None):
-        from avloc.stream.clients.view import check_http, read_token
-
-        args.view_token = read_token(args.view_token_file, args.view_token, "--view-token")
-        check_http(args.view, args.view_token, "--view")
 
 
 def run_replay(
@@ -241,7 +68,6 @@ def run_replay(
     from avloc.engines.base import read_manifest
     from avloc.stream.run import launcher as L
     from avloc.stream.run import pipeline as P
-    from avloc.stream.tools.bench import summarize_latency_log
     from avloc.stream.wire import security
 
     info = probe_video(video)  # DataError with the file name if missing / unreadable
@@ -280,9 +106,7 @@ def run_replay(
         ),
     ]
     if view:
-        from avloc.stream.clients.view import view_spec
-
-        specs.append(view_spec(endpoints, view, run_view_token(run_dir, view, view_token, insecure)))
+        specs.append(P.view_spec(endpoints, view, run_view_token(run_dir, view, view_token, insecure)))
     launcher = L.Launcher(
         specs,
         run_dir,
@@ -307,38 +131,6 @@ def run_replay(
         "duration": info.duration,
     }
     return summary
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    lat = summary.get("latency") or {}
-    e2e = lat.get("e2e_ms") or {}
-    print(
-        f"pipeline {summary['reason']}: {lat.get('heatmaps', 0)} heatmaps "
-        f"at {lat.get('heatmap_fps', 0):.1f} fps, "
-        f"e2e p50 {e2e.get('p50', float('nan')):.1f} ms, p99 {e2e.get('p99', float('nan')):.1f} ms, "
-        f"suppressed {lat.get('suppressed', 0)}"
-    )
-    from avloc.stream.capture.devices import why_no_heatmaps
-
-    if explanation := why_no_heatmaps(summary):
-        print(f"  {explanation}")
-    per_stream = lat.get("per_stream") or {}
-    if len(per_stream) > 1:
-        for stream, info in per_stream.items():
-            e2e_s = info.get("e2e_ms") or {}
-            print(
-                f"  {stream}: {info.get('heatmaps', 0)} heatmaps at {info.get('fps', 0):.1f} fps, "
-                f"e2e p50 {e2e_s.get('p50', float('nan')):.1f} ms, p99 {e2e_s.get('p99', float('nan')):.1f} ms"
-            )
-        print(f"  fairness (min/max heatmap rate): {lat.get('fairness')}")
-    for gap in summary.get("heatmap_gaps", []):
-        print(f"  {gap['process']} restarted: heatmaps resumed after a {gap['gap_s']} s gap")
-    for name, proc in summary["processes"].items():
-        if proc["restarts"]:
-            print(f"  {name}: {proc['restarts']} restart(s)")
-    if summary.get("record"):
-        print(f"recording: {summary['record']}")
-    print(f"logs, latency log and summary: {summary['run_dir']}")
 
 
 def main(args: argparse.Namespace) -> int:

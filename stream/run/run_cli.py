@@ -12,14 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from avloc.core.errors import UserError
-from avloc.stream.run.replay_cli import (
-    add_display_arguments,
-    check_display,
-    default_run_dir,
-    inference_args,
-    print_summary,
-    run_view_token,
-)
+from avloc.stream.run.args import add_display_arguments, check_display, default_run_dir, inference_args, run_view_token
+from avloc.stream.run.report import print_summary, summarize_latency_log
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,10 +148,8 @@ def main(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
     )
     if args.view:
-        from avloc.stream.clients.view import view_spec
-
         token = run_view_token(run_dir, args.view, args.view_token, args.insecure)
-        specs.append(view_spec(endpoints, args.view, token))
+        specs.append(P.view_spec(endpoints, args.view, token))
     launcher = L.Launcher(
         specs,
         run_dir,
@@ -173,8 +165,6 @@ def main(args: argparse.Namespace) -> int:
     if launcher.keys_dir is not None:
         print(f"CURVE keys of this run (for your own subscribers, docs/protocol.md): {launcher.keys_dir}")
     summary = launcher.run(timeout_s=args.timeout)
-    from avloc.stream.tools.bench import summarize_latency_log
-
     summary["latency"] = summarize_latency_log(latency_log)
     summary["record"] = str(args.record) if args.record is not None and args.record.is_file() else None
     print_summary(summary)

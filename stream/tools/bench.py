@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -43,21 +42,17 @@ import numpy as np
 
 from avloc.core.errors import UserError
 from avloc.engines.base import known_backends
-from avloc.stream.wire.protocol import NOTICE_NOT_VISIBLE, NOTICE_WARMING_UP
+from avloc.stream.run.args import add_engine_arguments, add_worker_arguments, inference_args
+from avloc.stream.run.report import (
+    machine_info,
+    peak_hits,
+    percentiles,
+    read_latency_log,
+    stage_samples,
+    summarize_records,
+)
 
 log = logging.getLogger(__name__)
-
-# stage name -> (start timestamp, end timestamp) in a latency-log record's "ts"
-STAGES: dict[str, tuple[str, str]] = {
-    "capture_to_send": ("capture", "send"),
-    "transport": ("send", "received"),
-    "queue_wait": ("received", "infer_start"),
-    "audio_and_preprocess": ("infer_start", "visual_start"),
-    "visual_engine": ("visual_start", "infer_end"),
-    "publish": ("infer_end", "publish"),
-    "publish_to_display": ("publish", "display"),
-    "e2e": ("capture", "display"),
-}
 
 
 BASELINE_WARMUP = 3
@@ -65,121 +60,6 @@ SERVED_TARGET = 0.95  # share of each stream's frames that must become heatmaps 
 P99_TARGET_MS = 100.0  # e2e p99 the sweep allows
 GOODPUT_TARGET = 0.95  # past capacity: total heatmaps/s at least this share of the peak
 FAIRNESS_TARGET = 0.9  # past capacity: slowest / fastest stream's heatmap rate
-
-
-def percentiles(values_s: list[float] | np.ndarray) -> dict[str, float]:
-    """p50/p90/p99/max/mean in milliseconds (NaN when empty)."""
-    arr = np.asarray(values_s, dtype=np.float64) * 1000.0
-    if arr.size == 0:
-        return {"n": 0, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {
-        "n": int(arr.size),
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
-        "max": round(float(arr.max()), 3),
-        "mean": round(float(arr.mean()), 3),
-    }
-
-
-def read_latency_log(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if not Path(path).is_file():
-        return records
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a killed display
-    return records
-
-
-def suppressed(record: dict[str, Any]) -> bool:
-    """A heatmap published without running the engine (e.g. no_audio). ``not_visible`` and ``warming_up`` ones
-    were computed (the notice only marks them), so they count in the latencies like any other."""
-    notice = record.get("notice")
-    return bool(notice) and notice not in (NOTICE_NOT_VISIBLE, NOTICE_WARMING_UP)
-
-
-def stage_samples(records: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Seconds per stage for every heatmap that was computed (suppressed ones only count as e2e-less)."""
-    out: dict[str, list[float]] = {name: [] for name in STAGES}
-    out["audio_embedding"] = []
-    for rec in records:
-        if suppressed(rec):
-            continue
-        ts = rec.get("ts", {})
-        for name, (a, b) in STAGES.items():
-            if a in ts and b in ts:
-                out[name].append(ts[b] - ts[a])
-        if rec.get("audio_ms") is not None:
-            out["audio_embedding"].append(float(rec["audio_ms"]) / 1000.0)
-    return out
-
-
-def per_stream_summary(
-    records: list[dict[str, Any]], window_s: float | None = None, fps: float | None = None
-) -> dict[str, Any]:
-    """Each stream's computed heatmaps, rate, e2e percentiles and (given the source ``fps``) the share of its
-    frames served; plus ``fairness`` = slowest / fastest stream rate. Rates are over ``window_s`` (the
-    measured window) when given, else over each stream's own span of display times."""
-    by_stream: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        if not suppressed(rec):
-            by_stream.setdefault(str(rec.get("stream")), []).append(rec)
-    out: dict[str, Any] = {}
-    for stream in sorted(by_stream):
-        recs = by_stream[stream]
-        shown = sorted(r["ts"]["display"] for r in recs if "display" in r.get("ts", {}))
-        span = window_s if window_s else (shown[-1] - shown[0] if len(shown) > 1 else 0.0)
-        count = len(recs) if window_s else max(0, len(shown) - 1)
-        e2e = [r["ts"]["display"] - r["ts"]["capture"] for r in recs if {"display", "capture"} <= set(r["ts"])]
-        info: dict[str, Any] = {
-            "heatmaps": len(recs),
-            "fps": round(count / span, 2) if span > 0 else 0.0,
-            "e2e_ms": percentiles(e2e),
-        }
-        if fps and window_s:
-            info["served"] = round(len(recs) / (fps * window_s), 3)
-        out[stream] = info
-    rates = [v["fps"] for v in out.values()]
-    summary: dict[str, Any] = {"per_stream": out, "fairness": None, "served_min": None}
-    if rates and max(rates) > 0:
-        summary["fairness"] = round(min(rates) / max(rates), 3)
-    served = [v["served"] for v in out.values() if "served" in v]
-    if served:
-        summary["served_min"] = min(served)
-    return summary
-
-
-def summarize_records(
-    records: list[dict[str, Any]], window_s: float | None = None, fps: float | None = None
-) -> dict[str, Any]:
-    computed = [r for r in records if not suppressed(r)]
-    display_ts = sorted(r["ts"]["display"] for r in computed if "display" in r.get("ts", {}))
-    span = display_ts[-1] - display_ts[0] if len(display_ts) > 1 else 0.0
-    samples = stage_samples(records)
-    streams = sorted({r.get("stream") for r in records})
-    embeds = [x for x in samples["audio_embedding"] if x > 0]
-    return {
-        "heatmaps": len(computed),
-        "suppressed": len(records) - len(computed),
-        "streams": streams,
-        "heatmap_fps": round((len(display_ts) - 1) / span, 2) if span > 0 else 0.0,
-        "heatmap_fps_per_stream": round((len(display_ts) - 1) / span / max(1, len(streams)), 2) if span > 0 else 0.0,
-        "e2e_ms": percentiles(samples["e2e"]),
-        "stages_ms": {name: percentiles(v) for name, v in samples.items() if name != "e2e"},
-        "audio_embedding_computed_ms": percentiles(embeds),
-        "drops": max((int(r.get("drops") or 0) for r in records), default=0),
-        "frames_seen": len({(r.get("stream"), r.get("seq")) for r in records}),
-        **per_stream_summary(records, window_s, fps),
-    }
-
-
-def summarize_latency_log(path: Path) -> dict[str, Any]:
-    return summarize_records(read_latency_log(path))
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -318,8 +198,6 @@ def bench_pipeline(
     )
     boxes = _clip_boxes(video)
     if boxes is not None and fps:
-        from avloc.stream.tools.demo import peak_hits
-
         result["peak_in_box"] = peak_hits(records, boxes, fps)
     result["_records"] = records
     return result
@@ -487,21 +365,7 @@ def plot_histograms(pipeline: dict[str, Any], baseline: dict[str, Any] | None, p
     return path
 
 
-def machine_info() -> dict[str, Any]:
-    import psutil
-
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": platform.processor() or platform.machine(),
-        "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-    }
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from avloc.stream.run.replay_cli import add_engine_arguments, add_worker_arguments
-
     parser.add_argument("--video", required=True, type=Path, help="video to replay (looped at real time)")
     parser.add_argument("--engine", required=True, type=Path, help="engine directory (avloc export)")
     parser.add_argument("--backend", default="onnxruntime", choices=known_backends())
@@ -542,7 +406,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from avloc.core.media import probe_video
-    from avloc.stream.run.replay_cli import inference_args
 
     if args.streams < 1 or args.duration <= 0:
         raise UserError(f"--streams {args.streams} / --duration {args.duration}: expected >= 1 and > 0")
@@ -625,8 +488,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sweep_point(args: argparse.Namespace, fps: float, streams: int, workers: int, root: Path) -> dict[str, Any]:
-    from avloc.stream.run.replay_cli import inference_args
-
     run = bench_pipeline(
         args.video,
         args.engine,

@@ -61,26 +61,6 @@ AFTER_TRAIN_S = 75.0
 MIN_TRAIN_S = 60.0  # training gets at least this much, even when the budget is already spent
 
 
-def peak_hits(records: list[dict[str, Any]], boxes: list[list[float]], fps: float) -> dict[str, Any]:
-    """How many computed heatmaps have their peak inside the box of the frame they were computed on."""
-    hits = total = 0
-    for rec in records:
-        if rec.get("notice") or rec.get("peak") is None or rec.get("pts") is None:
-            continue
-        index = min(max(int(round(float(rec["pts"]) * fps)), 0), len(boxes) - 1)
-        x1, y1, x2, y2 = boxes[index]
-        x, y = rec["peak"]
-        total += 1
-        hits += int(x1 <= x <= x2 and y1 <= y <= y2)
-    return {"frames_scored": total, "peak_in_box": hits, "fraction": round(hits / total, 4) if total else 0.0}
-
-
-def box_area_fraction(boxes: list[list[float]]) -> float:
-    """Mean area of the boxes as a fraction of the frame: the hit rate of a peak placed at random."""
-    areas = [max(0.0, x2 - x1) * max(0.0, y2 - y1) for x1, y1, x2, y2 in boxes]
-    return sum(areas) / len(areas) if areas else 0.0
-
-
 def _step(name: str, started: float) -> None:
     print(f"[demo {time.monotonic() - started:6.1f} s] {name}", flush=True)
 
@@ -146,7 +126,8 @@ def run_demo(
     from avloc.core.data.stamps import make_stamps
     from avloc.engines.export import export_engine
     from avloc.stream.run.replay_cli import run_replay
-    from avloc.stream.tools.bench import plot_histograms, read_latency_log, summarize_records
+    from avloc.stream.run.report import box_area_fraction, peak_hits, read_latency_log, summarize_records
+    from avloc.stream.tools.bench import plot_histograms
     from avloc.train.augment import cache_size
     from avloc.train.trainer import train
 

@@ -50,6 +50,8 @@ import zmq
 
 from avloc.core.errors import UserError
 from avloc.engines.base import known_backends
+from avloc.stream.run.report import machine_info, read_latency_log, suppressed
+from avloc.stream.tools.demo import CONFIG
 from avloc.stream.tools.fuzz import fuzz_messages, fuzz_subscriptions
 from avloc.stream.tools.soak_report import fault_windows, find_gaps, gap_threshold, markdown, rss_report
 from avloc.stream.wire import protocol
@@ -71,8 +73,7 @@ STREAMS_OF = {"replay": STREAMS, "camera": ("cam1",), "inference": STREAMS, "dis
 def computed_heatmaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Latency-log records of heatmaps the engine computed: a fault is over when these come back. ``warming_up``
     (a restarted replay's first seconds) and ``not_visible`` maps were computed; ``no_audio`` / ``non_finite``
-    were not (the bench's rule, :func:`avloc.stream.tools.bench.suppressed`)."""
-    from avloc.stream.tools.bench import suppressed  # imported where used, as read_latency_log below
+    were not (the bench's rule, :func:`avloc.stream.run.report.suppressed`)."""
 
     return [r for r in records if not suppressed(r)]
 
@@ -88,7 +89,6 @@ def build_demo_engine(root: Path) -> Path:
     from avloc.core.config import from_dict, load_config
     from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
     from avloc.engines.export import export_engine
-    from avloc.stream.tools.demo import CONFIG
 
     if (root / "engine" / "manifest.json").is_file():
         return root / "engine"
@@ -646,8 +646,6 @@ class Soak:
 
     # --- report -----------------------------------------------------------------------------------------
     def report(self, summary: dict[str, Any], startup_s: float) -> dict[str, Any]:
-        from avloc.stream.tools.bench import read_latency_log
-
         records = [r for r in read_latency_log(self.latency_log) if "display" in r.get("ts", {})]
         for r in records:
             r["t"] = r["ts"]["display"] - self.t0
@@ -743,7 +741,6 @@ def run_soak(
     """Run the soak; writes ``out/soak.json`` and ``out/soak.md`` and returns the report."""
     from avloc.core.media import probe_video
     from avloc.engines.base import read_manifest
-    from avloc.stream.tools.bench import machine_info
 
     if not minutes > 0:
         raise UserError(f"--minutes {minutes}: expected a positive number")

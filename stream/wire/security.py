@@ -294,6 +294,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_endpoint(value: str, what: str) -> str:
+    """``value`` if it is a ZeroMQ endpoint this pipeline can use (tcp, ipc, inproc), else UserError naming ``what``."""
+    from avloc.core.errors import UserError
+
+    if not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise UserError(f"{what} endpoint {value!r}: expected tcp://HOST:PORT or ipc:///path")
+    return value
+
+
 def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | None = None) -> None:
     """Refuse to bind a tcp endpoint other hosts can reach (not loopback) unless CURVE keys are configured or
     ``AVLOC_INSECURE=1``, and an ipc:// endpoint outside a folder only this user can enter (``check_ipc``)."""
