@@ -20,7 +20,7 @@ import zmq
 
 from avloc.stream.run.launcher import free_tcp_endpoint
 from avloc.stream.wire import protocol, security
-from avloc.stream.wire.keys import make_keys
+from avloc.stream.wire.security import make_keys
 
 
 def one(transport: str, payload: np.ndarray, count: int, folder: Path) -> dict[str, float]:

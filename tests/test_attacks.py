@@ -631,7 +631,7 @@ def test_10_ipc_folder_is_checked_at_every_ancestor(tmp_path):
 
 
 def test_10_keys_force_drops_old_authorized_keys_and_readable_secrets_are_refused(tmp_path):
-    from avloc.stream.wire.keys import make_keys
+    from avloc.stream.wire.security import make_keys
 
     out = tmp_path / "keys"
     make_keys(out)
@@ -793,7 +793,7 @@ def test_10_run_folder_is_private_from_the_start_under_umask_000(tmp_path, monke
 def test_10_keys_another_user_owns_are_refused(tmp_path, monkeypatch):
     """Before: only the mode was checked, so another user's 0600 keys moved in where ours were passed (and root
     reads them): they would know every secret key of the run."""
-    from avloc.stream.wire.keys import make_keys
+    from avloc.stream.wire.security import make_keys
 
     make_keys(tmp_path / "keys")
     security.load_keys(tmp_path / "keys")

@@ -24,7 +24,7 @@ from avloc.core.errors import UserError
 from avloc.core.media import probe_video
 from avloc.stream.capture.camera import parse_infer_size, resize_for_inference
 from avloc.stream.run.report import read_latency_log
-from avloc.stream.wire.keys import make_keys
+from avloc.stream.wire.security import make_keys
 
 REPO = Path(__file__).resolve().parents[1]
 SKEW_S = 5.0

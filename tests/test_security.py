@@ -11,7 +11,7 @@ import zmq
 from avloc.core.errors import UserError
 from avloc.stream.run.launcher import Launcher, ProcessSpec, free_tcp_endpoint
 from avloc.stream.wire import protocol, security
-from avloc.stream.wire.keys import make_keys
+from avloc.stream.wire.security import make_keys
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from avloc.stream.capture.microphone import list_devices
+    from avloc.stream.capture.microphone import list_devices  # why: torch (the front-end); the launcher imports us
 
     devices = list_devices()
     if args.json:

@@ -138,7 +138,7 @@ class _Resampler:
     """Streaming mono float32 resampler (libswresample via PyAV); keeps its filter state between blocks."""
 
     def __init__(self, orig_rate: int, new_rate: int) -> None:
-        import av
+        import av  # why: PyAV's resampler, only when rates differ
 
         self.orig_rate = orig_rate
         self._av = av
@@ -253,7 +253,7 @@ class AudioWindower:
 
 def resolve_input_device(spec: str | int | None) -> int | None:
     """``None`` or ``"default"``: PortAudio's default input; an int (digits): that index; else a name part."""
-    import sounddevice as sd
+    import sounddevice as sd  # why: PortAudio may be missing: only live capture needs it
 
     if spec is None or spec == "default":
         return None
@@ -278,7 +278,7 @@ def resolve_input_device(spec: str | int | None) -> int | None:
 
 def _pick_rate_and_channels(device: int | None, wanted_rate: int) -> tuple[int, int]:
     """Capture at the front-end rate in mono when the device allows it; else its default rate (resampled)."""
-    import sounddevice as sd
+    import sounddevice as sd  # why: PortAudio may be missing: only live capture needs it
 
     info = sd.query_devices(device, "input")
     channels_options = [1] + ([int(info["max_input_channels"])] if info["max_input_channels"] > 1 else [])
@@ -296,7 +296,7 @@ class MicrophoneCapture:
     """Owns the sounddevice InputStream and the ring its callback writes into."""
 
     def __init__(self, device: int | None, rate: int, channels: int, ring_seconds: float, block_frames: int) -> None:
-        import sounddevice as sd
+        import sounddevice as sd  # why: PortAudio may be missing: only live capture needs it
 
         self.rate = rate
         self.ring = SampleRing(int(ring_seconds * rate), channels, np.int16)
@@ -479,7 +479,7 @@ def _mic_name(device: str | int | None) -> str:
 
 def why_mic_not_open(device: str | int | None, err: BaseException) -> str:
     """Why a microphone does not open and what was tried, in one line for the console."""
-    import sounddevice as sd
+    import sounddevice as sd  # why: PortAudio may be missing: only live capture needs it
 
     try:
         inputs = [d for d in sd.query_devices() if d["max_input_channels"] > 0]
@@ -499,7 +499,7 @@ def why_mic_not_open(device: str | int | None, err: BaseException) -> str:
 
 def list_microphones() -> list[dict[str, Any]]:
     """Input devices PortAudio sees: index, name, host API, channels, default rate, whether default."""
-    import sounddevice as sd
+    import sounddevice as sd  # why: PortAudio may be missing: only live capture needs it
 
     try:
         devices = sd.query_devices()
@@ -524,7 +524,7 @@ def list_microphones() -> list[dict[str, Any]]:
 
 def list_cameras(max_devices: int = 16) -> list[dict[str, Any]]:
     """Cameras found by probing ``/dev/video*`` with OpenCV (V4L2): index, path, resolution, fps."""
-    import cv2
+    import cv2  # why: OpenCV only to list cameras
 
     found = []
     paths = sorted(glob.glob("/dev/video*"), key=lambda p: int(p[len("/dev/video") :] or 0))

@@ -64,7 +64,7 @@ class Recorder:
     """
 
     def __init__(self, path: Path, audio_source: Path | None = None, fps: float = 30.0, run: str | None = None) -> None:
-        import av
+        import av  # why: PyAV only when recording (the display imports this module)
 
         self.path = path
         self.audio_source = audio_source
@@ -110,7 +110,7 @@ class Recorder:
                     self._error = err
 
     def _encode(self, bgr: np.ndarray, pts: int) -> None:
-        import av
+        import av  # why: PyAV only when recording
 
         if self._stream is None:
             h, w = bgr.shape[:2]
@@ -158,7 +158,7 @@ class Recorder:
 def _video_packets(segments: list[Path]) -> Any:
     """Every video packet of ``segments`` in order, each segment shifted so decode times keep increasing
     (a segment that restarted its media clock, e.g. a display restarted during a --loop replay)."""
-    import av
+    import av  # why: PyAV only when recording
 
     last_end: float | None = None  # seconds
     for path in segments:
@@ -197,7 +197,7 @@ def _video_packets(segments: list[Path]) -> Any:
 def join_segments(segments: list[Path], out_path: Path, audio_source: Path | None = None) -> Path:
     """Concatenate the video of ``segments`` (no re-encode) into ``out_path``, optionally with the first audio
     track of ``audio_source`` (AAC) cut to the video's length; written atomically."""
-    import av
+    import av  # why: PyAV only when recording
 
     if not segments:
         raise UserError(f"{out_path}: no segments to join")
@@ -234,7 +234,7 @@ class _AudioTrack:
     webm file (which cannot hold AAC)."""
 
     def __init__(self, out: Any, audio_source: Path) -> None:
-        import av
+        import av  # why: PyAV only when recording
 
         self._av = av
         self._in = av.open(str(audio_source))

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def parse_speed(value: str) -> str:
     """Checked here (the replay worker's own rule) so a bad value fails before any process starts."""
-    from avloc.stream.capture.replay import parse_speed as worker_speed
+    from avloc.stream.capture.replay import parse_speed as worker_speed  # why: the replay worker imports torch
 
     try:
         speed = worker_speed(value)
@@ -64,6 +64,7 @@ def run_replay(
     max_batch: int | None = None,
 ) -> dict[str, Any]:
     """Replay ``video`` through the pipeline; returns the launcher summary plus the latency report."""
+    # why: these (cv2, zmq, psutil) add ~35 % to `avloc replay --help`
     from avloc.core.media import probe_video
     from avloc.engines.base import read_manifest
     from avloc.stream.run import launcher as L

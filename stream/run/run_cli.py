@@ -54,7 +54,7 @@ def live_specs(
     colormap: str | None,
 ) -> tuple[list[Any], Any]:
     """The processes of a live run, and the shard plan when several inference workers share the cameras."""
-    from avloc.stream.run import launcher as L
+    from avloc.stream.run import launcher as L  # why: keeps `avloc run --help` fast (zmq, psutil)
     from avloc.stream.run import pipeline as P
 
     specs = []
@@ -113,6 +113,7 @@ def live_specs(
 
 
 def main(args: argparse.Namespace) -> int:
+    # why: these (cv2, zmq, psutil) are not needed for `avloc run --help`
     from avloc.engines.base import read_manifest
     from avloc.stream.run import launcher as L
     from avloc.stream.run import pipeline as P

@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 from avloc.stream.wire import protocol, security
+from avloc.stream.wire.clock import ClockServer, ClockSync
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def _configure_security(keys: Path | None, insecure: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from avloc.stream.wire.clock import ClockServer, ClockSync
-
     own_parser = _own_parser(args.role)
     own, rest = own_parser.parse_known_args(args.options)
     if "-h" in rest or "--help" in rest:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from avloc.core.errors import UserError
 from avloc.stream.wire import protocol, security
 
 if TYPE_CHECKING:
@@ -168,9 +169,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, role: str) -> None:
 def load_frontend(value: str | None) -> FrontEndConfig:
     """``--frontend``: JSON text, a JSON file (a manifest's ``frontend`` key is used when present), an
     engine directory (its ``manifest.json``), or None for the default (linear, 3 s, 16 kHz)."""
-    # Imported here: core.audio pulls in torch, which workers that never compute spectrograms do not need.
-    from avloc.core.audio import FrontEndConfig
-    from avloc.core.errors import UserError
+    from avloc.core.audio import FrontEndConfig  # why: torch, which workers without a front-end never need
 
     if not value:
         return FrontEndConfig()

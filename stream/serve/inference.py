@@ -54,7 +54,8 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.engines.base import known_backends, to_host
+from avloc.engines.base import known_backends, load_engine, preprocess_frame, read_manifest, to_host
+from avloc.engines.gate import gate_threshold
 from avloc.stream.runtime.worker import (
     USER_ERROR_EXIT,
     Heartbeat,
@@ -75,6 +76,7 @@ from avloc.stream.serve.batching import (
     effective_max_batch,
     real_share,
 )
+from avloc.stream.serve.sharding import parse_assignment
 from avloc.stream.wire import protocol, security
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def _spec_shape(manifest: dict[str, Any]) -> tuple[int, ...] | None:
     frontend = manifest.get("frontend")
     if not isinstance(frontend, dict):
         return None
-    from avloc.core.audio import FrontEndConfig
+    from avloc.core.audio import FrontEndConfig  # why: torch, only for an engine with a front-end
 
     try:
         return tuple(FrontEndConfig.from_dict(frontend).output_shape())
@@ -110,7 +112,7 @@ def _window_samples(manifest: dict[str, Any]) -> int | None:
     frontend = manifest.get("frontend")
     if not isinstance(frontend, dict):
         return None
-    from avloc.core.audio import FrontEndConfig
+    from avloc.core.audio import FrontEndConfig  # why: torch, only for an engine with a front-end
 
     try:
         return int(FrontEndConfig.from_dict(frontend).num_samples)
@@ -162,9 +164,6 @@ class InferenceWorker(StreamScheduler):
         assignments_endpoint: str | None = None,
         heatmaps_connect: bool = False,
     ) -> None:
-        from avloc.engines.base import preprocess_frame
-        from avloc.engines.gate import gate_threshold
-
         self.manifest = engine.manifest
         self._preprocess = preprocess_frame
         self.frame_endpoints = frame_endpoints
@@ -345,7 +344,7 @@ class InferenceWorker(StreamScheduler):
         visual_start = protocol.now()
         heatmaps, confidence = self.engine.localize(images, embs)
         if self.ogl_alpha is not None:  # object guidance; confidence (and the gate) stay the AV graph's
-            from avloc.core.ogl import blend_live
+            from avloc.core.ogl import blend_live  # why: torch, only with --ogl
 
             heatmaps = blend_live(self.engine, images, heatmaps, self.ogl_alpha, value_range=self.range)
         # Device outputs (torch/TensorRT on CUDA) to the host: the copy waits for the device, so infer_end
@@ -558,8 +557,6 @@ class InferenceWorker(StreamScheduler):
     def _take_assignments(
         self, sock: zmq.Socket, frames: zmq.Socket, audio: zmq.Socket | None, poller: zmq.Poller
     ) -> tuple[zmq.Socket, zmq.Socket | None]:
-        from avloc.stream.serve.sharding import parse_assignment
-
         latest = None
         for msg in protocol.drain_latest(
             sock, rejects=self.frame_rejects, max_message_bytes=protocol.MAX_CONTROL_BYTES
@@ -736,7 +733,7 @@ def _ogl_alpha(args: argparse.Namespace, engine: Any) -> float | None:
         if args.ogl_alpha is not None:
             raise UserError("--ogl-alpha needs --ogl")
         return None
-    from avloc.core.ogl import OGL_ALPHA
+    from avloc.core.ogl import OGL_ALPHA  # why: torch, only with --ogl
 
     if args.ogl_alpha is not None:
         return float(args.ogl_alpha)
@@ -788,8 +785,6 @@ def default_precision(engine_dir: Path) -> str:
     engine holds an int8 variant of a graph (``avloc export`` with calibration data keeps one only where its
     heatmaps agree with fp32; its accuracy on the test split is in docs/performance.md), else "fp32".
     ``--engine-option precision=fp32`` turns it off."""
-    from avloc.engines.base import read_manifest
-
     try:
         graphs = read_manifest(engine_dir).get("graphs") or {}
     except UserError:
@@ -829,8 +824,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("inference", args.log_file, args.verbose)
     stop = install_stop_handlers()
     with heartbeats_while_starting(args.heartbeat):
-        from avloc.engines.base import load_engine
-
         try:
             options = parse_engine_options(args.engine_option)
             if args.backend == "onnxruntime" and args.device == "cpu" and "precision" not in options:

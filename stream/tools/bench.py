@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from avloc.core.errors import UserError
 from avloc.engines.base import known_backends
@@ -66,8 +67,6 @@ FAIRNESS_TARGET = 0.9  # past capacity: slowest / fastest stream's heatmap rate
 
 
 def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    import psutil
-
     out = {}
     for name, pid in pids.items():
         try:
@@ -100,9 +99,7 @@ def bench_pipeline(
     """Run the real pipeline; measure ``duration_s`` seconds after the first heatmap + ``warmup_s``.
     ``fps``: the clip's frame rate, for the share of each stream's frames served. ``flow_control``: the
     replays follow the worker's heatmaps (avloc.stream.wire.flow); ``capture_nice``: niceness added to them."""
-    import psutil
-
-    from avloc.stream.run import launcher as L
+    from avloc.stream.run import launcher as L  # why: keeps `avloc bench pipeline --help` fast
     from avloc.stream.run import pipeline as P
 
     config = L.load_stream_config(config_path)
@@ -205,8 +202,6 @@ def bench_pipeline(
 
 def _renice(pids: dict[str, int], increment: int) -> None:
     """Lower the replay (capture) processes' priority by ``increment`` (a comparison knob of the bench)."""
-    import psutil
-
     for name, pid in pids.items():
         if name.startswith("replay"):
             try:
@@ -242,10 +237,10 @@ def bench_baseline(
 ) -> dict[str, Any]:
     """Eager PyTorch, one process, frame by frame (decode, spectrogram, full model) for ``duration_s``, on the
     pipeline's device (a GPU pipeline compared with a CPU baseline would credit the pipeline with the GPU)."""
-    import torch
+    import torch  # why: the eager baseline only (--help fast)
     import torch.nn.functional as F
 
-    from avloc.core.audio import FrontEnd, frame_window
+    from avloc.core.audio import FrontEnd, frame_window  # why: torch, for the eager baseline only
     from avloc.core.checkpoint import load_model
     from avloc.core.media import iter_video, read_video_audio
     from avloc.engines.base import read_manifest
@@ -256,7 +251,7 @@ def bench_baseline(
         torch.set_num_threads(threads)
     dev = torch.device(device)
     if dev.type == "cuda":
-        from avloc.engines.torch_backend import set_tf32
+        from avloc.engines.torch_backend import set_tf32  # why: torch, for the eager baseline only
 
         set_tf32(False)  # fp32 as the pipeline's torch engine runs it
     loaded = load_model(ckpt, device=dev)
@@ -320,7 +315,7 @@ def bench_baseline(
 
 
 def plot_histograms(pipeline: dict[str, Any], baseline: dict[str, Any] | None, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # why: slow import, only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -405,7 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from avloc.core.media import probe_video
+    from avloc.core.media import probe_video  # why: keeps `avloc bench pipeline --help` fast
 
     if args.streams < 1 or args.duration <= 0:
         raise UserError(f"--streams {args.streams} / --duration {args.duration}: expected >= 1 and > 0")
@@ -628,7 +623,7 @@ def sweep_streams(run: Any, upper: int) -> tuple[int, list[dict[str, Any]]]:
 
 
 def plot_sweep(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # why: slow import, only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -664,7 +659,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> Path:
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from avloc.core.media import probe_video
+    from avloc.core.media import probe_video  # why: keeps `avloc bench pipeline --help` fast
 
     try:
         counts = [int(x) for x in str(args.sweep_workers).split(",") if x.strip()]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from avloc.core.config import packaged_config
+from avloc.core.config import load_config, packaged_config
 from avloc.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def _data_matches(data: Path, seconds: float, seed: int) -> bool:
 def _warm_cache(config: dict[str, Any], data: Path, run: Path) -> None:
     """Decode the train and val splits into the dataset's cache now, as the trainer would at its start, so
     that the training budget is spent on training (the trainer then only maps the cache)."""
+    # why: training (torch) only when the demo runs, not for `avloc demo --help`
     from avloc.train.augment import cache_size
     from avloc.train.data import load_split, resolve_cache_dir
     from avloc.train.trainer import parse_config
@@ -120,9 +121,8 @@ def run_demo(
 
     ``train_steps`` trains exactly that many steps instead of what fits the budget: the same model whatever
     the machine's load (tests; the budget's step count depends on how busy the cores are)."""
-    import torch
+    import torch  # why: torch, the trainer, the export and the pipeline only when the demo runs (--help fast)
 
-    from avloc.core.config import load_config
     from avloc.core.data.stamps import make_stamps
     from avloc.engines.export import export_engine
     from avloc.stream.run.replay_cli import run_replay

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import zmq
 
 from avloc.stream.wire import protocol
 
@@ -93,8 +94,6 @@ def flood(endpoint: str, seconds: float) -> int:
     """Send ``FLOOD_MESSAGE`` to ``endpoint`` (a SUB, e.g. the launcher's heartbeats) as fast as one process can for
     ``seconds``; returns how many went out. Run it in its own process (``python -m avloc.stream.tools.fuzz EP SECONDS``)
     so that it competes with the receiver like an attacker's program would."""
-    import zmq
-
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, 100_000)

@@ -31,6 +31,7 @@ captured per stream, every gap in the delivered heatmaps matched to the faults w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -46,15 +47,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import zmq
 
+from avloc.core.config import from_dict, load_config
 from avloc.core.errors import UserError
-from avloc.engines.base import known_backends
+from avloc.engines.base import known_backends, read_manifest
 from avloc.stream.run.report import machine_info, read_latency_log, suppressed
 from avloc.stream.tools.demo import CONFIG
 from avloc.stream.tools.fuzz import fuzz_messages, fuzz_subscriptions
 from avloc.stream.tools.soak_report import fault_windows, find_gaps, gap_threshold, markdown, rss_report
-from avloc.stream.wire import protocol
+from avloc.stream.wire import protocol, security
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +87,8 @@ def computed_heatmaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_demo_engine(root: Path) -> Path:
     """An engine of the demo's size (configs/demo.yaml: width 32, 3 s mel front-end, 128 px), untrained: the soak
     measures the pipeline, and its cost per frame is the trained model's."""
-    from avloc.core.audio import FrontEndConfig
+    from avloc.core.audio import FrontEndConfig  # why: torch, only to build the engine (--help fast)
     from avloc.core.checkpoint import ImageConfig, save_checkpoint
-    from avloc.core.config import from_dict, load_config
     from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
     from avloc.engines.export import export_engine
 
@@ -94,8 +96,6 @@ def build_demo_engine(root: Path) -> Path:
         return root / "engine"
     config = load_config(CONFIG)
     model_config = from_dict(SSLAlignConfig, config.get("model"), f"{CONFIG}: model")
-    import dataclasses
-
     save_checkpoint(
         root / "ckpt.pt",
         SSLAlign(model_config),
@@ -110,7 +110,7 @@ def build_demo_engine(root: Path) -> Path:
 def make_clips(root: Path, seed: int = 0, *, replay: bool = True) -> tuple[Path | None, Path]:
     """The replayed clip (640x480, 30 fps, 10 s, with its sound; only when ``replay``) and the camera's file
     (320x240, 30 fps, 2 s: short, so the camera reaches its end, and notices the file is gone, within 2 s)."""
-    from avloc.core.data.synth import write_synth_video
+    from avloc.core.data.synth import write_synth_video  # why: keeps `avloc bench soak --help` fast
 
     clip, camera = root / "clip.mp4", root / "camera.mp4"
     if replay and not clip.is_file():
@@ -207,7 +207,7 @@ class Soak:
         fuzz_count: int = FUZZ_MESSAGES,
         seed: int = 0,
     ) -> None:
-        from avloc.stream.run import launcher as L
+        from avloc.stream.run import launcher as L  # why: keeps `avloc bench soak --help` fast
         from avloc.stream.run import pipeline as P
 
         self.out = out
@@ -287,8 +287,6 @@ class Soak:
         return child.popen.pid, child.last_stats
 
     def _sample(self) -> None:
-        import psutil
-
         t = self.now()
         for name, child in self.launcher.children.items():
             pid, stats = self._current(name)
@@ -331,8 +329,6 @@ class Soak:
         fault.injected_s = round(t, 3)
         fault._events_from = len(self.launcher.events)
         if fault.kind in ("kill9", "sigstop", "flood"):
-            import psutil
-
             child = self.launcher.children[fault.target]
             fault._pid = child.popen.pid
             fault._proc = psutil.Process(fault._pid)
@@ -401,8 +397,6 @@ class Soak:
     def _forged_control(self, pids: list[int], n: int) -> list[list[Any]]:
         """Well-formed heartbeats and 'end' messages for the workers' pids, untagged or tagged under a token of our
         own: the launcher must count and ignore them."""
-        from avloc.stream.wire import security
-
         other = security.new_run_token()
         out = []
         for i in range(n):
@@ -716,8 +710,6 @@ class Soak:
 
 def training_running() -> bool:
     """Whether an ``avloc train`` runs on this machine (the figures then share its CPU)."""
-    import psutil
-
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info.get("cmdline") or [])
         if "avloc train" in cmd or "avloc.cli train" in cmd:
@@ -739,8 +731,7 @@ def run_soak(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run the soak; writes ``out/soak.json`` and ``out/soak.md`` and returns the report."""
-    from avloc.core.media import probe_video
-    from avloc.engines.base import read_manifest
+    from avloc.core.media import probe_video  # why: keeps `avloc bench soak --help` fast
 
     if not minutes > 0:
         raise UserError(f"--minutes {minutes}: expected a positive number")
@@ -810,8 +801,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import sys
-
     report = run_soak(
         args.out,
         minutes=args.minutes,

@@ -463,7 +463,7 @@ def _secure(sock: zmq.Socket, bind: bool, endpoints: list[str]) -> None:
     """CURVE keys and the non-loopback check (avloc.stream.wire.security) when this runs inside avloc; a vendored
     copy of this module without it has plain sockets."""
     try:
-        from avloc.stream.wire import security
+        from avloc.stream.wire import security  # why: optional, a vendored copy of this module runs without it
     except ImportError:
         return
     for ep in endpoints:

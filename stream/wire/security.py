@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -121,7 +122,7 @@ class Verifier:
     """
 
     def __init__(self, token: str, *, window_s: float = TAG_WINDOW_S, clock: Any = None) -> None:
-        from avloc.stream.wire import protocol
+        from avloc.stream.wire import protocol  # why: this module imports only zmq and the standard library
 
         self.token = token
         self.window_s = window_s
@@ -179,9 +180,9 @@ class CurveKeys:
 
 def load_keys(directory: str | Path) -> CurveKeys:
     """Read ``DIR/server.key_secret``, ``DIR/client.key_secret`` (and ``DIR/authorized``); UserError if not there."""
-    import zmq.auth
+    import zmq.auth  # why: zmq's certificate helpers, only with CURVE keys
 
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     directory = Path(directory)
     pairs = []
@@ -210,7 +211,7 @@ def load_keys(directory: str | Path) -> CurveKeys:
 def _check_own(path: Path) -> None:
     """UserError unless ``path`` belongs to this user. The mode check alone does not do: another user's 0600 key
     (moved in where ours were, e.g. in a run folder they made) passes it, and root reads it anyway."""
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     owner = path.stat().st_uid
     if owner != os.geteuid():
@@ -250,7 +251,7 @@ def secure_socket(sock: Any, *, bind: bool, keys: CurveKeys | None = None) -> No
 
 
 def _ensure_authenticator(ctx: Any, keys: CurveKeys) -> None:
-    from zmq.auth.thread import ThreadAuthenticator
+    from zmq.auth.thread import ThreadAuthenticator  # why: starts a thread per context, only with CURVE keys
 
     if id(ctx) in _authenticators:
         return
@@ -271,7 +272,7 @@ def parse_tcp(endpoint: str) -> tuple[str, str]:
     """``tcp://HOST:PORT`` -> (host, port) with the brackets of an IPv6 host removed; UserError for anything
     else, including libzmq's ``tcp://SOURCE;HOST:PORT`` form (the part after ``;`` is what gets bound, so a check
     of the text before it would pass ``tcp://127.0.0.1:0;0.0.0.0:5599``)."""
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     rest = endpoint[len("tcp://") :] if endpoint.startswith("tcp://") else None
     if rest is None or ";" in rest or "/" in rest or any(c.isspace() for c in rest):
@@ -296,7 +297,7 @@ def is_loopback(host: str) -> bool:
 
 def check_endpoint(value: str, what: str) -> str:
     """``value`` if it is a ZeroMQ endpoint this pipeline can use (tcp, ipc, inproc), else UserError naming ``what``."""
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     if not value.startswith(("tcp://", "ipc://", "inproc://")):
         raise UserError(f"{what} endpoint {value!r}: expected tcp://HOST:PORT or ipc:///path")
@@ -306,7 +307,7 @@ def check_endpoint(value: str, what: str) -> str:
 def check_bind(endpoint: str, keys: CurveKeys | None = None, insecure: bool | None = None) -> None:
     """Refuse to bind a tcp endpoint other hosts can reach (not loopback) unless CURVE keys are configured or
     ``AVLOC_INSECURE=1``, and an ipc:// endpoint outside a folder only this user can enter (``check_ipc``)."""
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     insecure = os.environ.get(INSECURE_ENV) == "1" if insecure is None else insecure
     if endpoint.startswith("ipc://"):
@@ -332,7 +333,7 @@ def check_ipc(endpoint: str, insecure: bool | None = None) -> None:
     them (CURVE keys or not). Abstract sockets (``ipc://@name``) have no permissions at all. ``--insecure``
     (``AVLOC_INSECURE=1``) allows them anyway.
     """
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     insecure = os.environ.get(INSECURE_ENV) == "1" if insecure is None else insecure
     if insecure or not endpoint.startswith("ipc://"):
@@ -374,11 +375,35 @@ def check_ipc(endpoint: str, insecure: bool | None = None) -> None:
             )
 
 
+def make_keys(out: Path, force: bool = False) -> dict[str, Path]:
+    """Create the server and client keypairs in ``out``; returns their secret-key paths."""
+    import zmq.auth  # why: zmq's certificate helpers, only when keys are made
+
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
+
+    if (out / "server.key_secret").exists() and not force:
+        raise UserError(f"--out {out}: already holds keys (pass --force to replace them)")
+    private_dir(out)
+    authorized = private_dir(out / "authorized")
+    # new keys replace the old ones everywhere: a client key authorized before (a third party's too) would
+    # otherwise still be admitted by every pipeline using this folder
+    for old in authorized.iterdir():
+        if old.is_file() or old.is_symlink():
+            old.unlink()
+    paths = {}
+    for name in ("server", "client"):
+        public, secret = zmq.auth.create_certificates(out, name)
+        Path(secret).chmod(0o600)
+        paths[name] = Path(secret)
+        if name == "client":
+            shutil.copy(public, authorized / "client.key")
+    load_keys(out)  # what the pipeline will read back
+    return paths
+
+
 def make_run_keys(run_dir: str | Path) -> Path:
     """Fresh keys for one run in ``RUN_DIR/keys`` (the run folder made 0700 first: its logs name the sources):
     what ``avloc run/replay/demo`` use unless ``--keys`` or ``--insecure`` is given. Returns the keys folder."""
-    from avloc.stream.wire.keys import make_keys
-
     run_dir = private_dir(run_dir)
     folder = run_dir / "keys"
     make_keys(folder, force=True)
@@ -413,7 +438,7 @@ def private_dir(path: str | Path) -> Path:
     move our keys away and put theirs in their place, or to plant links where our logs will be written.
     UserError (one line) otherwise.
     """
-    from avloc.core.errors import UserError
+    from avloc.core.errors import UserError  # why: this module imports only zmq and the standard library
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
