@@ -9,8 +9,8 @@ capture does (:func:`avloc.stream.capture.microphone.as_captured`; files are rea
 :func:`avloc.core.audio.load_audio`), the window paired with a frame is :func:`avloc.core.audio.frame_window`
 of the engine's front-end config, the spectrogram is :class:`avloc.core.audio.FrontEnd`, frames go through
 :func:`avloc.engines.base.preprocess_frame`, the heatmap is encoded as the inference worker publishes it
-(:func:`avloc.stream.serve.inference.encode_heatmap`, float16 in [0, 1]), the peak is its
-:func:`~avloc.stream.serve.inference.peak_of` and ``visible`` is the engine's silence gate
+(:func:`avloc.stream.serve.inference_worker.encode_heatmap`, float16 in [0, 1]), the peak is its
+:func:`~avloc.stream.serve.inference_worker.peak_of` and ``visible`` is the engine's silence gate
 (:func:`avloc.engines.gate.gate_threshold`).
 
 One difference from a live run, on purpose: live audio after a frame does not exist yet, so the live worker
@@ -68,7 +68,7 @@ class Localizer:
     ) -> None:
         from avloc.core.audio import FrontEnd, FrontEndConfig
         from avloc.engines.gate import gate_threshold
-        from avloc.stream.serve.inference import _normalizer
+        from avloc.stream.serve.inference_worker import _normalizer
 
         path = Path(model)
         if path.is_dir():
@@ -196,7 +196,7 @@ class Localizer:
         return out
 
     def _result(self, frame: np.ndarray, heatmap: np.ndarray, confidence: float) -> Localization:
-        from avloc.stream.serve.inference import encode_heatmap, peak_of
+        from avloc.stream.serve.inference_worker import encode_heatmap, peak_of
         from avloc.stream.wire.protocol import NOTICE_NOT_VISIBLE
 
         confidence = confidence if np.isfinite(confidence) else 0.0  # as the worker publishes it

@@ -19,7 +19,7 @@ from avloc.core.audio import StreamingFrontEnd
 from avloc.core.errors import UserError
 from avloc.engines.base import load_engine
 from avloc.stream.capture.microphone import as_captured
-from avloc.stream.serve.inference import InferenceWorker
+from avloc.stream.serve.inference_worker import InferenceWorker
 from avloc.stream.wire import protocol
 
 RATE = 16000

@@ -10,7 +10,7 @@ import pytest
 import zmq
 from test_inference import FakeEngine, _audio_msg, _frame_msg, _worker
 
-from avloc.stream.serve import batching, inference
+from avloc.stream.serve import batching, inference_worker
 from avloc.stream.wire import protocol
 
 
@@ -40,7 +40,7 @@ class LimitedEngine(FakeEngine):
         return super().localize(image, emb)
 
 
-def _rounds(worker: inference.InferenceWorker, pub, streams: int, rounds: int, sub=None) -> list[str]:
+def _rounds(worker: inference_worker.InferenceWorker, pub, streams: int, rounds: int, sub=None) -> list[str]:
     """Each round every stream delivers a new frame (in the same order: stream i always captures i x 0.1 ms
     later than stream 0) and the worker runs one batch: the worker is at capacity whenever streams >
     max_batch. Returns the streams of the heatmaps ``sub`` received."""
@@ -81,7 +81,7 @@ def test_sixteen_streams_at_capacity_are_served_in_turn(pub_sub):
 def test_engine_max_batch_below_the_stream_count_never_crashes(pub_sub):
     pub, _ = pub_sub
     engine = LimitedEngine(max_batch=3)
-    worker = inference.InferenceWorker(
+    worker = inference_worker.InferenceWorker(
         engine,
         frame_endpoints=[],
         audio_endpoints=[],

@@ -37,8 +37,8 @@ from avloc.stream.clients.display import Display, HeatmapView
 from avloc.stream.clients.display import add_arguments as display_arguments
 from avloc.stream.run.launcher import StreamConfig
 from avloc.stream.run.pipeline import Endpoints, inference_spec
-from avloc.stream.serve.inference import InferenceWorker
 from avloc.stream.serve.inference import add_arguments as inference_arguments
+from avloc.stream.serve.inference_worker import InferenceWorker
 from avloc.stream.wire import protocol
 
 ROOT = Path(__file__).resolve().parents[1]

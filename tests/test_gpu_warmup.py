@@ -15,7 +15,7 @@ import pytest
 from avloc.core.errors import UserError
 from avloc.engines.base import load_engine
 from avloc.engines.torch_backend import COMPILE_CALLS
-from avloc.stream.serve.inference import InferenceWorker
+from avloc.stream.serve.inference_worker import InferenceWorker
 
 RECORDED_ON_CALL = 2  # CUDA graph trees: warm-up on the 1st call of a shape, record on the 2nd
 

@@ -110,7 +110,7 @@ def test_worker_process_publishes_heatmaps_from_device_outputs(tiny_engine, tmp_
 def test_worker_with_a_real_cuda_engine_publishes(tiny_engine, mode):
     """On a real GPU: device preprocessing -> CUDA outputs -> to_host -> a published heatmap."""
     from avloc.engines.base import load_engine
-    from avloc.stream.serve.inference import InferenceWorker
+    from avloc.stream.serve.inference_worker import InferenceWorker
 
     engine = load_engine(tiny_engine, "torch", device="cuda", mode=mode, max_batch=2)
     ctx = zmq.Context()

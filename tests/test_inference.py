@@ -15,7 +15,7 @@ from proc_helpers import orphans
 
 from avloc.stream.run.launcher import free_tcp_endpoint
 from avloc.stream.serve.batching import AudioTrack, AudioWindow
-from avloc.stream.serve.inference import InferenceWorker, encode_heatmap, peak_of
+from avloc.stream.serve.inference_worker import InferenceWorker, encode_heatmap, peak_of
 from avloc.stream.wire import protocol
 
 SPEC_SHAPE = (1, 257, 98)  # linear front-end, 1 s window

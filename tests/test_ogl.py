@@ -246,7 +246,7 @@ def _engine_copy(engine: Path, dest: Path, **ogl_changes) -> Path:
 def test_engines_run_the_objectness_graph_and_blend_live(ogl_engine, resnet_weights):
     from avloc.core.ogl import blend_live
     from avloc.engines.base import load_engine, preprocess_frames
-    from avloc.stream.serve.inference import _normalizer, encode_heatmap
+    from avloc.stream.serve.inference_worker import _normalizer, encode_heatmap
 
     rng = np.random.default_rng(4)
     frames = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(3)]  # BGR, as the worker gets
@@ -337,7 +337,8 @@ def test_inference_worker_publishes_the_ogl_blend(ogl_engine, tmp_path):
     from avloc.engines.base import load_engine, preprocess_frames
     from avloc.stream.run.launcher import StreamConfig
     from avloc.stream.run.pipeline import Endpoints, inference_spec
-    from avloc.stream.serve.inference import InferenceWorker, _ogl_alpha
+    from avloc.stream.serve.inference import _ogl_alpha
+    from avloc.stream.serve.inference_worker import InferenceWorker
     from avloc.stream.wire import protocol
 
     rng = np.random.default_rng(5)

@@ -10,7 +10,7 @@ import pytest
 from proc_helpers import orphans, tiny_engine_and_clip
 
 from avloc.core.errors import UserError
-from avloc.stream.tools import fuzz, soak, soak_report
+from avloc.stream.tools import fuzz, soak, soak_plan, soak_report
 from avloc.stream.wire import protocol
 
 FAST_CONFIG = """\
@@ -47,7 +47,7 @@ def test_gaps_are_matched_to_fault_windows():
     records = [{"stream": "cam0", "t": i / 10} for i in range(250) if not 100 < i < 140]
     gaps = soak_report.find_gaps(records, 30.0)
     assert [(g["start_s"], g["end_s"]) for g in gaps] == [(10.0, 14.0), (24.9, 30.0)]
-    fault = soak.Fault("kill9", "inference", ("inference",), 9.0, injected_s=9.5, ready_s=13.0, resumed_s=14.0)
+    fault = soak_plan.Fault("kill9", "inference", ("inference",), 9.0, injected_s=9.5, ready_s=13.0, resumed_s=14.0)
     windows = soak_report.fault_windows([fault], 30.0)
     assert windows == [{"fault": "kill9 inference", "start_s": 9.5, "end_s": 15.0}]
 
