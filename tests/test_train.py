@@ -17,7 +17,8 @@ from avloc.core.datasets import load_vggss_json, read_split
 from avloc.core.errors import UserError
 from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
 from avloc.train.data import EpochSampler, EvalViews, TrainViews, load_nn_index, load_split
-from avloc.train.trainer import compute_heatmaps, train
+from avloc.train.trainer import train
+from avloc.train.validation import compute_heatmaps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

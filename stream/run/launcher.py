@@ -1,6 +1,6 @@
 """Launcher: starts the pipeline's processes, watches their heartbeats, restarts crashed ones, stops them all.
 
-Every worker is its own OS process, ``python -m avloc.stream.<worker> ...`` (sockets are created inside the
+Every worker is its own OS process, ``python -m avloc.stream.<room>.<worker> ...`` (sockets are created inside the
 worker, never inherited). The launcher binds the heartbeat SUB socket every worker connects to and
 supervises:
 
