@@ -238,7 +238,9 @@ class SSLAlign(nn.Module):
         s = torch.einsum("nchw,nc->nhw", F.normalize(vmap[:, :d], dim=1), F.normalize(audio[:, :d], dim=1))
         if self.labelspace is None or vmap.shape[1] == d:
             return s
-        ls = self.labelspace.combine(vmap[:, d:], audio[:, d:])
+        # the label-space half is fixed: detached, so no graph keeps its inputs (an engine export traces this with
+        # embeddings made under inference_mode, which autograd may not save)
+        ls = self.labelspace.combine(vmap[:, d:].detach(), audio[:, d:].detach())
         ls = ls / ls.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None]  # the likeliest place of the heard = 1
         return s + self.labelspace_weight * ls
 

@@ -37,7 +37,12 @@ def centre_prior(size: int) -> np.ndarray:
 
 
 def evaluate(
-    checkpoint: Path, data: Path, splits: list[str], threads: int, extract_only: bool = False
+    checkpoint: Path,
+    data: Path,
+    splits: list[str],
+    threads: int,
+    extract_only: bool = False,
+    weights: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     from avloc.core.checkpoint import load_model
     from avloc.core.datasets import load_vggss_json
@@ -75,6 +80,18 @@ def evaluate(
             ),
         )
         if extract_only:  # fill the feature cache without scoring anything (so nothing is seen early)
+            continue
+        if weights:  # the label-space weight's choice: the model row at each weight (selection splits only)
+            from avloc.train.frozen import labelspace_grid
+
+            grid = labelspace_grid(model, {split: feats}, data, size, weights)
+            out[split] = {"labelspace_grid": grid}
+            for g in grid:
+                print(
+                    f"{data.name}/{split} label-space weight {g['weight']:g}: cIoU@50 {g['ciou_ap50']:.3f} "
+                    f"swap {g['audio_swap_acc']:.3f}",
+                    flush=True,
+                )
             continue
         annotations = load_vggss_json(data / f"{split}.json")
         maps, swap = split_maps(model, feats, size)
@@ -126,6 +143,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--extract-only", action="store_true", help="only cache the trunk features")
+    parser.add_argument(
+        "--labelspace-weights",
+        default="",
+        help="comma-separated label-space weights: score the model row at each (choose on val splits only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = args.extract_only
@@ -133,7 +155,8 @@ def main() -> None:
     result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints]}
     sets = [(args.data, args.splits)] + ([(args.data2, args.splits2)] if args.data2 is not None else [])
     for data, splits in sets:
-        runs = [evaluate(c, data, splits.split(","), args.threads, x) for c in checkpoints]
+        weights = tuple(float(w) for w in args.labelspace_weights.split(",") if w)
+        runs = [evaluate(c, data, splits.split(","), args.threads, x, weights) for c in checkpoints]
         result[str(data)] = runs[0] if len(runs) == 1 else {"runs": runs, "seeds": over_seeds(runs)}
         if len(runs) > 1:
             for split, row in result[str(data)]["seeds"].items():

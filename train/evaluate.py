@@ -153,7 +153,8 @@ class Evaluator:
                 features = {
                     "map": (
                         model.map_embedding(vmap).float().cpu().numpy(),
-                        F.normalize(audio, dim=1).float().cpu().numpy(),
+                        # the learned channels (a labelspace model's embedding carries its label-space half after them)
+                        F.normalize(audio[:, : model.config.embed_dim], dim=1).float().cpu().numpy(),
                     ),
                     "proj": (
                         model.project_image(vmap).float().cpu().numpy(),

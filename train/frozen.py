@@ -334,7 +334,6 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
     best, best_path, metrics_path = None, out / "best.pt", out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     step, epoch_seconds = 0, None
-    best_state: dict[str, Tensor] = {}
     total_steps = t.epochs * steps_per_epoch
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     for epoch in range(t.epochs):
@@ -379,7 +378,6 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
         score = float(np.mean([record[k] for k in keys if k in record])) if vals else float(epoch)
         if best is None or score > best:
             best = score
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "trunk" not in k}
             save_checkpoint(
                 best_path,
                 model,
@@ -405,16 +403,6 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
         )
     if best is None:
         raise UserError(f"{out}: no epoch fitted in train.budget_minutes={t.budget_minutes}")
-    if model.labelspace is not None and vals:
-        model.load_state_dict(best_state, strict=False)
-        grid = labelspace_grid(model, vals, data, cfg.image.size)
-        (out / "labelspace_grid.json").write_text(json.dumps(grid, indent=1))
-        log.info(
-            "label-space weight on %s (the checkpoint keeps %g): %s",
-            list(vals),
-            cfg.model.labelspace_weight,
-            ", ".join(f"{g['weight']:g}: cIoU@50 {g['ciou_ap50']:.3f} swap {g['audio_swap_acc']:.3f}" for g in grid),
-        )
     return best_path
 
 
@@ -422,12 +410,19 @@ LABELSPACE_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 1000.0)  # 1000: the
 
 
 @torch.no_grad()
-def labelspace_grid(model: Any, vals: dict[str, SplitFeatures], data: Path, image_size: int) -> list[dict[str, Any]]:
+def labelspace_grid(
+    model: Any,
+    vals: dict[str, SplitFeatures],
+    data: Path,
+    image_size: int,
+    weights: tuple[float, ...] = LABELSPACE_WEIGHTS,
+) -> list[dict[str, Any]]:
     """The selection splits scored at each label-space weight (the trained heads fixed): how
-    ``model.labelspace_weight`` is chosen (mean of the splits' adaptive cIoU@50; docs/results.md)."""
+    ``model.labelspace_weight`` is chosen (mean of the splits' adaptive cIoU@50; scripts/open_set_eval.py
+    --labelspace-weights, docs/results.md)."""
     keep = float(model.labelspace_weight)
     rows = []
-    for w in LABELSPACE_WEIGHTS:
+    for w in weights:
         model.labelspace_weight.fill_(w)
         row: dict[str, Any] = {"weight": w}
         for split, feats in vals.items():
