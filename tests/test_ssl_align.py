@@ -158,7 +158,7 @@ def test_pretrained_backbone_exports_whole(tmp_path) -> None:
 
     from avloc.engines.export import export_engine
 
-    cfg = SSLAlignConfig(backbone="pretrained", width=8, labelspace=True, labelspace_weight=0.5)
+    cfg = SSLAlignConfig(backbone="pretrained", width=8, visual_layer4_stride=2, labelspace=True, labelspace_weight=0.5)
     model = SSLAlign(cfg).train()
     assert not model.visual.trunk.training and not model.audio.trunk.training  # frozen batch norm
     trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
