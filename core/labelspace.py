@@ -189,18 +189,33 @@ class LabelSpaceMap(nn.Module):
                 f"label-space map: {c} image classes / {audio_scores.shape[-1]} audio classes, "
                 f"bridge is {tuple(self.bridge.shape)}"
             )
-        vis = imagenet_logits.softmax(dim=1) if self.vision == "softmax" else imagenet_logits
-        # Fold the audio through the bridge first: [B,521] @ [521,1000] -> per-image ImageNet class weights,
-        # then one weighted sum over the 1000 channels per location (cheaper than a [521,h,w] map).
-        weights = audio_scores @ self.bridge  # [B, 1000]
-        return torch.einsum("bc,bchw->bhw", weights, vis)
+        return self.combine(self.image_part(imagenet_logits), self.audio_part(audio_scores))
+
+    # The map in two halves, so that a model computes each on its own side (the audio half in an engine's audio
+    # graph, the image half in its visual graph) and joins them where it joins its own embeddings.
+    def image_part(self, imagenet_logits: Tensor) -> Tensor:
+        """[B,1000,h,w] logits -> [B,1000,h,w] per-location ImageNet evidence (softmax, or the logits)."""
+        return imagenet_logits.softmax(dim=1) if self.vision == "softmax" else imagenet_logits
+
+    def audio_part(self, audio_scores: Tensor) -> Tensor:
+        """[B,521] AudioSet scores -> [B,1000] ImageNet class weights: the audio folded through the bridge first
+        (one weighted sum over 1000 channels per location is cheaper than a [521,h,w] map)."""
+        return audio_scores @ self.bridge
+
+    @staticmethod
+    def combine(image_part: Tensor, audio_part: Tensor) -> Tensor:
+        """[B,1000,h,w] x [B,1000] -> [B,h,w]."""
+        return torch.einsum("bc,bchw->bhw", audio_part, image_part)
 
 
 def imagenet_logit_map(net: nn.Module, images: Tensor) -> Tensor:
     """EfficientNet-Lite0 (:class:`avloc.core.ogl.EfficientNetLite0`) classifier at every location of its head
     feature map: [B,3,H,W] normalized images -> [B,1000,h,w] logits (the global-pool logits are their mean)."""
-    feats = net.feature_map(images)  # [B,1280,h,w]
-    fc = net._fc
+    return imagenet_logits_of_features(net._fc, net.feature_map(images))
+
+
+def imagenet_logits_of_features(fc: nn.Linear, feats: Tensor) -> Tensor:
+    """Lite0's classifier ``fc`` as a 1x1 conv over [B,1280,h,w] head features -> [B,1000,h,w] logits."""
     return torch.einsum("kc,bchw->bkhw", fc.weight, feats) + fc.bias[None, :, None, None]
 
 

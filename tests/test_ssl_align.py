@@ -147,14 +147,18 @@ def test_localization_and_gate_unchanged_at_minus_30_db() -> None:
 
 @pytest.mark.slow
 def test_pretrained_backbone_exports_whole(tmp_path) -> None:
-    """backbone: pretrained (frozen Lite0 + YAMNet, learned heads): 16x16 map at 256 px, only the heads train,
-    and the exported ONNX engine holds the whole model (export's own parity check: ORT = torch). Slow (~1 min
-    on 2 busy cores): two ImageNet/AudioSet trunks are exported."""
+    """backbone: pretrained (frozen Lite0 + YAMNet, learned heads) with the label-space term: 8x8 map at 256 px,
+    only the heads train, the cached-feature path is the end-to-end model, and the exported ONNX engine holds
+    the whole model: its heatmap (audio graph -> visual graph, as the worker runs them) equals the torch
+    model's. Slow (~1 min on 2 busy cores): two ImageNet/AudioSet trunks are exported."""
     import json
+
+    import numpy as np
+    import onnxruntime as ort
 
     from avloc.engines.export import export_engine
 
-    cfg = SSLAlignConfig(backbone="pretrained", width=8, visual_layer4_stride=1)
+    cfg = SSLAlignConfig(backbone="pretrained", width=8, visual_layer4_stride=2, labelspace=True, labelspace_weight=0.5)
     model = SSLAlign(cfg).train()
     assert not model.visual.trunk.training and not model.audio.trunk.training  # frozen batch norm
     trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
@@ -165,11 +169,34 @@ def test_pretrained_backbone_exports_whole(tmp_path) -> None:
     ckpt = save_checkpoint(
         tmp_path / "m.pt", model, method="ssl_align", model_config=to_dict(cfg), frontend=fe, image=image
     )
+    model.eval()
+    torch.manual_seed(0)
+    images, specs = torch.randn(2, 3, 256, 256), torch.randn(2, 1, 64, 297) - 3
     with torch.no_grad():
-        vmap = model.encode_image(torch.zeros(1, 3, 256, 256))
-        emb = model.encode_audio(torch.zeros(2, 1, 64, 297))
-    assert vmap.shape == (1, 64, 16, 16) and emb.shape == (2, 64)
+        vmap, emb = model.encode_image(images), model.encode_audio(specs)
+        # training and validation run the same model from the cached trunk outputs
+        torch.testing.assert_close(model.image_from_features(model.visual.features(images)), vmap)
+        torch.testing.assert_close(model.audio_from_features(model.audio.features(specs)), emb)
+        want = model.cosine_map(vmap, emb)
+        learned = model.cosine_map(vmap[:, :64], emb[:, :64])
+    assert vmap.shape == (2, 64 + 1000, 8, 8) and emb.shape == (2, 64 + 1000)
+    # the label-space term is there, at its weight, scale-free: learned <= fused <= learned + weight
+    assert (want - learned).min() >= -1e-6 and (want - learned).amax(dim=(1, 2)).sub(0.5).abs().max() < 1e-5
     out = export_engine(ckpt, tmp_path / "engine")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["frontend"]["kind"] == "yamnet" and manifest["frontend"]["level"] == "window_rms"
+    assert manifest["outputs"]["heatmap"]["feature_size"] == [8, 8]
+    assert manifest["outputs"]["heatmap"]["range"] == [-1.0, 1.5]  # the live worker's display scaling
     assert max(manifest["parity_max_abs_diff"].values()) < 1e-3
+    audio = ort.InferenceSession(str(out / "audio.onnx"), providers=["CPUExecutionProvider"])
+    visual = ort.InferenceSession(str(out / "visual.onnx"), providers=["CPUExecutionProvider"])
+    (engine_emb,) = audio.run(None, {"spectrogram": specs.numpy()})
+    heat, _ = visual.run(None, {"image": images.numpy(), "audio_embedding": engine_emb})
+    np.testing.assert_allclose(heat, want.numpy(), atol=1e-4)
+
+
+def test_labelspace_config_errors() -> None:
+    with pytest.raises(UserError, match="labelspace=true: needs backbone pretrained"):
+        SSLAlignConfig(labelspace=True)
+    with pytest.raises(UserError, match="labelspace_weight=-1"):
+        SSLAlignConfig(backbone="pretrained", labelspace=True, labelspace_weight=-1)

@@ -323,7 +323,7 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     """backbone: pretrained: trunk features cached once under DATA/.cache (a second run reuses them), only the
     heads change, best.pt is a whole model that `avloc eval` loads, and the val audio-swap (with its
     audio-blind floor) is logged. Slow (~1 min on 2 busy cores): two pretrained trunks are exported to ONNX."""
-    from avloc.train.frozen import augment_wave
+    from avloc.train.frozen import LABELSPACE_WEIGHTS, augment_wave, cached_split, labelspace_grid
 
     config = merge(
         load_config(CONFIGS / "cpu_pretrained.yaml"),
@@ -331,7 +331,13 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
             "model": {"width": 4},
             "frontend": {"window_seconds": 1.0},
             "image": {"size": 64},
-            "train": {"epochs": 2, "batch_size": 8, "budget_minutes": None, "seed": 3, "threads": 1},
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "budget_minutes": None,
+                "seed": 3,
+                "threads": 1,
+            },
         },
     )
     best = train(config, synth, tmp_path / "run")
@@ -343,11 +349,18 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     cache = list((synth / ".cache").glob("frozen-*/train.npz"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
-    fresh = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=1))
+    fresh = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4))
     trunk = {k: v for k, v in fresh.state_dict().items() if ".trunk." in k}
     for k, v in trunk.items():  # frozen trunks: exactly the packaged weights
         assert torch.equal(loaded.model.state_dict()[k], v), k
-    train(config, synth, tmp_path / "run2")  # same data + preprocessing: the cached features are reused
+    assert float(loaded.model.labelspace_weight) == config["model"]["labelspace_weight"]  # the checkpoint's own
+    # the label-space weight's measurement on a selection split (scripts/open_set_eval.py --labelspace-weights)
+    feats = cached_split(cache[0].parent / "val.npz", lambda: None)
+    grid = labelspace_grid(loaded.model, {"val": feats}, synth, 64)
+    assert [g["weight"] for g in grid] == list(LABELSPACE_WEIGHTS) and all("val/ciou_ap50" in g for g in grid)
+    assert float(loaded.model.labelspace_weight) == config["model"]["labelspace_weight"]  # restored
+    # same data + preprocessing, another head seed: the cached features are reused
+    train(merge(config, {"train": {"seed": 4}}), synth, tmp_path / "run2")
     assert cache[0].stat().st_mtime_ns == stamp
     # the audio augmentation: same length, bounded, not the clean window
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,8 @@ class Evaluator:
                 features = {
                     "map": (
                         model.map_embedding(vmap).float().cpu().numpy(),
-                        F.normalize(audio, dim=1).float().cpu().numpy(),
+                        # the learned channels (a labelspace model's embedding carries its label-space half after them)
+                        F.normalize(audio[:, : model.config.embed_dim], dim=1).float().cpu().numpy(),
                     ),
                     "proj": (
                         model.project_image(vmap).float().cpu().numpy(),
@@ -266,6 +267,59 @@ def swap_intervals(per_scene: dict[str, list[bool]]) -> dict[str, list[float]]:
         "audio_swap_acc_ci": list(bootstrap_interval(rows, lambda r: r[:, 0].sum() / r[:, 1].sum())),
         "audio_swap_scene_acc_ci": list(bootstrap_interval(rows, lambda r: r[:, 2].mean())),
     }
+
+
+def scene_scores(
+    maps: dict[str, np.ndarray],
+    swap: dict[str, list[np.ndarray]],
+    annotations: dict[str, Any],
+    groups: dict[str, set[str]],
+) -> dict[str, Any]:
+    """One row of a map's scores with bootstrap 95 % intervals over scenes: adaptive cIoU@50 and AUC of
+    ``maps``; the audio-swap rule on ``swap`` (scene id -> one map per recorded object, in the order of the
+    scene's recorded objects; scenes with 2+) with :func:`swap_intervals`, and the same scenes' audio-blind
+    floor (the scene's mean map, :func:`avloc.core.metrics.audio_blind_swap_hits`); cIoU@50 and swap per
+    group of scene ids (``<split>_<group>.txt``). Used by scripts/open_set_eval.py and scripts/labelspace_eval.py."""
+    from avloc.core.metrics import auc_of, bootstrap_interval, ciou_ap50_of, evaluate_maps
+
+    res = evaluate_maps(maps, annotations, binarize="adaptive", per_sample=True)
+    per = res.pop("per_sample")
+    ids = list(maps)
+    cious = np.array([per[k]["ciou"] for k in ids])
+    row: dict[str, Any] = {
+        "n": len(ids),
+        "ciou_ap50": res["ciou_ap50"],
+        "ciou_ap50_ci": list(bootstrap_interval(cious, ciou_ap50_of)),
+        "auc": res["auc"],
+        "auc_ci": list(bootstrap_interval(cious, auc_of)),
+    }
+    boxes = {sid: [o.bbox for o in annotations[sid].objects if o.audio] for sid in swap}
+    per_scene = {sid: swap_hits(m, boxes[sid]) for sid, m in swap.items() if len(m) > 1}
+    if per_scene:
+        row["audio_swap_acc"] = float(np.mean([h for v in per_scene.values() for h in v]))
+        row.update(swap_intervals(per_scene))
+        blind = [h for sid in per_scene for h in audio_blind_swap_hits(swap[sid], boxes[sid])]
+        row["audio_swap_blind_acc"] = float(np.mean(blind))
+    for group, members in groups.items():
+        sel = [i for i, k in enumerate(ids) if k in members]
+        if sel:
+            row[f"{group}/n"] = len(sel)
+            row[f"{group}/ciou_ap50"] = ciou_ap50_of(cious[sel])
+            rows = [v for sid, v in per_scene.items() if sid in members]
+            if rows:
+                row[f"{group}/audio_swap_acc"] = float(np.mean([h for v in rows for h in v]))
+    return row
+
+
+def scene_scores_line(name: str, row: dict[str, Any], groups: Iterable[str] = ()) -> str:
+    """:func:`scene_scores`'s row as one printed line."""
+    lo, hi = row["ciou_ap50_ci"]
+    return (
+        f"{name} cIoU@50 {row['ciou_ap50']:.3f} [{lo:.3f}, {hi:.3f}] AUC {row['auc']:.3f} "
+        f"swap {row.get('audio_swap_acc', float('nan')):.3f} "
+        f"(blind {row.get('audio_swap_blind_acc', float('nan')):.3f})"
+        + "".join(f" {g} {row.get(g + '/ciou_ap50', float('nan')):.3f}" for g in groups)
+    )
 
 
 # --- figures ------------------------------------------------------------------------------------------

@@ -32,11 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from avloc.core.errors import UserError
+from avloc.core.pretrained import YAMNET_DIM
 
 log = logging.getLogger(__name__)
 
 SPLITS_SCORED = ("val", "val_unseen")  # selection splits, when the data has them (never a test split)
 EXTRACT_BATCH = 16
+# The augmented audio views are drawn with a fixed seed: the cached features are a function of the data and the
+# preprocessing only, so runs that differ in train.seed (the heads' initialisation and batches) share them.
+FEATURE_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -76,7 +80,7 @@ class TrunkRunner:
         self.sessions = {}
         for name, module, example in (
             ("visual", model.visual.trunk, torch.zeros(1, 3, image_size, image_size)),
-            ("audio", model.audio.trunk, torch.zeros(5, 1, 96, 64)),
+            ("audio", _EmbedAndScore(model.audio.trunk), torch.zeros(5, 1, 96, 64)),
         ):
             buf = io.BytesIO()
             torch.onnx.export(
@@ -95,20 +99,31 @@ class TrunkRunner:
         return self.sessions["visual"].run(None, {"x": images.numpy().astype(np.float32)})[0]
 
     def audio(self, specs: Tensor) -> np.ndarray:
-        """[B,1,64,T] -> [B,1024]: YAMNet per patch, max over the window's patches (as PretrainedAudio)."""
-        from avloc.core.pretrained import yamnet_patches
+        """[B,1,64,T] -> [B,1024 + 521]: YAMNet's embedding (max over the window's patches) and its AudioSet
+        class scores (mean over them), as PretrainedAudio computes them."""
+        from avloc.core.pretrained import pool_patches, yamnet_patches
 
-        patches, p = yamnet_patches(specs)
-        emb = self.sessions["audio"].run(None, {"x": patches.numpy().astype(np.float32)})[0]
-        return emb.reshape(specs.shape[0], p, -1).max(axis=1)
+        patches, _ = yamnet_patches(specs)
+        out = self.sessions["audio"].run(None, {"x": patches.numpy().astype(np.float32)})[0]
+        emb, scores = pool_patches(torch.from_numpy(out), specs.shape[0])
+        return torch.cat([emb, scores], dim=1).numpy()
+
+
+class _EmbedAndScore(torch.nn.Module):
+    def __init__(self, trunk: torch.nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.trunk.embed_and_score(patches)
 
 
 @dataclass
 class SplitFeatures:
     ids: list[str]
     visual: np.ndarray  # [N, 1280, h, w] float16
-    audio: np.ndarray  # [V, N, 1024] float32 (V audio views; view 0 = the clean window)
-    swap: dict[str, np.ndarray]  # scene id -> [K, 1024] of its recorded objects (val splits)
+    audio: np.ndarray  # [V, N, 1024 + 521] float32: YAMNet embedding + class scores (V views; 0 = clean)
+    swap: dict[str, np.ndarray]  # scene id -> [K, 1024 + 521] of its recorded objects (val splits)
 
 
 def extract_split(
@@ -202,7 +217,7 @@ def feature_dir(cfg: Any, data: Path, out: Path) -> Path:
         "stride": cfg.model.visual_layer4_stride,
         "views": cfg.train.audio_views,
         "limit": cfg.train.max_train_samples,
-        "seed": cfg.train.seed,
+        "audio": "embedding+scores",  # [.., 1024 + 521] rows (the label-space term needs the class scores)
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = data / ".cache" / f"frozen-{digest}"
@@ -233,8 +248,9 @@ def split_maps(
 
     vmaps = []
     for start in range(0, len(feats.ids), 64):
-        vmap = model.visual.head(torch.from_numpy(feats.visual[start : start + 64].astype(np.float32)))
-        a = model.audio.head(torch.from_numpy(feats.audio[0, start : start + 64]))
+        # the model's own encode_image / encode_audio / cosine_map after the trunks (label-space term included)
+        vmap = model.image_from_features(torch.from_numpy(feats.visual[start : start + 64].astype(np.float32)))
+        a = model.audio_from_features(torch.from_numpy(feats.audio[0, start : start + 64]))
         for sid, m in zip(feats.ids[start : start + 64], upsample(model.cosine_map(vmap, a))):
             maps[sid] = m
         vmaps.append(vmap)
@@ -242,7 +258,7 @@ def split_maps(
         all_vmaps = torch.cat(vmaps)
         for sid, rows in feats.swap.items():
             vmap = all_vmaps[index[sid]].unsqueeze(0).expand(len(rows), -1, -1, -1)
-            swap[sid] = upsample(model.cosine_map(vmap, model.audio.head(torch.from_numpy(rows))))
+            swap[sid] = upsample(model.cosine_map(vmap, model.audio_from_features(torch.from_numpy(rows))))
     return maps, swap
 
 
@@ -294,12 +310,12 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
     common = (cfg.frontend, cfg.image)
     train_feats = cached_split(
         feat_dir / "train.npz",
-        lambda: extract_split(runner(), data, "train", *common, t.audio_views, t.seed, t.max_train_samples),
+        lambda: extract_split(runner(), data, "train", *common, t.audio_views, FEATURE_SEED, t.max_train_samples),
     )
     vals = {
         split: cached_split(
             feat_dir / f"{split}.npz",
-            lambda split=split: extract_split(runner(), data, split, *common, 1, t.seed, None, with_swap=True),
+            lambda split=split: extract_split(runner(), data, split, *common, 1, FEATURE_SEED, None, with_swap=True),
         )
         for split in SPLITS_SCORED
         if (data / f"{split}.txt").is_file() and (data / f"{split}.json").is_file()
@@ -339,7 +355,7 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
             vis = torch.where(flip[:, None, None, None], vis.flip(-1), vis)
             view = rng.integers(train_feats.audio.shape[0], size=len(idx))
-            aud = torch.from_numpy(train_feats.audio[view, idx])
+            aud = torch.from_numpy(train_feats.audio[view, idx, :YAMNET_DIM])
             vmap, a = model.visual.head(vis), model.audio.head(aud)
             loss, _ = loss_fn(model, {"orig": vmap}, {"orig": a})
             for group in optimizer.param_groups:
@@ -388,3 +404,33 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
     if best is None:
         raise UserError(f"{out}: no epoch fitted in train.budget_minutes={t.budget_minutes}")
     return best_path
+
+
+LABELSPACE_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 1000.0)  # 1000: the label-space map alone, in effect
+
+
+@torch.no_grad()
+def labelspace_grid(
+    model: Any,
+    vals: dict[str, SplitFeatures],
+    data: Path,
+    image_size: int,
+    weights: tuple[float, ...] = LABELSPACE_WEIGHTS,
+) -> list[dict[str, Any]]:
+    """The selection splits scored at each label-space weight (the trained heads fixed): how
+    ``model.labelspace_weight`` is chosen (mean of the splits' adaptive cIoU@50; scripts/open_set_eval.py
+    --labelspace-weights, docs/results.md)."""
+    keep = float(model.labelspace_weight)
+    rows = []
+    for w in weights:
+        model.labelspace_weight.fill_(w)
+        row: dict[str, Any] = {"weight": w}
+        for split, feats in vals.items():
+            for k, v in score_split(model, feats, data, split, image_size).items():
+                row[f"{split}/{k}"] = v
+        for k in ("ciou_ap50", "audio_swap_acc", "auc"):
+            vs = [row[f"{s}/{k}"] for s in vals if f"{s}/{k}" in row]
+            row[k] = float(np.mean(vs)) if vs else float("nan")
+        rows.append(row)
+    model.labelspace_weight.fill_(keep)
+    return rows
