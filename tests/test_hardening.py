@@ -231,13 +231,6 @@ def test_stalled_heartbeats_do_not_keep_a_worker_alive(dummy_module, tmp_path):
     _assert_no_orphans()
 
 
-@pytest.fixture(scope="module")
-def engine_and_video(tmp_path_factory):
-    from proc_helpers import tiny_engine_and_clip
-
-    return tiny_engine_and_clip(tmp_path_factory.mktemp("hardening"), seed=7)
-
-
 @pytest.mark.slow
 def test_sigstop_of_each_worker_is_detected_and_restarted(engine_and_video, tmp_path):
     """SIGSTOP (a hang the process cannot report) of camera, microphone, replay, display and inference in
