@@ -15,8 +15,8 @@ spread over the run, injects:
 - ``source_gone``: the camera's file is renamed away and back (a camera that disappears and comes back);
 - ``flood``: another process floods the launcher's heartbeat socket with badly tagged heartbeats (``python -m
   avloc.stream.tools.fuzz``, as fast as it can, for ``max(10 s, 3 x heartbeat_timeout_s)``) and the display is
-  SIGSTOPped 0.5 s into it: the hang must be seen within ``heartbeat_timeout_s + 1 s`` with the flood still on
-  (``deadline_held`` in the fault's details).
+  SIGSTOPped once the launcher has counted some of it: the hang must be seen within ``heartbeat_timeout_s + 1 s``
+  with the flood still on (``deadline_held`` in the fault's details).
 
 The pipeline runs without CURVE keys (as ``--insecure``): with the per-run keys ``avloc run/replay`` use by default
 none of the fuzzers could even connect; the soak shows what the receivers survive from a process that can.
@@ -246,7 +246,13 @@ class Soak:
                     ],
                     stdout=subprocess.DEVNULL,
                 )
-                time.sleep(0.5)  # the flood is on before the worker stops
+                # The flood must be arriving before the worker stops: wait (supervising as usual) until the launcher
+                # has counted some of it. A fixed pause was too short on a busy machine (the flooder's start-up
+                # alone took ~1.5 s at load 8), and the SIGSTOP then landed before any flood.
+                flood_seen_by = time.monotonic() + 15.0
+                while self._heartbeat_socket_count() == fault._baseline["counted"] and time.monotonic() < flood_seen_by:
+                    self.launcher.poll()
+                    time.sleep(0.02)
                 fault.injected_s = round(self.now(), 3)
             os.kill(fault._pid, signal.SIGKILL if fault.kind == "kill9" else signal.SIGSTOP)
             fault.details["pid"] = fault._pid
