@@ -13,7 +13,7 @@ The threshold is the max-F1 point of the precision/recall curve of detecting pos
 stores it as ``manifest["gate"]``; the inference worker then marks heatmaps below it ``not_visible``.
 
 Only full windows of real audio are calibrated on. A live window that is mostly the start-up silence (less than
-``stream.batching.WARMING_UP_SHARE`` captured audio) is never judged by this threshold: the inference worker
+``stream.serve.batching.WARMING_UP_SHARE`` captured audio) is never judged by this threshold: the inference worker
 marks it ``warming_up`` whatever its confidence (docs/engines.md#silence-gate, tests/test_gate.py).
 
 Lives in ``avloc.engines`` (not ``avloc.train``): export calls it, and engines must not import training code.

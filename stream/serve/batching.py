@@ -167,7 +167,8 @@ def effective_max_batch(requested: int | None, engine: Any) -> int:
 
 class StreamScheduler:
     """The inference worker's per-stream state (pending frames, audio tracks, stats) and its batch order;
-    :class:`avloc.stream.serve.inference.InferenceWorker` receives, runs the engine and publishes on top of it."""
+    :class:`avloc.stream.serve.inference_worker.InferenceWorker` receives, runs the engine and publishes on top of
+    it."""
 
     def __init__(
         self,
