@@ -128,7 +128,7 @@ if ! "$PY" -c "import avloc.engines" 2>/dev/null; then
     SHIM="$OUT/.avloc-shim/avloc"
     mkdir -p "$SHIM"
     for f in "$ROOT"/avloc/*; do ln -sfn "$f" "$SHIM/$(basename "$f")"; done
-    for pkg in core train engines stream; do ln -sfn "$ROOT/$pkg" "$SHIM/$pkg"; done
+    for pkg in core train engines stream configs; do ln -sfn "$ROOT/$pkg" "$SHIM/$pkg"; done
     export PYTHONPATH="$OUT/.avloc-shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

@@ -3,6 +3,7 @@ every receiver must count and ignore without dying (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -114,5 +115,16 @@ def flood(endpoint: str, seconds: float) -> int:
     return sent
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m avloc.stream.tools.fuzz", description="Flood a SUB endpoint with badly tagged heartbeats."
+    )
+    parser.add_argument("endpoint", help="where the receiver's SUB listens, e.g. tcp://127.0.0.1:5600")
+    parser.add_argument("seconds", type=float, help="how long to flood")
+    args = parser.parse_args(argv)
+    print(flood(args.endpoint, args.seconds), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    print(flood(sys.argv[1], float(sys.argv[2])), flush=True)
+    sys.exit(main())
