@@ -156,8 +156,9 @@ def test_clip_draws_each_static_distractor_apart(monkeypatch: pytest.MonkeyPatch
 
 DEMO_TEST_STEPS = 170
 # configs/demo.yaml at half its batch (32): each step (and each of the fewer epochs' validation) costs half, and
-# 170 steps still localize. Peak-in-box fraction on this test's clip (seed-0 data; best.pt through Localizer.video,
-# scored by peak_hits): train seed 0: 0.73 at step 124, 0.85 at step 170; random points 0.06 (2026-12-07).
+# 170 steps still localize. Peak-in-box fraction on this test's clip (seed-0 data; the checkpoint through
+# Localizer.video, scored by peak_hits) at steps 124 / 170 (best.pt): train seed 0: 0.73 / 0.85, train seed 1:
+# 0.82 / 0.76; random points 0.06 (2026-12-07, 1 thread; notes/suite.md has the script).
 DEMO_TEST_BATCH = 32
 
 
