@@ -158,7 +158,9 @@ DEMO_TEST_STEPS = 170
 # configs/demo.yaml at half its batch (32): each step (and each of the fewer epochs' validation) costs half, and
 # 170 steps still localize. Peak-in-box fraction on this test's clip (seed-0 data; the checkpoint through
 # Localizer.video, scored by peak_hits) at steps 124 / 170 (best.pt): train seed 0: 0.73 / 0.85, train seed 1:
-# 0.82 / 0.76; random points 0.06 (2026-12-07, 1 thread; notes/suite.md has the script).
+# 0.82 / 0.76; random points 0.06 (2026-12-07). Re-create: this test's data (run_demo step 1), `avloc train
+# --config configs/demo.yaml train.batch_size=32 train.max_steps=170 train.budget_minutes=null train.seed=S`,
+# then Localizer(best.pt, gate=False).video(clip) scored with peak_hits against the clip's boxes.
 DEMO_TEST_BATCH = 32
 
 
