@@ -240,8 +240,11 @@ class SSLAlign(nn.Module):
             return s
         # the label-space half is fixed: detached, so no graph keeps its inputs (an engine export traces this with
         # embeddings made under inference_mode, which autograd may not save)
-        ls = self.labelspace.combine(vmap[:, d:].detach(), audio[:, d:].detach())
-        ls = ls / ls.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None]  # the likeliest place of the heard = 1
+        # float32 under fp16 autocast too: its products (~1e-7) are float16 subnormals, and 1e-6 is one (a GPU
+        # that flushes subnormals to 0 makes 0 / 0 = NaN of an all-zero map)
+        with torch.autocast(vmap.device.type, enabled=False):
+            ls = self.labelspace.combine(vmap[:, d:].detach().float(), audio[:, d:].detach().float())
+            ls = ls / ls.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None]  # the likeliest place of the heard = 1
         return s + self.labelspace_weight * ls
 
     def localization_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:

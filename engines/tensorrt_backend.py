@@ -201,6 +201,20 @@ def _fp32_islands(graph: Any) -> tuple[set[int], set[int]]:
     return island, ends
 
 
+# A scalar bound of Clip / Max / Min is an eps floor (``clamp_min(1e-6)`` before a division): cast to float16 it must
+# stay a normal number, see _eps_to_fp16_normal.
+_FLOOR_OPS = {"Clip", "Max", "Min"}
+FP16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5, the smallest normal float16
+
+
+def _eps_to_fp16_normal(value: np.ndarray) -> np.ndarray:
+    """An eps of magnitude below :data:`FP16_TINY` (1e-6, 1e-12) is a float16 subnormal or 0; GPU float16 kernels that
+    flush subnormals to zero then divide an all-zero map by 0 (NaN). Such an eps becomes +-FP16_TINY, the smallest
+    float16 that survives; 0 and normal values are kept."""
+    small = (value != 0) & (np.abs(value) < FP16_TINY)
+    return np.where(small, np.sign(value) * FP16_TINY, value).astype(value.dtype)
+
+
 def onnx_fp16_bytes(onnx_path: Path) -> bytes:
     """The graph computing in float16 with float32 inputs/outputs kept, for a strongly typed TensorRT build.
 
@@ -228,17 +242,25 @@ def onnx_fp16_bytes(onnx_path: Path) -> bytes:
         node.input[k] for node in graph.node for (op, k) in _FP32_INPUTS if node.op_type == op and len(node.input) > k
     }
 
-    def to16(tensor: Any) -> Any:
-        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name)
+    # Clip's min/max, and every operand of Max/Min: the values that can be an eps floor
+    floors = {
+        name for node in graph.node if node.op_type in _FLOOR_OPS for name in node.input[node.op_type == "Clip" :]
+    }
+
+    def to16(tensor: Any, floor: bool = False) -> Any:
+        value = numpy_helper.to_array(tensor)
+        if floor and value.size == 1:
+            value = _eps_to_fp16_normal(value)
+        return numpy_helper.from_array(value.astype(np.float16), tensor.name)
 
     for idx, init in enumerate(graph.initializer):
         if init.data_type == TensorProto.FLOAT and init.name not in keep32:
-            graph.initializer[idx].CopyFrom(to16(init))
+            graph.initializer[idx].CopyFrom(to16(init, init.name in floors))
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
                 if not (node.op_type == "Constant" and node.output[0] in keep32):
-                    attr.t.CopyFrom(to16(attr.t))
+                    attr.t.CopyFrom(to16(attr.t, node.op_type == "Constant" and node.output[0] in floors))
             elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
                 attr.i = TensorProto.FLOAT16
     # A float16 value computed in the graph feeding an fp32-only input: cast it back just before its consumer.
