@@ -181,7 +181,8 @@ class TorchEngine(Engine):
             return contextlib.nullcontext()
         # No weight-cast cache: cached casts would be freed/reused behind a captured CUDA graph's back.
         dtype = torch.float16 if self.fp16 else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+        # the engine's device type ("cuda"; "cpu" only in tests/test_gpu_standins.py, the CPU's float16 autocast)
+        return torch.autocast(self.torch_device.type, dtype=dtype, cache_enabled=False)
 
     def warmup(
         self,

@@ -102,11 +102,19 @@ def test_run_sh_refuses_bad_arguments_before_doing_anything(tmp_path, args, pyth
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_run_sh_cpu_dry_run(tmp_path):
-    """The whole script on CPU with a tiny model: every step runs and lands in one folder."""
+    """The whole script on CPU with a tiny model: every step but ACL's runs and lands in one folder.
+
+    Covers: argument handling, $PYTHON (install skipped), doctor beside clip, the SSL-Align export, `bench engine`
+    on both CPU backends at the batched size, both pipeline steps (1 and 2 replayed streams, with the eager
+    baseline), the summary, and the final table. Not ACL: its export, both backends and a replay through the
+    pipeline are tests/test_acl_export.py's, and its ~minute of CPU here added nothing run.sh-specific (`--steps`
+    without engine_acl: the models step skips the ACL export, which this also checks). The offline install and
+    the checkout shim: test_run_sh_on_an_offline_box_whose_python3_is_a_venv."""
     out = tmp_path / "gpu-bench"
     env = {**os.environ, "PYTHON": sys.executable, "AVLOC_BENCH_BUDGET": "1300"}
+    steps_asked = "install,doctor,clip,models,engine_ssl_align,pipeline_1,pipeline_2"
     proc = subprocess.run(
-        [str(RUN), "--device", "cpu", "--quick", "--out", str(out)],
+        [str(RUN), "--device", "cpu", "--quick", "--steps", steps_asked, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=1450,
@@ -117,6 +125,8 @@ def test_run_sh_cpu_dry_run(tmp_path):
     ran = {"doctor", "clip", "models", "engine_ssl_align", "pipeline_1", "pipeline_2"}
     assert {name for name, (status, _) in steps.items() if status == "0"} >= ran
     assert steps["install"] == ("skipped", f"PYTHON={sys.executable} given: no venv, nothing installed")
+    assert "engine_acl" not in steps
+    assert "not asked for" in json.loads((out / "models" / "models.json").read_text())["acl"]["skipped"]
     assert all(status in ("0", "skipped") for status, _ in steps.values()), steps
     # the last thing printed: what ran, what was skipped and why
     assert "steps:" in proc.stdout and "install              skipped" in proc.stdout
@@ -208,3 +218,87 @@ def test_bench_engine_out_as_a_directory_is_refused_before_timing(tiny_engine, t
     with pytest.raises(OSError):  # a failed write (here: onto a directory) leaves no temp file
         bench.write_json(target, {"results": []})
     assert not list(tmp_path.glob(".out.json.*.tmp"))
+
+
+def _venv_python_without_avloc(where: Path) -> Path:
+    """An interpreter like the GPU image's python3 (/opt/torch/.venv/bin/python3): itself a venv, whose
+    site-packages hold torch and the rest, but neither avloc nor setuptools (so avloc cannot be installed
+    offline and run.sh must run it from the checkout). Its site-packages are links to this one's."""
+    import sysconfig
+    import venv
+
+    venv.create(where, with_pip=False)
+    mine = Path(sysconfig.get_path("purelib"))
+    theirs = Path(
+        subprocess.check_output(
+            [str(where / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
+    missing = (
+        "avloc",
+        "__editable__",
+        "_avloc",
+        "setuptools",
+        "_distutils_hack",
+        "distutils-precedence",
+        "pkg_resources",
+    )
+    for sp in dict.fromkeys(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()):
+        for entry in Path(sp).iterdir():
+            if not entry.name.startswith(missing) and not entry.name.endswith(".pth") and entry.name != "__pycache__":
+                target = theirs / entry.name
+                if not target.exists():
+                    target.symlink_to(entry)
+    assert mine.is_dir()
+    return where / "bin" / "python"
+
+
+def test_run_sh_on_an_offline_box_whose_python3_is_a_venv(tmp_path):
+    """The lent GPU machine's first run: no index, python3 is a venv holding torch, avloc not installed and not
+    installable. install.sh used to make .venv-gpu with --system-site-packages, which reaches the *base*
+    interpreter's packages, not the venv's: no torch, and every step failed. Now the venv sees its parent's
+    packages, the unreachable index is noticed at once, and the steps run avloc from the checkout (the shim)."""
+    parent = _venv_python_without_avloc(tmp_path / "parent")
+    probe = subprocess.run([str(parent), "-c", "import avloc.engines"], capture_output=True, text=True, cwd=tmp_path)
+    assert probe.returncode != 0  # really without avloc
+    out = tmp_path / "bench"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PYTHONPATH", "VIRTUAL_ENV", "AVLOC_WHEELS")} | {
+        "AVLOC_BASE_PYTHON": str(parent),
+        "AVLOC_BENCH_VENV": str(tmp_path / "venv-gpu"),
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple/",  # nothing listens on the discard port: offline
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_FIND_LINKS": "",
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(RUN),
+            "--device",
+            "cpu",
+            "--quick",
+            "--steps",
+            "install,doctor",
+            "--out",
+            str(out),
+            "--archive",
+            str(tmp_path / "bench.tgz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    steps = _helpers().read_steps(out)
+    assert steps["install"] == ("0", "") and steps["doctor"] == ("0", ""), steps
+    install = (out / "install.log").read_text()
+    assert "the package index is unreachable" in install and "(python3 is a venv)" in install
+    assert "run.sh runs it from the checkout" in install and "install: torch 2." in install
+    assert (out / ".avloc-shim" / "avloc" / "engines").resolve() == ROOT / "engines"
+    assert "backends:" in (out / "doctor.txt").read_text()
+    import tarfile
+
+    with tarfile.open(tmp_path / "bench.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"bench/steps.txt", "bench/doctor.txt", "bench/install.log"} <= names
+    assert not any(".avloc-shim" in n for n in names)

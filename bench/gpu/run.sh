@@ -15,8 +15,11 @@
 # Options: --out DIR (default bench/gpu-YYYY-MM-DD), --device cpu|cuda (default cuda), --quick (tiny model, few
 #          iterations: the CPU dry run of the tests), --steps a,b,... (only these; e.g. to split the run over
 #          several calls of a time-limited session: OUT is reused; the venv is made first if it is missing),
-#          --budget S (overall seconds, default 3600). A bad option, step name or $PYTHON: one line, exit 2.
-# $PYTHON: use this interpreter, no venv and no install (the tests); $AVLOC_BENCH_VENV: where the venv goes.
+#          --budget S (overall seconds, default 3600), --archive FILE (also write OUT's results, logs and
+#          summary, without the models, as one .tar.gz: e.g. for a machine that returns only a few files).
+#          A bad option, step name or $PYTHON: one line, exit 2.
+# $PYTHON: use this interpreter, no venv and no install (the tests); $AVLOC_BENCH_VENV: where the venv goes;
+# $AVLOC_WHEELS: wheels to install from, no index (default: the checkout's .whl/ when it exists; install.sh).
 # Every step has a time limit sized to its builds (capped by what is left of the budget); a step that fails or
 # runs out of time is listed and the next step still runs. Exit status 0 only if no step failed.
 set -u -o pipefail
@@ -28,12 +31,13 @@ QUICK=0
 OUT="bench/gpu-$(date -u +%F)"
 STEPS=""
 BUDGET=""
+ARCHIVE=""
 ARGS="$*"
 # Bad arguments: one line, exit 2, before anything is created or run (a typo must not cost a GPU session).
 die() { echo "run.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
-        --device|--out|--steps|--budget) [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]] || die "$1 needs a value (see --help)" ;;
+        --device|--out|--steps|--budget|--archive) [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]] || die "$1 needs a value (see --help)" ;;
     esac
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
@@ -41,6 +45,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift 2 ;;
         --steps) STEPS=",$2,"; shift 2 ;;
         --budget) BUDGET="$2"; shift 2 ;;
+        --archive) ARCHIVE="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -66,8 +71,10 @@ if [ "$QUICK" = 1 ]; then
     # The dry run proves every step runs and lands in OUT, not speed: one (batched) size, a few calls, 2 s
     # pipelines. Its time is mostly process start-up (each step imports torch), which these cannot shorten.
     BUDGET=${BUDGET:-${AVLOC_BENCH_BUDGET:-900}}; BATCHES=2; ITERS=3; WARMUP=1; PIPE_S=2; PIPE_WARM=0.5
+    PIPE_RESERVE=0
 else
-    BUDGET=${BUDGET:-3600}; BATCHES=1,4,16; ITERS=200; WARMUP=20; PIPE_S=20; PIPE_WARM=3
+    # PIPE_RESERVE: a pipeline step's start-up (processes, CUDA-graph capture for batch 1..16), warm-up and run
+    BUDGET=${BUDGET:-3600}; BATCHES=1,4,16; ITERS=200; WARMUP=20; PIPE_S=20; PIPE_WARM=3; PIPE_RESERVE=90
 fi
 START=$SECONDS
 
@@ -83,12 +90,21 @@ record() {
 }
 want() { [ -z "$STEPS" ] || [[ "$STEPS" == *",$1,"* ]]; }
 
-# step NAME LIMIT_S CMD...: run with a limit (capped by what is left of the budget), log to OUT/NAME.log
+# Seconds kept for the pipeline steps when they are asked for: a step before them (the engine benchmark, whose
+# torch.compile and TensorRT builds can take every second they get) stops in time for them to run.
+reserve_for_pipelines() {
+    local r=0
+    want pipeline_1 && r=$((r + PIPE_RESERVE))
+    want "pipeline_$STREAMS_MANY" && r=$((r + PIPE_RESERVE))
+    echo "$r"
+}
+# step NAME LIMIT_S CMD...: run with a limit (capped by what is left of the budget less $KEEP seconds), log to
+# OUT/NAME.log
 step() {
     local name="$1" limit="$2"
     shift 2
     if ! want "$name"; then return 0; fi
-    local left=$((BUDGET - (SECONDS - START)))
+    local left=$((BUDGET - (SECONDS - START) - ${KEEP:-0}))
     if [ "$left" -lt 10 ]; then
         echo "== $name: skipped, time budget spent"; record "$name" skipped "budget of ${BUDGET}s spent"; return 0
     fi
@@ -130,6 +146,10 @@ if ! "$PY" -c "import avloc.engines" 2>/dev/null; then
     for f in "$ROOT"/avloc/*; do ln -sfn "$f" "$SHIM/$(basename "$f")"; done
     for pkg in core train engines stream configs; do ln -sfn "$ROOT/$pkg" "$SHIM/$pkg"; done
     export PYTHONPATH="$OUT/.avloc-shim${PYTHONPATH:+:$PYTHONPATH}"
+    # `python -m avloc` puts the working directory (this checkout) first on sys.path, where avloc/ holds no
+    # engines/ or core/: PYTHONSAFEPATH (Python >= 3.11, like avloc) leaves it out, also in the pipeline's workers.
+    export PYTHONSAFEPATH=1
+    "$PY" -c "import avloc.engines" || echo "== avloc is not importable even from the checkout: the steps will fail"
 fi
 
 # The CPU dry run checks that each step runs, not how fast: two steps that each use one core (imports,
@@ -170,14 +190,14 @@ THREADS=(); [ "$DEVICE" = cpu ] && THREADS=(--threads 1)
 # with autotuning) and builds 4 TensorRT plans (fp32/fp16 x audio/visual, 1-3 min each without a timing
 # cache) before timing 9 backends x 3 sizes x 2 graphs x 220 calls.
 if [ -f "$OUT/models/ssl_align/manifest.json" ]; then
-    beside engine_ssl_align 1500 "${AVLOC[@]}" bench engine --engine "$OUT/models/ssl_align" --device "$DEVICE" \
+    KEEP=$(reserve_for_pipelines) beside engine_ssl_align 1500 "${AVLOC[@]}" bench engine --engine "$OUT/models/ssl_align" --device "$DEVICE" \
         --backends "$SSL_BACKENDS" --batch-sizes "$BATCHES" --iters "$ITERS" --warmup "$WARMUP" "${THREADS[@]}" \
         --out "$OUT/engine_ssl_align.json"
 else
     skip engine_ssl_align "no SSL-Align engine (the models step failed: see models.log)"
 fi
 if [ -f "$OUT/models/acl/manifest.json" ]; then
-    step engine_acl 900 "${AVLOC[@]}" bench engine --engine "$OUT/models/acl" --device "$DEVICE" \
+    KEEP=$(reserve_for_pipelines) step engine_acl 900 "${AVLOC[@]}" bench engine --engine "$OUT/models/acl" --device "$DEVICE" \
         --backends "$ACL_BACKENDS" --batch-sizes "$BATCHES" --iters $((ITERS / 4 + 1)) --warmup "$WARMUP" \
         "${THREADS[@]}" --out "$OUT/engine_acl.json"
 else
@@ -208,5 +228,9 @@ fi
 "$PY" bench/gpu/helpers.py summary "$OUT"
 echo "total $((SECONDS - START)) s on ${DEVICE}; everything is in $OUT (summary.md)"
 "$PY" bench/gpu/helpers.py steps "$OUT"
+if [ -n "$ARCHIVE" ]; then
+    tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" --exclude=models --exclude=.avloc-shim --exclude=.steps.lock \
+        "$(basename "$OUT")" && echo "archive: $ARCHIVE"
+fi
 # Exit 0 only if no step failed or timed out (skipped steps say why in the table above).
 ! awk '$2 != "0" && $2 != "skipped"' "$OUT/steps.txt" | grep -q .
