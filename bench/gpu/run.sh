@@ -111,11 +111,12 @@ step() {
     # --quick (CPU dry run, possibly on a busy machine): only the overall budget limits a step.
     if [ "$QUICK" = 1 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
     echo "== $name (limit ${limit}s)"
+    local began=$SECONDS
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    if [ "$rc" = 0 ]; then record "$name" 0
+    local rc=${PIPESTATUS[0]} took=$((SECONDS - began))
+    if [ "$rc" = 0 ]; then record "$name" 0 "${took}s"
     elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then record "$name" "$rc" "time limit ${limit}s reached"
-    else record "$name" "$rc" "see $name.log"; fi
+    else record "$name" "$rc" "see $name.log (${took}s)"; fi
     [ "$rc" = 0 ] || echo "== $name failed (exit $rc), continuing"
 }
 skip() { if want "$1"; then echo "== $1: skipped ($2)"; record "$1" skipped "$2"; fi; }
