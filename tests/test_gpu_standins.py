@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -245,6 +247,7 @@ def test_tensorrt_device_inputs_are_recorded_on_the_engine_stream(tiny_engine, t
     caller's stream while the engine still reads it, unless it was recorded on the engine's stream."""
     import test_tensorrt_fake as ttf
     from fake_cuda import FakeCudaTensor
+    from tensorrt_fakes import calls
 
     from avloc.engines import tensorrt_backend as tb
 
@@ -264,6 +267,18 @@ def test_tensorrt_device_inputs_are_recorded_on_the_engine_stream(tiny_engine, t
     heatmap, confidence = engine.localize(image, emb)
     assert (image.data_ptr(), "engine") in recorded and (emb.data_ptr(), "engine") in recorded
     assert torch.all(heatmap.as_subclass(torch.Tensor) == 0.5)
+    # the worker's warm-up of a TensorRT engine: every visual size of the profile, audio at batch 1, then a sync
+    trt.calls.clear()
+    engine.warmup(range(1, engine.max_batch + 1), audio_batch_sizes=(1,))
+    shapes = [(name, shape[0]) for name, shape in calls(trt, "set_input_shape")]
+    assert sorted(set(shapes)) == [
+        ("audio_embedding", 1),
+        ("audio_embedding", 2),
+        ("image", 1),
+        ("image", 2),
+        ("spectrogram", 1),
+    ]
+    assert [name for name, _ in trt.calls][-1] == "stream_synchronize"
     engine.close()
 
 
@@ -286,3 +301,65 @@ def test_torch_fp16_engine_on_the_cpu_autocast_gives_finite_maps(tiny_engine):
     assert heat.dtype == np.float32 and np.isfinite(heat).all() and np.isfinite(conf).all()
     assert np.all(heat[1] == 0)
     assert np.abs(heat - want).max() < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- a whole CUDA engine
+
+
+class CudaOnCpu(TorchFunctionMode):
+    """Every torch call asking for a CUDA device gets the CPU, pinned memory is plain memory: code written for a
+    CUDA device (``torch_device`` stays ``cuda``, so every CUDA branch is taken) runs its tensors on the CPU."""
+
+    @staticmethod
+    def _cpu(value: Any) -> Any:
+        if isinstance(value, torch.device) and value.type == "cuda":
+            return torch.device("cpu")
+        if isinstance(value, str) and value.startswith("cuda"):
+            return "cpu"
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.device:  # the engine's own device stays cuda
+            return func(*args, **kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0].clone()
+        kwargs.pop("pin_memory", None)
+        args = tuple(self._cpu(a) for a in args)
+        return func(*args, **{k: self._cpu(v) for k, v in kwargs.items()})
+
+
+@pytest.fixture()
+def cuda_on_cpu(monkeypatch, fake_cuda_graphs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(
+        torch.cuda, "Event", lambda *a, **k: types.SimpleNamespace(record=lambda s=None: None, synchronize=lambda: None)
+    )
+    with CudaOnCpu():
+        yield fake_cuda_graphs
+
+
+def test_a_cuda_graphs_torch_engine_serves_device_preprocessed_frames(tiny_engine, cuda_on_cpu):
+    """The worker's GPU path end to end with the engine built as on CUDA (TF32 off, cuDNN benchmark, CUDA-graph
+    runners from the constructor, warm-up capturing every size, the device preprocessor, pinned NumPy uploads,
+    close()): the maps of uint8 frames match the CPU engine's on host-preprocessed frames."""
+    from avloc.engines.base import to_host
+
+    engine = load_engine(tiny_engine, "torch", device="cuda", mode="cuda_graphs", max_batch=2)
+    assert engine.torch_device.type == "cuda" and not torch.backends.cudnn.allow_tf32
+    engine.warmup()
+    assert len(cuda_on_cpu) == 4 and engine.warmed_batches == [1, 2]  # audio and visual at 1 and 2
+    ref = load_engine(tiny_engine, "torch", threads=1)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (48, 64, 3), np.uint8) for _ in range(2)]
+    spec = rng.standard_normal((1, *engine.spec_shape), dtype=np.float32)
+    emb = np.repeat(engine.embed_audio(spec), 2, axis=0)  # NumPy in (pinned upload) -> NumPy out
+    images = engine.device_preprocessor(2)(frames)
+    heat, conf = engine.localize(images, emb)
+    assert isinstance(heat, torch.Tensor)  # device outputs: the worker's to_host() brings them back
+    want_heat, want_conf = ref.localize(preprocess_frames(frames, engine.manifest), ref.embed_audio(spec).repeat(2, 0))
+    np.testing.assert_allclose(to_host(heat), want_heat, atol=0.02)
+    np.testing.assert_allclose(to_host(conf), want_conf, atol=0.02)
+    engine.close()
