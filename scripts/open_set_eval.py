@@ -3,6 +3,10 @@
     .venv/bin/python scripts/open_set_eval.py --checkpoint runs/pretrained/best.pt --data data/os \\
         --splits test,test_unseen --out open_set.json [--data2 /work/data/gcompris_farm --splits2 test]
 
+Choosing the fixed terms' weights (selection splits only):
+``--splits val,val_unseen --labelspace-weights 0.125,0.25,0.5 [--objectness-weights 0,0.125,0.25]`` scores the
+model row at each weight (pair); a checkpoint trained without the objectness term gets it switched on.
+
 Several comma-separated checkpoints (seeds of one recipe): each is scored, then the model row's mean and
 spread (half the range) over them.
 
