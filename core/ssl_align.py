@@ -45,6 +45,10 @@ class SSLAlignConfig:
     # cos + labelspace_weight * map / max(map): the label-space map scale-free per image, the cosine as is.
     labelspace: bool = False
     labelspace_weight: float = 1.0
+    # pretrained only: add audio-blind objectness (OGL's, avloc.core.ogl.reduce_features of the same Lite0 head
+    # features, min-max normalised per image) as + objectness_weight * obj: sounding objects are objects.
+    objectness: bool = False
+    objectness_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.backbone not in ("resnet18", "pretrained"):
@@ -53,6 +57,10 @@ class SSLAlignConfig:
             raise UserError("model labelspace=true: needs backbone pretrained (the ImageNet / AudioSet classifiers)")
         if self.labelspace_weight < 0:
             raise UserError(f"model labelspace_weight={self.labelspace_weight}: expected >= 0")
+        if self.objectness and self.backbone != "pretrained":
+            raise UserError("model objectness=true: needs backbone pretrained (the frozen ImageNet features)")
+        if self.objectness_weight < 0:
+            raise UserError(f"model objectness_weight={self.objectness_weight}: expected >= 0")
         for name in ("visual_layer4_stride", "audio_layer4_stride"):
             if getattr(self, name) not in (1, 2):
                 raise UserError(f"model {name}={getattr(self, name)}: expected 1 or 2")
@@ -178,6 +186,8 @@ class SSLAlign(nn.Module):
 
             self.labelspace = LabelSpaceMap()  # the bridge is a buffer: in checkpoints and exported engines
             self.register_buffer("labelspace_weight", torch.tensor(float(self.config.labelspace_weight)))
+        if self.config.objectness:
+            self.register_buffer("objectness_weight", torch.tensor(float(self.config.objectness_weight)))
         # Separate projection heads for s_A so alignment does not smooth out the localization space.
         self.visual_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
         self.audio_proj: nn.Module = nn.Linear(dim, dim) if self.config.projection else nn.Identity()
@@ -186,12 +196,19 @@ class SSLAlign(nn.Module):
     # With ``labelspace``, the visual map carries Lite0's per-location ImageNet evidence after its D learned
     # channels ([B,D+1000,h,w]) and the audio embedding the AudioSet scores folded into ImageNet class weights
     # ([B,D+1000]): each side of the label-space term travels with its own encoder (so an exported engine's
-    # audio and visual graphs split as before) and :meth:`cosine_map` joins them. Everything that learns
+    # audio and visual graphs split as before) and :meth:`cosine_map` joins them. With ``objectness`` one more
+    # channel follows on each side: the visual map's min-max normalised objectness, and a constant 1 in the audio
+    # embedding (so both graphs keep one embedding width, the engine's embed_dim). Everything that learns
     # (losses, s_A, retrieval) uses the first D channels only.
+    @property
+    def fixed_terms(self) -> bool:
+        """Whether encode_image / encode_audio carry fixed (not learned) channels after the first D."""
+        return self.labelspace is not None or self.config.objectness
+
     def encode_image(self, image: Tensor) -> Tensor:
         """[B,3,H,W] normalized image -> [B,D,h,w] visual feature map (not normalized; [B,D+1000,h,w] with
-        ``labelspace``)."""
-        if self.labelspace is None:
+        ``labelspace``, one more channel with ``objectness``)."""
+        if not self.fixed_terms:
             return self.visual(image)
         return self.image_from_features(self.visual.features(image))
 
@@ -199,7 +216,7 @@ class SSLAlign(nn.Module):
         """[B,1,F,T] spectrogram -> [B,D] audio embedding (adaptive max pool, not normalized; [B,D+1000] with
         ``labelspace``)."""
         if isinstance(self.audio, PretrainedAudio):
-            if self.labelspace is None:
+            if not self.fixed_terms:
                 return self.audio(spec)
             return self.audio_from_features(self.audio.features(spec))
         return torch.amax(self.audio(spec), dim=(2, 3))
@@ -207,13 +224,21 @@ class SSLAlign(nn.Module):
     def image_from_features(self, feats: Tensor) -> Tensor:
         """``backbone: pretrained``: cached Lite0 head features [B,1280,h,w] -> :meth:`encode_image`'s output."""
         vmap = self.visual.head(feats)
-        if self.labelspace is None:
-            return vmap
-        from avloc.core.labelspace import imagenet_logits_of_features
-
+        parts = [vmap]
         with torch.no_grad():
-            evidence = self.labelspace.image_part(imagenet_logits_of_features(self.visual.trunk.net._fc, feats))
-        return torch.cat([vmap, evidence], dim=1)
+            if self.labelspace is not None:
+                from avloc.core.labelspace import imagenet_logits_of_features
+
+                parts.append(self.labelspace.image_part(imagenet_logits_of_features(self.visual.trunk.net._fc, feats)))
+            if self.config.objectness:
+                from avloc.core.ogl import reduce_features
+
+                # [B,h,w], OGL's mean |x| over channels; float32 (fp16 autocast): 1e-6 below is a float16 subnormal
+                obj = reduce_features(feats).float()
+                lo = obj.flatten(1).amin(dim=1)[:, None, None]
+                hi = obj.flatten(1).amax(dim=1)[:, None, None]
+                parts.append(((obj - lo) / (hi - lo).clamp_min(1e-6)).unsqueeze(1))  # OGL's min-max, per image
+        return torch.cat(parts, dim=1) if len(parts) > 1 else vmap
 
     def audio_from_features(self, rows: Tensor) -> Tensor:
         """``backbone: pretrained``: cached YAMNet rows [B,1024+521] (embedding, class scores) ->
@@ -221,9 +246,12 @@ class SSLAlign(nn.Module):
         from avloc.core.pretrained import YAMNET_DIM
 
         a = self.audio.head(rows[:, :YAMNET_DIM])
-        if self.labelspace is None:
-            return a
-        return torch.cat([a, self.labelspace.audio_part(rows[:, YAMNET_DIM:])], dim=1)
+        parts = [a]
+        if self.labelspace is not None:
+            parts.append(self.labelspace.audio_part(rows[:, YAMNET_DIM:]))
+        if self.config.objectness:
+            parts.append(torch.ones_like(a[:, :1]))  # the objectness channel's audio side: a constant 1
+        return torch.cat(parts, dim=1) if len(parts) > 1 else a
 
     # --- similarities ---------------------------------------------------------------------------
     def cosine_maps(self, vmap: Tensor, audio: Tensor) -> Tensor:
@@ -232,20 +260,30 @@ class SSLAlign(nn.Module):
         return torch.einsum("nchw,kc->nkhw", F.normalize(vmap[:, :d], dim=1), F.normalize(audio[:, :d], dim=1))
 
     def cosine_map(self, vmap: Tensor, audio: Tensor) -> Tensor:
-        """Own pairs: S[n,h,w] = cos(v_n(h,w), a_n), plus the weighted label-space map when the inputs carry
-        it (:meth:`encode_image` / :meth:`encode_audio` of a ``labelspace`` model)."""
+        """Own pairs: S[n,h,w] = cos(v_n(h,w), a_n), plus the weighted label-space map and objectness when the
+        inputs carry them (:meth:`encode_image` / :meth:`encode_audio` of a ``labelspace`` / ``objectness``
+        model; the heads' own outputs while training carry the D learned channels only)."""
         d = self.config.embed_dim
         s = torch.einsum("nchw,nc->nhw", F.normalize(vmap[:, :d], dim=1), F.normalize(audio[:, :d], dim=1))
-        if self.labelspace is None or vmap.shape[1] == d:
+        if not self.fixed_terms or vmap.shape[1] == d:
             return s
-        # the label-space half is fixed: detached, so no graph keeps its inputs (an engine export traces this with
+        # the fixed terms are detached, so no graph keeps their inputs (an engine export traces this with
         # embeddings made under inference_mode, which autograd may not save)
-        # float32 under fp16 autocast too: its products (~1e-7) are float16 subnormals, and 1e-6 is one (a GPU
-        # that flushes subnormals to 0 makes 0 / 0 = NaN of an all-zero map)
+        i = d
+        # float32 under fp16 autocast too: the label-space products (~1e-7) are float16 subnormals, and 1e-6 is
+        # one (a GPU that flushes subnormals to 0 makes 0 / 0 = NaN of an all-zero map)
         with torch.autocast(vmap.device.type, enabled=False):
-            ls = self.labelspace.combine(vmap[:, d:].detach().float(), audio[:, d:].detach().float())
-            ls = ls / ls.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None]  # the likeliest place of the heard = 1
-        return s + self.labelspace_weight * ls
+            if self.labelspace is not None:
+                k = self.labelspace.bridge.shape[1]
+                ls = self.labelspace.combine(vmap[:, i : i + k].detach().float(), audio[:, i : i + k].detach().float())
+                ls = (
+                    ls / ls.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None]
+                )  # the likeliest place of the heard = 1
+                s = s + self.labelspace_weight * ls
+                i += k
+            if self.config.objectness:
+                s = s + self.objectness_weight * audio[:, i, None, None].detach().float() * vmap[:, i].detach().float()
+        return s
 
     def localization_similarity(self, vmap: Tensor, audio: Tensor) -> Tensor:
         """s_L[n,k] = sum(W*S) / sum(W), W = sigmoid((S - eps) / t): a soft-thresholded masked mean."""
@@ -274,19 +312,27 @@ class SSLAlign(nn.Module):
     @property
     def heatmap_range(self) -> tuple[float, float]:
         """Bounds of :meth:`cosine_map` (an engine's manifest; the live worker scales its heatmaps by them)."""
-        if self.labelspace is None:
-            return (-1.0, 1.0)
-        return (-1.0, 1.0 + float(self.labelspace_weight))  # the label-space term is scaled into [0, 1]
+        hi = 1.0
+        if self.labelspace is not None:
+            hi += float(self.labelspace_weight)  # the label-space term is scaled into [0, 1]
+        if self.config.objectness:
+            hi += float(self.objectness_weight)  # so is objectness (its audio side is 1)
+        return (-1.0, hi)
 
     @property
     def heatmap_meaning(self) -> str:
-        cos = "cosine similarity of each visual feature cell with the audio embedding (s_L map)"
-        if self.labelspace is None:
-            return cos
-        return (
-            f"{cos} + {float(self.labelspace_weight):g} x the label-space map / its max over the map (YAMNet "
-            "AudioSet scores x WordNet bridge x per-cell ImageNet probabilities, avloc.core.labelspace)"
-        )
+        text = "cosine similarity of each visual feature cell with the audio embedding (s_L map)"
+        if self.labelspace is not None:
+            text += (
+                f" + {float(self.labelspace_weight):g} x the label-space map / its max over the map (YAMNet "
+                "AudioSet scores x WordNet bridge x per-cell ImageNet probabilities, avloc.core.labelspace)"
+            )
+        if self.config.objectness:
+            text += (
+                f" + {float(self.objectness_weight):g} x audio-blind objectness (mean |x| over Lite0's head "
+                "channels, min-max normalised per image, avloc.core.ogl)"
+            )
+        return text
 
     def heatmap(self, image: Tensor, spec: Tensor) -> Tensor:
         """Cosine map of each image with its own audio, upsampled (bilinear) to the image size: [B,H,W]."""

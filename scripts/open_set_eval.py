@@ -3,6 +3,10 @@
     .venv/bin/python scripts/open_set_eval.py --checkpoint runs/pretrained/best.pt --data data/os \\
         --splits test,test_unseen --out open_set.json [--data2 /work/data/gcompris_farm --splits2 test]
 
+Choosing the fixed terms' weights (selection splits only):
+``--splits val,val_unseen --labelspace-weights 0.125,0.25,0.5 [--objectness-weights 0,0.125,0.25]`` scores the
+model row at each weight (pair); a checkpoint trained without the objectness term gets it switched on.
+
 Several comma-separated checkpoints (seeds of one recipe): each is scored, then the model row's mean and
 spread (half the range) over them.
 
@@ -43,6 +47,7 @@ def evaluate(
     threads: int,
     extract_only: bool = False,
     weights: tuple[float, ...] = (),
+    objectness_weights: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     from avloc.core.checkpoint import load_model
     from avloc.core.datasets import load_vggss_json
@@ -54,6 +59,10 @@ def evaluate(
     model = loaded.model.eval()
     if loaded.model_config.get("backbone") != "pretrained":
         raise SystemExit(f"{checkpoint}: not a backbone: pretrained checkpoint")
+    if objectness_weights:  # the grid over the objectness term's weight: switch the term on if it is not
+        from avloc.train.frozen import with_objectness
+
+        model = with_objectness(model)
     size = loaded.image.size
     key = json.dumps(
         [
@@ -84,11 +93,12 @@ def evaluate(
         if weights:  # the label-space weight's choice: the model row at each weight (selection splits only)
             from avloc.train.frozen import labelspace_grid
 
-            grid = labelspace_grid(model, {split: feats}, data, size, weights)
+            grid = labelspace_grid(model, {split: feats}, data, size, weights, objectness_weights)
             out[split] = {"labelspace_grid": grid}
             for g in grid:
+                obj = f" objectness weight {g['objectness_weight']:g}" if "objectness_weight" in g else ""
                 print(
-                    f"{data.name}/{split} label-space weight {g['weight']:g}: cIoU@50 {g['ciou_ap50']:.3f} "
+                    f"{data.name}/{split} label-space weight {g['weight']:g}{obj}: cIoU@50 {g['ciou_ap50']:.3f} "
                     f"swap {g['audio_swap_acc']:.3f}",
                     flush=True,
                 )
@@ -148,6 +158,12 @@ def main() -> None:
         default="",
         help="comma-separated label-space weights: score the model row at each (choose on val splits only)",
     )
+    parser.add_argument(
+        "--objectness-weights",
+        default="",
+        help="comma-separated objectness weights: with --labelspace-weights, score the model row at each pair "
+        "(the objectness term is switched on for a checkpoint trained without it; val splits only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = args.extract_only
@@ -156,7 +172,10 @@ def main() -> None:
     sets = [(args.data, args.splits)] + ([(args.data2, args.splits2)] if args.data2 is not None else [])
     for data, splits in sets:
         weights = tuple(float(w) for w in args.labelspace_weights.split(",") if w)
-        runs = [evaluate(c, data, splits.split(","), args.threads, x, weights) for c in checkpoints]
+        obj_weights = tuple(float(w) for w in args.objectness_weights.split(",") if w)
+        if obj_weights and not weights:
+            raise SystemExit("--objectness-weights: give --labelspace-weights too (the grid is over pairs)")
+        runs = [evaluate(c, data, splits.split(","), args.threads, x, weights, obj_weights) for c in checkpoints]
         result[str(data)] = runs[0] if len(runs) == 1 else {"runs": runs, "seeds": over_seeds(runs)}
         if len(runs) > 1:
             for split, row in result[str(data)]["seeds"].items():

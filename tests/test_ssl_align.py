@@ -147,18 +147,28 @@ def test_localization_and_gate_unchanged_at_minus_30_db() -> None:
 
 @pytest.mark.slow
 def test_pretrained_backbone_exports_whole(tmp_path) -> None:
-    """backbone: pretrained (frozen Lite0 + YAMNet, learned heads) with the label-space term: 8x8 map at 256 px,
-    only the heads train, the cached-feature path is the end-to-end model, and the exported ONNX engine holds
-    the whole model: its heatmap (audio graph -> visual graph, as the worker runs them) equals the torch
-    model's. Slow (~1 min on 2 busy cores): two ImageNet/AudioSet trunks are exported."""
+    """backbone: pretrained (frozen Lite0 + YAMNet, learned heads) with the label-space and objectness terms: 8x8
+    map at 256 px, only the heads train, the cached-feature path is the end-to-end model, and the exported ONNX
+    engine holds the whole model: its heatmap (audio graph -> visual graph, as the worker runs them) equals the
+    torch model's, both fixed terms included. Slow (~1 min on 2 busy cores): two ImageNet/AudioSet trunks are
+    exported."""
     import json
 
     import numpy as np
     import onnxruntime as ort
 
+    from avloc.core.ogl import reduce_features
     from avloc.engines.export import export_engine
 
-    cfg = SSLAlignConfig(backbone="pretrained", width=8, visual_layer4_stride=2, labelspace=True, labelspace_weight=0.5)
+    cfg = SSLAlignConfig(
+        backbone="pretrained",
+        width=8,
+        visual_layer4_stride=2,
+        labelspace=True,
+        labelspace_weight=0.5,
+        objectness=True,
+        objectness_weight=0.3,
+    )
     model = SSLAlign(cfg).train()
     assert not model.visual.trunk.training and not model.audio.trunk.training  # frozen batch norm
     trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
@@ -173,20 +183,29 @@ def test_pretrained_backbone_exports_whole(tmp_path) -> None:
     torch.manual_seed(0)
     images, specs = torch.randn(2, 3, 256, 256), torch.randn(2, 1, 64, 297) - 3
     with torch.no_grad():
+        feats = model.visual.features(images)
         vmap, emb = model.encode_image(images), model.encode_audio(specs)
         # training and validation run the same model from the cached trunk outputs
-        torch.testing.assert_close(model.image_from_features(model.visual.features(images)), vmap)
+        torch.testing.assert_close(model.image_from_features(feats), vmap)
         torch.testing.assert_close(model.audio_from_features(model.audio.features(specs)), emb)
         want = model.cosine_map(vmap, emb)
         learned = model.cosine_map(vmap[:, :64], emb[:, :64])
-    assert vmap.shape == (2, 64 + 1000, 8, 8) and emb.shape == (2, 64 + 1000)
+        model.objectness_weight.fill_(0.0)
+        with_ls = model.cosine_map(vmap, emb)
+        model.objectness_weight.fill_(0.3)
+    assert vmap.shape == (2, 64 + 1000 + 1, 8, 8) and emb.shape == (2, 64 + 1000 + 1)
     # the label-space term is there, at its weight, scale-free: learned <= fused <= learned + weight
-    assert (want - learned).min() >= -1e-6 and (want - learned).amax(dim=(1, 2)).sub(0.5).abs().max() < 1e-5
+    assert (with_ls - learned).min() >= -1e-6 and (with_ls - learned).amax(dim=(1, 2)).sub(0.5).abs().max() < 1e-5
+    # the objectness term: OGL's mean |x| of the same head features, min-max normalised per image, at its weight
+    obj = reduce_features(feats)
+    lo, hi = obj.amin(dim=(1, 2), keepdim=True), obj.amax(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(want - with_ls, 0.3 * (obj - lo) / (hi - lo), atol=1e-5, rtol=0)
     out = export_engine(ckpt, tmp_path / "engine")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["frontend"]["kind"] == "yamnet" and manifest["frontend"]["level"] == "window_rms"
     assert manifest["outputs"]["heatmap"]["feature_size"] == [8, 8]
-    assert manifest["outputs"]["heatmap"]["range"] == [-1.0, 1.5]  # the live worker's display scaling
+    assert manifest["outputs"]["heatmap"]["range"] == pytest.approx([-1.0, 1.8])  # the live worker's scaling
+    assert "objectness" in manifest["outputs"]["heatmap"]["meaning"]
     assert max(manifest["parity_max_abs_diff"].values()) < 1e-3
     audio = ort.InferenceSession(str(out / "audio.onnx"), providers=["CPUExecutionProvider"])
     visual = ort.InferenceSession(str(out / "visual.onnx"), providers=["CPUExecutionProvider"])
@@ -200,3 +219,7 @@ def test_labelspace_config_errors() -> None:
         SSLAlignConfig(labelspace=True)
     with pytest.raises(UserError, match="labelspace_weight=-1"):
         SSLAlignConfig(backbone="pretrained", labelspace=True, labelspace_weight=-1)
+    with pytest.raises(UserError, match="objectness=true: needs backbone pretrained"):
+        SSLAlignConfig(objectness=True)
+    with pytest.raises(UserError, match="objectness_weight=-0.5"):
+        SSLAlignConfig(backbone="pretrained", objectness=True, objectness_weight=-0.5)

@@ -323,7 +323,7 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     """backbone: pretrained: trunk features cached once under DATA/.cache (a second run reuses them), only the
     heads change, best.pt is a whole model that `avloc eval` loads, and the val audio-swap (with its
     audio-blind floor) is logged. Slow (~1 min on 2 busy cores): two pretrained trunks are exported to ONNX."""
-    from avloc.train.frozen import LABELSPACE_WEIGHTS, augment_wave, cached_split, labelspace_grid
+    from avloc.train.frozen import LABELSPACE_WEIGHTS, augment_wave, cached_split, labelspace_grid, with_objectness
 
     config = merge(
         load_config(CONFIGS / "cpu_pretrained.yaml"),
@@ -359,6 +359,15 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     grid = labelspace_grid(loaded.model, {"val": feats}, synth, 64)
     assert [g["weight"] for g in grid] == list(LABELSPACE_WEIGHTS) and all("val/ciou_ap50" in g for g in grid)
     assert float(loaded.model.labelspace_weight) == config["model"]["labelspace_weight"]  # restored
+    # the recipe's objectness term: in the checkpoint, and its weight measured the same way (pairs of weights)
+    assert loaded.model.config.objectness and float(loaded.model.objectness_weight) == 0.125
+    pairs = labelspace_grid(loaded.model, {"val": feats}, synth, 64, (0.25,), (0.0, 0.5))
+    assert [(g["weight"], g["objectness_weight"]) for g in pairs] == [(0.25, 0.0), (0.25, 0.5)]
+    assert float(loaded.model.objectness_weight) == 0.125  # restored
+    # a checkpoint trained without the term gets it switched on, heads unchanged (scripts/open_set_eval.py)
+    plain = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, labelspace=True))
+    switched = with_objectness(plain)
+    assert switched.config.objectness and torch.equal(switched.visual.head.weight, plain.visual.head.weight)
     # same data + preprocessing, another head seed: the cached features are reused
     train(merge(config, {"train": {"seed": 4}}), synth, tmp_path / "run2")
     assert cache[0].stat().st_mtime_ns == stamp
@@ -367,3 +376,33 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     wave = np.sin(np.arange(32000) / 10).astype(np.float32) * 0.5
     aug = augment_wave(wave, np.ones(8000, np.float32) * 0.1, 16000, rng)
     assert aug.shape == (16000,) and np.abs(aug).max() <= 1.0
+
+
+def test_feature_map_augmentation_flips_crops_and_is_checked():
+    """train.feature_crop: a random resized crop of the cached visual map (same crop on every channel), flips as
+    before when off; out-of-range values of the feature augmentations are one-line config errors."""
+    from avloc.train.frozen import augment_maps
+    from avloc.train.trainer import parse_config
+
+    vis = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    # off: exactly the old horizontal flip, drawn from the same random numbers
+    flips = np.random.default_rng(5).random(2) < 0.5
+    out = augment_maps(vis, np.random.default_rng(5), 1.0)
+    for i in range(2):
+        torch.testing.assert_close(out[i], vis[i].flip(-1) if flips[i] else vis[i])
+    # on: a constant map stays constant; a ramp along x stays a ramp (a zoom in keeps the order, within the
+    # range of the map) and every channel gets the same crop
+    ramp = torch.linspace(0, 1, 8).expand(4, 2, 8, 8).clone()
+    ramp[:, 1] *= 2.0
+    out = augment_maps(ramp, np.random.default_rng(1), 0.5)
+    torch.testing.assert_close(out[:, 1], 2.0 * out[:, 0])
+    assert out[:, 0].min() >= 0 and out[:, 0].max() <= 1
+    assert not torch.allclose(out, ramp) and not torch.allclose(out, ramp.flip(-1))
+    rows = out[:, 0].diff(dim=-1)
+    assert ((rows >= -1e-6).all(dim=(1, 2)) | (rows <= 1e-6).all(dim=(1, 2))).all()  # monotone (flipped or not)
+    torch.testing.assert_close(
+        augment_maps(torch.ones(3, 5, 8, 8), np.random.default_rng(2), 0.6), torch.ones(3, 5, 8, 8)
+    )
+    for key, value in (("feature_crop", 0.0), ("feature_crop", 1.5), ("feature_dropout", 1.0)):
+        with pytest.raises(UserError, match=f"train.{key}={value}"):
+            parse_config(merge(load_config(CONFIGS / "cpu_pretrained.yaml"), {"train": {key: value}}))

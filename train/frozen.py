@@ -7,9 +7,11 @@ run ~3x faster there than in torch on a CPU); the checkpoint holds the whole tor
 ``avloc eval`` / ``avloc export`` run the same network end to end.
 
 What is cached and which augmentation that allows:
-- image: the evaluation view (``Resize(size)``, no crop) of each frame; a random horizontal flip of the cached
-  map is the image augmentation (the scenes themselves are the composition augmentation: every scene places
-  the stamps anew, on a new background, at a new scale, with colour jitter);
+- image: the evaluation view (``Resize(size)``, no crop) of each frame; the image augmentation acts on the cached
+  map: a random horizontal flip and (``train.feature_crop``) a random resized crop of the map, plus
+  (``train.feature_dropout``) channel dropout on both heads' inputs, which keep the heads from memorizing the
+  training assets (docs/results.md); the scenes themselves are the composition augmentation: every scene places
+  the stamps anew, on a new background, at a new scale, with colour jitter;
 - audio: ``audio_views`` windows per clip: the clean window of the frame (what evaluation uses) and augmented
   ones (random window start, gain, mixed with another training clip at -20..-6 dB, white noise at 10-40 dB
   SNR), one drawn per step.
@@ -63,6 +65,24 @@ def augment_wave(
         x = x + rng.standard_normal(num_samples) * rms * 10 ** (-rng.uniform(10, 40) / 20)
     x *= 10 ** (rng.uniform(-30, 6) / 20)
     return np.clip(x, -1, 1).astype(np.float32)
+
+
+def augment_maps(vis: Tensor, rng: np.random.Generator, crop: float = 1.0) -> Tensor:
+    """Cached visual maps [B,C,h,w] -> the same maps seen through a random horizontal flip and, with ``crop`` < 1,
+    a random resized crop (side scale in [crop, 1], placed anywhere inside the map, resampled bilinearly to h x w):
+    the zoom / translation a view of the picture would give, on features computed once (the trunk is not re-run,
+    so it is the features' crop, not the crop's features)."""
+    b = vis.shape[0]
+    flip = np.where(rng.random(b) < 0.5, -1.0, 1.0)
+    if crop >= 1.0:
+        return torch.where(torch.from_numpy(flip < 0)[:, None, None, None], vis.flip(-1), vis)
+    scale = rng.uniform(crop, 1.0, size=b)
+    tx, ty = (rng.uniform(-1.0, 1.0, size=(2, b)) * (1.0 - scale)).astype(np.float64)
+    theta = np.zeros((b, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 2] = scale * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = scale, ty
+    grid = F.affine_grid(torch.from_numpy(theta).float(), list(vis.shape), align_corners=False)
+    return F.grid_sample(vis, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------- trunk features
@@ -352,10 +372,12 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
             vis = torch.from_numpy(train_feats.visual[idx].astype(np.float32))
             if t.train_pool > 1:  # a linear head commutes with average pooling: same map, 4x fewer cells
                 vis = F.avg_pool2d(vis, t.train_pool)
-            flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-            vis = torch.where(flip[:, None, None, None], vis.flip(-1), vis)
+            vis = augment_maps(vis, rng, t.feature_crop)
             view = rng.integers(train_feats.audio.shape[0], size=len(idx))
             aud = torch.from_numpy(train_feats.audio[view, idx, :YAMNET_DIM])
+            if t.feature_dropout > 0:  # whole visual channels (the same at every place), audio dimensions
+                vis = F.dropout2d(vis, t.feature_dropout)
+                aud = F.dropout(aud, t.feature_dropout)
             vmap, a = model.visual.head(vis), model.audio.head(aud)
             loss, _ = loss_fn(model, {"orig": vmap}, {"orig": a})
             for group in optimizer.param_groups:
@@ -409,6 +431,25 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
 LABELSPACE_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 1000.0)  # 1000: the label-space map alone, in effect
 
 
+def with_objectness(model: Any) -> Any:
+    """A ``backbone: pretrained`` model with the objectness term switched on (weight as configured, else the
+    config default), its other weights as they are: how a checkpoint trained without the term is scored with it
+    (the term has no learned part, so the heads are unchanged)."""
+    import dataclasses
+
+    from avloc.core.ssl_align import SSLAlign
+
+    if model.config.objectness:
+        return model
+    if model.config.backbone != "pretrained":
+        raise UserError("the objectness term needs a backbone: pretrained model")
+    new = SSLAlign(dataclasses.replace(model.config, objectness=True))
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or set(missing) != {"objectness_weight"}:
+        raise UserError(f"objectness term: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return new.eval()
+
+
 @torch.no_grad()
 def labelspace_grid(
     model: Any,
@@ -416,21 +457,32 @@ def labelspace_grid(
     data: Path,
     image_size: int,
     weights: tuple[float, ...] = LABELSPACE_WEIGHTS,
+    objectness_weights: tuple[float, ...] = (),
 ) -> list[dict[str, Any]]:
-    """The selection splits scored at each label-space weight (the trained heads fixed): how
-    ``model.labelspace_weight`` is chosen (mean of the splits' adaptive cIoU@50; scripts/open_set_eval.py
-    --labelspace-weights, docs/results.md)."""
+    """The selection splits scored at each label-space weight (and, with ``objectness_weights``, each pair of
+    label-space and objectness weights; the model must then have the objectness term), the trained heads fixed:
+    how ``model.labelspace_weight`` / ``model.objectness_weight`` are chosen (scripts/open_set_eval.py
+    --labelspace-weights / --objectness-weights, docs/results.md)."""
+    if objectness_weights and not model.config.objectness:
+        raise UserError("objectness weights: the model has no objectness term (train.frozen.with_objectness)")
     keep = float(model.labelspace_weight)
+    keep_obj = float(model.objectness_weight) if objectness_weights else None
     rows = []
     for w in weights:
-        model.labelspace_weight.fill_(w)
-        row: dict[str, Any] = {"weight": w}
-        for split, feats in vals.items():
-            for k, v in score_split(model, feats, data, split, image_size).items():
-                row[f"{split}/{k}"] = v
-        for k in ("ciou_ap50", "audio_swap_acc", "auc"):
-            vs = [row[f"{s}/{k}"] for s in vals if f"{s}/{k}" in row]
-            row[k] = float(np.mean(vs)) if vs else float("nan")
-        rows.append(row)
+        for wo in objectness_weights or (None,):
+            model.labelspace_weight.fill_(w)
+            row: dict[str, Any] = {"weight": w}
+            if wo is not None:
+                model.objectness_weight.fill_(wo)
+                row["objectness_weight"] = wo
+            for split, feats in vals.items():
+                for k, v in score_split(model, feats, data, split, image_size).items():
+                    row[f"{split}/{k}"] = v
+            for k in ("ciou_ap50", "audio_swap_acc", "auc"):
+                vs = [row[f"{s}/{k}"] for s in vals if f"{s}/{k}" in row]
+                row[k] = float(np.mean(vs)) if vs else float("nan")
+            rows.append(row)
     model.labelspace_weight.fill_(keep)
+    if keep_obj is not None:
+        model.objectness_weight.fill_(keep_obj)
     return rows

@@ -114,6 +114,12 @@ class TrainSettings:
     audio_views: int = 2
     max_train_samples: int | None = None
     train_pool: int = 1  # average-pool the cached maps by this factor while training the heads (1 = off)
+    # model.backbone: pretrained only, augmentation of the cached trunk features (avloc.train.frozen.augment_maps):
+    # a random resized crop of each cached visual map (scale drawn in [feature_crop, 1] of its side, anywhere
+    # inside it, resampled to the full map: 1 = off), and channel dropout on the heads' inputs (whole visual
+    # channels, audio embedding dimensions; 0 = off).
+    feature_crop: float = 1.0
+    feature_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,10 @@ def parse_config(config: dict[str, Any]) -> RunConfig:
         )
     if t.batch_size < 2:
         raise UserError(f"config train.batch_size={t.batch_size}: in-batch negatives need at least 2")
+    if not 0 < t.feature_crop <= 1:
+        raise UserError(f"config train.feature_crop={t.feature_crop}: expected a scale in (0, 1] (1 = off)")
+    if not 0 <= t.feature_dropout < 1:
+        raise UserError(f"config train.feature_dropout={t.feature_dropout}: expected a probability in [0, 1)")
     return cfg
 
 
