@@ -30,6 +30,8 @@ class _CosineHead(nn.Module):
     """SSLAlign.cosine_map of a ``labelspace`` model (what the exported visual graph computes after the encoder),
     with a small bridge: the real method, none of the pretrained encoders."""
 
+    fixed_terms = True  # SSLAlign.fixed_terms of a labelspace model
+
     def __init__(self) -> None:
         super().__init__()
         self.config = SSLAlignConfig(width=D // 8)
