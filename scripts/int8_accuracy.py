@@ -10,7 +10,10 @@ inputs ``avloc eval`` gives the checkpoint (its image preprocessing and front-en
     python scripts/int8_accuracy.py --engine ENGINE_DIR --data DATA [--split test] --out int8.json
 
 ENGINE_DIR must hold int8 variants (``avloc export --int8 --calibration DATA``) and the checkpoint it was
-exported from (``manifest.torch_checkpoint``).
+exported from (``manifest.torch_checkpoint``). ``--requantize WORK_DIR --calibration DATA`` measures what the export's
+gate turned down: both graphs are quantized again with the export's own recipe and calibration
+(``avloc.engines.quantize.quantize_graphs``, its gate numbers reported) into WORK_DIR, a copy of the engine whose
+manifest lists them as int8 variants (marked ``rejected`` where the gate said no), and that copy is scored.
 """
 
 from __future__ import annotations
@@ -132,6 +135,43 @@ def compare(fp32: dict[str, Any], int8: dict[str, Any], n_boot: int = 2000) -> d
     return out
 
 
+def requantized_engine(engine: Path, calibration: Path, work: Path) -> tuple[Path, dict[str, Any]]:
+    """A copy of ``engine`` in ``work`` (links to its files) with both graphs quantized as ``avloc export --int8``
+    does, kept whatever the gate says; returns it and the gate's verdict per graph."""
+    import onnxruntime as ort
+
+    from avloc.engines.base import read_manifest
+    from avloc.engines.quantize import quantize_graphs
+
+    manifest = read_manifest(engine)
+    if work.exists() and any(work.iterdir()):
+        raise UserError(f"--requantize {work}: expected an empty or new directory")
+    work.mkdir(parents=True, exist_ok=True)
+    for item in engine.iterdir():
+        if item.is_file() and item.name != "manifest.json" and ".int8." not in item.name:
+            (work / item.name).symlink_to(item.resolve())
+    for graph in manifest["graphs"].values():
+        graph.pop("variants", None)
+        graph.pop("int8_rejected", None)
+    audio_file = engine / manifest["graphs"]["audio"]["file"]
+    session = ort.InferenceSession(str(audio_file), providers=["CPUExecutionProvider"])
+
+    class Audio:  # what quantize_graphs asks of the export's torch graphs: the audio embedding of a spectrogram
+        @staticmethod
+        def audio(spec: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"spectrogram": spec.numpy()})[0])
+
+    entries = quantize_graphs(work, manifest, Audio, calibration, keep_rejected=True)
+    for graph, entry in entries.items():
+        manifest["graphs"][graph]["variants"] = {"int8": entry}
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    gate = {
+        graph: {"kept_by_export": not entry.get("rejected", False), **entry["heatmap_agreement_vs_fp32"]}
+        for graph, entry in entries.items()
+    }
+    return work, gate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", required=True, type=Path, help="engine directory with int8 variants")
@@ -139,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the manifest's torch checkpoint")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--requantize",
+        type=Path,
+        default=None,
+        metavar="WORK_DIR",
+        help="quantize both graphs again with the export's recipe (also those its gate rejected) into this new "
+        "directory, and score that engine (needs --calibration)",
+    )
+    parser.add_argument("--calibration", type=Path, default=None, help="dataset root to calibrate on (--requantize)")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     try:
@@ -148,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         from avloc.train.evaluate import Evaluator, swap_scenes
 
         torch.set_num_threads(args.threads)
+        gate = None
+        if args.requantize is not None:
+            if args.calibration is None:
+                raise UserError("--requantize needs --calibration DATASET_ROOT (the data the export calibrated on)")
+            args.engine, gate = requantized_engine(args.engine, args.calibration, args.requantize)
         manifest = read_manifest(args.engine)
         ckpt = args.checkpoint or args.engine / manifest.get("torch_checkpoint", {}).get("file", "model.pt")
         evaluator = Evaluator(load_model(ckpt, device="cpu"), args.data, args.split)
@@ -167,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": str(args.data),
             "split": args.split,
             "int8_graphs": {g: sorted(manifest["graphs"][g].get("variants") or {}) for g in ("audio", "visual")},
+            "export_gate": gate,
             "metrics": compare(results["fp32"], results["int8"]),
             "command": "python scripts/int8_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
         }

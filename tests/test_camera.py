@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -385,3 +386,105 @@ def test_worker_is_loading_until_it_delivers_and_says_why_not(ctx):
     problems = [p for _, p in seen]
     assert stopped in problems and problems.index(stopped) > states.index("ok")
     assert problems[-1] is None  # delivering again
+
+
+class _CountingCamera:
+    """A 50 fps camera that counts what is asked of it: every grab, and the retrieves (decode + convert)."""
+
+    def __init__(self, _source) -> None:
+        self.grabs = self.retrieves = 0
+        self.marks: list[tuple[float, int, int]] = []
+        _CountingCamera.last = self
+
+    def isOpened(self) -> bool:  # noqa: N802 - cv2.VideoCapture's name
+        return True
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+    def grab(self) -> bool:
+        time.sleep(0.02)  # the driver hands out a frame every 20 ms
+        self.grabs += 1
+        return True
+
+    def retrieve(self) -> tuple[bool, np.ndarray]:
+        self.retrieves += 1
+        return True, np.full((8, 8, 3), self.grabs % 256, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("served_hz", [4.0, None])
+def test_camera_grabs_every_frame_but_converts_and_sends_what_the_worker_serves(ctx, served_hz):
+    """Flow control (issue 24): against a worker serving 4 heatmaps/s of the stream, the camera keeps grabbing
+    at the source's rate (its buffer stays fresh) but retrieves and sends only ~the allowance (1.3 x 4 + 2 =
+    7.2 frames/s); without heatmaps (no worker heard) it retrieves and sends every frame, as before."""
+    from avloc.stream.capture.camera import run_camera
+    from avloc.stream.wire.flow import HEADROOM, STEP_UP
+
+    frames_ep, heat_ep, beats_ep = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
+    heat = protocol.make_socket(ctx, zmq.PUB, heat_ep, bind=True, hwm=1000)
+    beats = protocol.make_socket(ctx, zmq.SUB, beats_ep, bind=True, hwm=1000)
+    frames = protocol.make_socket(ctx, zmq.SUB, frames_ep, bind=False, hwm=1000)
+    stop = threading.Event()
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            run_camera(
+                "fake://cam",
+                frames_ep,
+                "cam0",
+                heartbeat_endpoint=beats_ep,
+                stop=stop,
+                ctx=ctx,
+                open_capture=_CountingCamera,
+                flow_endpoint=heat_ep,
+            )
+        )
+    )
+    thread.start()
+    received: list[protocol.Message] = []
+    marks = []  # (time, grabs, retrieves) after 3 s and at the end
+    heartbeat = None
+    try:
+        start = next_heat = time.monotonic()
+        while time.monotonic() - start < 6.0:
+            if served_hz and time.monotonic() >= next_heat:
+                protocol.send(heat, "heatmap", stream="cam0", seq=0, ts={"publish": protocol.now()})
+                protocol.send(heat, "heatmap", stream="cam1", seq=0, ts={"publish": protocol.now()})
+                next_heat += 1.0 / served_hz
+            msg = protocol.recv(frames, timeout_ms=10)
+            if msg is not None:
+                received.append(msg)
+            beat = protocol.recv(beats, timeout_ms=0)
+            heartbeat = beat if beat is not None and beat.kind == "heartbeat" else heartbeat
+            camera = getattr(_CountingCamera, "last", None)
+            if not marks and camera is not None and time.monotonic() - start >= 3.0:
+                marks.append((time.monotonic(), camera.grabs, camera.retrieves))
+        camera = _CountingCamera.last
+        marks.append((time.monotonic(), camera.grabs, camera.retrieves))
+    finally:
+        stop.set()
+        thread.join(10)
+        for sock in (heat, beats, frames):
+            sock.close(0)
+    (t0, g0, r0), (t1, g1, r1) = marks
+    grabbed_fps, retrieved_fps = (g1 - g0) / (t1 - t0), (r1 - r0) / (t1 - t0)
+    assert grabbed_fps > 15, marks  # every frame of the source is still grabbed (~50/s; less on a busy machine)
+    assert result["grabbed"] == camera.grabs
+    assert result["published"] <= camera.retrieves  # only retrieved frames are sent
+    assert heartbeat is not None and "flow_skipped" in heartbeat.meta["stats"]
+    if served_hz is None:
+        assert camera.retrieves >= camera.grabs - 1 and result["flow_skipped"] == 0
+        assert heartbeat.meta["stats"]["flow_allowance_fps"] is None  # no feedback: every frame
+        return
+    allowance = HEADROOM * served_hz + STEP_UP  # 7.2 frames/s
+    # a 1 s window holds 3 to 5 of the 4 Hz heatmaps: 5.9 to 8.5 frames/s
+    assert 0.7 * allowance <= retrieved_fps <= 1.25 * allowance, (retrieved_fps, grabbed_fps, marks)
+    assert result["flow_skipped"] >= camera.grabs - camera.retrieves - 1 > 0
+    assert heartbeat.meta["stats"]["flow_allowance_fps"] == pytest.approx(allowance, abs=2.0)
+    assert len(received) >= 5 and all(m.stream == "cam0" for m in received)

@@ -13,6 +13,13 @@ backends), and a watchdog sees a grab thread stuck in one call for longer than `
 then beats ``state: stalled``, which the launcher does not count as alive, so it restarts the process (a thread
 stuck inside a driver call cannot be interrupted from Python).
 
+``--flow-control ENDPOINT`` (the heatmap publisher; ``avloc run`` passes it): past the inference worker's capacity the
+camera converts and sends only about as many frames as the worker serves of its stream
+(``avloc.stream.wire.flow``), like a replay. The grab thread still grabs every frame the source delivers, so the
+driver's buffer stays drained and the frame that is sent is the newest; a skipped frame is never retrieved
+(``cap.retrieve()``: the decoding/colour conversion of a grabbed frame) nor resized, copied or sent. Skipped frames are
+counted in ``flow_skipped``, the allowance in the heartbeat's ``flow_allowance_fps``.
+
 ``--infer-frames EP --infer-size WxH`` also publishes every frame resized to the engine's input size (same seq and
 timestamps) for the inference worker, so full frames cross the network only to the display (docs/multihost.md).
 
@@ -46,6 +53,7 @@ from avloc.stream.runtime.worker import (
     setup_logging,
 )
 from avloc.stream.wire import protocol
+from avloc.stream.wire.flow import FlowFeedback
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +176,10 @@ class LatestFrameGrabber:
 
     ``pace_fps``: a video *file* is read at its own frame rate (like a camera would deliver it) instead of
     as fast as it decodes; ``None`` → the file's fps for files, no pacing for devices and streams.
+
+    ``flow``: flow control (``avloc.stream.wire.flow``), asked after each grab whether that frame is wanted; one it
+    is not is grabbed (the source's queue drained) but not retrieved. Used by the grab thread only (a ZeroMQ
+    socket belongs to one thread); the caller closes it after :meth:`stop`.
     """
 
     def __init__(
@@ -178,8 +190,12 @@ class LatestFrameGrabber:
         backoff_max_s: float = 10.0,
         pace_fps: float | None = None,
         open_capture: Callable[[str | int], Any] = open_with_timeouts,
+        flow: FlowFeedback | None = None,
     ) -> None:
         self.source = parse_source(source)
+        self._flow = flow
+        self.flow_skipped = 0  # grabbed frames past the flow-control allowance: never retrieved
+        self.flow_state: dict[str, Any] = {}  # the allowance as of the last grab (heartbeats read it)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.pace_fps = pace_fps
@@ -217,12 +233,14 @@ class LatestFrameGrabber:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop the grab thread; False when it is still inside an OpenCV call after ``timeout_s``."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def latest(self, newer_than: int = -1, timeout_s: float = 1.0) -> GrabbedFrame | None:
         """The newest frame with ``index > newer_than``; waits up to ``timeout_s`` for one."""
@@ -304,6 +322,7 @@ class LatestFrameGrabber:
         period = 1.0 / pace if pace else 0.0
         next_due = time.monotonic()
         failures = delivered = 0
+        last_grab: float | None = None
         while not self._stop.is_set():
             if period:
                 delay = next_due - time.monotonic()
@@ -313,6 +332,21 @@ class LatestFrameGrabber:
             self._enter("grab")
             ok = cap.grab()
             capture_ts = protocol.now()
+            self._leave()
+            if ok and self._flow is not None:
+                step = capture_ts - last_grab if last_grab is not None else 0.0
+                last_grab = capture_ts
+                admitted = self._flow.admit(step)
+                self.flow_state = self._flow.control.stats(capture_ts)
+                if not admitted:
+                    # past the worker's capacity: the frame is grabbed (the source's queue stays fresh) but
+                    # neither retrieved (decoded, converted) nor offered for sending
+                    failures = 0
+                    delivered += 1
+                    self.problem = None
+                    self.flow_skipped += 1
+                    self.grabbed += 1
+                    continue
             self._enter("retrieve")
             ok, image = cap.retrieve() if ok else (False, None)
             self._leave()
@@ -341,14 +375,17 @@ class LatestFrameGrabber:
     def _what(self) -> str:
         return f"camera {self.source}" if isinstance(self.source, int) else f"source {self.source}"
 
-    def stats(self) -> dict[str, int]:
-        return {
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "grabbed": self.grabbed,
             "overwritten": self.overwritten,
             "open_attempts": self.open_attempts,
             "open_failures": self.open_failures,
             "reopens": self.reopens,
         }
+        if self._flow is not None:
+            out.update(flow_skipped=self.flow_skipped, **self.flow_state)
+        return out
 
 
 def run_camera(
@@ -367,11 +404,13 @@ def run_camera(
     open_capture: Callable[[str | int], Any] = open_with_timeouts,
     infer_endpoint: str | None = None,
     infer_size: tuple[int, int] | None = None,
+    flow_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters.
 
     ``infer_endpoint``: also publish each frame resized to ``infer_size`` (width, height) there, with the same
     stream, seq and timestamps, so heatmaps computed from it match the full frames by seq.
+    ``flow_endpoint``: the heatmap publisher; frames past what the worker serves of this stream are skipped.
     """
     stop = stop or threading.Event()
     ctx = ctx or zmq.Context.instance()
@@ -381,8 +420,13 @@ def run_camera(
         protocol.make_socket(ctx, zmq.PUB, infer_endpoint, bind=True) if infer_endpoint and infer_size else None
     )
     heartbeat = Heartbeat(ctx, heartbeat_endpoint, role="camera", stream=stream_id)
+    flow = FlowFeedback(ctx, flow_endpoint, stream_id) if flow_endpoint else None
     grabber = LatestFrameGrabber(
-        source, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, open_capture=open_capture
+        source,
+        backoff_initial_s=backoff_initial_s,
+        backoff_max_s=backoff_max_s,
+        open_capture=open_capture,
+        flow=flow,
     ).start()
     min_period = 1.0 / fps_limit if fps_limit else 0.0
     # ``published``: frames handed to libzmq. A PUB send never fails for a slow subscriber (it drops
@@ -445,7 +489,9 @@ def run_camera(
                 )
             published += 1
     finally:
-        grabber.stop()
+        stopped = grabber.stop()
+        if flow is not None and stopped:  # a grab thread stuck in the driver may still reach the socket: left open
+            flow.close()
         final = stats()
         heartbeat.maybe_send(final, force=True)
         heartbeat.close()
@@ -470,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=STALL_TIMEOUT_S,
         help="an OpenCV open/grab running longer than this (s) reports the worker stalled",
     )
+    parser.add_argument(
+        "--flow-control",
+        default=None,
+        metavar="ENDPOINT",
+        help="heatmap publisher to watch: convert and send about as many frames as the inference worker serves "
+        "of this stream, skipping the rest (every frame is still grabbed, so the newest is sent)",
+    )
     add_infer_arguments(parser)
     add_common_arguments(parser, role="camera")
     return parser
@@ -492,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             stall_timeout_s=args.stall_timeout,
             infer_endpoint=infer_endpoint,
             infer_size=infer_size,
+            flow_endpoint=args.flow_control,
         )
     except UserError as err:  # e.g. the endpoint is taken: one line, and the launcher does not retry
         log.error("%s", err)

@@ -60,6 +60,8 @@ def live_specs(
     specs = []
     for i, (source, frames_ep) in enumerate(zip(cameras, endpoints.frames)):
         args = ["--source", str(source), "--endpoint", frames_ep, "--stream-id", f"cam{i}"]
+        # past the worker's capacity, convert and send about what it serves (avloc.stream.wire.flow)
+        args += ["--flow-control", endpoints.heatmaps]
         if fps_limit:
             args += ["--fps-limit", str(fps_limit)]
         specs.append(L.ProcessSpec(f"camera{i}", "avloc.stream.capture.camera", args, role="source"))
