@@ -205,6 +205,8 @@ def test_pretrained_backbone_exports_whole(tmp_path) -> None:
     assert manifest["frontend"]["kind"] == "yamnet" and manifest["frontend"]["level"] == "window_rms"
     assert manifest["outputs"]["heatmap"]["feature_size"] == [8, 8]
     assert manifest["outputs"]["heatmap"]["range"] == pytest.approx([-1.0, 1.8])  # the live worker's scaling
+    # the confidence is a mean of heatmap cells: its bounds are the heatmap's (was [-1, 1] whatever the terms)
+    assert manifest["outputs"]["confidence"]["range"] == pytest.approx([-1.0, 1.8])
     assert "objectness" in manifest["outputs"]["heatmap"]["meaning"]
     assert max(manifest["parity_max_abs_diff"].values()) < 1e-3
     audio = ort.InferenceSession(str(out / "audio.onnx"), providers=["CPUExecutionProvider"])
@@ -223,3 +225,7 @@ def test_labelspace_config_errors() -> None:
         SSLAlignConfig(objectness=True)
     with pytest.raises(UserError, match="objectness_weight=-0.5"):
         SSLAlignConfig(backbone="pretrained", objectness=True, objectness_weight=-0.5)
+    # NaN / inf passed a `< 0` check and failed only at the first validation, after a whole epoch of training
+    for name, value in (("labelspace_weight", "nan"), ("objectness_weight", "nan"), ("objectness_weight", "inf")):
+        with pytest.raises(UserError, match=f"{name}={value}: expected a finite weight"):
+            SSLAlignConfig(backbone="pretrained", labelspace=True, objectness=True, **{name: float(value)})

@@ -406,3 +406,7 @@ def test_feature_map_augmentation_flips_crops_and_is_checked():
     for key, value in (("feature_crop", 0.0), ("feature_crop", 1.5), ("feature_dropout", 1.0)):
         with pytest.raises(UserError, match=f"train.{key}={value}"):
             parse_config(merge(load_config(CONFIGS / "cpu_pretrained.yaml"), {"train": {key: value}}))
+    # the resnet18 trainer (and ACL) have no cached features: the settings would be ignored without a word
+    for key, value in (("feature_crop", 0.6), ("feature_dropout", 0.3)):
+        with pytest.raises(UserError, match="train.feature_crop=.*model.backbone=pretrained only"):
+            parse_config(merge(load_config(CONFIGS / "cpu.yaml"), {"train": {key: value}}))
