@@ -229,3 +229,32 @@ def test_labelspace_config_errors() -> None:
     for name, value in (("labelspace_weight", "nan"), ("objectness_weight", "nan"), ("objectness_weight", "inf")):
         with pytest.raises(UserError, match=f"{name}={value}: expected a finite weight"):
             SSLAlignConfig(backbone="pretrained", labelspace=True, objectness=True, **{name: float(value)})
+
+
+def test_open_set_eval_zero_shot_floor_is_the_fixed_terms_alone() -> None:
+    """scripts/open_set_eval.py's "fixed terms only (zero-shot)" row: the heatmap with the learned cosine switched
+    off, i.e. exactly the label-space + objectness terms at the checkpoint's weights; the model itself untouched."""
+    import importlib.util
+    from pathlib import Path
+
+    from avloc.core.pretrained import YAMNET_DIM
+
+    spec = importlib.util.spec_from_file_location(
+        "open_set_eval", Path(__file__).resolve().parents[1] / "scripts" / "open_set_eval.py"
+    )
+    ose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ose)
+    cfg = SSLAlignConfig(
+        backbone="pretrained", width=4, visual_layer4_stride=2, labelspace=True, objectness=True, objectness_weight=0.3
+    )
+    model = SSLAlign(cfg).eval()
+    torch.manual_seed(0)
+    feats, rows = torch.rand(2, 1280, 8, 8), torch.rand(2, YAMNET_DIM + 521)
+    zero = ose.fixed_terms_only(model)
+    with torch.no_grad():
+        vmap, a = model.image_from_features(feats), model.audio_from_features(rows)
+        full, learned = model.cosine_map(vmap, a), model.cosine_map(vmap[:, :32], a[:, :32])
+        floor = zero.cosine_map(zero.image_from_features(feats), zero.audio_from_features(rows))
+    assert learned.abs().max() > 0.01  # the model's own heads are not zeroed
+    torch.testing.assert_close(floor, full - learned, atol=1e-5, rtol=0)
+    assert ose.fixed_terms_only(SSLAlign(SSLAlignConfig(width=4))) is None
