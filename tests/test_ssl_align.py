@@ -258,3 +258,16 @@ def test_open_set_eval_zero_shot_floor_is_the_fixed_terms_alone() -> None:
     assert learned.abs().max() > 0.01  # the model's own heads are not zeroed
     torch.testing.assert_close(floor, full - learned, atol=1e-5, rtol=0)
     assert ose.fixed_terms_only(SSLAlign(SSLAlignConfig(width=4))) is None
+    # the paired gain: a map on the box vs one off it, scene by scene
+    import numpy as np
+
+    from avloc.core.datasets import Annotation
+
+    ann = {f"s{i}": Annotation(f"s{i}", "x", np.array([[0.0, 0.0, 0.5, 0.5]])) for i in range(4)}
+    on = np.zeros((16, 16), np.float32)
+    on[:8, :8] = 1
+    off = np.roll(on, 8, axis=(0, 1))
+    good, bad = {k: on for k in ann}, {k: (on if k == "s0" else off) for k in ann}
+    gain = ose.paired_gain(good, bad, ann)
+    assert gain["ciou_ap50"] == pytest.approx(0.75) and gain["n"] == 4
+    assert gain["ciou_ap50_ci"][0] <= 0.75 <= gain["ciou_ap50_ci"][1]
