@@ -236,4 +236,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from avloc.core.errors import UserError
+
+    try:
+        main()
+    except UserError as err:  # a bad checkpoint / data / weight grid: one line, no traceback
+        print(f"open_set_eval: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -368,6 +368,10 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     plain = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, labelspace=True))
     switched = with_objectness(plain)
     assert switched.config.objectness and torch.equal(switched.visual.head.weight, plain.visual.head.weight)
+    # a model without the label-space term has no weight to grid over: a one-line error, not an AttributeError
+    bare = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, objectness=True))
+    with pytest.raises(UserError, match="no label-space term"):
+        labelspace_grid(bare, {"val": feats}, synth, 64, (0.25,))
     # same data + preprocessing, another head seed: the cached features are reused
     train(merge(config, {"train": {"seed": 4}}), synth, tmp_path / "run2")
     assert cache[0].stat().st_mtime_ns == stamp
