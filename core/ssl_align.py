@@ -16,6 +16,7 @@ part of the state dict, so checkpoints and exported engines hold the whole model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +56,14 @@ class SSLAlignConfig:
             raise UserError(f"model backbone={self.backbone!r}: expected resnet18 or pretrained")
         if self.labelspace and self.backbone != "pretrained":
             raise UserError("model labelspace=true: needs backbone pretrained (the ImageNet / AudioSet classifiers)")
-        if self.labelspace_weight < 0:
-            raise UserError(f"model labelspace_weight={self.labelspace_weight}: expected >= 0")
+        # not (w >= 0) also refuses NaN, and inf is refused too: either would train a whole epoch of heads before
+        # the first validation heatmap fails (every map NaN)
+        if not 0 <= self.labelspace_weight < math.inf:
+            raise UserError(f"model labelspace_weight={self.labelspace_weight}: expected a finite weight >= 0")
         if self.objectness and self.backbone != "pretrained":
             raise UserError("model objectness=true: needs backbone pretrained (the frozen ImageNet features)")
-        if self.objectness_weight < 0:
-            raise UserError(f"model objectness_weight={self.objectness_weight}: expected >= 0")
+        if not 0 <= self.objectness_weight < math.inf:
+            raise UserError(f"model objectness_weight={self.objectness_weight}: expected a finite weight >= 0")
         for name in ("visual_layer4_stride", "audio_layer4_stride"):
             if getattr(self, name) not in (1, 2):
                 raise UserError(f"model {name}={getattr(self, name)}: expected 1 or 2")

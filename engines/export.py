@@ -106,7 +106,7 @@ def ssl_align_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
             "to the frame",
         },
         confidence={
-            "range": [-1.0, 1.0],
+            "range": list(model.heatmap_range),  # a mean of heatmap cells: the heatmap's bounds (fixed terms too)
             "top_k": k,
             "meaning": f"mean of the top {int(TOP_FRACTION * 100)} % ({k} of "
             f"{feature_size[0] * feature_size[1]}) heatmap cells "

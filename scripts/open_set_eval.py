@@ -14,8 +14,9 @@ For each split: adaptive cIoU@50 and AUC with bootstrap 95 % intervals over scen
 (peak in the heard object's box and no other, :func:`avloc.core.metrics.swap_hits`) with its interval, and
 the same numbers for three maps that cannot use the audio: a centre prior (Gaussian bump), audio-blind
 objectness (the L2 norm over channels of the same frozen EfficientNet-Lite0 head features the model sees) and
-the model's own audio-blind map (mean of its swap maps). Breakdowns by ``<split>_<group>.txt`` (heard /
-unheard, new_instance / unseen_category) when the dataset has them.
+the model's own audio-blind map (mean of its swap maps); and, for a model with fixed terms (label-space,
+objectness), those terms alone with the learned heads switched off (the zero-shot floor). Breakdowns by
+``<split>_<group>.txt`` (heard / unheard, new_instance / unseen_category) when the dataset has them.
 
 The heads run on trunk features computed with onnxruntime from the checkpoint's own frozen trunks
 (avloc.train.frozen, cached under DATA/.cache); ``avloc eval`` on the same checkpoint computes the same maps
@@ -38,6 +39,39 @@ import torch
 def centre_prior(size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     return np.exp(-(((xx + 0.5) / size - 0.5) ** 2 + ((yy + 0.5) / size - 0.5) ** 2) / (2 * 0.2**2))
+
+
+def fixed_terms_only(model: Any) -> Any | None:
+    """A copy of the model whose learned heads output 0, so its heatmap is the fixed terms alone (label-space /
+    objectness at the checkpoint's weights: cos(0, a) = 0, F.normalize maps 0 to 0): the zero-shot floor the
+    learned part must beat. None for a model without fixed terms."""
+    import copy
+
+    if not model.fixed_terms:
+        return None
+    zero = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for head in (zero.visual.head, zero.audio.head):
+            for p in head.parameters():
+                p.zero_()
+    return zero
+
+
+def paired_gain(maps: dict[str, np.ndarray], base: dict[str, np.ndarray], annotations: Any) -> dict[str, Any]:
+    """Adaptive cIoU@50 of ``maps`` minus that of ``base`` on the same scenes, with a paired bootstrap 95 %
+    interval (scenes resampled together): far tighter than comparing two unpaired intervals."""
+    from avloc.core.metrics import bootstrap_interval, evaluate_maps
+
+    ids = sorted(maps)
+    hits = []
+    for m in (maps, base):
+        per = evaluate_maps(
+            {k: m[k] for k in ids}, {k: annotations[k] for k in ids}, binarize="adaptive", per_sample=True
+        )
+        hits.append(np.array([per["per_sample"][k]["ciou"] >= 0.5 for k in ids], dtype=np.float64))
+    diff = hits[0] - hits[1]
+    lo, hi = bootstrap_interval(diff, np.mean)
+    return {"ciou_ap50": float(diff.mean()), "ciou_ap50_ci": [float(lo), float(hi)], "n": len(ids)}
 
 
 def evaluate(
@@ -123,7 +157,20 @@ def evaluate(
                 objectness, {s: [objectness[s]] * len(m) for s, m in swap.items()}, annotations, groups
             ),
         }
+        fixed = fixed_terms_only(model)
+        if fixed is not None:  # the same scenes scored with the learned term switched off (its swap uses the audio)
+            fmaps, fswap = split_maps(fixed, feats, size)
+            fmaps = {k: m for k, m in fmaps.items() if k in annotations}
+            rows["fixed terms only (zero-shot)"] = score(fmaps, fswap, annotations, groups)
         out[split] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+        if fixed is not None:  # what the learned part adds, scene by scene (paired: both maps of the same scenes)
+            out[split]["model_minus_zero_shot"] = paired_gain(maps, fmaps, annotations)
+            g = out[split]["model_minus_zero_shot"]
+            print(
+                f"{data.name}/{split} model - zero-shot, paired over scenes: cIoU@50 {g['ciou_ap50']:+.3f} "
+                f"[{g['ciou_ap50_ci'][0]:+.3f}, {g['ciou_ap50_ci'][1]:+.3f}]",
+                flush=True,
+            )
         for name, row in rows.items():
             print(scene_scores_line(f"{data.name}/{split} {name:26s}", row, groups), flush=True)
     return out
@@ -189,4 +236,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from avloc.core.errors import UserError
+
+    try:
+        main()
+    except UserError as err:  # a bad checkpoint / data / weight grid: one line, no traceback
+        print(f"open_set_eval: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -205,6 +205,8 @@ def test_pretrained_backbone_exports_whole(tmp_path) -> None:
     assert manifest["frontend"]["kind"] == "yamnet" and manifest["frontend"]["level"] == "window_rms"
     assert manifest["outputs"]["heatmap"]["feature_size"] == [8, 8]
     assert manifest["outputs"]["heatmap"]["range"] == pytest.approx([-1.0, 1.8])  # the live worker's scaling
+    # the confidence is a mean of heatmap cells: its bounds are the heatmap's (was [-1, 1] whatever the terms)
+    assert manifest["outputs"]["confidence"]["range"] == pytest.approx([-1.0, 1.8])
     assert "objectness" in manifest["outputs"]["heatmap"]["meaning"]
     assert max(manifest["parity_max_abs_diff"].values()) < 1e-3
     audio = ort.InferenceSession(str(out / "audio.onnx"), providers=["CPUExecutionProvider"])
@@ -223,3 +225,49 @@ def test_labelspace_config_errors() -> None:
         SSLAlignConfig(objectness=True)
     with pytest.raises(UserError, match="objectness_weight=-0.5"):
         SSLAlignConfig(backbone="pretrained", objectness=True, objectness_weight=-0.5)
+    # NaN / inf passed a `< 0` check and failed only at the first validation, after a whole epoch of training
+    for name, value in (("labelspace_weight", "nan"), ("objectness_weight", "nan"), ("objectness_weight", "inf")):
+        with pytest.raises(UserError, match=f"{name}={value}: expected a finite weight"):
+            SSLAlignConfig(backbone="pretrained", labelspace=True, objectness=True, **{name: float(value)})
+
+
+def test_open_set_eval_zero_shot_floor_is_the_fixed_terms_alone() -> None:
+    """scripts/open_set_eval.py's "fixed terms only (zero-shot)" row: the heatmap with the learned cosine switched
+    off, i.e. exactly the label-space + objectness terms at the checkpoint's weights; the model itself untouched."""
+    import importlib.util
+    from pathlib import Path
+
+    from avloc.core.pretrained import YAMNET_DIM
+
+    spec = importlib.util.spec_from_file_location(
+        "open_set_eval", Path(__file__).resolve().parents[1] / "scripts" / "open_set_eval.py"
+    )
+    ose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ose)
+    cfg = SSLAlignConfig(
+        backbone="pretrained", width=4, visual_layer4_stride=2, labelspace=True, objectness=True, objectness_weight=0.3
+    )
+    model = SSLAlign(cfg).eval()
+    torch.manual_seed(0)
+    feats, rows = torch.rand(2, 1280, 8, 8), torch.rand(2, YAMNET_DIM + 521)
+    zero = ose.fixed_terms_only(model)
+    with torch.no_grad():
+        vmap, a = model.image_from_features(feats), model.audio_from_features(rows)
+        full, learned = model.cosine_map(vmap, a), model.cosine_map(vmap[:, :32], a[:, :32])
+        floor = zero.cosine_map(zero.image_from_features(feats), zero.audio_from_features(rows))
+    assert learned.abs().max() > 0.01  # the model's own heads are not zeroed
+    torch.testing.assert_close(floor, full - learned, atol=1e-5, rtol=0)
+    assert ose.fixed_terms_only(SSLAlign(SSLAlignConfig(width=4))) is None
+    # the paired gain: a map on the box vs one off it, scene by scene
+    import numpy as np
+
+    from avloc.core.datasets import Annotation
+
+    ann = {f"s{i}": Annotation(f"s{i}", "x", np.array([[0.0, 0.0, 0.5, 0.5]])) for i in range(4)}
+    on = np.zeros((16, 16), np.float32)
+    on[:8, :8] = 1
+    off = np.roll(on, 8, axis=(0, 1))
+    good, bad = {k: on for k in ann}, {k: (on if k == "s0" else off) for k in ann}
+    gain = ose.paired_gain(good, bad, ann)
+    assert gain["ciou_ap50"] == pytest.approx(0.75) and gain["n"] == 4
+    assert gain["ciou_ap50_ci"][0] <= 0.75 <= gain["ciou_ap50_ci"][1]

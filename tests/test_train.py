@@ -368,6 +368,10 @@ def test_pretrained_backbone_trains_heads_on_cached_trunk_features(synth, tmp_pa
     plain = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, labelspace=True))
     switched = with_objectness(plain)
     assert switched.config.objectness and torch.equal(switched.visual.head.weight, plain.visual.head.weight)
+    # a model without the label-space term has no weight to grid over: a one-line error, not an AttributeError
+    bare = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, objectness=True))
+    with pytest.raises(UserError, match="no label-space term"):
+        labelspace_grid(bare, {"val": feats}, synth, 64, (0.25,))
     # same data + preprocessing, another head seed: the cached features are reused
     train(merge(config, {"train": {"seed": 4}}), synth, tmp_path / "run2")
     assert cache[0].stat().st_mtime_ns == stamp
@@ -406,3 +410,7 @@ def test_feature_map_augmentation_flips_crops_and_is_checked():
     for key, value in (("feature_crop", 0.0), ("feature_crop", 1.5), ("feature_dropout", 1.0)):
         with pytest.raises(UserError, match=f"train.{key}={value}"):
             parse_config(merge(load_config(CONFIGS / "cpu_pretrained.yaml"), {"train": {key: value}}))
+    # the resnet18 trainer (and ACL) have no cached features: the settings would be ignored without a word
+    for key, value in (("feature_crop", 0.6), ("feature_dropout", 0.3)):
+        with pytest.raises(UserError, match="train.feature_crop=.*model.backbone=pretrained only"):
+            parse_config(merge(load_config(CONFIGS / "cpu.yaml"), {"train": {key: value}}))

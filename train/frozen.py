@@ -463,6 +463,8 @@ def labelspace_grid(
     label-space and objectness weights; the model must then have the objectness term), the trained heads fixed:
     how ``model.labelspace_weight`` / ``model.objectness_weight`` are chosen (scripts/open_set_eval.py
     --labelspace-weights / --objectness-weights, docs/results.md)."""
+    if model.labelspace is None:  # the grid moves model.labelspace_weight, which only that term has
+        raise UserError("label-space weights: the model has no label-space term (model.labelspace=false)")
     if objectness_weights and not model.config.objectness:
         raise UserError("objectness weights: the model has no objectness term (train.frozen.with_objectness)")
     keep = float(model.labelspace_weight)

@@ -164,6 +164,12 @@ def parse_config(config: dict[str, Any]) -> RunConfig:
         raise UserError(f"config train.feature_crop={t.feature_crop}: expected a scale in (0, 1] (1 = off)")
     if not 0 <= t.feature_dropout < 1:
         raise UserError(f"config train.feature_dropout={t.feature_dropout}: expected a probability in [0, 1)")
+    if (t.feature_crop != 1 or t.feature_dropout != 0) and cfg.model.backbone != "pretrained":
+        # they act on cached trunk features (train/frozen.py): any other trainer would silently ignore them
+        raise UserError(
+            f"config train.feature_crop={t.feature_crop}, feature_dropout={t.feature_dropout}: augment the cached "
+            f"features of model.backbone=pretrained only (not ACL, not {cfg.model.backbone}); leave them at 1 / 0"
+        )
     return cfg
 
 
