@@ -197,14 +197,29 @@ def test_heatmap_encoding_and_peak():
     heat = np.array([[-1.0, 0.0], [0.5, 1.0]], np.float32)
     assert np.allclose(encode_heatmap(heat, -1, 1, "float16").astype(np.float32), [[0, 0.5], [0.75, 1.0]])
     assert encode_heatmap(heat, -1, 1, "uint8").tolist() == [[0, 128], [191, 255]]
-    assert peak_of(heat, upsample=1) == (0.75, 0.75)
-    # upsampled: the bilinear maximum stays in the hottest cell, and a peak between two cells lands between
-    x, y = peak_of(heat)
-    assert x > 0.5 and y > 0.5
-    twin = np.zeros((3, 4), np.float32)
-    twin[1, 1:3] = 1.0
-    x, y = peak_of(twin)  # a plateau over cells 1..2: anywhere between their centres, on the middle row
-    assert 1.5 / 4 - 1e-6 <= x <= 2.5 / 4 and y == pytest.approx(0.5, abs=1 / 24)
+    # the hottest cell (1, 1) with a warm left neighbour (0.5 against the median 0.25): a quarter cell to the left
+    assert peak_of(heat) == pytest.approx((0.625, 0.75))
+    # one hot cell, the others at the median: that cell's centre
+    single = np.zeros((8, 8), np.float32)
+    single[3, 5] = 1.0
+    assert peak_of(single) == pytest.approx((5.5 / 8, 3.5 / 8))
+    # a source spanning two cells lights both: the peak lies between them, nearer the hotter
+    twin = np.zeros((8, 8), np.float32)
+    twin[4, 2], twin[4, 3] = 1.0, 0.5
+    x, y = peak_of(twin)
+    assert 2.5 / 8 < x < 3.0 / 8 and y == pytest.approx(4.5 / 8)
+    # at the border the peak stays at the cell's centre, not on the frame's outermost pixel (the bilinear
+    # upsampling's flat edge put it at x = 1/128 of an 8-wide map)
+    edge = np.zeros((8, 8), np.float32)
+    edge[6, 0] = 1.0
+    assert peak_of(edge) == pytest.approx((0.5 / 8, 6.5 / 8))
+    # flat, one-cell and non-finite maps give a point inside the frame
+    assert peak_of(np.ones((8, 8), np.float32)) == (0.5 / 8, 0.5 / 8)
+    assert peak_of(np.ones((1, 1), np.float32)) == (0.5, 0.5)
+    broken = single.copy()
+    broken[0, 0] = np.nan
+    assert peak_of(broken) == pytest.approx((5.5 / 8, 3.5 / 8))
+    assert all(0.0 <= v <= 1.0 for v in peak_of(np.full((8, 8), np.nan, np.float32)))
 
 
 # ---------------------------------------------------------------------------------------------- real process

@@ -45,7 +45,6 @@ import logging
 import math
 from typing import Any
 
-import cv2
 import numpy as np
 import zmq
 
@@ -119,18 +118,31 @@ def encode_heatmap(heatmap: np.ndarray, lo: float, hi: float, dtype: str) -> np.
     return unit.astype(np.float16)
 
 
-def peak_of(heatmap: np.ndarray, upsample: int = 8) -> tuple[float, float]:
-    """Normalized (x, y) of the hottest point of the heatmap upsampled bilinearly (as a display shows it).
+def peak_of(heatmap: np.ndarray) -> tuple[float, float]:
+    """Normalized (x, y) of the sound's peak: the hottest cell, moved within it to the centroid of its 3x3
+    neighbourhood weighted by each cell's excess over the map's median.
 
-    The map is coarse (e.g. 14x14), so the argmax is taken on a ``upsample``-times larger bilinear resize
-    (half-pixel centres, like ``F.interpolate(align_corners=False)``) for a sub-cell peak.
+    Why not the argmax of a bilinear upsampling (the earlier rule): the maximum of a bilinear interpolant lies on
+    a cell centre, so on the CPU recipes' 8x8 maps (80-pixel cells on a 640x480 frame) the peak moved in whole-cell
+    steps, and at the border the upsampling's flat edge put it on the frame's outermost pixel instead of the cell
+    centre. A source spanning two cells lights both; the weighted centroid puts the peak between them. Measured as
+    a pointing game (peak in a sounding object's box), same maps, centroid vs bilinear: 0.95 vs 0.885 on the
+    open-set benchmark's val scenes (os3_s0 engine), 0.69 vs 0.677 on val_unseen, 1.00 vs 0.95 on the demo's val
+    scenes (docs/results.md "The live peak"). Non-finite cells count as the map's minimum.
     """
-    h, w = heatmap.shape
-    if upsample > 1:
-        heatmap = cv2.resize(heatmap.astype(np.float32), (w * upsample, h * upsample), interpolation=cv2.INTER_LINEAR)
-    hh, ww = heatmap.shape
-    y, x = divmod(int(np.argmax(heatmap)), ww)
-    return (x + 0.5) / ww, (y + 0.5) / hh
+    m = np.asarray(heatmap, dtype=np.float32)
+    h, w = m.shape
+    finite = np.isfinite(m)
+    if not finite.all():
+        m = np.where(finite, m, m[finite].min() if finite.any() else 0.0)
+    y, x = divmod(int(np.argmax(m)), w)
+    y0, y1, x0, x1 = max(0, y - 1), min(h, y + 2), max(0, x - 1), min(w, x + 2)
+    weights = np.clip(m[y0:y1, x0:x1] - np.median(m), 0.0, None)
+    total = float(weights.sum())
+    if total <= 0.0:  # a flat map (or one cell): the hottest cell's centre
+        return (x + 0.5) / w, (y + 0.5) / h
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    return (float((xx * weights).sum()) / total + 0.5) / w, (float((yy * weights).sum()) / total + 0.5) / h
 
 
 class InferenceWorker(StreamScheduler):
