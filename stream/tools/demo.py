@@ -71,8 +71,9 @@ def train_budget_s(minutes_budget: float, elapsed_s: float, seconds: float) -> f
     return max(MIN_TRAIN_S, minutes_budget * 60.0 - elapsed_s - AFTER_TRAIN_S - seconds)
 
 
-def _data_matches(data: Path, seconds: float, seed: int) -> bool:
-    """``data`` is a finished demo dataset of this seed with a ``seconds`` clip (else it is made again)."""
+def _data_matches(data: Path, seconds: float, seed: int, train_scenes: int) -> bool:
+    """``data`` is a finished demo dataset of this seed, ``train_scenes`` training scenes and a ``seconds`` clip
+    (else it is made again)."""
     try:
         meta = json.loads((data / "meta.json").read_text())
     except (OSError, ValueError):
@@ -81,7 +82,7 @@ def _data_matches(data: Path, seconds: float, seed: int) -> bool:
     return (
         meta.get("categories") == sorted(DEMO_CATEGORIES)
         and meta.get("seed") == seed
-        and meta.get("counts", {}).get("train") == DEMO_TRAIN
+        and meta.get("counts", {}).get("train") == train_scenes
         and abs(float(video.get("seconds", -1)) - seconds) < 1e-6
         and (data / "video" / "clip_0000.json").is_file()
     )
@@ -116,11 +117,13 @@ def run_demo(
     fresh: bool = False,
     backend: str = "onnxruntime",
     train_steps: int | None = None,
+    train_scenes: int = DEMO_TRAIN,
 ) -> dict[str, Any]:
     """Run every step into ``out``; returns the report (also written to ``out/demo_report.json``).
 
     ``train_steps`` trains exactly that many steps instead of what fits the budget: the same model whatever
-    the machine's load (tests; the budget's step count depends on how busy the cores are)."""
+    the machine's load (tests; the budget's step count depends on how busy the cores are). ``train_scenes``:
+    the training split's size (tests: fewer scenes, decoded faster)."""
     import torch  # why: torch, the trainer, the export and the pipeline only when the demo runs (--help fast)
 
     from avloc.core.data.stamps import make_stamps
@@ -152,9 +155,9 @@ def run_demo(
     run = out / "train"
     best = run / "best.pt"
     t0 = time.monotonic()
-    if not _data_matches(data, seconds, seed):
+    if not _data_matches(data, seconds, seed, train_scenes):
         _step(
-            f"1/5 making the stamps dataset ({len(DEMO_CATEGORIES)} categories, {DEMO_TRAIN} training scenes)"
+            f"1/5 making the stamps dataset ({len(DEMO_CATEGORIES)} categories, {train_scenes} training scenes)"
             f" and a {seconds:g} s {VIDEO_SIZE[0]}x{VIDEO_SIZE[1]} clip of a moving sounding object",
             started,
         )
@@ -163,7 +166,7 @@ def run_demo(
         make_stamps(
             data,
             seed=seed,
-            n_train=DEMO_TRAIN,
+            n_train=train_scenes,
             n_val=DEMO_VAL,
             n_test=DEMO_TEST,
             distractors=DEMO_DISTRACTORS,
@@ -193,7 +196,9 @@ def run_demo(
             config["train"]["budget_minutes"] = round(budget_s / 60.0, 3)
             _step(f"2/5 training the tiny demo model (configs/demo.yaml) for {budget_s:.0f} s", started)
         else:
-            config["train"].update(budget_minutes=None, max_steps=train_steps)
+            # one validation pass, after the last step (the model trained is the model kept): passes of every
+            # epoch would cost more than the training itself of a test's few steps on a busy machine
+            config["train"].update(budget_minutes=None, max_steps=train_steps, val_every=10**6)
             _step(f"2/5 training the tiny demo model (configs/demo.yaml) for {train_steps} steps", started)
         best = train(config, data, run)
         steps = _trained_steps(run)
