@@ -153,33 +153,27 @@ def test_clip_draws_each_static_distractor_apart(monkeypatch: pytest.MonkeyPatch
         assert _colour_mask(bare[0], library.hues[colour]).sum() < 0.002 * 320 * 240
 
 
-# The slow test's model: TEST_STEPS steps on TEST_SCENES training scenes (the demo trains ~250 steps on 2000 on an
-# idle machine), a TEST_SECONDS clip. A step count, not a time budget: the same model however busy the machine (a
-# budget trains fewer steps the busier it is, and with 14 steps the demo scored 0 %; bench/demo-2026-12-07).
-TEST_STEPS, TEST_SCENES, TEST_SECONDS = 50, 500, 5.0
+# The slow test's model: TEST_EPOCHS epochs of the heads on TEST_SCENES training scenes (the demo: 600 scenes, the
+# epochs that fit its budget), a TEST_SECONDS clip. Epochs, not a time budget: the same model however busy the
+# machine (a budget trains less the busier it is).
+TEST_EPOCHS, TEST_SCENES, TEST_SECONDS = 3, 200, 4.0
 
 
 @pytest.mark.slow
 def test_demo_trained_model_localizes_the_moving_object(tmp_path):
-    """The whole demo, smaller: stamps data, training (configs/demo.yaml), export, replay of the clip through the
-    real processes, score.
-
-    Measured 2026-12-07 (the body of this test, run as a script, load average 4-7 from other helpers' trainings):
-    peak in the sounding object's box in 18 / 87 frames = 20.7 % (a random point: 6.1 %), 118 heatmaps at 24 fps;
-    799 s in all, 714 s of it the 50 steps at ~13 s a step (1.3-1.6 s a step on 2 idle cores: ~110 s in all).
-    As a pytest at nice 15, load average 2.6-4.8: passed in 740 s. The previous version (170 steps on 2000
-    scenes, validation every epoch) took 578 s of CI's suite."""
+    """The whole demo, smaller: stamps data, training (configs/demo.yaml: frozen pretrained trunks, learned heads),
+    export, replay of the clip through the real processes, score."""
     report = run_demo(
-        tmp_path / "demo", minutes_budget=6.0, seconds=TEST_SECONDS, train_steps=TEST_STEPS, train_scenes=TEST_SCENES
+        tmp_path / "demo", minutes_budget=6.0, seconds=TEST_SECONDS, train_epochs=TEST_EPOCHS, train_scenes=TEST_SCENES
     )
     loc = report["localization"]
-    # Scored: heatmaps after the first 1.5 s (before, the window is mostly start-up silence: warming_up) that the
-    # pipeline computed; on a busy machine it skips frames, so a floor well under the clip's 105 such frames.
-    assert loc["frames_scored"] >= 30, loc
-    # the peak sits on the sounding object far more often than a random point would: twice chance (measured 3.4x;
-    # a peak at chance, 87 independent frames would give >= 2x in 1.7 % of runs: 11+ hits at p = 0.061)
-    assert loc["fraction"] >= 2 * loc["chance"], loc
-    assert report["train_steps"] == TEST_STEPS
+    # Scored: computed heatmaps without a notice (the first ~1.5 s are warming_up); the Lite0 engine serves
+    # ~5-10 heatmaps/s on 2 busy cores, so a floor well under the clip's frames.
+    assert loc["frames_scored"] >= 10, loc
+    # most frames: the peak sits on the sounding object, far above a random point's hit rate
+    assert loc["fraction"] >= 0.5, loc
+    assert loc["fraction"] >= 3 * loc["chance"], loc
+    assert report["train_steps"] and report["train_steps"] > 0
     assert report["latency"]["heatmap_fps"] > 0  # speed targets live in `avloc bench pipeline`, not here
     saved = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert saved["localization"] == loc
