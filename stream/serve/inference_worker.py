@@ -127,8 +127,8 @@ def peak_of(heatmap: np.ndarray) -> tuple[float, float]:
     steps, and at the border the upsampling's flat edge put it on the frame's outermost pixel instead of the cell
     centre. A source spanning two cells lights both; the weighted centroid puts the peak between them. Measured as
     a pointing game (peak in a sounding object's box), same maps, centroid vs bilinear: 0.95 vs 0.885 on the
-    open-set benchmark's val scenes (os3_s0 engine), 0.69 vs 0.677 on val_unseen, 1.00 vs 0.95 on the demo's val
-    scenes (docs/results.md "The live peak"). Non-finite cells count as the map's minimum.
+    open-set benchmark's val scenes (os3_s0 engine), 0.69 vs 0.677 on val_unseen (scripts/peak_effect.py,
+    docs/results.md "The live peak"). Non-finite cells count as the map's minimum.
     """
     m = np.asarray(heatmap, dtype=np.float32)
     h, w = m.shape
