@@ -218,25 +218,39 @@ def test_int8_export_at_the_real_gate_records_agreement_and_loads(checkpoint, tm
     data = _tiny_dataset(tmp_path / "data")
     out = export_mod.export_engine(checkpoint[0], tmp_path / "engine", int8=True, calibration=data)
     manifest = read_manifest(out)
+    kept = {}
     for graph in ("audio", "visual"):
-        assert "int8_rejected" not in manifest["graphs"][graph]
-        entry = manifest["graphs"][graph]["variants"]["int8"]
+        record = manifest["graphs"][graph]
+        kept[graph] = "int8_rejected" not in record
+        if not kept[graph]:
+            # only the visual graph may be turned down, and only on the peak test: this random model's maps are
+            # near-flat (a third of the held-out fp32 maps have a near tie, a cell more than one away within 2 % of
+            # the range), where any quantization may move the peak; the gate is not loosened for that
+            assert graph == "visual", record["int8_rejected"]
+            agreement = record["int8_rejected"]["heatmap_agreement_vs_fp32"]
+            assert agreement["mean_correlation"] >= 0.98 and agreement["peak_within_one_cell"] < 0.9, agreement
+            assert agreement["fp32_near_ties"] > 0 and not (out / "visual.int8.onnx").exists()
+            continue
+        entry = record["variants"]["int8"]
         assert entry["sha256"] == sha256_file(out / f"{graph}.int8.onnx")
         assert entry["calibration_samples"] == 6 and entry["held_out_samples"] == 6
         agreement = entry["heatmap_agreement_vs_fp32"]
         # what the gate let through: r >= 0.98 and peaks within one cell on >= 90 % of the held-out maps
         assert agreement["mean_correlation"] >= 0.98 and agreement["peak_within_one_cell"] >= 0.9, graph
         assert agreement["min_correlation"] <= agreement["mean_correlation"] <= 1.0 + 1e-6
+    visual = manifest["graphs"]["visual"]
+    visual_agreement = (visual["variants"]["int8"] if kept["visual"] else visual["int8_rejected"])[
+        "heatmap_agreement_vs_fp32"
+    ]
     assert (
-        entry["heatmap_agreement_vs_fp32"].keys()
-        < manifest["graphs"]["audio"]["variants"]["int8"]["heatmap_agreement_vs_fp32"].keys()
+        visual_agreement.keys() < manifest["graphs"]["audio"]["variants"]["int8"]["heatmap_agreement_vs_fp32"].keys()
     )  # the audio entry adds embedding cosines
     assert not list(out.glob("*.tmp.onnx")) and not list(out.glob("augmented*"))
     rng = np.random.default_rng(0)
     spec = rng.standard_normal((2, *FRONTEND.output_shape()), dtype=np.float32)
     image = rng.standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     with load_engine(out, precision="int8", threads=1) as int8, load_engine(out, threads=1) as fp32:
-        assert int8.precisions == {"audio": "int8", "visual": "int8"}
+        assert int8.precisions == {"audio": "int8", "visual": "int8" if kept["visual"] else "fp32"}
         emb = fp32.embed_audio(spec)
         emb8 = int8.embed_audio(spec)
         cosine = (emb * emb8).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(emb8, axis=1))
@@ -296,7 +310,12 @@ def test_int8_gate_decides_at_exactly_its_thresholds(checkpoint, tmp_path, monke
     from avloc.engines import quantize
 
     data = _tiny_dataset(tmp_path / "data")
-    monkeypatch.setattr(quantize, "_quantize", lambda src, dst, feeds: shutil.copyfile(src, dst))
+
+    def copy_as_int8(src, dst, feeds):  # the "quantized" graph is the fp32 one; nothing recorded (no equalization)
+        shutil.copyfile(src, dst)
+        return {}
+
+    monkeypatch.setattr(quantize, "_quantize", copy_as_int8)
     measured: list[tuple[float, float]] = []
 
     def canned(reference, maps):  # (audio, visual) agreement per export, in the order the gate sees them
