@@ -444,9 +444,12 @@ def with_objectness(model: Any) -> Any:
     if model.config.backbone != "pretrained":
         raise UserError("the objectness term needs a backbone: pretrained model")
     new = SSLAlign(dataclasses.replace(model.config, objectness=True))
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or set(missing) != {"objectness_weight"}:
-        raise UserError(f"objectness term: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # the term's only state is its configured weight; every other key must match exactly (strict load)
+    state = {**model.state_dict(), "objectness_weight": new.objectness_weight}
+    try:
+        new.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"objectness term: state dict mismatch ({str(err).splitlines()[0]})") from None
     return new.eval()
 
 
