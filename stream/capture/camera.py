@@ -53,7 +53,7 @@ from avloc.stream.runtime.worker import (
     setup_logging,
 )
 from avloc.stream.wire import protocol
-from avloc.stream.wire.flow import FlowFeedback
+from avloc.stream.wire.flow import FlowFeedback, add_flow_control_argument
 
 log = logging.getLogger(__name__)
 
@@ -516,13 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=STALL_TIMEOUT_S,
         help="an OpenCV open/grab running longer than this (s) reports the worker stalled",
     )
-    parser.add_argument(
-        "--flow-control",
-        default=None,
-        metavar="ENDPOINT",
-        help="heatmap publisher to watch: convert and send about as many frames as the inference worker serves "
-        "of this stream, skipping the rest (every frame is still grabbed, so the newest is sent)",
-    )
+    add_flow_control_argument(parser, "convert and send", "every frame is still grabbed, so the newest is sent")
     add_infer_arguments(parser)
     add_common_arguments(parser, role="camera")
     return parser

@@ -64,7 +64,7 @@ from avloc.stream.runtime.worker import (
     wait_for_subscribers,
 )
 from avloc.stream.wire import protocol, security
-from avloc.stream.wire.flow import FlowFeedback
+from avloc.stream.wire.flow import FlowFeedback, add_flow_control_argument
 
 log = logging.getLogger(__name__)
 
@@ -549,13 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
-    parser.add_argument(
-        "--flow-control",
-        default=None,
-        metavar="ENDPOINT",
-        help="heatmap publisher to watch: send about as many frames as the inference worker serves of this "
-        "stream, skipping the rest (past its capacity)",
-    )
+    add_flow_control_argument(parser, "send")
     add_infer_arguments(parser)
     add_common_arguments(parser, role="replay")
     return parser

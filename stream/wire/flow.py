@@ -20,6 +20,7 @@ peak, under the same load): docs/performance.md, "Overload without collapse".
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import deque
 from typing import Any
@@ -101,3 +102,15 @@ class FlowFeedback:
 
     def close(self) -> None:
         self.socket.close(0)
+
+
+def add_flow_control_argument(parser: argparse.ArgumentParser, what: str, note: str = "past its capacity") -> None:
+    """``--flow-control ENDPOINT`` of a capture (camera, replay); ``what`` the capture does only for the frames it
+    is allowed, ``note`` a last word for the help text."""
+    parser.add_argument(
+        "--flow-control",
+        default=None,
+        metavar="ENDPOINT",
+        help=f"heatmap publisher to watch: {what} about as many frames as the inference worker serves of this "
+        f"stream, skipping the rest ({note})",
+    )
