@@ -118,3 +118,16 @@ def test_tensorrt_fp16_graph_of_an_all_zero_label_space_map_is_finite(tmp_path, 
         ref = head(vmap, audio).numpy()
     assert np.isfinite(got).all(), got
     assert np.abs(got - ref).max() < 5e-3
+
+
+def test_objectness_channel_of_a_constant_map_is_finite_under_fp16_autocast():
+    """The objectness term's per-image min-max divides by max - min floored at 1e-6, a float16 subnormal: on a
+    map with no contrast (a blank frame) a flush-to-zero GPU would make it 0 / 0. The channel is computed in
+    float32 whatever the autocast dtype of the trunk's features."""
+    model = SSLAlign(SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, objectness=True)).eval()
+    feats = torch.ones(1, 1280, 8, 8, dtype=torch.float16)  # the same features everywhere: max - min = 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+        vmap = model.image_from_features(feats)  # as the trunk hands them over under CUDA autocast
+    objectness = vmap[:, -1]
+    assert objectness.dtype == torch.float32 and torch.isfinite(objectness).all()
+    assert torch.equal(objectness, torch.zeros_like(objectness))  # no contrast: no object anywhere
