@@ -342,6 +342,13 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
     }
     extract_s = time.perf_counter() - run_start
     log.info("trunk features: %d train, %s val in %.1f min", len(train_feats.ids), list(vals), extract_s / 60)
+    if not vals:
+        # Said once, up front: without a val split nothing is selected, so best.pt is simply the last epoch.
+        log.warning(
+            "%s has no %s split (SPLIT.txt + SPLIT.json): no epoch selection, best.pt will be the last epoch",
+            data,
+            " / ".join(SPLITS_SCORED),
+        )
 
     torch.manual_seed(t.seed)
     loss_fn = SSLAlignLoss(cfg.loss)
@@ -412,6 +419,7 @@ def train_frozen(cfg: Any, data: Path, out: Path, model: Any, model_config: dict
                     "step": step,
                     "config": to_dict(cfg),
                     "val": {k: v for k, v in record.items() if "/" in k},
+                    "selected_by": f"val {t.select}" if vals else "last epoch (no val split)",
                 },
             )
         with metrics_path.open("a") as f:
