@@ -103,6 +103,7 @@ def evaluate(
             loaded.frontend.to_dict(),
             size,
             list(loaded.image.mean),
+            list(loaded.image.std),  # a different std is different trunk input: never the same cache
             loaded.model_config.get("visual_layer4_stride"),
             "embedding+scores",  # audio rows [1024 + 521] (train/frozen.py)
         ],
