@@ -201,3 +201,19 @@ def test_overload_points_judge_goodput_fairness_and_p99(monkeypatch, tmp_path):
     assert verdict == {1.5: True, 2.0: False, 4.0: False}
     assert out["runs"][1]["goodput"] == pytest.approx(70.0 / 88.0, abs=1e-3)
     assert out["runs"][0]["p99_bound_ms"] == 160.0
+
+
+def test_cpu_cost_per_heatmap_and_per_source_frame():
+    from avloc.stream.tools.bench import cpu_cost
+
+    cpu = {"replay0": 10.0, "replay1": 14.0, "inference": 140.0, "display": 6.0, "launcher": 1.0}
+    cost = cpu_cost(cpu, heatmaps=200, measured_s=8.0, streams=2, fps=30.0)
+    # 8 s at 171 % of a core = 13.68 CPU-s for 200 heatmaps; the replays' 1.92 CPU-s over 2 x 240 source frames
+    assert cost == {
+        "all_per_heatmap": 68.4,
+        "inference_per_heatmap": 56.0,
+        "captures_per_heatmap": 9.6,
+        "display_per_heatmap": 2.4,
+        "capture_per_source_frame": 4.0,
+    }
+    assert cpu_cost(cpu, 0, 8.0, 2, None)["all_per_heatmap"] is None  # nothing served: no cost per heatmap
