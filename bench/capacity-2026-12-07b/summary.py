@@ -20,5 +20,6 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         f"{cpu['inference']:5.1f} replays {sum(replays):5.1f} display {cpu['display']:4.1f} | CPU-ms per heatmap all "
         f"{total * 10 * seconds / heatmaps:6.1f} inference {cpu['inference'] * 10 * seconds / heatmaps:5.1f} | "
         f"replay CPU-ms per source frame {sum(replays) * 10 / 30 / len(replays):.2f} | audio windows "
-        f"{stats['audio']} embedded {stats['audio_embeds']} | load {p['load_avg_before'][0]}-{p['load_avg_after'][0]}"
+        f"{stats['audio']} embedded {stats['audio_embeds']} | fairness {p.get('fairness')} e2e p99 "
+        f"{p['e2e_ms']['p99']:.0f} ms | load {p['load_avg_before'][0]}-{p['load_avg_after'][0]}"
     )
