@@ -23,6 +23,7 @@ The config is stored with every checkpoint and engine so live capture computes w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -369,10 +370,12 @@ class StreamingFrontEnd:
         self.total_samples = 0
         self._next_end = self._window
 
-    def push(self, block: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    def push(self, block: np.ndarray, keep: Callable[[int], bool] | None = None) -> list[tuple[int, np.ndarray]]:
         """Append a block ([N], or [N, C] averaged to mono); return ``[(end_sample_index, spec[1,F,T])]``.
 
         ``end_sample_index`` counts samples pushed so far: the window covers ``[end - num_samples, end)``.
+        ``keep(end)`` False: that window is not computed nor returned (a throttled capture skips the
+        spectrograms no one will embed; the windows that are kept are unchanged).
         """
         block = np.asarray(block, dtype=np.float32)
         if block.ndim == 2:
@@ -394,8 +397,9 @@ class StreamingFrontEnd:
             self.total_samples += take
             pos += take
             if self.total_samples == self._next_end:
-                windows.append(self._buffer[self._filled - self._window : self._filled].copy())
-                ends.append(self.total_samples)
+                if keep is None or keep(self.total_samples):
+                    windows.append(self._buffer[self._filled - self._window : self._filled].copy())
+                    ends.append(self.total_samples)
                 self._next_end += self.hop_samples
         if not windows:
             return []

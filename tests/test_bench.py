@@ -61,6 +61,10 @@ def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):
         "display",
     }
     assert set(pipe["cpu_percent"]) == {"replay", "inference", "display", "launcher"}
+    # CPU per unit of work over the same window: every process's CPU-ms / the heatmaps measured
+    total_ms = sum(pipe["cpu_percent"].values()) * 10.0 * pipe["measured_s"]
+    assert pipe["cpu_ms"]["all_per_heatmap"] == pytest.approx(total_ms / pipe["heatmaps"], rel=0.01)
+    assert pipe["cpu_ms"]["capture_per_source_frame"] > 0
     # heatmaps of the measured window only: at most the video's 15 fps (+ one at each end of the window)
     assert pipe["heatmaps"] >= 3 and pipe["heatmaps"] <= 15 * pipe["measured_s"] + 2
     assert 0 < pipe["heatmap_fps"] <= 15 * 1.2

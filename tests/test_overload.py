@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 
+from avloc.core.audio import FrontEndConfig, StreamingFrontEnd
 from avloc.stream.capture.replay import ReplaySource
-from avloc.stream.run.launcher import free_tcp_endpoint
+from avloc.stream.run.launcher import StreamConfig, free_tcp_endpoint
 from avloc.stream.wire import protocol
-from avloc.stream.wire.flow import HEADROOM, MIN_FPS, STEP_UP, WINDOW_S, FlowControl
+from avloc.stream.wire.flow import HEADROOM, MIN_FPS, STEP_UP, WINDOW_S, FlowControl, audio_spacing
 
 
 def _heatmap(stream: str) -> protocol.Message:
@@ -62,6 +65,66 @@ def test_flow_control_sends_what_is_served_and_recovers():
     assert flow.allowance(start + 3.0 + 2.5) is None
 
 
+def _windows_admitted(flow: FlowControl, start: float, seconds: float, hop: float, served_hz: float | None) -> list:
+    """End times of the audio windows (one every ``hop``) a 30 fps capture sends while the worker serves
+    ``served_hz`` heatmaps/s of its stream (None: no feedback)."""
+    kept, t = [], start
+    while t < start + seconds:
+        if served_hz is not None:
+            flow.heard([_heatmap("cam0")], t)
+        flow.admit(t, 1.0 / 30)
+        if flow.admit_window(t, t):
+            kept.append(t)
+        t += 1.0 / served_hz if served_hz else hop
+        t = round(t / hop) * hop  # windows end on the hop grid
+    return kept
+
+
+def test_throttled_capture_sends_the_audio_windows_the_worker_embeds():
+    spacing = audio_spacing(0.3, 0.1)
+    assert spacing == pytest.approx(0.4) and audio_spacing(0.0, 0.1) == 0.0  # no reuse: every window
+    # no feedback, or a worker that keeps up (allowance >= the source rate): every window
+    assert len(_windows_admitted(FlowControl("cam0", spacing), 0.0, 2.0, 0.1, None)) == 20
+    flow = FlowControl("cam0", spacing)
+    _windows_admitted(flow, 0.0, 2.0, 0.1, 10.0)  # 10 heatmaps/s: allowance 15 frames/s < 30, throttled
+    kept = _windows_admitted(flow, 2.0, 4.0, 0.1, 10.0)
+    gaps = np.diff(kept)
+    # one window every 0.4 s: each more than audio_reuse_s (0.3) older than the next, so the worker embeds
+    # every one it gets, and a frame's window is at most 0.4 s old, as with every window and reuse
+    assert len(kept) == pytest.approx(4.0 / spacing, abs=1) and gaps.min() >= spacing - 1e-3, kept
+    assert flow.windows_skipped >= 25
+    # throttled but no reuse configured: every window
+    flow = FlowControl("cam0", 0.0)
+    _windows_admitted(flow, 0.0, 2.0, 0.1, 10.0)
+    assert len(_windows_admitted(flow, 2.0, 4.0, 0.1, 10.0)) == 40
+
+
+def test_streaming_frontend_skips_windows_without_changing_the_kept_ones():
+    config = FrontEndConfig(window_seconds=0.5)
+    hop = 1600
+    audio = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
+    every = StreamingFrontEnd(config, hop).push(audio)
+    asked: list[int] = []
+    some = StreamingFrontEnd(config, hop).push(audio, keep=lambda end: asked.append(end) or end % (3 * hop) == 0)
+    assert asked == [end for end, _ in every]  # asked once per window, in order
+    assert [end for end, _ in some] == [end for end, _ in every if end % (3 * hop) == 0]
+    full = dict(every)
+    for end, spec in some:
+        np.testing.assert_array_equal(spec, full[end])
+
+
+def test_pipeline_replays_thin_audio_by_the_worker_reuse():
+    from avloc.stream.run import pipeline as P
+
+    endpoints = P.Endpoints.auto(1)
+    config = StreamConfig(audio_reuse_s=0.5)
+    (spec,) = P.replay_specs(Path("clip.mp4"), Path("engine"), endpoints, config)
+    args = spec.args
+    assert args[args.index("--flow-audio-reuse") + 1] == "0.5"
+    (spec,) = P.replay_specs(Path("clip.mp4"), Path("engine"), endpoints, config, flow_control=False)
+    assert "--flow-audio-reuse" not in spec.args
+
+
 def test_replay_skips_frames_the_worker_does_not_serve(engine_and_video):
     """A real replay worker (in a thread) against a fake worker serving 4 heatmaps/s of its stream."""
     engine, video = engine_and_video  # 15 fps clip, looped
@@ -77,7 +140,8 @@ def test_replay_skips_frames_the_worker_does_not_serve(engine_and_video):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(source.run()), daemon=True)
     thread.start()
-    marks: list[tuple[int, int]] = []  # (frames sent, frames skipped) after 3 s and at the end
+    counters = ("frames", "flow_skipped", "windows", "flow_audio_skipped")
+    marks: list[tuple[int, ...]] = []  # the counters after 3 s and at the end
     try:
         start = time.monotonic()
         next_heat = start
@@ -89,22 +153,25 @@ def test_replay_skips_frames_the_worker_does_not_serve(engine_and_video):
             protocol.drain_latest(frames)
             protocol.drain_latest(audio)
             if not marks and time.monotonic() - start >= 3.0:
-                marks.append((source.stats["frames"], source.stats["flow_skipped"]))
+                marks.append(tuple(source.stats[k] for k in counters))
             time.sleep(0.01)
-        marks.append((source.stats["frames"], source.stats["flow_skipped"]))
+        marks.append(tuple(source.stats[k] for k in counters))
     finally:
         stop.set()
         thread.join(timeout=30)
         for sock in (frames, audio, heat):
             sock.close(0)
         ctx.term()
-    sent, skipped = (b - a for a, b in zip(*marks))
+    sent, skipped, windows, windows_skipped = (b - a for a, b in zip(*marks))
     # The share of frames sent is the allowance per frame of the 15 fps clip, whatever speed this (loaded)
     # machine lets the replay decode at: the credit accrues per frame step, the served rate per second.
     share = sent / max(1, sent + skipped)
     expected = (HEADROOM * 4.0 + STEP_UP) / 15.0  # 7.2 of 15 frames/s
     assert sent + skipped >= 10, marks
     assert abs(share - expected) < 0.15, (share, expected, marks)
+    # throttled, it computes one audio window every audio_reuse_s + hop = 0.4 s instead of every 0.1 s
+    assert windows + windows_skipped >= 10, marks
+    assert abs(windows / (windows + windows_skipped) - 0.25) < 0.1, marks
     assert result["error"] is None
 
 
@@ -134,3 +201,19 @@ def test_overload_points_judge_goodput_fairness_and_p99(monkeypatch, tmp_path):
     assert verdict == {1.5: True, 2.0: False, 4.0: False}
     assert out["runs"][1]["goodput"] == pytest.approx(70.0 / 88.0, abs=1e-3)
     assert out["runs"][0]["p99_bound_ms"] == 160.0
+
+
+def test_cpu_cost_per_heatmap_and_per_source_frame():
+    from avloc.stream.tools.bench import cpu_cost
+
+    cpu = {"replay0": 10.0, "replay1": 14.0, "inference": 140.0, "display": 6.0, "launcher": 1.0}
+    cost = cpu_cost(cpu, heatmaps=200, measured_s=8.0, streams=2, fps=30.0)
+    # 8 s at 171 % of a core = 13.68 CPU-s for 200 heatmaps; the replays' 1.92 CPU-s over 2 x 240 source frames
+    assert cost == {
+        "all_per_heatmap": 68.4,
+        "inference_per_heatmap": 56.0,
+        "captures_per_heatmap": 9.6,
+        "display_per_heatmap": 2.4,
+        "capture_per_source_frame": 4.0,
+    }
+    assert cpu_cost(cpu, 0, 8.0, 2, None)["all_per_heatmap"] is None  # nothing served: no cost per heatmap

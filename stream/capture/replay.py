@@ -24,6 +24,9 @@ worker exits 0. A truncated or corrupt file logs an error and ends the same way 
 ``--flow-control ENDPOINT`` (the heatmap publisher; ``avloc.stream.run.pipeline`` passes it): past the worker's capacity
 the replay sends about as many frames as the worker serves of its stream and skips the others before they are
 converted to BGR, copied or sent (``avloc.stream.wire.flow``); the skipped frames are counted in ``flow_skipped``.
+While throttled it also computes and sends one audio window every ``--flow-audio-reuse`` + hop seconds (the
+worker's ``audio_reuse_s``, which the pipelines pass: the worker would reuse one embedding over that span) instead
+of one every hop; the windows not computed are counted in ``flow_audio_skipped``.
 
 ``--infer-frames EP --infer-size WxH`` also publishes every frame resized to the engine's input size (same stream,
 seq and timestamps, control messages too) for the inference worker, while the display keeps the full frames on
@@ -63,8 +66,9 @@ from avloc.stream.runtime.worker import (
     setup_logging,
     wait_for_subscribers,
 )
+from avloc.stream.serve.batching import DEFAULT_AUDIO_REUSE_S
 from avloc.stream.wire import protocol, security
-from avloc.stream.wire.flow import FlowFeedback, add_flow_control_argument
+from avloc.stream.wire.flow import FlowFeedback, add_flow_control_argument, audio_spacing
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +252,7 @@ class ReplaySource:
         infer_endpoint: str | None = None,
         infer_size: tuple[int, int] | None = None,
         flow_endpoint: str | None = None,
+        flow_audio_reuse_s: float = DEFAULT_AUDIO_REUSE_S,
     ) -> None:
         self.path = Path(video)
         if not self.path.is_file():
@@ -272,11 +277,21 @@ class ReplaySource:
         # flow control from the worker's heatmaps (real-time speeds only: at --speed max back-pressure paces)
         self._flow_endpoint = flow_endpoint if speed is not None else None
         self._flow: FlowFeedback | None = None
+        if not (math.isfinite(flow_audio_reuse_s) and flow_audio_reuse_s >= 0):
+            raise UserError(f"--flow-audio-reuse {flow_audio_reuse_s}: expected seconds >= 0")
+        self._flow_audio_spacing = audio_spacing(flow_audio_reuse_s, self.hop / self.config.sample_rate)
         self._warn = RateLimitedLog(log, 5.0)
         self._token = security.run_token()
         # frames/windows count what was handed to libzmq; a PUB never refuses a send at a finite speed (a slow
         # subscriber's queue drops silently), so drops are counted by consumers from sequence gaps
-        self.stats: dict[str, Any] = {"frames": 0, "windows": 0, "loops": 0, "late_frames": 0, "flow_skipped": 0}
+        self.stats: dict[str, Any] = {
+            "frames": 0,
+            "windows": 0,
+            "loops": 0,
+            "late_frames": 0,
+            "flow_skipped": 0,
+            "flow_audio_skipped": 0,
+        }
 
     def _send(self, sock: zmq.Socket, kind: str, **fields: Any) -> bool:
         """Publish; at --speed max wait while the subscriber queue is full (until stopped)."""
@@ -296,7 +311,7 @@ class ReplaySource:
         if self._infer_endpoint:
             self._infer_sock = make_publisher(self._ctx, self._infer_endpoint, nodrop=self.speed is None)
         if self._flow_endpoint:
-            self._flow = FlowFeedback(self._ctx, self._flow_endpoint, self.stream_id)
+            self._flow = FlowFeedback(self._ctx, self._flow_endpoint, self.stream_id, self._flow_audio_spacing)
         heartbeat = Heartbeat(self._ctx, self._heartbeat_endpoint, role="replay", stream=self.stream_id)
         error: str | None = None
         try:
@@ -393,6 +408,16 @@ class ReplaySource:
         self._t0 = protocol.now() + START_LEAD_S
         self._m0: float | None = None
         last_notice = -math.inf
+        keep = None  # which windows are computed: all, or while throttled the flow control's spacing
+        if self._flow is not None and self._flow.control.audio_spacing_s > 0:
+            control = self._flow.control
+
+            def keep(end: int) -> bool:
+                if control.admit_window(self._clock((end - prefill) / sr), protocol.now()):
+                    return True
+                self.stats["flow_audio_skipped"] += 1
+                return False
+
         while True:
             track = _AudioTrack(self.path, sr) if self.has_audio else None
             last_t = None
@@ -409,7 +434,7 @@ class ReplaySource:
                         self._m0 = media
                     if track is not None:  # audio up to this frame -> windows ending at or before it
                         block = track.take(math.floor(t * sr))
-                        for end, spec in frontend.push(block):
+                        for end, spec in frontend.push(block, keep):
                             pending.append((end - prefill, spec))
                         while pending and pending[0][0] <= round(media * sr):
                             end, spec = pending.popleft()
@@ -436,7 +461,7 @@ class ReplaySource:
                 # The next loop continues the clock and the audio one frame after this loop's last frame.
                 loop_duration = last_t + frame_step
                 if track is not None:
-                    for end, spec in frontend.push(track.take(round(loop_duration * sr))):
+                    for end, spec in frontend.push(track.take(round(loop_duration * sr)), keep):
                         pending.append((end - prefill, spec))
             except (av.error.FFmpegError, TruncatedError) as err:
                 error = f"{self.path}: truncated or corrupt after {self.stats['frames']} frames ({err})"
@@ -550,6 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-timeout", type=float, default=30.0, help="longest wait for subscribers (s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     add_flow_control_argument(parser, "send")
+    parser.add_argument(
+        "--flow-audio-reuse",
+        type=float,
+        default=DEFAULT_AUDIO_REUSE_S,
+        metavar="SECONDS",
+        help="the inference worker's audio_reuse_s: with --flow-control, while throttled send one audio window "
+        "every this + --hop seconds (0: every window; default %(default)s, the worker's default)",
+    )
     add_infer_arguments(parser)
     add_common_arguments(parser, role="replay")
     return parser
@@ -579,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             infer_endpoint=infer_endpoint,
             infer_size=infer_size,
             flow_endpoint=args.flow_control,
+            flow_audio_reuse_s=args.flow_audio_reuse,
         )
     except UserError as err:
         log.error("%s", err)

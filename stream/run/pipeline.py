@@ -231,7 +231,7 @@ def replay_specs(
             "10",
         ]
         if flow_control:  # past capacity, send about what the worker serves (avloc.stream.wire.flow)
-            args += ["--flow-control", endpoints.heatmaps]
+            args += ["--flow-control", endpoints.heatmaps, "--flow-audio-reuse", str(config.audio_reuse_s)]
         if loop:
             args.append("--loop")
         specs.append(

@@ -77,6 +77,24 @@ def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def cpu_cost(cpu_percent: dict[str, float], heatmaps: int, measured_s: float, streams: int, fps: float | None) -> dict:
+    """CPU time per unit of work over a measured window (robust to other load on the machine, unlike the rates):
+    ms of CPU per served heatmap (every process, the inference workers', the display's) and per source frame of
+    each capture (its decoding whether or not the frame is sent). ``cpu_percent``: per process, % of one core."""
+    cpu_ms = {name: pct * 10.0 * measured_s for name, pct in cpu_percent.items()}  # % of a core over the window
+    captures = [ms for name, ms in cpu_ms.items() if name.startswith(("replay", "camera"))]
+    inference = sum(ms for name, ms in cpu_ms.items() if name.startswith("inference"))
+    per_heatmap = (lambda ms: round(ms / heatmaps, 2)) if heatmaps else (lambda ms: None)
+    frames = (fps or 0.0) * measured_s * streams
+    return {
+        "all_per_heatmap": per_heatmap(sum(cpu_ms.values())),
+        "inference_per_heatmap": per_heatmap(inference),
+        "captures_per_heatmap": per_heatmap(sum(captures)),
+        "display_per_heatmap": per_heatmap(cpu_ms.get("display", 0.0)),
+        "capture_per_source_frame": round(sum(captures) / frames, 3) if captures and frames else None,
+    }
+
+
 def bench_pipeline(
     video: Path,
     engine: Path,
@@ -169,6 +187,7 @@ def bench_pipeline(
             "measured_s": round(window[1] - window[0], 3) if window else 0.0,
             "cpu_percent": cpu,
             "cpu_percent_total_processes": round(sum(cpu.values()), 1),
+            "cpu_ms": cpu_cost(cpu, len(records), window[1] - window[0] if window else 0.0, streams, fps),
             "system_cpu_percent": system_cpu,
             "restarts": {n: p["restarts"] for n, p in summary["processes"].items()},
             "inference_stats": (
@@ -516,7 +535,11 @@ def _sweep_point(args: argparse.Namespace, fps: float, streams: int, workers: in
         "system_cpu_percent": run["system_cpu_percent"],
         "cpu_percent": run["cpu_percent"],
         "frame_deadline_ms": _deadline_ms(run["inference_stats"]),
-        "audio": {k: _stat_sum(run["inference_stats"], k) for k in ("audio_embeds", "audio_reused")},
+        "cpu_ms": run.get("cpu_ms"),
+        "audio": {
+            k: _stat_sum(run["inference_stats"], s)
+            for k, s in (("windows", "audio"), ("audio_embeds", "audio_embeds"), ("audio_reused", "audio_reused"))
+        },
         "flow_skipped": sum(run["flow_skipped"].values()),
         "peak_in_box": run.get("peak_in_box"),
         "load_avg_before": run["load_avg_before"],

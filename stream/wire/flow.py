@@ -16,6 +16,14 @@ until the source's own rate is reached (a few seconds after the overload ends). 
 ``STALE_S`` (worker starting, restarting, or not subscribed to) the capture sends every frame, as before.
 Measured effect (1.3x the heatmaps at 4 streams, 2-4x at 8, twice and four times the stream count of the
 peak, under the same load): docs/performance.md, "Overload without collapse".
+
+Audio windows follow too (``audio_spacing_s``): while a stream is throttled (its allowance below the source's
+frame rate) the worker is behind, and a worker behind reuses an embedded window up to ``audio_reuse_s`` older
+than the newest (``avloc.stream.serve.batching``) instead of embedding the windows in between; those were
+computed (a 3 s spectrogram each), sent and parsed for nothing. A throttled capture then sends one window
+every ``audio_reuse_s + hop`` seconds (:func:`audio_spacing`): each one is more than ``audio_reuse_s`` older
+than the next, so the worker embeds every window it gets and never pairs a frame with audio older than it
+does now (the newest window at or before the frame, at most ``audio_reuse_s + hop`` old either way).
 """
 
 from __future__ import annotations
@@ -36,11 +44,25 @@ MIN_FPS = 2.0  # never fewer (the display still moves; the worker still sees the
 STALE_S = 2.0  # no heatmap of any stream for this long: no feedback, send every frame
 
 
-class FlowControl:
-    """Decides, frame by frame, whether a capture sends a frame (pure logic: times are passed in)."""
+WINDOW_SLACK_S = 1e-3  # window end times are sample counts / rate: equal spacings may differ by rounding
 
-    def __init__(self, stream: str) -> None:
+
+def audio_spacing(audio_reuse_s: float, hop_s: float) -> float:
+    """Seconds between the audio windows a throttled capture sends, for a worker reusing embeddings over
+    ``audio_reuse_s`` (0: no reuse, so every window is sent) and windows every ``hop_s``."""
+    return audio_reuse_s + hop_s if audio_reuse_s > 0 else 0.0
+
+
+class FlowControl:
+    """Decides, frame by frame, whether a capture sends a frame (pure logic: times are passed in), and
+    window by window whether it computes and sends an audio window (``audio_spacing_s``, 0: every one)."""
+
+    def __init__(self, stream: str, audio_spacing_s: float = 0.0) -> None:
         self.stream = stream
+        self.audio_spacing_s = audio_spacing_s
+        self._frame_step = 0.0  # the source's frame interval, from the last admit()
+        self._last_window = -math.inf  # end time of the last window sent
+        self.windows_skipped = 0
         self._served: deque[float] = deque()  # receive times of this stream's heatmaps within WINDOW_S
         self._last_feedback = -math.inf  # when any heatmap (of any stream) was last heard
         self._first_feedback = math.inf
@@ -69,6 +91,7 @@ class FlowControl:
         """Whether the frame due at ``t`` (``frame_step`` s after the previous one) is sent. A credit of
         ``allowance * frame_step`` per frame spreads the frames sent evenly; what is saved up is capped at one
         frame (no burst after a pause), and what is left after a frame is sent carries over (exact rates)."""
+        self._frame_step = frame_step
         rate = self.allowance(t)
         if rate is None or rate * frame_step >= 1.0:
             self._credit = 1.0
@@ -80,6 +103,21 @@ class FlowControl:
         self.skipped += 1
         return False
 
+    def throttled(self, t: float) -> bool:
+        """Whether this stream now gets fewer frames than its source delivers (the worker is behind on it)."""
+        rate = self.allowance(t)
+        return rate is not None and rate * self._frame_step < 1.0
+
+    def admit_window(self, end_t: float, t: float) -> bool:
+        """Whether the audio window ending at ``end_t`` (clock seconds) is computed and sent, decided at ``t``:
+        always unless throttled; throttled, one every ``audio_spacing_s``."""
+        if self.audio_spacing_s > 0 and self.throttled(t):
+            if end_t - self._last_window < self.audio_spacing_s - WINDOW_SLACK_S:
+                self.windows_skipped += 1
+                return False
+        self._last_window = end_t
+        return True
+
     def stats(self, t: float) -> dict[str, Any]:
         """For the capture's heartbeat: the frames/s it may send now (None: no feedback, every frame)."""
         rate = self.allowance(t)
@@ -89,10 +127,10 @@ class FlowControl:
 class FlowFeedback:
     """The heatmap subscription behind :class:`FlowControl` (drained without blocking, frame by frame)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, stream: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, stream: str, audio_spacing_s: float = 0.0) -> None:
         # heatmaps are small (a 16x16 float16 map), and only the newest second matters: a shallow queue
         self.socket = protocol.make_socket(ctx, zmq.SUB, endpoint, bind=False, hwm=256)
-        self.control = FlowControl(stream)
+        self.control = FlowControl(stream, audio_spacing_s)
         self.rejects = protocol.RejectCounter("flow")
 
     def admit(self, frame_step: float) -> bool:
