@@ -11,7 +11,9 @@ embeddings).
 for vision (1280-channel head features, output stride 16 with ``visual_layer4_stride: 1``) and frozen AudioSet
 YAMNet for audio (1024-d per 0.96 s patch, max over the window's patches; the ``yamnet`` front-end), each
 with a learned head into the shared 8 * width space (:mod:`avloc.core.pretrained`). The frozen weights are
-part of the state dict, so checkpoints and exported engines hold the whole model.
+part of the state dict, so checkpoints and exported engines hold the whole model. ``refine`` (the recipe) turns
+the stride-32 map into a 16x16 one by joint-bilateral upsampling guided by Lite0's stride-16 features
+(:func:`guided_upsample`).
 """
 
 from __future__ import annotations
