@@ -175,10 +175,17 @@ class EfficientNetLite0(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         """[B,3,H,W] normalized images -> [B,1280,H/32,W/32] head features (before the global pool)."""
+        return self.feature_map_and_block(x, -1)[0]
+
+    def feature_map_and_block(self, x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+        """:meth:`feature_map` and, from the same pass, the output of ``self._blocks[block]``."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x)))
+        kept = x
+        for k, layer in enumerate(self._blocks):
+            x = layer(x)
+            if k == block % len(self._blocks):
+                kept = x
+        return F.relu6(self._bn1(self._conv_head(x))), kept
 
     def features(self, x: Tensor) -> Tensor:
         """[B,3,H,W] normalized images -> [B,1280] global-average-pooled penultimate features."""

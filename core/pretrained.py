@@ -29,6 +29,7 @@ YAMNET_PATCH_HOP = 48  # 0.48 s
 YAMNET_DIM = 1024
 YAMNET_CLASSES = 521
 LITE0_DIM = 1280
+LITE0_GUIDE_DIM = 112  # channels of Lite0's last stride-16 stage (FrozenLite0.with_guide)
 # (stride, out channels) of YAMNet's 13 depthwise-separable layers after the 3x3/2 stem (32 channels)
 _YAMNET_LAYERS = (
     (1, 64),
@@ -165,6 +166,11 @@ class FrozenLite0(nn.Module):
         if output_stride not in (16, 32):
             raise UserError(f"EfficientNet-Lite0 output stride {output_stride}: expected 16 or 32")
         self.net = EfficientNetLite0()
+        self.output_stride = output_stride
+        # the last block before the last stride-2 stage (112 channels at stride 16): with_guide's guide
+        self.guide_block = max(
+            k for k, b in enumerate(self.net._blocks) if b._project_conv.out_channels == LITE0_GUIDE_DIM
+        )
         if output_stride == 16:  # the first block of the last stride-2 stage (112 -> 192 channels)
             for block in self.net._blocks:
                 if block._depthwise_conv.stride == (2, 2) and block._depthwise_conv.in_channels == 6 * 112:
@@ -172,6 +178,15 @@ class FrozenLite0(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net.feature_map(image)
+
+    def with_guide(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """[B,3,H,W] -> ([B,1280,H/32,W/32] head features, [B,112,H/16,W/16] guide): the guide is the output
+        of the last stride-16 stage (112 channels), which the trunk computes on its way anyway, so an 8x8 map
+        can be refined to 16x16 at no extra trunk cost (:func:`avloc.core.ssl_align.guided_upsample`). Output
+        stride 32 only (at 16 the head features are already at the guide's resolution)."""
+        if self.output_stride != 32:
+            raise UserError("EfficientNet-Lite0 guide: needs output stride 32 (visual_layer4_stride: 2)")
+        return self.net.feature_map_and_block(image, self.guide_block)
 
     def load_packaged(self) -> FrozenLite0:
         self.net.load_state_dict(load_effnet_lite0().state_dict())

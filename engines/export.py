@@ -12,6 +12,7 @@ ONNX Runtime vs PyTorch parity run, so a failed export never leaves a half-writt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import importlib
 import io
@@ -93,12 +94,15 @@ def ssl_align_graphs(loaded: LoadedModel, image_size: int) -> EngineGraphs:
     model = loaded.model.eval()
     with torch.inference_mode():
         vmap = model.encode_image(torch.zeros(1, 3, image_size, image_size))
-    feature_size = (int(vmap.shape[2]), int(vmap.shape[3]))
+        embed_dim = int(vmap.shape[1]) - getattr(model, "refine_channels", 0)  # the audio embedding's width
+        # the heatmap's own size: the visual map's, or twice it with the 16x16 refinement
+        heat = model.cosine_map(vmap, torch.ones(1, embed_dim))
+    feature_size = (int(heat.shape[1]), int(heat.shape[2]))
     k = top_fraction_k(feature_size)
     return EngineGraphs(
         audio=SSLAlignAudioGraph(model).eval(),
         visual=SSLAlignVisualGraph(model, k).eval(),
-        embed_dim=int(vmap.shape[1]),
+        embed_dim=embed_dim,
         feature_size=feature_size,
         heatmap={
             "range": list(model.heatmap_range),
@@ -368,6 +372,7 @@ def export_engine(
     force: bool = False,
     gate_data: str | Path | None = None,
     ogl: str | None = None,
+    refine: bool | None = None,
 ) -> Path:
     """Export ``checkpoint`` to the engine directory ``out_dir`` (see module doc); returns ``out_dir``.
 
@@ -375,6 +380,8 @@ def export_engine(
     (the inference worker blends its map with the heatmap, see :mod:`avloc.core.ogl`).
     ``gate_data``: a dataset root whose val split calibrates the silence gate (``manifest["gate"]``, see
     :mod:`avloc.engines.gate`); None writes no gate (the worker then never marks heatmaps ``not_visible``).
+    ``refine``: switch an SSL-Align pretrained model's 16x16 refinement on / off whatever its checkpoint says
+    (:func:`avloc.core.ssl_align.with_refine`; it has no weights); None: as the checkpoint says.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -388,6 +395,8 @@ def export_engine(
 
         gate_data = check_gate_data(gate_data)  # before the export, which takes a while
     loaded = load_model(checkpoint, device="cpu")
+    if refine is not None:
+        loaded = _with_refine(loaded, refine)
     size = int(image_size or loaded.image.size)
     spec_shape = tuple(loaded.frontend.output_shape())
     graphs = build_graphs(loaded, size)
@@ -415,6 +424,15 @@ def export_engine(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _with_refine(loaded: LoadedModel, refine: bool) -> LoadedModel:
+    from avloc.core.ssl_align import SSLAlign, with_refine
+
+    if not isinstance(loaded.model, SSLAlign) or loaded.model.config.backbone != "pretrained":
+        raise UserError(f"--{'' if refine else 'no-'}refine: needs an SSL-Align backbone: pretrained checkpoint")
+    model = with_refine(loaded.model, refine)
+    return dataclasses.replace(loaded, model=model, model_config={**loaded.model_config, "refine": refine})
 
 
 def _add_gate(engine_dir: Path, manifest: dict[str, Any], data: Path) -> None:
@@ -572,6 +590,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write objectness.onnx for object-guided localization: effnet-lite0 (packaged weights) or "
         "the path of torchvision ResNet18 ImageNet weights (resnet18-f37072fd.pth)",
     )
+    parser.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SSL-Align pretrained: the 16x16 refinement of the heatmap (model.refine, docs/results.md 'Sharper "
+        "maps') on / off whatever the checkpoint says. Default: as the checkpoint says",
+    )
     parser.add_argument("--force", action="store_true", help="replace --out (and --triton) if it exists")
     triton = parser.add_argument_group("Triton Inference Server model repository (docs/engines.md, Triton)")
     triton.add_argument(
@@ -631,6 +656,7 @@ def main(args: argparse.Namespace) -> int:
         force=args.force,
         gate_data=args.gate_data,
         ogl=args.ogl,
+        refine=args.refine,
     )
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     parity = ", ".join(f"{k} {v:.1e}" for k, v in manifest["parity_max_abs_diff"].items())
