@@ -341,6 +341,16 @@ class FrameFit:
         fy = sy0 + (py - ty0) * (sy1 - sy0) / (ty1 - ty0)
         return fx / w, fy / h
 
+    @property
+    def map_box(self) -> tuple[float, float, float, float]:
+        """The whole input's extent on the frame, normalized (x0, y0, x1, y1): where a heatmap over the input
+        is drawn on the frame. stretch (0, 0, 1, 1); crop inside it; letterbox beyond it (the padding)."""
+        (h, w), (H, W) = self.frame_size, self.input_size
+        sx0, sy0, sx1, sy1 = self.source
+        tx0, ty0, tx1, ty1 = self.target
+        kx, ky = (sx1 - sx0) / (tx1 - tx0), (sy1 - sy0) / (ty1 - ty0)
+        return ((sx0 - tx0 * kx) / w, (sy0 - ty0 * ky) / h, (sx0 + (W - tx0) * kx) / w, (sy0 + (H - ty0) * ky) / h)
+
     def frame_to_input(self, x: float, y: float) -> tuple[float, float]:
         """Normalized frame point -> normalized input point (outside 0..1 where crop cuts the frame off)."""
         (h, w), (H, W) = self.frame_size, self.input_size

@@ -73,6 +73,10 @@ def test_crop_loses_the_sides_and_letterbox_pads_with_the_mean() -> None:
     assert crop.source == (80, 0, 560, 480) and crop.target == (0, 0, SIZE, SIZE)
     assert box.source == (0, 0, W, H) and box.target == (0, 8, SIZE, 56)
     assert crop.frame_to_input(0.05, 0.5)[0] < 0  # the frame's left eighth is outside the input
+    # where the whole map is drawn on the frame
+    assert np.allclose(crop.map_box, (0.125, 0.0, 0.875, 1.0))
+    assert np.allclose(box.map_box, (0.0, -1 / 6, 1.0, 7 / 6))
+    assert frame_fit((H, W), (SIZE, SIZE), "stretch").map_box == (0.0, 0.0, 1.0, 1.0)
     assert box.input_to_frame(0.5, 0.05) is None  # the top rows are padding: no frame point
     # the CPU preprocessing: padding is exactly the normalisation mean (0), the frame area is normalised
     frame = np.full((H, W, 3), 255, np.uint8)
@@ -128,3 +132,33 @@ def test_scoring_helpers_map_the_peak_and_the_chance_through_the_fit() -> None:
     wide, moved = aspect.widen(rgb, np.array([[25 / 64, 20 / 64, 40 / 64, 40 / 64]]), 4 / 3, np.random.default_rng(0))
     assert wide.shape == (64, 85, 3)
     assert np.allclose(moved[0] * [85, 64, 85, 64], _bright(wide), atol=1e-6)
+
+
+def test_consumers_put_a_crop_or_letterbox_map_where_the_input_was_on_the_frame() -> None:
+    from types import SimpleNamespace
+
+    import cv2
+
+    from avloc.stream.clients.display import overlay
+    from avloc.stream.serve.inference_worker import InferenceWorker
+
+    # the worker: no mapping for stretch (old manifests), the manifest's fit otherwise
+    frame = np.zeros((H, W, 3), np.uint8)
+    assert InferenceWorker._frame_fit(SimpleNamespace(manifest=_manifest()), frame) is None
+    crop = InferenceWorker._frame_fit(SimpleNamespace(manifest=_manifest(fit="crop")), frame)
+    assert crop is not None and crop.source == (80, 0, 560, 480)
+    assert np.allclose(crop.input_to_frame(0.0, 0.5), (0.125, 0.5))  # a peak at the input's left edge
+    # the display: the map over its box only; the crop's side eighths keep the frame's own pixels
+    bgr = np.full((H, W, 3), 100, np.uint8)
+    heat = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    out = overlay(bgr, heat, 0.5, cv2.COLORMAP_JET, None, crop.map_box)
+    assert (out[:, :80] == 100).all() and (out[:, 560:] == 100).all()
+    assert (out[:, 80:560] != 100).any(axis=2).all()
+    whole = overlay(bgr, heat, 0.5, cv2.COLORMAP_JET)
+    assert (whole != 100).any(axis=2).all()
+    # letterbox: the map's padding rows fall outside the frame; the frame is covered by the map's middle rows
+    box = frame_fit((H, W), (SIZE, SIZE), "letterbox")
+    rows = np.repeat(np.linspace(0, 1, 8, dtype=np.float32)[:, None], 8, axis=1)
+    out = overlay(bgr, rows, 1.0, cv2.COLORMAP_JET, None, box.map_box)
+    mid = cv2.applyColorMap(np.full((1, 1), 128, np.uint8), cv2.COLORMAP_JET)[0, 0]
+    assert np.abs(out[H // 2, W // 2].astype(int) - mid).max() <= 40  # the map's middle at the frame's middle
