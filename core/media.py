@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from avloc.core.errors import DataError
+from avloc.core.errors import DataError, UserError
 
 
 @dataclass(frozen=True)
@@ -304,3 +304,130 @@ def write_video(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------- frame -> model input
+# The one definition of how a frame of any size becomes the model's input image (issue 25 item 4), shared by
+# the live preprocessing (engines.base.preprocess_frame, engines.preprocess), scripts/aspect_effect.py and
+# the consumers that map a heatmap back onto the frame. The engine manifest's ``image.fit`` names the mode
+# (``image.resize`` is the older free-text description); a manifest without it means ``stretch`` (every engine
+# exported before the field existed).
+RESIZE_MODES = ("stretch", "crop", "letterbox")
+DEFAULT_RESIZE = "stretch"
+
+
+@dataclass(frozen=True)
+class FrameFit:
+    """Where a frame's pixels go in the model input: the frame's ``source`` rectangle (frame pixels, x0, y0,
+    x1, y1) is resized onto the input's ``target`` rectangle (input pixels); input pixels outside ``target``
+    are padding (the normalisation mean). stretch: whole frame -> whole input; crop: the centred rectangle
+    of the input's aspect -> whole input; letterbox: whole frame -> the centred rectangle of its aspect."""
+
+    mode: str
+    frame_size: tuple[int, int]  # (height, width) of the frame
+    input_size: tuple[int, int]  # (height, width) of the model input
+    source: tuple[int, int, int, int]
+    target: tuple[int, int, int, int]
+
+    def input_to_frame(self, x: float, y: float) -> tuple[float, float] | None:
+        """Normalized input point (0..1 over the input) -> normalized frame point; None in the padding."""
+        (h, w), (H, W) = self.frame_size, self.input_size
+        sx0, sy0, sx1, sy1 = self.source
+        tx0, ty0, tx1, ty1 = self.target
+        px, py = x * W, y * H
+        if not (tx0 <= px <= tx1 and ty0 <= py <= ty1):
+            return None
+        fx = sx0 + (px - tx0) * (sx1 - sx0) / (tx1 - tx0)
+        fy = sy0 + (py - ty0) * (sy1 - sy0) / (ty1 - ty0)
+        return fx / w, fy / h
+
+    @property
+    def map_box(self) -> tuple[float, float, float, float]:
+        """The whole input's extent on the frame, normalized (x0, y0, x1, y1): where a heatmap over the input
+        is drawn on the frame. stretch (0, 0, 1, 1); crop inside it; letterbox beyond it (the padding)."""
+        (h, w), (H, W) = self.frame_size, self.input_size
+        sx0, sy0, sx1, sy1 = self.source
+        tx0, ty0, tx1, ty1 = self.target
+        kx, ky = (sx1 - sx0) / (tx1 - tx0), (sy1 - sy0) / (ty1 - ty0)
+        return ((sx0 - tx0 * kx) / w, (sy0 - ty0 * ky) / h, (sx0 + (W - tx0) * kx) / w, (sy0 + (H - ty0) * ky) / h)
+
+    def frame_to_input(self, x: float, y: float) -> tuple[float, float]:
+        """Normalized frame point -> normalized input point (outside 0..1 where crop cuts the frame off)."""
+        (h, w), (H, W) = self.frame_size, self.input_size
+        sx0, sy0, sx1, sy1 = self.source
+        tx0, ty0, tx1, ty1 = self.target
+        px = tx0 + (x * w - sx0) * (tx1 - tx0) / (sx1 - sx0)
+        py = ty0 + (y * h - sy0) * (ty1 - ty0) / (sy1 - sy0)
+        return px / W, py / H
+
+
+def resize_mode(manifest_image: dict | None) -> str:
+    """The resize mode a manifest's ``image`` section names in ``fit`` (``stretch`` when absent: older engines)."""
+    mode = (manifest_image or {}).get("fit", DEFAULT_RESIZE)
+    if mode not in RESIZE_MODES:
+        raise UserError(f"engine manifest image.fit {mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+    return str(mode)
+
+
+def frame_fit(frame_size: tuple[int, int], input_size: tuple[int, int], mode: str = DEFAULT_RESIZE) -> FrameFit:
+    """The :class:`FrameFit` of a ``frame_size`` (h, w) frame made into an ``input_size`` (H, W) input.
+
+    Integer rectangles, so the CPU and device paths and the mapping back agree to the pixel: crop takes the
+    centred ``round(h * W / H)``-wide (or -high) rectangle, letterbox scales the frame to the input's
+    width (or height) and centres it, the other side rounded."""
+    h, w = int(frame_size[0]), int(frame_size[1])
+    H, W = int(input_size[0]), int(input_size[1])
+    if mode not in RESIZE_MODES:
+        raise UserError(f"resize mode {mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+    full_frame, full_input = (0, 0, w, h), (0, 0, W, H)
+    if mode == "stretch" or w * H == h * W:
+        return FrameFit(mode, (h, w), (H, W), full_frame, full_input)
+    wider = w * H > h * W  # the frame is wider than the input's aspect
+    if mode == "crop":
+        if wider:
+            cw = max(1, round(h * W / H))
+            x0 = (w - cw) // 2
+            return FrameFit(mode, (h, w), (H, W), (x0, 0, x0 + cw, h), full_input)
+        ch = max(1, round(w * H / W))
+        y0 = (h - ch) // 2
+        return FrameFit(mode, (h, w), (H, W), (0, y0, w, y0 + ch), full_input)
+    if wider:
+        ih = max(1, round(h * W / w))
+        y0 = (H - ih) // 2
+        return FrameFit(mode, (h, w), (H, W), full_frame, (0, y0, W, y0 + ih))
+    iw = max(1, round(w * H / h))
+    x0 = (W - iw) // 2
+    return FrameFit(mode, (h, w), (H, W), full_frame, (x0, 0, x0 + iw, H))
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The live resize: ``cv2.INTER_AREA`` when the image shrinks (no aliasing), ``INTER_LINEAR`` when it
+    grows; unchanged when the size already matches."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    shrinking = h * w > height * width
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def fit_region(image: np.ndarray, fit: FrameFit) -> np.ndarray:
+    """The frame's ``fit.source`` pixels resized to the size of ``fit.target`` (uint8, channels kept)."""
+    sx0, sy0, sx1, sy1 = fit.source
+    tx0, ty0, tx1, ty1 = fit.target
+    return resize_image(image[sy0:sy1, sx0:sx1], tx1 - tx0, ty1 - ty0)
+
+
+def fit_frame(
+    image: np.ndarray, input_size: tuple[int, int], mode: str = DEFAULT_RESIZE, fill: Sequence[int] | int = 0
+) -> np.ndarray:
+    """HxWxC uint8 frame -> the ``input_size`` (H, W) image the model sees under ``mode`` (padding ``fill``,
+    e.g. the normalisation mean in uint8 levels). The one resize definition of the live path."""
+    fit = frame_fit(image.shape[:2], input_size, mode)
+    region = fit_region(image, fit)
+    if fit.target == (0, 0, fit.input_size[1], fit.input_size[0]):
+        return np.ascontiguousarray(region)
+    out = np.empty((*fit.input_size, *image.shape[2:]), image.dtype)
+    out[:] = fill
+    tx0, ty0, tx1, ty1 = fit.target
+    out[ty0:ty1, tx0:tx1] = region
+    return out

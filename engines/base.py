@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from avloc.core.errors import UserError
+from avloc.core.media import fit_region, frame_fit, resize_mode
 
 ENGINE_FORMAT = "avloc-engine"
 ENGINE_FORMAT_VERSION = 1
@@ -298,25 +299,25 @@ def _image_params(manifest: dict[str, Any]) -> tuple[int, int, np.ndarray, np.nd
 def preprocess_frame(bgr_uint8: np.ndarray, manifest: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
     """OpenCV BGR ``HxWx3`` uint8 frame -> ``[3,H,W]`` float32 RGB normalized as the manifest says.
 
-    Resized to the manifest size without keeping the aspect ratio (as the models were trained): INTER_AREA
-    when shrinking (no aliasing), INTER_LINEAR when enlarging.
+    Made into the manifest size as its ``image.fit`` mode says (``avloc.core.media.frame_fit``; no field:
+    ``stretch``, the whole frame without keeping the aspect ratio): INTER_AREA when shrinking (no aliasing),
+    INTER_LINEAR when enlarging (``core.media.resize_image``); letterbox padding is the normalisation mean (0).
     """
     if bgr_uint8.ndim != 3 or bgr_uint8.shape[2] != 3 or bgr_uint8.dtype != np.uint8:
         raise UserError(f"preprocess_frame: expected an HxWx3 uint8 BGR frame, got {bgr_uint8.shape} {bgr_uint8.dtype}")
     height, width, scale, bias = _image_params(manifest)
-    h, w = bgr_uint8.shape[:2]
-    if (h, w) != (height, width):
-        shrinking = h * w > height * width
-        bgr_uint8 = cv2.resize(
-            bgr_uint8, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        )
-    rgb = cv2.cvtColor(bgr_uint8, cv2.COLOR_BGR2RGB)
+    fit = frame_fit(bgr_uint8.shape[:2], (height, width), resize_mode(manifest["image"]))
+    rgb = cv2.cvtColor(fit_region(bgr_uint8, fit), cv2.COLOR_BGR2RGB)
     if out is None:
         out = np.empty((3, height, width), np.float32)
+    x0, y0, x1, y1 = fit.target
+    if (x0, y0, x1, y1) != (0, 0, width, height):
+        out[...] = 0.0  # letterbox padding: the normalisation mean
     # HWC -> CHW while scaling: one pass per channel, no intermediate float HWC copy.
     for c in range(3):
-        np.multiply(rgb[:, :, c], scale[c], out=out[c], casting="unsafe")
-        out[c] -= bias[c]
+        view = out[c, y0:y1, x0:x1]
+        np.multiply(rgb[:, :, c], scale[c], out=view, casting="unsafe")
+        view -= bias[c]
     return out
 
 

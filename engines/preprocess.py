@@ -5,8 +5,10 @@ float32: 4x the bytes of the uint8 frame, from pageable memory (a staging copy a
 Here the uint8 frames are copied once into a pinned buffer, uploaded asynchronously, and resized/normalised
 by torch on the device, into a ``[B,3,H,W]`` float32 tensor the torch and TensorRT backends take as is.
 
-Same math as the CPU path: resize without keeping the aspect ratio, area averaging on an axis that shrinks
-(cv2 ``INTER_AREA``), linear with half-pixel centres on one that grows (cv2 ``INTER_LINEAR``), BGR -> RGB,
+Same math as the CPU path: the frame's rectangle the manifest's ``image.fit`` mode takes (``core.media.frame_fit``:
+the whole frame for ``stretch``, the default) onto its place in the input, area averaging on an axis that
+shrinks (cv2 ``INTER_AREA``), linear with half-pixel centres on one that grows (cv2 ``INTER_LINEAR``), letterbox
+padding set to the normalisation mean (0), BGR -> RGB,
 then ``x * scale - bias`` with the manifest's mean/std folded as in :func:`base._image_params`. The resize is
 separable, so each axis is one small weight matrix applied with a matmul (exact fractional area weights,
 which ``F.interpolate(mode="area")`` does not give for non-integer ratios). The CPU path rounds the resized
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from avloc.core.errors import UserError
+from avloc.core.media import FrameFit, frame_fit, resize_mode
 from avloc.engines.base import _image_params
 
 TOLERANCE_LEVELS = 1.0  # max |GPU - CPU| in uint8 levels (before dividing by 255 * std)
@@ -55,6 +58,19 @@ def resize_weights(n_in: int, n_out: int) -> np.ndarray:
     return weights
 
 
+def fit_weights(fit: FrameFit) -> tuple[np.ndarray, np.ndarray]:
+    """(rows ``[H, h]``, columns ``[W, w]``) float64 matrices that resize the frame's ``fit.source`` rectangle
+    onto the input's ``fit.target`` rectangle; zero rows / columns elsewhere (crop: frame pixels not used;
+    letterbox: input pixels that are padding)."""
+    (h, w), (height, width) = fit.frame_size, fit.input_size
+    sx0, sy0, sx1, sy1 = fit.source
+    tx0, ty0, tx1, ty1 = fit.target
+    rows, cols = np.zeros((height, h)), np.zeros((width, w))
+    rows[ty0:ty1, sy0:sy1] = resize_weights(sy1 - sy0, ty1 - ty0)
+    cols[tx0:tx1, sx0:sx1] = resize_weights(sx1 - sx0, tx1 - tx0)
+    return rows, cols
+
+
 def normalize_params(manifest: dict[str, Any]) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(height, width, per-channel scale, per-channel bias) of the manifest, shared with the CPU path."""
     return _image_params(manifest)
@@ -78,8 +94,9 @@ def resize_normalize(
         )
     height, width, scale, bias = normalize_params(manifest)
     h, w = int(frames.shape[1]), int(frames.shape[2])
+    fit = frame_fit((h, w), (height, width), resize_mode(manifest["image"]))
     if weights is None:
-        weights = _weights(h, w, height, width, frames.device)
+        weights = _weights(fit, frames.device)
     if affine is None:
         affine = _affine(scale, bias, frames.device)
     rows, cols = weights
@@ -88,7 +105,14 @@ def resize_normalize(
     if (h, w) != (height, width):
         x = torch.matmul(torch.matmul(rows, x), cols.T)  # [H,h] @ [B,3,h,w] @ [w,W]
     scale_t, bias_t = affine
-    return (x * scale_t - bias_t).contiguous()
+    x = x * scale_t - bias_t
+    tx0, ty0, tx1, ty1 = fit.target
+    if (tx0, ty0, tx1, ty1) != (0, 0, width, height):  # letterbox padding: the normalisation mean (0)
+        x[..., :ty0, :] = 0.0
+        x[..., ty1:, :] = 0.0
+        x[..., :, :tx0] = 0.0
+        x[..., :, tx1:] = 0.0
+    return x.contiguous()
 
 
 def upload(array: np.ndarray, device: torch.device) -> Tensor:
@@ -107,9 +131,8 @@ def _affine(scale: np.ndarray, bias: np.ndarray, device: torch.device) -> tuple[
     return as_t[0], as_t[1]
 
 
-def _weights(h: int, w: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    rows = torch.as_tensor(resize_weights(h, height), dtype=torch.float32, device=device)
-    cols = torch.as_tensor(resize_weights(w, width), dtype=torch.float32, device=device)
+def _weights(fit: FrameFit, device: torch.device) -> tuple[Tensor, Tensor]:
+    rows, cols = (torch.as_tensor(m, dtype=torch.float32, device=device) for m in fit_weights(fit))
     return rows, cols
 
 
@@ -175,7 +198,8 @@ class DevicePreprocessor:
         staging = self._staging.get(size)
         if staging is None:
             staging = self._staging[size] = _Staging((self.max_batch, *size, 3), self._pin)
-            self._weights[size] = _weights(*size, self.height, self.width, self.device)
+            fit = frame_fit(size, (self.height, self.width), resize_mode(self.manifest["image"]))
+            self._weights[size] = _weights(fit, self.device)
         buffer, slot = staging.next()
         host = buffer.numpy()
         for i, frame in enumerate(frames):

@@ -1,4 +1,6 @@
-"""scripts/aspect_effect.py's geometry: the square each mode makes and a peak mapped back onto the frame."""
+"""The one frame -> model-input definition (core.media.frame_fit / fit_frame, issue 25 item 4): where a 4:3
+frame's pixels land in the square input under each mode and back, the engine manifest's ``image.fit`` as the
+CPU and device preprocessing read it (no field: stretch), and scripts/aspect_effect.py's scoring helpers."""
 
 from __future__ import annotations
 
@@ -6,6 +8,11 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from avloc.core.errors import UserError
+from avloc.core.media import RESIZE_MODES, fit_frame, frame_fit, resize_mode
+from avloc.engines.base import preprocess_frame, preprocess_frames
 
 _spec = importlib.util.spec_from_file_location(
     "aspect_effect", Path(__file__).resolve().parents[1] / "scripts" / "aspect_effect.py"
@@ -13,29 +20,145 @@ _spec = importlib.util.spec_from_file_location(
 aspect = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(aspect)
 
-
-def _peak_at(u: float, v: float, n: int = 9) -> np.ndarray:
-    m = np.zeros((n, n), np.float32)
-    m[int(v * n), int(u * n)] = 1.0
-    return m
+H, W, SIZE = 480, 640, 64
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-def test_crop_and_letterbox_squares_and_peaks_map_back_to_the_frame() -> None:
-    h, w = 480, 640
-    rgb = np.zeros((h, w, 3), np.uint8)
-    rgb[:, :80] = 255  # the left eighth: outside the centre crop
-    fill = np.array([124, 116, 104], np.uint8)
-    crop = aspect.to_square(rgb, "crop", fill)
-    box = aspect.to_square(rgb, "letterbox", fill)
-    assert crop.shape == (480, 480, 3) and crop.max() == 0
-    assert box.shape == (640, 640, 3) and (box[:80] == fill).all() and (box[-80:] == fill).all()
-    assert (box[80:-80, :80] == 255).all()
-    # the map's centre cell is the frame's centre in every mode
-    for mode in aspect.MODES:
-        assert np.allclose(aspect.peak_in_frame(_peak_at(0.5, 0.5), mode, h, w), (0.5, 0.5))
-    # crop: the square's left edge is x = 80 px of 640; letterbox: its top rows are padding (no peak)
-    assert np.isclose(aspect.peak_in_frame(_peak_at(0.0, 0.5), "crop", h, w)[0], (80 + 480 / 18) / 640)
-    assert aspect.peak_in_frame(_peak_at(0.5, 0.0), "letterbox", h, w) is None
-    # chance: a box over the whole frame covers all of the crop, 3/4 of the letterbox square
-    full = np.array([0.0, 0.0, 1.0, 1.0])
-    assert [aspect.chance(full, m, h, w) for m in aspect.MODES] == [1.0, 1.0, 0.75]
+def _manifest(**image: object) -> dict:
+    return {"image": {"size": SIZE, "mean": MEAN, "std": STD, **image}}
+
+
+def _frame_with_box(box: tuple[int, int, int, int]) -> np.ndarray:
+    frame = np.zeros((H, W, 3), np.uint8)
+    x0, y0, x1, y1 = box
+    frame[y0:y1, x0:x1] = 255
+    return frame
+
+
+def _bright(image: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(image[..., 0] > 127)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# a box in the frame's right half: (320..480, 120..360) of 640x480
+BOX = (320, 120, 480, 360)
+# where it must land in the 64x64 input, per mode (64/640 = 0.1 both axes for letterbox, 64/480 for crop)
+EXPECTED = {
+    "stretch": (32, 16, 48, 48),  # x * 0.1, y * 64/480
+    "crop": (32, 16, 53, 48),  # the centred 480x480 starts at x = 80: (x - 80) * 64/480
+    "letterbox": (32, 20, 48, 44),  # 640 -> 64 wide, 48 high, centred: 8 rows of padding above
+}
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_a_box_in_a_4_3_frame_lands_where_the_mode_says_and_maps_back(mode: str) -> None:
+    fit = frame_fit((H, W), (SIZE, SIZE), mode)
+    image = fit_frame(_frame_with_box(BOX), (SIZE, SIZE), mode, fill=0)
+    assert image.shape == (SIZE, SIZE, 3)
+    got = _bright(image)
+    assert np.abs(np.subtract(got, EXPECTED[mode])).max() <= 1, (mode, got)
+    # the box's corners through frame_to_input and input_to_frame
+    x0, y0 = fit.frame_to_input(BOX[0] / W, BOX[1] / H)
+    x1, y1 = fit.frame_to_input(BOX[2] / W, BOX[3] / H)
+    assert np.allclose([x0 * SIZE, y0 * SIZE, x1 * SIZE, y1 * SIZE], EXPECTED[mode], atol=0.7)
+    back = fit.input_to_frame(x0, y0)
+    assert back is not None and np.allclose(back, (BOX[0] / W, BOX[1] / H))
+    # the input's centre is the frame's centre in every mode
+    assert np.allclose(fit.input_to_frame(0.5, 0.5), (0.5, 0.5))
+
+
+def test_crop_loses_the_sides_and_letterbox_pads_with_the_mean() -> None:
+    crop = frame_fit((H, W), (SIZE, SIZE), "crop")
+    box = frame_fit((H, W), (SIZE, SIZE), "letterbox")
+    assert crop.source == (80, 0, 560, 480) and crop.target == (0, 0, SIZE, SIZE)
+    assert box.source == (0, 0, W, H) and box.target == (0, 8, SIZE, 56)
+    assert crop.frame_to_input(0.05, 0.5)[0] < 0  # the frame's left eighth is outside the input
+    # where the whole map is drawn on the frame
+    assert np.allclose(crop.map_box, (0.125, 0.0, 0.875, 1.0))
+    assert np.allclose(box.map_box, (0.0, -1 / 6, 1.0, 7 / 6))
+    assert frame_fit((H, W), (SIZE, SIZE), "stretch").map_box == (0.0, 0.0, 1.0, 1.0)
+    assert box.input_to_frame(0.5, 0.05) is None  # the top rows are padding: no frame point
+    # the CPU preprocessing: padding is exactly the normalisation mean (0), the frame area is normalised
+    frame = np.full((H, W, 3), 255, np.uint8)
+    out = preprocess_frame(frame, _manifest(fit="letterbox"))
+    assert (out[:, :8] == 0).all() and (out[:, 56:] == 0).all()
+    assert np.allclose(out[:, 8:56], (1.0 - 0.5) / 0.25)
+
+
+def test_the_manifest_names_the_mode_and_an_old_manifest_is_stretch() -> None:
+    frame = np.random.default_rng(0).integers(0, 256, (H, W, 3), np.uint8)
+    old = preprocess_frame(frame, _manifest())  # no "fit": every engine exported before it
+    described = _manifest(resize="to size x size, aspect not kept (cv2 INTER_AREA shrinking, INTER_LINEAR enlarging)")
+    assert resize_mode(_manifest()["image"]) == "stretch" == resize_mode(described["image"])
+    assert np.array_equal(preprocess_frame(frame, described), old)
+    assert np.array_equal(preprocess_frame(frame, _manifest(fit="stretch")), old)
+    for mode in RESIZE_MODES:
+        got = preprocess_frame(frame, _manifest(fit=mode))
+        # one definition: the CPU preprocessing is fit_frame's image, normalised
+        want = (fit_frame(frame[..., ::-1], (SIZE, SIZE), mode).astype(np.float32) / 255 - 0.5) / 0.25
+        fit = frame_fit((H, W), (SIZE, SIZE), mode)
+        x0, y0, x1, y1 = fit.target
+        assert np.allclose(got[:, y0:y1, x0:x1], want.transpose(2, 0, 1)[:, y0:y1, x0:x1], atol=1e-5), mode
+        assert (mode == "stretch") == np.array_equal(got, old)
+    with pytest.raises(UserError, match="image.fit 'squash'"):
+        preprocess_frame(frame, _manifest(fit="squash"))
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_device_path_follows_the_mode(mode: str) -> None:
+    from avloc.engines.preprocess import TOLERANCE_LEVELS, DevicePreprocessor
+
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (H, W, 3), np.uint8) for _ in range(2)]
+    manifest = _manifest(fit=mode)
+    dev = DevicePreprocessor(manifest, device="cpu", max_batch=2)(frames).numpy()
+    cpu = preprocess_frames(frames, manifest)
+    assert np.abs(dev - cpu).max() <= TOLERANCE_LEVELS / (255 * 0.25) + 1e-6
+    if mode == "letterbox":
+        assert (dev[:, :, :8] == 0).all() and (dev[:, :, 56:] == 0).all()
+
+
+def test_scoring_helpers_map_the_peak_and_the_chance_through_the_fit() -> None:
+    box = np.array([[0.0, 0.0, 1.0, 1.0]])  # the whole frame
+    chances = [aspect.chance(frame_fit((H, W), (SIZE, SIZE), m), box) for m in RESIZE_MODES]
+    assert np.allclose(chances, [1.0, 1.0, 0.75])  # letterbox: the frame covers 48 of 64 rows
+    right = np.array([[0.5, 0.0, 1.0, 1.0]])
+    crop = frame_fit((H, W), (SIZE, SIZE), "crop")
+    assert aspect.hit(crop, (0.9, 0.5), right) and not aspect.hit(crop, (0.1, 0.5), right)
+    assert not aspect.hit(frame_fit((H, W), (SIZE, SIZE), "letterbox"), (0.9, 0.05), right)  # padding
+    # a scene widened to 4:3 keeps its box on the same pixels (box in the middle: the mirrored strips,
+    # at most 21 px each side, do not copy it)
+    rgb = _frame_with_box((25, 20, 40, 40))[:64, :64]
+    wide, moved = aspect.widen(rgb, np.array([[25 / 64, 20 / 64, 40 / 64, 40 / 64]]), 4 / 3, np.random.default_rng(0))
+    assert wide.shape == (64, 85, 3)
+    assert np.allclose(moved[0] * [85, 64, 85, 64], _bright(wide), atol=1e-6)
+
+
+def test_consumers_put_a_crop_or_letterbox_map_where_the_input_was_on_the_frame() -> None:
+    from types import SimpleNamespace
+
+    import cv2
+
+    from avloc.stream.clients.display import overlay
+    from avloc.stream.serve.inference_worker import InferenceWorker
+
+    # the worker: no mapping for stretch (old manifests), the manifest's fit otherwise
+    frame = np.zeros((H, W, 3), np.uint8)
+    assert InferenceWorker._frame_fit(SimpleNamespace(manifest=_manifest()), frame) is None
+    crop = InferenceWorker._frame_fit(SimpleNamespace(manifest=_manifest(fit="crop")), frame)
+    assert crop is not None and crop.source == (80, 0, 560, 480)
+    assert np.allclose(crop.input_to_frame(0.0, 0.5), (0.125, 0.5))  # a peak at the input's left edge
+    # the display: the map over its box only; the crop's side eighths keep the frame's own pixels
+    bgr = np.full((H, W, 3), 100, np.uint8)
+    heat = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    out = overlay(bgr, heat, 0.5, cv2.COLORMAP_JET, None, crop.map_box)
+    assert (out[:, :80] == 100).all() and (out[:, 560:] == 100).all()
+    assert (out[:, 80:560] != 100).any(axis=2).all()
+    whole = overlay(bgr, heat, 0.5, cv2.COLORMAP_JET)
+    assert (whole != 100).any(axis=2).all()
+    # letterbox: the map's padding rows fall outside the frame; the frame is covered by the map's middle rows
+    box = frame_fit((H, W), (SIZE, SIZE), "letterbox")
+    rows = np.repeat(np.linspace(0, 1, 8, dtype=np.float32)[:, None], 8, axis=1)
+    out = overlay(bgr, rows, 1.0, cv2.COLORMAP_JET, None, box.map_box)
+    mid = cv2.applyColorMap(np.full((1, 1), 128, np.uint8), cv2.COLORMAP_JET)[0, 0]
+    assert np.abs(out[H // 2, W // 2].astype(int) - mid).max() <= 40  # the map's middle at the frame's middle

@@ -131,7 +131,10 @@ function draw(t) {
   if (shown) {
     ctx.imageSmoothingEnabled = true;
     ctx.globalAlpha = alpha;
-    ctx.drawImage(heatImage(t, last.heat, header.hm), 0, 0, bitmap.width, bitmap.height);
+    // map_box: where an engine with image.fit crop / letterbox puts its map on the frame (default: all of it)
+    const b = header.map_box || [0, 0, 1, 1];
+    const W = bitmap.width, H = bitmap.height;
+    ctx.drawImage(heatImage(t, last.heat, header.hm), b[0] * W, b[1] * H, (b[2] - b[0]) * W, (b[3] - b[1]) * H);
     ctx.globalAlpha = 1;
   }
   if (shown && header.peak) {

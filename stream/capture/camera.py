@@ -43,6 +43,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
+from avloc.core.media import resize_image
 from avloc.stream.runtime.worker import (
     STATE_STALLED,
     USER_ERROR_EXIT,
@@ -154,14 +155,11 @@ def infer_output(args: argparse.Namespace) -> tuple[str | None, tuple[int, int] 
 
 
 def resize_for_inference(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` at the engine's input size, resized as the inference worker would (engines.base.preprocess_frame:
-    INTER_AREA when shrinking, INTER_LINEAR when enlarging), so its own resize becomes a no-op and the heatmap
-    is the same as from the full frame."""
-    h, w = image.shape[:2]
-    if (w, h) == size:
-        return image
-    shrinking = h * w > size[0] * size[1]
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    """``image`` at the engine's input size (W, H), resized as the inference worker would (the live path's one
+    resize, ``core.media.resize_image``: INTER_AREA when shrinking, INTER_LINEAR when enlarging), so its own
+    resize becomes a no-op and the heatmap is the same as from the full frame. The whole frame, as an engine
+    with the default ``image.fit: stretch`` takes it."""
+    return resize_image(image, size[0], size[1])
 
 
 @dataclass

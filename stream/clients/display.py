@@ -79,14 +79,30 @@ def overlay(
     alpha: float,
     colormap: int,
     peak: tuple[float, float] | None = None,
+    map_box: tuple[float, float, float, float] | None = None,
 ) -> np.ndarray:
-    """Blend a colour-mapped heatmap (stretched to its own min..max so the hot spot shows) over the frame."""
+    """Blend a colour-mapped heatmap (stretched to its own min..max so the hot spot shows) over the frame.
+
+    ``map_box`` (meta ``map_box``, an engine whose ``image.fit`` is crop / letterbox): the normalized frame
+    rectangle the map covers (core.media.FrameFit.map_box); the frame outside it is left as it is. None: the
+    whole frame (``stretch``)."""
     h, w = bgr.shape[:2]
     lo, hi = float(unit_heatmap.min()), float(unit_heatmap.max())
     stretched = (unit_heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(unit_heatmap)
-    resized = cv2.resize(stretched, (w, h), interpolation=cv2.INTER_LINEAR)
-    colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
-    out = cv2.addWeighted(bgr, 1.0 - alpha, colored, alpha, 0.0)
+    if map_box is None:
+        resized = cv2.resize(stretched, (w, h), interpolation=cv2.INTER_LINEAR)
+        colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
+        out = cv2.addWeighted(bgr, 1.0 - alpha, colored, alpha, 0.0)
+    else:
+        # the map over its box in frame pixels (possibly beyond the frame: letterbox), then the frame's part
+        x0, y0, x1, y1 = (round(v * n) for v, n in zip(map_box, (w, h, w, h)))
+        resized = cv2.resize(stretched, (max(x1 - x0, 1), max(y1 - y0, 1)), interpolation=cv2.INTER_LINEAR)
+        colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
+        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        out = bgr.copy()
+        if fx1 > fx0 and fy1 > fy0:
+            part = colored[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+            out[fy0:fy1, fx0:fx1] = cv2.addWeighted(bgr[fy0:fy1, fx0:fx1], 1.0 - alpha, part, alpha, 0.0)
     if peak is not None:
         center = (int(peak[0] * w), int(peak[1] * h))
         cv2.circle(out, center, max(4, w // 60), (255, 255, 255), 2, cv2.LINE_AA)
@@ -134,6 +150,7 @@ class HeatmapView:
     notice: str | None
     confidence: float
     audio_real: float | None = None  # share of captured audio in the window (meta.audio_real)
+    map_box: tuple[float, float, float, float] | None = None  # meta.map_box: the map's frame rectangle (crop/letterbox)
 
 
 class Display:
@@ -212,6 +229,11 @@ class Display:
                 raise ValueError(f"peak {peak!r}")
         notice = msg.meta.get("notice")
         audio_real = msg.meta.get("audio_real")
+        map_box = msg.meta.get("map_box")
+        if map_box is not None:
+            if not (isinstance(map_box, list) and len(map_box) == 4 and all(math.isfinite(float(v)) for v in map_box)):
+                raise ValueError(f"map_box {map_box!r}")
+            map_box = tuple(float(v) for v in map_box)
         view = HeatmapView(
             seq=msg.seq,
             unit=heatmap_to_unit(arr) if arr is not None and arr.ndim == 2 and arr.size else None,
@@ -219,6 +241,7 @@ class Display:
             notice=notice if isinstance(notice, str) else None,
             confidence=float(msg.meta.get("confidence") or 0.0),
             audio_real=float(audio_real) if isinstance(audio_real, int | float) else None,
+            map_box=map_box,
         )
         if view.notice:  # bounded: only the protocol's notice names get a counter of their own
             kind = view.notice if view.notice in KNOWN_NOTICES else "other"
@@ -272,7 +295,7 @@ class Display:
         bgr = np.array(frame_msg.arrays["frame"])  # writable copy of the received buffer
         if view is not None and view.unit is not None and view.notice != protocol.NOTICE_NOT_VISIBLE:
             # warming_up maps are drawn too (computed, just not to be trusted yet): the notice says so
-            bgr = overlay(bgr, view.unit, self.alpha, COLORMAPS[self.colormap_name], view.peak)
+            bgr = overlay(bgr, view.unit, self.alpha, COLORMAPS[self.colormap_name], view.peak, view.map_box)
         # not_visible (map below the gate: not drawn), no_audio / non_finite (no map), warming_up (drawn)
         notice = notice_text(view.notice, view.audio_real) if view is not None else None
         draw_hud(bgr, [stream, *self.hud_lines()], notice)

@@ -263,6 +263,11 @@ class Ingest(threading.Thread):
             if not (np.isfinite(x) and np.isfinite(y)):
                 raise ValueError(f"peak {peak!r}")
             peak = [x, y]
+        map_box = msg.meta.get("map_box")  # a crop / letterbox engine: the frame rectangle the map covers
+        if map_box is not None:
+            map_box = [float(v) for v in map_box]
+            if len(map_box) != 4 or not np.isfinite(map_box).all():
+                raise ValueError(f"map_box {map_box!r}")
         notice = msg.meta.get("notice")
         audio_real = msg.meta.get("audio_real")
         if not isinstance(audio_real, int | float) or isinstance(audio_real, bool) or not np.isfinite(audio_real):
@@ -280,6 +285,7 @@ class Ingest(threading.Thread):
             "seq": msg.seq,
             "hm": shape,
             "peak": peak,
+            "map_box": map_box,
             "confidence": float(msg.meta.get("confidence") or 0.0),
             "notice": notice if isinstance(notice, str) else None,
             # the display's wording ("WARMING UP 40%"), so page and window say the same thing

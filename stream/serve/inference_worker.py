@@ -49,6 +49,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
+from avloc.core.media import FrameFit, frame_fit, resize_mode
 from avloc.engines.base import preprocess_frame, to_host
 from avloc.engines.gate import gate_threshold
 from avloc.stream.runtime.worker import (
@@ -374,6 +375,16 @@ class InferenceWorker(StreamScheduler):
             )
         return len(batch)
 
+    def _frame_fit(self, frame: np.ndarray) -> FrameFit | None:
+        """The engine's ``image.fit`` for this frame's size (core.media.frame_fit); None for ``stretch``, where
+        the map covers the whole frame and needs no mapping (every engine without the field)."""
+        mode = resize_mode(self.manifest.get("image"))
+        if mode == "stretch":
+            return None
+        size = self.manifest["image"]["size"]
+        hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return frame_fit(np.shape(frame)[:2], hw, mode)
+
     def _base_ts(self, item: PendingFrame) -> dict[str, float]:
         ts = {k: v for k, v in item.message.ts.items() if k in ("capture", "send")}
         ts["received"] = item.received
@@ -409,8 +420,12 @@ class InferenceWorker(StreamScheduler):
             notice = protocol.NOTICE_NOT_VISIBLE
         else:
             notice = None
+        peak: tuple[float, float] | None = peak_of(heatmap)
+        fit = self._frame_fit(msg.arrays["frame"])
+        if fit is not None:  # a crop / letterbox engine: the map covers fit.map_box of the frame, not all of it
+            peak = fit.input_to_frame(*peak)  # None: the peak is in the letterbox padding
         meta = {
-            "peak": list(peak_of(heatmap)),
+            "peak": list(peak) if peak is not None else None,
             "confidence": confidence,
             "frame_seq": msg.seq,
             "audio_end": window.end_ts,
@@ -421,6 +436,8 @@ class InferenceWorker(StreamScheduler):
             "audio_real": round(window.real, 3),
             "drops": self.stats.drops,
         }
+        if fit is not None:
+            meta["map_box"] = [round(v, 6) for v in fit.map_box]
         if self.gate_threshold is not None:
             meta["gate"] = self.gate_threshold
         if "pts" in msg.meta:
