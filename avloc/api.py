@@ -39,13 +39,17 @@ _DEFAULT_BATCH = 16
 class Localization:
     """Where the sound is in one frame."""
 
-    heatmap: np.ndarray  # [H, W] float32 in [0, 1] at the frame's resolution (the engine's range mapped, bilinear)
-    peak: tuple[float, float]  # (x, y) of the hottest point, 0..1 of the frame's width and height
-    peak_px: tuple[int, int]  # the same peak in pixels of the frame
+    # [H, W] float32 in [0, 1] at the frame's resolution (the engine's range mapped, bilinear); an engine whose
+    # image.fit is crop covers the centred part the model saw, 0 outside it
+    heatmap: np.ndarray
+    peak: tuple[float, float] | None  # (x, y) of the hottest point, 0..1 of the frame; None: in letterbox padding
+    peak_px: tuple[int, int] | None  # the same peak in pixels of the frame
     confidence: float  # the engine's confidence (what the silence gate thresholds)
     visible: bool  # confidence >= the engine's gate (always True for an engine without a gate)
     notice: str | None  # "not_visible" when the gate says the source is silent or off-screen, else None
     feature_map: np.ndarray  # [h, w] the engine's map at feature resolution, as published (float16 in [0, 1])
+    # the frame rectangle (x0, y0, x1, y1, 0..1) feature_map covers: None = the whole frame (image.fit stretch)
+    map_box: tuple[float, float, float, float] | None = None
 
 
 class Localizer:
@@ -196,6 +200,7 @@ class Localizer:
         return out
 
     def _result(self, frame: np.ndarray, heatmap: np.ndarray, confidence: float) -> Localization:
+        from avloc.core.media import engine_frame_fit, map_on_frame
         from avloc.stream.serve.inference_worker import encode_heatmap, peak_of
         from avloc.stream.wire.protocol import NOTICE_NOT_VISIBLE
 
@@ -203,15 +208,22 @@ class Localizer:
         visible = self.gate is None or confidence >= self.gate
         unit = encode_heatmap(heatmap, *self.range, "float16")
         h, w = frame.shape[:2]
-        px, py = peak_of(heatmap)
+        peak: tuple[float, float] | None = peak_of(heatmap)
+        # a crop / letterbox engine (manifest image.fit) saw part of the frame, or the frame inside padding: its
+        # map and peak go back onto the frame as the inference worker publishes them
+        fit = engine_frame_fit(self.manifest.get("image"), frame.shape)
+        if fit is not None:
+            peak = fit.input_to_frame(*peak)  # None: in the letterbox padding
+        on_frame, _ = map_on_frame(unit, (h, w), None if fit is None else fit.map_box)
         return Localization(
-            heatmap=cv2.resize(unit.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR),
-            peak=(px, py),
-            peak_px=(min(int(px * w), w - 1), min(int(py * h), h - 1)),
+            heatmap=on_frame,
+            peak=peak,
+            peak_px=None if peak is None else (min(int(peak[0] * w), w - 1), min(int(peak[1] * h), h - 1)),
             confidence=confidence,
             visible=visible,
             notice=None if visible else NOTICE_NOT_VISIBLE,
             feature_map=unit,
+            map_box=None if fit is None else fit.map_box,
         )
 
     # --- videos ---------------------------------------------------------------------------------------

@@ -262,8 +262,8 @@ def record(r: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """One JSON line: where the sound is (0..1 and pixels), how sure, and the gate's notice."""
     return {
         **extra,
-        "peak": [round(r.peak[0], 5), round(r.peak[1], 5)],
-        "peak_px": list(r.peak_px),
+        "peak": None if r.peak is None else [round(r.peak[0], 5), round(r.peak[1], 5)],
+        "peak_px": None if r.peak_px is None else list(r.peak_px),
         "confidence": round(r.confidence, 6),
         "visible": r.visible,
         "notice": r.notice,
@@ -274,7 +274,7 @@ def draw(bgr: np.ndarray, r: Any, style: dict[str, Any]) -> np.ndarray:
     """The display's own overlay (heatmap stretched to its range, peak marker, gate notice)."""
     from avloc.stream.clients.display import draw_hud, overlay
 
-    image = overlay(bgr, r.feature_map.astype(np.float32), style["alpha"], style["colormap"], r.peak)
+    image = overlay(bgr, r.feature_map.astype(np.float32), style["alpha"], style["colormap"], r.peak, r.map_box)
     if r.notice:
         draw_hud(image, [], r.notice)
     return image

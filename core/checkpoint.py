@@ -30,6 +30,17 @@ class ImageConfig:
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # How a live frame of another aspect becomes the square input (core.media.frame_fit), written into the
+    # engine manifest as image.fit. crop: the centred square, undistorted as the square training scenes are;
+    # chosen over stretch / letterbox on val + val_unseen 4:3 scenes and replayed clips (docs/engines.md).
+    # Dataset evaluation (avloc eval) keeps the benchmarks' protocol: frames resized whole, boxes with them.
+    fit: str = "crop"
+
+    def __post_init__(self) -> None:
+        from avloc.core.media import RESIZE_MODES  # why: cv2, only when an image config is built
+
+        if self.fit not in RESIZE_MODES:
+            raise UserError(f"image.fit {self.fit!r}: expected one of {', '.join(RESIZE_MODES)}")
 
 
 @dataclass

@@ -400,6 +400,37 @@ def frame_fit(frame_size: tuple[int, int], input_size: tuple[int, int], mode: st
     return FrameFit(mode, (h, w), (H, W), full_frame, (x0, 0, x0 + iw, H))
 
 
+def engine_frame_fit(manifest_image: dict | None, frame_shape: Sequence[int]) -> FrameFit | None:
+    """The engine's ``image.fit`` for a frame of ``frame_shape`` (h, w, ...); None for ``stretch``, where the
+    map covers the whole frame and needs no mapping (every engine without the field). What the inference
+    worker, ``avloc.Localizer`` and the benches use to put a map and its peak back onto the frame."""
+    mode = resize_mode(manifest_image)
+    if mode == "stretch":
+        return None
+    size = (manifest_image or {})["size"]
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return frame_fit((int(frame_shape[0]), int(frame_shape[1])), hw, mode)
+
+
+def map_on_frame(
+    values: np.ndarray, frame_hw: tuple[int, int], map_box: Sequence[float] | None = None
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A map over the model input -> the frame-sized map (bilinear) and the pixel rectangle of the frame it
+    covers (x0, y0, x1, y1). ``map_box`` (:attr:`FrameFit.map_box`, None = the whole frame) may reach beyond
+    the frame (letterbox); the frame outside it is 0 (crop: nothing there was seen)."""
+    h, w = int(frame_hw[0]), int(frame_hw[1])
+    values = np.asarray(values, np.float32)
+    if map_box is None:
+        return cv2.resize(values, (w, h), interpolation=cv2.INTER_LINEAR), (0, 0, w, h)
+    x0, y0, x1, y1 = (round(float(v) * n) for v, n in zip(map_box, (w, h, w, h)))
+    resized = cv2.resize(values, (max(x1 - x0, 1), max(y1 - y0, 1)), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((h, w), np.float32)
+    fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if fx1 > fx0 and fy1 > fy0:
+        out[fy0:fy1, fx0:fx1] = resized[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+    return out, (fx0, fy0, max(fx1, fx0), max(fy1, fy0))
+
+
 def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """The live resize: ``cv2.INTER_AREA`` when the image shrinks (no aliasing), ``INTER_LINEAR`` when it
     grows; unchanged when the size already matches."""

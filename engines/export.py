@@ -305,7 +305,9 @@ def image_manifest(image: ImageConfig, size: int) -> dict[str, Any]:
         "color": "RGB",
         "layout": "NCHW",
         "normalization": "x / 255, then (x - mean) / std per channel",
-        "resize": "to size x size, aspect not kept (cv2 INTER_AREA shrinking, INTER_LINEAR enlarging)",
+        "fit": image.fit,
+        "resize": f"{image.fit} (core.media.frame_fit) to size x size (cv2 INTER_AREA shrinking, INTER_LINEAR"
+        " enlarging)",
         "trained_size": image.size,
     }
 

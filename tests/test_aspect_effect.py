@@ -162,3 +162,50 @@ def test_consumers_put_a_crop_or_letterbox_map_where_the_input_was_on_the_frame(
     out = overlay(bgr, rows, 1.0, cv2.COLORMAP_JET, None, box.map_box)
     mid = cv2.applyColorMap(np.full((1, 1), 128, np.uint8), cv2.COLORMAP_JET)[0, 0]
     assert np.abs(out[H // 2, W // 2].astype(int) - mid).max() <= 40  # the map's middle at the frame's middle
+
+
+def test_map_on_frame_puts_a_crop_engines_map_on_its_part_of_the_frame() -> None:
+    """core.media.map_on_frame (avloc.Localizer's frame-sized heatmap, the display's overlay): a crop engine's map
+    covers the centred square of a 4:3 frame and nothing outside it; letterbox's box reaches past the frame."""
+    from avloc.core.media import engine_frame_fit, map_on_frame
+
+    unit = np.ones((16, 16), np.float32)
+    assert engine_frame_fit({"size": 256}, (480, 640, 3)) is None  # an engine without image.fit: stretch
+    crop = engine_frame_fit({"size": 256, "fit": "crop"}, (480, 640, 3))
+    on_frame, box = map_on_frame(unit, (480, 640), crop.map_box)
+    assert box == (80, 0, 560, 480) and on_frame.shape == (480, 640)
+    assert on_frame[:, 80:560].min() == 1.0 and on_frame[:, :80].max() == 0.0 and on_frame[:, 560:].max() == 0.0
+    whole, box = map_on_frame(unit, (480, 640))
+    assert box == (0, 0, 640, 480) and whole.min() == 1.0
+    letter = engine_frame_fit({"size": 256, "fit": "letterbox"}, (480, 640, 3))
+    ramp = np.tile(np.linspace(0, 1, 16, dtype=np.float32)[:, None], (1, 16))  # rows 0 .. 1, top to bottom
+    on_frame, box = map_on_frame(ramp, (480, 640), letter.map_box)
+    assert box == (0, 0, 640, 480)  # the box covers more than the frame: the padding rows are cut off
+    assert on_frame[0].mean() > 0.05 and on_frame[-1].mean() < 0.95  # the frame is the middle of the ramp
+
+
+def test_a_capture_pre_fit_frame_maps_back_onto_the_full_frame() -> None:
+    """--infer-size --infer-fit crop: the capture sends the engine's input already cropped (the worker's own
+    preprocess is then a no-op: the same tensor as from the full frame), with meta fit + full_size, and the worker
+    maps the map and peak onto the full frame as if it had cropped it itself; hostile values fall back."""
+    from types import SimpleNamespace
+
+    from avloc.stream.capture.camera import resize_for_inference
+    from avloc.stream.serve.inference_worker import InferenceWorker
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (H, W, 3), np.uint8)
+    small = resize_for_inference(big, (SIZE, SIZE), "crop")
+    np.testing.assert_array_equal(
+        preprocess_frame(small, _manifest(fit="crop")), preprocess_frame(big, _manifest(fit="crop"))
+    )
+    worker = SimpleNamespace(manifest=_manifest(fit="crop"))
+    own = InferenceWorker._frame_fit(worker, big)
+    pre = InferenceWorker._frame_fit(worker, small, {"fit": "crop", "full_size": [W, H]})
+    assert pre is not None and pre.map_box == own.map_box and pre.input_to_frame(0.0, 0.5) == own.input_to_frame(0, 0.5)
+    assert InferenceWorker._frame_fit(worker, small, {"fit": "stretch", "full_size": [W, H]}) is None
+    for hostile in ({"fit": "crop", "full_size": [0, H]}, {"fit": "zoom", "full_size": [W, H]}, {"full_size": "x"}):
+        fallback = InferenceWorker._frame_fit(worker, small, hostile)  # the square frame itself: nothing to map
+        assert fallback is not None and fallback.map_box == (0.0, 0.0, 1.0, 1.0)
+    with pytest.raises(UserError, match="--infer-fit"):
+        resize_for_inference(big, (SIZE, SIZE), "letterbox")

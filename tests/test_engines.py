@@ -256,13 +256,16 @@ def test_preprocess_frame_geometry_and_batch(engine_dir):
     batch = preprocess_frames([big, small], manifest)
     assert batch.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     np.testing.assert_array_equal(batch[0], preprocess_frame(big, manifest))
-    # Shrinking uses area averaging: same as cv2 INTER_AREA done by hand.
-    area = cv2.resize(big, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32)
+    # The export's default fit is crop (the centred 480x480 of a 640x480 frame), then area averaging when
+    # shrinking: the same as cv2 INTER_AREA done by hand on that square.
+    assert manifest["image"]["fit"] == "crop"
+    square = big[:, 80:560]
+    area = cv2.resize(square, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32)
     ref = (area / 255.0 - np.array(ImageConfig().mean)) / np.array(ImageConfig().std)
     np.testing.assert_allclose(batch[0], ref.transpose(2, 0, 1), atol=1e-5)
     # A bright spot in the top-left of the frame lands in the top-left of the tensor.
     spot = np.zeros((480, 640, 3), np.uint8)
-    spot[:120, :160] = 255
+    spot[:120, 80:240] = 255  # the top-left quarter of the centred square
     out = preprocess_frame(spot, manifest)
     assert out[:, :16, :16].min() > out[:, 32:, 32:].max()
     with pytest.raises(UserError, match="uint8"):

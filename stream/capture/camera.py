@@ -43,7 +43,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.core.media import resize_image
+from avloc.core.media import fit_frame
 from avloc.stream.runtime.worker import (
     STATE_STALLED,
     USER_ERROR_EXIT,
@@ -123,6 +123,11 @@ def why_not_open(source: str | int) -> str:
     return f"OpenCV cannot open or decode {source!r} (tried every OpenCV backend)"
 
 
+# The --infer-fit modes a capture can apply: letterbox pads with the engine's normalisation mean, which a capture
+# does not know (that engine is served with full frames).
+INFER_FITS = ("stretch", "crop")
+
+
 def parse_infer_size(value: str) -> tuple[int, int]:
     """``--infer-size WxH`` -> (width, height): the engine's input size (``image.size`` in its manifest)."""
     width, sep, height = value.lower().partition("x")
@@ -145,6 +150,13 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
         "the display keeps the full frames)",
     )
     parser.add_argument("--infer-size", default=None, metavar="WxH", help="the engine's input size, e.g. 224x224")
+    parser.add_argument(
+        "--infer-fit",
+        default="crop",
+        choices=INFER_FITS,
+        help="how a frame becomes --infer-size: the engine's image.fit (`avloc info ENGINE`; crop, the export's "
+        "default, or stretch); sent along, so the worker maps its map and peak back onto the full frame",
+    )
 
 
 def infer_output(args: argparse.Namespace) -> tuple[str | None, tuple[int, int] | None]:
@@ -154,12 +166,13 @@ def infer_output(args: argparse.Namespace) -> tuple[str | None, tuple[int, int] 
     return args.infer_frames, parse_infer_size(args.infer_size) if args.infer_size else None
 
 
-def resize_for_inference(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` at the engine's input size (W, H), resized as the inference worker would (the live path's one
-    resize, ``core.media.resize_image``: INTER_AREA when shrinking, INTER_LINEAR when enlarging), so its own
-    resize becomes a no-op and the heatmap is the same as from the full frame. The whole frame, as an engine
-    with the default ``image.fit: stretch`` takes it."""
-    return resize_image(image, size[0], size[1])
+def resize_for_inference(image: np.ndarray, size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
+    """``image`` at the engine's input size (W, H), made as the inference worker would (the live path's one
+    definition, ``core.media.fit_frame``: the ``fit`` rectangle, INTER_AREA when shrinking, INTER_LINEAR when
+    enlarging), so its own resize becomes a no-op and the heatmap is the same as from the full frame."""
+    if fit not in INFER_FITS:
+        raise UserError(f"--infer-fit {fit!r}: expected one of {', '.join(INFER_FITS)}")
+    return fit_frame(image, (size[1], size[0]), fit)
 
 
 @dataclass
@@ -402,6 +415,7 @@ def run_camera(
     open_capture: Callable[[str | int], Any] = open_with_timeouts,
     infer_endpoint: str | None = None,
     infer_size: tuple[int, int] | None = None,
+    infer_fit: str = "stretch",
     flow_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters.
@@ -475,7 +489,7 @@ def run_camera(
                 meta=meta,
             )
             if infer_sock is not None and infer_size is not None:
-                small = resize_for_inference(frame.image, infer_size)
+                small = resize_for_inference(frame.image, infer_size, infer_fit)
                 protocol.send(
                     infer_sock,
                     "frame",
@@ -483,7 +497,13 @@ def run_camera(
                     seq=published,
                     ts={"capture": frame.capture_ts, "send": protocol.now()},
                     arrays={"frame": small},
-                    meta={**meta, "width": infer_size[0], "height": infer_size[1], "full_size": [width, height]},
+                    meta={
+                        **meta,
+                        "width": infer_size[0],
+                        "height": infer_size[1],
+                        "full_size": [width, height],
+                        "fit": infer_fit,
+                    },
                 )
             published += 1
     finally:
@@ -537,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             stall_timeout_s=args.stall_timeout,
             infer_endpoint=infer_endpoint,
             infer_size=infer_size,
+            infer_fit=args.infer_fit,
             flow_endpoint=args.flow_control,
         )
     except UserError as err:  # e.g. the endpoint is taken: one line, and the launcher does not retry

@@ -66,9 +66,8 @@ from avloc.stream.runtime.worker import (
     setup_logging,
     wait_for_subscribers,
 )
-from avloc.stream.serve.batching import DEFAULT_AUDIO_REUSE_S
 from avloc.stream.wire import protocol, security
-from avloc.stream.wire.flow import FlowFeedback, add_flow_control_argument, audio_spacing
+from avloc.stream.wire.flow import DEFAULT_AUDIO_REUSE_S, FlowFeedback, add_flow_control_argument, audio_spacing
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +250,7 @@ class ReplaySource:
         ctx: zmq.Context | None = None,
         infer_endpoint: str | None = None,
         infer_size: tuple[int, int] | None = None,
+        infer_fit: str = "stretch",
         flow_endpoint: str | None = None,
         flow_audio_reuse_s: float = DEFAULT_AUDIO_REUSE_S,
     ) -> None:
@@ -273,6 +273,7 @@ class ReplaySource:
         # a second frame stream at the engine's input size (camera.resize_for_inference), same seq and timestamps
         self._infer_endpoint = infer_endpoint if infer_size else None
         self._infer_size = infer_size
+        self._infer_fit = infer_fit
         self._infer_sock: zmq.Socket | None = None
         # flow control from the worker's heatmaps (real-time speeds only: at --speed max back-pressure paces)
         self._flow_endpoint = flow_endpoint if speed is not None else None
@@ -522,7 +523,7 @@ class ReplaySource:
             meta=meta,
         )
         if self._infer_sock is not None and self._infer_size is not None:
-            small = resize_for_inference(image, self._infer_size)
+            small = resize_for_inference(image, self._infer_size, self._infer_fit)
             self._send(
                 self._infer_sock,
                 "frame",
@@ -534,6 +535,7 @@ class ReplaySource:
                     "width": small.shape[1],
                     "height": small.shape[0],
                     "full_size": [image.shape[1], image.shape[0]],
+                    "fit": self._infer_fit,  # the worker maps its map and peak back onto the full frame
                 },
             )
         self.stats["frames"] += 1
@@ -611,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             max_frames=args.max_frames,
             infer_endpoint=infer_endpoint,
             infer_size=infer_size,
+            infer_fit=args.infer_fit,
             flow_endpoint=args.flow_control,
             flow_audio_reuse_s=args.flow_audio_reuse,
         )

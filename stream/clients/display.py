@@ -37,6 +37,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
+from avloc.core.media import map_on_frame
 from avloc.stream.clients.recording import Recorder
 from avloc.stream.runtime.worker import (
     USER_ERROR_EXIT,
@@ -89,20 +90,15 @@ def overlay(
     h, w = bgr.shape[:2]
     lo, hi = float(unit_heatmap.min()), float(unit_heatmap.max())
     stretched = (unit_heatmap - lo) / (hi - lo) if hi > lo else np.zeros_like(unit_heatmap)
+    resized, (fx0, fy0, fx1, fy1) = map_on_frame(stretched, (h, w), map_box)
+    colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
     if map_box is None:
-        resized = cv2.resize(stretched, (w, h), interpolation=cv2.INTER_LINEAR)
-        colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
         out = cv2.addWeighted(bgr, 1.0 - alpha, colored, alpha, 0.0)
-    else:
-        # the map over its box in frame pixels (possibly beyond the frame: letterbox), then the frame's part
-        x0, y0, x1, y1 = (round(v * n) for v, n in zip(map_box, (w, h, w, h)))
-        resized = cv2.resize(stretched, (max(x1 - x0, 1), max(y1 - y0, 1)), interpolation=cv2.INTER_LINEAR)
-        colored = cv2.applyColorMap(np.round(resized * 255).astype(np.uint8), colormap)
-        fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    else:  # the frame outside the map's box is left as it is
         out = bgr.copy()
         if fx1 > fx0 and fy1 > fy0:
-            part = colored[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
-            out[fy0:fy1, fx0:fx1] = cv2.addWeighted(bgr[fy0:fy1, fx0:fx1], 1.0 - alpha, part, alpha, 0.0)
+            box = (slice(fy0, fy1), slice(fx0, fx1))
+            out[box] = cv2.addWeighted(bgr[box], 1.0 - alpha, colored[box], alpha, 0.0)
     if peak is not None:
         center = (int(peak[0] * w), int(peak[1] * h))
         cv2.circle(out, center, max(4, w // 60), (255, 255, 255), 2, cv2.LINE_AA)

@@ -32,10 +32,6 @@ EMBED_CACHE = 16  # audio embeddings kept per stream
 MAX_STREAMS = 64
 STREAM_SILENCE_S = 60.0
 DEFAULT_MAX_BATCH = 8  # when neither the command line nor the engine sets one
-# Audio reuse (audio_reuse_s) by default: a worker that is BEHIND (it replaced or dropped frames since its last
-# batch, or streams wait beyond this batch) pairs a frame with an embedded window up to this much older than
-# the newest instead of paying an embedding per stream per hop; a worker that keeps up always uses the newest.
-DEFAULT_AUDIO_REUSE_S = 0.3
 AGE_FLOOR_S = 0.05  # automatic max frame age: this + AGE_BATCHES batch times
 AGE_BATCHES = 2.0
 # A stream whose frames arrive more than this "old" (or from the future) at their best is stamped by another

@@ -27,9 +27,10 @@ from avloc.stream.runtime.worker import (
     install_stop_handlers,
     setup_logging,
 )
-from avloc.stream.serve.batching import DEFAULT_AUDIO_REUSE_S, DEFAULT_MAX_BATCH
+from avloc.stream.serve.batching import DEFAULT_MAX_BATCH
 from avloc.stream.serve.inference_worker import InferenceWorker
 from avloc.stream.wire import protocol
+from avloc.stream.wire.flow import DEFAULT_AUDIO_REUSE_S
 
 log = logging.getLogger(__name__)
 

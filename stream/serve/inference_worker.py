@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.core.media import FrameFit, frame_fit, resize_mode
+from avloc.core.media import RESIZE_MODES, FrameFit, engine_frame_fit, frame_fit
 from avloc.engines.base import preprocess_frame, to_host
 from avloc.engines.gate import gate_threshold
 from avloc.stream.runtime.worker import (
@@ -57,7 +57,6 @@ from avloc.stream.runtime.worker import (
     RateLimitedLog,
 )
 from avloc.stream.serve.batching import (
-    DEFAULT_AUDIO_REUSE_S,
     WARMING_UP_SHARE,
     AudioTrack,
     AudioWindow,
@@ -69,6 +68,7 @@ from avloc.stream.serve.batching import (
 )
 from avloc.stream.serve.sharding import parse_assignment
 from avloc.stream.wire import protocol, security
+from avloc.stream.wire.flow import DEFAULT_AUDIO_REUSE_S
 
 log = logging.getLogger(__name__)
 
@@ -375,15 +375,22 @@ class InferenceWorker(StreamScheduler):
             )
         return len(batch)
 
-    def _frame_fit(self, frame: np.ndarray) -> FrameFit | None:
-        """The engine's ``image.fit`` for this frame's size (core.media.frame_fit); None for ``stretch``, where
-        the map covers the whole frame and needs no mapping (every engine without the field)."""
-        mode = resize_mode(self.manifest.get("image"))
-        if mode == "stretch":
-            return None
-        size = self.manifest["image"]["size"]
-        hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        return frame_fit(np.shape(frame)[:2], hw, mode)
+    def _frame_fit(self, frame: np.ndarray, meta: dict[str, Any] | None = None) -> FrameFit | None:
+        """Where the map lies on the frame the display shows: the engine's ``image.fit`` for this frame
+        (core.media.engine_frame_fit); None for ``stretch``. A frame a capture already made into the input
+        (``--infer-size``) says how (meta ``fit``) and from what (``full_size`` [w, h]): mapped from the full frame.
+        Anything else in those fields (a hostile peer) falls back to the frame itself."""
+        fit, full = (meta or {}).get("fit"), (meta or {}).get("full_size")
+        if (
+            fit in RESIZE_MODES
+            and isinstance(full, list)
+            and len(full) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16384 for v in full)
+        ):
+            if fit == "stretch":
+                return None
+            return frame_fit((full[1], full[0]), np.shape(frame)[:2], fit)
+        return engine_frame_fit(self.manifest.get("image"), np.shape(frame))
 
     def _base_ts(self, item: PendingFrame) -> dict[str, float]:
         ts = {k: v for k, v in item.message.ts.items() if k in ("capture", "send")}
@@ -421,7 +428,7 @@ class InferenceWorker(StreamScheduler):
         else:
             notice = None
         peak: tuple[float, float] | None = peak_of(heatmap)
-        fit = self._frame_fit(msg.arrays["frame"])
+        fit = self._frame_fit(msg.arrays["frame"], msg.meta)
         if fit is not None:  # a crop / letterbox engine: the map covers fit.map_box of the frame, not all of it
             peak = fit.input_to_frame(*peak)  # None: the peak is in the letterbox padding
         meta = {

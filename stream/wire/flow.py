@@ -37,6 +37,11 @@ import zmq
 
 from avloc.stream.wire import protocol
 
+# Audio reuse (audio_reuse_s) by default: a worker that is BEHIND (it replaced or dropped frames since its last
+# batch, or streams wait beyond this batch) pairs a frame with an embedded window up to this much older than
+# the newest instead of paying an embedding per stream per hop; a worker that keeps up always uses the newest.
+# Here, in the wire, because both ends use it: the worker reuses, a throttled capture thins its windows to match.
+DEFAULT_AUDIO_REUSE_S = 0.3
 WINDOW_S = 1.0  # served heatmaps are counted over this many seconds
 HEADROOM = 1.3  # frames sent per heatmap served: a fresh frame waits at each turn, few are replaced
 STEP_UP = 2.0  # frames/s added to the allowance, so a stream throttled to ~0 comes back
