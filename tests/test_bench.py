@@ -6,17 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from proc_helpers import orphans, tiny_engine_and_clip
+from proc_helpers import orphans
 
 from avloc.cli import main as cli_main
 from avloc.stream.run.report import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_engine_and_clip(tmp_path_factory.mktemp("bench"), seed=7)
 
 
 def test_bench_pipeline_writes_its_json(engine_and_video, tmp_path):

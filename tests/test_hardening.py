@@ -242,7 +242,9 @@ def test_sigstop_of_each_worker_is_detected_and_restarted(engine_and_video, tmp_
     from avloc.stream.run import pipeline as P
 
     engine, video = engine_and_video
-    config = replace(FAST, heartbeat_timeout_s=3.0, startup_grace_s=180.0, restart_backoff_s=0.1, max_restarts=5)
+    # heartbeat_timeout_s 2 s as in the soak (tests/test_soak.py): 4 heartbeat intervals; each of the five SIGSTOPs
+    # below waits for it. The bound (timeout + 1 s) leaves the same second for the kill and the restart.
+    config = replace(FAST, heartbeat_timeout_s=2.0, startup_grace_s=180.0, restart_backoff_s=0.1, max_restarts=5)
     endpoints = P.Endpoints.auto(1)
     home = tmp_path / "home"
     home.mkdir()

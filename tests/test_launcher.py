@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
-from proc_helpers import orphans, tiny_engine_and_clip, worker_processes
+from proc_helpers import orphans, worker_processes
 
 from avloc.stream.run.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
 
@@ -219,11 +219,6 @@ def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- real pipeline
-
-
-@pytest.fixture(scope="module")
-def engine_and_video(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_engine_and_clip(tmp_path_factory.mktemp("pipeline"), seed=3)
 
 
 def _inference_pid(launcher: psutil.Process) -> int | None:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from netns_helpers import hosts, skip_reason
-from proc_helpers import tiny_engine_and_clip
 
 from avloc.core.errors import UserError
 from avloc.core.media import probe_video
@@ -63,8 +62,8 @@ def _e2e_ms(records: list[dict], stream: str) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
-def test_two_host_pipeline_with_skewed_clock_reports_one_host_latency(tmp_path):
-    engine, clip = tiny_engine_and_clip(tmp_path, seed=7)
+def test_two_host_pipeline_with_skewed_clock_reports_one_host_latency(engine_and_video, tmp_path):
+    engine, clip = engine_and_video  # conftest's: built once per session, read-only here
     keys = tmp_path / "keys"
     make_keys(keys)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AVLOC_RUN_TOKEN": "multihost-test-token"}

@@ -15,18 +15,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 from alsa_helpers import PipeMicrophone
-from proc_helpers import tiny_engine_and_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("capture", "send", "received", "infer_start", "visual_start", "infer_end", "publish", "display")
 
 
-def _engine_and_video(root: Path) -> tuple[Path, Path]:
-    return tiny_engine_and_clip(root, seed=11)
-
-
-def test_run_camera_file_and_microphone_end_to_end(tmp_path):
-    engine, video = _engine_and_video(tmp_path)
+def test_run_camera_file_and_microphone_end_to_end(engine_and_video, tmp_path):
+    engine, video = engine_and_video  # conftest's: built once per session, read-only here
     home, run_dir = tmp_path / "home", tmp_path / "run"
     home.mkdir()
     rate = 16000

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from proc_helpers import orphans, tiny_engine_and_clip
+from proc_helpers import orphans
 
 from avloc.core.errors import UserError
 from avloc.stream.tools import fuzz, soak, soak_plan, soak_report
@@ -65,8 +65,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow  # 30 s of soak + start-up + the recovery of the last faults: 108 s at nice 15 on 2 busy cores
-def test_soak_accounts_for_every_fault_and_gap(tmp_path):
-    engine, clip = tiny_engine_and_clip(tmp_path, seed=3)
+def test_soak_accounts_for_every_fault_and_gap(engine_and_video, tmp_path):
+    engine, clip = engine_and_video  # conftest's: built once per session, read-only here (the camera gets a copy)
     config = tmp_path / "stream.yaml"
     config.write_text(FAST_CONFIG)
     out = tmp_path / "soak"

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-from proc_helpers import orphans, tiny_engine_and_clip
+from proc_helpers import orphans
 
 from avloc.core.errors import UserError
 from avloc.stream.clients.view import Client, check_arguments, parse_http
@@ -69,10 +69,10 @@ class HeatmapTap(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, engine_and_video):
     """replay --loop -> inference -> view (token set), supervised by the launcher in a thread."""
     root = tmp_path_factory.mktemp("view")
-    engine, clip = tiny_engine_and_clip(root, seed=5)
+    engine, clip = engine_and_video  # conftest's: built once per session, read-only here
     # a busy 2-core machine can take tens of seconds to import torch and load the engine
     config = L.StreamConfig(heartbeat_timeout_s=60.0, startup_grace_s=300.0)
     endpoints = P.Endpoints.auto(1)

@@ -153,9 +153,9 @@ if ! "$PY" -c "import avloc.engines" 2>/dev/null; then
     "$PY" -c "import avloc.engines" || echo "== avloc is not importable even from the checkout: the steps will fail"
 fi
 
-# The CPU dry run checks that each step runs, not how fast: two steps that each use one core (imports,
-# --threads 1 benchmarks) run side by side there, on the 2 cores of a small machine. Measured runs stay
-# one step at a time.
+# The CPU dry run checks that each step runs, not how fast: steps that each use about one core (imports,
+# --threads 1 benchmarks) run side by side there, on the 2 cores of a small machine (doctor beside clip and
+# models, the engine benchmark beside the pipelines). Measured runs stay one step at a time.
 SIDE_BY_SIDE=0; [ "$QUICK" = 1 ] && [ "$DEVICE" = cpu ] && SIDE_BY_SIDE=1
 # beside CMD...: `step CMD...` in the background when SIDE_BY_SIDE (collected by `wait`), else in the foreground
 beside() { if [ "$SIDE_BY_SIDE" = 1 ]; then step "$@" & else step "$@"; fi; }
@@ -206,7 +206,9 @@ else
         "$OUT/models/models.json" 2>/dev/null || echo "no ACL engine (the models step failed: see models.log)")
     skip engine_acl "$WHY"
 fi
-wait
+# The dry run's engine benchmark (one core: --threads 1) goes on beside the pipeline steps (they share no port
+# or file); elsewhere every step already ran in the foreground, one at a time.
+[ "$SIDE_BY_SIDE" = 1 ] || wait
 BACKEND=torch
 # The inference worker warms up (CUDA-graph capture for batch 1..16) before it reports ready; the default 60 s
 # start-up grace of configs/stream.yaml is too short for that (and for a busy CPU in the dry run).
@@ -225,6 +227,7 @@ else
     skip pipeline_1 "no clip or no SSL-Align engine (see clip.log, models.log)"
     skip "pipeline_$STREAMS_MANY" "no clip or no SSL-Align engine (see clip.log, models.log)"
 fi
+wait  # the summary reads every step's JSON
 
 "$PY" bench/gpu/helpers.py summary "$OUT"
 echo "total $((SECONDS - START)) s on ${DEVICE}; everything is in $OUT (summary.md)"
