@@ -397,6 +397,11 @@ def export_engine(
 
         gate_data = check_gate_data(gate_data)  # before the export, which takes a while
     loaded = load_model(checkpoint, device="cpu")
+    if ogl is not None and loaded.model_config.get("objectness"):
+        raise UserError(
+            f"--ogl: {checkpoint} already adds objectness to its heatmap (model.objectness, weight "
+            f"{loaded.model_config.get('objectness_weight')}); blending OGL's on top would count it twice"
+        )
     if refine is not None:
         loaded = _with_refine(loaded, refine)
     size = int(image_size or loaded.image.size)

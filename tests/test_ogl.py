@@ -423,3 +423,26 @@ def test_inference_worker_publishes_the_ogl_blend(ogl_engine, tmp_path):
             heartbeat_endpoint=None,
             ogl_alpha=0.4,
         )
+
+
+def test_export_refuses_ogl_on_a_model_with_objectness_built_in(tmp_path):
+    """The open-set recipe adds objectness to its heatmap itself (model.objectness): `avloc export --ogl` would
+    blend objectness in a second time, so it is a one-line error before anything is written."""
+    from avloc.core.audio import FrontEndConfig
+    from avloc.core.checkpoint import ImageConfig, save_checkpoint
+    from avloc.core.config import to_dict
+    from avloc.core.ssl_align import SSLAlign, SSLAlignConfig
+    from avloc.engines.export import export_engine
+
+    cfg = SSLAlignConfig(backbone="pretrained", width=4, visual_layer4_stride=2, objectness=True)
+    ckpt = save_checkpoint(
+        tmp_path / "m.pt",
+        SSLAlign(cfg),
+        method="ssl_align",
+        model_config=to_dict(cfg),
+        frontend=FrontEndConfig(kind="yamnet", level="window_rms"),
+        image=ImageConfig(size=64),
+    )
+    with pytest.raises(UserError, match="already adds objectness .* count it twice"):
+        export_engine(ckpt, tmp_path / "engine", ogl="effnet-lite0")
+    assert not (tmp_path / "engine").exists() and not (tmp_path / "engine.tmp").exists()
