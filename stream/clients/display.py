@@ -37,7 +37,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.core.media import map_on_frame
+from avloc.core.media import checked_map_box, map_on_frame
 from avloc.stream.clients.recording import Recorder
 from avloc.stream.runtime.worker import (
     USER_ERROR_EXIT,
@@ -226,10 +226,8 @@ class Display:
         notice = msg.meta.get("notice")
         audio_real = msg.meta.get("audio_real")
         map_box = msg.meta.get("map_box")
-        if map_box is not None:
-            if not (isinstance(map_box, list) and len(map_box) == 4 and all(math.isfinite(float(v)) for v in map_box)):
-                raise ValueError(f"map_box {map_box!r}")
-            map_box = tuple(float(v) for v in map_box)
+        if map_box is not None:  # bounded here: compose() draws it outside handle()'s guard
+            map_box = checked_map_box(map_box)
         view = HeatmapView(
             seq=msg.seq,
             unit=heatmap_to_unit(arr) if arr is not None and arr.ndim == 2 and arr.size else None,
