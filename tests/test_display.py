@@ -25,6 +25,9 @@ def test_bad_content_is_rejected_and_the_display_keeps_going(tmp_path) -> None:
         (display.on_heatmap, _msg("heatmap", heatmap, peak=["left", "top"], confidence=0.5)),
         (display.on_heatmap, _msg("heatmap", heatmap, peak=[0.5, 0.5], drops="many")),
         (display.on_heatmap, _msg("heatmap", heatmap, confidence={"x": 1})),
+        # drawn in compose(), outside handle(): a peak this far off the frame made cv2.circle raise there
+        (display.on_heatmap, _msg("heatmap", heatmap, peak=[1e12, 0.5])),
+        (display.on_heatmap, _msg("heatmap", heatmap, peak=[0.5, -5e9])),
         (display.on_frame, _msg("frame", {"frame": np.zeros((0, 4, 3), np.uint8)})),
         (display.on_frame, _msg("frame", {"frame": np.zeros((4, 4), np.float32)})),
     ]

@@ -221,7 +221,9 @@ class Display:
         peak = msg.meta.get("peak")
         if peak is not None:
             peak = (float(peak[0]), float(peak[1])) if isinstance(peak, list) and len(peak) == 2 else None
-            if peak is not None and not all(math.isfinite(v) for v in peak):
+            # a peak is on the frame (0..1); compose() draws it outside handle()'s guard, where a peer's 1e12
+            # made cv2.circle raise and killed the display: far off the frame is bad content (NaN fails too)
+            if peak is not None and not all(-1.0 <= v <= 2.0 for v in peak):
                 raise ValueError(f"peak {peak!r}")
         notice = msg.meta.get("notice")
         audio_real = msg.meta.get("audio_real")
