@@ -6,6 +6,7 @@ not decodable, no audio track), so a dataset scan can list them one per line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -410,6 +411,44 @@ def engine_frame_fit(manifest_image: dict | None, frame_shape: Sequence[int]) ->
     size = (manifest_image or {})["size"]
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return frame_fit((int(frame_shape[0]), int(frame_shape[1])), hw, mode)
+
+
+# A received map_box is drawn at frame size times its extent: a peer's [0, 0, 1e4, 1e4] would ask for a
+# gigapixel map (a 640x480 display froze, 1e9 killed it with cv2.error at draw time). A real FrameFit.map_box
+# lies within the frame (crop) or pads one axis of it (letterbox): its extent is the frame's aspect ratio
+# over the input's, <= 8 for any frame up to 8:1 (32:9 is 3.6).
+MAP_BOX_MAX_EXTENT = 8.0
+
+
+def checked_map_box(value: object) -> tuple[float, float, float, float]:
+    """A peer's meta ``map_box`` as (x0, y0, x1, y1) floats, or ValueError: four finite real numbers (not
+    bools, not a string's characters) with x0 < x1, y0 < y1, each side and the area at most
+    :data:`MAP_BOX_MAX_EXTENT` times the frame's, so drawing it costs at most that many frame-sized maps."""
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"map_box {value!r:.80}: expected [x0, y0, x1, y1] numbers")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"map_box {value!r:.80}: out of range") from None
+    w, h = x1 - x0, y1 - y0
+    if not (
+        all(math.isfinite(v) for v in (x0, y0, x1, y1, w, h))
+        and 0 < w <= MAP_BOX_MAX_EXTENT
+        and 0 < h <= MAP_BOX_MAX_EXTENT
+        and w * h <= MAP_BOX_MAX_EXTENT
+        and x0 < 1
+        and y0 < 1
+        and x1 > 0
+        and y1 > 0  # it overlaps the frame: a map somewhere else is no map
+    ):
+        raise ValueError(
+            f"map_box {value!r:.80}: expected a finite box of extent <= {MAP_BOX_MAX_EXTENT:g} over the frame"
+        )
+    return x0, y0, x1, y1
 
 
 def map_on_frame(

@@ -148,9 +148,13 @@ def refine_weights(guide: Tensor, temperature: float, sigma: float) -> Tensor:
     inside objects: the recipe's T = 0.5, sigma = 1 were chosen on val, docs/results.md "Sharper maps").
     Audio-blind, so the visual encoder computes it once per image; packed per coarse cell (neighbour k,
     sub-position 2 * sy + sx) so it travels as channels of the visual map. Normalised over the in-map neighbours."""
-    b, c, hh, ww = guide.shape
-    h, w = hh // REFINE_FACTOR, ww // REFINE_FACTOR
     f = REFINE_FACTOR
+    # an image size that is not a multiple of 32 gives an odd stride-16 guide (208 px: 13x13) over a
+    # ceil(13/2) = 7x7 map: the last fine row / column repeats the guide's edge (the reshape failed before)
+    if guide.shape[2] % f or guide.shape[3] % f:
+        guide = F.pad(guide, (0, -guide.shape[3] % f, 0, -guide.shape[2] % f), mode="replicate")
+    b, c, hh, ww = guide.shape
+    h, w = hh // f, ww // f
     fine = F.normalize(guide, dim=1).reshape(b, c, h, f, w, f).permute(0, 1, 3, 5, 2, 4).reshape(b, c, f * f, h, w)
     coarse = _neighbours(F.normalize(F.avg_pool2d(guide, f), dim=1))  # [B,9,C,h,w]
     logits = torch.einsum("bkchw,bcshw->bkshw", coarse, fine)  # cos(g_p, g_q): [B,9,4,h,w]

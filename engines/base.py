@@ -86,6 +86,12 @@ def read_manifest(engine_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise UserError(f"{path}: corrupt manifest, missing key(s) {', '.join(missing)}")
+    if isinstance(manifest.get("image"), dict):
+        # at load, naming the file: not at the first frame a worker or Localizer preprocesses
+        try:
+            resize_mode(manifest["image"])
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
     return manifest
 
 

@@ -5,6 +5,7 @@ CPU and device preprocessing read it (no field: stretch), and scripts/aspect_eff
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,7 @@ def test_a_capture_pre_fit_frame_maps_back_onto_the_full_frame() -> None:
     from types import SimpleNamespace
 
     from avloc.stream.capture.camera import resize_for_inference
+    from avloc.stream.runtime.worker import RateLimitedLog
     from avloc.stream.serve.inference_worker import InferenceWorker
 
     rng = np.random.default_rng(0)
@@ -199,7 +201,7 @@ def test_a_capture_pre_fit_frame_maps_back_onto_the_full_frame() -> None:
     np.testing.assert_array_equal(
         preprocess_frame(small, _manifest(fit="crop")), preprocess_frame(big, _manifest(fit="crop"))
     )
-    worker = SimpleNamespace(manifest=_manifest(fit="crop"))
+    worker = SimpleNamespace(manifest=_manifest(fit="crop"), _ratelog=RateLimitedLog(logging.getLogger("t")))
     own = InferenceWorker._frame_fit(worker, big)
     pre = InferenceWorker._frame_fit(worker, small, {"fit": "crop", "full_size": [W, H]})
     assert pre is not None and pre.map_box == own.map_box and pre.input_to_frame(0.0, 0.5) == own.input_to_frame(0, 0.5)
@@ -209,3 +211,23 @@ def test_a_capture_pre_fit_frame_maps_back_onto_the_full_frame() -> None:
         assert fallback is not None and fallback.map_box == (0.0, 0.0, 1.0, 1.0)
     with pytest.raises(UserError, match="--infer-fit"):
         resize_for_inference(big, (SIZE, SIZE), "letterbox")
+
+
+def test_a_pre_fit_frame_of_another_mode_than_the_engine_is_said(caplog) -> None:
+    """--infer-fit defaults to crop, but an engine exported before image.fit stretches: such a capture's frames
+    give that engine other pixels than the full frames would, silently before; the worker now says so."""
+    from types import SimpleNamespace
+
+    from avloc.stream.runtime.worker import RateLimitedLog
+    from avloc.stream.serve.inference_worker import InferenceWorker
+
+    small = np.zeros((SIZE, SIZE, 3), np.uint8)
+    old = SimpleNamespace(manifest=_manifest(), _ratelog=RateLimitedLog(logging.getLogger("avloc.t"), 60.0))
+    with caplog.at_level(logging.WARNING):
+        InferenceWorker._frame_fit(old, small, {"fit": "stretch", "full_size": [W, H]}, "cam0")
+        assert not caplog.records  # the capture matched the engine
+        InferenceWorker._frame_fit(old, small, {"fit": "crop", "full_size": [W, H]}, "cam0")
+    assert [r.getMessage() for r in caplog.records] == [
+        "stream cam0: frames pre-resized with --infer-fit crop for an engine whose image.fit is stretch: the engine"
+        " sees other pixels than from the full frame (capture with --infer-fit stretch, or send full frames)"
+    ]

@@ -25,6 +25,9 @@ def test_bad_content_is_rejected_and_the_display_keeps_going(tmp_path) -> None:
         (display.on_heatmap, _msg("heatmap", heatmap, peak=["left", "top"], confidence=0.5)),
         (display.on_heatmap, _msg("heatmap", heatmap, peak=[0.5, 0.5], drops="many")),
         (display.on_heatmap, _msg("heatmap", heatmap, confidence={"x": 1})),
+        # drawn in compose(), outside handle(): a peak this far off the frame made cv2.circle raise there
+        (display.on_heatmap, _msg("heatmap", heatmap, peak=[1e12, 0.5])),
+        (display.on_heatmap, _msg("heatmap", heatmap, peak=[0.5, -5e9])),
         (display.on_frame, _msg("frame", {"frame": np.zeros((0, 4, 3), np.uint8)})),
         (display.on_frame, _msg("frame", {"frame": np.zeros((4, 4), np.float32)})),
     ]
@@ -92,3 +95,24 @@ def test_warming_up_and_non_finite_are_shown_and_counted(tmp_path) -> None:
     display.log_latency(_msg("heatmap", arrays, notice="warming_up", audio_real=0.4), 1.0)
     record = json.loads((tmp_path / "lat.jsonl").read_text().splitlines()[-1])
     assert record["notice"] == "warming_up" and record["audio_real"] == 0.4
+
+
+def test_a_peers_map_box_is_bounded_before_it_is_drawn(tmp_path) -> None:
+    """meta map_box is drawn at frame size times its extent, in compose() (outside handle()'s guard): a
+    gigapixel box ([0, 0, 1e9, 1e9] raised cv2.error there and killed the display; [0, 0, 100, 100] asked for
+    a 64000x48000 map per frame), a string's characters, bools or an empty box are bad content; a real crop /
+    letterbox box still draws."""
+    from avloc.core.media import frame_fit
+
+    display = _display(tmp_path)
+    heatmap = {"heatmap": np.eye(4, dtype=np.float16)}
+    hostile = [[0, 0, 1e9, 1e9], [0, 0, 100, 100], [0, -1e9, 1e-9, 1e9], "1234", [True, False, True, True]]
+    hostile += [[0.5, 0.5, 0.5, 0.9], [2.0, 0.0, 3.0, 1.0], [0, 0, 10**400, 1], {"a": 1, "b": 2, "c": 3, "d": 4}]
+    for box in hostile:
+        assert display.handle(display.on_heatmap, _msg("heatmap", heatmap, peak=[0.5, 0.5], map_box=box)) is None, box
+    assert display.rejects.as_dict() == {"bad_content": len(hostile)}
+    frame = _msg("frame", {"frame": np.full((48, 64, 3), 100, np.uint8)})
+    for fit in (frame_fit((48, 64), (16, 16), "crop"), frame_fit((48, 64), (16, 16), "letterbox")):
+        view = display.handle(display.on_heatmap, _msg("heatmap", heatmap, peak=[0.5, 0.5], map_box=list(fit.map_box)))
+        assert view is not None and view.map_box == fit.map_box
+        assert display.compose("cam0", frame, view).shape == (48, 64, 3)

@@ -193,6 +193,10 @@ def test_corrupt_manifest(engine_copy):
     path.write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(UserError, match="format_version"):
         load_engine(engine_copy)
+    # an image.fit this avloc does not know (hand-edited, a newer export): refused at load, naming the file
+    path.write_text(json.dumps({**manifest, "image": {**manifest["image"], "fit": "zoom"}}))
+    with pytest.raises(UserError, match=r"manifest.json: engine manifest image.fit 'zoom': expected one of stretch"):
+        load_engine(engine_copy)
     del manifest["graphs"]
     path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="graphs"):

@@ -187,3 +187,16 @@ def test_refined_engine_is_16x16_and_matches_torch(tmp_path) -> None:
     loc = avloc.Localizer(out)
     result = loc(frame, np.zeros(loc.sample_rate * 3, np.float32), loc.sample_rate)
     assert result.feature_map.shape == (16, 16)
+
+
+@pytest.mark.parametrize("size", [208, 200])
+def test_an_image_size_not_a_multiple_of_32_refines_too(size: int) -> None:
+    """``avloc export --image-size 208`` of a refine checkpoint: Lite0's stride-16 guide is 13x13 over a 7x7
+    map; refine_weights reshaped it into 2x2 sub-cells and raised. The guide's edge is repeated: a 14x14 map,
+    each fine cell still a convex combination of its in-map neighbours."""
+    m = _tiny(True)
+    with torch.no_grad():
+        v = m.encode_image(torch.randn(1, 3, size, size))
+        heat = m.cosine_map(v, torch.randn(1, v.shape[1] - REFINE_CHANNELS))
+    assert v.shape[2:] == (7, 7) and heat.shape == (1, 14, 14) and torch.isfinite(heat).all()
+    torch.testing.assert_close(v[:, -REFINE_CHANNELS:].reshape(1, 9, 4, 7, 7).sum(1), torch.ones(1, 4, 7, 7))

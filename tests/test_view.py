@@ -482,6 +482,10 @@ def test_warming_up_and_non_finite_reach_the_page_json():
         nan.meta["audio_real"] = float("nan")  # a foreign sender's JSON may hold NaN; protocol.encode cannot
         ingest._send_heatmap(nan)
         ingest._send_heatmap(msg("heatmap", heat, peak=[0.5, 0.5], notice=None, audio_real=1.0))
+        # a peer's map_box the page would draw: a string's characters, a gigapixel box -> bad content, not sent
+        for box in ("1234", [0, 0, 1e9, 1e9]):
+            bad = msg("heatmap", heat, peak=[0.5, 0.5], notice=None, audio_real=1.0, map_box=box)
+            ingest._guarded(ingest._send_heatmap, bad)
     finally:
         ingest.close()
     (warming, w_heat), (broken, b_heat), (nan, _), (settled, _) = [

@@ -37,7 +37,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.core.media import map_on_frame
+from avloc.core.media import checked_map_box, map_on_frame
 from avloc.stream.clients.recording import Recorder
 from avloc.stream.runtime.worker import (
     USER_ERROR_EXIT,
@@ -221,15 +221,15 @@ class Display:
         peak = msg.meta.get("peak")
         if peak is not None:
             peak = (float(peak[0]), float(peak[1])) if isinstance(peak, list) and len(peak) == 2 else None
-            if peak is not None and not all(math.isfinite(v) for v in peak):
+            # a peak is on the frame (0..1); compose() draws it outside handle()'s guard, where a peer's 1e12
+            # made cv2.circle raise and killed the display: far off the frame is bad content (NaN fails too)
+            if peak is not None and not all(-1.0 <= v <= 2.0 for v in peak):
                 raise ValueError(f"peak {peak!r}")
         notice = msg.meta.get("notice")
         audio_real = msg.meta.get("audio_real")
         map_box = msg.meta.get("map_box")
-        if map_box is not None:
-            if not (isinstance(map_box, list) and len(map_box) == 4 and all(math.isfinite(float(v)) for v in map_box)):
-                raise ValueError(f"map_box {map_box!r}")
-            map_box = tuple(float(v) for v in map_box)
+        if map_box is not None:  # bounded here: compose() draws it outside handle()'s guard
+            map_box = checked_map_box(map_box)
         view = HeatmapView(
             seq=msg.seq,
             unit=heatmap_to_unit(arr) if arr is not None and arr.ndim == 2 and arr.size else None,

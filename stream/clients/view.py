@@ -44,6 +44,7 @@ import zmq
 from aiohttp import WSMsgType, web
 
 from avloc.core.errors import UserError
+from avloc.core.media import checked_map_box
 from avloc.stream.clients.display import (
     COLORMAPS,
     FRAME_BUFFER,
@@ -264,10 +265,8 @@ class Ingest(threading.Thread):
                 raise ValueError(f"peak {peak!r}")
             peak = [x, y]
         map_box = msg.meta.get("map_box")  # a crop / letterbox engine: the frame rectangle the map covers
-        if map_box is not None:
-            map_box = [float(v) for v in map_box]
-            if len(map_box) != 4 or not np.isfinite(map_box).all():
-                raise ValueError(f"map_box {map_box!r}")
+        if map_box is not None:  # the page draws it: a string's characters or a huge box are refused
+            map_box = list(checked_map_box(map_box))
         notice = msg.meta.get("notice")
         audio_real = msg.meta.get("audio_real")
         if not isinstance(audio_real, int | float) or isinstance(audio_real, bool) or not np.isfinite(audio_real):

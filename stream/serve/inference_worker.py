@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 
 from avloc.core.errors import UserError
-from avloc.core.media import RESIZE_MODES, FrameFit, engine_frame_fit, frame_fit
+from avloc.core.media import RESIZE_MODES, FrameFit, engine_frame_fit, frame_fit, resize_mode
 from avloc.engines.base import preprocess_frame, to_host
 from avloc.engines.gate import gate_threshold
 from avloc.stream.runtime.worker import (
@@ -375,7 +375,7 @@ class InferenceWorker(StreamScheduler):
             )
         return len(batch)
 
-    def _frame_fit(self, frame: np.ndarray, meta: dict[str, Any] | None = None) -> FrameFit | None:
+    def _frame_fit(self, frame: np.ndarray, meta: dict[str, Any] | None = None, stream: str = "") -> FrameFit | None:
         """Where the map lies on the frame the display shows: the engine's ``image.fit`` for this frame
         (core.media.engine_frame_fit); None for ``stretch``. A frame a capture already made into the input
         (``--infer-size``) says how (meta ``fit``) and from what (``full_size`` [w, h]): mapped from the full frame.
@@ -387,6 +387,19 @@ class InferenceWorker(StreamScheduler):
             and len(full) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16384 for v in full)
         ):
+            engine_fit = resize_mode(self.manifest.get("image"))
+            if fit != engine_fit:  # e.g. --infer-fit's default crop for an engine exported before image.fit
+                self._ratelog(
+                    "infer_fit",
+                    logging.WARNING,
+                    "stream %s: frames pre-resized with --infer-fit %s for an engine whose image.fit is %s: the "
+                    "engine sees other pixels than from the full frame (capture with --infer-fit %s, or send full "
+                    "frames)",
+                    stream,
+                    fit,
+                    engine_fit,
+                    engine_fit,
+                )
             if fit == "stretch":
                 return None
             return frame_fit((full[1], full[0]), np.shape(frame)[:2], fit)
@@ -428,7 +441,7 @@ class InferenceWorker(StreamScheduler):
         else:
             notice = None
         peak: tuple[float, float] | None = peak_of(heatmap)
-        fit = self._frame_fit(msg.arrays["frame"], msg.meta)
+        fit = self._frame_fit(msg.arrays["frame"], msg.meta, msg.stream)
         if fit is not None:  # a crop / letterbox engine: the map covers fit.map_box of the frame, not all of it
             peak = fit.input_to_frame(*peak)  # None: the peak is in the letterbox padding
         meta = {
