@@ -61,6 +61,8 @@ if engine is None:
 loc = avloc.Localizer(engine)
 r = loc(image, sound)
 x0, y0, x1, y1 = scene["bbox"][0]  # the sounding object's box, 0..1
+# r.peak is None only when a letterbox engine's peak falls in its padding (never for a square image like this one)
+assert r.peak is not None
 inside = x0 <= r.peak[0] <= x1 and y0 <= r.peak[1] <= y1
 print(f"peak {r.peak_px} px ({r.peak[0]:.2f}, {r.peak[1]:.2f}), confidence {r.confidence:.3f}, visible {r.visible}")
 print(f"heatmap {r.heatmap.shape}; peak inside the sounding {scene['class']}: {inside}")

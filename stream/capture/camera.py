@@ -415,7 +415,7 @@ def run_camera(
     open_capture: Callable[[str | int], Any] = open_with_timeouts,
     infer_endpoint: str | None = None,
     infer_size: tuple[int, int] | None = None,
-    infer_fit: str = "stretch",
+    infer_fit: str = "crop",  # as --infer-fit and the export's image.fit
     flow_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Publish the newest frame of ``source`` on ``endpoint`` until ``stop`` is set; returns the counters.

@@ -250,7 +250,7 @@ class ReplaySource:
         ctx: zmq.Context | None = None,
         infer_endpoint: str | None = None,
         infer_size: tuple[int, int] | None = None,
-        infer_fit: str = "stretch",
+        infer_fit: str = "crop",  # as --infer-fit and the export's image.fit
         flow_endpoint: str | None = None,
         flow_audio_reuse_s: float = DEFAULT_AUDIO_REUSE_S,
     ) -> None:
