@@ -200,3 +200,29 @@ def test_an_image_size_not_a_multiple_of_32_refines_too(size: int) -> None:
         heat = m.cosine_map(v, torch.randn(1, v.shape[1] - REFINE_CHANNELS))
     assert v.shape[2:] == (7, 7) and heat.shape == (1, 14, 14) and torch.isfinite(heat).all()
     torch.testing.assert_close(v[:, -REFINE_CHANNELS:].reshape(1, 9, 4, 7, 7).sum(1), torch.ones(1, 4, 7, 7))
+
+
+def test_refined_map_is_finite_and_close_under_fp16_autocast() -> None:
+    """GPU first run: torch fp16 engines run the visual graph under CUDA autocast, where the guide einsum runs in
+    float16 and the 36 weight channels travel as float16 (weights below 6.1e-5 are subnormals that a flush-to-zero
+    kernel makes 0). Stand-in: CPU float16 autocast, then the weight channels flushed as such a kernel would; the
+    16x16 map stays finite and within float16's precision of the float32 one (heatmap range [-1, 1.375])."""
+    from avloc.core.pretrained import YAMNET_DIM
+
+    torch.manual_seed(0)
+    sharp = _tiny(True)
+    sharp.visual.head.weight.data.normal_()
+    image, rows = torch.randn(2, 3, 256, 256), torch.rand(2, YAMNET_DIM + 521)
+    with torch.inference_mode():
+        a = sharp.audio_from_features(rows)
+        ref = sharp.cosine_map(sharp.encode_image(image), a)
+        with torch.autocast("cpu", dtype=torch.float16):
+            v = sharp.encode_image(image)
+            half = sharp.cosine_map(v, a)
+        w = v[:, 33:].to(torch.float16)
+        flushed = torch.where(w.abs() < torch.finfo(torch.float16).tiny, torch.zeros_like(w), w)
+        ftz = guided_upsample(sharp.cosine_map(with_refine(sharp, False).encode_image(image), a), flushed.float())
+    assert half.shape == ref.shape == (2, 16, 16)
+    assert torch.isfinite(half).all() and torch.isfinite(ftz).all()
+    assert (half.float() - ref).abs().max() < 2e-2, (half.float() - ref).abs().max()
+    assert (ftz - ref).abs().max() < 2e-2, (ftz - ref).abs().max()
