@@ -240,11 +240,8 @@ def test_url_open_times_out_instead_of_hanging():
         server.close()
 
 
-class _HangingCapture:
-    """Opens, delivers two frames, then blocks in grab() until released (a source that hangs)."""
-
-    def __init__(self, release) -> None:
-        self.release_event, self.grabs = release, 0
+class _OpenCapture:
+    """What every fake cv2.VideoCapture here shares: open, no properties, nothing to release."""
 
     def isOpened(self) -> bool:  # noqa: N802 - cv2.VideoCapture's name
         return True
@@ -255,6 +252,16 @@ class _HangingCapture:
     def set(self, prop: int, value: float) -> bool:
         return True
 
+    def release(self) -> None:
+        pass
+
+
+class _HangingCapture(_OpenCapture):
+    """Opens, delivers two frames, then blocks in grab() until released (a source that hangs)."""
+
+    def __init__(self, release) -> None:
+        self.release_event, self.grabs = release, 0
+
     def grab(self) -> bool:
         self.grabs += 1
         if self.grabs > 2:
@@ -264,9 +271,6 @@ class _HangingCapture:
 
     def retrieve(self) -> tuple[bool, np.ndarray]:
         return True, np.zeros((8, 8, 3), np.uint8)
-
-    def release(self) -> None:
-        pass
 
 
 def test_watchdog_sees_a_grab_that_never_returns(ctx, tmp_path):
@@ -388,22 +392,13 @@ def test_worker_is_loading_until_it_delivers_and_says_why_not(ctx):
     assert problems[-1] is None  # delivering again
 
 
-class _CountingCamera:
+class _CountingCamera(_OpenCapture):
     """A 50 fps camera that counts what is asked of it: every grab, and the retrieves (decode + convert)."""
 
     def __init__(self, _source) -> None:
         self.grabs = self.retrieves = 0
         self.marks: list[tuple[float, int, int]] = []
         _CountingCamera.last = self
-
-    def isOpened(self) -> bool:  # noqa: N802 - cv2.VideoCapture's name
-        return True
-
-    def get(self, prop: int) -> float:
-        return 0.0
-
-    def set(self, prop: int, value: float) -> bool:
-        return True
 
     def grab(self) -> bool:
         time.sleep(0.02)  # the driver hands out a frame every 20 ms
@@ -413,9 +408,6 @@ class _CountingCamera:
     def retrieve(self) -> tuple[bool, np.ndarray]:
         self.retrieves += 1
         return True, np.full((8, 8, 3), self.grabs % 256, np.uint8)
-
-    def release(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("served_hz", [4.0, None])
