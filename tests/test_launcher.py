@@ -218,6 +218,47 @@ def test_children_die_when_launcher_is_sigkilled(dummy_module, tmp_path):
     assert not alive, "workers outlived a SIGKILLed launcher"
 
 
+PDEATHSIG_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    signal_number = ctypes.c_int(-1)
+    ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(signal_number), 0, 0, 0)  # PR_GET_PDEATHSIG
+    print(signal_number.value, sys.argv[1:], __name__)
+""")
+
+
+def test_workers_set_their_own_death_signal_with_no_python_between_fork_and_exec(dummy_module, tmp_path, monkeypatch):
+    """A preexec_fn runs Python in the forked child, which can deadlock it when the launcher runs in a thread
+    (it did, under the suite): the launcher must not use one, and each child sets PR_SET_PDEATHSIG itself."""
+    popen_kwargs: list[dict] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        popen_kwargs.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    specs = [
+        ProcessSpec("inference", dummy_module, [], role="inference"),
+        ProcessSpec("replay", dummy_module, ["--mode", "end", "--after", "0.3"], role="source", finite=True),
+    ]
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
+    assert summary["reason"] == "ended"
+    assert len(popen_kwargs) == 2 and all(kw.get("preexec_fn") is None for kw in popen_kwargs)
+    monkeypatch.undo()
+
+    (tmp_path / "avloc_pdeathsig_probe.py").write_text(PDEATHSIG_PROBE)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    entry = [sys.executable, "-m", "avloc.stream.run.child_entry"]
+    run = subprocess.run(
+        [*entry, str(os.getpid()), "avloc_pdeathsig_probe", "--x", "1"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split(maxsplit=1) == [str(int(signal.SIGTERM)), "['--x', '1'] __main__\n"]
+    # started by a launcher that is already gone (the pid is not its parent): exits before running the worker
+    gone = subprocess.run([*entry, "1", "avloc_pdeathsig_probe"], env=env, capture_output=True, text=True)
+    assert gone.returncode == 1 and gone.stdout == ""
+
+
 # ---------------------------------------------------------------------------------------------- real pipeline
 
 

@@ -88,10 +88,19 @@ def pipeline(tmp_path_factory, engine_and_video):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(launcher.run(timeout_s=600)), daemon=True)
     thread.start()
+
+    def stop() -> None:
+        launcher.stop_event.set()
+        thread.join(timeout=60)
+        tap.stop.set()
+        tap.join(timeout=5)
+
     deadline = time.monotonic() + 300  # engine load + torch imports: minutes on a busy 2-core machine
     while not tap.records and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert tap.records, f"no heatmaps within 300 s; logs in {root / 'run'}"
+    if not tap.records:
+        stop()  # a failed setup must not leave the pipeline running into the next tests
+        pytest.fail(f"no heatmaps within 300 s; logs in {root / 'run'}")
     info = {
         "url": f"http://127.0.0.1:{port}",
         "port": port,
@@ -101,10 +110,7 @@ def pipeline(tmp_path_factory, engine_and_video):
         "root": root,
     }
     yield info
-    launcher.stop_event.set()
-    thread.join(timeout=60)
-    tap.stop.set()
-    tap.join(timeout=5)
+    stop()
     assert result.get("reason") == "stopped", result.get("reason")
     assert not orphans(), "orphan processes"
 

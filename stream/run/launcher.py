@@ -15,7 +15,8 @@ supervises:
 - a finite source (a replayed file) that ends — its ``end`` control message or its clean exit — stops the
   pipeline: sources first, then the inference worker, then the display (which finishes its recording);
 - Ctrl-C / SIGTERM stop everything the same way. Children run in their own session (the launcher
-  orchestrates the order) and get ``PR_SET_PDEATHSIG`` = SIGTERM, so they also stop if the launcher itself
+  orchestrates the order) and get ``PR_SET_PDEATHSIG`` = SIGTERM (set by each child itself, first thing:
+  ``avloc.stream.run.child_entry``), so they also stop if the launcher itself
   is SIGKILLed: no orphans.
 
 The processes of a run and their wiring are built by ``avloc.stream.run.pipeline``.
@@ -26,7 +27,6 @@ and ``RUN_DIR/summary.json`` at the end.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -55,7 +55,7 @@ from avloc.stream.wire import protocol, security
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = packaged_config("stream")
-_PR_SET_PDEATHSIG = 1
+CHILD_ENTRY = "avloc.stream.run.child_entry"  # python -m CHILD_ENTRY LAUNCHER_PID MODULE ARGS...
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
 # Messages taken off the heartbeat socket per supervision step (every 50 ms): far more than the workers send
@@ -183,28 +183,6 @@ class Child:
     ready: bool = False  # sent a heartbeat that is not "loading"
 
 
-def _libc_prctl() -> Any:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return libc.prctl
-    except OSError:  # not Linux: rely on the session + explicit shutdown only
-        return None
-
-
-_PRCTL = _libc_prctl()
-
-
-def _child_preexec(parent_pid: int) -> Any:
-    def setup() -> None:
-        # Runs in the forked child before exec: die (gracefully) when the launcher dies, even by SIGKILL.
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the launcher died between fork and prctl
-            os._exit(1)
-
-    return setup
-
-
 class Launcher:
     """Start, supervise and stop a set of worker processes."""
 
@@ -287,6 +265,8 @@ class Launcher:
         cmd = [
             sys.executable,
             "-m",
+            CHILD_ENTRY,  # sets PR_SET_PDEATHSIG in the child itself: no Python between fork and exec here
+            str(os.getpid()),
             spec.module,
             *spec.args,
             "--heartbeat",
@@ -310,7 +290,6 @@ class Launcher:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_preexec(os.getpid()),
                 close_fds=True,
             )
         finally:
@@ -321,7 +300,7 @@ class Launcher:
         child.last_stats = {}  # a restarted worker's stats are its own, not the previous process's
         child.exit_code = None
         child.restart_at = None
-        log.info("started %s (pid %d): %s", spec.name, child.popen.pid, " ".join(cmd[2:]))
+        log.info("started %s (pid %d): %s", spec.name, child.popen.pid, " ".join(cmd[4:]))
         self._event("start", spec.name, pid=child.popen.pid)
 
     def _event(self, kind: str, name: str, **info: Any) -> None:
