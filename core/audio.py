@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import scipy.signal
 import torch
 import torchaudio
 
@@ -261,6 +260,10 @@ class FrontEnd(torch.nn.Module):
         super().__init__()
         self.config = config
         if config.kind == "linear":
+            # imported here: scipy.signal costs ~1.6 s of start-up, which every capture process (mel front-ends
+            # included) would pay for this one window
+            import scipy.signal
+
             # scipy.signal.get_window(("tukey", 0.25), 512) is the periodic (sym=False) window.
             window = torch.from_numpy(scipy.signal.windows.tukey(_LINEAR_NPERSEG, 0.25, sym=False))
             self.register_buffer("window", window.to(torch.float64), persistent=False)

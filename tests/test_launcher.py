@@ -20,38 +20,63 @@ from proc_helpers import orphans, worker_processes
 from avloc.stream.run.launcher import Launcher, ProcessSpec, StreamConfig, ephemeral_port_range, free_tcp_endpoint
 
 DUMMY_WORKER = textwrap.dedent('''
-    """A worker that beats, then (by --mode) keeps going, crashes, hangs without heartbeats or beats "stalled"."""
+    """A worker that beats, then (by --mode) keeps going, crashes, hangs without heartbeats, beats "stalled" or
+    says "loading" for --after seconds. AVLOC_DUMMY_MARKS=DIR: times of its import, main start and readiness."""
     import argparse, os, time
     import zmq
     from avloc.stream.runtime.worker import Heartbeat, add_common_arguments, install_stop_handlers, setup_logging
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--mode", default="ok")
-    p.add_argument("--after", type=float, default=0.5)
-    add_common_arguments(p, role="dummy")
-    a = p.parse_args()
-    setup_logging("dummy", a.log_file)
-    stop = install_stop_handlers()
-    hb = Heartbeat(zmq.Context.instance(), a.heartbeat, role="dummy", stream=a.stream_id, interval_s=0.1)
-    start = time.monotonic()
-    while not stop.is_set():
-        elapsed = time.monotonic() - start
-        if a.mode == "crash" and elapsed > a.after:
-            os._exit(3)
-        if a.mode == "usererror" and elapsed > a.after:
-            import logging
-            logging.getLogger("dummy").error("--mic bogus: no input device name contains it")
-            hb.close()
-            raise SystemExit(2)
-        if a.mode == "end" and elapsed > a.after:
-            hb.control("end")
-            break
-        if a.mode == "stall" and elapsed > a.after:  # the loop beats on, but reports its work stuck
-            hb.maybe_send({"elapsed": elapsed, "state": "stalled"})
-        elif not (a.mode == "hang" and elapsed > a.after):
-            hb.maybe_send({"elapsed": elapsed})
-        time.sleep(0.02)
-    hb.close()
+    MARKS = os.environ.get("AVLOC_DUMMY_MARKS")
+
+
+    def mark(what):  # the first time only (a held start runs the module body twice: import, then as __main__)
+        if MARKS and not os.path.exists(os.path.join(MARKS, what)):
+            with open(os.path.join(MARKS, what), "w") as f:
+                f.write(repr(time.time()))
+
+
+    mark("imported")
+
+
+    def main():
+        mark("main")
+        p = argparse.ArgumentParser()
+        p.add_argument("--mode", default="ok")
+        p.add_argument("--after", type=float, default=0.5)
+        add_common_arguments(p, role="dummy")
+        a = p.parse_args()
+        setup_logging("dummy", a.log_file)
+        stop = install_stop_handlers()
+        hb = Heartbeat(zmq.Context.instance(), a.heartbeat, role="dummy", stream=a.stream_id, interval_s=0.1)
+        start = time.monotonic()
+        ready = False
+        while not stop.is_set():
+            elapsed = time.monotonic() - start
+            if a.mode == "crash" and elapsed > a.after:
+                os._exit(3)
+            if a.mode == "usererror" and elapsed > a.after:
+                import logging
+                logging.getLogger("dummy").error("--mic bogus: no input device name contains it")
+                hb.close()
+                raise SystemExit(2)
+            if a.mode == "end" and elapsed > a.after:
+                hb.control("end")
+                break
+            if a.mode == "stall" and elapsed > a.after:  # the loop beats on, but reports its work stuck
+                hb.maybe_send({"elapsed": elapsed, "state": "stalled"})
+            elif a.mode == "load" and elapsed < a.after:
+                hb.maybe_send({"elapsed": elapsed, "state": "loading"})
+            elif not (a.mode == "hang" and elapsed > a.after):
+                if not ready:
+                    ready = True
+                    mark("ready")
+                hb.maybe_send({"elapsed": elapsed}, force=a.mode == "load")
+            time.sleep(0.02)
+        hb.close()
+
+
+    if __name__ == "__main__":
+        main()
 ''')
 
 
@@ -156,6 +181,43 @@ def test_finite_source_end_stops_everything(dummy_module, tmp_path):
     assert all(p["restarts"] == 0 and p["exit_code"] == 0 for p in summary["processes"].values())
     order = [e["process"] for e in summary["events"] if e["event"] == "start"]
     assert order[-1] == "replay"  # the source waited for its consumers
+    _assert_no_orphans()
+
+
+def test_a_source_imports_while_the_engine_loads_and_runs_once_it_is_ready(dummy_module, tmp_path):
+    """A source with ``after`` is started held: its imports (torch: seconds) overlap the engine's loading, its
+    work starts only once the inference worker is ready."""
+    marks = {name: tmp_path / name for name in ("inference", "replay")}
+    for folder in marks.values():
+        folder.mkdir()
+    specs = [
+        ProcessSpec(
+            "inference",
+            dummy_module,
+            ["--mode", "load", "--after", "2.0"],
+            role="inference",
+            env={"AVLOC_DUMMY_MARKS": str(marks["inference"])},
+        ),
+        ProcessSpec(
+            "replay",
+            dummy_module,
+            ["--mode", "end", "--after", "0.5"],
+            role="source",
+            finite=True,
+            after=("inference",),
+            env={"AVLOC_DUMMY_MARKS": str(marks["replay"])},
+        ),
+    ]
+    summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
+    assert summary["reason"] == "ended", summary["reason"]
+    assert summary["processes"]["replay"]["exit_code"] == 0 and summary["processes"]["replay"]["restarts"] == 0
+
+    def when(process: str, what: str) -> float:
+        return float((marks[process] / what).read_text())
+
+    assert when("replay", "imported") < when("inference", "ready")  # imported beside the loading engine
+    assert when("replay", "main") >= when("inference", "ready")  # and ran only once it was ready
+    assert [e["process"] for e in summary["events"] if e["event"] == "start"] == ["inference", "replay"]
     _assert_no_orphans()
 
 

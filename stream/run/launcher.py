@@ -47,6 +47,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml, packaged_config, resolve_config
 from avloc.core.errors import UserError
 from avloc.stream.capture.devices import report_problem
+from avloc.stream.run.child_entry import GO_LINE, HOLD_FLAG
 from avloc.stream.runtime.worker import STATE_STALLED, USER_ERROR_EXIT
 from avloc.stream.serve.batching import MAX_STREAMS
 from avloc.stream.serve.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
@@ -55,7 +56,7 @@ from avloc.stream.wire import protocol, security
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = packaged_config("stream")
-CHILD_ENTRY = "avloc.stream.run.child_entry"  # python -m CHILD_ENTRY LAUNCHER_PID MODULE ARGS...
+CHILD_ENTRY = "avloc.stream.run.child_entry"  # python -m CHILD_ENTRY LAUNCHER_PID [--held] MODULE ARGS...
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
 # Messages taken off the heartbeat socket per supervision step (every 50 ms): far more than the workers send
@@ -181,6 +182,16 @@ class Child:
     done: bool = False  # finished for good (ended or gave up); not restarted
     restart_at: float | None = None
     ready: bool = False  # sent a heartbeat that is not "loading"
+    held: bool = False  # started with --held: imports done or under way, waiting for its ``after`` to be ready
+
+
+def _close_stdin(child: Child) -> None:
+    """The pipe to a held child's stdin (never let go, or gone): closed with the process."""
+    if child.popen is not None and child.popen.stdin is not None and not child.popen.stdin.closed:
+        try:
+            child.popen.stdin.close()
+        except OSError:  # the child is gone: nothing was waiting in the pipe
+            pass
 
 
 class Launcher:
@@ -260,13 +271,22 @@ class Launcher:
         self._assigner: AssignmentPublisher | None = None
 
     # --- processes ----------------------------------------------------------------------------------
+    def _waiting_for(self, child: Child) -> list[str]:
+        """The processes in ``child``'s ``after`` that are neither ready nor done."""
+        deps = [self.children[n] for n in child.spec.after if n in self.children]
+        return [d.spec.name for d in deps if not (d.ready or d.done)]
+
     def _start(self, child: Child) -> None:
+        """Start ``child``'s process; one whose ``after`` is not ready yet is started held (its imports run
+        beside the engine's loading) and let go by ``_start_waiting``."""
         spec = child.spec
+        held = bool(self._waiting_for(child))
         cmd = [
             sys.executable,
             "-m",
             CHILD_ENTRY,  # sets PR_SET_PDEATHSIG in the child itself: no Python between fork and exec here
             str(os.getpid()),
+            *([HOLD_FLAG] if held else []),
             spec.module,
             *spec.args,
             "--heartbeat",
@@ -286,7 +306,7 @@ class Launcher:
             child.popen = subprocess.Popen(
                 cmd,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if held else subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -295,13 +315,31 @@ class Launcher:
         finally:
             out.close()
         child.started = time.monotonic()
+        child.held = held
         child.ready = False
         child.last_heartbeat = None
         child.last_stats = {}  # a restarted worker's stats are its own, not the previous process's
         child.exit_code = None
         child.restart_at = None
-        log.info("started %s (pid %d): %s", spec.name, child.popen.pid, " ".join(cmd[4:]))
+        command = " ".join(cmd[5 if held else 4 :])
+        if held:
+            log.info("started %s (pid %d) held until %s ready: %s", spec.name, child.popen.pid, spec.after, command)
+            return
+        log.info("started %s (pid %d): %s", spec.name, child.popen.pid, command)
         self._event("start", spec.name, pid=child.popen.pid)
+
+    def _release(self, child: Child) -> None:
+        """Let a held child run: the ``go`` line on its stdin. Its start-up grace counts from now."""
+        assert child.popen is not None and child.popen.stdin is not None
+        try:
+            child.popen.stdin.write(GO_LINE)
+            child.popen.stdin.close()
+        except OSError:  # it died while held: poll() sees the exit and restarts it
+            pass
+        child.held = False
+        child.started = time.monotonic()
+        log.info("%s let go (pid %d)", child.spec.name, child.popen.pid)
+        self._event("start", child.spec.name, pid=child.popen.pid)
 
     def _event(self, kind: str, name: str, **info: Any) -> None:
         self.events.append({"t": round(time.time() - self.started_at, 3), "event": kind, "process": name, **info})
@@ -329,27 +367,27 @@ class Launcher:
                 self._assigner = AssignmentPublisher(self._ctx, self.shards.assignments_endpoint, self.token)
         self._start_time = time.monotonic()
         # Consumers first so the first frames find their subscribers connected; processes with ``after``
-        # (the sources) wait until those are ready, so a replay never plays into an engine still loading.
+        # (the sources) are held until those are ready, so a replay never plays into an engine still loading.
         for role in ("display", "inference", "source"):
             for child in self.children.values():
-                if child.spec.role == role and not child.spec.after:
+                if child.spec.role == role:
                     self._start(child)
 
     def _start_waiting(self) -> None:
         for child in self.children.values():
-            if child.popen is not None or child.done:
+            if not child.held or child.done:
                 continue
-            deps = [self.children[n] for n in child.spec.after if n in self.children]
-            if all(d.ready or d.done for d in deps):
-                self._start(child)
+            waiting = self._waiting_for(child)
+            if not waiting:
+                self._release(child)
             elif time.monotonic() - self._start_time > self.config.startup_grace_s:
                 log.warning(
                     "%s: %s not ready after %.0f s; starting anyway",
                     child.spec.name,
-                    [d.spec.name for d in deps if not d.ready],
+                    waiting,
                     self.config.startup_grace_s,
                 )
-                self._start(child)
+                self._release(child)
 
     # --- supervision --------------------------------------------------------------------------------
     def _read_heartbeats(self, max_messages: int = HEARTBEAT_BATCH) -> None:
@@ -531,7 +569,11 @@ class Launcher:
                 continue
             code = child.popen.poll()
             if code is not None:
+                child.held = False
+                _close_stdin(child)
                 self._on_exit(child, code, "exited" if code >= 0 else f"killed by signal {-code}")
+                continue
+            if child.held:  # not running its work yet: no heartbeats to expect
                 continue
             # Until it is ready (imports, engine loading: seconds of GIL-holding C code on a busy machine, when
             # even a heartbeat thread can fall silent) a worker has startup_grace_s; then heartbeat_timeout_s.
@@ -640,6 +682,7 @@ class Launcher:
             child.popen.wait()
         if child.exit_code is None or child.popen.returncode is not None:
             child.exit_code = child.popen.returncode
+        _close_stdin(child)
 
     def summary(self) -> dict[str, Any]:
         return {
