@@ -321,6 +321,49 @@ def test_workers_set_their_own_death_signal_with_no_python_between_fork_and_exec
     assert gone.returncode == 1 and gone.stdout == ""
 
 
+FAST_EXIT_PROBE = textwrap.dedent("""
+    import atexit, os, sys
+    import zmq
+    endpoint, marks, keep_open = sys.argv[1], sys.argv[2], sys.argv[3] == "open"
+    atexit.register(lambda: open(os.path.join(marks, "atexit"), "w").close())
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(endpoint)
+    for i in range(400):
+        push.send(i.to_bytes(4, "little") + bytes(64 * 1024))  # 26 MB: still queued when main returns
+    if not keep_open:
+        push.close(linger=30000)
+    raise SystemExit(3)
+""")
+
+
+@pytest.mark.parametrize("keep_open", [False, True], ids=["closed", "left-open"])
+def test_fast_exit_sends_what_closed_sockets_hold_and_keeps_exit_code_and_atexit(tmp_path, keep_open):
+    """--fast-exit skips the interpreter's finalization only after atexit ran and every context was terminated
+    (their lingering messages sent); a socket left open means the normal exit. Both keep the exit status."""
+    (tmp_path / "avloc_fast_exit_probe.py").write_text(FAST_EXIT_PROBE)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        probe = subprocess.Popen(
+            [sys.executable, "-m", "avloc.stream.run.child_entry", str(os.getpid()), "--fast-exit"]
+            + ["avloc_fast_exit_probe", f"tcp://127.0.0.1:{port}", str(tmp_path), "open" if keep_open else "closed"],
+            env=env,
+        )
+        assert probe.wait(timeout=120) == 3
+        received = set()
+        while pull.poll(5000 if not received else 2000):
+            received.add(int.from_bytes(pull.recv()[:4], "little"))
+    finally:
+        pull.close(0)
+        ctx.term()
+    assert (tmp_path / "atexit").exists()
+    if not keep_open:  # terminated before os._exit: nothing a closed socket held is lost
+        assert received == set(range(400))
+
+
 # ---------------------------------------------------------------------------------------------- real pipeline
 
 
