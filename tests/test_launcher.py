@@ -236,13 +236,13 @@ def test_a_source_restarted_while_its_engine_reloads_waits_for_it(dummy_module, 
         ProcessSpec("inference", dummy_module, ["--mode", "load", "--after", "1.0"], role="inference"),
         ProcessSpec("replay", dummy_module, [], role="source", after=("inference",)),
     ]
-    config = replace(FAST, startup_grace_s=5.0)
+    config = replace(FAST, startup_grace_s=8.0)  # the restarted engine gets ready well within it (~2 s)
     launcher = Launcher(specs, tmp_path / "run", config=config, heartbeat_endpoint=free_tcp_endpoint())
     inference, replay = launcher.children["inference"], launcher.children["replay"]
     launched = time.monotonic()
     launcher.start()
     try:
-        _poll_until(launcher, lambda: replay.ready and time.monotonic() - launched > 5.5, 40, "never ready")
+        _poll_until(launcher, lambda: replay.ready and time.monotonic() - launched > 8.5, 40, "never ready")
         for child in (inference, replay):
             os.kill(child.popen.pid, signal.SIGKILL)
         _poll_until(launcher, lambda: inference.restarts == replay.restarts == 1, 30, "not restarted")
