@@ -22,6 +22,7 @@ The config is stored with every checkpoint and engine so live capture computes w
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -250,6 +251,20 @@ def yamnet_melspectrogram() -> torchaudio.transforms.MelSpectrogram:
     )
 
 
+def periodic_tukey(n: int, alpha: float) -> np.ndarray:
+    """``scipy.signal.windows.tukey(n, alpha, sym=False)`` (0 < alpha < 1), the same float64 operations, without
+    importing scipy.signal: that import takes ~1.5 s, which a replay would pay after the launcher lets it go (its
+    other imports overlap the engine's loading) and every capture process at start."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"periodic_tukey: alpha must be in (0, 1), got {alpha}")
+    m = n + 1  # periodic: the symmetric window of n + 1 points without its last
+    k = np.arange(0, m, dtype=np.float64)
+    width = int(math.floor(alpha * (m - 1) / 2.0))
+    head = 0.5 * (1 + np.cos(np.pi * (-1 + 2.0 * k[: width + 1] / alpha / (m - 1))))
+    tail = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * k[m - width - 1 :] / alpha / (m - 1))))
+    return np.concatenate((head, np.ones(m - 2 * (width + 1)), tail))[:-1]
+
+
 class FrontEnd(torch.nn.Module):
     """Waveform batch [B, N] (float32, 16 kHz, [-1, 1]) -> spectrogram batch [B, 1, F, T].
 
@@ -260,12 +275,8 @@ class FrontEnd(torch.nn.Module):
         super().__init__()
         self.config = config
         if config.kind == "linear":
-            # imported here: scipy.signal costs ~1.6 s of start-up, which every capture process (mel front-ends
-            # included) would pay for this one window
-            import scipy.signal
-
             # scipy.signal.get_window(("tukey", 0.25), 512) is the periodic (sym=False) window.
-            window = torch.from_numpy(scipy.signal.windows.tukey(_LINEAR_NPERSEG, 0.25, sym=False))
+            window = torch.from_numpy(periodic_tukey(_LINEAR_NPERSEG, 0.25))
             self.register_buffer("window", window.to(torch.float64), persistent=False)
             # Density scaling: |X|^2 / (fs * sum(w^2)), every bin but DC and Nyquist doubled (one-sided).
             density = 2.0 / (config.sample_rate * float((window**2).sum()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from avloc.core.audio import (
     StreamingFrontEnd,
     crop_window,
     load_audio,
+    periodic_tukey,
     resample,
 )
 from avloc.core.errors import DataError, UserError
@@ -33,6 +36,23 @@ def scipy_reference(wave: np.ndarray) -> np.ndarray:
 def real_recording() -> np.ndarray | None:
     sounds = sorted(p for p in STAMPS.glob("animals/**/*.ogg") if "_desc" not in p.name)
     return load_audio(sounds[0]) if sounds else None
+
+
+@pytest.mark.parametrize("n", [512, 511, 8])
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.99])
+def test_periodic_tukey_is_scipys(n: int, alpha: float) -> None:
+    assert np.array_equal(periodic_tukey(n, alpha), scipy.signal.windows.tukey(n, alpha, sym=False))
+
+
+def test_a_linear_front_end_does_not_import_scipy_signal() -> None:
+    """scipy.signal's import (~1.5 s) would delay a replay the launcher lets go, and every capture's start."""
+    code = (
+        "import sys; from avloc.core.audio import FrontEnd, FrontEndConfig; FrontEnd(FrontEndConfig(kind='linear'));"
+        "print('scipy.signal' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("amplitude", [1.0, 0.05, 1e-4])

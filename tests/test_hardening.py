@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 from test_inference import FakeEngine, _frame_msg, _worker
-from test_launcher import DUMMY_WORKER, FAST, _assert_no_orphans
+from test_launcher import DUMMY_WORKER, FAST, _assert_no_orphans, _poll_until
 
 from avloc.stream.run.launcher import Launcher, ProcessSpec, free_tcp_endpoint
 from avloc.stream.wire import protocol, security
@@ -21,14 +21,6 @@ def dummy_module(tmp_path, monkeypatch) -> str:
     (tmp_path / "avloc_dummy_worker.py").write_text(DUMMY_WORKER)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return "avloc_dummy_worker"
-
-
-def _poll_until(launcher: Launcher, condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        launcher.poll()
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------ run token

@@ -93,6 +93,14 @@ def _assert_no_orphans(parent: psutil.Process | None = None) -> None:
     assert not alive, f"orphan processes: {[p.cmdline() for p in alive]}"
 
 
+def _poll_until(launcher: Launcher, condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        launcher.poll()
+        time.sleep(0.05)
+
+
 FAST = StreamConfig(
     heartbeat_timeout_s=1.0,
     startup_grace_s=20.0,
@@ -218,6 +226,59 @@ def test_a_source_imports_while_the_engine_loads_and_runs_once_it_is_ready(dummy
     assert when("replay", "imported") < when("inference", "ready")  # imported beside the loading engine
     assert when("replay", "main") >= when("inference", "ready")  # and ran only once it was ready
     assert [e["process"] for e in summary["events"] if e["event"] == "start"] == ["inference", "replay"]
+    _assert_no_orphans()
+
+
+def test_a_source_restarted_while_its_engine_reloads_waits_for_it(dummy_module, tmp_path):
+    """Both killed past startup_grace_s after the launch: the restarted source is held until the restarted engine
+    is ready again, not let go at once with a warning that it waited startup_grace_s (the wait is its own)."""
+    specs = [
+        ProcessSpec("inference", dummy_module, ["--mode", "load", "--after", "1.0"], role="inference"),
+        ProcessSpec("replay", dummy_module, [], role="source", after=("inference",)),
+    ]
+    config = replace(FAST, startup_grace_s=8.0)  # the restarted engine gets ready well within it (~2 s)
+    launcher = Launcher(specs, tmp_path / "run", config=config, heartbeat_endpoint=free_tcp_endpoint())
+    inference, replay = launcher.children["inference"], launcher.children["replay"]
+    launched = time.monotonic()
+    launcher.start()
+    try:
+        _poll_until(launcher, lambda: replay.ready and time.monotonic() - launched > 8.5, 40, "never ready")
+        for child in (inference, replay):
+            os.kill(child.popen.pid, signal.SIGKILL)
+        _poll_until(launcher, lambda: inference.restarts == replay.restarts == 1, 30, "not restarted")
+        let_go_early = []
+
+        def engine_ready_again() -> bool:
+            if not replay.held and not inference.ready:
+                let_go_early.append(time.monotonic())
+            return inference.ready
+
+        _poll_until(launcher, engine_ready_again, 30, "the engine never came back")
+        assert not let_go_early, "the restarted source ran while its engine was still loading"
+        _poll_until(launcher, lambda: replay.ready, 30, "the source never ran again")
+    finally:
+        launcher.shutdown("timeout")
+    _assert_no_orphans()
+
+
+def test_a_source_that_died_held_is_not_let_go(tmp_path, monkeypatch):
+    """A held source that died before its engine got ready is restarted, never 'let go' (no start event for a
+    dead pid)."""
+    (tmp_path / "avloc_import_crash.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    specs = [ProcessSpec("replay", "avloc_import_crash", [], role="source", after=("inference",))]
+    specs.insert(0, ProcessSpec("inference", "avloc_import_crash", [], role="inference"))
+    launcher = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint())
+    launcher.start()
+    try:
+        replay = launcher.children["replay"]
+        assert replay.held
+        replay.popen.wait(timeout=30)
+        launcher.children["inference"].ready = True  # its engine gets ready just after
+        launcher._start_waiting()
+        assert [e for e in launcher.events if e["process"] == "replay"] == []
+    finally:
+        launcher.shutdown("timeout")
     _assert_no_orphans()
 
 

@@ -369,7 +369,6 @@ class Launcher:
                 self._proxy = HeatmapProxy(self._ctx, self.shards.heatmaps_in, self.shards.heatmaps_out)
                 self._proxy.start()
                 self._assigner = AssignmentPublisher(self._ctx, self.shards.assignments_endpoint, self.token)
-        self._start_time = time.monotonic()
         # Consumers first so the first frames find their subscribers connected; processes with ``after``
         # (the sources) are held until those are ready, so a replay never plays into an engine still loading.
         for role in ("display", "inference", "source"):
@@ -379,12 +378,15 @@ class Launcher:
 
     def _start_waiting(self) -> None:
         for child in self.children.values():
-            if not child.held or child.done:
+            # one that died while held is left to poll()'s exit check: a "start" for it would be a lie
+            if not child.held or child.done or child.popen is None or child.popen.poll() is not None:
                 continue
             waiting = self._waiting_for(child)
             if not waiting:
                 self._release(child)
-            elif time.monotonic() - self._start_time > self.config.startup_grace_s:
+            # its own wait, not the launcher's: a source restarted while the engine reloads (a kill -9 of both)
+            # waits for it too, instead of being let go at once as "not ready after startup_grace_s"
+            elif time.monotonic() - child.started > self.config.startup_grace_s:
                 log.warning(
                     "%s: %s not ready after %.0f s; starting anyway",
                     child.spec.name,
@@ -481,6 +483,7 @@ class Launcher:
     def _on_exit(self, child: Child, code: int, why: str) -> None:
         spec = child.spec
         child.exit_code = code
+        child.ready = False  # gone: what waits for it (a source's ``after``) waits for its restart to be ready
         if code == USER_ERROR_EXIT:  # bad arguments or a missing device/file: a restart cannot help
             child.done = True
             message = self._last_error(spec.name) or f"see {self.run_dir / (spec.name + '.log')}"
