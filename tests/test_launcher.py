@@ -378,7 +378,8 @@ def test_workers_set_their_own_death_signal_with_no_python_between_fork_and_exec
     assert run.returncode == 0, run.stderr
     assert run.stdout.split(maxsplit=1) == [str(int(signal.SIGTERM)), "['--x', '1'] __main__\n"]
     # started by a launcher that is already gone (the pid is not its parent): exits before running the worker
-    gone = subprocess.run([*entry, "1", "avloc_pdeathsig_probe"], env=env, capture_output=True, text=True)
+    # (pid 0: never a parent here, even where pytest itself runs as pid 1 in a container)
+    gone = subprocess.run([*entry, "0", "avloc_pdeathsig_probe"], env=env, capture_output=True, text=True)
     assert gone.returncode == 1 and gone.stdout == ""
 
 

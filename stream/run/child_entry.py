@@ -43,17 +43,21 @@ GO_LINE = b"go\n"  # what the launcher writes to a held child's stdin to let it 
 
 
 def _libc_prctl() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:  # not Linux: the session and the launcher's explicit shutdown only
+    try:  # the C library this interpreter is linked with (glibc's libc.so.6, musl's, ...)
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the session and the launcher's explicit shutdown only
         return None
 
 
 def die_with(launcher_pid: int) -> bool:
     """Ask for SIGTERM when the launcher exits; False when it is already gone (we were re-parented)."""
     prctl = _libc_prctl()
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if prctl is not None and prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        print(
+            f"avloc: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}): "
+            "this process will not stop by itself if the launcher is killed",
+            file=sys.stderr,
+        )
     return os.getppid() == launcher_pid  # checked after prctl: a launcher dying in between is seen here
 
 
