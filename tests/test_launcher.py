@@ -386,22 +386,28 @@ def test_workers_set_their_own_death_signal_with_no_python_between_fork_and_exec
 FAST_EXIT_PROBE = textwrap.dedent("""
     import atexit, os, sys
     import zmq
-    endpoint, marks, keep_open = sys.argv[1], sys.argv[2], sys.argv[3] == "open"
-    atexit.register(lambda: open(os.path.join(marks, "atexit"), "w").close())
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 0)
-    push.connect(endpoint)
-    for i in range(400):
-        push.send(i.to_bytes(4, "little") + bytes(64 * 1024))  # 26 MB: still queued when main returns
-    if not keep_open:
-        push.close(linger=30000)
-    raise SystemExit(3)
+    from avloc.stream.runtime.worker import run_worker_main
+
+    def main():
+        endpoint, marks, keep_open = sys.argv[1], sys.argv[2], sys.argv[3] == "open"
+        atexit.register(lambda: open(os.path.join(marks, "atexit"), "w").close())
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.connect(endpoint)
+        for i in range(400):
+            push.send(i.to_bytes(4, "little") + bytes(64 * 1024))  # 26 MB: still queued when main returns
+        if not keep_open:
+            push.close(linger=30000)
+        raise SystemExit(3)
+
+    if __name__ == "__main__":
+        run_worker_main(main)
 """)
 
 
 @pytest.mark.parametrize("keep_open", [False, True], ids=["closed", "left-open"])
-def test_fast_exit_sends_what_closed_sockets_hold_and_keeps_exit_code_and_atexit(tmp_path, keep_open):
-    """--fast-exit skips the interpreter's finalization only after atexit ran and every context was terminated
+def test_worker_exit_sends_what_closed_sockets_hold_and_keeps_exit_code_and_atexit(tmp_path, keep_open):
+    """run_worker_main skips the interpreter's finalization only after atexit ran and every context was terminated
     (their lingering messages sent); a socket left open means the normal exit. Both keep the exit status."""
     (tmp_path / "avloc_fast_exit_probe.py").write_text(FAST_EXIT_PROBE)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -410,8 +416,8 @@ def test_fast_exit_sends_what_closed_sockets_hold_and_keeps_exit_code_and_atexit
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     try:
         probe = subprocess.Popen(
-            [sys.executable, "-m", "avloc.stream.run.child_entry", str(os.getpid()), "--fast-exit"]
-            + ["avloc_fast_exit_probe", f"tcp://127.0.0.1:{port}", str(tmp_path), "open" if keep_open else "closed"],
+            [sys.executable, "-m", "avloc_fast_exit_probe", f"tcp://127.0.0.1:{port}", str(tmp_path)]
+            + ["open" if keep_open else "closed"],
             env=env,
         )
         assert probe.wait(timeout=120) == 3

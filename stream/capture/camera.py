@@ -51,6 +51,7 @@ from avloc.stream.runtime.worker import (
     RateLimitedLog,
     add_common_arguments,
     install_stop_handlers,
+    run_worker_main,
     setup_logging,
 )
 from avloc.stream.wire import protocol
@@ -567,4 +568,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_worker_main(main)

@@ -47,6 +47,7 @@ from avloc.stream.runtime.worker import (
     install_stop_handlers,
     load_frontend,
     make_publisher,
+    run_worker_main,
     setup_logging,
     wait_for_subscribers,
 )
@@ -615,4 +616,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_worker_main(main)

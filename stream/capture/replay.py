@@ -63,6 +63,7 @@ from avloc.stream.runtime.worker import (
     install_stop_handlers,
     load_frontend,
     make_publisher,
+    run_worker_main,
     setup_logging,
     wait_for_subscribers,
 )
@@ -624,4 +625,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_worker_main(main)

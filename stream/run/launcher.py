@@ -47,7 +47,7 @@ import zmq
 from avloc.core.config import from_dict, load_yaml, packaged_config, resolve_config
 from avloc.core.errors import UserError
 from avloc.stream.capture.devices import report_problem
-from avloc.stream.run.child_entry import FAST_EXIT_FLAG, GO_LINE, HOLD_FLAG
+from avloc.stream.run.child_entry import GO_LINE, HOLD_FLAG
 from avloc.stream.runtime.worker import STATE_STALLED, USER_ERROR_EXIT
 from avloc.stream.serve.batching import MAX_STREAMS
 from avloc.stream.serve.sharding import AssignmentPublisher, HeatmapProxy, ShardPlan
@@ -56,10 +56,7 @@ from avloc.stream.wire import protocol, security
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = packaged_config("stream")
-CHILD_ENTRY = "avloc.stream.run.child_entry"  # python -m CHILD_ENTRY LAUNCHER_PID [FLAGS] MODULE ARGS...
-# Processes that write no files of their own skip the interpreter's finalization (~1 s with torch) when they stop:
-# a pipeline stops them one after another. Displays keep the normal exit (recordings, latency logs).
-FAST_EXIT_ROLES = ("source", "inference")
+CHILD_ENTRY = "avloc.stream.run.child_entry"  # python -m CHILD_ENTRY LAUNCHER_PID [--held] MODULE ARGS...
 # Stop order: sources first so nothing new arrives, the display last so it records every heatmap.
 STOP_ORDER = ("source", "inference", "display")
 # Messages taken off the heartbeat socket per supervision step (every 50 ms): far more than the workers send
@@ -290,7 +287,6 @@ class Launcher:
             CHILD_ENTRY,  # sets PR_SET_PDEATHSIG in the child itself: no Python between fork and exec here
             str(os.getpid()),
             *([HOLD_FLAG] if held else []),
-            *([FAST_EXIT_FLAG] if spec.role in FAST_EXIT_ROLES else []),
             spec.module,
             *spec.args,
             "--heartbeat",

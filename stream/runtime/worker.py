@@ -9,14 +9,17 @@ command-line skeleton. Sockets are created inside the worker (never inherited ac
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import zmq
 
@@ -51,6 +54,50 @@ def setup_logging(role: str, log_file: str | Path | None = None, verbose: bool =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def exit_status(stop: SystemExit) -> int:
+    """The status ``raise SystemExit(x)`` gives a process: None 0, an int itself, anything else printed and 1."""
+    if stop.code is None:
+        return 0
+    if isinstance(stop.code, int):
+        return stop.code
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def exit_without_finalizing(code: int) -> None:
+    """End the process now with ``code``, once what must outlive ``main`` is done: non-daemon threads joined,
+    ``atexit`` handlers run (logging's flush and pyzmq's garbage collector among them; cleared once run), every
+    ZeroMQ context terminated (which sends what its closed sockets still hold, up to their linger), stdio
+    flushed. Returns, leaving the normal exit to the caller, when a socket is still open (a thread may own it)."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()  # what the interpreter's exit would wait for
+    atexit._run_exitfuncs()
+    contexts = [obj for obj in gc.get_objects() if issubclass(type(obj), zmq.Context)]  # type(): no __class__ lookups
+    if any(not ctx.closed and len(getattr(ctx, "_sockets", (None,))) for ctx in contexts):
+        return  # an open socket (or a pyzmq without _sockets): only the normal exit is known to be safe
+    for ctx in contexts:
+        if not ctx.closed:
+            ctx.term()  # every socket is closed: returns once their lingering messages are out
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(code)
+
+
+def run_worker_main(main: Callable[[], int | None]) -> NoReturn:
+    """``raise SystemExit(main())`` for a worker process that writes no files of its own (captures, inference),
+    without the interpreter's finalization once ``main`` returned (``exit_without_finalizing``): with torch loaded
+    that takes about a second, and a pipeline stops its processes one after another. Displays and recorders keep
+    the normal exit."""
+    try:
+        code = main()
+    except SystemExit as stop:
+        code = exit_status(stop)
+    exit_without_finalizing(code or 0)
+    raise SystemExit(code)
 
 
 def install_stop_handlers(stop: threading.Event | None = None) -> threading.Event:

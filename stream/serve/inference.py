@@ -25,6 +25,7 @@ from avloc.stream.runtime.worker import (
     Heartbeat,
     add_common_arguments,
     install_stop_handlers,
+    run_worker_main,
     setup_logging,
 )
 from avloc.stream.serve.batching import DEFAULT_MAX_BATCH
@@ -274,4 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_worker_main(main)
