@@ -11,6 +11,7 @@ import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -170,18 +171,16 @@ def test_restarts_crashed_and_silent_workers_then_gives_up(dummy_module, tmp_pat
     _assert_no_orphans()
 
 
+def _finite_source(module: str, args: list[str], **extra: Any) -> ProcessSpec:
+    """A replay-like source: finite, named "replay"."""
+    return ProcessSpec("replay", module, args, role="source", finite=True, **extra)
+
+
 def test_finite_source_end_stops_everything(dummy_module, tmp_path):
     specs = [
         ProcessSpec("display", dummy_module, [], role="display"),
         ProcessSpec("inference", dummy_module, [], role="inference"),
-        ProcessSpec(
-            "replay",
-            dummy_module,
-            ["--mode", "end", "--after", "1.0"],
-            role="source",
-            finite=True,
-            after=("inference", "display"),
-        ),
+        _finite_source(dummy_module, ["--mode", "end", "--after", "1.0"], after=("inference", "display")),
     ]
     started = time.monotonic()
     summary = Launcher(specs, tmp_path / "run", config=FAST, heartbeat_endpoint=free_tcp_endpoint()).run(timeout_s=40)
@@ -206,12 +205,9 @@ def test_a_source_imports_while_the_engine_loads_and_runs_once_it_is_ready(dummy
             role="inference",
             env={"AVLOC_DUMMY_MARKS": str(marks["inference"])},
         ),
-        ProcessSpec(
-            "replay",
+        _finite_source(
             dummy_module,
             ["--mode", "end", "--after", "0.5"],
-            role="source",
-            finite=True,
             after=("inference",),
             env={"AVLOC_DUMMY_MARKS": str(marks["replay"])},
         ),
