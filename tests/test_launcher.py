@@ -428,6 +428,33 @@ def test_worker_exit_sends_what_closed_sockets_hold_and_keeps_exit_code_and_atex
         assert received == set(range(400))
 
 
+def test_worker_exit_stops_a_live_thread_pool_as_the_interpreter_would(tmp_path):
+    """A ThreadPoolExecutor still referenced when main returns: its idle worker threads end only through the
+    threading-atexit hook the interpreter runs before joining threads; joining them without it hung forever."""
+    (tmp_path / "avloc_pool_probe.py").write_text(
+        textwrap.dedent("""
+            import time
+            from concurrent.futures import ThreadPoolExecutor
+            from avloc.stream.runtime.worker import run_worker_main
+            POOL = ThreadPoolExecutor(2)
+
+            def main():
+                POOL.submit(time.sleep, 0.01).result()
+                return 4
+
+            if __name__ == "__main__":
+                run_worker_main(main)
+        """)
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    probe = subprocess.Popen([sys.executable, "-m", "avloc_pool_probe"], env=env)
+    try:
+        assert probe.wait(timeout=60) == 4
+    finally:
+        probe.kill()
+        probe.wait()
+
+
 # ---------------------------------------------------------------------------------------------- real pipeline
 
 

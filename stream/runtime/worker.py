@@ -71,9 +71,10 @@ def exit_without_finalizing(code: int) -> None:
     ``atexit`` handlers run (logging's flush and pyzmq's garbage collector among them; cleared once run), every
     ZeroMQ context terminated (which sends what its closed sockets still hold, up to their linger), stdio
     flushed. Returns, leaving the normal exit to the caller, when a socket is still open (a thread may own it)."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()  # what the interpreter's exit would wait for
+    # What the interpreter's exit does first: the threading-atexit hooks (concurrent.futures' executors stop
+    # their idle workers there: joining those threads without them waits forever), then non-daemon threads
+    # joined. Idempotent: the normal exit's own call returns at once.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     contexts = [obj for obj in gc.get_objects() if issubclass(type(obj), zmq.Context)]  # type(): no __class__ lookups
     if any(not ctx.closed and len(getattr(ctx, "_sockets", (None,))) for ctx in contexts):
