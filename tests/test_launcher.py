@@ -455,6 +455,29 @@ def test_worker_exit_stops_a_live_thread_pool_as_the_interpreter_would(tmp_path)
         probe.wait()
 
 
+def test_worker_exit_terminates_a_shadowed_context_once(tmp_path):
+    """A shadow (zmq.Context.shadow, as zmq.asyncio makes) of a context: terminating both freed the one libzmq
+    context twice (EFAULT) and the worker ended with a traceback and status 1 instead of its own."""
+    (tmp_path / "avloc_shadow_probe.py").write_text(
+        textwrap.dedent("""
+            import zmq
+            from avloc.stream.runtime.worker import run_worker_main
+            OWNER = zmq.Context()
+            SHADOW = zmq.Context.shadow(OWNER.underlying)
+
+            def main():
+                SHADOW.socket(zmq.PUB).close(0)
+                return 5
+
+            if __name__ == "__main__":
+                run_worker_main(main)
+        """)
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    probe = subprocess.run([sys.executable, "-m", "avloc_shadow_probe"], env=env, capture_output=True, timeout=60)
+    assert probe.returncode == 5, probe.stderr.decode()[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------- real pipeline
 
 

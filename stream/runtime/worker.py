@@ -80,7 +80,9 @@ def exit_without_finalizing(code: int) -> None:
     if any(not ctx.closed and len(getattr(ctx, "_sockets", (None,))) for ctx in contexts):
         return  # an open socket (or a pyzmq without _sockets): only the normal exit is known to be safe
     for ctx in contexts:
-        if not ctx.closed:
+        # a shadow's context is its owner's to terminate: a second term of one libzmq context is a use after free
+        # (EFAULT: the worker's status lost to a traceback)
+        if not ctx.closed and not getattr(ctx, "_shadow", False):
             ctx.term()  # every socket is closed: returns once their lingering messages are out
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
