@@ -83,7 +83,9 @@ def exit_without_finalizing(code: int) -> None:
         # a shadow's context is its owner's to terminate: a second term of one libzmq context is a use after free
         # (EFAULT: the worker's status lost to a traceback)
         if not ctx.closed and not getattr(ctx, "_shadow", False):
-            ctx.term()  # every socket is closed: returns once their lingering messages are out
+            # every socket is closed: returns once their lingering messages are out, bounded by each socket's
+            # linger (finite for every avloc socket: protocol.make_socket; libzmq's default -1 would wait forever)
+            ctx.term()
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
