@@ -27,6 +27,7 @@ import logging
 import os
 from pathlib import Path
 
+from avloc.stream.runtime.worker import exit_status
 from avloc.stream.wire import protocol, security
 from avloc.stream.wire.clock import ClockServer, ClockSync
 
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             return int(importlib.import_module(ROLES[args.role]).main(["--help"]) or 0)
         except SystemExit as done:
-            return int(done.code or 0)
+            return exit_status(done)
     _configure_security(own.keys, own.insecure)
     server = ClockServer(own.clock_serve).start() if own.clock_serve else None
     sync = None
