@@ -14,7 +14,7 @@ import zmq
 from proc_helpers import orphans
 
 from avloc.stream.run.launcher import free_tcp_endpoint
-from avloc.stream.serve.batching import AudioTrack, AudioWindow
+from avloc.stream.serve.batching import BEHIND_HOLD_S, AudioTrack, AudioWindow
 from avloc.stream.serve.inference_worker import InferenceWorker, encode_heatmap, peak_of
 from avloc.stream.wire import protocol
 
@@ -116,8 +116,12 @@ def test_embedding_computed_once_per_window_and_paired_causally(pub_sub):
     assert ts["infer_end"] <= ts["publish"]
 
 
-def test_audio_reuse_skips_windows_only_when_behind(pub_sub):
+def test_audio_reuse_skips_windows_only_when_behind(pub_sub, monkeypatch):
     pub, _ = pub_sub
+    # the worker's own clock (protocol.now), which the behind hold counts on; behind the real one, so that no frame
+    # (stamped "arrived" by the real clock) looks old enough to be dropped late
+    clock = [protocol.now() - 100.0]
+    monkeypatch.setattr(protocol, "now", lambda: clock[0])
     engine = FakeEngine()
     worker = _worker(engine)
     worker.audio_reuse_s = 0.25
@@ -132,15 +136,24 @@ def test_audio_reuse_skips_windows_only_when_behind(pub_sub):
     assert worker.behind and engine.embed_calls == 2 and worker.stats.audio_reused == 0
     # window 4 arrives with two frames, the first replaced unseen: the worker is behind, so the next frame
     # reuses window 3 (0.1 s older, embedded) instead of embedding 4
+    clock[0] += 0.1
     worker.take_audio([_audio_msg("cam0", 4, 10.4, 0.5)], received=10.4)
     worker.take_frames([_frame_msg("cam0", 2, 10.41), _frame_msg("cam0", 3, 10.42)], received=10.42)
     worker.process_pending(pub)
     assert worker.behind and engine.embed_calls == 2 and worker.stats.audio_reused == 1
-    # keeping up again (nothing replaced since): window 5 is embedded for the next frame, never reused
+    # nothing lost in this batch, but the last loss was less than BEHIND_HOLD_S ago: still behind, so window 5
+    # is skipped too (window 3, 0.2 s older, is reused)
+    clock[0] += BEHIND_HOLD_S / 2
     worker.take_audio([_audio_msg("cam0", 5, 10.5, 0.6)], received=10.5)
     worker.take_frames([_frame_msg("cam0", 4, 10.52)], received=10.52)
     worker.process_pending(pub)
-    assert not worker.behind and engine.embed_calls == 3 and worker.stats.audio_reused == 1
+    assert worker.behind and engine.embed_calls == 2 and worker.stats.audio_reused == 2
+    # keeping up for BEHIND_HOLD_S since the last loss: window 6 is embedded for the next frame, never reused
+    clock[0] += BEHIND_HOLD_S
+    worker.take_audio([_audio_msg("cam0", 6, 10.6, 0.7)], received=10.6)
+    worker.take_frames([_frame_msg("cam0", 5, 10.62)], received=10.62)
+    worker.process_pending(pub)
+    assert not worker.behind and engine.embed_calls == 3 and worker.stats.audio_reused == 2
 
 
 def test_streams_are_batched_and_old_frames_dropped(pub_sub):

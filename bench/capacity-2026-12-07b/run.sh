@@ -19,18 +19,4 @@ echo "exit $?" >> $OUT/sweep.log
 uptime > $OUT/uptime_end.txt
 find $OUT -name latency.jsonl -delete  # per-heatmap logs (MBs each); the summaries stay
 # one line per point: streams, heatmaps/s, served, fairness, p99, CPU-ms per heatmap (all / inference / captures)
-$PY - "$OUT/sweep.json" <<'PY' | tee $OUT/table.txt
-import json, sys
-d = json.load(open(sys.argv[1]))
-print("criterion", json.dumps(d["criterion"]), "load", d["machine"].get("load_avg_before"), d["machine"].get("load_avg_after"))
-for workers, s in d["sweep"].items():
-    for p in s["points"]:
-        c = p.get("cpu_ms") or {}
-        print(f"w{workers} n{p['streams']}: {p['heatmap_fps']} heatmaps/s, served >= {p['served_min']}, fairness {p['fairness']}, "
-              f"p99 {p['e2e_p99_ms']} ms, CPU-ms/heatmap all {c.get('all_per_heatmap')} inference {c.get('inference_per_heatmap')} "
-              f"captures {c.get('captures_per_heatmap')}, capture CPU-ms/source frame {c.get('capture_per_source_frame')}, "
-              f"load {p['load_avg_before'][0]}->{p['load_avg_after'][0]} {'pass' if p['passed'] else 'fail'}")
-    for r in s.get("overload", {}).get("runs", []):
-        print(f"w{workers} {r['factor']}x = {r['streams']} streams: goodput {r['goodput']}, fairness {r['fairness']}, "
-              f"p99 {r['e2e_p99_ms']} (bound {r['p99_bound_ms']}) {'pass' if r['passed'] else 'fail'}")
-PY
+$PY bench/capacity-2026-12-08/table.py $OUT/sweep.json | tee $OUT/table.txt

@@ -42,6 +42,11 @@ STREAM_LATENCIES = 256  # capture->publish samples kept per stream (p50/p99 in t
 # microphone pre-fills its first window with) is published with notice "warming_up": in the first seconds the
 # window is mostly the log floor, lower than anything seen in training, and its maps point elsewhere (issue 25).
 WARMING_UP_SHARE = 0.5
+# A worker stays "behind" (reusing embedded audio windows, audio_reuse_s) this long after its last replaced or late
+# frame or backlog, not only in the batch right after one: a worker that loses one frame in seven is overloaded
+# through all seven batches, and embedding a new window for each of them is what keeps it losing frames. One
+# second is the horizon flow control counts a stream's heatmaps over (avloc.stream.wire.flow).
+BEHIND_HOLD_S = 1.0
 
 
 @dataclass
@@ -188,8 +193,9 @@ class StreamScheduler:
         self._last_seq: dict[str, int] = {}
         self.per_stream: dict[str, StreamStats] = {}
         self._turns = 0
-        # behind: frames were replaced or dropped late since the previous batch, or streams wait beyond it
+        # behind: frames were replaced or dropped late, or streams waited beyond a batch, within BEHIND_HOLD_S
         self.behind = False
+        self._behind_until = -math.inf
         self._losses_seen = 0
         self._last_heard: OrderedDict[str, float] = OrderedDict()  # stream -> last message time, oldest first
         self._ratelog = ratelog
@@ -290,8 +296,9 @@ class StreamScheduler:
             self._ratelog("late", logging.INFO, "frames older than %.0f ms dropped (overload)", deadline * 1000)
         return len(late)
 
-    def next_batch(self) -> list[str]:
-        """The streams of the next batch: served longest ago first, then oldest capture; at most max_batch."""
+    def next_batch(self, t: float) -> list[str]:
+        """The streams of the next batch at time ``t``: served longest ago first, then oldest capture; at most
+        max_batch. Also updates ``behind``."""
         never = StreamStats()
 
         def turn(stream: str) -> tuple[int, float]:
@@ -300,6 +307,8 @@ class StreamScheduler:
 
         chosen = sorted(self.pending, key=turn)[: self.max_batch]
         losses = self.stats.drops + self.stats.late
-        self.behind = len(self.pending) > len(chosen) or losses > self._losses_seen
+        if len(self.pending) > len(chosen) or losses > self._losses_seen:
+            self._behind_until = t + BEHIND_HOLD_S
+        self.behind = t < self._behind_until
         self._losses_seen = losses
         return chosen

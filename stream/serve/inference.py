@@ -111,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_AUDIO_REUSE_S,
         metavar="SECONDS",
-        help="while behind (frames replaced or dropped), reuse an embedded audio window up to this much older "
-        f"than the newest (default {DEFAULT_AUDIO_REUSE_S}; 0: never)",
+        help="while behind (frames replaced or dropped in the last second), reuse an embedded audio window up to this "
+        f"much older than the newest (default {DEFAULT_AUDIO_REUSE_S}; 0: never)",
     )
     parser.add_argument(
         "--no-gate",

@@ -313,10 +313,11 @@ class InferenceWorker(StreamScheduler):
     # --- processing ---------------------------------------------------------------------------------
     def process_pending(self, pub: zmq.Socket) -> int:
         """Run the next batch of pending frames (newest per stream, fair turns) and publish the heatmaps."""
-        self.drop_late(protocol.now())
+        t = protocol.now()
+        self.drop_late(t)
         if not self.pending:
             return 0
-        streams = self.next_batch()
+        streams = self.next_batch(t)
         for stream in streams:  # one turn per stream, in batch order: a strict rotation, no tie to break
             if stream in self.per_stream:
                 self.per_stream[stream].served_turn = self._turns
