@@ -156,6 +156,47 @@ def test_audio_reuse_skips_windows_only_when_behind(pub_sub, monkeypatch):
     assert not worker.behind and engine.embed_calls == 3 and worker.stats.audio_reused == 2
 
 
+def test_behind_hold_counts_from_the_last_backlog_replaced_or_late_frame(pub_sub, monkeypatch):
+    """``behind`` holds for BEHIND_HOLD_S from the newest loss of any kind: streams left waiting beyond a batch, a
+    frame replaced unseen, a frame dropped late (also when that leaves nothing to serve)."""
+    pub, _ = pub_sub
+    start = protocol.now()
+    clock = [start - 100.0]  # behind the real clock that stamps "arrived": no frame is late unless made so below
+    monkeypatch.setattr(protocol, "now", lambda: clock[0])
+    worker = _worker(FakeEngine())
+    worker.take_audio([_audio_msg(s, 0, 10.0, 0.1) for s in ("cam0", "cam1")], received=10.0)
+    worker.max_batch = 1
+    # backlog: two streams, one frame a batch -> behind; the other one served 0.9 s later: still within the hold
+    worker.take_frames([_frame_msg("cam0", 0, 10.01), _frame_msg("cam1", 0, 10.01)], received=10.01)
+    worker.process_pending(pub)
+    assert worker.behind
+    clock[0] += 0.9
+    worker.process_pending(pub)
+    assert worker.behind and not worker.pending
+    # a frame replaced unseen at +0.9 restarts the hold: still behind at +1.5, no longer at +2.0
+    worker.take_frames([_frame_msg("cam0", 1, 10.1), _frame_msg("cam0", 2, 10.12)], received=10.12)
+    worker.process_pending(pub)
+    clock[0] += 0.6
+    worker.take_frames([_frame_msg("cam0", 3, 10.2)], received=10.2)
+    worker.process_pending(pub)
+    assert worker.behind
+    clock[0] += 0.5
+    worker.take_frames([_frame_msg("cam0", 4, 10.3)], received=10.3)
+    worker.process_pending(pub)
+    assert not worker.behind
+    # a frame dropped late, nothing else pending: the hold starts at that drop, so a frame served more than
+    # BEHIND_HOLD_S later finds the worker caught up
+    clock[0] = start + 10.0  # ahead of the real clock: the next frame is ~10 s old when its turn comes
+    worker.max_frame_age_s = 1.0
+    worker.take_frames([_frame_msg("cam0", 5, 10.4)], received=10.4)
+    assert worker.process_pending(pub) == 0 and worker.stats.late == 1 and worker.behind
+    worker.max_frame_age_s = 1000.0
+    clock[0] += BEHIND_HOLD_S + 0.1
+    worker.take_frames([_frame_msg("cam0", 6, 10.5)], received=10.5)
+    worker.process_pending(pub)
+    assert not worker.behind and worker.stats.late == 1
+
+
 def test_streams_are_batched_and_old_frames_dropped(pub_sub):
     pub, sub = pub_sub
     engine = FakeEngine()

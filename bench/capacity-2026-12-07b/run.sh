@@ -19,4 +19,4 @@ echo "exit $?" >> $OUT/sweep.log
 uptime > $OUT/uptime_end.txt
 find $OUT -name latency.jsonl -delete  # per-heatmap logs (MBs each); the summaries stay
 # one line per point: streams, heatmaps/s, served, fairness, p99, CPU-ms per heatmap (all / inference / captures)
-$PY bench/capacity-2026-12-08/table.py $OUT/sweep.json | tee $OUT/table.txt
+$PY scripts/sweep_table.py $OUT/sweep.json | tee $OUT/table.txt

@@ -48,7 +48,7 @@ if [[ $STEP == sweep || $STEP == all ]]; then
             > $OUT/sweep_$precision.log 2>&1
         echo "exit $?" >> $OUT/sweep_$precision.log
         stamp sweep-$precision-end
-        $PY bench/capacity-2026-12-08/table.py $OUT/sweep_$precision.json | tee $OUT/table_$precision.txt
+        $PY scripts/sweep_table.py $OUT/sweep_$precision.json | tee $OUT/table_$precision.txt
     done
     find $OUT -name latency.jsonl -delete  # per-heatmap logs (MBs each); the summaries stay
 fi

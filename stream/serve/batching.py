@@ -43,9 +43,10 @@ STREAM_LATENCIES = 256  # capture->publish samples kept per stream (p50/p99 in t
 # window is mostly the log floor, lower than anything seen in training, and its maps point elsewhere (issue 25).
 WARMING_UP_SHARE = 0.5
 # A worker stays "behind" (reusing embedded audio windows, audio_reuse_s) this long after its last replaced or late
-# frame or backlog, not only in the batch right after one: a worker that loses one frame in seven is overloaded
-# through all seven batches, and embedding a new window for each of them is what keeps it losing frames. One
-# second is the horizon flow control counts a stream's heatmaps over (avloc.stream.wire.flow).
+# frame or backlog, not only in the batch right after one: an overloaded worker loses a frame every few batches (about
+# every second batch at two streams in bench/capacity-2026-12-08/ab/hold2), and embedding a new window in each batch
+# between losses is what keeps it losing frames. A second spans several such batches and is short next to the time a
+# stream takes to recover from an overload (flow control counts heatmaps over the last second too).
 BEHIND_HOLD_S = 1.0
 
 
@@ -296,6 +297,15 @@ class StreamScheduler:
             self._ratelog("late", logging.INFO, "frames older than %.0f ms dropped (overload)", deadline * 1000)
         return len(late)
 
+    def note_losses(self, t: float, backlog: bool = False) -> None:
+        """Update ``behind`` at time ``t``: held for ``BEHIND_HOLD_S`` from the last frame replaced or dropped late
+        (counted since the previous call) or the last ``backlog`` (streams waiting beyond a batch)."""
+        losses = self.stats.drops + self.stats.late
+        if backlog or losses > self._losses_seen:
+            self._behind_until = t + BEHIND_HOLD_S
+        self._losses_seen = losses
+        self.behind = t < self._behind_until
+
     def next_batch(self, t: float) -> list[str]:
         """The streams of the next batch at time ``t``: served longest ago first, then oldest capture; at most
         max_batch. Also updates ``behind``."""
@@ -306,9 +316,5 @@ class StreamScheduler:
             return served, self.pending[stream].message.ts["capture"]
 
         chosen = sorted(self.pending, key=turn)[: self.max_batch]
-        losses = self.stats.drops + self.stats.late
-        if len(self.pending) > len(chosen) or losses > self._losses_seen:
-            self._behind_until = t + BEHIND_HOLD_S
-        self.behind = t < self._behind_until
-        self._losses_seen = losses
+        self.note_losses(t, backlog=len(self.pending) > len(chosen))
         return chosen

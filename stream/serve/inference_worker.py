@@ -315,6 +315,7 @@ class InferenceWorker(StreamScheduler):
         """Run the next batch of pending frames (newest per stream, fair turns) and publish the heatmaps."""
         t = protocol.now()
         self.drop_late(t)
+        self.note_losses(t)  # a frame dropped late with nothing left to serve starts the behind hold now, not later
         if not self.pending:
             return 0
         streams = self.next_batch(t)

@@ -1,7 +1,7 @@
 """One line per point of an `avloc bench pipeline --sweep` JSON: streams, heatmaps/s, served, fairness, p99, CPU-ms per
 heatmap (all / inference / captures), then the overload runs.
 
-    python bench/capacity-2026-12-08/table.py SWEEP_JSON
+    python scripts/sweep_table.py SWEEP_JSON
 """
 
 import json
