@@ -298,23 +298,21 @@ class StreamScheduler:
         return len(late)
 
     def note_losses(self, t: float, backlog: bool = False) -> None:
-        """Update ``behind`` at time ``t``: held for ``BEHIND_HOLD_S`` from the last frame replaced or dropped late
-        (counted since the previous call) or the last ``backlog`` (streams waiting beyond a batch)."""
+        """Update ``behind`` at time ``t``, before a batch: held for ``BEHIND_HOLD_S`` from the last frame replaced or
+        dropped late (counted since the previous call) or the last ``backlog`` (more streams pending than one batch
+        takes)."""
         losses = self.stats.drops + self.stats.late
         if backlog or losses > self._losses_seen:
             self._behind_until = t + BEHIND_HOLD_S
         self._losses_seen = losses
         self.behind = t < self._behind_until
 
-    def next_batch(self, t: float) -> list[str]:
-        """The streams of the next batch at time ``t``: served longest ago first, then oldest capture; at most
-        max_batch. Also updates ``behind``."""
+    def next_batch(self) -> list[str]:
+        """The streams of the next batch: served longest ago first, then oldest capture; at most max_batch."""
         never = StreamStats()
 
         def turn(stream: str) -> tuple[int, float]:
             served = self.per_stream.get(stream, never).served_turn
             return served, self.pending[stream].message.ts["capture"]
 
-        chosen = sorted(self.pending, key=turn)[: self.max_batch]
-        self.note_losses(t, backlog=len(self.pending) > len(chosen))
-        return chosen
+        return sorted(self.pending, key=turn)[: self.max_batch]

@@ -315,10 +315,11 @@ class InferenceWorker(StreamScheduler):
         """Run the next batch of pending frames (newest per stream, fair turns) and publish the heatmaps."""
         t = protocol.now()
         self.drop_late(t)
-        self.note_losses(t)  # a frame dropped late with nothing left to serve starts the behind hold now, not later
+        # before the early return: a frame dropped late with nothing left to serve starts the behind hold now
+        self.note_losses(t, backlog=len(self.pending) > self.max_batch)
         if not self.pending:
             return 0
-        streams = self.next_batch(t)
+        streams = self.next_batch()
         for stream in streams:  # one turn per stream, in batch order: a strict rotation, no tie to break
             if stream in self.per_stream:
                 self.per_stream[stream].served_turn = self._turns
